@@ -1,0 +1,123 @@
+"""The shared broker edge: connecting, attestation RPC, confirmed publishing.
+
+With ``sidecar/runtime.py`` and the ``transport`` modules of producers and consumers,
+this is the only code that imports pika. Pika exceptions become ``TransportError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+import pika
+import pika.exceptions as pe
+
+from common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
+from common.config import BrokerSettings, redact_url
+from common.errors import TransportError
+from common import wire
+
+log = logging.getLogger("sealedsum.amqp")
+
+APP_ID = "sealedsum"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+START_BROKER_HINT = (
+    "is RabbitMQ running? start it with `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`, "
+    "and point AMQP_URL (or broker.url) at it"
+)
+
+
+def connect(settings: BrokerSettings, *, heartbeat: int = 30) -> pika.BlockingConnection:
+    params = pika.URLParameters(settings.url)
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = 60
+    try:
+        return pika.BlockingConnection(params)
+    except pe.ProbableAuthenticationError as err:
+        raise TransportError(f"the broker at {redact_url(settings.url)} refused the login",
+                             retryable=False, hint="check the user and password in AMQP_URL") from err
+    except pe.ProbableAccessDeniedError as err:
+        raise TransportError(f"no access to the vhost at {redact_url(settings.url)}",
+                             retryable=False, hint="check the vhost and the user's permissions") from err
+    except pe.AMQPConnectionError as err:
+        raise TransportError(f"cannot reach the broker at {redact_url(settings.url)}",
+                             hint=START_BROKER_HINT) from err
+
+
+def properties(kind: str, **extra) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        delivery_mode=pika.DeliveryMode.Persistent,
+        content_type="application/octet-stream",
+        type=kind,
+        app_id=APP_ID,
+        **extra,
+    )
+
+
+def publish_confirmed(channel, exchange: str, routing_key: str, body: bytes,
+                      props: pika.BasicProperties, *, mandatory: bool = True) -> None:
+    """Publish on a confirm-mode channel; return once the broker has taken the message."""
+    try:
+        channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                              properties=props, mandatory=mandatory)
+    except pe.UnroutableError as err:
+        raise TransportError(f"no queue takes messages sent to {exchange or 'the default exchange'}"
+                             f" with key {routing_key!r}", retryable=False,
+                             hint="is the sidecar running? it declares the queues") from err
+    except pe.NackError as err:
+        raise TransportError("the broker refused the message (nack)") from err
+    except pe.AMQPChannelError as err:
+        raise TransportError(f"channel error: {err}", retryable=False) from err
+    except pe.AMQPConnectionError as err:
+        raise TransportError("lost the broker connection while publishing") from err
+
+
+def request_attestation(connection: pika.BlockingConnection, settings: BrokerSettings, nonce: bytes) -> bytes:
+    """Send an attestation request over direct reply-to; return the raw reply bytes."""
+    channel = connection.channel()
+    replies: list[bytes] = []
+    correlation = uuid.uuid4().hex
+
+    def on_reply(_ch, _method, props, body):
+        if props.correlation_id == correlation:
+            replies.append(body)
+
+    try:
+        channel.basic_consume(DIRECT_REPLY_TO, on_reply, auto_ack=True)
+        timeout = settings.attest_timeout_seconds
+        channel.basic_publish(
+            exchange="", routing_key=settings.topology.attest_queue,
+            body=wire.AttestRequest(nonce).to_bytes(),
+            properties=pika.BasicProperties(
+                reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type="attest-request",
+                app_id=APP_ID, expiration=str(int(timeout * 1000)),
+            ),
+        )
+        deadline = time.monotonic() + timeout
+        while not replies and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=min(0.25, max(0.0, deadline - time.monotonic())))
+    except pe.AMQPChannelError as err:
+        raise TransportError(f"attestation request refused: {err}", retryable=False) from err
+    except pe.AMQPConnectionError as err:
+        raise TransportError("lost the broker connection during attestation") from err
+    finally:
+        if channel.is_open:
+            channel.close()
+    if not replies:
+        raise TransportError(
+            f"no attestation reply on {settings.topology.attest_queue!r} within {settings.attest_timeout_seconds:.0f} s",
+            hint="is the sidecar running (`sealedsum sidecar --config FILE --state DIR`) with the same broker.prefix?",
+        )
+    return replies[0]
+
+
+def attest(connection: pika.BlockingConnection, settings: BrokerSettings, trust: TrustAnchors) -> AttestedEnclave:
+    """Attested key exchange: fresh nonce, RPC, then every check in ``common.attestation``."""
+    nonce = os.urandom(wire.NONCE_SIZE)
+    reply = request_attestation(connection, settings, nonce)
+    enclave = verify_attestation(reply, nonce, trust, int(time.time() * 1000))
+    log.info("enclave attested", extra={"fields": {
+        "measurement": enclave.measurement.hex(), "key_epoch": enclave.keys.epoch}})
+    return enclave

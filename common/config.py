@@ -1,0 +1,153 @@
+"""The one TOML file every subcommand reads (``--config FILE``).
+
+``[broker]`` and ``[trust]`` are operational and client-side settings; ``[enclave]``
+and ``[streams.*]`` are the measured policy (see :mod:`common.policy`). ``AMQP_URL``
+in the environment overrides ``broker.url``. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
+from common.errors import ConfigError
+from common.policy import EnclavePolicy, _take
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+TOP_KEYS = {"broker", "trust", "enclave", "streams"}
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Exchange and queue names, all derived from one prefix."""
+
+    prefix: str = "sealedsum"
+
+    @property
+    def records_exchange(self) -> str:
+        return f"{self.prefix}.records"
+
+    @property
+    def records_queue(self) -> str:
+        return f"{self.prefix}.records"
+
+    @property
+    def rejected_exchange(self) -> str:
+        return f"{self.prefix}.rejected"
+
+    @property
+    def rejected_queue(self) -> str:
+        return f"{self.prefix}.rejected"
+
+    @property
+    def attest_queue(self) -> str:
+        return f"{self.prefix}.attest"
+
+    @property
+    def results_exchange(self) -> str:
+        return f"{self.prefix}.results"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    url: str = DEFAULT_AMQP_URL
+    topology: Topology = Topology()
+    queue_type: str = "quorum"
+    attest_timeout_seconds: float = 10.0
+
+    def __repr__(self) -> str:
+        return f"BrokerSettings(url={redact_url(self.url)!r}, prefix={self.topology.prefix!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    broker: BrokerSettings
+    trust: TrustAnchors | None
+    policy: EnclavePolicy | None
+    path: Path | None = None
+
+    def require_trust(self) -> TrustAnchors:
+        if self.trust is None:
+            raise ConfigError(
+                "the config has no [trust] table: a client cannot know which enclave to trust",
+                hint="add platform_key (from `sealedsum platform init`) and measurements (from `sealedsum measure`)",
+            )
+        return self.trust
+
+    def require_policy(self) -> EnclavePolicy:
+        if self.policy is None:
+            raise ConfigError("the config defines no [streams.NAME] table", hint="see the README's config section")
+        return self.policy
+
+
+def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
+    d = _take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds"}, "broker")
+    url = env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
+        raise ConfigError("broker.url (or AMQP_URL) must be an amqp:// or amqps:// URL")
+    prefix = d.get("prefix", "sealedsum")
+    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " #*"):
+        raise ConfigError("broker.prefix must be a non-empty name without spaces, # or *")
+    queue_type = d.get("queue_type", "quorum")
+    if queue_type not in ("quorum", "classic"):
+        raise ConfigError("broker.queue_type must be 'quorum' or 'classic'")
+    timeout = d.get("attest_timeout_seconds", 10.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError("broker.attest_timeout_seconds must be a positive number")
+    return BrokerSettings(url, Topology(prefix), queue_type, float(timeout))
+
+
+def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
+    d = _take(raw, {"platform_key", "measurements", "max_quote_age_seconds"}, "trust")
+    if "platform_key" not in d:
+        raise ConfigError("trust.platform_key is missing", hint="paste the key printed by `sealedsum platform init`")
+    measurements = d.get("measurements", [])
+    if not isinstance(measurements, list) or not all(isinstance(m, str) for m in measurements):
+        raise ConfigError("trust.measurements must be a list of hex strings")
+    age = d.get("max_quote_age_seconds", DEFAULT_MAX_QUOTE_AGE_SECONDS)
+    if isinstance(age, bool) or not isinstance(age, (int, float)):
+        raise ConfigError("trust.max_quote_age_seconds must be a number")
+    return TrustAnchors(
+        decode_platform_key(d["platform_key"]),
+        frozenset(decode_measurement(m) for m in measurements),
+        float(age),
+    )
+
+
+def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
+    env = os.environ if env is None else env
+    d = _take(raw, TOP_KEYS, "config")
+    broker = _broker(d.get("broker", {}), env)
+    trust = _trust(d["trust"]) if "trust" in d else None
+    policy = EnclavePolicy.from_mapping(d.get("enclave", {}), d["streams"]) if "streams" in d else None
+    if policy is None and "enclave" in d:
+        raise ConfigError("[enclave] is set but no [streams.NAME] table is defined")
+    return Config(broker, trust, policy, path)
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist", hint="see the README for an example") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from err
+    return from_mapping(raw, env, p)

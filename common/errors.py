@@ -1,0 +1,117 @@
+"""The error tree. Every failure a user can meet is one of these types.
+
+Library exceptions (pynacl's ``CryptoError``, cryptography's ``InvalidSignature``,
+phe's ``OverflowError``, pika's ``AMQPError``) are wrapped at the module boundary
+and never escape. Messages never contain keys, plaintexts, totals or passwords.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class SealedsumError(Exception):
+    """Base of every error sealedsum raises on purpose.
+
+    ``exit_code`` is what the CLI exits with; ``hint`` says what to do next.
+    """
+
+    exit_code = 1
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def diagnostics(self) -> str:
+        text = f"error: {self}"
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
+
+
+class ConfigError(SealedsumError):
+    """The configuration file or a command-line value is wrong."""
+
+    exit_code = 2
+
+
+class AttestationError(SealedsumError):
+    """The enclave could not prove what it is. Nothing may be sent to it."""
+
+    exit_code = 1
+
+
+class UntrustedPlatform(AttestationError):
+    """The quote is not signed by the pinned platform key."""
+
+
+class UnknownMeasurement(AttestationError):
+    """The quote vouches for code or policy that is not in the allow-list."""
+
+
+class ReportDataMismatch(AttestationError):
+    """The keys, policy or nonce received are not the ones the quote covers."""
+
+
+class NonceMismatch(AttestationError):
+    """The reply answers somebody else's nonce (a replayed attestation)."""
+
+
+class StaleQuote(AttestationError):
+    """The quote is older than the allowed age, or dated in the future."""
+
+
+class InvalidMessage(SealedsumError):
+    """Bytes that do not decode as the message they claim to be."""
+
+
+class InvalidResultSignature(SealedsumError):
+    """A result whose signature does not verify under the attested key."""
+
+
+class PolicyMismatch(SealedsumError):
+    """A value does not fit the stream's policy (dimension, bounds, stream name)."""
+
+    exit_code = 2
+
+
+class TransportError(SealedsumError):
+    """The broker could not be reached or refused an operation."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, retryable: bool = True, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retryable = retryable
+
+
+class SealingError(SealedsumError):
+    """Sealed state could not be opened: other code, other platform, or tampering."""
+
+
+class RejectReason(str, enum.Enum):
+    """Why the enclave dead-lettered a record. The value is the ``x-sealedsum-reason`` header."""
+
+    TOO_LARGE = "too_large"
+    UNDECRYPTABLE = "undecryptable"
+    MALFORMED = "malformed"
+    UNKNOWN_STREAM = "unknown_stream"
+    WRONG_DIMENSION = "wrong_dimension"
+    WRONG_EPOCH = "wrong_epoch"
+    BAD_CIPHERTEXT = "bad_ciphertext"
+    DUPLICATE = "duplicate"
+    EXPIRED = "expired"
+    FROM_FUTURE = "from_future"
+    LATE_WINDOW = "late_window"
+    FUTURE_WINDOW = "future_window"
+
+
+class RecordRejected(SealedsumError):
+    """The enclave refuses a record. Turned into a dead-letter message, never raised past the runtime."""
+
+    def __init__(self, reason: RejectReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail

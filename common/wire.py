@@ -1,0 +1,289 @@
+"""The wire format: every message that crosses the broker, byte by byte.
+
+``docs/protocol.md`` specifies the same layouts in prose and ``tests/vectors/``
+pins them. All integers are unsigned big-endian. Each message starts with a
+four-byte magic whose last byte is the format version.
+
+Decoders are strict: a wrong magic, a short or long buffer, or a value out of range
+raises :class:`~common.errors.InvalidMessage` and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from dataclasses import dataclass
+
+from common import signing
+from common.errors import InvalidMessage
+
+ENVELOPE_MAGIC = b"SSE\x01"
+KEYS_MAGIC = b"SSK\x01"
+QUOTE_MAGIC = b"SSQ\x01"
+ATTEST_REQUEST_MAGIC = b"SSA\x01"
+ATTEST_REPLY_MAGIC = b"SSD\x01"
+SIGNED_MAGIC = b"SSS\x01"
+
+NONCE_SIZE = 32
+RECORD_ID_SIZE = 16
+DIGEST_SIZE = 32
+X25519_KEY_SIZE = 32
+SEALED_BOX_OVERHEAD = 48
+
+MAX_STREAM_NAME = 64
+MAX_VALUES = 65535
+MAX_PAILLIER_MODULUS_BYTES = 1024  # 8192-bit n
+MAX_POLICY_BYTES = 1 << 20
+MAX_SIGNED_PAYLOAD = 1 << 24
+
+STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+REPORT_DATA_LABEL = b"sealedsum/v1/report-data\x00"
+MEASUREMENT_LABEL = b"sealedsum/v1/measurement\x00"
+
+
+class _Reader:
+    """Consumes a buffer front to back; any shortfall is an ``InvalidMessage``."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._what = what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self._pos + n > len(self._data):
+            raise InvalidMessage(f"{self._what}: truncated")
+        out = self._data[self._pos : self._pos + n].tobytes()
+        self._pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack(">H", self.take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack(">Q", self.take(8))[0]
+
+    def magic(self, expected: bytes) -> None:
+        if self.take(len(expected)) != expected:
+            raise InvalidMessage(f"{self._what}: wrong magic or version")
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise InvalidMessage(f"{self._what}: {len(self._data) - self._pos} trailing bytes")
+
+
+def check_stream_name(name: str) -> str:
+    if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
+        raise InvalidMessage("stream name must be 1-64 characters of A-Z a-z 0-9 _ -")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One record, as the producer builds it and the enclave reads it inside the sealed box.
+
+    ``window`` 0 means "the stream's currently open window". ``ciphertexts`` are
+    Paillier ciphertexts (integers in [1, n²)), one per value, each ``width`` bytes.
+    """
+
+    stream: str
+    record_id: bytes
+    key_epoch: int
+    sent_at_ms: int
+    window: int
+    width: int
+    ciphertexts: tuple[int, ...]
+
+    def to_bytes(self) -> bytes:
+        check_stream_name(self.stream)
+        if len(self.record_id) != RECORD_ID_SIZE:
+            raise ValueError("record_id must be 16 bytes")
+        if not 1 <= len(self.ciphertexts) <= MAX_VALUES:
+            raise ValueError("an envelope holds 1..65535 ciphertexts")
+        name = self.stream.encode("ascii")
+        head = (
+            ENVELOPE_MAGIC
+            + self.record_id
+            + struct.pack(">IQQB", self.key_epoch, self.sent_at_ms, self.window, len(name))
+            + name
+            + struct.pack(">HH", len(self.ciphertexts), self.width)
+        )
+        return head + b"".join(c.to_bytes(self.width, "big") for c in self.ciphertexts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Envelope":
+        r = _Reader(data, "envelope")
+        r.magic(ENVELOPE_MAGIC)
+        record_id = r.take(RECORD_ID_SIZE)
+        key_epoch, sent_at_ms, window = r.u32(), r.u64(), r.u64()
+        try:
+            stream = check_stream_name(r.take(r.u8()).decode("ascii"))
+        except UnicodeDecodeError as err:
+            raise InvalidMessage("envelope: stream name is not ASCII") from err
+        count, width = r.u16(), r.u16()
+        if count == 0 or width == 0 or width > 2 * MAX_PAILLIER_MODULUS_BYTES:
+            raise InvalidMessage("envelope: bad ciphertext count or width")
+        cts = tuple(int.from_bytes(r.take(width), "big") for _ in range(count))
+        r.end()
+        return cls(stream, record_id, key_epoch, sent_at_ms, window, width, cts)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBundle:
+    """The enclave's public keys for one key epoch."""
+
+    epoch: int
+    x25519: bytes
+    ed25519: bytes
+    paillier_n: int
+
+    def to_bytes(self) -> bytes:
+        n_len = (self.paillier_n.bit_length() + 7) // 8
+        return (
+            KEYS_MAGIC
+            + struct.pack(">I", self.epoch)
+            + self.x25519
+            + self.ed25519
+            + struct.pack(">H", n_len)
+            + self.paillier_n.to_bytes(n_len, "big")
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "KeyBundle":
+        r = _Reader(data, "key bundle")
+        r.magic(KEYS_MAGIC)
+        epoch = r.u32()
+        x, ed = r.take(X25519_KEY_SIZE), r.take(signing.PUBLIC_KEY_SIZE)
+        n_len = r.u16()
+        if not 64 <= n_len <= MAX_PAILLIER_MODULUS_BYTES:
+            raise InvalidMessage("key bundle: Paillier modulus size out of range")
+        n = int.from_bytes(r.take(n_len), "big")
+        r.end()
+        if n.bit_length() != n_len * 8 or n % 2 == 0:
+            raise InvalidMessage("key bundle: Paillier modulus is not a full-length odd integer")
+        return cls(epoch, x, ed, n)
+
+    @property
+    def ciphertext_width(self) -> int:
+        """Bytes of one Paillier ciphertext (an integer below n²)."""
+        return ((self.paillier_n**2).bit_length() + 7) // 8
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """The platform's signed statement: this measurement produced this report data at this time."""
+
+    measurement: bytes
+    report_data: bytes
+    issued_at_ms: int
+    signature: bytes
+
+    SIZE = 4 + 32 + 32 + 8 + 64
+
+    def signed_part(self) -> bytes:
+        return QUOTE_MAGIC + self.measurement + self.report_data + struct.pack(">Q", self.issued_at_ms)
+
+    def to_bytes(self) -> bytes:
+        return self.signed_part() + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Quote":
+        r = _Reader(data, "quote")
+        r.magic(QUOTE_MAGIC)
+        q = cls(r.take(DIGEST_SIZE), r.take(DIGEST_SIZE), r.u64(), r.take(signing.SIGNATURE_SIZE))
+        r.end()
+        return q
+
+
+@dataclass(frozen=True, slots=True)
+class AttestRequest:
+    nonce: bytes
+
+    def to_bytes(self) -> bytes:
+        if len(self.nonce) != NONCE_SIZE:
+            raise ValueError("nonce must be 32 bytes")
+        return ATTEST_REQUEST_MAGIC + self.nonce
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "AttestRequest":
+        r = _Reader(data, "attestation request")
+        r.magic(ATTEST_REQUEST_MAGIC)
+        nonce = r.take(NONCE_SIZE)
+        r.end()
+        return cls(nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class AttestReply:
+    """What the enclave answers to an attestation request. Unverified until
+    :func:`common.attestation.verify_attestation` says otherwise."""
+
+    nonce: bytes
+    code_digest: bytes
+    keys: bytes
+    policy: bytes
+    quote: bytes
+
+    def to_bytes(self) -> bytes:
+        out = [ATTEST_REPLY_MAGIC, self.nonce, self.code_digest]
+        for part in (self.keys, self.policy, self.quote):
+            out.append(struct.pack(">I", len(part)))
+            out.append(part)
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "AttestReply":
+        r = _Reader(data, "attestation reply")
+        r.magic(ATTEST_REPLY_MAGIC)
+        nonce, code = r.take(NONCE_SIZE), r.take(DIGEST_SIZE)
+        parts = []
+        for limit in (4 + 4 + 64 + 2 + MAX_PAILLIER_MODULUS_BYTES, MAX_POLICY_BYTES, Quote.SIZE):
+            n = r.u32()
+            if n > limit:
+                raise InvalidMessage("attestation reply: field too long")
+            parts.append(r.take(n))
+        r.end()
+        return cls(nonce, code, *parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedMessage:
+    """A signed JSON payload from the enclave (results and notices)."""
+
+    payload: bytes
+    signature: bytes
+
+    def to_bytes(self) -> bytes:
+        return SIGNED_MAGIC + struct.pack(">I", len(self.payload)) + self.payload + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SignedMessage":
+        r = _Reader(data, "signed message")
+        r.magic(SIGNED_MAGIC)
+        n = r.u32()
+        if n > MAX_SIGNED_PAYLOAD:
+            raise InvalidMessage("signed message: payload too long")
+        payload, sig = r.take(n), r.take(signing.SIGNATURE_SIZE)
+        r.end()
+        return cls(payload, sig)
+
+
+def _framed(part: bytes) -> bytes:
+    return struct.pack(">I", len(part)) + part
+
+
+def report_data(keys: bytes, policy: bytes, nonce: bytes) -> bytes:
+    """What the quote's report data must be for these keys, policy and nonce."""
+    return hashlib.sha256(REPORT_DATA_LABEL + _framed(keys) + _framed(policy) + nonce).digest()
+
+
+def measurement(code_digest: bytes, policy: bytes) -> bytes:
+    """The measurement: code digest and policy, bound together."""
+    return hashlib.sha256(MEASUREMENT_LABEL + code_digest + hashlib.sha256(policy).digest()).digest()

@@ -1,0 +1,1 @@
+"""Consumers: attest the enclave, then receive and verify its signed, noised releases."""

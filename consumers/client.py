@@ -1,0 +1,79 @@
+"""The consumer library: every result is checked against the attested enclave's key
+before anyone reads a number from it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from common.attestation import AttestedEnclave
+from common.config import Config
+from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch
+from common.results import Release, verify_result
+
+log = logging.getLogger("sealedsum.consumer")
+
+
+@dataclass(slots=True)
+class ResultVerifier:
+    """Verifies results for one attested enclave and counts what it refused."""
+
+    enclave: AttestedEnclave
+    rejected: int = 0
+    seen: set = field(default_factory=set)
+
+    def verify(self, body: bytes) -> Release:
+        """:raises InvalidResultSignature: forged or altered (the counter goes up)."""
+        try:
+            return verify_result(body, self.enclave)
+        except (InvalidResultSignature, InvalidMessage):
+            self.rejected += 1
+            raise
+
+
+class Consumer:
+    """Attest, subscribe to one or more streams' results, yield verified releases.
+
+    Forged or altered results are logged as errors and skipped; ``verifier.rejected``
+    counts them.
+    """
+
+    def __init__(self, config: Config, streams: str | Sequence[str], *, queue: str | None = None) -> None:
+        from consumers import transport
+
+        self.streams = (streams,) if isinstance(streams, str) else tuple(streams)
+        self._transport = transport.ResultSubscriber(config.broker, self.streams, queue=queue)
+        try:
+            self.enclave = self._transport.attest(config.require_trust())
+        except BaseException:
+            self._transport.close()
+            raise
+        unknown = [s for s in self.streams if s not in self.enclave.policy.streams]
+        if unknown:
+            self._transport.close()
+            raise PolicyMismatch(f"the attested enclave has no stream {unknown[0]!r}",
+                                 hint=f"its streams: {', '.join(sorted(self.enclave.policy.streams))}")
+        self.verifier = ResultVerifier(self.enclave)
+
+    def releases(self, *, idle_timeout: float | None = None) -> Iterator[Release]:
+        for body in self._transport.bodies(idle_timeout=idle_timeout):
+            try:
+                release = self.verifier.verify(body)
+            except (InvalidResultSignature, InvalidMessage) as err:
+                log.error("result rejected", extra={"fields": {"reason": str(err)}})
+                continue
+            if release.stream not in self.streams:
+                self.verifier.rejected += 1
+                log.error("result rejected", extra={"fields": {"reason": f"for stream {release.stream!r}"}})
+                continue
+            yield release
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

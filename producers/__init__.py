@@ -1,0 +1,1 @@
+"""Producers: attest the enclave, then seal and publish records to it."""

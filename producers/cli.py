@@ -1,0 +1,99 @@
+"""``sealedsum produce``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from common.errors import PolicyMismatch, TransportError
+
+
+class Progress:
+    """A progress line on stderr every few seconds, when stderr is a terminal or asked for."""
+
+    def __init__(self, enabled: bool, every_s: float = 2.0) -> None:
+        self.enabled, self.every_s = enabled, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, confirmed: int) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            rate = confirmed / max(now - self.start, 1e-9)
+            print(f"  {confirmed} records confirmed ({rate:.0f}/s)", file=sys.stderr, flush=True)
+
+
+def _produce(args) -> int:
+    from producers.client import Producer
+    from producers.inputs import read_records
+    from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, load_config
+
+    cfg = load_config(args)
+    source = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
+    summary = {"stream": args.stream, "sent": 0, "confirmed": 0, "rejected_by_validation": 0, "clipped": 0}
+    started = time.monotonic()
+    code = EXIT_OK
+    try:
+        with Producer(cfg) as producer:
+            producer.sealer.stream(args.stream)  # fail before reading input if the stream is unknown
+            progress = Progress(args.progress or sys.stderr.isatty())
+            for line in read_records(source, args.format):
+                values = line.values
+                if values is None:
+                    summary["rejected_by_validation"] += 1
+                    print(f"line {line.number}: rejected: {line.error}", file=sys.stderr)
+                    continue
+                try:
+                    record = producer.sealer.seal(args.stream, values, window=args.window)
+                except PolicyMismatch as err:
+                    summary["rejected_by_validation"] += 1
+                    print(f"line {line.number}: rejected: {err}", file=sys.stderr)
+                    continue
+                summary["sent"] += 1
+                try:
+                    producer.publish(record)
+                except TransportError as err:
+                    print(f"line {line.number}: not confirmed: {err}", file=sys.stderr)
+                    code = EXIT_TRANSPORT
+                    break
+                summary["confirmed"] += 1
+                summary["clipped"] += record.clipped
+                progress.update(summary["confirmed"])
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    if args.json:
+        print(json.dumps(summary))
+    print(f"{summary['stream']}: sent {summary['sent']}, confirmed {summary['confirmed']}, "
+          f"rejected by validation {summary['rejected_by_validation']}, clipped values {summary['clipped']} "
+          f"({summary['seconds']:.1f} s)", file=sys.stderr)
+    if code == EXIT_OK and summary["rejected_by_validation"]:
+        code = EXIT_PARTIAL
+    return code
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from sealedsum.cli import add_config_argument
+
+    p = sub.add_parser(
+        "produce", help="attest the enclave, then encrypt, seal and publish records",
+        description="Read one record per line (CSV: `1.5,2.0`; JSON: `1.5`, `[1.5, 2.0]` or "
+                    '`{"values": [...]}`), attest the enclave, clip each value to the stream\'s '
+                    "bounds, encrypt it under the enclave's Paillier key, seal the record to the "
+                    "enclave and publish it with a publisher confirm. Nothing is sent if attestation "
+                    "fails. Prints a summary at the end; exit 4 if some lines were rejected.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_argument(p)
+    p.add_argument("--stream", required=True, help="the stream name, as in the attested policy")
+    p.add_argument("--input", metavar="FILE", help="input file, or - for stdin (the default)")
+    p.add_argument("--format", choices=("auto", "csv", "jsonl"), default="auto",
+                   help="input format (default: auto, per line)")
+    p.add_argument("--window", type=int, default=0,
+                   help="window number the records belong to (default 0: the open window)")
+    p.add_argument("--progress", action="store_true", help="print progress even when stderr is not a terminal")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=_produce, role="producer", default_log_level="WARNING")

@@ -1,0 +1,5 @@
+import sys
+
+from sealedsum.cli import main
+
+sys.exit(main())

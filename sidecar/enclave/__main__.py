@@ -1,0 +1,97 @@
+"""Entry point of the enclave process. Started by the platform (``sidecar.supervisor``),
+never by hand: its keys come from and go to the platform over a private pipe."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from common import logs
+from common.config import BrokerSettings, Topology
+from common.errors import SealingError
+from common.policy import EnclavePolicy
+from sidecar.channel import PipeChannel
+from sidecar.enclave.hardening import harden
+from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.service import Enclave
+from sidecar.platform import measure
+
+log = logging.getLogger("sealedsum.enclave")
+
+EXIT_CONFIG = 2
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_or_create_keys(state: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> EnclaveKeys:
+    """Unseal this measurement's keys, or create and seal new ones on first start."""
+    directory = state / "enclave" / measurement.hex()[:32]
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / "keys.sealed"
+    if path.exists():
+        keys = EnclaveKeys.unseal(sealing_key, measurement, path.read_bytes())
+        log.info("keys unsealed", extra={"fields": {"path": str(path), "key_epoch": keys.epoch}})
+        return keys
+    keys = EnclaveKeys.generate(paillier_bits)
+    _write_atomic(path, keys.seal(sealing_key, measurement))
+    log.info("keys created and sealed", extra={"fields": {"path": str(path), "paillier_bits": paillier_bits}})
+    return keys
+
+
+def main(argv: list[str]) -> int:
+    report = harden()
+    channel = PipeChannel(int(argv[0]), int(argv[1]))
+    init = channel.recv()
+    logs.setup("enclave", init.get("log_level", "INFO"))
+    log.info("hardening", extra={"fields": report})
+
+    code_digest = bytes.fromhex(init["code_digest"])
+    if measure.code_digest() != code_digest:
+        log.error("the code on disk changed since the platform measured it; refusing to start")
+        return EXIT_CONFIG
+    policy_bytes = base64.b64decode(init["policy"])
+    policy = EnclavePolicy.from_bytes(policy_bytes)
+    measurement = bytes.fromhex(init["measurement"])
+    try:
+        keys = load_or_create_keys(Path(init["state_dir"]), base64.b64decode(init["sealing_key"]),
+                                   measurement, policy.paillier_bits)
+    except SealingError as err:
+        log.error("cannot unseal keys", extra={"fields": {"detail": str(err)}})
+        return EXIT_CONFIG
+
+    def quote(report_data: bytes) -> bytes:
+        return base64.b64decode(channel.request({"op": "quote", "report_data": report_data.hex()})["quote"])
+
+    enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote)
+    b = init["broker"]
+    from sidecar.runtime import EnclaveRuntime  # pika only once the core is set up
+
+    runtime = EnclaveRuntime(enclave, BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"]))
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+    signal.signal(signal.SIGINT, lambda *_: runtime.stop())
+    channel.send({"op": "ready", "pid": os.getpid(), "hardening": report, "key_epoch": keys.epoch})
+    runtime.run()
+    log.info("enclave stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

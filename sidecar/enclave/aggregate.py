@@ -1,0 +1,87 @@
+"""Windows: Paillier folding of records into running ciphertext totals.
+
+No record is ever decrypted here. A window's totals are ciphertexts until
+``release`` decrypts them once, when the window closes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from phe import EncryptedNumber, PaillierPublicKey
+
+from common import wire
+from common.errors import RecordRejected, RejectReason
+from common.policy import StreamPolicy
+
+
+@dataclass(slots=True)
+class Window:
+    """One window of one stream: the folded ciphertexts and how many records they hold."""
+
+    stream: str
+    index: int
+    totals: list[EncryptedNumber]
+    count: int = 0
+    opened_at_ms: int | None = None
+
+    @classmethod
+    def empty(cls, stream: StreamPolicy, index: int, public_key: PaillierPublicKey) -> "Window":
+        # 1 is the ciphertext of 0 with randomness 1: the identity of Paillier addition.
+        return cls(stream.name, index, [EncryptedNumber(public_key, 1, 0) for _ in range(stream.dimension)])
+
+    def fold(self, ciphertexts: tuple[int, ...], public_key: PaillierPublicKey, now_ms: int) -> None:
+        self.totals = [t + EncryptedNumber(public_key, c, 0) for t, c in zip(self.totals, ciphertexts)]
+        self.count += 1
+        if self.opened_at_ms is None:
+            self.opened_at_ms = now_ms
+
+
+@dataclass(slots=True)
+class StreamState:
+    """The open window of one stream and the record ids seen within the replay horizon."""
+
+    policy: StreamPolicy
+    public_key: PaillierPublicKey
+    current: Window = field(init=False)
+    seen: dict[bytes, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.current = Window.empty(self.policy, 1, self.public_key)
+
+    def accept(self, envelope: wire.Envelope, forget_at_ms: int, now_ms: int) -> Window | None:
+        """Fold one validated envelope in; return the window if this record closed it.
+
+        :raises RecordRejected: for a duplicate id or a window other than the open one.
+        """
+        if envelope.window and envelope.window < self.current.index:
+            raise RecordRejected(RejectReason.LATE_WINDOW,
+                                 f"window {envelope.window} is closed; open window is {self.current.index}")
+        if envelope.window > self.current.index:
+            raise RecordRejected(RejectReason.FUTURE_WINDOW,
+                                 f"window {envelope.window} is not open yet; open window is {self.current.index}")
+        if envelope.record_id in self.seen:
+            raise RecordRejected(RejectReason.DUPLICATE, f"record id {envelope.record_id.hex()} seen already")
+        self.seen[envelope.record_id] = forget_at_ms
+        self.current.fold(envelope.ciphertexts, self.public_key, now_ms)
+        if self.current.count >= self.policy.max_window_records:
+            return self._close()
+        return None
+
+    def due(self, now_ms: int) -> Window | None:
+        """Close the open window if its time span has passed."""
+        w = self.current
+        if (self.policy.window_seconds is not None and w.opened_at_ms is not None
+                and now_ms - w.opened_at_ms >= self.policy.window_seconds * 1000):
+            return self._close()
+        return None
+
+    def forget_expired(self, now_ms: int) -> None:
+        """Drop ids whose records would now be rejected as expired anyway."""
+        for rid in [rid for rid, t in self.seen.items() if t <= now_ms]:
+            del self.seen[rid]
+
+    def _close(self) -> Window:
+        closed = self.current
+        self.current = Window.empty(self.policy, closed.index + 1, self.public_key)
+        return closed

@@ -1,0 +1,67 @@
+"""Opening and validating one record. Every failure is a ``RecordRejected`` with a reason."""
+
+from __future__ import annotations
+
+import math
+
+from nacl.exceptions import CryptoError
+
+from common import wire
+from common.errors import InvalidMessage, RecordRejected, RejectReason
+from common.policy import EnclavePolicy, StreamPolicy
+from sidecar.enclave.keyring import EnclaveKeys
+
+# Envelope bytes besides the ciphertexts: magic, id, epoch, time, window, name, counts.
+ENVELOPE_OVERHEAD = 4 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2
+
+
+def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
+    """The largest sealed record any stream of this policy can produce."""
+    widest = max(s.dimension for s in policy.streams.values())
+    return wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD + widest * keys.ciphertext_width
+
+
+def open_record(
+    body: bytes,
+    keys: EnclaveKeys,
+    policy: EnclavePolicy,
+    now_ms: int,
+    size_limit: int,
+) -> tuple[wire.Envelope, StreamPolicy]:
+    """Open the sealed box and check everything that does not depend on window state.
+
+    :raises RecordRejected: with the first reason found.
+    """
+    if len(body) > size_limit:
+        raise RecordRejected(RejectReason.TOO_LARGE, f"{len(body)} bytes > {size_limit}")
+    try:
+        plaintext = keys.open_sealed_box(body)
+    except CryptoError:
+        # Tampered, truncated, garbage or sealed to another key: indistinguishable by design.
+        raise RecordRejected(RejectReason.UNDECRYPTABLE, "sealed box does not open with this enclave's key") from None
+    try:
+        envelope = wire.Envelope.from_bytes(plaintext)
+    except InvalidMessage as err:
+        raise RecordRejected(RejectReason.MALFORMED, str(err)) from None
+
+    stream = policy.streams.get(envelope.stream)
+    if stream is None:
+        raise RecordRejected(RejectReason.UNKNOWN_STREAM, envelope.stream)
+    if envelope.key_epoch != keys.epoch:
+        raise RecordRejected(RejectReason.WRONG_EPOCH, f"epoch {envelope.key_epoch}, current {keys.epoch}")
+    if len(envelope.ciphertexts) != stream.dimension:
+        raise RecordRejected(RejectReason.WRONG_DIMENSION,
+                             f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}")
+    if envelope.width != keys.ciphertext_width:
+        raise RecordRejected(RejectReason.BAD_CIPHERTEXT, f"width {envelope.width}, expected {keys.ciphertext_width}")
+    n, nsquare = keys.paillier_public.n, keys.nsquare
+    for c in envelope.ciphertexts:
+        # A valid Paillier ciphertext is a unit modulo n²; anything else is not one.
+        if not 0 < c < nsquare or math.gcd(c, n) != 1:
+            raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
+    age_s = (now_ms - envelope.sent_at_ms) / 1000.0
+    if age_s > policy.max_record_age_seconds:
+        raise RecordRejected(RejectReason.EXPIRED, f"sent {age_s:.0f} s ago (limit {policy.max_record_age_seconds:.0f} s)")
+    if -age_s > policy.max_clock_skew_seconds:
+        raise RecordRejected(RejectReason.FROM_FUTURE, f"sent {-age_s:.0f} s in the future")
+    return envelope, stream

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Platform(Protocol):
+    """What the enclave needs from the hardware it runs on."""
+
+    def public_key(self) -> bytes:
+        """The 32-byte Ed25519 key clients pin (``trust.platform_key``)."""
+
+    def quote(self, measurement: bytes, report_data: bytes) -> bytes:
+        """A signed :class:`common.wire.Quote` over the measurement and report data."""
+
+    def sealing_key(self, measurement: bytes) -> bytes:
+        """A 32-byte key only an enclave with this measurement receives (like SGX EGETKEY)."""

@@ -1,0 +1,96 @@
+"""The emulated platform: a parent process holding a key file that stands in for
+keys fused into hardware.
+
+.. warning::
+   This is an emulation. Whoever can read ``platform.key`` can sign quotes and derive
+   sealing keys, which real hardware would never allow. The isolation of the enclave
+   is an OS process boundary with hardening, not memory encryption.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from common import signing, wire
+from common.errors import ConfigError
+
+KEY_FILE = "platform.key"
+SEALING_INFO = b"sealedsum/v1/sealing-key\x00"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class EmulatedPlatform:
+    def __init__(self, signing_key: Ed25519PrivateKey, root_secret: bytes,
+                 clock_ms: Callable[[], int] = _now_ms) -> None:
+        if len(root_secret) != 32:
+            raise ValueError("the platform root secret is 32 bytes")
+        self._signing_key = signing_key
+        self._root_secret = root_secret
+        self._clock_ms = clock_ms
+
+    def __repr__(self) -> str:
+        return f"EmulatedPlatform(public_key={base64.b64encode(self.public_key()).decode()})"
+
+    @classmethod
+    def generate(cls) -> "EmulatedPlatform":
+        return cls(Ed25519PrivateKey.generate(), os.urandom(32))
+
+    @classmethod
+    def init(cls, state_dir: Path) -> "EmulatedPlatform":
+        """Create the platform key in ``state_dir`` (refuses to overwrite one)."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / KEY_FILE
+        if path.exists():
+            raise ConfigError(f"{path} exists already; the platform key is created once",
+                              hint="use `sealedsum platform show --state DIR` to print its public key")
+        platform = cls.generate()
+        doc = {
+            "version": 1,
+            "signing_key": base64.b64encode(platform._signing_key.private_bytes_raw()).decode(),
+            "root_secret": base64.b64encode(platform._root_secret).decode(),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return platform
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "EmulatedPlatform":
+        path = state_dir / KEY_FILE
+        try:
+            doc = json.loads(path.read_text())
+            key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(doc["signing_key"]))
+            return cls(key, base64.b64decode(doc["root_secret"]))
+        except FileNotFoundError:
+            raise ConfigError(f"no platform key in {state_dir}",
+                              hint=f"run `sealedsum platform init --state {state_dir}` first") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not a platform key file") from err
+
+    def public_key(self) -> bytes:
+        return self._signing_key.public_key().public_bytes_raw()
+
+    def quote(self, measurement: bytes, report_data: bytes) -> bytes:
+        if len(measurement) != wire.DIGEST_SIZE or len(report_data) != wire.DIGEST_SIZE:
+            raise ValueError("measurement and report data are 32 bytes each")
+        unsigned = wire.Quote(measurement, report_data, self._clock_ms(), b"")
+        sig = signing.sign(self._signing_key, signing.QUOTE, unsigned.signed_part())
+        return wire.Quote(measurement, report_data, unsigned.issued_at_ms, sig).to_bytes()
+
+    def sealing_key(self, measurement: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=SEALING_INFO + measurement).derive(self._root_secret)

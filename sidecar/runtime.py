@@ -1,0 +1,155 @@
+"""The enclave's broker edge: turns deliveries and ticks into calls on
+:class:`sidecar.enclave.service.Enclave` and carries out the outcomes.
+
+Order per record: a rejected record is published to the dead-letter exchange with
+its reason and confirmed *before* the original is acknowledged, so a record is never
+lost between the two. Releases are stored in the enclave before they are published
+and republished unchanged after a reconnect until the broker confirms them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pika
+import pika.exceptions as pe
+
+from common import amqp
+from common.config import BrokerSettings
+from common.errors import InvalidMessage, TransportError
+from sidecar.enclave.service import Enclave
+
+log = logging.getLogger("sealedsum.runtime")
+
+PREFETCH = 64
+# Quorum queues count deliveries: a message that crashes the enclave again and again
+# is dead-lettered by the broker after this many attempts instead of looping forever.
+DELIVERY_LIMIT = 20
+ATTEST_REQUEST_TTL_MS = 30_000
+STATS_EVERY_S = 10.0
+MAX_BACKOFF_S = 30.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def declare_topology(channel, settings: BrokerSettings) -> None:
+    """Declare every exchange and queue the system uses (the sidecar owns them)."""
+    t = settings.topology
+    durable_args = {"x-queue-type": settings.queue_type}
+    channel.exchange_declare(t.rejected_exchange, exchange_type="fanout", durable=True)
+    channel.queue_declare(t.rejected_queue, durable=True, arguments=durable_args)
+    channel.queue_bind(t.rejected_queue, t.rejected_exchange)
+    channel.exchange_declare(t.records_exchange, exchange_type="direct", durable=True)
+    records_args = dict(durable_args, **{"x-dead-letter-exchange": t.rejected_exchange})
+    if settings.queue_type == "quorum":
+        records_args["x-delivery-limit"] = DELIVERY_LIMIT
+    channel.queue_declare(t.records_queue, durable=True, arguments=records_args)
+    channel.queue_bind(t.records_queue, t.records_exchange, routing_key="record")
+    channel.exchange_declare(t.results_exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(t.attest_queue, durable=False,
+                          arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS})
+
+
+class EnclaveRuntime:
+    def __init__(self, enclave: Enclave, settings: BrokerSettings) -> None:
+        self.enclave = enclave
+        self.settings = settings
+        self.stopping = False
+        self._connection = None
+        self._publish = None
+        self._last_stats = time.monotonic()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        """Consume until :meth:`stop`; reconnect with capped backoff on broker loss."""
+        backoff = 1.0
+        while not self.stopping:
+            try:
+                self._connect()
+                backoff = 1.0
+                while not self.stopping:
+                    self._connection.process_data_events(time_limit=0.5)
+                    self._tick()
+            except (TransportError, pe.AMQPConnectionError, pe.AMQPChannelError) as err:
+                if self.stopping:
+                    break
+                log.warning("broker connection lost; reconnecting", extra={"fields": {
+                    "error": type(err).__name__, "detail": str(err), "retry_in_s": backoff}})
+                self._close()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+        self._close()
+        self.log_stats()
+
+    def _connect(self) -> None:
+        self._connection = amqp.connect(self.settings)
+        channel = self._connection.channel()
+        declare_topology(channel, self.settings)
+        self._publish = self._connection.channel()
+        self._publish.confirm_delivery()
+        for release in list(self.enclave.pending.values()):
+            self._publish_release(release)
+        channel.basic_qos(prefetch_count=PREFETCH)
+        t = self.settings.topology
+        channel.basic_consume(t.records_queue, self._on_record, auto_ack=False)
+        channel.basic_consume(t.attest_queue, self._on_attest, auto_ack=True)
+        log.info("consuming", extra={"fields": {"records_queue": t.records_queue, "attest_queue": t.attest_queue}})
+
+    def _close(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except pe.AMQPError:
+                pass
+
+    # -- callbacks --------------------------------------------------------------------
+    def _on_record(self, channel, method, _props, body: bytes) -> None:
+        outcome = self.enclave.on_record(body, now_ms())
+        if outcome.rejection is not None:
+            r = outcome.rejection
+            if r.reason.value == "duplicate" and method.redelivered:
+                # Our own ack was lost: this record is already counted.
+                log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
+            else:
+                headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
+                           "x-sealedsum-rejected-at": now_ms()}
+                amqp.publish_confirmed(self._publish, self.settings.topology.rejected_exchange, "", body,
+                                       amqp.properties("rejected-record", headers=headers), mandatory=False)
+                log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
+        for release in outcome.releases:
+            self._publish_release(release)
+        channel.basic_ack(method.delivery_tag)
+
+    def _on_attest(self, channel, _method, props, body: bytes) -> None:
+        if not props.reply_to:
+            log.warning("attestation request without reply_to ignored")
+            return
+        try:
+            reply = self.enclave.attest(body)
+        except InvalidMessage as err:
+            log.warning("malformed attestation request ignored", extra={"fields": {"detail": str(err)}})
+            return
+        channel.basic_publish("", props.reply_to, reply, pika.BasicProperties(
+            correlation_id=props.correlation_id, type="attest-reply", app_id=amqp.APP_ID))
+
+    def _tick(self) -> None:
+        for release in self.enclave.on_tick(now_ms()):
+            self._publish_release(release)
+        if time.monotonic() - self._last_stats >= STATS_EVERY_S:
+            self.log_stats()
+
+    def _publish_release(self, release) -> None:
+        amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange, release.stream,
+                               release.body, amqp.properties("result"), mandatory=False)
+        self.enclave.confirm_published(release)
+
+    def log_stats(self) -> None:
+        self._last_stats = time.monotonic()
+        log.info("stats", extra={"fields": self.enclave.stats.to_json(self.enclave.keys.decryptions)})

@@ -1,0 +1,121 @@
+"""The platform process: measures the enclave, launches it as a child process, answers
+its quote requests over the private channel, and restarts it (with backoff) if it dies."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+from common.config import Config
+from sidecar.channel import ChannelClosed, PipeChannel
+from sidecar.platform import measure
+from sidecar.platform.emulated import EmulatedPlatform
+
+log = logging.getLogger("sealedsum.platform")
+
+# The child imports exactly the tree the platform measured: isolated mode, and that
+# tree's parent directory first on sys.path.
+BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+        "from sidecar.enclave.__main__ import main; sys.exit(main(sys.argv[2:]))")
+MAX_BACKOFF_S = 30.0
+EXIT_CONFIG = 2
+
+
+class Sidecar:
+    def __init__(self, config: Config, state_dir: Path, log_level: str = "INFO") -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.log_level = log_level
+        self.platform = EmulatedPlatform.load(state_dir)
+        self.policy_bytes = config.require_policy().to_bytes()
+        self.code_digest, self.measurement = measure.measure(self.policy_bytes)
+        self.stopping = False
+        self.child: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def check_trust(self) -> list[str]:
+        """Warnings when the config's own trust anchors would make clients refuse this enclave."""
+        warnings = []
+        trust = self.config.trust
+        if trust is not None:
+            if trust.platform_key != self.platform.public_key():
+                warnings.append("trust.platform_key is not this platform's key: clients using this config will refuse")
+            if self.measurement not in trust.measurements:
+                warnings.append(f"measurement {self.measurement.hex()} is not in trust.measurements: "
+                                "clients using this config will refuse (run `sealedsum measure`)")
+        return warnings
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        """Run until stopped; return the exit code."""
+        log.info("enclave measured", extra={"fields": {
+            "measurement": self.measurement.hex(), "code_digest": self.code_digest.hex()}})
+        for w in self.check_trust():
+            log.warning(w)
+        backoff = 1.0
+        while not self.stopping:
+            started = time.monotonic()
+            code = self._run_once()
+            if self.stopping:
+                return 0
+            if code == EXIT_CONFIG:
+                log.error("the enclave refused to start; not restarting", extra={"fields": {"exit_code": code}})
+                return EXIT_CONFIG
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            self.restarts += 1
+            log.warning("enclave exited; restarting", extra={"fields": {
+                "exit_code": code, "restart_in_s": backoff, "restarts": self.restarts}})
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        return 0
+
+    def _run_once(self) -> int:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        root = str(Path(common.__file__).resolve().parent.parent)
+        self.child = subprocess.Popen(
+            [sys.executable, "-I", "-c", BOOT, root, str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w), close_fds=True,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        channel = PipeChannel(from_child_r, to_child_w)
+        b = self.config.broker
+        try:
+            channel.send({
+                "sealing_key": base64.b64encode(self.platform.sealing_key(self.measurement)).decode(),
+                "measurement": self.measurement.hex(),
+                "code_digest": self.code_digest.hex(),
+                "policy": base64.b64encode(self.policy_bytes).decode(),
+                "state_dir": str(self.state_dir.resolve()),
+                "broker": {"url": b.url, "prefix": b.topology.prefix, "queue_type": b.queue_type},
+                "log_level": self.log_level,
+            })
+            while True:
+                msg = channel.recv()
+                op = msg.get("op")
+                if op == "quote":
+                    quote = self.platform.quote(self.measurement, bytes.fromhex(msg["report_data"]))
+                    channel.send({"quote": base64.b64encode(quote).decode()})
+                elif op == "ready":
+                    log.info("enclave running", extra={"fields": {
+                        "pid": msg.get("pid"), "platform_pid": os.getpid(), "hardening": msg.get("hardening")}})
+                else:
+                    log.warning("unknown request on the platform channel", extra={"fields": {"op": op}})
+        except (ChannelClosed, BrokenPipeError, ValueError, KeyError):
+            pass
+        finally:
+            channel.close()
+        return self.child.wait()

@@ -1,0 +1,181 @@
+"""The whole flow on a real broker with real processes: attest, produce, aggregate,
+release, consume; and the process and key-handling promises around it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import time
+from pathlib import Path
+
+import pika
+import pytest
+from nacl.public import SealedBox
+
+from common import amqp, wire
+from common.fixedpoint import encode
+from consumers.client import Consumer
+from producers.client import Producer
+from sidecar.enclave.keyring import EnclaveKeys
+from tests.integration.conftest import RunningSidecar
+
+STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,
+          "mechanism": "laplace", "epsilon": 1.0}
+
+
+def capture_queue(sc: RunningSidecar, exchange: str, key: str) -> tuple[pika.BlockingConnection, str]:
+    conn = amqp.connect(sc.config.broker)
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, exchange, routing_key=key)
+    return conn, q
+
+
+def drain(conn: pika.BlockingConnection, queue: str, expect: int = 0, timeout: float = 15.0) -> list[tuple]:
+    ch = conn.channel()
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        method, props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            if len(out) >= expect:
+                break
+            conn.process_data_events(time_limit=0.1)
+            continue
+        out.append((props, body))
+    return out
+
+
+def unsealed_keys(sc: RunningSidecar) -> EnclaveKeys:
+    """What only the platform could do: derive the sealing key and open the enclave's keys."""
+    (path,) = list((sc.state / "enclave").rglob("keys.sealed"))
+    return EnclaveKeys.unseal(sc.platform.sealing_key(sc.measurement), sc.measurement, path.read_bytes())
+
+
+def secret_forms(keys: EnclaveKeys) -> list[bytes]:
+    """Every private key, in the encodings a leak would most likely take."""
+    raw = [bytes(keys._x25519), keys._ed25519.private_bytes_raw()]
+    ints = [keys._paillier.p, keys._paillier.q]
+    forms = []
+    for r in raw:
+        forms += [r, r.hex().encode(), base64.b64encode(r)]
+    for i in ints:
+        b = i.to_bytes((i.bit_length() + 7) // 8, "big")
+        forms += [b, str(i).encode(), format(i, "x").encode(), base64.b64encode(b)]
+    return forms
+
+
+def test_records_are_aggregated_noised_and_released(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    values = [float(10 + (i * 7) % 80) for i in range(20)]
+    with Consumer(sc.config, "s") as consumer:
+        with Producer(sc.config) as producer:
+            for v in values:
+                producer.send("s", [v])
+        releases = list(_take(consumer, 1))
+    (r,) = releases
+    assert r.stream == "s" and r.window == 1 and r.mechanism == "laplace"
+    # Count noise has scale 2, sum noise scale 200 (value units): these bounds fail with
+    # probability below e^-15 each.
+    assert abs(r.count - 20) <= 30
+    assert abs(r.sum[0] - sum(values)) <= 200 * 15
+    assert r.sum_noise_scale == pytest.approx(100 * 2**16 / 0.5)
+
+
+def _take(consumer, n, timeout=30):
+    out = []
+    for release in consumer.releases(idle_timeout=timeout):
+        out.append(release)
+        if len(out) >= n:
+            break
+    return out
+
+
+def test_enclave_is_a_separate_hardened_process(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    pid = sc.enclave_pid()
+    assert pid != sc.process.pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert f"PPid:\t{sc.process.pid}" in status
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    (running,) = sc.events("enclave running")
+    assert running["hardening"]["dumpable"] is False and running["hardening"]["hardened"] is True
+    # The platform holds the quote key; the enclave's command line carries no secret.
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"sealing" not in cmdline and b"platform.key" not in cmdline
+
+
+def test_no_private_key_in_state_or_on_the_broker(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    t = sc.config.broker.topology
+    captures = [capture_queue(sc, t.records_exchange, "record"), capture_queue(sc, t.results_exchange, "#"),
+                capture_queue(sc, t.rejected_exchange, "")]
+    with Producer(sc.config) as producer:
+        for i in range(20):
+            producer.send("s", [float(i)])
+        producer._transport.channel.basic_publish(t.records_exchange, "record", b"garbage" * 10)
+        reply = amqp.request_attestation(producer._transport.connection, sc.config.broker, os.urandom(32))
+    bodies = [reply]
+    bodies += [b for _, b in drain(*captures[0], expect=21)]
+    bodies += [b for _, b in drain(*captures[1], expect=1)]
+    bodies += [b for _, b in drain(*captures[2], expect=1)]
+    assert len(bodies) >= 1 + 21 + 1 + 1
+    keys = unsealed_keys(sc)
+    state_files = [p.read_bytes() for p in sc.state.rglob("*") if p.is_file()]
+    for secret in secret_forms(keys):
+        for blob in bodies + state_files:
+            assert secret not in blob
+
+
+def test_records_queue_carries_only_sealed_boxes(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, "record")
+    value = 73.25  # distinctive, so any encoding of it would be found
+    with Producer(sc.config) as producer:
+        for _ in range(5):
+            producer.send("s", [value])
+    captured = drain(conn, q, expect=5)
+    assert len(captured) == 5
+    keys = unsealed_keys(sc)
+    fixed = encode([value], 16)[0]
+    needles = [b"73.25", str(fixed).encode(), struct.pack(">q", fixed), struct.pack(">i", fixed), b"\"s\"", b"SSE\x01"]
+    for props, body in captured:
+        assert props.delivery_mode == 2 and props.message_id is None and not props.headers
+        for needle in needles:
+            assert needle not in body
+        envelope = wire.Envelope.from_bytes(SealedBox(keys._x25519).decrypt(body))
+        assert len(body) == wire.SEALED_BOX_OVERHEAD + len(envelope.to_bytes())
+        assert envelope.stream == "s"
+
+
+def test_decrypts_once_per_released_window_never_per_record(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM, "v": dict(STREAM, dimension=3)})
+    with Consumer(sc.config, ["s", "v"]) as consumer:
+        with Producer(sc.config) as producer:
+            for i in range(60):
+                producer.send("s", [float(i % 50)])
+            for i in range(20):
+                producer.send("v", [1.0, 2.0, 3.0])
+        assert len(_take(consumer, 4)) == 4
+    sc.stop()
+    stats = sc.events("stats")[-1]
+    assert stats["accepted"] == 80 and stats["windows_released"] == 4
+    # One decryption per coordinate of each released total: 3 scalar windows + one 3-vector.
+    assert stats["decryptions"] == 3 * 1 + 1 * 3
+
+
+def test_small_windows_are_withheld(sidecar_factory):
+    sc = sidecar_factory({"s": dict(STREAM, window_seconds=1.0)})
+    with Consumer(sc.config, "s") as consumer:
+        with Producer(sc.config) as producer:
+            for i in range(4):  # below min_batch = 5
+                producer.send("s", [50.0])
+            time.sleep(2.5)  # the window closes by time, withheld
+            for i in range(20):
+                producer.send("s", [50.0])
+        (release,) = _take(consumer, 1)
+    assert release.window == 2  # window 1 was closed and never released
+    withheld = sc.events("window withheld")
+    assert [(e["stream"], e["window"]) for e in withheld] == [("s", 1)]
