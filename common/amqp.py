@@ -78,15 +78,21 @@ def request_attestation(connection: pika.BlockingConnection, settings: BrokerSet
     """Send an attestation request over direct reply-to; return the raw reply bytes."""
     channel = connection.channel()
     replies: list[bytes] = []
+    returned: list[str] = []
     correlation = uuid.uuid4().hex
 
     def on_reply(_ch, _method, props, body):
         if props.correlation_id == correlation:
             replies.append(body)
 
+    def on_return(_ch, method, _props, _body):
+        returned.append(method.reply_text)
+
     try:
+        channel.add_on_return_callback(on_return)
         channel.basic_consume(DIRECT_REPLY_TO, on_reply, auto_ack=True)
         timeout = settings.attest_timeout_seconds
+        # mandatory: if no sidecar has declared the queue, the broker says so at once.
         channel.basic_publish(
             exchange="", routing_key=settings.topology.attest_queue,
             body=wire.AttestRequest(nonce).to_bytes(),
@@ -94,9 +100,10 @@ def request_attestation(connection: pika.BlockingConnection, settings: BrokerSet
                 reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type="attest-request",
                 app_id=APP_ID, expiration=str(int(timeout * 1000)),
             ),
+            mandatory=True,
         )
         deadline = time.monotonic() + timeout
-        while not replies and time.monotonic() < deadline:
+        while not replies and not returned and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.25, max(0.0, deadline - time.monotonic())))
     except pe.AMQPChannelError as err:
         raise TransportError(f"attestation request refused: {err}", retryable=False) from err
@@ -105,6 +112,11 @@ def request_attestation(connection: pika.BlockingConnection, settings: BrokerSet
     finally:
         if channel.is_open:
             channel.close()
+    if returned and not replies:
+        raise TransportError(
+            f"no attestation queue {settings.topology.attest_queue!r} on the broker ({returned[0]})",
+            hint="start the sidecar (`sealedsum sidecar --config FILE --state DIR`) with the same broker.prefix",
+        )
     if not replies:
         raise TransportError(
             f"no attestation reply on {settings.topology.attest_queue!r} within {settings.attest_timeout_seconds:.0f} s",

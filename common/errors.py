@@ -25,9 +25,10 @@ class SealedsumError(Exception):
             self.hint = hint
 
     def diagnostics(self) -> str:
+        """One line for a terminal: what failed, and what to do about it."""
         text = f"error: {self}"
         if self.hint:
-            text += f"\nhint: {self.hint}"
+            text += f" (hint: {self.hint})"
         return text
 
 

@@ -1,0 +1,99 @@
+"""The `sealedsum` command as users run it: exit codes, one-line errors, summaries, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from tests.integration.conftest import REPO
+from tests.integration.test_end_to_end import STREAM
+
+pytestmark = pytest.mark.integration
+
+
+def run(*args, input: str | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sealedsum", *args], input=input, capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, **(env or {})), timeout=timeout)
+
+
+def test_attest_prints_the_verified_document(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    out = run("attest", "--config", str(sc.config_path), env={"AMQP_URL": sc.config.broker.url})
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["measurement"] == sc.measurement.hex()
+    assert doc["policy"]["streams"]["s"]["epsilon"] == 1.0
+    assert doc["keys"]["paillier_n_bits"] == 1024
+
+
+def test_attest_fails_with_one_line_and_exit_1_for_an_unknown_measurement(sidecar_factory, tmp_path):
+    sc = sidecar_factory({"s": STREAM})
+    text = sc.config_path.read_text().replace(sc.measurement.hex(), "ab" * 32)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    out = run("attest", "--config", str(bad))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: measurement ") and "not in trust.measurements" in lines[0]
+    assert out.stdout == ""
+
+
+def test_no_broker_is_exit_3_with_a_hint(tmp_path, sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    out = run("attest", "--config", str(sc.config_path), env={"AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"})
+    assert out.returncode == 3
+    assert "cannot reach the broker" in out.stderr and "rabbitmq-server -detached" in out.stderr
+    assert "guest:guest" not in out.stderr  # passwords are redacted
+
+
+def test_produce_and_consume_from_the_command_line(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    consumer = subprocess.Popen([sys.executable, "-m", "sealedsum", "consume", "--config", str(sc.config_path),
+                                 "--stream", "s", "--count", "1", "--json", "--idle-timeout", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines = "\n".join(["# comment", *[str(v) for v in range(20)], "not a number", "[1, 2]", "500"]) + "\n"
+    # The consumer says it is waiting only once its queue is bound.
+    assert "waiting for releases" in consumer.stderr.readline()
+    out = run("produce", "--config", str(sc.config_path), "--stream", "s", "--json", input=lines)
+    assert out.returncode == 4, out.stderr  # some lines rejected
+    summary = json.loads(out.stdout)
+    assert summary["sent"] == summary["confirmed"] == 21
+    assert summary["rejected_by_validation"] == 2 and summary["clipped"] == 1
+    assert "line 22: rejected" in out.stderr and "line 23: rejected" in out.stderr
+    stdout, stderr = consumer.communicate(timeout=90)
+    assert consumer.returncode == 0, stderr
+    (view,) = [json.loads(line) for line in stdout.splitlines()]
+    assert {"stream", "window", "count", "sum", "mean", "mechanism", "epsilon", "delta"} <= set(view)
+    assert view["stream"] == "s" and view["window"] == 1 and view["mechanism"] == "laplace"
+
+
+def test_measure_is_reproducible_and_matches_the_running_enclave(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    a = run("measure", "--config", str(sc.config_path))
+    b = run("measure", "--config", str(sc.config_path))
+    assert a.returncode == 0 and a.stdout == b.stdout
+    assert a.stdout.strip() == sc.measurement.hex()
+    assert sc.events("enclave measured")[0]["measurement"] == sc.measurement.hex()
+
+
+def test_config_errors_are_exit_2(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text('[streams.s]\ndimension = 1\nlower = 0\nupper = 1\nmin_batch = 1\nwindow_records = 1\n'
+                   'mechanism = "laplace"\nepsilon = 1\ncolour = "red"\n')
+    out = run("measure", "--config", str(bad))
+    assert out.returncode == 2 and "unknown key(s) colour" in out.stderr
+
+
+def test_demo_prints_releases_and_exits_0(amqp_url, tmp_path):
+    out = run("demo", "--rounds", "1", "--producers", "2", "--records", "10", "--state", str(tmp_path / "demo"),
+              env={"AMQP_URL": amqp_url}, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "purchases window 1" in out.stdout and "wellbeing window 1" in out.stdout
+    assert out.stdout.count("released") >= 5
+    cfg = tomllib.loads((tmp_path / "demo" / "sealedsum.toml").read_text())
+    assert len(cfg["trust"]["measurements"][0]) == 64
