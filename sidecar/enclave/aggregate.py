@@ -6,6 +6,7 @@ No record is ever decrypted here. A window's totals are ciphertexts until
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from phe import EncryptedNumber, PaillierPublicKey
@@ -45,6 +46,7 @@ class StreamState:
     public_key: PaillierPublicKey
     current: Window = field(init=False)
     seen: dict[bytes, int] = field(default_factory=dict)
+    _expiry: list[tuple[int, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.current = Window.empty(self.policy, 1, self.public_key)
@@ -63,6 +65,7 @@ class StreamState:
         if envelope.record_id in self.seen:
             raise RecordRejected(RejectReason.DUPLICATE, f"record id {envelope.record_id.hex()} seen already")
         self.seen[envelope.record_id] = forget_at_ms
+        heapq.heappush(self._expiry, (forget_at_ms, envelope.record_id))
         self.current.fold(envelope.ciphertexts, self.public_key, now_ms)
         if self.current.count >= self.policy.max_window_records:
             return self._close()
@@ -78,8 +81,9 @@ class StreamState:
 
     def forget_expired(self, now_ms: int) -> None:
         """Drop ids whose records would now be rejected as expired anyway."""
-        for rid in [rid for rid, t in self.seen.items() if t <= now_ms]:
-            del self.seen[rid]
+        while self._expiry and self._expiry[0][0] <= now_ms:
+            _, rid = heapq.heappop(self._expiry)
+            self.seen.pop(rid, None)
 
     def _close(self) -> Window:
         closed = self.current

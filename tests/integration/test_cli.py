@@ -97,3 +97,10 @@ def test_demo_prints_releases_and_exits_0(amqp_url, tmp_path):
     assert out.stdout.count("released") >= 5
     cfg = tomllib.loads((tmp_path / "demo" / "sealedsum.toml").read_text())
     assert len(cfg["trust"]["measurements"][0]) == 64
+
+
+def test_demo_without_a_broker_says_how_to_start_one(tmp_path):
+    out = run("demo", "--state", str(tmp_path / "demo"), env={"AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"},
+              timeout=60)
+    assert out.returncode == 3
+    assert "rabbitmq-server -detached" in out.stderr and "AMQP_URL" in out.stderr

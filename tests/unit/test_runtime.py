@@ -1,0 +1,78 @@
+"""The runtime's promises that need no broker to check: dead letters before acks, and a
+release whose publish failed is republished byte for byte, never re-drawn."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pika.exceptions as pe
+import pytest
+
+from common.config import BrokerSettings
+from common.errors import TransportError
+from sidecar.runtime import EnclaveRuntime
+
+
+class RecordingChannel:
+    """Stands in for a pika channel; fails the next ``fail`` publishes like a lost connection."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.published: list[tuple[str, str, bytes, dict]] = []
+        self.acked: list[int] = []
+        self.log: list[str] = []
+
+    def basic_publish(self, exchange, routing_key, body, properties=None, mandatory=False):
+        if self.fail:
+            self.fail -= 1
+            raise pe.StreamLostError("connection lost")
+        self.published.append((exchange, routing_key, body, dict(properties.headers or {})))
+        self.log.append(f"publish {exchange}")
+
+    def basic_ack(self, tag):
+        self.acked.append(tag)
+        self.log.append(f"ack {tag}")
+
+
+def deliver(runtime, channel, body, tag, redelivered=False):
+    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
+
+
+def test_a_failed_release_is_republished_with_the_same_noise(world):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume = RecordingChannel()
+    runtime._publish = RecordingChannel(fail=1)
+    bodies = [world.sealer.seal("s", [10.0]).body for _ in range(5)]  # window_records = 5
+    for tag, body in enumerate(bodies[:4], start=1):
+        deliver(runtime, consume, body, tag)
+    with pytest.raises(TransportError):
+        deliver(runtime, consume, bodies[4], 5)  # closes the window; the publish is lost
+    assert consume.acked == [1, 2, 3, 4]  # the closing record is not acknowledged
+    (pending,) = world.enclave.pending.values()
+
+    runtime._publish = RecordingChannel()  # after the reconnect
+    runtime.republish_pending()
+    deliver(runtime, consume, bodies[4], 5, redelivered=True)  # the broker redelivers it
+    (published,) = runtime._publish.published
+    assert published[2] == pending.body
+    assert world.enclave.pending == {}
+    assert world.enclave.stats.accepted == 5 and world.enclave.stats.windows_released == 1
+    assert consume.acked[-1] == 5
+
+
+def test_dead_letter_is_confirmed_before_the_ack(world):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._publish.log = consume.log  # one timeline for both channels
+    deliver(runtime, consume, b"not a sealed box" * 4, 7)
+    assert consume.log == ["publish sealedsum.rejected", "ack 7"]
+    (_, _, body, headers) = runtime._publish.published[0]
+    assert body == b"not a sealed box" * 4 and headers["x-sealedsum-reason"] == "undecryptable"
+
+
+def test_a_lost_dead_letter_leaves_the_record_unacknowledged(world):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel(fail=1)
+    with pytest.raises(TransportError):
+        deliver(runtime, consume, b"garbage" * 10, 3)
+    assert consume.acked == []  # the broker will redeliver it
