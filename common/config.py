@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
 from common.errors import ConfigError
-from common.policy import EnclavePolicy, _take
+from common.policy import EnclavePolicy, _number, _take
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TOP_KEYS = {"broker", "trust", "enclave", "streams"}
@@ -107,10 +107,10 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     queue_type = d.get("queue_type", "quorum")
     if queue_type not in ("quorum", "classic"):
         raise ConfigError("broker.queue_type must be 'quorum' or 'classic'")
-    timeout = d.get("attest_timeout_seconds", 10.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    timeout = _number(d.get("attest_timeout_seconds", 10.0), "broker.attest_timeout_seconds")
+    if timeout <= 0:
         raise ConfigError("broker.attest_timeout_seconds must be a positive number")
-    return BrokerSettings(url, Topology(prefix), queue_type, float(timeout))
+    return BrokerSettings(url, Topology(prefix), queue_type, timeout)
 
 
 def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
@@ -120,13 +120,11 @@ def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
     measurements = d.get("measurements", [])
     if not isinstance(measurements, list) or not all(isinstance(m, str) for m in measurements):
         raise ConfigError("trust.measurements must be a list of hex strings")
-    age = d.get("max_quote_age_seconds", DEFAULT_MAX_QUOTE_AGE_SECONDS)
-    if isinstance(age, bool) or not isinstance(age, (int, float)):
-        raise ConfigError("trust.max_quote_age_seconds must be a number")
+    age = _number(d.get("max_quote_age_seconds", DEFAULT_MAX_QUOTE_AGE_SECONDS), "trust.max_quote_age_seconds")
     return TrustAnchors(
         decode_platform_key(d["platform_key"]),
         frozenset(decode_measurement(m) for m in measurements),
-        float(age),
+        age,
     )
 
 

@@ -12,12 +12,20 @@ import math
 from common.errors import PolicyMismatch
 
 
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large to convert to float
+        return False
+
+
 def clip(values: list[float], lower: float, upper: float) -> tuple[list[float], int]:
     """Clip each value to [lower, upper]; return the values and how many were changed."""
     out, clipped = [], 0
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise PolicyMismatch(f"value {v!r} is not a finite number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+            shown = "an integer beyond float range" if type(v) is int else repr(v)
+            raise PolicyMismatch(f"value {shown} is not a finite number")
         if v < lower:
             out.append(float(lower)); clipped += 1
         elif v > upper:

@@ -34,9 +34,15 @@ def _take(raw: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, An
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where} must be a finite number")
-    return float(value)
+    try:
+        value = float(value)  # an integer beyond float range raises OverflowError
+    except OverflowError:
+        raise ConfigError(f"{where} must be a finite number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number")
+    return value
 
 
 def _integer(value: Any, where: str, lo: int, hi: int) -> int:

@@ -27,9 +27,15 @@ def _numbers(raw) -> list[float]:
         raw = [raw]
     out = []
     for v in raw:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{v!r} is not a finite number")
-        out.append(float(v))
+        try:
+            v = float(v)  # a JSON integer beyond float range raises OverflowError here
+        except OverflowError:
+            raise ValueError("an integer too large to be a finite number") from None
+        if not math.isfinite(v):
+            raise ValueError(f"{v!r} is not a finite number")
+        out.append(v)
     if not out:
         raise ValueError("no values")
     return out
@@ -39,7 +45,11 @@ def parse_line(text: str, fmt: str = "auto") -> list[float]:
     """Parse one line: ``1.5,2`` (CSV) or ``[1.5, 2]``, ``1.5``, ``{"values": [...]}`` (JSON)."""
     text = text.strip()
     if fmt == "jsonl" or (fmt == "auto" and text[:1] in "[{"):
-        return _numbers(json.loads(text))
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+        return _numbers(raw)
     values = []
     for cell in text.split(","):
         v = float(cell.strip())

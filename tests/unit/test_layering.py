@@ -1,0 +1,185 @@
+"""Layering, checked on the source with ``ast``: pika only at the edge, clients never
+import the sidecar, no ``random``/``np.random`` near noise, no ``assert`` for validation.
+
+Each rule is also run against a small bad snippet, so the scanner itself is known to catch it.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("common", "sidecar", "producers", "consumers", "sealedsum")
+PIKA_EDGE = {"common/amqp.py", "sidecar/runtime.py", "producers/transport.py", "consumers/transport.py"}
+
+
+def sources(*packages: str) -> dict[str, ast.Module]:
+    out = {}
+    for package in packages:
+        for path in sorted((REPO / package).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            out[rel] = ast.parse(path.read_text(encoding="utf-8"), rel)
+    return out
+
+
+def imported_modules(tree: ast.AST, package: str = "") -> set[str]:
+    """Every module an ``import``, ``from ... import`` (absolute or relative to ``package``),
+    ``__import__("x")`` or ``importlib.import_module("x")`` names, anywhere in the file."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.add(name)
+            found.update(f"{name}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            f = node.func
+            if (isinstance(f, ast.Name) and f.id == "__import__") or \
+                    (isinstance(f, ast.Attribute) and f.attr == "import_module"):
+                found.add(node.args[0].value)
+    return found
+
+
+def imports(tree: ast.AST, top: str, package: str = "") -> bool:
+    return any(m == top or m.startswith(top + ".") for m in imported_modules(tree, package))
+
+
+def package_of(rel: str) -> str:
+    """The package a source file's relative imports start from."""
+    return rel.rsplit("/", 1)[0].replace("/", ".")
+
+
+def np_random_uses(tree: ast.AST) -> list[int]:
+    """Lines using ``numpy.random`` / ``np.random`` in any spelling."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "random":
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("np", "numpy"):
+                lines.append(node.lineno)
+    return lines
+
+
+def asserts(tree: ast.AST) -> list[int]:
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+
+
+# -- the scanner catches what it should ------------------------------------------------------
+@pytest.mark.parametrize("snippet,top", [
+    ("import pika", "pika"),
+    ("import pika.exceptions as pe", "pika"),
+    ("from pika import BlockingConnection", "pika"),
+    ("from pika.exceptions import AMQPError", "pika"),
+    ("def f():\n    import pika", "pika"),
+    ("__import__('pika')", "pika"),
+    ("import importlib\nimportlib.import_module('pika.adapters')", "pika"),
+    ("from sidecar.enclave import keyring", "sidecar"),
+    ("import sidecar", "sidecar"),
+    ("from numpy import random", "numpy.random"),
+    ("import numpy.random as npr", "numpy.random"),
+    ("import random", "random"),
+    ("from random import SystemRandom", "random"),
+])
+def test_scanner_finds_imports(snippet, top):
+    assert imports(ast.parse(snippet), top)
+
+
+def test_scanner_resolves_relative_imports():
+    assert imports(ast.parse("from ..enclave import noise"), "sidecar", "sidecar.platform")
+    assert imports(ast.parse("from . import random"), "sidecar.enclave.random", "sidecar.enclave")
+    assert not imports(ast.parse("from . import noise"), "random", "sidecar.enclave")
+    assert package_of("sidecar/enclave/__init__.py") == package_of("sidecar/enclave/noise.py") == "sidecar.enclave"
+
+
+def test_scanner_is_not_fooled_by_prefixes():
+    assert not imports(ast.parse("import pikachu\nimport randomness\nimport sidecars"), "pika")
+    assert not imports(ast.parse("import randomness"), "random")
+    assert not imports(ast.parse("import sidecars"), "sidecar")
+
+
+def test_scanner_finds_np_random_and_asserts():
+    assert np_random_uses(ast.parse("import numpy as np\nx = np.random.laplace(0, 1)"))
+    assert np_random_uses(ast.parse("import numpy\nnumpy.random.default_rng()"))
+    assert not np_random_uses(ast.parse("import secrets\nsecrets.randbits(8)"))
+    assert asserts(ast.parse("def f(x):\n    assert x > 0"))
+
+
+# -- the rules on the real source ---------------------------------------------------------------
+def test_there_is_source_to_scan():
+    trees = sources(*PACKAGES)
+    for package in PACKAGES:
+        assert any(rel.startswith(package + "/") for rel in trees), package
+    assert PIKA_EDGE <= set(trees)
+
+
+def test_pika_only_at_the_edge():
+    trees = sources(*PACKAGES)
+    users = {rel for rel, tree in trees.items() if imports(tree, "pika", package_of(rel))}
+    assert users <= PIKA_EDGE, sorted(users - PIKA_EDGE)
+    # The rule is not vacuous: the broker edges do use pika.
+    assert {"common/amqp.py", "sidecar/runtime.py"} <= users
+
+
+def test_producers_and_consumers_never_import_the_sidecar():
+    trees = sources("producers", "consumers")
+    offenders = sorted(rel for rel, tree in trees.items() if imports(tree, "sidecar", package_of(rel)))
+    assert offenders == []
+
+
+def test_common_imports_no_role_package():
+    trees = sources("common")
+    for role in ("sidecar", "producers", "consumers", "sealedsum"):
+        offenders = sorted(rel for rel, tree in trees.items() if imports(tree, role, package_of(rel)))
+        assert offenders == [], role
+
+
+def test_no_random_module_or_numpy_random_for_noise():
+    trees = sources("common", "sidecar/enclave")
+    for rel, tree in trees.items():
+        name = package_of(rel)
+        assert not imports(tree, "random", name), rel
+        assert not imports(tree, "numpy.random", name), rel
+        assert np_random_uses(tree) == [], rel
+
+
+def test_no_np_random_anywhere_in_the_sidecar():
+    for rel, tree in sources("sidecar").items():
+        assert np_random_uses(tree) == [], rel
+        assert not imports(tree, "numpy.random", package_of(rel)), rel
+        assert not imports(tree, "random", package_of(rel)), rel
+
+
+def test_noise_comes_from_opendp():
+    tree = sources("sidecar/enclave")["sidecar/enclave/noise.py"]
+    assert imports(tree, "opendp", "sidecar.enclave")
+
+
+def test_no_assert_for_validation():
+    found = {rel: asserts(tree) for rel, tree in sources("common", "sidecar").items()}
+    assert {rel: lines for rel, lines in found.items() if lines} == {}
+
+
+def test_client_libraries_load_neither_pika_nor_the_sidecar():
+    """At run time too: importing the client libraries loads no sidecar module, and pika
+    only once a transport is opened."""
+    code = textwrap.dedent("""
+        import sys
+        import producers.client, producers.inputs, consumers.client, common.attestation, common.results
+        bad = sorted(m for m in sys.modules if m == "pika" or m.startswith(("pika.", "sidecar")))
+        print(",".join(bad))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
