@@ -16,7 +16,7 @@ import pika.exceptions as pe
 
 from common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
 from common.config import BrokerSettings, redact_url
-from common.errors import TransportError
+from common.errors import TransportError, Unroutable
 from common import wire
 
 log = logging.getLogger("sealedsum.amqp")
@@ -63,7 +63,7 @@ def publish_confirmed(channel, exchange: str, routing_key: str, body: bytes,
         channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
                               properties=props, mandatory=mandatory)
     except pe.UnroutableError as err:
-        raise TransportError(f"no queue takes messages sent to {exchange or 'the default exchange'}"
+        raise Unroutable(f"no queue takes messages sent to {exchange or 'the default exchange'}"
                              f" with key {routing_key!r}", retryable=False,
                              hint="is the sidecar running? it declares the queues") from err
     except pe.NackError as err:

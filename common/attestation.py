@@ -154,5 +154,8 @@ def verify_attestation(
         policy = EnclavePolicy.from_bytes(parsed.policy)
     except InvalidMessage as err:
         raise AttestationError(f"attested keys or policy do not parse: {err}") from err
+    if keys.paillier_n.bit_length() != policy.paillier_bits:
+        raise AttestationError(f"the Paillier key has {keys.paillier_n.bit_length()} bits; "
+                               f"the attested policy says {policy.paillier_bits}")
     return AttestedEnclave(keys, policy, parsed.policy, quote.measurement, parsed.code_digest,
                            quote.issued_at_ms)

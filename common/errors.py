@@ -88,6 +88,10 @@ class TransportError(SealedsumError):
         self.retryable = retryable
 
 
+class Unroutable(TransportError):
+    """The broker took the message but no queue is bound to receive it."""
+
+
 class SealingError(SealedsumError):
     """Sealed state could not be opened: other code, other platform, or tampering."""
 

@@ -116,4 +116,6 @@ def verify_result(body: bytes, enclave: AttestedEnclave) -> Release:
     release = Release.from_payload(message.payload)
     if release.measurement != enclave.measurement.hex():
         raise InvalidResultSignature("result names another measurement than the attested enclave")
+    if release.key_epoch != enclave.keys.epoch:
+        raise InvalidResultSignature(f"result names key epoch {release.key_epoch}, attested {enclave.keys.epoch}")
     return release

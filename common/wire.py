@@ -107,6 +107,12 @@ class Envelope:
             raise ValueError("record_id must be 16 bytes")
         if not 1 <= len(self.ciphertexts) <= MAX_VALUES:
             raise ValueError("an envelope holds 1..65535 ciphertexts")
+        if not 0 < self.width <= 2 * MAX_PAILLIER_MODULUS_BYTES:
+            raise ValueError("ciphertext width out of range")
+        if not (0 <= self.key_epoch < 1 << 32 and 0 <= self.sent_at_ms < 1 << 64 and 0 <= self.window < 1 << 64):
+            raise ValueError("epoch, time or window does not fit its field")
+        if any(not 0 <= c < 1 << (8 * self.width) for c in self.ciphertexts):
+            raise ValueError("a ciphertext does not fit the width")
         name = self.stream.encode("ascii")
         head = (
             ENVELOPE_MAGIC
@@ -146,6 +152,10 @@ class KeyBundle:
 
     def to_bytes(self) -> bytes:
         n_len = (self.paillier_n.bit_length() + 7) // 8
+        if len(self.x25519) != X25519_KEY_SIZE or len(self.ed25519) != signing.PUBLIC_KEY_SIZE:
+            raise ValueError("public keys are 32 bytes each")
+        if not 64 <= n_len <= MAX_PAILLIER_MODULUS_BYTES or not 0 <= self.epoch < 1 << 32:
+            raise ValueError("Paillier modulus size or epoch out of range")
         return (
             KEYS_MAGIC
             + struct.pack(">I", self.epoch)

@@ -17,7 +17,7 @@ import pika.exceptions as pe
 
 from common import amqp
 from common.config import BrokerSettings
-from common.errors import InvalidMessage, TransportError
+from common.errors import InvalidMessage, TransportError, Unroutable
 from sidecar.enclave.service import Enclave
 
 log = logging.getLogger("sealedsum.runtime")
@@ -29,6 +29,7 @@ DELIVERY_LIMIT = 20
 ATTEST_REQUEST_TTL_MS = 30_000
 STATS_EVERY_S = 10.0
 MAX_BACKOFF_S = 30.0
+HELD_RETRY_S = 5.0
 
 
 def now_ms() -> int:
@@ -61,6 +62,8 @@ class EnclaveRuntime:
         self._connection = None
         self._publish = None
         self._last_stats = time.monotonic()
+        self._held: set[tuple[str, int]] = set()
+        self._last_held_retry = time.monotonic()
 
     def stop(self) -> None:
         self.stopping = True
@@ -141,6 +144,9 @@ class EnclaveRuntime:
     def _tick(self) -> None:
         for release in self.enclave.on_tick(now_ms()):
             self._publish_release(release)
+        if self._held and time.monotonic() - self._last_held_retry >= HELD_RETRY_S:
+            self._last_held_retry = time.monotonic()
+            self.republish_pending()
         if time.monotonic() - self._last_stats >= STATS_EVERY_S:
             self.log_stats()
 
@@ -150,8 +156,19 @@ class EnclaveRuntime:
             self._publish_release(release)
 
     def _publish_release(self, release) -> None:
-        amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange, release.stream,
-                               release.body, amqp.properties("result"), mandatory=False)
+        # mandatory: with no consumer queue bound the broker would drop the release and
+        # still confirm it; its noise was drawn once, so it must wait here instead.
+        try:
+            amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange, release.stream,
+                                   release.body, amqp.properties("result"), mandatory=True)
+        except Unroutable:
+            key = (release.stream, release.window)
+            if key not in self._held:
+                self._held.add(key)
+                log.warning("no consumer bound for this stream; holding the release", extra={"fields": {
+                    "stream": release.stream, "window": release.window, "retry_every_s": HELD_RETRY_S}})
+            return
+        self._held.discard((release.stream, release.window))
         self.enclave.confirm_published(release)
 
     def log_stats(self) -> None:

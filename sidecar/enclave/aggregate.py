@@ -51,6 +51,15 @@ class StreamState:
     def __post_init__(self) -> None:
         self.current = Window.empty(self.policy, 1, self.public_key)
 
+    def check_duplicate(self, envelope: wire.Envelope) -> None:
+        """Checked before age and window: a counted record that comes back (a lost ack,
+        a replay) is recognised as such, whatever else has changed since.
+
+        :raises RecordRejected: ``duplicate``.
+        """
+        if envelope.record_id in self.seen:
+            raise RecordRejected(RejectReason.DUPLICATE, f"record id {envelope.record_id.hex()} seen already")
+
     def accept(self, envelope: wire.Envelope, forget_at_ms: int, now_ms: int) -> Window | None:
         """Fold one validated envelope in; return the window if this record closed it.
 
@@ -62,8 +71,7 @@ class StreamState:
         if envelope.window > self.current.index:
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
                                  f"window {envelope.window} is not open yet; open window is {self.current.index}")
-        if envelope.record_id in self.seen:
-            raise RecordRejected(RejectReason.DUPLICATE, f"record id {envelope.record_id.hex()} seen already")
+        self.check_duplicate(envelope)
         self.seen[envelope.record_id] = forget_at_ms
         heapq.heappush(self._expiry, (forget_at_ms, envelope.record_id))
         self.current.fold(envelope.ciphertexts, self.public_key, now_ms)

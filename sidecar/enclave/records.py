@@ -28,7 +28,7 @@ def open_record(
     now_ms: int,
     size_limit: int,
 ) -> tuple[wire.Envelope, StreamPolicy]:
-    """Open the sealed box and check everything that does not depend on window state.
+    """Open the sealed box and check the record against the keys and the policy.
 
     :raises RecordRejected: with the first reason found.
     """
@@ -59,9 +59,16 @@ def open_record(
         # A valid Paillier ciphertext is a unit modulo n²; anything else is not one.
         if not 0 < c < nsquare or math.gcd(c, n) != 1:
             raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
+    return envelope, stream
+
+
+def check_age(envelope: wire.Envelope, policy: EnclavePolicy, now_ms: int) -> None:
+    """Records older than the replay horizon, or dated too far ahead, are refused.
+
+    :raises RecordRejected: ``expired`` or ``from_future``.
+    """
     age_s = (now_ms - envelope.sent_at_ms) / 1000.0
     if age_s > policy.max_record_age_seconds:
         raise RecordRejected(RejectReason.EXPIRED, f"sent {age_s:.0f} s ago (limit {policy.max_record_age_seconds:.0f} s)")
     if -age_s > policy.max_clock_skew_seconds:
         raise RecordRejected(RejectReason.FROM_FUTURE, f"sent {-age_s:.0f} s in the future")
-    return envelope, stream

@@ -16,7 +16,7 @@ from common.errors import InvalidMessage, RecordRejected, RejectReason
 from common.policy import EnclavePolicy
 from sidecar.enclave.aggregate import StreamState, Window
 from sidecar.enclave.keyring import EnclaveKeys
-from sidecar.enclave.records import max_record_bytes, open_record
+from sidecar.enclave.records import check_age, max_record_bytes, open_record
 from sidecar.enclave.release import SignedRelease, noised_release
 
 log = logging.getLogger("sealedsum.enclave")
@@ -88,8 +88,11 @@ class Enclave:
     def on_record(self, body: bytes, now_ms: int) -> RecordOutcome:
         try:
             envelope, stream = open_record(body, self.keys, self.policy, now_ms, self.size_limit)
+            state = self.streams[stream.name]
+            state.check_duplicate(envelope)
+            check_age(envelope, self.policy, now_ms)
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
-            closed = self.streams[stream.name].accept(envelope, forget_at, now_ms)
+            closed = state.accept(envelope, forget_at, now_ms)
         except RecordRejected as rejection:
             self.stats.rejected[rejection.reason.value] += 1
             return RecordOutcome(rejection=rejection)

@@ -520,3 +520,18 @@ def test_sealer_refuses_what_the_policy_does_not_allow(world):
     rec = world.sealer.seal("s", [250.0], now_ms=NOW)
     assert rec.clipped == 1  # clipped to the declared bound, counted
     accept(world, rec.body)
+
+
+def test_a_counted_record_replayed_after_its_window_closed_is_a_duplicate_not_late(world):
+    """Duplicates are checked before windows, so a lost ack never turns a counted record
+    into a dead letter that someone could later replay into a second count."""
+    enclave = world.enclave
+    first = world.sealer.seal("s", [10.0], window=1)
+    assert enclave.on_record(first.body, now_ms()).rejection is None
+    for _ in range(4):  # window_records = 5: close window 1
+        enclave.on_record(world.sealer.seal("s", [10.0]).body, now_ms())
+    assert enclave.streams["s"].current.index == 2
+    outcome = enclave.on_record(first.body, now_ms())
+    assert outcome.rejection.reason is RejectReason.DUPLICATE
+    late = world.sealer.seal("s", [10.0], window=1)
+    assert enclave.on_record(late.body, now_ms()).rejection.reason is RejectReason.LATE_WINDOW

@@ -76,3 +76,34 @@ def test_a_lost_dead_letter_leaves_the_record_unacknowledged(world):
     with pytest.raises(TransportError):
         deliver(runtime, consume, b"garbage" * 10, 3)
     assert consume.acked == []  # the broker will redeliver it
+
+
+class UnboundChannel(RecordingChannel):
+    """The broker confirms but no queue is bound: pika raises UnroutableError."""
+
+    def __init__(self, unroutable: int) -> None:
+        super().__init__()
+        self.unroutable = unroutable
+
+    def basic_publish(self, exchange, routing_key, body, properties=None, mandatory=False):
+        if mandatory and self.unroutable:
+            self.unroutable -= 1
+            raise pe.UnroutableError([])
+        super().basic_publish(exchange, routing_key, body, properties, mandatory)
+
+
+def test_a_release_nobody_is_bound_to_receive_is_held_not_dropped(world, monkeypatch):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), UnboundChannel(unroutable=2)
+    for tag in range(1, 6):
+        deliver(runtime, consume, world.sealer.seal("s", [10.0]).body, tag)
+    assert consume.acked == [1, 2, 3, 4, 5]  # the record is counted either way
+    (held,) = world.enclave.pending.values()
+    runtime._tick()  # too soon to retry
+    assert runtime._publish.published == []
+    runtime._last_held_retry -= 60
+    runtime._tick()  # still nobody bound
+    runtime._last_held_retry -= 60
+    runtime._tick()
+    (published,) = runtime._publish.published
+    assert published[2] == held.body and world.enclave.pending == {}
