@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common import signing, wire
+from common import privacy, signing, wire
 from common.attestation import AttestedEnclave
 from common.errors import InvalidMessage, InvalidResultSignature
 
@@ -74,7 +74,7 @@ class Release:
             and (self.mean is None or (isinstance(self.mean, list) and len(self.mean) == self.dimension and all(num(v) for v in self.mean)))
             and all(num(v) for v in (self.epsilon, self.delta, self.sum_noise_scale, self.count_noise_scale))
             and (self.rho is None or num(self.rho))
-            and isinstance(self.mechanism, str) and isinstance(self.measurement, str)
+            and self.mechanism in privacy.MECHANISMS and isinstance(self.measurement, str)
         )
         if not ok:
             raise InvalidMessage("result: a field has the wrong type or length")

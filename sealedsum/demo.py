@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from common import privacy
@@ -142,7 +143,7 @@ def run(args) -> int:
     path = state / "sealedsum.toml"
     text = CONFIG_TEMPLATE.format(url=url, prefix=prefix, window=window, measurement="0" * 64,
                                   platform_key=encode_platform_key(platform.public_key()))
-    policy = config_mod.from_mapping(__import__("tomllib").loads(text), env={}).require_policy()
+    policy = config_mod.from_mapping(tomllib.loads(text), env={}).require_policy()
     _, measurement = measure.measure(policy.to_bytes())
     path.write_text(text.replace("0" * 64, measurement.hex()))
     cfg = config_mod.load(path, env={})
