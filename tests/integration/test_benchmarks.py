@@ -1,0 +1,60 @@
+"""``python -m benchmarks --quick`` runs end to end on the test broker and prints its ratios.
+
+Checks that the benchmark works and reports numbers, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _number(pattern: str, text: str) -> float:
+    m = re.search(pattern, text, re.MULTILINE)
+    assert m, f"no line matching {pattern!r} in:\n{text}"
+    return float(m.group(1))
+
+
+def test_quick_benchmark_prints_ratios(amqp_url, tmp_path):
+    out_json = tmp_path / "bench.json"
+    env = dict(os.environ, AMQP_URL=amqp_url)
+    env.pop("SEALEDSUM_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out_json)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    out = proc.stdout
+
+    assert _number(r"^ratio producer/plain-publish: ([0-9.]+)", out) > 0
+    assert _number(r"^ratio ingest/plain-consume: ([0-9.]+)", out) > 0
+    assert _number(r"^paillier encrypt ms/value: ([0-9.]+)", out) > 0
+    for label in ("producer: Producer.send vs publish+confirm", "enclave ingest: sidecar vs consume+ack"):
+        ours, plain = re.search(rf"{re.escape(label)}\s+([0-9.]+) \(.*?\)\s+([0-9.]+) \(", out).groups()
+        assert float(ours) > 0 and float(plain) > 0
+    assert re.search(r"^\s+machine\s+\S", out, re.MULTILINE) and "rabbitmq" in out
+
+    result = json.loads(out_json.read_text())
+    assert result["repeats"] == len(result["runs"]) == 2
+    for run in result["runs"]:
+        for key in ("producer_rps", "plain_publish_rps", "ingest_rps", "plain_consume_rps", "encrypt_ms"):
+            assert run[key] > 0
+    # The run deleted what it declared.
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        for queue in (f"{result['prefix']}.records", f"{result['prefix']}.plain"):
+            ch = conn.channel()
+            try:
+                ch.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as err:
+                assert err.reply_code == 404
+            else:
+                raise AssertionError(f"queue {queue} was left behind")
+    finally:
+        conn.close()
