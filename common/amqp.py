@@ -76,6 +76,11 @@ def publish_confirmed(channel, exchange: str, routing_key: str, body: bytes,
 
 def request_attestation(connection: pika.BlockingConnection, settings: BrokerSettings, nonce: bytes) -> bytes:
     """Send an attestation request over direct reply-to; return the raw reply bytes."""
+    return call_enclave(connection, settings, wire.AttestRequest(nonce).to_bytes(), "attest-request")
+
+
+def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, request: bytes, kind: str) -> bytes:
+    """An RPC to the enclave on its request queue, answered through direct reply-to."""
     channel = connection.channel()
     replies: list[bytes] = []
     returned: list[str] = []
@@ -95,9 +100,9 @@ def request_attestation(connection: pika.BlockingConnection, settings: BrokerSet
         # mandatory: if no sidecar has declared the queue, the broker says so at once.
         channel.basic_publish(
             exchange="", routing_key=settings.topology.attest_queue,
-            body=wire.AttestRequest(nonce).to_bytes(),
+            body=request,
             properties=pika.BasicProperties(
-                reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type="attest-request",
+                reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type=kind,
                 app_id=APP_ID, expiration=str(int(timeout * 1000)),
             ),
             mandatory=True,
@@ -106,20 +111,20 @@ def request_attestation(connection: pika.BlockingConnection, settings: BrokerSet
         while not replies and not returned and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.25, max(0.0, deadline - time.monotonic())))
     except pe.AMQPChannelError as err:
-        raise TransportError(f"attestation request refused: {err}", retryable=False) from err
+        raise TransportError(f"{kind} refused: {err}", retryable=False) from err
     except pe.AMQPConnectionError as err:
-        raise TransportError("lost the broker connection during attestation") from err
+        raise TransportError(f"lost the broker connection during {kind}") from err
     finally:
         if channel.is_open:
             channel.close()
     if returned and not replies:
         raise TransportError(
-            f"no attestation queue {settings.topology.attest_queue!r} on the broker ({returned[0]})",
+            f"no enclave request queue {settings.topology.attest_queue!r} on the broker ({returned[0]})",
             hint="start the sidecar (`sealedsum sidecar --config FILE --state DIR`) with the same broker.prefix",
         )
     if not replies:
         raise TransportError(
-            f"no attestation reply on {settings.topology.attest_queue!r} within {settings.attest_timeout_seconds:.0f} s",
+            f"no reply to {kind} on {settings.topology.attest_queue!r} within {settings.attest_timeout_seconds:.0f} s",
             hint="is the sidecar running (`sealedsum sidecar --config FILE --state DIR`) with the same broker.prefix?",
         )
     return replies[0]
@@ -133,3 +138,20 @@ def attest(connection: pika.BlockingConnection, settings: BrokerSettings, trust:
     log.info("enclave attested", extra={"fields": {
         "measurement": enclave.measurement.hex(), "key_epoch": enclave.keys.epoch}})
     return enclave
+
+
+def budget(connection: pika.BlockingConnection, settings: BrokerSettings, enclave: AttestedEnclave, stream: str):
+    """Ask an attested enclave for a stream's ledger; verify its signature and our nonce.
+
+    :returns: a :class:`common.results.BudgetReport`.
+    :raises InvalidResultSignature: forged, altered, or answering another question.
+    """
+    from common.errors import InvalidResultSignature
+    from common.results import BUDGET_KIND, verify_signed
+
+    nonce = os.urandom(wire.NONCE_SIZE)
+    reply = call_enclave(connection, settings, wire.BudgetRequest(nonce, stream).to_bytes(), "budget-request")
+    report = verify_signed(reply, enclave, (BUDGET_KIND,))
+    if report.nonce != nonce.hex() or report.stream != stream:
+        raise InvalidResultSignature("the budget report answers another request (replayed?)")
+    return report

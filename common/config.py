@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
 from common.errors import ConfigError
-from common.policy import EnclavePolicy, _number, _take
+from common.policy import EnclavePolicy, Requirements, _number, _take
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-TOP_KEYS = {"broker", "trust", "enclave", "streams"}
+TOP_KEYS = {"broker", "trust", "require", "enclave", "streams"}
 
 
 def redact_url(url: str) -> str:
@@ -81,6 +81,13 @@ class Config:
     trust: TrustAnchors | None
     policy: EnclavePolicy | None
     path: Path | None = None
+    require: Requirements = Requirements()
+    require_streams: dict[str, Requirements] = field(default_factory=dict)
+
+    def requirements(self, stream: str) -> Requirements:
+        """What this client demands of ``stream``: ``[require]`` with ``[require.streams.NAME]`` on top."""
+        override = self.require_streams.get(stream)
+        return self.require.merged(override) if override else self.require
 
     def require_trust(self) -> TrustAnchors:
         if self.trust is None:
@@ -136,7 +143,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
     policy = EnclavePolicy.from_mapping(d.get("enclave", {}), d["streams"]) if "streams" in d else None
     if policy is None and "enclave" in d:
         raise ConfigError("[enclave] is set but no [streams.NAME] table is defined")
-    return Config(broker, trust, policy, path)
+    raw_require = dict(d.get("require", {}))
+    per_stream = raw_require.pop("streams", {})
+    if not isinstance(per_stream, Mapping):
+        raise ConfigError("require.streams must hold one table per stream")
+    require = Requirements.from_mapping(raw_require)
+    require_streams = {name: Requirements.from_mapping(r, f"require.streams.{name}") for name, r in per_stream.items()}
+    return Config(broker, trust, policy, path, require, require_streams)
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

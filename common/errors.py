@@ -64,6 +64,10 @@ class StaleQuote(AttestationError):
     """The quote is older than the allowed age, or dated in the future."""
 
 
+class PolicyTooWeak(AttestationError):
+    """The attested policy promises less privacy than this client requires."""
+
+
 class InvalidMessage(SealedsumError):
     """Bytes that do not decode as the message they claim to be."""
 
@@ -111,6 +115,8 @@ class RejectReason(str, enum.Enum):
     FROM_FUTURE = "from_future"
     LATE_WINDOW = "late_window"
     FUTURE_WINDOW = "future_window"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    CONTRIBUTION_LIMIT = "contribution_limit"
 
 
 class RecordRejected(SealedsumError):

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from common import privacy
-from common.errors import ConfigError, InvalidMessage
+from common import fixedpoint, privacy
+from common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
 from common.wire import STREAM_NAME
 
 # A window closes at this many records even when only window_seconds is set, so a
@@ -51,26 +51,54 @@ def _integer(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
+KINDS = ("sum", "mean", "histogram", "vector")
+
+
+def _bounds(value: Any, where: str, dimension: int) -> float | tuple[float, ...]:
+    if isinstance(value, list):
+        if len(value) != dimension:
+            raise ConfigError(f"{where} has {len(value)} entries; the stream has dimension {dimension}")
+        return tuple(_number(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return _number(value, where)
+
+
 @dataclass(frozen=True, slots=True)
 class StreamPolicy:
-    """One stream: what a record holds, how windows close, and what a release spends."""
+    """One stream: what a record holds, how windows close, and what a release spends.
+
+    ``kind`` decides what a record is:
+
+    - ``sum`` / ``mean``: ``dimension`` values, each clipped to [lower, upper]; a
+      release has noised sums, a noised count and means post-processed from them;
+    - ``vector``: ``dimension`` values with per-coordinate bounds (``lower``/``upper``
+      as lists) or an L2 norm bound (``l2_bound``), e.g. model updates;
+    - ``histogram``: one value, counted in the bucket of ``edges`` it falls in; a
+      release has noised bucket counts, and the count is their sum.
+    """
 
     name: str
+    kind: str
     dimension: int
-    lower: float
-    upper: float
     min_batch: int
     mechanism: str
     epsilon: float
+    budget_epsilon: float
     delta: float = 0.0
+    budget_delta: float = 0.0
+    lower: float | tuple[float, ...] | None = None
+    upper: float | tuple[float, ...] | None = None
+    l2_bound: float | None = None
+    edges: tuple[float, ...] | None = None
     window_records: int | None = None
     window_seconds: float | None = None
     fraction_bits: int = 16
     count_share: float = 0.5
+    max_records_per_producer: int | None = None
 
     KEYS = {
-        "dimension", "lower", "upper", "min_batch", "mechanism", "epsilon", "delta",
-        "window_records", "window_seconds", "fraction_bits", "count_share",
+        "kind", "dimension", "lower", "upper", "l2_bound", "edges", "min_batch", "mechanism",
+        "epsilon", "delta", "budget_epsilon", "budget_delta", "window_records", "window_seconds",
+        "fraction_bits", "count_share", "max_records_per_producer",
     }
 
     @classmethod
@@ -79,28 +107,77 @@ class StreamPolicy:
         if not STREAM_NAME.fullmatch(name):
             raise ConfigError(f"{where}: stream names are 1-64 characters of A-Z a-z 0-9 _ -")
         d = _take(raw, cls.KEYS, where)
-        for key in ("lower", "upper", "min_batch", "mechanism", "epsilon"):
+        kind = d.get("kind", "sum")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}.kind must be one of {', '.join(KINDS)}")
+        for key in ("min_batch", "mechanism", "epsilon", "budget_epsilon"):
             if key not in d:
-                raise ConfigError(f"{where}: missing required key {key!r}")
+                hint = ("the total privacy budget of the stream, e.g. budget_epsilon = 10"
+                        if key == "budget_epsilon" else None)
+                raise ConfigError(f"{where}: missing required key {key!r}", hint=hint)
         mechanism = d["mechanism"]
         if mechanism not in privacy.MECHANISMS:
             raise ConfigError(f"{where}.mechanism must be one of {', '.join(privacy.MECHANISMS)}")
         epsilon = _number(d["epsilon"], f"{where}.epsilon")
         if epsilon <= 0:
             raise ConfigError(f"{where}.epsilon must be > 0 (smaller is more private)")
+        budget_epsilon = _number(d["budget_epsilon"], f"{where}.budget_epsilon")
         if mechanism == privacy.GAUSSIAN:
-            if "delta" not in d:
-                raise ConfigError(f"{where}: the gaussian mechanism needs delta (e.g. 1e-6)")
+            for key in ("delta", "budget_delta"):
+                if key not in d:
+                    raise ConfigError(f"{where}: the gaussian mechanism needs {key} (e.g. 1e-6)")
             delta = _number(d["delta"], f"{where}.delta")
-            if not 0 < delta < 1:
-                raise ConfigError(f"{where}.delta must be in (0, 1)")
+            budget_delta = _number(d["budget_delta"], f"{where}.budget_delta")
+            if not 0 < delta < 1 or not 0 < budget_delta < 1:
+                raise ConfigError(f"{where}: delta and budget_delta must be in (0, 1)")
         else:
-            if d.get("delta", 0) not in (0, 0.0):
-                raise ConfigError(f"{where}: delta applies to the gaussian mechanism only")
-            delta = 0.0
-        lower, upper = _number(d["lower"], f"{where}.lower"), _number(d["upper"], f"{where}.upper")
-        if not lower < upper:
-            raise ConfigError(f"{where}: lower must be below upper")
+            for key in ("delta", "budget_delta"):
+                if d.get(key, 0) not in (0, 0.0):
+                    raise ConfigError(f"{where}: {key} applies to the gaussian mechanism only")
+            delta = budget_delta = 0.0
+
+        fields: dict[str, Any] = {}
+        if kind == "histogram":
+            for key in ("lower", "upper", "l2_bound", "fraction_bits"):
+                if key in d:
+                    raise ConfigError(f"{where}: {key} does not apply to a histogram (its edges bound it)")
+            edges = d.get("edges")
+            if not isinstance(edges, list) or len(edges) < 2:
+                raise ConfigError(f"{where}.edges must list at least two bucket edges")
+            edges = tuple(_number(e, f"{where}.edges") for e in edges)
+            if any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ConfigError(f"{where}.edges must increase strictly")
+            dimension = len(edges) - 1
+            if d.get("dimension", dimension) != dimension:
+                raise ConfigError(f"{where}: a histogram's dimension is its number of buckets ({dimension})")
+            fields.update(edges=edges, fraction_bits=0)
+        else:
+            if "edges" in d:
+                raise ConfigError(f"{where}: edges apply to histograms only")
+            dimension = _integer(d.get("dimension", 1), f"{where}.dimension", 1, MAX_DIMENSION)
+            fields["fraction_bits"] = _integer(d.get("fraction_bits", 16), f"{where}.fraction_bits", 0, 40)
+            if "l2_bound" in d:
+                if kind != "vector":
+                    raise ConfigError(f"{where}: l2_bound applies to kind = \"vector\" only")
+                if "lower" in d or "upper" in d:
+                    raise ConfigError(f"{where}: give either lower/upper or l2_bound, not both")
+                l2 = _number(d["l2_bound"], f"{where}.l2_bound")
+                if l2 <= 0:
+                    raise ConfigError(f"{where}.l2_bound must be > 0")
+                fields["l2_bound"] = l2
+            else:
+                if "lower" not in d or "upper" not in d:
+                    raise ConfigError(f"{where}: missing lower and upper (clipping bounds)")
+                lower = _bounds(d["lower"], f"{where}.lower", dimension)
+                upper = _bounds(d["upper"], f"{where}.upper", dimension)
+                if kind != "vector" and (isinstance(lower, tuple) or isinstance(upper, tuple)):
+                    raise ConfigError(f"{where}: per-coordinate bounds need kind = \"vector\"")
+                lo = lower if isinstance(lower, tuple) else (lower,) * dimension
+                hi = upper if isinstance(upper, tuple) else (upper,) * dimension
+                if any(a >= b for a, b in zip(lo, hi)):
+                    raise ConfigError(f"{where}: lower must be below upper")
+                fields.update(lower=lower, upper=upper)
+
         window_records = d.get("window_records")
         window_seconds = d.get("window_seconds")
         if window_records is None and window_seconds is None:
@@ -114,35 +191,47 @@ class StreamPolicy:
         min_batch = _integer(d["min_batch"], f"{where}.min_batch", 1, HARD_MAX_WINDOW_RECORDS)
         if window_records is not None and min_batch > window_records:
             raise ConfigError(f"{where}: min_batch above window_records: no window could ever be released")
-        fraction_bits = _integer(d.get("fraction_bits", 16), f"{where}.fraction_bits", 0, 40)
         count_share = _number(d.get("count_share", 0.5), f"{where}.count_share")
         if not 0 < count_share < 1:
             raise ConfigError(f"{where}.count_share must be strictly between 0 and 1")
+        if kind == "histogram" and "count_share" in d:
+            raise ConfigError(f"{where}: a histogram's count is the sum of its buckets; count_share does not apply")
+        per_producer = d.get("max_records_per_producer")
+        if per_producer is not None:
+            per_producer = _integer(per_producer, f"{where}.max_records_per_producer", 1, HARD_MAX_WINDOW_RECORDS)
+
         policy = cls(
-            name=name,
-            dimension=_integer(d.get("dimension", 1), f"{where}.dimension", 1, MAX_DIMENSION),
-            lower=lower, upper=upper, min_batch=min_batch, mechanism=mechanism,
-            epsilon=epsilon, delta=delta, window_records=window_records,
-            window_seconds=window_seconds, fraction_bits=fraction_bits, count_share=count_share,
+            name=name, kind=kind, dimension=dimension, min_batch=min_batch, mechanism=mechanism,
+            epsilon=epsilon, budget_epsilon=budget_epsilon, delta=delta, budget_delta=budget_delta,
+            window_records=window_records, window_seconds=window_seconds, count_share=count_share,
+            max_records_per_producer=per_producer, **fields,
         )
-        bound = privacy.fixed_bound(lower, upper, fraction_bits)
-        if bound * policy.max_window_records * policy.dimension >= 1 << 62:
-            raise ConfigError(f"{where}: bounds × fraction_bits × window size overflow 62 bits",
+        widest = max(hi for _, hi in policy.coordinate_ranges(1))
+        if widest * policy.max_window_records >= 1 << 62:
+            raise ConfigError(f"{where}: bounds × 2^fraction_bits × window size overflow 62 bits",
                               hint="lower fraction_bits or window_records")
+        if not privacy.budget_allows(policy.mechanism, policy.epsilon, policy.delta, 1,
+                                     policy.budget_epsilon, policy.budget_delta):
+            raise ConfigError(f"{where}: budget_epsilon is smaller than the cost of one release",
+                              hint="raise budget_epsilon or lower epsilon")
         return policy
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "dimension": self.dimension, "lower": self.lower, "upper": self.upper,
-            "min_batch": self.min_batch, "mechanism": self.mechanism, "epsilon": self.epsilon,
-            "fraction_bits": self.fraction_bits, "count_share": self.count_share,
+            "kind": self.kind, "dimension": self.dimension, "min_batch": self.min_batch,
+            "mechanism": self.mechanism, "epsilon": self.epsilon, "budget_epsilon": self.budget_epsilon,
         }
+        if self.kind != "histogram":  # a histogram counts whole records: no fixed point, no count share
+            out.update(fraction_bits=self.fraction_bits, count_share=self.count_share)
         if self.mechanism == privacy.GAUSSIAN:
-            out["delta"] = self.delta
-        if self.window_records is not None:
-            out["window_records"] = self.window_records
-        if self.window_seconds is not None:
-            out["window_seconds"] = self.window_seconds
+            out.update(delta=self.delta, budget_delta=self.budget_delta)
+        for key in ("lower", "upper", "edges"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        for key in ("l2_bound", "window_records", "window_seconds", "max_records_per_producer"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @property
@@ -150,15 +239,68 @@ class StreamPolicy:
         return self.window_records or HARD_MAX_WINDOW_RECORDS
 
     @property
-    def value_bound(self) -> int:
-        """max(|l|, |u|) per coordinate, in fixed-point units."""
-        return privacy.fixed_bound(self.lower, self.upper, self.fraction_bits)
+    def values_per_record(self) -> int:
+        """How many numbers a producer supplies for one record."""
+        return 1 if self.kind == "histogram" else self.dimension
+
+    @property
+    def contributions(self) -> int:
+        """Records one privacy unit can add to a window: 1, or the per-producer bound."""
+        return self.max_records_per_producer or 1
+
+    def _box(self) -> list[tuple[float, float]]:
+        lo = self.lower if isinstance(self.lower, tuple) else (self.lower,) * self.dimension
+        hi = self.upper if isinstance(self.upper, tuple) else (self.upper,) * self.dimension
+        return list(zip(lo, hi))
+
+    def coordinate_ranges(self, count: int) -> list[tuple[int, int]]:
+        """The range each fixed-point total can take for ``count`` honest records.
+
+        The enclave clamps decrypted totals to it, so a dishonest producer's value cannot
+        overflow the noise domain or move a total where honest ones could not.
+        """
+        if self.kind == "histogram":
+            return [(0, count)] * self.dimension
+        if self.l2_bound is not None:
+            m = math.floor(self.l2_bound * (1 << self.fraction_bits) + 0.5)
+            return [(-count * m, count * m)] * self.dimension
+        scale = 1 << self.fraction_bits
+        return [(count * round(lo * scale), count * round(hi * scale)) for lo, hi in self._box()]
+
+    def sensitivities(self) -> tuple[int, float]:
+        """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit."""
+        k = self.contributions
+        if self.kind == "histogram":
+            return k, float(k)
+        if self.l2_bound is not None:
+            l1, l2 = privacy.l2_ball_sensitivity(self.l2_bound, self.fraction_bits, self.dimension)
+            return k * l1, k * l2
+        bounds = [privacy.fixed_bound(lo, hi, self.fraction_bits) for lo, hi in self._box()]
+        return k * privacy.sensitivity_l1(bounds), k * privacy.sensitivity_l2(bounds)
 
     def noise_plan(self) -> privacy.NoisePlan:
+        l1, l2 = self.sensitivities()
         return privacy.plan(
-            self.mechanism, [self.value_bound] * self.dimension,
-            self.epsilon, self.delta, self.count_share,
+            self.mechanism, l1, l2, self.epsilon, self.delta, self.count_share,
+            count_sensitivity=None if self.kind == "histogram" else self.contributions,
         )
+
+    def encode(self, values: list[float]) -> tuple[list[int], int]:
+        """Clip and encode one record's values as the integers the producer encrypts.
+
+        :returns: the integers and how many values clipping changed.
+        :raises PolicyMismatch: wrong number of values, or not finite numbers.
+        """
+        if len(values) != self.values_per_record:
+            raise PolicyMismatch(
+                f"stream {self.name!r} takes {self.values_per_record} value(s) per record, got {len(values)}")
+        if self.kind == "histogram":
+            return fixedpoint.one_hot(values[0], self.edges)
+        if self.l2_bound is not None:
+            clipped, n = fixedpoint.clip_l2(values, self.l2_bound)
+        else:
+            clipped, n = fixedpoint.clip_box(values, self._box())
+        return fixedpoint.encode(clipped, self.fraction_bits), n
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,3 +370,56 @@ class EnclavePolicy:
             raise ConfigError(
                 f"unknown stream {name!r}", hint=f"the policy defines: {', '.join(sorted(self.streams))}"
             ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """The weakest guarantee a client accepts for a stream (``[require]`` in the config).
+
+    Checked against the *attested* policy before anything is sent: a stream that
+    promises less is refused with :class:`~common.errors.PolicyTooWeak`.
+    """
+
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    max_budget_epsilon: float | None = None
+    max_budget_delta: float | None = None
+    min_min_batch: int | None = None
+
+    KEYS = {"max_epsilon", "max_delta", "max_budget_epsilon", "max_budget_delta", "min_min_batch"}
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], where: str = "require") -> "Requirements":
+        d = _take(raw, cls.KEYS, where)
+        out: dict[str, Any] = {}
+        for key in cls.KEYS - {"min_min_batch"}:
+            if key in d:
+                out[key] = _number(d[key], f"{where}.{key}")
+                if out[key] < 0:
+                    raise ConfigError(f"{where}.{key} must be >= 0")
+        if "min_min_batch" in d:
+            out["min_min_batch"] = _integer(d["min_min_batch"], f"{where}.min_min_batch", 1, HARD_MAX_WINDOW_RECORDS)
+        return cls(**out)
+
+    def merged(self, override: "Requirements") -> "Requirements":
+        return Requirements(**{k: getattr(override, k) if getattr(override, k) is not None else getattr(self, k)
+                               for k in self.KEYS})
+
+    def check(self, stream: StreamPolicy) -> None:
+        """:raises PolicyTooWeak: naming every requirement the stream's policy misses."""
+        misses = []
+        if self.max_epsilon is not None and stream.epsilon > self.max_epsilon:
+            misses.append(f"epsilon per release {stream.epsilon:g} > {self.max_epsilon:g}")
+        if self.max_delta is not None and stream.delta > self.max_delta:
+            misses.append(f"delta per release {stream.delta:g} > {self.max_delta:g}")
+        if self.max_budget_epsilon is not None and stream.budget_epsilon > self.max_budget_epsilon:
+            misses.append(f"budget_epsilon {stream.budget_epsilon:g} > {self.max_budget_epsilon:g}")
+        if self.max_budget_delta is not None and stream.budget_delta > self.max_budget_delta:
+            misses.append(f"budget_delta {stream.budget_delta:g} > {self.max_budget_delta:g}")
+        if self.min_min_batch is not None and stream.min_batch < self.min_min_batch:
+            misses.append(f"min_batch {stream.min_batch} < {self.min_min_batch}")
+        if misses:
+            raise PolicyTooWeak(
+                f"stream {stream.name!r} promises less privacy than required: {'; '.join(misses)}",
+                hint="nothing was sent; relax [require] only if the weaker guarantee is acceptable",
+            )

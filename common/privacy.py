@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 LAPLACE = "laplace"
 GAUSSIAN = "gaussian"
@@ -52,16 +53,30 @@ def sensitivity_l2(bounds: list[int]) -> float:
     return math.sqrt(sum(b * b for b in bounds))
 
 
+def l2_ball_sensitivity(l2_bound: float, fraction_bits: int, dimension: int) -> tuple[int, float]:
+    """(L1, L2) sensitivity of a sum of vectors clipped to L2 norm C, in fixed point.
+
+    Rounding each coordinate moves it by at most 1/2, so an encoded vector q has
+    ‖q‖₂ <= C·2^f + sqrt(d)/2 and ‖q‖₁ <= sqrt(d)·C·2^f + d/2 (Cauchy–Schwarz).
+    """
+    scaled = l2_bound * (1 << fraction_bits)
+    l2 = scaled + math.sqrt(dimension) / 2
+    l1 = math.ceil(math.sqrt(dimension) * scaled + dimension / 2)
+    return l1, l2
+
+
 @dataclass(frozen=True, slots=True)
 class NoisePlan:
     """What one release of a stream adds and spends. Scales are in fixed-point units
-    for the sum and in records for the count."""
+    for the sum and in records for the count. ``count_scale`` is ``None`` when the
+    count is derived from the noised sums (histograms), so it costs nothing extra."""
 
     mechanism: str
     sum_scale: float
-    count_scale: float
+    count_scale: float | None
     sensitivity_l1: int
     sensitivity_l2: float
+    count_sensitivity: int
     epsilon: float
     delta: float
     rho: float | None
@@ -80,28 +95,74 @@ class NoisePlan:
 
 def plan(
     mechanism: str,
-    bounds: list[int],
+    sensitivity_l1: int,
+    sensitivity_l2: float,
     epsilon: float,
     delta: float,
     count_share: float,
+    *,
+    count_sensitivity: int | None = 1,
 ) -> NoisePlan:
-    """Calibrate both noises of one release from the declared bounds and (ε, δ)."""
-    if not 0 < count_share < 1:
+    """Calibrate both noises of one release from the sensitivities and (ε, δ).
+
+    With ``count_sensitivity=None`` the whole release budget goes to the sums and the
+    count is post-processed from them (a histogram's buckets add up to its count).
+    """
+    if count_sensitivity is not None and not 0 < count_share < 1:
         raise ValueError("count_share must be strictly between 0 and 1")
-    l1, l2 = sensitivity_l1(bounds), sensitivity_l2(bounds)
+    if count_sensitivity is None:
+        count_share = 0.0
     sum_share = 1.0 - count_share
+    l1, l2 = sensitivity_l1, sensitivity_l2
+    k = count_sensitivity or 0
     if mechanism == LAPLACE:
-        return NoisePlan(
-            mechanism, l1 / (epsilon * sum_share), 1.0 / (epsilon * count_share),
-            l1, l2, epsilon, 0.0, None, sum_share, count_share,
-        )
+        count_scale = k / (epsilon * count_share) if count_sensitivity else None
+        return NoisePlan(mechanism, l1 / (epsilon * sum_share), count_scale, l1, l2, k,
+                         epsilon, 0.0, None, sum_share, count_share)
     if mechanism == GAUSSIAN:
         rho = rho_from_epsilon_delta(epsilon, delta)
-        return NoisePlan(
-            mechanism, l2 / math.sqrt(2 * rho * sum_share), 1.0 / math.sqrt(2 * rho * count_share),
-            l1, l2, epsilon, delta, rho, sum_share, count_share,
-        )
+        count_scale = k / math.sqrt(2 * rho * count_share) if count_sensitivity else None
+        return NoisePlan(mechanism, l2 / math.sqrt(2 * rho * sum_share), count_scale, l1, l2, k,
+                         epsilon, delta, rho, sum_share, count_share)
     raise ValueError(f"unknown mechanism {mechanism!r}")
+
+
+# ρ and the ε it implies are irrational: a Gaussian budget holds to this relative rounding.
+BUDGET_TOLERANCE = 1e-9
+
+
+def spent(mechanism: str, epsilon: float, delta: float, releases: int, budget_delta: float) -> tuple[float, float | None]:
+    """Privacy spent by ``releases`` releases of one stream: ``(ε, ρ)``.
+
+    Laplace composes purely: ε·n (ρ is ``None``). Gaussian composes in zCDP: ρ·n, and
+    the ε is the one that ρ implies at the stream's ``budget_delta``.
+    """
+    if mechanism == LAPLACE:
+        return float(Fraction(repr(epsilon)) * releases), None
+    rho = rho_from_epsilon_delta(epsilon, delta) * releases
+    return (epsilon_from_rho_delta(rho, budget_delta) if releases else 0.0), rho
+
+
+def budget_allows(mechanism: str, epsilon: float, delta: float, releases: int,
+                  budget_epsilon: float, budget_delta: float) -> bool:
+    """Whether ``releases`` releases in total stay within (budget_epsilon, budget_delta)."""
+    if mechanism == LAPLACE:
+        # Exact decimal arithmetic: ten releases at ε = 0.1 fit a budget of 1.0.
+        return Fraction(repr(epsilon)) * releases <= Fraction(repr(budget_epsilon))
+    eps, _ = spent(mechanism, epsilon, delta, releases, budget_delta)
+    return eps <= budget_epsilon * (1 + BUDGET_TOLERANCE)
+
+
+def max_releases(mechanism: str, epsilon: float, delta: float, budget_epsilon: float, budget_delta: float) -> int:
+    """How many releases of one stream its budget allows in total."""
+    if mechanism == LAPLACE:
+        return int(Fraction(repr(budget_epsilon)) // Fraction(repr(epsilon)))
+    n = int(rho_from_epsilon_delta(budget_epsilon, budget_delta) / rho_from_epsilon_delta(epsilon, delta))
+    while budget_allows(mechanism, epsilon, delta, n + 1, budget_epsilon, budget_delta):
+        n += 1
+    while n > 0 and not budget_allows(mechanism, epsilon, delta, n, budget_epsilon, budget_delta):
+        n -= 1
+    return n
 
 
 def noise_std(mechanism: str, scale: float) -> float:

@@ -1,8 +1,8 @@
-"""Released aggregates: the signed payload the enclave publishes and consumers verify.
+"""What the enclave signs and publishes: releases, budget notices and budget reports.
 
-A result on the wire is a :class:`common.wire.SignedMessage` whose payload is UTF-8
-JSON with a ``kind`` field, signed under the label ``sealedsum/v1/result`` with the
-enclave's attested Ed25519 key.
+On the wire each is a :class:`common.wire.SignedMessage` whose payload is ASCII JSON
+(sorted keys, compact) with a ``kind`` field, signed under the label
+``sealedsum/v1/result`` with the enclave's attested Ed25519 key.
 """
 
 from __future__ import annotations
@@ -15,16 +15,60 @@ from typing import Any
 from common import privacy, signing, wire
 from common.attestation import AttestedEnclave
 from common.errors import InvalidMessage, InvalidResultSignature
+from common.policy import KINDS
 
 RESULT_KIND = "result"
+EXHAUSTED_KIND = "budget_exhausted"
+BUDGET_KIND = "budget"
+
+BUDGET_FIELDS = {"releases", "spent_epsilon", "spent_rho", "budget_epsilon", "budget_delta",
+                 "remaining_releases", "ledger_head"}
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _budget_ok(b: Any) -> bool:
+    return (isinstance(b, dict) and set(b) == BUDGET_FIELDS
+            and _int(b["releases"]) and _int(b["remaining_releases"])
+            and _num(b["spent_epsilon"]) and (b["spent_rho"] is None or _num(b["spent_rho"]))
+            and _num(b["budget_epsilon"]) and _num(b["budget_delta"])
+            and isinstance(b["ledger_head"], str) and len(b["ledger_head"]) == 64)
+
+
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _load(payload: bytes, cls, kind: str):
+    try:
+        raw = json.loads(payload.decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidMessage(f"{kind}: payload is not ASCII JSON") from err
+    if not isinstance(raw, dict) or raw.get("kind") != kind:
+        raise InvalidMessage(f"not a {kind} payload")
+    if set(raw) != set(cls.__dataclass_fields__):
+        raise InvalidMessage(f"{kind}: unexpected or missing fields")
+    obj = cls(**raw)
+    if not obj._valid():
+        raise InvalidMessage(f"{kind}: a field has the wrong type or length")
+    return obj
 
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """One noised window. ``sum`` and ``mean`` hold one entry per coordinate."""
+    """One noised window. ``sum`` and ``mean`` hold one entry per coordinate; for a
+    histogram, ``sum`` holds the noised bucket counts and ``count`` is their total.
+    ``budget`` is the stream's ledger after this release."""
 
     stream: str
     window: int
+    aggregate: str
     count: int
     sum: list[float]
     sum_fixed: list[int]
@@ -36,55 +80,41 @@ class Release:
     delta: float
     rho: float | None
     sum_noise_scale: float
-    count_noise_scale: float
+    count_noise_scale: float | None
     key_epoch: int
     measurement: str
     closed_at_ms: int
+    budget: dict
     kind: str = RESULT_KIND
 
     def to_payload(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=True, allow_nan=False).encode("ascii")
+        return _canonical(asdict(self))
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "Release":
-        try:
-            raw = json.loads(payload.decode("ascii"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InvalidMessage("result: payload is not ASCII JSON") from err
-        if not isinstance(raw, dict) or raw.get("kind") != RESULT_KIND:
-            raise InvalidMessage("result: not a result payload")
-        expected = set(cls.__dataclass_fields__)
-        if set(raw) != expected:
-            raise InvalidMessage("result: unexpected or missing fields")
-        release = cls(**raw)
-        release._check()
-        return release
+        return _load(payload, cls, RESULT_KIND)
 
-    def _check(self) -> None:
-        def num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        ok = (
+    def _valid(self) -> bool:
+        d = self.dimension
+        return bool(
             isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in (self.window, self.count, self.dimension, self.fraction_bits, self.key_epoch, self.closed_at_ms))
-            and isinstance(self.sum, list) and len(self.sum) == self.dimension and all(num(v) for v in self.sum)
-            and isinstance(self.sum_fixed, list) and len(self.sum_fixed) == self.dimension
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in self.sum_fixed)
-            and (self.mean is None or (isinstance(self.mean, list) and len(self.mean) == self.dimension and all(num(v) for v in self.mean)))
-            and all(num(v) for v in (self.epsilon, self.delta, self.sum_noise_scale, self.count_noise_scale))
-            and (self.rho is None or num(self.rho))
-            and self.mechanism in privacy.MECHANISMS and isinstance(self.measurement, str)
+            and all(_int(v) for v in (self.window, self.count, d, self.fraction_bits, self.key_epoch, self.closed_at_ms))
+            and self.aggregate in KINDS and self.mechanism in privacy.MECHANISMS
+            and isinstance(self.sum, list) and len(self.sum) == d and all(_num(v) for v in self.sum)
+            and isinstance(self.sum_fixed, list) and len(self.sum_fixed) == d and all(_int(v) for v in self.sum_fixed)
+            and (self.mean is None or (isinstance(self.mean, list) and len(self.mean) == d and all(_num(v) for v in self.mean)))
+            and all(_num(v) for v in (self.epsilon, self.delta, self.sum_noise_scale))
+            and (self.rho is None or _num(self.rho)) and (self.count_noise_scale is None or _num(self.count_noise_scale))
+            and isinstance(self.measurement, str) and _budget_ok(self.budget)
         )
-        if not ok:
-            raise InvalidMessage("result: a field has the wrong type or length")
 
     def to_json(self) -> dict[str, Any]:
-        """The consumer-facing view: scalars for one-dimensional streams."""
-        scalar = self.dimension == 1
+        """The consumer-facing view: scalars for one-dimensional sums and means."""
+        scalar = self.dimension == 1 and self.aggregate != "histogram"
         out = {
             "stream": self.stream,
             "window": self.window,
+            "aggregate": self.aggregate,
             "count": self.count,
             "sum": self.sum[0] if scalar else self.sum,
             "mean": (self.mean[0] if scalar else self.mean) if self.mean is not None else None,
@@ -95,17 +125,84 @@ class Release:
             "count_noise_scale": self.count_noise_scale,
             "closed_at_ms": self.closed_at_ms,
             "key_epoch": self.key_epoch,
+            "budget_spent_epsilon": self.budget["spent_epsilon"],
+            "budget_remaining_releases": self.budget["remaining_releases"],
         }
+        if self.aggregate == "histogram":
+            out["buckets"] = out.pop("sum")
         if self.rho is not None:
             out["rho"] = self.rho
         return out
 
 
-def verify_result(body: bytes, enclave: AttestedEnclave) -> Release:
-    """Check a result's signature under the attested key, then parse it.
+@dataclass(frozen=True, slots=True)
+class BudgetExhausted:
+    """Published once per stream, instead of the release that would exceed its budget.
+    After it the enclave accepts nothing more for the stream."""
 
+    stream: str
+    budget: dict
+    key_epoch: int
+    measurement: str
+    at_ms: int
+    kind: str = EXHAUSTED_KIND
+
+    def to_payload(self) -> bytes:
+        return _canonical(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "BudgetExhausted":
+        return _load(payload, cls, EXHAUSTED_KIND)
+
+    def _valid(self) -> bool:
+        return bool(isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)
+                    and _budget_ok(self.budget) and _int(self.key_epoch) and _int(self.at_ms)
+                    and isinstance(self.measurement, str))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "notice": EXHAUSTED_KIND, "at_ms": self.at_ms, **self.budget}
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReport:
+    """The enclave's answer to ``sealedsum budget``: a stream's ledger, for a client's nonce."""
+
+    stream: str
+    nonce: str
+    exhausted: bool
+    budget: dict
+    key_epoch: int
+    measurement: str
+    at_ms: int
+    kind: str = BUDGET_KIND
+
+    def to_payload(self) -> bytes:
+        return _canonical(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "BudgetReport":
+        return _load(payload, cls, BUDGET_KIND)
+
+    def _valid(self) -> bool:
+        return bool(isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)
+                    and isinstance(self.nonce, str) and isinstance(self.exhausted, bool)
+                    and _budget_ok(self.budget) and _int(self.key_epoch) and _int(self.at_ms)
+                    and isinstance(self.measurement, str))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "exhausted": self.exhausted, "at_ms": self.at_ms,
+                "measurement": self.measurement, **self.budget}
+
+
+PAYLOADS = {RESULT_KIND: Release, EXHAUSTED_KIND: BudgetExhausted, BUDGET_KIND: BudgetReport}
+
+
+def verify_signed(body: bytes, enclave: AttestedEnclave, kinds: tuple[str, ...] = (RESULT_KIND, EXHAUSTED_KIND)):
+    """Check a signed message's signature under the attested key, then parse it.
+
+    :returns: a :class:`Release`, :class:`BudgetExhausted` or :class:`BudgetReport`.
     :raises InvalidResultSignature: forged, altered, or signed by another enclave.
-    :raises InvalidMessage: signed but not a well-formed result.
+    :raises InvalidMessage: signed but not a well-formed message of an expected kind.
     """
     try:
         message = wire.SignedMessage.from_bytes(body)
@@ -113,9 +210,20 @@ def verify_result(body: bytes, enclave: AttestedEnclave) -> Release:
         raise InvalidResultSignature(f"result is not a signed message: {err}") from err
     signing.verify(enclave.keys.ed25519, signing.RESULT, message.payload, message.signature,
                    error=InvalidResultSignature, what="result")
-    release = Release.from_payload(message.payload)
-    if release.measurement != enclave.measurement.hex():
+    try:
+        kind = json.loads(message.payload).get("kind")
+    except (ValueError, AttributeError) as err:
+        raise InvalidMessage("signed payload is not a JSON object") from err
+    if kind not in kinds:
+        raise InvalidMessage(f"unexpected message kind {kind!r}")
+    parsed = PAYLOADS[kind].from_payload(message.payload)
+    if parsed.measurement != enclave.measurement.hex():
         raise InvalidResultSignature("result names another measurement than the attested enclave")
-    if release.key_epoch != enclave.keys.epoch:
-        raise InvalidResultSignature(f"result names key epoch {release.key_epoch}, attested {enclave.keys.epoch}")
-    return release
+    if parsed.key_epoch != enclave.keys.epoch:
+        raise InvalidResultSignature(f"result names key epoch {parsed.key_epoch}, attested {enclave.keys.epoch}")
+    return parsed
+
+
+def verify_result(body: bytes, enclave: AttestedEnclave) -> Release:
+    """Like :func:`verify_signed`, for a release only."""
+    return verify_signed(body, enclave, (RESULT_KIND,))

@@ -23,10 +23,12 @@ KEYS_MAGIC = b"SSK\x01"
 QUOTE_MAGIC = b"SSQ\x01"
 ATTEST_REQUEST_MAGIC = b"SSA\x01"
 ATTEST_REPLY_MAGIC = b"SSD\x01"
+BUDGET_REQUEST_MAGIC = b"SSG\x01"
 SIGNED_MAGIC = b"SSS\x01"
 
 NONCE_SIZE = 32
 RECORD_ID_SIZE = 16
+PRODUCER_ID_SIZE = 16
 DIGEST_SIZE = 32
 X25519_KEY_SIZE = 32
 SEALED_BOX_OVERHEAD = 48
@@ -91,6 +93,8 @@ class Envelope:
 
     ``window`` 0 means "the stream's currently open window". ``ciphertexts`` are
     Paillier ciphertexts (integers in [1, n²)), one per value, each ``width`` bytes.
+    ``producer_id`` names the contributor for per-producer contribution bounds (all
+    zeros: anonymous). It is asserted by the producer, not authenticated.
     """
 
     stream: str
@@ -100,11 +104,12 @@ class Envelope:
     window: int
     width: int
     ciphertexts: tuple[int, ...]
+    producer_id: bytes = bytes(PRODUCER_ID_SIZE)
 
     def to_bytes(self) -> bytes:
         check_stream_name(self.stream)
-        if len(self.record_id) != RECORD_ID_SIZE:
-            raise ValueError("record_id must be 16 bytes")
+        if len(self.record_id) != RECORD_ID_SIZE or len(self.producer_id) != PRODUCER_ID_SIZE:
+            raise ValueError("record_id and producer_id must be 16 bytes each")
         if not 1 <= len(self.ciphertexts) <= MAX_VALUES:
             raise ValueError("an envelope holds 1..65535 ciphertexts")
         if not 0 < self.width <= 2 * MAX_PAILLIER_MODULUS_BYTES:
@@ -117,6 +122,7 @@ class Envelope:
         head = (
             ENVELOPE_MAGIC
             + self.record_id
+            + self.producer_id
             + struct.pack(">IQQB", self.key_epoch, self.sent_at_ms, self.window, len(name))
             + name
             + struct.pack(">HH", len(self.ciphertexts), self.width)
@@ -127,7 +133,7 @@ class Envelope:
     def from_bytes(cls, data: bytes) -> "Envelope":
         r = _Reader(data, "envelope")
         r.magic(ENVELOPE_MAGIC)
-        record_id = r.take(RECORD_ID_SIZE)
+        record_id, producer_id = r.take(RECORD_ID_SIZE), r.take(PRODUCER_ID_SIZE)
         key_epoch, sent_at_ms, window = r.u32(), r.u64(), r.u64()
         try:
             stream = check_stream_name(r.take(r.u8()).decode("ascii"))
@@ -138,7 +144,7 @@ class Envelope:
             raise InvalidMessage("envelope: bad ciphertext count or width")
         cts = tuple(int.from_bytes(r.take(width), "big") for _ in range(count))
         r.end()
-        return cls(stream, record_id, key_epoch, sent_at_ms, window, width, cts)
+        return cls(stream, record_id, key_epoch, sent_at_ms, window, width, cts, producer_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +234,32 @@ class AttestRequest:
         nonce = r.take(NONCE_SIZE)
         r.end()
         return cls(nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRequest:
+    """Ask the enclave for a stream's ledger; it answers with a signed ``budget`` report."""
+
+    nonce: bytes
+    stream: str
+
+    def to_bytes(self) -> bytes:
+        if len(self.nonce) != NONCE_SIZE:
+            raise ValueError("nonce must be 32 bytes")
+        name = check_stream_name(self.stream).encode("ascii")
+        return BUDGET_REQUEST_MAGIC + self.nonce + bytes([len(name)]) + name
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BudgetRequest":
+        r = _Reader(data, "budget request")
+        r.magic(BUDGET_REQUEST_MAGIC)
+        nonce = r.take(NONCE_SIZE)
+        try:
+            stream = check_stream_name(r.take(r.u8()).decode("ascii"))
+        except UnicodeDecodeError as err:
+            raise InvalidMessage("budget request: stream name is not ASCII") from err
+        r.end()
+        return cls(nonce, stream)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,17 @@ def _fmt(v) -> str:
 def describe(view: dict) -> str:
     """One human-readable line for a verified release."""
     privacy = f"eps={view['epsilon']:g}" + (f", delta={view['delta']:g}" if view["mechanism"] == "gaussian" else "")
-    return (f"{view['stream']} window {view['window']}: count {view['count']}, sum {_fmt(view['sum'])}, "
-            f"mean {_fmt(view['mean'])}  [{view['mechanism']}, {privacy}; verified]")
+    privacy += f"; budget spent eps={view['budget_spent_epsilon']:.4g}"
+    if view["aggregate"] == "histogram":
+        values = f"buckets {_fmt(view['buckets'])}"
+    else:
+        values = f"sum {_fmt(view['sum'])}, mean {_fmt(view['mean'])}"
+    return (f"{view['stream']} window {view['window']}: count {view['count']}, {values}  "
+            f"[{view['mechanism']}, {privacy}; verified]")
 
 
 def _consume(args) -> int:
+    from common.results import BudgetExhausted
     from consumers.client import Consumer
     from sealedsum.cli import EXIT_OK, EXIT_VERIFY, load_config
 
@@ -31,8 +37,18 @@ def _consume(args) -> int:
     with Consumer(cfg, args.stream, queue=args.queue) as consumer:
         print(f"attested enclave {consumer.enclave.measurement.hex()[:16]}...; waiting for releases "
               f"of {', '.join(args.stream)}", file=sys.stderr)
-        for release in consumer.releases(idle_timeout=args.idle_timeout):
-            view = release.to_json()
+        open_streams = set(args.stream)
+        for message in consumer.releases(idle_timeout=args.idle_timeout):
+            view = message.to_json()
+            if isinstance(message, BudgetExhausted):
+                print(json.dumps(view) if args.json else
+                      f"{message.stream}: privacy budget exhausted after {view['releases']} release(s) "
+                      f"(epsilon spent {view['spent_epsilon']:.6g} of {view['budget_epsilon']:g}); "
+                      "no further releases  [verified]", flush=True)
+                open_streams.discard(message.stream)
+                if not open_streams:
+                    break
+                continue
             print(json.dumps(view) if args.json else describe(view), flush=True)
             received += 1
             if args.count and received >= args.count:
@@ -40,6 +56,35 @@ def _consume(args) -> int:
         rejected = consumer.verifier.rejected
     print(f"received {received} verified release(s), rejected {rejected}", file=sys.stderr)
     return EXIT_VERIFY if rejected else EXIT_OK
+
+
+def _budget(args) -> int:
+    from common import amqp
+    from common.errors import PolicyMismatch
+    from sealedsum.cli import EXIT_OK, load_config
+
+    cfg = load_config(args)
+    connection = amqp.connect(cfg.broker)
+    try:
+        enclave = amqp.attest(connection, cfg.broker, cfg.require_trust())
+        if args.stream not in enclave.policy.streams:
+            raise PolicyMismatch(f"the attested enclave has no stream {args.stream!r}",
+                                 hint=f"its streams: {', '.join(sorted(enclave.policy.streams))}")
+        report = amqp.budget(connection, cfg.broker, enclave, args.stream)
+    finally:
+        connection.close()
+    view = report.to_json()
+    if args.json:
+        print(json.dumps(view))
+    else:
+        b = report.budget
+        rho = f", rho {b['spent_rho']:.6g}" if b["spent_rho"] is not None else ""
+        delta = f", delta {b['budget_delta']:g}" if b["budget_delta"] else ""
+        state = "exhausted: no further releases" if report.exhausted else f"{b['remaining_releases']} release(s) left"
+        print(f"{report.stream}: spent epsilon {b['spent_epsilon']:.6g}{rho} of {b['budget_epsilon']:g}{delta} "
+              f"in {b['releases']} release(s); {state}  [signed by the attested enclave; ledger head "
+              f"{b['ledger_head'][:16]}...]")
+    return EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,3 +104,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--queue", help="a durable queue name to use instead of a private temporary one")
     c.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     c.set_defaults(func=_consume, role="consumer", default_log_level="WARNING")
+
+    b = sub.add_parser(
+        "budget", help="show a stream's privacy budget: spent and remaining, signed by the enclave",
+        description="Attest the enclave, ask it for STREAM's privacy ledger with a fresh nonce, verify the "
+                    "signed answer against the attested key and print what was spent and what remains. "
+                    "Laplace streams spend epsilon per release; Gaussian streams add up rho (zCDP) and "
+                    "report the epsilon it implies at the stream's budget_delta.",
+    )
+    add_config_argument(b)
+    b.add_argument("--stream", required=True)
+    b.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    b.set_defaults(func=_budget, role="consumer", default_log_level="WARNING")

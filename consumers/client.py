@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 from common.attestation import AttestedEnclave
 from common.config import Config
 from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch
-from common.results import Release, verify_result
+from common.results import BudgetExhausted, Release, verify_signed
 
 log = logging.getLogger("sealedsum.consumer")
 
@@ -23,10 +23,10 @@ class ResultVerifier:
     rejected: int = 0
     seen: set = field(default_factory=set)
 
-    def verify(self, body: bytes) -> Release:
+    def verify(self, body: bytes) -> Release | BudgetExhausted:
         """:raises InvalidResultSignature: forged or altered (the counter goes up)."""
         try:
-            return verify_result(body, self.enclave)
+            return verify_signed(body, self.enclave)
         except (InvalidResultSignature, InvalidMessage):
             self.rejected += 1
             raise
@@ -56,7 +56,9 @@ class Consumer:
                                  hint=f"its streams: {', '.join(sorted(self.enclave.policy.streams))}")
         self.verifier = ResultVerifier(self.enclave)
 
-    def releases(self, *, idle_timeout: float | None = None) -> Iterator[Release]:
+    def releases(self, *, idle_timeout: float | None = None) -> Iterator[Release | BudgetExhausted]:
+        """Verified releases, and the one :class:`BudgetExhausted` notice a stream sends when
+        its budget is spent (nothing follows it for that stream)."""
         for body in self._transport.bodies(idle_timeout=idle_timeout):
             try:
                 release = self.verifier.verify(body)
@@ -68,6 +70,10 @@ class Consumer:
                 log.error("result rejected", extra={"fields": {"reason": f"for stream {release.stream!r}"}})
                 continue
             yield release
+
+    def budget(self, stream: str):
+        """The stream's signed ledger (:class:`common.results.BudgetReport`), freshly asked for."""
+        return self._transport.budget(self.enclave, stream)
 
     def close(self) -> None:
         self._transport.close()

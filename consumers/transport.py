@@ -35,6 +35,9 @@ class ResultSubscriber:
     def attest(self, trust: TrustAnchors) -> AttestedEnclave:
         return amqp.attest(self.connection, self.settings, trust)
 
+    def budget(self, enclave: AttestedEnclave, stream: str):
+        return amqp.budget(self.connection, self.settings, enclave, stream)
+
     def bodies(self, *, idle_timeout: float | None = None) -> Iterator[bytes]:
         """Yield result bodies (acknowledged once the caller asks for the next one).
         Stops after ``idle_timeout`` seconds without a message, if given."""

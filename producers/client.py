@@ -15,16 +15,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from nacl.public import PublicKey, SealedBox
 from phe import PaillierPublicKey
 
-from common import fixedpoint, wire
+from common import wire
 from common.attestation import AttestedEnclave
 from common.config import Config
 from common.errors import PolicyMismatch
-from common.policy import StreamPolicy
+from common.policy import Requirements, StreamPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,36 +35,48 @@ class SealedRecord:
 
 
 class RecordSealer:
-    """Clip, encode, Paillier-encrypt and seal records for one attested enclave."""
+    """Clip, encode, Paillier-encrypt and seal records for one attested enclave.
 
-    def __init__(self, enclave: AttestedEnclave) -> None:
+    :param requirements: the weakest policy accepted, per stream (default: any).
+    :param producer_id: 16 bytes naming this producer in its envelopes, for streams that
+        bound contributions per producer (default: random, one per sealer).
+    """
+
+    def __init__(self, enclave: AttestedEnclave, requirements: Callable[[str], Requirements] | None = None,
+                 producer_id: bytes | None = None) -> None:
         self.enclave = enclave
+        self._requirements = requirements
+        self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)
         self._box = SealedBox(PublicKey(enclave.keys.x25519))
         self._width = enclave.keys.ciphertext_width
+        self._accepted: set[str] = set()
 
     def stream(self, name: str) -> StreamPolicy:
+        """The attested policy of ``name``, once it met this producer's requirements.
+
+        :raises PolicyMismatch: no such stream. :raises PolicyTooWeak: it promises too little.
+        """
         policy = self.enclave.policy.streams.get(name)
         if policy is None:
             raise PolicyMismatch(f"the attested enclave has no stream {name!r}",
                                  hint=f"its streams: {', '.join(sorted(self.enclave.policy.streams))}")
+        if name not in self._accepted and self._requirements is not None:
+            self._requirements(name).check(policy)
+            self._accepted.add(name)
         return policy
 
     def seal(self, stream: str, values: Iterable[float], *, now_ms: int | None = None,
              window: int = 0, record_id: bytes | None = None) -> SealedRecord:
         policy = self.stream(stream)
-        values = list(values)
-        if len(values) != policy.dimension:
-            raise PolicyMismatch(f"stream {stream!r} takes {policy.dimension} value(s) per record, got {len(values)}")
-        clipped, n_clipped = fixedpoint.clip(values, policy.lower, policy.upper)
-        encoded = fixedpoint.encode(clipped, policy.fraction_bits)
+        encoded, n_clipped = policy.encode(list(values))
         # encrypt() draws fresh randomness and obfuscates; be_secure=False avoids paying twice.
         cts = tuple(self._paillier.encrypt(q).ciphertext(be_secure=False) for q in encoded)
         rid = record_id if record_id is not None else os.urandom(wire.RECORD_ID_SIZE)
         envelope = wire.Envelope(
             stream=stream, record_id=rid, key_epoch=self.enclave.keys.epoch,
             sent_at_ms=now_ms if now_ms is not None else int(time.time() * 1000),
-            window=window, width=self._width, ciphertexts=cts,
+            window=window, width=self._width, ciphertexts=cts, producer_id=self.producer_id,
         )
         return SealedRecord(self._box.encrypt(envelope.to_bytes()), rid, n_clipped)
 
@@ -78,7 +90,7 @@ class Producer:
             p.send("purchases", [12.5])
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, producer_id: bytes | None = None) -> None:
         from producers import transport
 
         self.config = config
@@ -88,7 +100,7 @@ class Producer:
         except BaseException:
             self._transport.close()
             raise
-        self.sealer = RecordSealer(self.enclave)
+        self.sealer = RecordSealer(self.enclave, config.requirements, producer_id)
 
     def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
         """Seal and publish one record; return once the broker confirmed it."""

@@ -47,6 +47,7 @@ window_seconds = 60
 min_batch = 10
 mechanism = "laplace"
 epsilon = 1.0
+budget_epsilon = 100.0
 
 [streams.wellbeing]          # hours of sleep and of exercise per record
 dimension = 2
@@ -58,6 +59,8 @@ min_batch = 10
 mechanism = "gaussian"
 epsilon = 2.0
 delta = 1e-6
+budget_epsilon = 100.0
+budget_delta = 1e-5
 """
 
 

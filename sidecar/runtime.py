@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import pika
 import pika.exceptions as pe
@@ -55,14 +56,19 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
 
 
 class EnclaveRuntime:
-    def __init__(self, enclave: Enclave, settings: BrokerSettings) -> None:
+    """:param persist: saves the enclave's sealed state; called whenever it changed,
+    before anything that depends on it leaves the process."""
+
+    def __init__(self, enclave: Enclave, settings: BrokerSettings,
+                 persist: Callable[[dict], None] | None = None) -> None:
         self.enclave = enclave
         self.settings = settings
+        self._persist = persist
         self.stopping = False
         self._connection = None
         self._publish = None
         self._last_stats = time.monotonic()
-        self._held: set[tuple[str, int]] = set()
+        self._held: set[str] = set()
         self._last_held_retry = time.monotonic()
 
     def stop(self) -> None:
@@ -96,6 +102,7 @@ class EnclaveRuntime:
         declare_topology(channel, self.settings)
         self._publish = self._connection.channel()
         self._publish.confirm_delivery()
+        self.persist()
         self.republish_pending()
         channel.basic_qos(prefetch_count=PREFETCH)
         t = self.settings.topology
@@ -112,8 +119,14 @@ class EnclaveRuntime:
                 pass
 
     # -- callbacks --------------------------------------------------------------------
+    def persist(self) -> None:
+        if self.enclave.dirty and self._persist is not None:
+            self._persist(self.enclave.snapshot())
+        self.enclave.dirty = False
+
     def _on_record(self, channel, method, _props, body: bytes) -> None:
         outcome = self.enclave.on_record(body, now_ms())
+        self.persist()  # a release and its ledger charge are sealed to disk before they leave
         if outcome.rejection is not None:
             r = outcome.rejection
             if r.reason.value == "duplicate" and method.redelivered:
@@ -134,16 +147,19 @@ class EnclaveRuntime:
             log.warning("attestation request without reply_to ignored")
             return
         try:
-            reply = self.enclave.attest(body)
+            reply = self.enclave.answer(body, now_ms())
         except InvalidMessage as err:
-            log.warning("malformed attestation request ignored", extra={"fields": {"detail": str(err)}})
+            log.warning("malformed request ignored", extra={"fields": {"detail": str(err)}})
             return
         channel.basic_publish("", props.reply_to, reply, pika.BasicProperties(
-            correlation_id=props.correlation_id, type="attest-reply", app_id=amqp.APP_ID))
+            correlation_id=props.correlation_id, type="reply", app_id=amqp.APP_ID))
 
     def _tick(self) -> None:
-        for release in self.enclave.on_tick(now_ms()):
+        releases = self.enclave.on_tick(now_ms())
+        self.persist()
+        for release in releases:
             self._publish_release(release)
+        self.persist()  # confirmed publications leave the pending set
         if self._held and time.monotonic() - self._last_held_retry >= HELD_RETRY_S:
             self._last_held_retry = time.monotonic()
             self.republish_pending()
@@ -151,7 +167,7 @@ class EnclaveRuntime:
             self.log_stats()
 
     def republish_pending(self) -> None:
-        """Publish releases drawn before a broker failure, byte for byte as stored."""
+        """Publish what was signed before a broker failure or restart, byte for byte as stored."""
         for release in list(self.enclave.pending.values()):
             self._publish_release(release)
 
@@ -162,13 +178,12 @@ class EnclaveRuntime:
             amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange, release.stream,
                                    release.body, amqp.properties("result"), mandatory=True)
         except Unroutable:
-            key = (release.stream, release.window)
-            if key not in self._held:
-                self._held.add(key)
+            if release.key not in self._held:
+                self._held.add(release.key)
                 log.warning("no consumer bound for this stream; holding the release", extra={"fields": {
-                    "stream": release.stream, "window": release.window, "retry_every_s": HELD_RETRY_S}})
+                    "stream": release.stream, "publication": release.key, "retry_every_s": HELD_RETRY_S}})
             return
-        self._held.discard((release.stream, release.window))
+        self._held.discard(release.key)
         self.enclave.confirm_published(release)
 
     def log_stats(self) -> None:

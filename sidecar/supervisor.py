@@ -109,6 +109,10 @@ class Sidecar:
                 if op == "quote":
                     quote = self.platform.quote(self.measurement, bytes.fromhex(msg["report_data"]))
                     channel.send({"quote": base64.b64encode(quote).decode()})
+                elif op == "counter_read":
+                    channel.send({"value": self.platform.counter_read(self.measurement)})
+                elif op == "counter_advance":
+                    channel.send({"value": self.platform.counter_advance(self.measurement, int(msg["value"]))})
                 elif op == "ready":
                     log.info("enclave running", extra={"fields": {
                         "pid": msg.get("pid"), "platform_pid": os.getpid(), "hardening": msg.get("hardening")}})

@@ -30,6 +30,10 @@ def stream_table(**overrides) -> dict:
         "mechanism": "laplace", "epsilon": 1.0,
     }
     table.update(overrides)
+    eps = table["epsilon"]
+    table.setdefault("budget_epsilon", 1e6 * eps if isinstance(eps, (int, float)) and eps > 0 else 1e6)
+    if table["mechanism"] == "gaussian":
+        table.setdefault("budget_delta", 1e-5)
     return {k: v for k, v in table.items() if v is not None}
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from common import logs
@@ -18,6 +19,8 @@ from sidecar.channel import PipeChannel
 from sidecar.enclave.hardening import harden
 from sidecar.enclave.keyring import EnclaveKeys
 from sidecar.enclave.service import Enclave
+from sidecar.enclave.state import RollbackDetected, SealedStateStore
+from sidecar.durable import write_atomic
 from sidecar.platform import measure
 
 log = logging.getLogger("sealedsum.enclave")
@@ -25,33 +28,34 @@ log = logging.getLogger("sealedsum.enclave")
 EXIT_CONFIG = 2
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def load_or_create_keys(state: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> EnclaveKeys:
-    """Unseal this measurement's keys, or create and seal new ones on first start."""
+def enclave_dir(state: Path, measurement: bytes) -> Path:
     directory = state / "enclave" / measurement.hex()[:32]
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return directory
+
+
+class PlatformCounter:
+    """The platform's monotonic counter, over the private channel."""
+
+    def __init__(self, channel: PipeChannel) -> None:
+        self._channel = channel
+
+    def read(self) -> int:
+        return int(self._channel.request({"op": "counter_read"})["value"])
+
+    def advance(self, value: int) -> int:
+        return int(self._channel.request({"op": "counter_advance", "value": value})["value"])
+
+
+def load_or_create_keys(directory: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> EnclaveKeys:
+    """Unseal this measurement's keys, or create and seal new ones on first start."""
     path = directory / "keys.sealed"
     if path.exists():
         keys = EnclaveKeys.unseal(sealing_key, measurement, path.read_bytes())
         log.info("keys unsealed", extra={"fields": {"path": str(path), "key_epoch": keys.epoch}})
         return keys
     keys = EnclaveKeys.generate(paillier_bits)
-    _write_atomic(path, keys.seal(sealing_key, measurement))
+    write_atomic(path, keys.seal(sealing_key, measurement))
     log.info("keys created and sealed", extra={"fields": {"path": str(path), "paillier_bits": paillier_bits}})
     return keys
 
@@ -70,21 +74,30 @@ def main(argv: list[str]) -> int:
     policy_bytes = base64.b64decode(init["policy"])
     policy = EnclavePolicy.from_bytes(policy_bytes)
     measurement = bytes.fromhex(init["measurement"])
+    sealing_key = base64.b64decode(init["sealing_key"])
+    directory = enclave_dir(Path(init["state_dir"]), measurement)
+    store = SealedStateStore(directory / "state.sealed", sealing_key, measurement, PlatformCounter(channel))
     try:
-        keys = load_or_create_keys(Path(init["state_dir"]), base64.b64decode(init["sealing_key"]),
-                                   measurement, policy.paillier_bits)
-    except SealingError as err:
-        log.error("cannot unseal keys", extra={"fields": {"detail": str(err)}})
+        keys = load_or_create_keys(directory, sealing_key, measurement, policy.paillier_bits)
+        state = store.load()
+    except RollbackDetected as err:
+        log.error("sealed state rolled back; refusing to start", extra={"fields": {"detail": str(err)}})
         return EXIT_CONFIG
+    except SealingError as err:
+        log.error("cannot unseal keys or state", extra={"fields": {"detail": str(err)}})
+        return EXIT_CONFIG
+    if state is not None:
+        log.info("state unsealed", extra={"fields": {"version": store.version}})
 
     def quote(report_data: bytes) -> bytes:
         return base64.b64decode(channel.request({"op": "quote", "report_data": report_data.hex()})["quote"])
 
-    enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote)
+    enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote, state, int(time.time() * 1000))
     b = init["broker"]
     from sidecar.runtime import EnclaveRuntime  # pika only once the core is set up
 
-    runtime = EnclaveRuntime(enclave, BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"]))
+    runtime = EnclaveRuntime(enclave, BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"]),
+                             persist=store.save)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     signal.signal(signal.SIGINT, lambda *_: runtime.stop())
     channel.send({"op": "ready", "pid": os.getpid(), "hardening": report, "key_epoch": keys.epoch})

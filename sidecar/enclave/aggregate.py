@@ -25,6 +25,8 @@ class Window:
     totals: list[EncryptedNumber]
     count: int = 0
     opened_at_ms: int | None = None
+    # Records per producer id, kept only when the stream bounds contributions.
+    contributors: dict[bytes, int] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, stream: StreamPolicy, index: int, public_key: PaillierPublicKey) -> "Window":
@@ -72,6 +74,14 @@ class StreamState:
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
                                  f"window {envelope.window} is not open yet; open window is {self.current.index}")
         self.check_duplicate(envelope)
+        limit = self.policy.max_records_per_producer
+        if limit is not None:
+            already = self.current.contributors.get(envelope.producer_id, 0)
+            if already >= limit:
+                raise RecordRejected(RejectReason.CONTRIBUTION_LIMIT,
+                                     f"producer {envelope.producer_id.hex()} has {already} record(s) in this window "
+                                     f"(limit {limit})")
+            self.current.contributors[envelope.producer_id] = already + 1
         self.seen[envelope.record_id] = forget_at_ms
         heapq.heappush(self._expiry, (forget_at_ms, envelope.record_id))
         self.current.fold(envelope.ciphertexts, self.public_key, now_ms)

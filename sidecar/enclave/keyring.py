@@ -9,33 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl.public import PrivateKey, SealedBox
 from phe import paillier
 
 from common import signing, wire
-from common.errors import SealingError
+from sidecar.enclave import sealing
 
-SEALED_MAGIC = b"SSV\x01"
 SEALED_AAD = b"sealedsum/v1/sealed-keys\x00"
-
-
-def _seal(sealing_key: bytes, measurement: bytes, plaintext: bytes, aad_label: bytes) -> bytes:
-    nonce = os.urandom(12)
-    return SEALED_MAGIC + nonce + AESGCM(sealing_key).encrypt(nonce, plaintext, aad_label + measurement)
-
-
-def _unseal(sealing_key: bytes, measurement: bytes, blob: bytes, aad_label: bytes) -> bytes:
-    if len(blob) < 4 + 12 + 16 or blob[:4] != SEALED_MAGIC:
-        raise SealingError("sealed blob has the wrong format")
-    try:
-        return AESGCM(sealing_key).decrypt(blob[4:16], blob[16:], aad_label + measurement)
-    except InvalidTag as err:
-        raise SealingError("sealed blob does not open: other code or policy, other platform, or tampering") from err
 
 
 class EnclaveKeys:
@@ -92,11 +74,11 @@ class EnclaveKeys:
             "paillier_p": str(self._paillier.p),
             "paillier_q": str(self._paillier.q),
         }
-        return _seal(sealing_key, measurement, json.dumps(doc).encode(), SEALED_AAD)
+        return sealing.seal(sealing_key, measurement, json.dumps(doc).encode(), SEALED_AAD)
 
     @classmethod
     def unseal(cls, sealing_key: bytes, measurement: bytes, blob: bytes) -> "EnclaveKeys":
-        doc = json.loads(_unseal(sealing_key, measurement, blob, SEALED_AAD))
+        doc = json.loads(sealing.unseal(sealing_key, measurement, blob, SEALED_AAD))
         p, q = int(doc["paillier_p"]), int(doc["paillier_q"])
         public = paillier.PaillierPublicKey(p * q)
         return cls(

@@ -11,8 +11,8 @@ from common.errors import InvalidMessage, RecordRejected, RejectReason
 from common.policy import EnclavePolicy, StreamPolicy
 from sidecar.enclave.keyring import EnclaveKeys
 
-# Envelope bytes besides the ciphertexts: magic, id, epoch, time, window, name, counts.
-ENVELOPE_OVERHEAD = 4 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2
+# Envelope bytes besides the ciphertexts: magic, ids, epoch, time, window, name, counts.
+ENVELOPE_OVERHEAD = 4 + 16 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2
 
 
 def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:

@@ -1,4 +1,8 @@
-"""Turning a closed window into a signed, noised release (or withholding it)."""
+"""Turning a closed window into a signed, noised release, and signing notices.
+
+The noise of a window is drawn once, here; what comes out is stored (in memory and
+in the sealed state) before it is published, so a retry sends these same bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,29 @@ from dataclasses import dataclass
 from common import signing, wire
 from common.fixedpoint import decode
 from common.policy import StreamPolicy
-from common.results import Release
+from common.results import BudgetExhausted, BudgetReport, Release
 from sidecar.enclave import noise
 from sidecar.enclave.aggregate import Window
 from sidecar.enclave.keyring import EnclaveKeys
 
 
 @dataclass(frozen=True, slots=True)
-class SignedRelease:
-    """A release ready for the results exchange. Stored before it is published, so a
-    retry sends these same bytes and never draws new noise."""
+class Publication:
+    """A signed message for the results exchange, routed by stream. ``key`` names it in
+    the enclave's pending set: ``stream/window`` or ``stream/budget_exhausted``."""
 
+    key: str
     stream: str
-    window: int
     body: bytes
-    release: Release
+    message: Release | BudgetExhausted
+
+    @property
+    def window(self) -> int | None:
+        return self.message.window if isinstance(self.message, Release) else None
+
+
+def sign(keys: EnclaveKeys, payload: bytes) -> bytes:
+    return wire.SignedMessage(payload, keys.sign(signing.RESULT, payload)).to_bytes()
 
 
 def noised_release(
@@ -30,39 +42,41 @@ def noised_release(
     keys: EnclaveKeys,
     measurement: bytes,
     now_ms: int,
-) -> SignedRelease:
-    """Decrypt the window's totals once, add noise, sign. Call only when ``count >= min_batch``."""
+    budget: dict,
+) -> Publication:
+    """Decrypt the window's totals once, add noise, sign. Call only when ``count >= min_batch``
+    and after the ledger has been charged (``budget`` is its state after this release)."""
     plan = policy.noise_plan()
-    lo = round(policy.lower * (1 << policy.fraction_bits))
-    hi = round(policy.upper * (1 << policy.fraction_bits))
     totals = []
-    for ct in window.totals:
+    for ct, (lo, hi) in zip(window.totals, policy.coordinate_ranges(window.count)):
         total = keys.decrypt_total(ct.ciphertext(be_secure=False))
         # Honest producers cannot leave this range; a dishonest one cannot push the
         # total outside it either, nor overflow the 64-bit noise domain.
-        totals.append(min(max(total, window.count * lo), window.count * hi))
+        totals.append(min(max(total, lo), hi))
     noised = noise.noisy_sum(plan, totals)
-    count = noise.noisy_count(plan, window.count)
+    if plan.count_scale is None:
+        count = sum(noised)  # a histogram's buckets add up to its count: post-processing
+    else:
+        count = noise.noisy_count(plan, window.count)
     sums = [decode(v, policy.fraction_bits) for v in noised]
+    mean = [s / count for s in sums] if count > 0 and policy.kind != "histogram" else None
     release = Release(
-        stream=policy.name,
-        window=window.index,
-        count=count,
-        sum=sums,
-        sum_fixed=noised,
-        mean=[s / count for s in sums] if count > 0 else None,
-        dimension=policy.dimension,
-        fraction_bits=policy.fraction_bits,
-        mechanism=policy.mechanism,
-        epsilon=policy.epsilon,
-        delta=policy.delta,
-        rho=plan.rho,
-        sum_noise_scale=plan.sum_scale,
-        count_noise_scale=plan.count_scale,
-        key_epoch=keys.epoch,
-        measurement=measurement.hex(),
-        closed_at_ms=now_ms,
+        stream=policy.name, window=window.index, aggregate=policy.kind, count=count, sum=sums,
+        sum_fixed=noised, mean=mean, dimension=policy.dimension, fraction_bits=policy.fraction_bits,
+        mechanism=policy.mechanism, epsilon=policy.epsilon, delta=policy.delta, rho=plan.rho,
+        sum_noise_scale=plan.sum_scale, count_noise_scale=plan.count_scale, key_epoch=keys.epoch,
+        measurement=measurement.hex(), closed_at_ms=now_ms, budget=budget,
     )
-    payload = release.to_payload()
-    body = wire.SignedMessage(payload, keys.sign(signing.RESULT, payload)).to_bytes()
-    return SignedRelease(policy.name, window.index, body, release)
+    return Publication(f"{policy.name}/{window.index}", policy.name, sign(keys, release.to_payload()), release)
+
+
+def exhausted_notice(policy: StreamPolicy, keys: EnclaveKeys, measurement: bytes, now_ms: int,
+                     budget: dict) -> Publication:
+    notice = BudgetExhausted(policy.name, budget, keys.epoch, measurement.hex(), now_ms)
+    return Publication(f"{policy.name}/budget_exhausted", policy.name, sign(keys, notice.to_payload()), notice)
+
+
+def budget_report(policy: StreamPolicy, keys: EnclaveKeys, measurement: bytes, now_ms: int,
+                  nonce: bytes, exhausted: bool, budget: dict) -> bytes:
+    report = BudgetReport(policy.name, nonce.hex(), exhausted, budget, keys.epoch, measurement.hex(), now_ms)
+    return sign(keys, report.to_payload())

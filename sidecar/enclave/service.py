@@ -1,12 +1,15 @@
-"""The enclave facade: bytes in, outcomes out. No broker, no clock of its own.
+"""The enclave facade: bytes in, outcomes out. No broker, no disk, no clock of its own.
 
-The runtime (``sidecar.runtime``) feeds it deliveries and ticks and carries out what
-it returns: dead-letter a record with a reason, acknowledge it, publish a release.
+The runtime (``sidecar.runtime``) feeds it deliveries, RPC requests and ticks and
+carries out what it returns: persist the sealed state when :attr:`Enclave.dirty`,
+then dead-letter a record with a reason or acknowledge it, and publish what is pending.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,21 +17,25 @@ from typing import Callable
 from common import wire
 from common.errors import InvalidMessage, RecordRejected, RejectReason
 from common.policy import EnclavePolicy
+from common.results import PAYLOADS
 from sidecar.enclave.aggregate import StreamState, Window
 from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.ledger import StreamLedger
 from sidecar.enclave.records import check_age, max_record_bytes, open_record
-from sidecar.enclave.release import SignedRelease, noised_release
+from sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release
 
 log = logging.getLogger("sealedsum.enclave")
+
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
 class RecordOutcome:
     """What to do with one delivery: dead-letter it (``rejection``) or acknowledge it,
-    and publish ``releases`` (windows this record closed)."""
+    and publish ``releases`` (releases and notices this record caused)."""
 
     rejection: RecordRejected | None = None
-    releases: tuple[SignedRelease, ...] = ()
+    releases: tuple[Publication, ...] = ()
 
 
 @dataclass(slots=True)
@@ -59,6 +66,8 @@ class Enclave:
         code_digest: bytes,
         measurement: bytes,
         quote: Callable[[bytes], bytes],
+        state: dict | None = None,
+        now_ms: int = 0,
     ) -> None:
         self.keys = keys
         self.policy = policy
@@ -67,12 +76,21 @@ class Enclave:
         self.measurement = measurement
         self._quote = quote
         self.streams = {name: StreamState(p, keys.paillier_public) for name, p in policy.streams.items()}
+        self.ledgers = {name: StreamLedger(p) for name, p in policy.streams.items()}
+        self.exhausted: set[str] = set()
         self.size_limit = max_record_bytes(policy, keys)
         self.stats = Stats()
-        # Signed releases not yet confirmed by the broker, by (stream, window).
-        self.pending: dict[tuple[str, int], SignedRelease] = {}
+        # Signed messages not yet confirmed by the broker, by Publication.key.
+        self.pending: dict[str, Publication] = {}
+        # Set when something the sealed state holds changed; the runtime persists and clears it.
+        self.dirty = False
+        if state is not None:
+            self._restore(state)
+        for name, ledger in self.ledgers.items():
+            if name not in self.exhausted and not ledger.allows():
+                self._exhaust(name, now_ms)
 
-    # -- attestation ------------------------------------------------------------------
+    # -- RPC ------------------------------------------------------------------------------
     def attest(self, request: bytes) -> bytes:
         """Answer an attestation request.
 
@@ -84,12 +102,33 @@ class Enclave:
         self.stats.attestations += 1
         return wire.AttestReply(nonce, self.code_digest, keys, self.policy_bytes, quote).to_bytes()
 
+    def budget(self, request: bytes, now_ms: int) -> bytes:
+        """Answer a budget request with the stream's signed ledger.
+
+        :raises InvalidMessage: not a budget request, or an unknown stream.
+        """
+        req = wire.BudgetRequest.from_bytes(request)
+        policy = self.policy.streams.get(req.stream)
+        if policy is None:
+            raise InvalidMessage(f"budget request for unknown stream {req.stream!r}")
+        return budget_report(policy, self.keys, self.measurement, now_ms, req.nonce,
+                             req.stream in self.exhausted, self.ledgers[req.stream].summary())
+
+    def answer(self, request: bytes, now_ms: int) -> bytes:
+        """Dispatch an RPC request by its magic."""
+        if request[:4] == wire.BUDGET_REQUEST_MAGIC:
+            return self.budget(request, now_ms)
+        return self.attest(request)
+
     # -- records ----------------------------------------------------------------------
     def on_record(self, body: bytes, now_ms: int) -> RecordOutcome:
         try:
             envelope, stream = open_record(body, self.keys, self.policy, now_ms, self.size_limit)
             state = self.streams[stream.name]
             state.check_duplicate(envelope)
+            if stream.name in self.exhausted:
+                raise RecordRejected(RejectReason.BUDGET_EXHAUSTED,
+                                     f"stream {stream.name!r} has spent its privacy budget")
             check_age(envelope, self.policy, now_ms)
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
             closed = state.accept(envelope, forget_at, now_ms)
@@ -104,7 +143,7 @@ class Enclave:
         self.stats.accepted += 1
         return RecordOutcome(releases=self._close([closed], now_ms) if closed else ())
 
-    def on_tick(self, now_ms: int) -> tuple[SignedRelease, ...]:
+    def on_tick(self, now_ms: int) -> tuple[Publication, ...]:
         """Close windows whose time is up; forget record ids past the replay horizon."""
         closed = []
         for state in self.streams.values():
@@ -114,12 +153,14 @@ class Enclave:
             state.forget_expired(now_ms)
         return self._close(closed, now_ms)
 
-    def confirm_published(self, release: SignedRelease) -> None:
-        self.pending.pop((release.stream, release.window), None)
+    def confirm_published(self, publication: Publication) -> None:
+        if self.pending.pop(publication.key, None) is not None:
+            self.dirty = True
 
-    def _close(self, windows: list[Window], now_ms: int) -> tuple[SignedRelease, ...]:
+    def _close(self, windows: list[Window], now_ms: int) -> tuple[Publication, ...]:
         out = []
         for w in windows:
+            self.dirty = True  # the stream's window index moved on
             policy = self.policy.streams[w.stream]
             if w.count < policy.min_batch:
                 self.stats.windows_withheld += 1
@@ -127,9 +168,56 @@ class Enclave:
                     "stream": w.stream, "window": w.index, "reason": "below min_batch",
                     "min_batch": policy.min_batch}})
                 continue
-            signed = noised_release(w, policy, self.keys, self.measurement, now_ms)
-            self.pending[(signed.stream, signed.window)] = signed
+            ledger = self.ledgers[w.stream]
+            ledger.charge(w.index)
+            publication = noised_release(w, policy, self.keys, self.measurement, now_ms, ledger.summary())
+            self.pending[publication.key] = publication
             self.stats.windows_released += 1
-            log.info("window released", extra={"fields": {"stream": w.stream, "window": w.index}})
-            out.append(signed)
+            log.info("window released", extra={"fields": {
+                "stream": w.stream, "window": w.index, "releases": ledger.releases}})
+            out.append(publication)
+            if not ledger.allows():
+                out.append(self._exhaust(w.stream, now_ms))
         return tuple(out)
+
+    def _exhaust(self, stream: str, now_ms: int) -> Publication:
+        """The next release would exceed the budget: say so, once, and accept nothing more."""
+        self.exhausted.add(stream)
+        ledger = self.ledgers[stream]
+        notice = exhausted_notice(self.policy.streams[stream], self.keys, self.measurement, now_ms, ledger.summary())
+        self.pending[notice.key] = notice
+        self.dirty = True
+        log.warning("privacy budget exhausted; the stream accepts no more records", extra={"fields": {
+            "stream": stream, "releases": ledger.releases}})
+        return notice
+
+    # -- sealed state ------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """What must survive a restart: ledgers, window numbers, exhaustion, unconfirmed
+        publications (so a retry never draws new noise)."""
+        return {
+            "version": STATE_VERSION,
+            "key_epoch": self.keys.epoch,
+            "streams": {
+                name: {"window": self.streams[name].current.index, "ledger": self.ledgers[name].to_json(),
+                       "exhausted": name in self.exhausted}
+                for name in self.policy.streams
+            },
+            "pending": {key: {"stream": p.stream, "body": base64.b64encode(p.body).decode()}
+                        for key, p in self.pending.items()},
+        }
+
+    def _restore(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError("sealed state has an unknown version")
+        for name, raw in state["streams"].items():
+            policy = self.policy.streams[name]
+            self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"])
+            self.streams[name].current = Window.empty(policy, int(raw["window"]), self.keys.paillier_public)
+            if raw["exhausted"]:
+                self.exhausted.add(name)
+        for key, raw in state["pending"].items():
+            body = base64.b64decode(raw["body"])
+            payload = wire.SignedMessage.from_bytes(body).payload
+            kind = json.loads(payload)["kind"]
+            self.pending[key] = Publication(key, raw["stream"], body, PAYLOADS[kind].from_payload(payload))

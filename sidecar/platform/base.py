@@ -14,3 +14,9 @@ class Platform(Protocol):
 
     def sealing_key(self, measurement: bytes) -> bytes:
         """A 32-byte key only an enclave with this measurement receives (like SGX EGETKEY)."""
+
+    def counter_read(self, measurement: bytes) -> int:
+        """A monotonic counter per measurement, for rollback protection of sealed state."""
+
+    def counter_advance(self, measurement: bytes, value: int) -> int:
+        """Raise the counter to ``value`` (never lower); durable before it returns."""

@@ -22,8 +22,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common import signing, wire
 from common.errors import ConfigError
+from sidecar.durable import write_atomic
 
 KEY_FILE = "platform.key"
+COUNTER_FILE = "platform.counters"
 SEALING_INFO = b"sealedsum/v1/sealing-key\x00"
 
 
@@ -33,12 +35,16 @@ def _now_ms() -> int:
 
 class EmulatedPlatform:
     def __init__(self, signing_key: Ed25519PrivateKey, root_secret: bytes,
-                 clock_ms: Callable[[], int] = _now_ms) -> None:
+                 clock_ms: Callable[[], int] = _now_ms, state_dir: Path | None = None) -> None:
         if len(root_secret) != 32:
             raise ValueError("the platform root secret is 32 bytes")
         self._signing_key = signing_key
         self._root_secret = root_secret
         self._clock_ms = clock_ms
+        self._state_dir = state_dir
+        self._counters: dict[str, int] = {}
+        if state_dir is not None and (state_dir / COUNTER_FILE).exists():
+            self._counters = json.loads((state_dir / COUNTER_FILE).read_text())
 
     def __repr__(self) -> str:
         return f"EmulatedPlatform(public_key={base64.b64encode(self.public_key()).decode()})"
@@ -56,6 +62,7 @@ class EmulatedPlatform:
             raise ConfigError(f"{path} exists already; the platform key is created once",
                               hint="use `sealedsum platform show --state DIR` to print its public key")
         platform = cls.generate()
+        platform._state_dir = state_dir
         doc = {
             "version": 1,
             "signing_key": base64.b64encode(platform._signing_key.private_bytes_raw()).decode(),
@@ -74,7 +81,7 @@ class EmulatedPlatform:
         try:
             doc = json.loads(path.read_text())
             key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(doc["signing_key"]))
-            return cls(key, base64.b64decode(doc["root_secret"]))
+            return cls(key, base64.b64decode(doc["root_secret"]), state_dir=state_dir)
         except FileNotFoundError:
             raise ConfigError(f"no platform key in {state_dir}",
                               hint=f"run `sealedsum platform init --state {state_dir}` first") from None
@@ -90,6 +97,19 @@ class EmulatedPlatform:
         unsigned = wire.Quote(measurement, report_data, self._clock_ms(), b"")
         sig = signing.sign(self._signing_key, signing.QUOTE, unsigned.signed_part())
         return wire.Quote(measurement, report_data, unsigned.issued_at_ms, sig).to_bytes()
+
+    def counter_read(self, measurement: bytes) -> int:
+        """The monotonic counter of this measurement's sealed state (0 if never advanced)."""
+        return self._counters.get(measurement.hex(), 0)
+
+    def counter_advance(self, measurement: bytes, value: int) -> int:
+        """Raise the counter to ``value`` (never lower it); persisted before returning."""
+        key = measurement.hex()
+        if value > self._counters.get(key, 0):
+            self._counters[key] = value
+            if self._state_dir is not None:
+                write_atomic(self._state_dir / COUNTER_FILE, json.dumps(self._counters).encode())
+        return self._counters.get(key, 0)
 
     def sealing_key(self, measurement: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,

@@ -117,7 +117,7 @@ class RunningSidecar:
         return [e for e in self.log_lines() if e.get("event") == name]
 
     def enclave_pid(self) -> int:
-        for e in self.events("enclave running"):
+        for e in reversed(self.events("enclave running")):
             return int(e["pid"])
         raise AssertionError("the enclave never reported running")
 
@@ -153,12 +153,23 @@ def start_sidecar(tmp: Path, url: str, streams: dict, **kw) -> RunningSidecar:
     platform = EmulatedPlatform.init(state)
     path, m = write_config(tmp, url, streams, platform=platform, **kw)
     cfg = config_mod.load(path, env={})
-    log_path = tmp / "sidecar.log"
-    env = dict(os.environ, AMQP_URL=url)
-    proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "sidecar", "--config", str(path),
-                            "--state", str(state), "--log-level", "debug"],
-                           stderr=open(log_path, "w"), cwd=REPO, env=env)
-    sc = RunningSidecar(proc, path, cfg, state, log_path, platform, m)
+    sc = RunningSidecar(None, path, cfg, state, tmp / "sidecar.log", platform, m)
+    return relaunch(sc)
+
+
+def launch(sc: RunningSidecar) -> subprocess.Popen:
+    """Start the sidecar process on sc's config and state; its log is appended to."""
+    env = dict(os.environ, AMQP_URL=sc.config.broker.url)
+    sc.process = subprocess.Popen([sys.executable, "-m", "sealedsum", "sidecar", "--config", str(sc.config_path),
+                                   "--state", str(sc.state), "--log-level", "debug"],
+                                  stderr=open(sc.log_path, "a"), cwd=REPO, env=env)
+    return sc.process
+
+
+def relaunch(sc: RunningSidecar) -> RunningSidecar:
+    """(Re)start the sidecar and wait until its enclave answers attestation."""
+    proc = launch(sc)
+    cfg, log_path = sc.config, sc.log_path
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:

@@ -21,7 +21,7 @@ from sidecar.enclave.keyring import EnclaveKeys
 from tests.integration.conftest import RunningSidecar
 
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,
-          "mechanism": "laplace", "epsilon": 1.0}
+          "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 1e6}
 
 
 def capture_queue(sc: RunningSidecar, exchange: str, key: str) -> tuple[pika.BlockingConnection, str]:

@@ -24,9 +24,9 @@ WINDOWS = 600
 @pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
 def test_noise_spread_over_many_released_windows(sidecar_factory, mechanism):
     stream = {"dimension": 1, "lower": 0.0, "upper": 10.0, "window_records": 2, "min_batch": 2,
-              "mechanism": mechanism, "epsilon": 1.0}
+              "mechanism": mechanism, "epsilon": 1.0, "budget_epsilon": 1e6}
     if mechanism == "gaussian":
-        stream["delta"] = 1e-6
+        stream.update(delta=1e-6, budget_delta=1e-5)
     sc = sidecar_factory({"s": stream})
     values = [3.25, 6.5]
     true_fixed = round(sum(values) * 2**16)

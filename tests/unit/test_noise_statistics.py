@@ -41,8 +41,8 @@ def test_release_noise_matches_the_configured_distribution(small_keys, mechanism
     for _ in range(N):
         outcome = world.enclave.on_record(world.sealer.seal("s", [value]).body, now_ms())
         (signed,) = outcome.releases
-        sum_residuals.append(signed.release.sum_fixed[0] - true_fixed)
-        count_residuals.append(signed.release.count - 1)
+        sum_residuals.append(signed.message.sum_fixed[0] - true_fixed)
+        count_residuals.append(signed.message.count - 1)
 
     threshold = dkw_threshold(N, ALPHA)
     assert sup_distance(sum_residuals, noise_cdf(mechanism, plan.sum_scale)) < threshold

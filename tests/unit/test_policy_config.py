@@ -31,7 +31,8 @@ def test_defaults_and_a_valid_stream():
     assert p.paillier_bits == 3072 and not p.insecure_test_keys
     s = p.streams["s"]
     assert (s.dimension, s.fraction_bits, s.count_share, s.delta, s.window_seconds) == (1, 16, 0.5, 0.0, None)
-    assert s.value_bound == 100 * 2**16
+    assert s.kind == "sum" and s.coordinate_ranges(1) == [(0, 100 * 2**16)]
+    assert s.sensitivities() == (100 * 2**16, 100.0 * 2**16)
 
 
 def test_unknown_stream_key():
@@ -43,11 +44,18 @@ def test_unknown_enclave_key():
     policy_error({"paillier_bits": 2048, "paillier_bit": 3072}, {"s": stream_table()}, "enclave: unknown key")
 
 
-@pytest.mark.parametrize("key", ["lower", "upper", "min_batch", "mechanism", "epsilon"])
+@pytest.mark.parametrize("key", ["min_batch", "mechanism", "epsilon", "budget_epsilon"])
 def test_missing_required_key(key):
     table = stream_table()
     table.pop(key)
     policy_error(SECURE, {"s": table}, f"missing required key '{key}'")
+
+
+@pytest.mark.parametrize("key", ["lower", "upper"])
+def test_missing_bounds(key):
+    table = stream_table()
+    table.pop(key)
+    policy_error(SECURE, {"s": table}, "missing lower and upper")
 
 
 def test_sensitivity_cannot_be_typed_in():
@@ -180,9 +188,9 @@ def test_record_age_and_skew(enclave):
 def test_canonical_bytes_do_not_depend_on_key_order_or_number_spelling():
     a_stream = {"dimension": 2, "lower": -1, "upper": 3, "window_records": 10, "window_seconds": 30,
                 "min_batch": 4, "mechanism": "gaussian", "epsilon": 2, "delta": 1e-6, "fraction_bits": 8,
-                "count_share": 0.25}
+                "count_share": 0.25, "budget_epsilon": 20, "budget_delta": 1e-5}
     b_stream = dict(reversed(list(a_stream.items())))
-    b_stream.update(lower=-1.0, upper=3.0, epsilon=2.0)
+    b_stream.update(lower=-1.0, upper=3.0, epsilon=2.0, budget_epsilon=20.0)
     a = EnclavePolicy.from_mapping({"paillier_bits": 2048, "max_clock_skew_seconds": 10},
                                    {"x": a_stream, "y": stream_table()})
     b = EnclavePolicy.from_mapping({"max_clock_skew_seconds": 10.0, "paillier_bits": 2048},
@@ -363,7 +371,7 @@ def test_load(tmp_path):
         f'[trust]\nplatform_key = "{PLATFORM_KEY}"\nmeasurements = ["{MEASUREMENT}"]\n'
         "[enclave]\npaillier_bits = 2048\n"
         '[streams.purchases]\nlower = 0.0\nupper = 100.0\nwindow_records = 100\nmin_batch = 10\n'
-        'mechanism = "laplace"\nepsilon = 1.0\n'
+        'mechanism = "laplace"\nepsilon = 1.0\nbudget_epsilon = 10\n'
     )
     cfg = config_mod.load(path, env={})
     assert cfg.path == path and set(cfg.policy.streams) == {"purchases"}
@@ -378,3 +386,15 @@ def test_load(tmp_path):
 def test_env_defaults_to_os_environ(monkeypatch):
     monkeypatch.setitem(os.environ, "AMQP_URL", "amqp://from-env/")
     assert config_mod.from_mapping(full()).broker.url == "amqp://from-env/"
+
+
+@pytest.mark.parametrize("table", [
+    dict(kind="histogram", dimension=None, lower=None, upper=None, edges=[0, 1, 5]),
+    dict(kind="vector", dimension=3, lower=[0.0, -1.0, 2.0], upper=[1.0, 1.0, 3.0]),
+    dict(kind="vector", dimension=2, lower=None, upper=None, l2_bound=2.5, mechanism="gaussian", delta=1e-6),
+    dict(kind="mean", max_records_per_producer=2, window_seconds=5.0),
+])
+def test_every_kind_round_trips_through_its_canonical_bytes(table):
+    """What the enclave attests, clients must be able to parse back to the same policy."""
+    p = EnclavePolicy.from_mapping(SECURE, {"s": stream_table(**table)})
+    assert EnclavePolicy.from_bytes(p.to_bytes()) == p

@@ -66,15 +66,15 @@ def test_laplace_plan_by_hand(f, bound, share):
 
 
 def test_laplace_literal_values():
-    p = privacy.plan("laplace", [5, 5, 5], 1.0, 0.0, 0.5)
+    p = privacy.plan("laplace", 15, 3 ** 0.5 * 5, 1.0, 0.0, 0.5)
     assert (p.sum_scale, p.count_scale) == (30.0, 2.0)
-    p = privacy.plan("laplace", [80, 80, 80], 1.0, 0.0, 0.25)
+    p = privacy.plan("laplace", 240, 3 ** 0.5 * 80, 1.0, 0.0, 0.25)
     assert (p.sum_scale, p.count_scale) == (320.0, 4.0)
 
 
 def test_smaller_epsilon_means_more_noise():
-    strong = privacy.plan("laplace", [5], 0.1, 0.0, 0.5)
-    weak = privacy.plan("laplace", [5], 10.0, 0.0, 0.5)
+    strong = privacy.plan("laplace", 5, 5.0, 0.1, 0.0, 0.5)
+    weak = privacy.plan("laplace", 5, 5.0, 10.0, 0.0, 0.5)
     assert strong.sum_scale > weak.sum_scale and strong.count_scale > weak.count_scale
 
 
@@ -120,9 +120,9 @@ def test_noise_std():
     lambda: privacy.rho_from_epsilon_delta(1, 1),
     lambda: privacy.epsilon_from_rho_delta(-1e-3, 1e-6),
     lambda: privacy.epsilon_from_rho_delta(1, 1.5),
-    lambda: privacy.plan("laplace", [1], 1.0, 0.0, 0.0),
-    lambda: privacy.plan("laplace", [1], 1.0, 0.0, 1.0),
-    lambda: privacy.plan("exponential", [1], 1.0, 0.0, 0.5),
+    lambda: privacy.plan("laplace", 1, 1.0, 1.0, 0.0, 0.0),
+    lambda: privacy.plan("laplace", 1, 1.0, 1.0, 0.0, 1.0),
+    lambda: privacy.plan("exponential", 1, 1.0, 1.0, 0.0, 0.5),
 ])
 def test_out_of_range_arguments(call):
     with pytest.raises(ValueError):

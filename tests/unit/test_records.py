@@ -149,7 +149,7 @@ def _raw_envelope(world: World, *, count: int = 1, width: int | None = None, nam
     keys = world.attested.keys
     width = keys.ciphertext_width if width is None else width
     cts = valid_ct(world).to_bytes(keys.ciphertext_width, "big") if cts is None else cts
-    return (wire.ENVELOPE_MAGIC + os.urandom(16) + struct.pack(">IQQB", keys.epoch, NOW, 0, len(name)) + name
+    return (wire.ENVELOPE_MAGIC + os.urandom(16) + bytes(16) + struct.pack(">IQQB", keys.epoch, NOW, 0, len(name)) + name
             + struct.pack(">HH", count, width) + cts)
 
 
@@ -307,15 +307,17 @@ def test_rejection_counters_add_up(world):
 
 # -- tamper matrices ------------------------------------------------------------------
 # A sealed box is ephemeral key (32) | MAC (16) | ciphertext; the ciphertext covers the
-# envelope: magic 4 | id 16 | epoch 4 | sent_at 8 | window 8 | name length 1 | name | count 2 | width 2 | cts.
+# envelope: magic 4 | record id 16 | producer id 16 | epoch 4 | sent_at 8 | window 8 | name length 1 |
+# name | count 2 | width 2 | cts.
 SEALED_REGIONS = {
     "ephemeral-key": (0, 32),
     "mac": (32, 48),
     "magic": (48, 52),
     "record-id": (52, 68),
-    "epoch-time-window": (68, 88),
-    "name-count-width": (88, 94),
-    "ciphertext": (94, None),
+    "producer-id": (68, 84),
+    "epoch-time-window": (84, 104),
+    "name-count-width": (104, 110),
+    "ciphertext": (110, None),
 }
 
 
@@ -344,14 +346,15 @@ ACCEPTED = None
 ENVELOPE_FIELDS = {
     "magic": ((0, 4), {RejectReason.MALFORMED}),
     "record-id": ((4, 20), {ACCEPTED}),
-    "epoch": ((20, 24), {RejectReason.WRONG_EPOCH}),
-    "sent-at": ((24, 32), {ACCEPTED, RejectReason.EXPIRED, RejectReason.FROM_FUTURE}),
-    "window": ((32, 40), {ACCEPTED, RejectReason.FUTURE_WINDOW}),
-    "name-length": ((40, 41), {RejectReason.MALFORMED}),
-    "name": ((41, 42), {RejectReason.MALFORMED, RejectReason.UNKNOWN_STREAM}),
-    "count": ((42, 44), {RejectReason.MALFORMED}),
-    "width": ((44, 46), {RejectReason.MALFORMED}),
-    "ciphertext": ((46, None), {ACCEPTED, RejectReason.BAD_CIPHERTEXT}),
+    "producer-id": ((20, 36), {ACCEPTED}),
+    "epoch": ((36, 40), {RejectReason.WRONG_EPOCH}),
+    "sent-at": ((40, 48), {ACCEPTED, RejectReason.EXPIRED, RejectReason.FROM_FUTURE}),
+    "window": ((48, 56), {ACCEPTED, RejectReason.FUTURE_WINDOW}),
+    "name-length": ((56, 57), {RejectReason.MALFORMED}),
+    "name": ((57, 58), {RejectReason.MALFORMED, RejectReason.UNKNOWN_STREAM}),
+    "count": ((58, 60), {RejectReason.MALFORMED}),
+    "width": ((60, 62), {RejectReason.MALFORMED}),
+    "ciphertext": ((62, None), {ACCEPTED, RejectReason.BAD_CIPHERTEXT}),
 }
 
 
@@ -391,12 +394,12 @@ def test_tamper_matrix_resealed_specific_flips(big_window):
         t[i] ^= mask
         return w.enclave.on_record(seal_bytes(w, bytes(t)), NOW)
 
-    assert flipped(41, 0x01).rejection.reason is RejectReason.UNKNOWN_STREAM  # "s" -> "r"
-    assert flipped(41, 0x80).rejection.reason is RejectReason.MALFORMED  # not ASCII
-    assert flipped(39, 0x02).rejection.reason is RejectReason.FUTURE_WINDOW  # window 2
-    assert flipped(39, 0x01).rejection is None  # window 1 is the open one
-    assert flipped(24, 0x80).rejection.reason is RejectReason.FROM_FUTURE
-    assert flipped(23, 0x04).rejection.reason is RejectReason.WRONG_EPOCH
+    assert flipped(57, 0x01).rejection.reason is RejectReason.UNKNOWN_STREAM  # "s" -> "r"
+    assert flipped(57, 0x80).rejection.reason is RejectReason.MALFORMED  # not ASCII
+    assert flipped(55, 0x02).rejection.reason is RejectReason.FUTURE_WINDOW  # window 2
+    assert flipped(55, 0x01).rejection is None  # window 1 is the open one
+    assert flipped(40, 0x80).rejection.reason is RejectReason.FROM_FUTURE
+    assert flipped(39, 0x04).rejection.reason is RejectReason.WRONG_EPOCH
     assert flipped(len(envelope(w).to_bytes()) - 1, 0x01).rejection.reason is RejectReason.BAD_CIPHERTEXT  # 1 -> 0
     assert flipped(len(envelope(w).to_bytes()) - 1, 0x02).rejection is None  # 1 -> 3, a unit mod n²
 
@@ -412,14 +415,14 @@ def test_window_closes_at_window_records_and_releases_once(world):
     assert len(out.releases) == 1
     rel = out.releases[0]
     assert (rel.stream, rel.window) == ("s", 1)
-    assert rel.release.window == 1 and rel.release.dimension == 1
+    assert rel.message.window == 1 and rel.message.dimension == 1
     assert e.keys.decryptions == 1
     assert e.stats.windows_released == 1 and e.stats.accepted == 5
     assert e.streams["s"].current.index == 2 and e.streams["s"].current.count == 0
     # The stored release is what a retry republishes: the same bytes, no new noise.
-    assert e.pending[("s", 1)] is rel
+    assert e.pending["s/1"] is rel
     assert e.on_tick(NOW + 3_600_000) == ()
-    assert e.pending[("s", 1)].body == rel.body
+    assert e.pending["s/1"].body == rel.body
     e.confirm_published(rel)
     assert e.pending == {}
     # Ticks release nothing more and decrypt nothing more.
@@ -437,9 +440,9 @@ def test_released_sum_matches_the_records(small_keys):
     for v in values:
         releases = w.enclave.on_record(w.sealer.seal("s", v, now_ms=NOW).body, NOW).releases
     (rel,) = releases
-    assert rel.release.count == 4
-    assert rel.release.sum == pytest.approx([5.0, -8.0], abs=0.01)
-    assert rel.release.mean == pytest.approx([1.25, -2.0], abs=0.01)
+    assert rel.message.count == 4
+    assert rel.message.sum == pytest.approx([5.0, -8.0], abs=0.01)
+    assert rel.message.mean == pytest.approx([1.25, -2.0], abs=0.01)
 
 
 def test_decryptions_go_up_by_dimension_per_window(small_keys):

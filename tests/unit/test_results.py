@@ -11,13 +11,13 @@ from common import signing, wire
 from common.errors import InvalidMessage, InvalidResultSignature
 from common.results import Release, verify_result
 from consumers.client import ResultVerifier
-from sidecar.enclave.release import SignedRelease
+from sidecar.enclave.release import Publication
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
 NOW = now_ms()
 
 
-def release_one(world: World, values=None, stream: str = "s") -> SignedRelease:
+def release_one(world: World, values=None, stream: str = "s") -> Publication:
     """Drive the real enclave until it releases a window."""
     values = values or [[float(i)] for i in range(1, 100)]
     for v in values:
@@ -29,7 +29,7 @@ def release_one(world: World, values=None, stream: str = "s") -> SignedRelease:
 
 
 @pytest.fixture
-def released(world) -> SignedRelease:
+def released(world) -> Publication:
     return release_one(world)
 
 
@@ -40,7 +40,7 @@ def resign(world: World, payload: bytes, key=None, label: str = signing.RESULT) 
 
 def test_real_release_verifies(world, released):
     rel = verify_result(released.body, world.attested)
-    assert rel == released.release
+    assert rel == released.message
     assert rel.stream == "s" and rel.window == 1 and rel.dimension == 1
     assert rel.measurement == world.measurement.hex()
     assert rel.key_epoch == world.attested.keys.epoch
@@ -76,7 +76,7 @@ def test_every_byte_flip_is_refused(world, released):
             assert type(exc.value) is InvalidResultSignature, (i, mask)
             flips += 1
     assert verifier.rejected == flips
-    assert verifier.verify(body) == released.release
+    assert verifier.verify(body) == released.message
     assert verifier.rejected == flips
 
 
@@ -115,7 +115,7 @@ def test_signed_under_another_label(world, released):
         verify_result(resign(world, payload, label=signing.QUOTE), world.attested)
 
 
-def _altered(released: SignedRelease, **changes) -> bytes:
+def _altered(released: Publication, **changes) -> bytes:
     raw = json.loads(wire.SignedMessage.from_bytes(released.body).payload)
     raw.update(changes)
     return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
@@ -126,12 +126,12 @@ def test_right_key_but_another_measurement(world, released):
     with pytest.raises(InvalidResultSignature):
         verify_result(resign(world, payload), world.attested)
     # The same re-signing with the right measurement is accepted: the check above is the measurement.
-    assert verify_result(resign(world, _altered(released)), world.attested) == released.release
+    assert verify_result(resign(world, _altered(released)), world.attested) == released.message
 
 
 def test_altered_payload_without_resigning(world, released):
     msg = wire.SignedMessage.from_bytes(released.body)
-    forged = wire.SignedMessage(_altered(released, count=released.release.count + 1000), msg.signature)
+    forged = wire.SignedMessage(_altered(released, count=released.message.count + 1000), msg.signature)
     with pytest.raises(InvalidResultSignature):
         verify_result(forged.to_bytes(), world.attested)
 
@@ -176,6 +176,6 @@ def test_missing_field(world, released):
 
 
 def test_payload_round_trip_is_canonical(released):
-    rel = released.release
+    rel = released.message
     assert Release.from_payload(rel.to_payload()) == rel
     assert wire.SignedMessage.from_bytes(released.body).payload == rel.to_payload()

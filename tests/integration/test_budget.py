@@ -1,0 +1,100 @@
+"""The privacy budget over the real broker and real processes: releases stop exactly at
+the budget with one signed notice, a restart continues the spend, a rolled-back
+ledger stops the enclave, and `sealedsum budget` reports it all, signed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from common import amqp
+from common.results import BudgetExhausted, Release
+from consumers.client import Consumer
+from producers.client import Producer
+from tests.integration.conftest import launch, relaunch
+from tests.integration.test_cli import run
+from tests.integration.test_end_to_end import capture_queue, drain
+
+pytestmark = pytest.mark.integration
+
+STREAM = {"dimension": 1, "lower": 0.0, "upper": 10.0, "window_records": 2, "min_batch": 1,
+          "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 3.0}
+
+
+def collect(consumer, n, timeout=30):
+    out = []
+    for message in consumer.releases(idle_timeout=timeout):
+        out.append(message)
+        if len(out) >= n:
+            break
+    return out
+
+
+def test_releases_stop_at_the_budget_with_one_signed_notice(sidecar_factory):
+    sc = sidecar_factory({"s": STREAM})
+    t = sc.config.broker.topology
+    dead_conn, dead_q = capture_queue(sc, t.rejected_exchange, "")
+    with Consumer(sc.config, "s") as consumer:
+        with Producer(sc.config) as producer:
+            for i in range(10):
+                producer.send("s", [float(i)])
+        messages = collect(consumer, 4)
+        assert [type(m) for m in messages] == [Release, Release, Release, BudgetExhausted]
+        assert [m.window for m in messages[:3]] == [1, 2, 3]
+        assert [m.budget["spent_epsilon"] for m in messages[:3]] == [1.0, 2.0, 3.0]
+        assert messages[3].budget["remaining_releases"] == 0
+        assert collect(consumer, 1, timeout=3) == []  # the notice comes once, nothing after it
+        report = consumer.budget("s")
+    dead = drain(dead_conn, dead_q, expect=4)
+    assert [p.headers["x-sealedsum-reason"] for p, _ in dead] == ["budget_exhausted"] * 4
+    assert report.exhausted and report.budget["releases"] == 3
+    out = run("budget", "--config", str(sc.config_path), "--stream", "s", "--json")
+    assert out.returncode == 0, out.stderr
+    view = json.loads(out.stdout)
+    assert view["exhausted"] is True and view["spent_epsilon"] == 3.0 and view["remaining_releases"] == 0
+
+
+def test_a_restart_continues_the_spend(sidecar_factory):
+    sc = sidecar_factory({"s": dict(STREAM, budget_epsilon=4.0)})
+    with Consumer(sc.config, "s") as consumer:
+        with Producer(sc.config) as producer:
+            for i in range(4):
+                producer.send("s", [1.0])
+        assert [m.window for m in collect(consumer, 2)] == [1, 2]
+    assert sc.stop() == 0
+    relaunch(sc)
+    with Consumer(sc.config, "s") as consumer:
+        report = consumer.budget("s")
+        assert report.budget["releases"] == 2 and report.budget["spent_epsilon"] == 2.0
+        with Producer(sc.config) as producer:
+            for i in range(6):
+                producer.send("s", [1.0])
+        messages = collect(consumer, 3)
+    # Window numbers and the spend continue: two more releases, then the notice.
+    assert [type(m) for m in messages] == [Release, Release, BudgetExhausted]
+    assert [m.window for m in messages[:2]] == [3, 4]
+    assert messages[1].budget["spent_epsilon"] == 4.0
+    assert messages[1].budget["ledger_head"] == messages[2].budget["ledger_head"]
+
+
+def test_a_rolled_back_ledger_is_detected(sidecar_factory, tmp_path):
+    sc = sidecar_factory({"s": STREAM})
+    with Consumer(sc.config, "s") as consumer, Producer(sc.config) as producer:
+        for i in range(2):
+            producer.send("s", [1.0])
+        collect(consumer, 1)
+        time.sleep(1.5)  # the tick after the confirm seals the state without pending
+        (state_file,) = list(sc.state.rglob("state.sealed"))
+        shutil.copy(state_file, tmp_path / "after-one-release")
+        for i in range(2):
+            producer.send("s", [1.0])
+        collect(consumer, 1)
+    assert sc.stop() == 0
+    shutil.copy(tmp_path / "after-one-release", state_file)  # the operator rolls the spend back
+    proc = launch(sc)
+    assert proc.wait(timeout=60) == 2  # the platform does not restart an enclave that refused
+    (event,) = sc.events("sealed state rolled back; refusing to start")
+    assert "older copy" in event["detail"]
