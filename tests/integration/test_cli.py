@@ -93,7 +93,7 @@ def test_demo_prints_releases_and_exits_0(amqp_url, tmp_path):
     out = run("demo", "--rounds", "1", "--producers", "2", "--records", "10", "--state", str(tmp_path / "demo"),
               env={"AMQP_URL": amqp_url}, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "purchases window 1" in out.stdout and "wellbeing window 1" in out.stdout
+    assert "purchases    window 1" in out.stdout and "basket_sizes window 1" in out.stdout
     assert out.stdout.count("released") >= 5
     cfg = tomllib.loads((tmp_path / "demo" / "sealedsum.toml").read_text())
     assert len(cfg["trust"]["measurements"][0]) == 64
