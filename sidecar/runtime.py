@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 import pika
 import pika.exceptions as pe
@@ -20,10 +19,18 @@ from common import amqp
 from common.config import BrokerSettings
 from common.errors import InvalidMessage, TransportError, Unroutable
 from sidecar.enclave.service import Enclave
+from sidecar.enclave.state import SealedStateStore
 
 log = logging.getLogger("sealedsum.runtime")
 
 PREFETCH = 64
+# Acknowledge in batches, each after one checkpoint covering it (multiple=True).
+ACK_BATCH = 32
+# How long a delivery may wait for its batch when records trickle in.
+FLUSH_EVERY_S = 0.1
+# A journal this large, or a base this old, is folded into a fresh base.
+JOURNAL_MAX_BYTES = 8 << 20
+BASE_EVERY_S = 60.0
 # Quorum queues count deliveries: a message that crashes the enclave again and again
 # is dead-lettered by the broker after this many attempts instead of looping forever.
 DELIVERY_LIMIT = 20
@@ -56,14 +63,18 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
 
 
 class EnclaveRuntime:
-    """:param persist: saves the enclave's sealed state; called whenever it changed,
-    before anything that depends on it leaves the process."""
+    """:param store: where checkpoints go; written whenever the enclave's state changed,
+    before the records behind the change are acknowledged and before anything that
+    depends on it leaves the process. ``None`` keeps state in memory only (tests)."""
 
     def __init__(self, enclave: Enclave, settings: BrokerSettings,
-                 persist: Callable[[dict], None] | None = None) -> None:
+                 store: SealedStateStore | None = None) -> None:
         self.enclave = enclave
         self.settings = settings
-        self._persist = persist
+        self._store = store
+        self._unacked: list[int] = []
+        self._channel = None
+        self._last_base = time.monotonic()
         self.stopping = False
         self._connection = None
         self._publish = None
@@ -83,7 +94,8 @@ class EnclaveRuntime:
                 self._connect()
                 backoff = 1.0
                 while not self.stopping:
-                    self._connection.process_data_events(time_limit=0.5)
+                    self._connection.process_data_events(time_limit=FLUSH_EVERY_S)
+                    self.flush()
                     self._tick()
             except (TransportError, pe.AMQPConnectionError, pe.AMQPChannelError) as err:
                 if self.stopping:
@@ -93,10 +105,16 @@ class EnclaveRuntime:
                 self._close()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self.flush()  # a clean stop leaves nothing to redeliver
+            except (TransportError, pe.AMQPError):
+                pass
         self._close()
         self.log_stats()
 
     def _connect(self) -> None:
+        self._unacked.clear()  # the broker redelivers them on the new channel
         self._connection = amqp.connect(self.settings)
         channel = self._connection.channel()
         declare_topology(channel, self.settings)
@@ -120,26 +138,51 @@ class EnclaveRuntime:
 
     # -- callbacks --------------------------------------------------------------------
     def persist(self) -> None:
-        if self.enclave.dirty and self._persist is not None:
-            self._persist(self.enclave.snapshot())
+        """Checkpoint what changed: a journal append, or now and then a fresh base."""
+        if not self.enclave.dirty:
+            return
+        store = self._store
+        if store is None:
+            self.enclave.journal_entry()  # nothing to write to; drop the change list
+        elif (store.version == 0 or store.journal_bytes > JOURNAL_MAX_BYTES
+              or time.monotonic() - self._last_base > BASE_EVERY_S):
+            store.save(self.enclave.snapshot())
+            self._last_base = time.monotonic()
+        else:
+            store.append(self.enclave.journal_entry())
         self.enclave.dirty = False
 
+    def flush(self) -> None:
+        """Checkpoint, then acknowledge every record the checkpoint covers, in one ack."""
+        self.persist()
+        if self._unacked:
+            self._channel.basic_ack(self._unacked[-1], multiple=True)
+            self._unacked.clear()
+
     def _on_record(self, channel, method, _props, body: bytes) -> None:
+        self._channel = channel
         outcome = self.enclave.on_record(body, now_ms())
-        self.persist()  # a release and its ledger charge are sealed to disk before they leave
-        if outcome.rejection is not None:
-            r = outcome.rejection
-            if r.reason.value == "duplicate" and method.redelivered:
-                # Our own ack was lost: this record is already counted.
-                log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
-            else:
-                headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
-                           "x-sealedsum-rejected-at": now_ms()}
-                amqp.publish_confirmed(self._publish, self.settings.topology.rejected_exchange, "", body,
-                                       amqp.properties("rejected-record", headers=headers), mandatory=False)
-                log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
-        for release in outcome.releases:
-            self._publish_release(release)
+        if outcome.rejection is None:
+            self._unacked.append(method.delivery_tag)
+            if outcome.releases:
+                self.persist()  # a release and its ledger charge are sealed before they leave
+                for release in outcome.releases:
+                    self._publish_release(release)
+                self.flush()
+            elif len(self._unacked) >= ACK_BATCH:
+                self.flush()
+            return
+        self.flush()  # keep acks in delivery order: what came before is checkpointed first
+        r = outcome.rejection
+        if r.reason.value == "duplicate" and method.redelivered:
+            # Our own ack was lost: this record is already counted.
+            log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
+        else:
+            headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
+                       "x-sealedsum-rejected-at": now_ms()}
+            amqp.publish_confirmed(self._publish, self.settings.topology.rejected_exchange, "", body,
+                                   amqp.properties("rejected-record", headers=headers), mandatory=False)
+            log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
         channel.basic_ack(method.delivery_tag)
 
     def _on_attest(self, channel, _method, props, body: bytes) -> None:

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     measurement = bytes.fromhex(init["measurement"])
     sealing_key = base64.b64decode(init["sealing_key"])
     directory = enclave_dir(Path(init["state_dir"]), measurement)
-    store = SealedStateStore(directory / "state.sealed", sealing_key, measurement, PlatformCounter(channel))
+    store = SealedStateStore(directory, sealing_key, measurement, PlatformCounter(channel))
     try:
         keys = load_or_create_keys(directory, sealing_key, measurement, policy.paillier_bits)
         state = store.load()
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         log.error("cannot unseal keys or state", extra={"fields": {"detail": str(err)}})
         return EXIT_CONFIG
     if state is not None:
-        log.info("state unsealed", extra={"fields": {"version": store.version}})
+        log.info("state unsealed", extra={"fields": {"version": store.version, "journal_entries": len(state) - 1}})
 
     def quote(report_data: bytes) -> bytes:
         return base64.b64decode(channel.request({"op": "quote", "report_data": report_data.hex()})["quote"])
@@ -96,8 +96,9 @@ def main(argv: list[str]) -> int:
     b = init["broker"]
     from sidecar.runtime import EnclaveRuntime  # pika only once the core is set up
 
-    runtime = EnclaveRuntime(enclave, BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"]),
-                             persist=store.save)
+    store.save(enclave.snapshot())  # every start begins a fresh base (and compacts the journal)
+    enclave.dirty = False
+    runtime = EnclaveRuntime(enclave, BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"]), store)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     signal.signal(signal.SIGINT, lambda *_: runtime.stop())
     channel.send({"op": "ready", "pid": os.getpid(), "hardening": report, "key_epoch": keys.epoch})

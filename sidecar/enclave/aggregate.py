@@ -33,6 +33,22 @@ class Window:
         # 1 is the ciphertext of 0 with randomness 1: the identity of Paillier addition.
         return cls(stream.name, index, [EncryptedNumber(public_key, 1, 0) for _ in range(stream.dimension)])
 
+    def to_json(self) -> dict:
+        """Checkpoint form. Totals are ciphertexts: safe to write, they reveal nothing."""
+        return {
+            "index": self.index, "count": self.count, "opened_at_ms": self.opened_at_ms,
+            "totals": [format(t.ciphertext(be_secure=False), "x") for t in self.totals],
+            "contributors": {pid.hex(): n for pid, n in self.contributors.items()},
+        }
+
+    @classmethod
+    def from_json(cls, stream: StreamPolicy, raw: dict, public_key: PaillierPublicKey) -> "Window":
+        totals = [EncryptedNumber(public_key, int(c, 16), 0) for c in raw["totals"]]
+        if len(totals) != stream.dimension:
+            raise ValueError("checkpointed window has the wrong dimension")
+        return cls(stream.name, int(raw["index"]), totals, int(raw["count"]), raw["opened_at_ms"],
+                   {bytes.fromhex(pid): int(n) for pid, n in raw["contributors"].items()})
+
     def fold(self, ciphertexts: tuple[int, ...], public_key: PaillierPublicKey, now_ms: int) -> None:
         self.totals = [t + EncryptedNumber(public_key, c, 0) for t, c in zip(self.totals, ciphertexts)]
         self.count += 1
@@ -82,12 +98,16 @@ class StreamState:
                                      f"producer {envelope.producer_id.hex()} has {already} record(s) in this window "
                                      f"(limit {limit})")
             self.current.contributors[envelope.producer_id] = already + 1
-        self.seen[envelope.record_id] = forget_at_ms
-        heapq.heappush(self._expiry, (forget_at_ms, envelope.record_id))
+        self.remember(envelope.record_id, forget_at_ms)
         self.current.fold(envelope.ciphertexts, self.public_key, now_ms)
         if self.current.count >= self.policy.max_window_records:
             return self._close()
         return None
+
+    def remember(self, record_id: bytes, forget_at_ms: int) -> None:
+        """Count ``record_id`` as seen until ``forget_at_ms`` (also used to restore a checkpoint)."""
+        self.seen[record_id] = forget_at_ms
+        heapq.heappush(self._expiry, (forget_at_ms, record_id))
 
     def due(self, now_ms: int) -> Window | None:
         """Close the open window if its time span has passed."""

@@ -66,7 +66,7 @@ class Enclave:
         code_digest: bytes,
         measurement: bytes,
         quote: Callable[[bytes], bytes],
-        state: dict | None = None,
+        state: list[dict] | None = None,
         now_ms: int = 0,
     ) -> None:
         self.keys = keys
@@ -84,6 +84,8 @@ class Enclave:
         self.pending: dict[str, Publication] = {}
         # Set when something the sealed state holds changed; the runtime persists and clears it.
         self.dirty = False
+        # Record ids accepted since the last checkpoint: (stream, id, forget_at_ms).
+        self._new_seen: list[tuple[str, bytes, int]] = []
         if state is not None:
             self._restore(state)
         for name, ledger in self.ledgers.items():
@@ -132,6 +134,8 @@ class Enclave:
             check_age(envelope, self.policy, now_ms)
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
             closed = state.accept(envelope, forget_at, now_ms)
+            self._new_seen.append((stream.name, envelope.record_id, forget_at))
+            self.dirty = True
         except RecordRejected as rejection:
             self.stats.rejected[rejection.reason.value] += 1
             return RecordOutcome(rejection=rejection)
@@ -192,14 +196,15 @@ class Enclave:
         return notice
 
     # -- sealed state ------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        """What must survive a restart: ledgers, window numbers, exhaustion, unconfirmed
-        publications (so a retry never draws new noise)."""
+    # What must survive a crash: open windows (ciphertext totals, counts, contributors),
+    # record ids within the replay horizon, ledgers, window numbers, exhaustion, and
+    # signed but unconfirmed publications (so a retry never draws new noise).
+    def _core(self) -> dict:
         return {
             "version": STATE_VERSION,
             "key_epoch": self.keys.epoch,
             "streams": {
-                name: {"window": self.streams[name].current.index, "ledger": self.ledgers[name].to_json(),
+                name: {"window": self.streams[name].current.to_json(), "ledger": self.ledgers[name].to_json(),
                        "exhausted": name in self.exhausted}
                 for name in self.policy.streams
             },
@@ -207,16 +212,36 @@ class Enclave:
                         for key, p in self.pending.items()},
         }
 
-    def _restore(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError("sealed state has an unknown version")
-        for name, raw in state["streams"].items():
+    def snapshot(self) -> dict:
+        """The whole state, for a fresh checkpoint base."""
+        self._new_seen.clear()
+        return {"core": self._core(), "seen": {
+            name: [[rid.hex(), t] for rid, t in st.seen.items()] for name, st in self.streams.items()}}
+
+    def journal_entry(self) -> dict:
+        """The change since the last checkpoint: the (small) core, and the new record ids."""
+        new, self._new_seen = self._new_seen, []
+        seen: dict[str, list] = {}
+        for stream, rid, t in new:
+            seen.setdefault(stream, []).append([rid.hex(), t])
+        return {"core": self._core(), "seen": seen}
+
+    def _restore(self, checkpoints: list[dict]) -> None:
+        """Apply a base snapshot and the journal entries after it, in order."""
+        for checkpoint in checkpoints:
+            for name, ids in checkpoint["seen"].items():
+                for rid, t in ids:
+                    self.streams[name].remember(bytes.fromhex(rid), int(t))
+        core = checkpoints[-1]["core"]
+        if core.get("version") != STATE_VERSION or core.get("key_epoch") != self.keys.epoch:
+            raise ValueError("sealed state has an unknown version or another key epoch")
+        for name, raw in core["streams"].items():
             policy = self.policy.streams[name]
             self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"])
-            self.streams[name].current = Window.empty(policy, int(raw["window"]), self.keys.paillier_public)
+            self.streams[name].current = Window.from_json(policy, raw["window"], self.keys.paillier_public)
             if raw["exhausted"]:
                 self.exhausted.add(name)
-        for key, raw in state["pending"].items():
+        for key, raw in core["pending"].items():
             body = base64.b64decode(raw["body"])
             payload = wire.SignedMessage.from_bytes(body).payload
             kind = json.loads(payload)["kind"]

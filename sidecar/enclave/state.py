@@ -1,20 +1,27 @@
-"""The enclave's sealed state on disk, protected against rollback.
+"""The enclave's sealed state on disk: a base snapshot and a journal, protected
+against rollback.
 
-The state (ledgers, window numbers, unconfirmed publications) is sealed and written
-with write-then-rename and fsync. Sealing stops tampering but not replaying an older
-file; for that the platform keeps a monotonic counter per measurement, and every
-sealed state carries a version:
+Every checkpoint has a version. A *base* (``state.sealed``) holds the whole state; a
+*journal* (``state.journal``) holds the changes since, one sealed chunk per checkpoint,
+so acknowledging a batch of records costs one small append and one fsync instead of
+rewriting every record id in the replay horizon. Sealing stops tampering but not
+replaying an older file; for that the platform keeps a monotonic counter per
+measurement:
 
-- save: write version v+1, then advance the platform counter to v+1;
-- load: the file's version must equal the counter, or be one ahead (a crash between
-  the two steps, after which the counter catches up). Anything older, or a missing
-  file when the counter says one was written, is a rollback: the enclave refuses to
-  start rather than trust it.
+- a checkpoint writes version v+1 (base: write-then-rename; journal: append), fsyncs,
+  then advances the platform counter to v+1;
+- loading replays the base and the consecutive journal chunks after it; the last
+  version must equal the counter, or be one ahead (a crash between the two steps,
+  after which the counter catches up). Anything older, or no state when the counter
+  says some was written, is a rollback: the enclave refuses to start rather than
+  trust it. A torn last chunk (a crash mid-append, before its counter step) is cut off.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +30,8 @@ from sidecar.durable import write_atomic
 from sidecar.enclave import sealing
 
 STATE_AAD = b"sealedsum/v1/sealed-state\x00"
+JOURNAL_AAD = b"sealedsum/v1/sealed-journal\x00"
+CHUNK_HEAD = struct.Struct(">QI")  # version, sealed length
 
 
 class RollbackDetected(SealingError):
@@ -36,39 +45,101 @@ class MonotonicCounter(Protocol):
 
 
 class SealedStateStore:
-    def __init__(self, path: Path, sealing_key: bytes, measurement: bytes, counter: MonotonicCounter) -> None:
-        self.path = path
+    def __init__(self, directory: Path, sealing_key: bytes, measurement: bytes, counter: MonotonicCounter) -> None:
+        self.base_path = directory / "state.sealed"
+        self.journal_path = directory / "state.journal"
         self._key = sealing_key
         self._measurement = measurement
         self._counter = counter
         self.version = 0
+        self.journal_bytes = 0
 
-    def load(self) -> dict | None:
-        """The last saved state, or ``None`` on first start.
+    # -- reading ---------------------------------------------------------------------------
+    def load(self) -> list[dict] | None:
+        """The base and the journal entries after it, in order; ``None`` on first start.
 
-        :raises RollbackDetected: the file is older than the counter, or gone.
-        :raises SealingError: the file does not open (tampered, or other code).
+        :raises RollbackDetected: the state is older than the counter, or gone.
+        :raises SealingError: a file does not open (tampered, or other code).
         """
         expected = self._counter.read()
-        if not self.path.exists():
+        if not self.base_path.exists():
             if expected:
-                raise RollbackDetected(f"sealed state {self.path} is missing but version {expected} was written")
+                raise RollbackDetected(f"sealed state {self.base_path} is missing but version {expected} was written")
             return None
-        doc = json.loads(sealing.unseal(self._key, self._measurement, self.path.read_bytes(), STATE_AAD))
+        doc = json.loads(sealing.unseal(self._key, self._measurement, self.base_path.read_bytes(), STATE_AAD))
         version = int(doc["version"])
+        checkpoints = [doc["state"]]
+        good_end = 0
+        if self.journal_path.exists():
+            data = self.journal_path.read_bytes()
+            pos = 0
+            while pos < len(data):
+                entry, chunk_version, end = self._read_chunk(data, pos)
+                if entry is None:  # torn tail: the crash came before this chunk's counter step
+                    if end < len(data):
+                        raise SealingError("the sealed journal is damaged before its end")
+                    break
+                if chunk_version <= version:
+                    pos = good_end = end  # left over from before the base was rewritten
+                    continue
+                if chunk_version != version + 1:
+                    raise SealingError("the sealed journal skips a version")
+                checkpoints.append(entry)
+                version, pos, good_end = chunk_version, end, end
+            if good_end < len(data):
+                os.truncate(self.journal_path, good_end)
         if version < expected:
             raise RollbackDetected(f"sealed state is version {version}; the platform counter says {expected}: "
                                    "an older copy was put back")
         if version > expected + 1:
             raise RollbackDetected(f"sealed state version {version} is ahead of the platform counter {expected}")
         if version == expected + 1:
-            self._counter.advance(version)  # the last save crashed before its counter step
-        self.version = version
-        return doc["state"]
+            self._counter.advance(version)  # the last checkpoint crashed before its counter step
+        self.version, self.journal_bytes = version, good_end
+        return checkpoints
 
-    def save(self, state: dict) -> None:
+    def _read_chunk(self, data: bytes, pos: int) -> tuple[dict | None, int, int]:
+        if pos + CHUNK_HEAD.size > len(data):
+            return None, 0, len(data)
+        version, length = CHUNK_HEAD.unpack_from(data, pos)
+        end = pos + CHUNK_HEAD.size + length
+        if end > len(data):
+            return None, version, len(data)
+        try:
+            plain = sealing.unseal(self._key, self._measurement, data[pos + CHUNK_HEAD.size:end],
+                                   JOURNAL_AAD + struct.pack(">Q", version))
+        except SealingError:
+            return None, version, end
+        return json.loads(plain), version, end
+
+    # -- writing ---------------------------------------------------------------------------
+    def save(self, snapshot: dict) -> None:
+        """A new base with the whole state; the journal starts again empty."""
         version = self.version + 1
-        doc = json.dumps({"version": version, "state": state}).encode()
-        write_atomic(self.path, sealing.seal(self._key, self._measurement, doc, STATE_AAD))
+        doc = json.dumps({"version": version, "state": snapshot}).encode()
+        write_atomic(self.base_path, sealing.seal(self._key, self._measurement, doc, STATE_AAD))
         self._counter.advance(version)
         self.version = version
+        if self.journal_path.exists():
+            write_atomic(self.journal_path, b"")
+        self.journal_bytes = 0
+
+    def append(self, entry: dict) -> None:
+        """One journal chunk with the changes since the last checkpoint."""
+        version = self.version + 1
+        blob = sealing.seal(self._key, self._measurement, json.dumps(entry).encode(),
+                            JOURNAL_AAD + struct.pack(">Q", version))
+        chunk = CHUNK_HEAD.pack(version, len(blob)) + blob
+        if not self.journal_path.exists():
+            write_atomic(self.journal_path, b"")  # a durable directory entry before the first append
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._counter.advance(version)
+        self.version = version
+        self.journal_bytes += len(chunk)

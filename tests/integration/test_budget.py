@@ -86,14 +86,17 @@ def test_a_rolled_back_ledger_is_detected(sidecar_factory, tmp_path):
         for i in range(2):
             producer.send("s", [1.0])
         collect(consumer, 1)
-        time.sleep(1.5)  # the tick after the confirm seals the state without pending
-        (state_file,) = list(sc.state.rglob("state.sealed"))
-        shutil.copy(state_file, tmp_path / "after-one-release")
+        time.sleep(1.5)  # the tick after the confirm checkpoints the state without pending
+        (state_dir,) = {p.parent for p in sc.state.rglob("state.sealed")}
+        files = ("state.sealed", "state.journal")
+        for name in files:
+            shutil.copy(state_dir / name, tmp_path / name)
         for i in range(2):
             producer.send("s", [1.0])
         collect(consumer, 1)
     assert sc.stop() == 0
-    shutil.copy(tmp_path / "after-one-release", state_file)  # the operator rolls the spend back
+    for name in files:  # the operator puts back the sealed files from when one release was spent
+        shutil.copy(tmp_path / name, state_dir / name)
     proc = launch(sc)
     assert proc.wait(timeout=60) == 2  # the platform does not restart an enclave that refused
     (event,) = sc.events("sealed state rolled back; refusing to start")

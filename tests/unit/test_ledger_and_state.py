@@ -120,7 +120,7 @@ class Counter:
 
 
 def store_for(tmp_path, platform, measurement):
-    return SealedStateStore(tmp_path / "state.sealed", platform.sealing_key(measurement), measurement,
+    return SealedStateStore(tmp_path, platform.sealing_key(measurement), measurement,
                             Counter(platform, measurement))
 
 
@@ -154,13 +154,13 @@ def test_rolled_back_state_is_refused(small_keys, tmp_path):
     platform = EmulatedPlatform.init(tmp_path / "platform")
     store = store_for(tmp_path, platform, world.measurement)
     store.save({"n": 1})
-    shutil.copy(store.path, tmp_path / "old")
+    shutil.copy(store.base_path, tmp_path / "old")
     store.save({"n": 2})
-    assert store_for(tmp_path, platform, world.measurement).load() == {"n": 2}
-    shutil.copy(tmp_path / "old", store.path)
+    assert store_for(tmp_path, platform, world.measurement).load() == [{"n": 2}]
+    shutil.copy(tmp_path / "old", store.base_path)
     with pytest.raises(RollbackDetected, match="older copy"):
         store_for(tmp_path, platform, world.measurement).load()
-    store.path.unlink()
+    store.base_path.unlink()
     with pytest.raises(RollbackDetected, match="missing"):
         store_for(tmp_path, platform, world.measurement).load()
 
@@ -175,13 +175,13 @@ def test_a_crash_between_write_and_counter_is_recovered(small_keys, tmp_path):
         def advance(self, value):
             raise KeyboardInterrupt  # the process dies before the counter step
 
-    crashing = SealedStateStore(store.path, platform.sealing_key(world.measurement), world.measurement,
+    crashing = SealedStateStore(tmp_path, platform.sealing_key(world.measurement), world.measurement,
                                 Crashing(platform, world.measurement))
     crashing.version = 1
     with pytest.raises(KeyboardInterrupt):
         crashing.save({"n": 2})
     assert platform.counter_read(world.measurement) == 1
-    assert store_for(tmp_path, platform, world.measurement).load() == {"n": 2}
+    assert store_for(tmp_path, platform, world.measurement).load() == [{"n": 2}]
     assert platform.counter_read(world.measurement) == 2
 
 
@@ -190,14 +190,14 @@ def test_tampered_or_foreign_state_does_not_open(small_keys, tmp_path):
     platform = EmulatedPlatform.init(tmp_path / "platform")
     store = store_for(tmp_path, platform, world.measurement)
     store.save({"n": 1})
-    data = bytearray(store.path.read_bytes())
+    data = bytearray(store.base_path.read_bytes())
     data[-1] ^= 1
-    store.path.write_bytes(bytes(data))
+    store.base_path.write_bytes(bytes(data))
     with pytest.raises(SealingError):
         store_for(tmp_path, platform, world.measurement).load()
     other = EmulatedPlatform.init(tmp_path / "other")
     store.save({"n": 2})
-    foreign = SealedStateStore(store.path, other.sealing_key(world.measurement), world.measurement,
+    foreign = SealedStateStore(tmp_path, other.sealing_key(world.measurement), world.measurement,
                                Counter(platform, world.measurement))
     with pytest.raises(SealingError):
         foreign.load()
