@@ -183,14 +183,14 @@ class BenchSidecar:
         except Exception:  # noqa: BLE001 - cleanup only
             return
         try:
-            for q in (t.records_queue, t.rejected_queue, t.attest_queue, *extra_queues):
+            for q in (*t.queues, *extra_queues):
                 ch = conn.channel()
                 try:
                     ch.queue_delete(q)
                     ch.close()
                 except Exception:  # noqa: BLE001 - a failed delete closes the channel; go on
                     pass
-            for x in (t.records_exchange, t.rejected_exchange, t.results_exchange, *extra_exchanges):
+            for x in (*t.exchanges, *extra_exchanges):
                 ch = conn.channel()
                 try:
                     ch.exchange_delete(x)

@@ -23,6 +23,7 @@ log = logging.getLogger("sealedsum.amqp")
 
 APP_ID = "sealedsum"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+ATTEST_ROUTING_KEY = "request"
 START_BROKER_HINT = (
     "is RabbitMQ running? start it with `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`, "
     "and point AMQP_URL (or broker.url) at it"
@@ -99,7 +100,7 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
         timeout = settings.attest_timeout_seconds
         # mandatory: if no sidecar has declared the queue, the broker says so at once.
         channel.basic_publish(
-            exchange="", routing_key=settings.topology.attest_queue,
+            exchange=settings.topology.attest_exchange, routing_key=ATTEST_ROUTING_KEY,
             body=request,
             properties=pika.BasicProperties(
                 reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type=kind,
@@ -119,7 +120,7 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
             channel.close()
     if returned and not replies:
         raise TransportError(
-            f"no enclave request queue {settings.topology.attest_queue!r} on the broker ({returned[0]})",
+            f"no enclave request queue behind {settings.topology.attest_exchange!r} ({returned[0]})",
             hint="start the sidecar (`sealedsum sidecar --config FILE --state DIR`) with the same broker.prefix",
         )
     if not replies:

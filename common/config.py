@@ -56,8 +56,22 @@ class Topology:
         return f"{self.prefix}.rejected"
 
     @property
+    def attest_exchange(self) -> str:
+        """Requests to the enclave (attestation, budget) go through this exchange, so
+        clients never need to publish to the default exchange."""
+        return f"{self.prefix}.attest"
+
+    @property
     def attest_queue(self) -> str:
         return f"{self.prefix}.attest"
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        return (self.records_exchange, self.rejected_exchange, self.attest_exchange, self.results_exchange)
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return (self.records_queue, self.rejected_queue, self.attest_queue)
 
     @property
     def results_exchange(self) -> str:

@@ -158,9 +158,9 @@ class DemoSystem:
         try:
             conn = amqp.connect(self.config.broker)
             ch = conn.channel()
-            for q in (t.records_queue, t.rejected_queue, t.attest_queue):
+            for q in t.queues:
                 ch.queue_delete(q)
-            for x in (t.records_exchange, t.rejected_exchange, t.results_exchange):
+            for x in t.exchanges:
                 ch.exchange_delete(x)
             conn.close()
         except Exception:  # noqa: BLE001 - best effort; the demo's result stands

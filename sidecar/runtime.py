@@ -58,8 +58,10 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
     channel.queue_declare(t.records_queue, durable=True, arguments=records_args)
     channel.queue_bind(t.records_queue, t.records_exchange, routing_key="record")
     channel.exchange_declare(t.results_exchange, exchange_type="topic", durable=True)
+    channel.exchange_declare(t.attest_exchange, exchange_type="direct", durable=True)
     channel.queue_declare(t.attest_queue, durable=False,
                           arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS})
+    channel.queue_bind(t.attest_queue, t.attest_exchange, routing_key=amqp.ATTEST_ROUTING_KEY)
 
 
 class EnclaveRuntime:

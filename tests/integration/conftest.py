@@ -193,9 +193,9 @@ def delete_topology(cfg: config_mod.Config) -> None:
     try:
         conn = amqp.connect(cfg.broker)
         ch = conn.channel()
-        for q in (t.records_queue, t.rejected_queue, t.attest_queue):
+        for q in t.queues:
             ch.queue_delete(q)
-        for x in (t.records_exchange, t.rejected_exchange, t.results_exchange):
+        for x in t.exchanges:
             ch.exchange_delete(x)
         conn.close()
     except Exception:  # noqa: BLE001 - cleanup only

@@ -97,7 +97,10 @@ class AttestationRelay:
         self.settings = dataclasses.replace(sc.config.broker, topology=Topology(f"{sc.config.broker.topology.prefix}-mitm"))
         self.conn = amqp.connect(self.settings)
         ch = self.conn.channel()
-        ch.queue_declare(self.settings.topology.attest_queue, auto_delete=True)
+        t = self.settings.topology
+        ch.queue_declare(t.attest_queue, auto_delete=True)
+        ch.exchange_declare(t.attest_exchange, "direct", auto_delete=True)
+        ch.queue_bind(t.attest_queue, t.attest_exchange, amqp.ATTEST_ROUTING_KEY)
         ch.exchange_declare(self.settings.topology.records_exchange, "direct", auto_delete=True)
         self.capture = ch.queue_declare("", exclusive=True).method.queue
         ch.queue_bind(self.capture, self.settings.topology.records_exchange, "record")
