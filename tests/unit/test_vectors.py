@@ -9,7 +9,6 @@ last tests keep ``docs/protocol.md`` in step with the constants in the code.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -32,7 +31,16 @@ from common.errors import (
     UntrustedPlatform,
 )
 from common.policy import EnclavePolicy
-from common.results import Release, verify_result
+from common.results import (
+    BUDGET_KIND,
+    EXHAUSTED_KIND,
+    RESULT_KIND,
+    BudgetExhausted,
+    BudgetReport,
+    Release,
+    verify_result,
+    verify_signed,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
@@ -41,8 +49,15 @@ PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 VECTOR_FILES = sorted(VECTORS.glob("*.json"))
 REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
-    "envelope", "sealed_record", "result", "rejections",
+    "envelope", "sealed_record", "result", "rejections", "budget_request", "budget_report", "budget_exhausted",
+    "ledger", "sealed_state",
 }
+# The order of the enclave's record checks (docs/protocol.md section 11.1).
+CHECK_ORDER = [
+    "too_large", "undecryptable", "malformed", "unknown_stream", "wrong_epoch", "wrong_dimension",
+    "bad_ciphertext", "duplicate", "budget_exhausted", "expired", "from_future", "late_window",
+    "future_window", "contribution_limit",
+]
 
 
 def load(name: str) -> dict:
@@ -130,10 +145,19 @@ def check_policy(v: dict, tmp_path, monkeypatch) -> None:
     assert json.dumps(json.loads(canonical), sort_keys=True, separators=(",", ":")).encode() == canonical
     assert b" " not in canonical and max(canonical) < 0x80
     assert set(v["noise_plans"]) == set(policy.streams)
+    assert {s.kind for s in policy.streams.values()} == {"sum", "mean", "histogram", "vector"}
     for name, expected in v["noise_plans"].items():
         stream = policy.streams[name]
         plan = stream.noise_plan()
-        assert stream.value_bound == expected["value_bound_fixed"]
+        k = expected["contributions"]
+        assert stream.kind == expected["kind"] and stream.contributions == k
+        if expected["coordinate_bounds_fixed"] is not None:
+            # Box bounds: per coordinate max(|round(lower·2^f)|, |round(upper·2^f)|).
+            box = zip(*(b if isinstance(b, tuple) else (b,) * stream.dimension for b in (stream.lower, stream.upper)))
+            assert [privacy.fixed_bound(lo, hi, stream.fraction_bits) for lo, hi in box] \
+                == expected["coordinate_bounds_fixed"]
+            assert expected["sensitivity_l1"] == k * sum(expected["coordinate_bounds_fixed"])
+        assert stream.sensitivities() == (plan.sensitivity_l1, plan.sensitivity_l2)
         assert plan.sensitivity_l1 == expected["sensitivity_l1"]
         assert plan.sensitivity_l2 == pytest.approx(expected["sensitivity_l2"], rel=1e-12)
         if expected["rho"] is None:
@@ -143,9 +167,17 @@ def check_policy(v: dict, tmp_path, monkeypatch) -> None:
             # ε = ρ + 2·sqrt(ρ·ln(1/δ)) holds for the ρ chosen.
             assert privacy.epsilon_from_rho_delta(plan.rho, stream.delta) == pytest.approx(stream.epsilon, rel=1e-12)
         assert plan.sum_scale == pytest.approx(expected["sum_scale"], rel=1e-12)
-        assert plan.count_scale == pytest.approx(expected["count_scale"], rel=1e-12)
         assert privacy.noise_std(plan.mechanism, plan.sum_scale) == pytest.approx(expected["sum_std"], rel=1e-12)
-        assert privacy.noise_std(plan.mechanism, plan.count_scale) == pytest.approx(expected["count_std"], rel=1e-12)
+        if expected["count_scale"] is None:
+            # A histogram's count is the sum of its noised buckets: no count noise, no count budget.
+            assert stream.kind == "histogram" and plan.count_scale is None and plan.count_share == 0.0
+            assert expected["count_sensitivity"] is None
+        else:
+            assert plan.count_sensitivity == expected["count_sensitivity"] == k
+            assert plan.count_scale == pytest.approx(expected["count_scale"], rel=1e-12)
+            assert privacy.noise_std(plan.mechanism, plan.count_scale) == pytest.approx(expected["count_std"], rel=1e-12)
+        assert privacy.max_releases(stream.mechanism, stream.epsilon, stream.delta, stream.budget_epsilon,
+                                    stream.budget_delta) == expected["max_releases"]
 
 
 def check_code_digest(v: dict, tmp_path, monkeypatch) -> None:
@@ -256,6 +288,7 @@ def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
     enclave = Enclave(enclave_keys(), policy, policy_bytes, h(reply["code_digest"]), measurement,
                       lambda rd: platform.quote(measurement, rd))
     assert enclave.attest(raw) == h(reply["reply_hex"])
+    assert enclave.answer(raw, 0) == h(reply["reply_hex"])  # the RPC dispatches on the magic
 
 
 def check_attest_reply(v: dict, tmp_path, monkeypatch) -> None:
@@ -268,7 +301,7 @@ def check_attest_reply(v: dict, tmp_path, monkeypatch) -> None:
     assert parsed.quote == h(v["quote_hex"])
     assert parsed.to_bytes() == raw
     assert raw[:4] == wire.ATTEST_REPLY_MAGIC
-    assert v["amqp"]["type"] == "attest-reply"
+    assert v["amqp"]["type"] == "reply"
 
     enclave = attestation.verify_attestation(raw, h(v["nonce"]), trust_from(v["trust"]), v["now_ms"])
     exp = v["expected"]
@@ -304,6 +337,7 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
     env = wire.Envelope.from_bytes(raw)
     assert env.stream == v["stream"]
     assert env.record_id == h(v["record_id"])
+    assert env.producer_id == h(v["producer_id"])
     assert env.key_epoch == v["key_epoch"]
     assert env.sent_at_ms == v["sent_at_ms"]
     assert env.window == v["window"]
@@ -315,6 +349,8 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
     off, name = v["offsets"], v["stream"].encode("ascii")
     assert raw[off["magic"]:off["magic"] + 4] == wire.ENVELOPE_MAGIC
     assert raw[off["record_id"]:off["record_id"] + 16] == env.record_id
+    assert raw[off["producer_id"]:off["producer_id"] + 16] == env.producer_id
+    assert off["key_epoch"] == off["producer_id"] + wire.PRODUCER_ID_SIZE
     assert int.from_bytes(raw[off["key_epoch"]:off["key_epoch"] + 4], "big") == env.key_epoch
     assert int.from_bytes(raw[off["sent_at_ms"]:off["sent_at_ms"] + 8], "big") == env.sent_at_ms
     assert int.from_bytes(raw[off["window"]:off["window"] + 8], "big") == env.window
@@ -323,11 +359,27 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
     assert int.from_bytes(raw[off["width"]:off["width"] + 2], "big") == env.width
     assert len(raw) == off["ciphertexts"] + len(env.ciphertexts) * env.width
 
-    # Clipping and fixed point, as the producer does it.
-    clipped, n_clipped = fixedpoint.clip(v["values"], v["lower"], v["upper"])
-    assert clipped == v["clipped"]
-    assert n_clipped == sum(a != b for a, b in zip(v["values"], v["clipped"]))
-    assert fixedpoint.encode(clipped, v["fraction_bits"]) == v["encoded"]
+    # Clipping and encoding, as the producer does it for the stream's kind.
+    policy, _ = vector_policy()
+    stream = policy.streams[v["stream"]]
+    assert stream.kind == v["stream_kind"] and stream.fraction_bits == v["fraction_bits"]
+    assert stream.encode(v["values"]) == (v["encoded"], v["clipped_count"])
+    assert len(env.ciphertexts) == stream.dimension
+    if stream.kind == "histogram":
+        buckets, _ = fixedpoint.one_hot(v["values"][0], stream.edges)
+        assert buckets == v["encoded"] and sum(buckets) == 1
+        index = buckets.index(1)
+        assert stream.edges[index] <= v["clipped"][0] < stream.edges[index + 1] or index == len(buckets) - 1
+    elif stream.l2_bound is not None:
+        clipped, n_clipped = fixedpoint.clip_l2(v["values"], stream.l2_bound)
+        assert clipped == v["clipped"] and n_clipped == v["clipped_count"]
+        assert math.sqrt(math.fsum(c * c for c in clipped)) <= stream.l2_bound * (1 + 1e-12)
+        assert fixedpoint.encode(clipped, v["fraction_bits"]) == v["encoded"]
+    else:
+        clipped, n_clipped = fixedpoint.clip(v["values"], stream.lower, stream.upper)
+        assert clipped == v["clipped"]
+        assert n_clipped == v["clipped_count"] == sum(a != b for a, b in zip(v["values"], v["clipped"]))
+        assert fixedpoint.encode(clipped, v["fraction_bits"]) == v["encoded"]
 
     # Paillier: g = n + 1, negatives as n - |v|, c = (1 + n m) r^n mod n^2.
     private = paillier_private()
@@ -382,57 +434,336 @@ def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
     assert props.timestamp is None and props.user_id is None
 
 
-def check_result(v: dict, tmp_path, monkeypatch) -> None:
-    from common import amqp
-    from common.config import Topology
-
+def _check_signed(v: dict, payload_key: str) -> tuple[bytes, bytes]:
+    """The SSS\x01 frame and signature of a signed-message vector; returns (raw, payload)."""
     raw = h(v["message_hex"])
     message = wire.SignedMessage.from_bytes(raw)
     payload = v["payload"].encode("ascii")
     assert message.payload == payload
     assert message.signature == h(v["signature"])
     assert message.to_bytes() == raw
+    assert raw[:4] == wire.SIGNED_MAGIC
     assert int.from_bytes(raw[4:8], "big") == len(payload) and len(raw) == 8 + len(payload) + 64
     assert signing.signing_input(signing.RESULT, payload) == h(v["signing_input_hex"])
     assert h(v["signing_input_hex"]) == b"sealedsum/v1/result\x00" + payload
     ed_pub = h(v["enclave_ed25519_public"])
     assert ed_pub == h(keys_vector()["ed25519_public"])
     signing.verify(ed_pub, signing.RESULT, payload, message.signature, error=InvalidResultSignature, what="result")
+    # Canonical JSON: sorted keys, compact, ASCII.
+    assert json.loads(payload) == v[payload_key]
+    assert json.dumps(v[payload_key], sort_keys=True, separators=(",", ":")).encode("ascii") == payload
+    for bad in (raw[:-1], raw + b"\x00", b"SSS\x02" + raw[4:]):
+        with pytest.raises(InvalidMessage):
+            wire.SignedMessage.from_bytes(bad)
+    return raw, payload
 
+
+def _resign(mapping: dict) -> bytes:
+    payload = json.dumps(mapping, sort_keys=True, separators=(",", ":")).encode("ascii")
+    seed = Ed25519PrivateKey.from_private_bytes(h(keys_vector()["ed25519_seed"]))
+    return wire.SignedMessage(payload, signing.sign(seed, signing.RESULT, payload)).to_bytes()
+
+
+def _check_refusals(raw: bytes, mapping: dict, kinds: tuple[str, ...]) -> None:
+    """What verify_signed refuses: altered bytes, other measurement or epoch, unexpected kind."""
+    enclave = attested_enclave()
+    altered = bytearray(raw)
+    altered[10] ^= 0x01  # a payload byte
+    with pytest.raises(InvalidResultSignature):
+        verify_signed(bytes(altered), enclave, kinds)
+    with pytest.raises(InvalidResultSignature):
+        verify_signed(_resign(dict(mapping, measurement="00" * 32)), enclave, kinds)
+    with pytest.raises(InvalidResultSignature):
+        verify_signed(_resign(dict(mapping, key_epoch=mapping["key_epoch"] + 1)), enclave, kinds)
+    with pytest.raises(InvalidResultSignature):
+        verify_signed(raw[:-1], enclave, kinds)
+    others = tuple(k for k in (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND) if k not in kinds)
+    with pytest.raises(InvalidMessage):
+        verify_signed(raw, enclave, others)
+    # A quote signature label never verifies a result and vice versa.
+    message = wire.SignedMessage.from_bytes(raw)
+    with pytest.raises(InvalidResultSignature):
+        signing.verify(enclave.keys.ed25519, signing.QUOTE, message.payload, message.signature,
+                       error=InvalidResultSignature, what="result")
+
+
+def _check_budget_object(budget: dict, stream: str) -> None:
+    """A budget object is one state of the stream's ledger (ledger.json)."""
+    assert set(budget) == {"releases", "spent_epsilon", "spent_rho", "budget_epsilon", "budget_delta",
+                           "remaining_releases", "ledger_head"}
+    chain = next(c for c in load("ledger.json")["chains"] if c["stream"] == stream)
+    charge = chain["charges"][budget["releases"] - 1]
+    assert charge["budget"] == budget and charge["head"] == budget["ledger_head"]
+    policy, _ = vector_policy()
+    s = policy.streams[stream]
+    assert (budget["budget_epsilon"], budget["budget_delta"]) == (s.budget_epsilon, s.budget_delta)
+    eps, rho = privacy.spent(s.mechanism, s.epsilon, s.delta, budget["releases"], s.budget_delta)
+    assert (budget["spent_epsilon"], budget["spent_rho"]) == (eps, rho)
+
+
+def check_result(v: dict, tmp_path, monkeypatch) -> None:
+    from common import amqp
+    from common.config import Topology
+
+    raw, payload = _check_signed(v, "release")
     release = Release.from_payload(payload)
     assert release == Release(**v["release"])
     assert release.to_payload() == payload
-    assert json.loads(payload) == v["release"]
+    assert len(v["release"]) == 20 and v["release"]["kind"] == RESULT_KIND
     assert release.sum == [f / 2 ** release.fraction_bits for f in release.sum_fixed]
-    if release.count > 0:
-        assert release.mean == [s / release.count for s in release.sum]
     policy, _ = vector_policy()
-    plan = policy.streams[release.stream].noise_plan()
+    stream = policy.streams[release.stream]
+    plan = stream.noise_plan()
+    assert release.aggregate == stream.kind and release.dimension == stream.dimension
+    assert release.fraction_bits == stream.fraction_bits
     assert release.sum_noise_scale == plan.sum_scale and release.count_noise_scale == plan.count_scale
-    assert release.rho == plan.rho
+    assert release.rho == plan.rho and release.epsilon == stream.epsilon and release.delta == stream.delta
+    if release.aggregate == "histogram":
+        assert release.count == sum(release.sum_fixed) and release.mean is None
+        assert release.count_noise_scale is None and release.fraction_bits == 0
+        assert release.to_json()["buckets"] == release.sum
+    elif release.count > 0:
+        assert release.mean == [s / release.count for s in release.sum]
+    _check_budget_object(release.budget, release.stream)
+    assert release.budget["releases"] >= 1
+    # The charge of this release can be rebuilt from its own fields (the auditor's view).
+    charge = json.dumps({"stream": release.stream, "window": release.window, "seq": release.budget["releases"],
+                         "mechanism": release.mechanism, "epsilon": release.epsilon, "delta": release.delta,
+                         "rho": release.rho}, sort_keys=True, separators=(",", ":"))
+    chain = next(c for c in load("ledger.json")["chains"] if c["stream"] == release.stream)
+    assert chain["charges"][release.budget["releases"] - 1]["charge"] == charge
 
     # A consumer holding the attested enclave accepts it...
     enclave = attested_enclave()
     assert release.measurement == enclave.measurement.hex()
     assert verify_result(raw, enclave) == release
-    # ...and refuses an altered payload, a foreign measurement, or a broken frame.
+    assert verify_signed(raw, enclave) == release
+    # ...and refuses an altered payload, a foreign measurement or epoch, or a broken frame.
     altered = raw.replace(b'"count":%d' % release.count, b'"count":%d' % (release.count + 1))
     assert altered != raw
     with pytest.raises(InvalidResultSignature):
         verify_result(altered, enclave)
-    other = Release(**dict(v["release"], measurement="00" * 32)).to_payload()
-    seed = Ed25519PrivateKey.from_private_bytes(h(keys_vector()["ed25519_seed"]))
-    resigned = wire.SignedMessage(other, signing.sign(seed, signing.RESULT, other)).to_bytes()
-    with pytest.raises(InvalidResultSignature):
-        verify_result(resigned, enclave)
-    with pytest.raises(InvalidResultSignature):
-        verify_result(raw[:-1], enclave)
+    _check_refusals(raw, v["release"], (RESULT_KIND,))
 
     spec = v["amqp"]
     assert spec["exchange"] == Topology("sealedsum").results_exchange
     assert spec["routing_key"] == release.stream
     props = amqp.properties("result")
     assert props.delivery_mode == spec["delivery_mode"] and props.type == spec["type"]
+
+
+def check_budget_exhausted(v: dict, tmp_path, monkeypatch) -> None:
+    from sidecar.enclave.service import Enclave
+
+    raw, payload = _check_signed(v, "notice")
+    notice = BudgetExhausted.from_payload(payload)
+    assert notice == BudgetExhausted(**v["notice"]) and notice.to_payload() == payload
+    assert notice.kind == EXHAUSTED_KIND
+    _check_budget_object(notice.budget, notice.stream)
+    assert notice.budget["remaining_releases"] == 0
+    enclave = attested_enclave()
+    assert verify_signed(raw, enclave) == notice  # consumers take it with the releases
+    with pytest.raises(InvalidMessage):
+        verify_result(raw, enclave)  # but it is not a release
+    _check_refusals(raw, v["notice"], (RESULT_KIND, EXHAUSTED_KIND))
+    # The enclave core, fed the session, publishes the last release and then exactly this notice.
+    policy, policy_bytes = vector_policy()
+    core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), enclave.measurement, lambda rd: b"")
+    for step in v["session"]:
+        outcome = core.on_record(h(step["body_hex"]), step["now_ms"])
+        assert outcome.rejection is None
+    release, published = outcome.releases
+    assert published.body == raw and published.key == f"{notice.stream}/budget_exhausted"
+    assert published.window is None and notice.at_ms == release.message.closed_at_ms
+    assert release.message.budget == notice.budget  # the notice repeats the ledger of the last release
+    assert core.exhausted == {notice.stream}
+    assert core.on_record(h(v["session"][0]["body_hex"]), notice.at_ms).rejection.reason.value == "duplicate"
+    assert v["amqp"]["routing_key"] == notice.stream and v["amqp"]["type"] == "result"
+
+
+def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
+    from common.config import Topology
+
+    raw = h(v["request_hex"])
+    req = wire.BudgetRequest.from_bytes(raw)
+    assert req.nonce == h(v["nonce"]) and req.stream == v["stream"]
+    assert req.to_bytes() == raw
+    name = v["stream"].encode("ascii")
+    assert raw == wire.BUDGET_REQUEST_MAGIC + h(v["nonce"]) + bytes([len(name)]) + name
+    assert len(raw) == 4 + wire.NONCE_SIZE + 1 + len(name)
+    for bad in (raw[:-1], raw + b"\x00", b"SSG\x02" + raw[4:], raw[:36] + b"\x00",
+                raw[:36] + b"\x03a.b"):
+        with pytest.raises(InvalidMessage):
+            wire.BudgetRequest.from_bytes(bad)
+    props = v["amqp"]
+    assert props["routing_key"] == Topology("sealedsum").attest_queue and props["type"] == "budget-request"
+
+
+def check_budget_report(v: dict, tmp_path, monkeypatch) -> None:
+    from sidecar.enclave.service import Enclave
+
+    raw, payload = _check_signed(v, "report")
+    report = BudgetReport.from_payload(payload)
+    assert report == BudgetReport(**v["report"]) and report.to_payload() == payload
+    assert report.kind == BUDGET_KIND
+    _check_budget_object(report.budget, report.stream)
+    request = load("budget_request.json")
+    assert report.nonce == request["nonce"] and report.stream == request["stream"]
+    enclave = attested_enclave()
+    assert verify_signed(raw, enclave, (BUDGET_KIND,)) == report
+    with pytest.raises(InvalidMessage):
+        verify_signed(raw, enclave)  # a report is never taken for a result or a notice
+    _check_refusals(raw, v["report"], (BUDGET_KIND,))
+    # The enclave core, with the stream's ledger, answers the request vector with exactly these bytes.
+    policy, policy_bytes = vector_policy()
+    from sidecar.enclave.ledger import StreamLedger
+
+    core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), enclave.measurement, lambda rd: b"")
+    core.ledgers[report.stream] = StreamLedger(policy.streams[report.stream], report.budget["releases"],
+                                               h(report.budget["ledger_head"]))
+    assert core.answer(h(request["request_hex"]), report.at_ms) == raw
+    # A request for a stream the policy does not define is not answered.
+    with pytest.raises(InvalidMessage):
+        core.answer(wire.BudgetRequest(bytes(32), "nosuch").to_bytes(), report.at_ms)
+    assert v["amqp"]["type"] == "reply"
+
+
+def check_ledger(v: dict, tmp_path, monkeypatch) -> None:
+    from sidecar.enclave import ledger
+
+    label = h(v["label_hex"])
+    assert label == ledger.LEDGER_LABEL == b"sealedsum/v1/ledger\x00"
+    policy, _ = vector_policy()
+    assert any(len(c["charges"]) >= 2 for c in v["chains"])
+    assert {policy.streams[c["stream"]].mechanism for c in v["chains"]} == {privacy.LAPLACE, privacy.GAUSSIAN}
+    for chain in v["chains"]:
+        stream = policy.streams[chain["stream"]]
+        assert h(chain["genesis_input_hex"]) == label + chain["stream"].encode("ascii")
+        genesis = hashlib.sha256(h(chain["genesis_input_hex"])).digest()
+        assert genesis.hex() == chain["genesis"] and ledger.genesis(chain["stream"]) == genesis
+        real = ledger.StreamLedger(stream)
+        head = genesis
+        for seq, charge in enumerate(chain["charges"], start=1):
+            assert charge["seq"] == seq
+            expected_charge = json.dumps(
+                {"stream": stream.name, "window": charge["window"], "seq": seq, "mechanism": stream.mechanism,
+                 "epsilon": stream.epsilon, "delta": stream.delta, "rho": stream.noise_plan().rho},
+                sort_keys=True, separators=(",", ":")).encode("ascii")
+            assert charge["charge"].encode("ascii") == expected_charge
+            assert ledger.charge_bytes(stream, charge["window"], seq) == expected_charge
+            assert h(charge["head_input_hex"]) == label + head + expected_charge
+            head = hashlib.sha256(h(charge["head_input_hex"])).digest()
+            assert head.hex() == charge["head"] == ledger.next_head(real.head, expected_charge).hex()
+            real.charge(charge["window"])
+            assert real.head == head and real.releases == seq
+            assert real.summary() == charge["budget"]
+            assert real.allows() == charge["allows_another"]
+        assert chain["head"] == head.hex()
+        assert ledger.StreamLedger.from_json(stream, real.to_json()).summary() == real.summary()
+    # Laplace composes in exact decimal: 3 x 0.1 fits 0.3 although 0.1 + 0.1 + 0.1 > 0.3 in binary.
+    visits = next(c for c in v["chains"] if c["stream"] == "visits")
+    assert 0.1 + 0.1 + 0.1 > 0.3
+    assert visits["charges"][-1]["budget"]["spent_epsilon"] == 0.3
+    assert [c["allows_another"] for c in visits["charges"]] == [True, True, False]
+
+
+def check_sealed_state(v: dict, tmp_path, monkeypatch) -> None:
+    from sidecar.enclave import keyring, sealing, state as state_mod
+    from sidecar.enclave.service import Enclave
+    from sidecar.platform.emulated import EmulatedPlatform
+
+    meas = h(v["measurement"])
+    assert meas == h(load("measurement.json")["measurement"])
+    platform = EmulatedPlatform(Ed25519PrivateKey.from_private_bytes(h(load("quote.json")["platform_ed25519_seed"])),
+                                h(v["platform_root_secret"]), state_dir=tmp_path)
+    key = platform.sealing_key(meas)
+    assert key == h(v["sealing_key"])
+    files = {name: h(x) for name, x in v["files"].items()}
+    # The base: SSV\x01 || nonce || AES-256-GCM, aad = label || measurement.
+    base = files["base_v1"]
+    assert base[:4] == sealing.SEALED_MAGIC == b"SSV\x01" and base[4:16] == h(v["gcm_nonce"])
+    assert h(v["base_aad_hex"]) == state_mod.STATE_AAD + meas == b"sealedsum/v1/sealed-state\x00" + meas
+    plaintext = sealing.unseal(key, meas, base, state_mod.STATE_AAD)
+    assert plaintext == h(v["base_plaintext_hex"])
+    assert json.loads(plaintext) == {"version": 1, "state": v["base_state"]}
+    with pytest.raises(errors.SealingError):
+        sealing.unseal(key, bytes(32), base, state_mod.STATE_AAD)  # another measurement
+    with pytest.raises(errors.SealingError):
+        sealing.unseal(key, meas, base, keyring.SEALED_AAD)  # the keys' label
+    # A journal chunk: u64 version || u32 length || sealed blob, aad = label || u64 version || measurement.
+    chunk = files["chunk_v2"]
+    version, length = int.from_bytes(chunk[:8], "big"), int.from_bytes(chunk[8:12], "big")
+    assert version == 2 and len(chunk) == 12 + length
+    assert h(v["chunk_v2_aad_hex"]) == state_mod.JOURNAL_AAD + (2).to_bytes(8, "big") + meas
+    label = state_mod.JOURNAL_AAD + (2).to_bytes(8, "big")
+    entry = sealing.unseal(key, meas, chunk[12:], label)
+    assert entry == h(v["entry_plaintext_hex"]) and json.loads(entry) == v["journal_entry"]
+    with pytest.raises(errors.SealingError):
+        sealing.unseal(key, meas, chunk[12:], state_mod.JOURNAL_AAD + (3).to_bytes(8, "big"))  # another version
+    # The enclave core restores the base and the journal entry.
+    policy, policy_bytes = vector_policy()
+    core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), meas, lambda rd: b"",
+                   [v["base_state"], v["journal_entry"]])
+    assert core.streams["purchases"].current.count == 3
+
+    # Rollback protection: the store against the platform's monotonic counter.
+    class Counter:
+        def __init__(self, value):
+            self.value = value
+
+        def read(self):
+            return self.value
+
+        def advance(self, value):
+            self.value = max(self.value, value)
+            return self.value
+
+    outcomes = set()
+    for i, case in enumerate(v["rollback_cases"]):
+        directory = tmp_path / f"case{i}"
+        directory.mkdir()
+        if case["base"]:
+            (directory / "state.sealed").write_bytes(files[case["base"]])
+        journal = b"".join(files[c] for c in case["journal"])
+        if case.get("torn"):
+            journal = journal[:-1]
+        if case["journal"]:
+            (directory / "state.journal").write_bytes(journal)
+        counter = Counter(case["counter"])
+        store = state_mod.SealedStateStore(directory, key, meas, counter)
+        if case["expect"] in ("RollbackDetected", "SealingError"):
+            error = state_mod.RollbackDetected if case["expect"] == "RollbackDetected" else errors.SealingError
+            with pytest.raises(error) as info:
+                store.load()
+            assert case["expect"] == "SealingError" or type(info.value) is state_mod.RollbackDetected
+        else:
+            loaded = store.load()
+            assert (loaded is None) == (case["expect"] == "first_start"), case["name"]
+            if loaded is not None:
+                assert loaded == [v["base_state"], v["journal_entry"]][:case["checkpoints"]], case["name"]
+                assert store.journal_bytes == case["journal_bytes_after"], case["name"]
+        assert counter.value == case["counter_after"], case["name"]
+        outcomes.add(case["expect"])
+    assert outcomes == {"loaded", "first_start", "RollbackDetected", "SealingError"}
+    # save() writes base version + 1 and advances the counter; append() adds version + 1 to the journal.
+    directory = tmp_path / "saved"
+    directory.mkdir()
+    counter = Counter(0)
+    store = state_mod.SealedStateStore(directory, key, meas, counter)
+    store.save(v["base_state"])
+    store.append(v["journal_entry"])
+    assert counter.value == 2
+    assert json.loads(sealing.unseal(key, meas, (directory / "state.sealed").read_bytes(), state_mod.STATE_AAD)) \
+        == {"version": 1, "state": v["base_state"]}
+    journal = (directory / "state.journal").read_bytes()
+    assert journal[:8] == (2).to_bytes(8, "big") and len(journal) == 12 + int.from_bytes(journal[8:12], "big")
+    assert state_mod.SealedStateStore(directory, key, meas, Counter(2)).load() \
+        == [v["base_state"], v["journal_entry"]]
+    # The emulated platform's counter file.
+    assert platform.counter_read(meas) == 0 and platform.counter_advance(meas, 1) == 1
+    assert platform.counter_advance(meas, 0) == 1  # never lowered
+    assert (tmp_path / v["counter_file"]["name"]).read_text() == v["counter_file"]["after_advance_to_1"]
+    assert v["directory"] == f"enclave/{meas.hex()[:32]}"
 
 
 def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
@@ -442,8 +773,9 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
     policy, policy_bytes = vector_policy()
     keys = enclave_keys()
     assert max_record_bytes(policy, keys) == v["size_limit"]
-    enclave = Enclave(keys, policy, policy_bytes, bytes(32), bytes(32), lambda rd: b"")
-    reasons_seen = set()
+    attested = attested_enclave()
+    enclave = Enclave(keys, policy, policy_bytes, bytes(32), attested.measurement, lambda rd: b"")
+    reasons_seen = []
     for i, step in enumerate(v["steps"]):
         if "tick_ms" in step:
             assert enclave.on_tick(step["tick_ms"]) == ()
@@ -452,12 +784,31 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step.get("note"), got)
-        assert outcome.releases == ()
-        reasons_seen.add(got)
-    assert reasons_seen == {r.value for r in RejectReason} | {"accepted"}
-    assert enclave.stats.windows_withheld == v["final_stats"]["windows_withheld"]
-    assert enclave.stats.windows_released == v["final_stats"]["windows_released"]
-    assert keys.decryptions == 0  # no single record is ever decrypted
+        expected = step.get("publishes", [])
+        assert len(outcome.releases) == len(expected), (i, step.get("note"))
+        for publication, exp in zip(outcome.releases, expected):
+            message = verify_signed(publication.body, attested)  # signed by the attested key
+            assert message == publication.message and publication.stream == exp["stream"] == message.stream
+            assert message.kind == exp["kind"]
+            assert message.budget["releases"] == exp["releases"]
+            assert message.budget["ledger_head"] == exp["ledger_head"]
+            if exp["kind"] == RESULT_KIND:
+                assert message.window == exp["window"] and publication.key == f"{message.stream}/{message.window}"
+                assert message.count == sum(message.sum_fixed)  # histogram: the buckets' total
+            else:
+                assert publication.key == f"{message.stream}/budget_exhausted"
+        reasons_seen.append(got)
+    assert set(reasons_seen) == {r.value for r in RejectReason} | {"accepted"}
+    final = v["final"]
+    assert enclave.stats.windows_withheld == final["windows_withheld"]
+    assert enclave.stats.windows_released == final["windows_released"]
+    assert keys.decryptions == final["decryptions"]  # window totals only, never a single record
+    assert sorted(enclave.exhausted) == final["exhausted"]
+    assert enclave.ledgers["visits"].summary() == final["visits_budget"]
+    # The signed budget report says the same.
+    report = verify_signed(enclave.answer(wire.BudgetRequest(bytes(32), "visits").to_bytes(), 0), attested,
+                           (BUDGET_KIND,))
+    assert report.exhausted and report.budget == final["visits_budget"]
 
 
 CHECKERS = {
@@ -472,6 +823,11 @@ CHECKERS = {
     "sealed_record": check_sealed_record,
     "result": check_result,
     "rejections": check_rejections,
+    "budget_request": check_budget_request,
+    "budget_report": check_budget_report,
+    "budget_exhausted": check_budget_exhausted,
+    "ledger": check_ledger,
+    "sealed_state": check_sealed_state,
 }
 
 
@@ -487,13 +843,31 @@ def test_every_kind_has_a_vector() -> None:
     assert kinds == REQUIRED_KINDS == set(CHECKERS)
 
 
-def test_envelopes_cover_dimensions_and_a_negative_value() -> None:
+def test_envelopes_cover_kinds_producers_and_clipping() -> None:
     envelopes = [json.loads(p.read_text()) for p in VECTOR_FILES]
     envelopes = [e for e in envelopes if e["kind"] == "envelope"]
     assert {len(e["ciphertexts"]) for e in envelopes} >= {1, 3}
+    assert {e["stream_kind"] for e in envelopes} == {"sum", "mean", "histogram", "vector"}
     assert any(v < 0 for e in envelopes for v in e["encoded"])
     assert any(e["window"] == 0 for e in envelopes) and any(e["window"] > 0 for e in envelopes)
-    assert any(e["values"] != e["clipped"] for e in envelopes)
+    assert any(e["clipped_count"] for e in envelopes if e["stream_kind"] != "vector")
+    assert any(e["clipped_count"] for e in envelopes if e["stream_kind"] == "vector")  # L2 scaling
+    assert any(e["producer_id"] == "00" * 16 for e in envelopes)
+    assert any(e["producer_id"] != "00" * 16 for e in envelopes)
+
+
+def test_rejections_pin_the_check_order() -> None:
+    """Every reason occurs, and each step whose note says 'checked before' agrees with CHECK_ORDER."""
+    v = load("rejections.json")
+    reasons = [s["expect"] for s in v["steps"] if "expect" in s]
+    assert set(CHECK_ORDER) == {r.value for r in RejectReason} == set(reasons) - {"accepted"}
+    publishes = [p["kind"] for s in v["steps"] for p in s.get("publishes", [])]
+    assert publishes.count(EXHAUSTED_KIND) == 1 and publishes[-1] == EXHAUSTED_KIND
+    # After the notice, only duplicates of counted records escape budget_exhausted on that stream.
+    after = v["steps"][[i for i, s in enumerate(v["steps"]) if EXHAUSTED_KIND in
+                        [p["kind"] for p in s.get("publishes", [])]][0] + 1:]
+    assert {s["expect"] for s in after if s.get("stream") == "visits"} == {"budget_exhausted", "duplicate"}
+    assert any(s["expect"] == "accepted" for s in after if s.get("stream") != "visits")  # other streams go on
 
 
 def test_runtime_line_format() -> None:
@@ -522,10 +896,10 @@ def _doc() -> str:
 
 
 def _magics() -> dict[str, bytes]:
-    from sidecar.enclave import keyring
+    from sidecar.enclave import sealing
 
     found = {name: value for name, value in vars(wire).items() if name.endswith("_MAGIC")}
-    found["keyring.SEALED_MAGIC"] = keyring.SEALED_MAGIC
+    found["sealing.SEALED_MAGIC"] = sealing.SEALED_MAGIC
     return found
 
 
@@ -538,7 +912,7 @@ def test_doc_mentions_every_reject_reason() -> None:
 def test_doc_mentions_every_magic() -> None:
     doc = _doc()
     magics = _magics()
-    assert len(magics) >= 7
+    assert len(magics) >= 8
     for name, magic in magics.items():
         text = magic[:3].decode("ascii") + "\\x%02x" % magic[3]
         hex_spaced = " ".join(f"{b:02x}" for b in magic)
@@ -547,12 +921,13 @@ def test_doc_mentions_every_magic() -> None:
 
 
 def test_doc_mentions_every_label_and_header() -> None:
+    from sidecar.enclave import keyring, ledger, state
     from sidecar.platform import emulated, measure
-    from sidecar.enclave import keyring
 
     doc = _doc()
     labels = [wire.REPORT_DATA_LABEL, wire.MEASUREMENT_LABEL, measure.CODE_LABEL, emulated.SEALING_INFO,
-              keyring.SEALED_AAD, signing.QUOTE.encode(), signing.RESULT.encode()]
+              keyring.SEALED_AAD, state.STATE_AAD, ledger.LEDGER_LABEL, signing.QUOTE.encode(),
+              signing.RESULT.encode()]
     for label in labels:
         assert label.rstrip(b"\x00").decode("ascii") in doc, label
     runtime_source = (ROOT / "sidecar" / "runtime.py").read_text()
@@ -562,6 +937,29 @@ def test_doc_mentions_every_label_and_header() -> None:
         assert header in doc, header
     for dist in measure.RUNTIME_DISTRIBUTIONS:
         assert dist.lower() in doc, dist
+    assert emulated.COUNTER_FILE in doc
+
+
+def test_doc_check_table_is_in_check_order() -> None:
+    """The rows of the table in section 11.1 name the reasons in CHECK_ORDER."""
+    section = _doc().split("### 11.1", 1)[1].split("###", 1)[0]
+    rows = re.findall(r"^\| (\d+) \|.*\| `([a-z_]+)` \|$", section, re.MULTILINE)
+    assert [int(n) for n, _ in rows] == list(range(1, len(CHECK_ORDER) + 1))
+    assert [reason for _, reason in rows] == CHECK_ORDER
+
+
+def test_doc_names_every_policy_key_and_payload_field() -> None:
+    from common.policy import StreamPolicy
+    from common.results import BUDGET_FIELDS
+
+    doc = _doc()
+    for key in StreamPolicy.KEYS:
+        assert f"`streams.NAME.{key}`" in doc or f"`{key}`" in doc, key
+    for cls in (Release, BudgetExhausted, BudgetReport):
+        for name in cls.__dataclass_fields__:
+            assert f"| `{name}` |" in doc, (cls.__name__, name)
+    for name in BUDGET_FIELDS:
+        assert f"| `{name}` |" in doc, name
 
 
 def test_doc_worked_examples_match_the_vectors() -> None:
@@ -572,4 +970,14 @@ def test_doc_worked_examples_match_the_vectors() -> None:
     e = load("envelope_dim1.json")
     raw = h(e["envelope_hex"])
     assert raw[:e["offsets"]["ciphertexts"]].hex() in doc
+    e3 = load("envelope_dim3.json")
+    assert h(e3["envelope_hex"])[:e3["offsets"]["ciphertexts"]].hex() in doc  # a non-zero producer_id
     assert load("policy.json")["canonical"] in doc
+    for chain in load("ledger.json")["chains"]:
+        if chain["stream"] == "wellbeing":
+            assert chain["genesis"] in doc
+            for charge in chain["charges"]:
+                assert charge["head"] in doc and re.sub(r"\s+", "", charge["charge"]) in doc
+    assert load("budget_request.json")["request_hex"] in doc
+    assert load("budget_exhausted.json")["payload"] in doc
+    assert load("result_histogram.json")["payload"] in doc

@@ -5,18 +5,19 @@ Run from the repository root::
     .venv/bin/python tests/vectors/generate.py
 
 Everything is fixed: Ed25519 seeds and X25519 keys come from RFC 8032 / RFC 7748 test
-vectors, the Paillier primes are hard-coded below, Paillier randomness ``r`` and
-record ids are fixed, and the sealed boxes are built with a fixed *ephemeral* X25519
-key (libsodium's ``crypto_box_seal`` draws it at random; any ephemeral key gives a
-valid box, so a fixed one makes the vectors reproducible). Running this script twice
-gives identical files.
+vectors, the Paillier primes are hard-coded below, Paillier randomness ``r``, record
+and producer ids, nonces and timestamps are fixed, and the sealed boxes are built with
+a fixed *ephemeral* X25519 key (libsodium's ``crypto_box_seal`` draws it at random; any
+ephemeral key gives a valid box, so a fixed one makes the vectors reproducible). The
+sealed-state blob uses a fixed AES-GCM nonce for the same reason. Running this script
+twice gives identical files.
 
 The messages are encoded here *by hand*, from ``docs/protocol.md``, with ``struct``,
-``hashlib``, plain integer arithmetic and the raw primitives (Ed25519, X25519,
-``crypto_box``), not with ``common.wire``. Every encoding is then cross-checked
-against the real code before anything is written, so the script fails loudly if the
-code and the document disagree. ``tests/unit/test_vectors.py`` decodes the files with
-the real code.
+``hashlib``, ``fractions``, plain integer arithmetic and the raw primitives (Ed25519,
+X25519, ``crypto_box``, AES-GCM, HKDF), not with ``common.wire``. Every encoding is
+then cross-checked against the real code before anything is written, so the script
+fails loudly if the code and the document disagree. ``tests/unit/test_vectors.py``
+decodes the files with the real code.
 
 These keys are public and tiny (1024-bit Paillier): test vectors only.
 """
@@ -29,6 +30,7 @@ import json
 import math
 import struct
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +38,10 @@ ROOT = HERE.parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
 from nacl import bindings  # noqa: E402
 from nacl.public import PrivateKey, SealedBox  # noqa: E402
 
@@ -60,27 +65,52 @@ PAILLIER_Q = int(
     "e209b9e5a61875d855357d99f241a9558072f72f1b2894d7d402bbc7cbc0ed73"
     "abe6358da58b59e4f69dc74b91c1e8819bfb3c22c828974f3ff8f5145cd0222f", 16)
 KEY_EPOCH = 1
+# The emulated platform's root secret (sealing keys derive from it): SHA-256 of a label.
+PLATFORM_ROOT_SECRET = hashlib.sha256(b"sealedsum test vector platform root secret").digest()
 
 NONCE = bytes(range(32))
+BUDGET_NONCE = bytes(range(0x20, 0x40))
+STATE_GCM_NONCE = bytes.fromhex("000102030405060708090a0b")
 QUOTE_ISSUED_AT_MS = 1767225595000  # 2025-12-31T23:59:55Z
 SENT_AT_MS = 1767225600000  # 2026-01-01T00:00:00Z
 CLOSED_AT_MS = 1767225630000
+BUDGET_AT_MS = 1767225700000
 RECORD_ID_1 = bytes.fromhex("00112233445566778899aabbccddeeff")
 RECORD_ID_3 = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+RECORD_ID_H = bytes.fromhex("48495354000000000000000000000001")
+RECORD_ID_V = bytes.fromhex("56454354000000000000000000000002")
+ANONYMOUS = bytes(16)
+PRODUCER_A = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
+PRODUCER_B = bytes.fromhex("b0b1b2b3b4b5b6b7b8b9babbbcbdbebf")
 
 PREFIX = "sealedsum"
 
 # The configuration tables ([enclave] and [streams.*]) as a TOML loader returns them.
-# Integers where floats are meant and omitted defaults show the normalisation.
+# Integers where floats are meant and omitted defaults show the normalisation. One
+# stream of each kind; "visits" has a budget of three releases and a contribution bound.
 CONFIG_ENCLAVE = {"paillier_bits": 1024, "insecure_test_keys": True, "max_record_age_seconds": 900}
 CONFIG_STREAMS = {
     "wellbeing": {
-        "dimension": 3, "lower": -10, "upper": 10, "window_records": 50, "min_batch": 5,
-        "mechanism": "gaussian", "epsilon": 2, "delta": 1e-6, "fraction_bits": 12, "count_share": 0.25,
+        "kind": "mean", "dimension": 3, "lower": -10, "upper": 10, "window_records": 50, "min_batch": 5,
+        "mechanism": "gaussian", "epsilon": 2, "delta": 1e-6, "budget_epsilon": 8, "budget_delta": 1e-5,
+        "fraction_bits": 12, "count_share": 0.25,
     },
     "purchases": {
         "lower": 0, "upper": 100.0, "window_records": 100, "window_seconds": 30, "min_batch": 10,
-        "mechanism": "laplace", "epsilon": 1.0,
+        "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 10,
+    },
+    "visits": {
+        "kind": "histogram", "edges": [0, 1, 5, 10], "window_records": 2, "min_batch": 2,
+        "mechanism": "laplace", "epsilon": 0.1, "budget_epsilon": 0.3, "max_records_per_producer": 1,
+    },
+    "model": {
+        "kind": "vector", "dimension": 3, "l2_bound": 2, "fraction_bits": 8, "window_records": 20, "min_batch": 5,
+        "mechanism": "gaussian", "epsilon": 1, "delta": 1e-6, "budget_epsilon": 5, "budget_delta": 1e-5,
+        "max_records_per_producer": 2,
+    },
+    "sensor": {
+        "kind": "vector", "dimension": 2, "lower": [-1, 0], "upper": [1, 50], "window_seconds": 60,
+        "min_batch": 3, "mechanism": "laplace", "epsilon": 0.5, "budget_epsilon": 5, "count_share": 0.2,
     },
 }
 # What the canonical policy document must be, written out by hand.
@@ -91,14 +121,30 @@ EXPECTED_POLICY_MAPPING = {
         "insecure_test_keys": True,
     },
     "streams": {
+        "model": {
+            "kind": "vector", "dimension": 3, "l2_bound": 2.0, "fraction_bits": 8, "count_share": 0.5,
+            "min_batch": 5, "mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-06, "budget_epsilon": 5.0,
+            "budget_delta": 1e-05, "window_records": 20, "max_records_per_producer": 2,
+        },
         "purchases": {
-            "dimension": 1, "lower": 0.0, "upper": 100.0, "min_batch": 10, "mechanism": "laplace",
-            "epsilon": 1.0, "fraction_bits": 16, "count_share": 0.5, "window_records": 100,
-            "window_seconds": 30.0,
+            "kind": "sum", "dimension": 1, "lower": 0.0, "upper": 100.0, "min_batch": 10, "mechanism": "laplace",
+            "epsilon": 1.0, "budget_epsilon": 10.0, "fraction_bits": 16, "count_share": 0.5,
+            "window_records": 100, "window_seconds": 30.0,
+        },
+        "sensor": {
+            "kind": "vector", "dimension": 2, "lower": [-1.0, 0.0], "upper": [1.0, 50.0], "fraction_bits": 16,
+            "count_share": 0.2, "min_batch": 3, "mechanism": "laplace", "epsilon": 0.5, "budget_epsilon": 5.0,
+            "window_seconds": 60.0,
+        },
+        "visits": {
+            "kind": "histogram", "dimension": 3, "edges": [0.0, 1.0, 5.0, 10.0], "min_batch": 2,
+            "mechanism": "laplace", "epsilon": 0.1, "budget_epsilon": 0.3, "window_records": 2,
+            "max_records_per_producer": 1,
         },
         "wellbeing": {
-            "dimension": 3, "lower": -10.0, "upper": 10.0, "min_batch": 5, "mechanism": "gaussian",
-            "epsilon": 2.0, "delta": 1e-06, "fraction_bits": 12, "count_share": 0.25, "window_records": 50,
+            "kind": "mean", "dimension": 3, "lower": -10.0, "upper": 10.0, "min_batch": 5, "mechanism": "gaussian",
+            "epsilon": 2.0, "delta": 1e-06, "budget_epsilon": 8.0, "budget_delta": 1e-05, "fraction_bits": 12,
+            "count_share": 0.25, "window_records": 50,
         },
     },
 }
@@ -117,6 +163,14 @@ CODE_FILES = {
 RUNTIME_LINE_KEYS = ["python", "cryptography", "gmpy2", "numpy", "opendp", "phe", "pika", "pynacl"]
 RUNTIME_LINE = ("python=3.11.9;cryptography=50.0.2;gmpy2=2.3.2;numpy=2.4.6;opendp=0.16.0;"
                 "phe=1.5.0;pika=1.4.4;pynacl=1.6.2")
+
+LEDGER_LABEL = b"sealedsum/v1/ledger\x00"
+STATE_LABEL = b"sealedsum/v1/sealed-state\x00"
+JOURNAL_LABEL = b"sealedsum/v1/sealed-journal\x00"
+SEALING_INFO = b"sealedsum/v1/sealing-key\x00"
+BUDGET_TOLERANCE = 1e-9
+# (stream, windows released in order): the ledgers the result, notice and report vectors carry.
+CHAINS = {"purchases": [1], "wellbeing": [2, 4], "visits": [1, 2, 3]}
 
 
 # ---------------------------------------------------------------------------------
@@ -157,6 +211,12 @@ def ed25519_sign(seed: bytes, label: bytes, message: bytes) -> tuple[bytes, byte
     return signing_input, Ed25519PrivateKey.from_private_bytes(seed).sign(signing_input)
 
 
+def signed_message(payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """SSS\\x01 || u32 len || payload || Ed25519 over 'sealedsum/v1/result' 0x00 payload."""
+    sig_input, sig = ed25519_sign(ENCLAVE_ED25519_SEED, b"sealedsum/v1/result", payload)
+    return sig_input, sig, b"SSS\x01" + u32(len(payload)) + payload + sig
+
+
 def byte_len(v: int) -> int:
     return (v.bit_length() + 7) // 8
 
@@ -173,9 +233,35 @@ def paillier_decrypt(p: int, q: int, c: int) -> int:
     return L * pow(lam, -1, n) % n
 
 
-def fixed_point(values, lower, upper, fraction_bits):
-    clipped = [min(max(float(v), float(lower)), float(upper)) for v in values]
-    return clipped, [round(v * (1 << fraction_bits)) for v in clipped]
+def clip_box(values, box):
+    return [min(max(float(v), float(lo)), float(hi)) for v, (lo, hi) in zip(values, box)]
+
+
+def clip_l2(values, bound):
+    norm = math.sqrt(math.fsum(float(v) * float(v) for v in values))
+    if norm <= bound:
+        return [float(v) for v in values]
+    return [float(v) * (bound / norm) for v in values]
+
+
+def one_hot(value, edges):
+    v = min(max(float(value), edges[0]), edges[-1])
+    buckets = len(edges) - 1
+    index = next((i for i in range(buckets) if edges[i] <= v < edges[i + 1]), buckets - 1)
+    return [v], [1 if i == index else 0 for i in range(buckets)]
+
+
+def encode_values(s, values):
+    """Clip and encode one record's values for stream policy ``s``, by the document."""
+    if s.kind == "histogram":
+        return one_hot(values[0], s.edges)
+    if s.l2_bound is not None:
+        clipped = clip_l2(values, s.l2_bound)
+    else:
+        lo = s.lower if isinstance(s.lower, tuple) else (s.lower,) * s.dimension
+        hi = s.upper if isinstance(s.upper, tuple) else (s.upper,) * s.dimension
+        clipped = clip_box(values, list(zip(lo, hi)))
+    return clipped, [round(v * (1 << s.fraction_bits)) for v in clipped]
 
 
 def fixed_r(label: str, n: int) -> int:
@@ -183,10 +269,10 @@ def fixed_r(label: str, n: int) -> int:
 
 
 def envelope(stream: str, record_id: bytes, epoch: int, sent_at_ms: int, window: int, width: int,
-             cts: list[int], magic: bytes = b"SSE\x01") -> bytes:
+             cts: list[int], magic: bytes = b"SSE\x01", producer_id: bytes = ANONYMOUS) -> bytes:
     name = stream.encode("ascii")
-    return (magic + record_id + u32(epoch) + u64(sent_at_ms) + u64(window) + bytes([len(name)]) + name
-            + u16(len(cts)) + u16(width) + b"".join(c.to_bytes(width, "big") for c in cts))
+    return (magic + record_id + producer_id + u32(epoch) + u64(sent_at_ms) + u64(window) + bytes([len(name)])
+            + name + u16(len(cts)) + u16(width) + b"".join(c.to_bytes(width, "big") for c in cts))
 
 
 def seal(recipient_pk: bytes, message: bytes, ephemeral_sk: bytes = EPHEMERAL_X25519_PRIVATE):
@@ -204,6 +290,67 @@ def b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
 
+# -- privacy budget, by the document ------------------------------------------------------
+
+def rho_of(epsilon: float, delta: float) -> float:
+    lg = math.log(1 / delta)
+    return (math.sqrt(lg + epsilon) - math.sqrt(lg)) ** 2
+
+
+def eps_of_rho(rho: float, delta: float) -> float:
+    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+
+
+def budget_fits(s, releases: int) -> bool:
+    if s.mechanism == "laplace":
+        return Fraction(repr(s.epsilon)) * releases <= Fraction(repr(s.budget_epsilon))
+    return eps_of_rho(rho_of(s.epsilon, s.delta) * releases, s.budget_delta) <= s.budget_epsilon * (1 + BUDGET_TOLERANCE)
+
+
+def total_releases(s) -> int:
+    n = 0
+    while budget_fits(s, n + 1):
+        n += 1
+    return n
+
+
+def budget_summary(s, releases: int, head: bytes) -> dict:
+    if s.mechanism == "laplace":
+        spent_eps, spent_rho = float(Fraction(repr(s.epsilon)) * releases), None
+    else:
+        spent_rho = rho_of(s.epsilon, s.delta) * releases
+        spent_eps = eps_of_rho(spent_rho, s.budget_delta) if releases else 0.0
+    return {
+        "budget_delta": s.budget_delta,
+        "budget_epsilon": s.budget_epsilon,
+        "ledger_head": hexs(head),
+        "releases": releases,
+        "remaining_releases": max(total_releases(s) - releases, 0),
+        "spent_epsilon": spent_eps,
+        "spent_rho": spent_rho,
+    }
+
+
+def charge_json(s, window: int, seq: int) -> bytes:
+    rho = None if s.mechanism == "laplace" else rho_of(s.epsilon, s.delta)
+    return canonical_json({"delta": s.delta, "epsilon": s.epsilon, "mechanism": s.mechanism, "rho": rho,
+                           "seq": seq, "stream": s.name, "window": window})
+
+
+def ledger_chain(s, windows: list[int]) -> dict:
+    genesis_input = LEDGER_LABEL + s.name.encode("ascii")
+    head = sha256(genesis_input)
+    chain = {"stream": s.name, "genesis_input_hex": hexs(genesis_input), "genesis": hexs(head), "charges": []}
+    for seq, window in enumerate(windows, start=1):
+        charge = charge_json(s, window, seq)
+        head_input = LEDGER_LABEL + head + charge
+        head = sha256(head_input)
+        chain["charges"].append({"window": window, "seq": seq, "charge": charge.decode("ascii"),
+                                 "head_input_hex": hexs(head_input), "head": hexs(head)})
+    chain["head"] = hexs(head)
+    return chain
+
+
 # ---------------------------------------------------------------------------------
 # Vectors
 # ---------------------------------------------------------------------------------
@@ -211,7 +358,7 @@ def b64(b: bytes) -> str:
 def build() -> dict[str, dict]:
     from phe import paillier
 
-    from common import attestation, privacy, results, signing, wire
+    from common import attestation, privacy, signing, wire
     from common.policy import EnclavePolicy
     from sidecar.platform import measure
 
@@ -247,39 +394,65 @@ def build() -> dict[str, dict]:
     policy_bytes = canonical_json(EXPECTED_POLICY_MAPPING)
     policy = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS)
     assert policy.to_bytes() == policy_bytes, (policy.to_bytes(), policy_bytes)
+    assert EnclavePolicy.from_bytes(policy_bytes).to_bytes() == policy_bytes
     plans = {}
     for name, s in sorted(policy.streams.items()):
-        bound = max(abs(round(s.lower * (1 << s.fraction_bits))), abs(round(s.upper * (1 << s.fraction_bits))))
-        l1 = bound * s.dimension
-        l2 = (bound * bound * s.dimension) ** 0.5
+        k = s.max_records_per_producer or 1
+        f = s.fraction_bits
+        if s.kind == "histogram":
+            bounds, l1, l2 = None, k, float(k)
+        elif s.l2_bound is not None:
+            scaled = s.l2_bound * (1 << f)
+            bounds = None
+            l1 = k * math.ceil(math.sqrt(s.dimension) * scaled + s.dimension / 2)
+            l2 = k * (scaled + math.sqrt(s.dimension) / 2)
+        else:
+            lo = s.lower if isinstance(s.lower, tuple) else (s.lower,) * s.dimension
+            hi = s.upper if isinstance(s.upper, tuple) else (s.upper,) * s.dimension
+            bounds = [max(abs(round(a * (1 << f))), abs(round(b * (1 << f)))) for a, b in zip(lo, hi)]
+            l1 = k * sum(bounds)
+            l2 = k * math.sqrt(sum(b * b for b in bounds))
+        c = 0.0 if s.kind == "histogram" else s.count_share
+        count_k = None if s.kind == "histogram" else k
         if s.mechanism == "laplace":
             rho = None
-            sum_scale = l1 / (s.epsilon * (1 - s.count_share))
-            count_scale = 1 / (s.epsilon * s.count_share)
+            sum_scale = l1 / (s.epsilon * (1 - c))
+            count_scale = count_k / (s.epsilon * c) if count_k else None
         else:
-            lg = math.log(1 / s.delta)
-            rho = (math.sqrt(lg + s.epsilon) - math.sqrt(lg)) ** 2
-            sum_scale = l2 / math.sqrt(2 * rho * (1 - s.count_share))
-            count_scale = 1 / math.sqrt(2 * rho * s.count_share)
+            rho = rho_of(s.epsilon, s.delta)
+            sum_scale = l2 / math.sqrt(2 * rho * (1 - c))
+            count_scale = count_k / math.sqrt(2 * rho * c) if count_k else None
         real = s.noise_plan()
-        assert real.sensitivity_l1 == l1 and abs(real.sensitivity_l2 - l2) <= 1e-9 * l2
-        assert abs(real.sum_scale - sum_scale) <= 1e-9 * sum_scale
-        assert abs(real.count_scale - count_scale) <= 1e-9 * count_scale
+        assert s.sensitivities()[0] == real.sensitivity_l1 == l1, (name, real.sensitivity_l1, l1)
+        assert abs(real.sensitivity_l2 - l2) <= 1e-12 * l2
+        assert abs(real.sum_scale - sum_scale) <= 1e-12 * sum_scale
+        assert (real.count_scale is None) == (count_scale is None)
+        if count_scale is not None:
+            assert abs(real.count_scale - count_scale) <= 1e-12 * count_scale
+        assert real.rho == rho
         plans[name] = {
-            "value_bound_fixed": bound,
+            "kind": s.kind,
+            "contributions": k,
+            "coordinate_bounds_fixed": bounds,
             "sensitivity_l1": l1,
             "sensitivity_l2": real.sensitivity_l2,
+            "count_sensitivity": count_k,
             "rho": real.rho,
             "sum_scale": real.sum_scale,
             "count_scale": real.count_scale,
             "sum_std": privacy.noise_std(s.mechanism, real.sum_scale),
-            "count_std": privacy.noise_std(s.mechanism, real.count_scale),
+            "count_std": None if real.count_scale is None else privacy.noise_std(s.mechanism, real.count_scale),
+            "max_releases": total_releases(s),
         }
+        assert privacy.max_releases(s.mechanism, s.epsilon, s.delta, s.budget_epsilon, s.budget_delta) \
+            == total_releases(s), name
     out["policy"] = {
         "kind": "policy",
         "description": "EnclavePolicy.from_mapping(enclave, streams).to_bytes(): canonical JSON (sorted keys, "
                        "compact separators, ASCII), with defaults filled in and numbers normalised; plus the "
-                       "noise calibration each stream implies (scales in fixed-point units for the sum).",
+                       "noise calibration each stream implies (scales in fixed-point units for the sum, in "
+                       "records for the count; count_scale null when the count is the sum of noised buckets) "
+                       "and how many releases its budget allows.",
         "config_enclave": CONFIG_ENCLAVE,
         "config_streams": CONFIG_STREAMS,
         "canonical": policy_bytes.decode("ascii"),
@@ -436,7 +609,7 @@ def build() -> dict[str, dict]:
         "quote_hex": hexs(quote),
         "reply_hex": hexs(reply),
         "amqp": {"exchange": "", "routing_key": "<the request's reply_to>",
-                 "correlation_id": "<the request's correlation_id>", "type": "attest-reply", "app_id": "sealedsum"},
+                 "correlation_id": "<the request's correlation_id>", "type": "reply", "app_id": "sealedsum"},
         "trust": trust,
         "now_ms": now,
         "expected": {
@@ -447,42 +620,47 @@ def build() -> dict[str, dict]:
     }
 
     # -- envelopes --------------------------------------------------------------------
-    def make_envelope(key, stream, values, record_id, window, r_labels):
+    def make_envelope(key, stream, values, record_id, window, r_labels, producer_id=ANONYMOUS):
         s = policy.streams[stream]
-        clipped, encoded = fixed_point(values, s.lower, s.upper, s.fraction_bits)
+        clipped, encoded = encode_values(s, values)
+        assert s.encode(values)[0] == encoded
+        assert len(r_labels) == len(encoded) == s.dimension
         ms = [v % n for v in encoded]  # negatives as n - |v|
         rs = [fixed_r(label, n) for label in r_labels]
         cts = [paillier_encrypt(n, m, r) for m, r in zip(ms, rs)]
         for m, r, c in zip(ms, rs, cts):
             assert paillier.PaillierPublicKey(n).raw_encrypt(m, r_value=r) == c
             assert paillier_decrypt(PAILLIER_P, PAILLIER_Q, c) == m
-        env = envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, cts)
-        assert wire.Envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, tuple(cts)).to_bytes() == env
+        env = envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, cts, producer_id=producer_id)
+        assert wire.Envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, tuple(cts),
+                             producer_id).to_bytes() == env
         name_len = len(stream)
         out[key] = {
             "kind": "envelope",
-            "description": "SSE\\x01 record envelope (the plaintext inside the sealed box). Ciphertexts are "
-                           "Paillier with g = n+1 under keys.json, c = (1 + n*m) * r^n mod n^2, "
-                           "big-endian, ciphertext_width bytes each.",
+            "description": "SSE\\x01 record envelope (the plaintext inside the sealed box). Values are clipped "
+                           "and encoded by the stream's kind (box, L2 ball or one-hot histogram bucket); "
+                           "ciphertexts are Paillier with g = n+1 under keys.json, c = (1 + n*m) * r^n mod n^2, "
+                           "big-endian, ciphertext_width bytes each. producer_id all zeros = anonymous.",
             "stream": stream,
+            "stream_kind": s.kind,
             "record_id": hexs(record_id),
+            "producer_id": hexs(producer_id),
             "key_epoch": KEY_EPOCH,
             "sent_at_ms": SENT_AT_MS,
             "window": window,
             "width": width,
             "values": values,
-            "lower": s.lower,
-            "upper": s.upper,
-            "fraction_bits": s.fraction_bits,
             "clipped": clipped,
+            "clipped_count": s.encode(values)[1],
+            "fraction_bits": s.fraction_bits,
             "encoded": encoded,
             "paillier_plaintexts": [hex(m) for m in ms],
             "r": [hex(r) for r in rs],
             "ciphertexts": [c.to_bytes(width, "big").hex() for c in cts],
             "offsets": {
-                "magic": 0, "record_id": 4, "key_epoch": 20, "sent_at_ms": 24, "window": 32,
-                "stream_len": 40, "stream": 41, "count": 41 + name_len, "width": 43 + name_len,
-                "ciphertexts": 45 + name_len,
+                "magic": 0, "record_id": 4, "producer_id": 20, "key_epoch": 36, "sent_at_ms": 40, "window": 48,
+                "stream_len": 56, "stream": 57, "count": 57 + name_len, "width": 59 + name_len,
+                "ciphertexts": 61 + name_len,
             },
             "envelope_hex": hexs(env),
         }
@@ -490,7 +668,11 @@ def build() -> dict[str, dict]:
 
     env1 = make_envelope("envelope_dim1", "purchases", [42.3], RECORD_ID_1, 0, ["r/purchases/0"])
     make_envelope("envelope_dim3", "wellbeing", [3.5, -2.25, 12.0], RECORD_ID_3, 1,
-                  ["r/wellbeing/0", "r/wellbeing/1", "r/wellbeing/2"])
+                  ["r/wellbeing/0", "r/wellbeing/1", "r/wellbeing/2"], PRODUCER_A)
+    make_envelope("envelope_histogram", "visits", [5.0], RECORD_ID_H, 0,
+                  ["r/visits/0", "r/visits/1", "r/visits/2"], PRODUCER_B)
+    make_envelope("envelope_vector", "model", [3.0, -4.0, 0.0], RECORD_ID_V, 0,
+                  ["r/model/0", "r/model/1", "r/model/2"], PRODUCER_A)
 
     # -- sealed record ----------------------------------------------------------------
     epk, box_nonce, sealed = seal(x_pub, env1)
@@ -512,12 +694,63 @@ def build() -> dict[str, dict]:
                  "content_type": "application/octet-stream", "type": "record", "app_id": "sealedsum"},
     }
 
+    # -- the privacy budget ledger ----------------------------------------------------------
+    from sidecar.enclave import ledger as ledger_mod
+
+    chains = {}
+    for stream, windows in CHAINS.items():
+        s = policy.streams[stream]
+        chain = ledger_chain(s, windows)
+        real = ledger_mod.StreamLedger(s)
+        assert real.head.hex() == chain["genesis"] == hexs(ledger_mod.genesis(stream))
+        for charge in chain["charges"]:
+            assert ledger_mod.charge_bytes(s, charge["window"], charge["seq"]) == charge["charge"].encode()
+            real.charge(charge["window"])
+            assert real.head.hex() == charge["head"] and real.releases == charge["seq"]
+            charge["budget"] = budget_summary(s, charge["seq"], bytes.fromhex(charge["head"]))
+            assert real.summary() == charge["budget"], (stream, real.summary(), charge["budget"])
+            charge["allows_another"] = budget_fits(s, charge["seq"] + 1)
+            assert real.allows() == charge["allows_another"]
+        chains[stream] = chain
+    heads = {stream: chain["head"] for stream, chain in chains.items()}
+    out["ledger"] = {
+        "kind": "ledger",
+        "description": "Per-stream privacy ledgers as hash chains: genesis = SHA-256('sealedsum/v1/ledger' 0x00 "
+                       "|| stream); head_n = SHA-256('sealedsum/v1/ledger' 0x00 || head_(n-1) || charge_n), "
+                       "charge_n = canonical JSON {delta, epsilon, mechanism, rho, seq, stream, window} of the "
+                       "n-th release. 'budget' is the signed budget object after each charge; allows_another "
+                       "says whether one more release fits the budget (false: the stream is exhausted).",
+        "label_hex": hexs(LEDGER_LABEL),
+        "chains": [chains[s] for s in CHAINS],
+    }
+    assert [len(c["charges"]) for c in out["ledger"]["chains"]] == [1, 2, 3]
+    assert chains["visits"]["charges"][-1]["allows_another"] is False  # 0.1 * 4 > 0.3 (decimal)
+    assert chains["visits"]["charges"][-1]["budget"]["spent_epsilon"] == 0.3  # not 0.30000000000000004
+
+    def budget_of(stream: str) -> dict:
+        return chains[stream]["charges"][-1]["budget"]
+
     # -- results ----------------------------------------------------------------------
-    def make_result(key, stream, window, count, sum_fixed):
+    from common import results
+
+    result_amqp = {"exchange": f"{PREFIX}.results", "delivery_mode": 2, "mandatory": True,
+                   "content_type": "application/octet-stream", "type": "result", "app_id": "sealedsum"}
+
+    def make_result(key, stream, window, sum_fixed, count=None):
         s = policy.streams[stream]
         plan = plans[stream]
         sums = [v / (1 << s.fraction_bits) for v in sum_fixed]
+        if s.kind == "histogram":
+            assert count is None
+            count = sum(sum_fixed)  # the buckets add up to the count
+            mean = None
+        else:
+            mean = [v / count for v in sums] if count > 0 else None
+        chain = chains[stream]
+        assert chain["charges"][-1]["window"] == window
         mapping = {
+            "aggregate": s.kind,
+            "budget": budget_of(stream),
             "closed_at_ms": CLOSED_AT_MS,
             "count": count,
             "count_noise_scale": plan["count_scale"],
@@ -527,7 +760,7 @@ def build() -> dict[str, dict]:
             "fraction_bits": s.fraction_bits,
             "key_epoch": KEY_EPOCH,
             "kind": "result",
-            "mean": [v / count for v in sums] if count > 0 else None,
+            "mean": mean,
             "measurement": hexs(meas),
             "mechanism": s.mechanism,
             "rho": plan["rho"],
@@ -537,56 +770,299 @@ def build() -> dict[str, dict]:
             "sum_noise_scale": plan["sum_scale"],
             "window": window,
         }
+        assert len(mapping) == 20
         payload = canonical_json(mapping)
-        sig_input, sig = ed25519_sign(ENCLAVE_ED25519_SEED, b"sealedsum/v1/result", payload)
-        message = b"SSS\x01" + u32(len(payload)) + payload + sig
-        fields = {k: v for k, v in mapping.items()}
-        assert results.Release(**fields).to_payload() == payload
+        sig_input, sig, message = signed_message(payload)
+        assert results.Release(**mapping).to_payload() == payload
         assert wire.SignedMessage(payload, sig).to_bytes() == message
         out[key] = {
             "kind": "result",
-            "description": "SSS\\x01 || u32 len || JSON payload || Ed25519 signature by the enclave key over "
-                           "'sealedsum/v1/result' || 0x00 || payload. Published to PREFIX.results with "
-                           "routing key = stream. The noised numbers are made up (noise is random).",
+            "description": "SSS\\x01 || u32 len || JSON payload (kind 'result') || Ed25519 signature by the "
+                           "enclave key over 'sealedsum/v1/result' || 0x00 || payload. Published to PREFIX.results "
+                           "with routing key = stream. The noised numbers are made up (noise is random); the "
+                           "budget object is the stream's ledger after this release (ledger.json).",
             "enclave_ed25519_public": hexs(ed_pub),
             "release": mapping,
             "payload": payload.decode("ascii"),
             "signing_input_hex": hexs(sig_input),
             "signature": hexs(sig),
             "message_hex": hexs(message),
-            "amqp": {"exchange": f"{PREFIX}.results", "routing_key": stream, "delivery_mode": 2,
-                     "content_type": "application/octet-stream", "type": "result", "app_id": "sealedsum"},
+            "amqp": dict(result_amqp, routing_key=stream),
         }
 
-    make_result("result_laplace", "purchases", 1, 103, [319_815_037])
-    make_result("result_gaussian", "wellbeing", 4, 48, [276_419, -15_873, 409_600 - 123])
+    make_result("result_laplace", "purchases", 1, [319_815_037], count=103)
+    make_result("result_gaussian", "wellbeing", 4, [276_419, -15_873, 409_600 - 123], count=48)
+    make_result("result_histogram", "visits", 3, [7, -1, 12])
+
+    # -- budget_exhausted notice ----------------------------------------------------------------
+    notice = {"at_ms": CLOSED_AT_MS, "budget": budget_of("visits"), "key_epoch": KEY_EPOCH,
+              "kind": "budget_exhausted", "measurement": hexs(meas), "stream": "visits"}
+    payload = canonical_json(notice)
+    sig_input, sig, message = signed_message(payload)
+    assert results.BudgetExhausted(**notice).to_payload() == payload
+    assert notice["budget"]["remaining_releases"] == 0
+    # The enclave core publishes exactly this after visits' third release: two records per
+    # window from distinct producers, the last one at CLOSED_AT_MS.
+    core = enclave_core(policy, policy_bytes, code_digest, meas)
+    session = []
+    for i in range(6):
+        cts = [paillier_encrypt(n, 1 if b == i % 3 else 0, fixed_r(f"notice/{i}/{b}", n)) for b in range(3)]
+        e = envelope("visits", sha256(b"notice record %d" % i)[:16], KEY_EPOCH, SENT_AT_MS, 0, width, cts,
+                     producer_id=sha256(b"notice producer %d" % (i % 2))[:16])
+        session.append({"body_hex": hexs(seal(x_pub, e)[2]),
+                        "now_ms": CLOSED_AT_MS if i == 5 else SENT_AT_MS + 1000 + i})
+        outcome = core.on_record(bytes.fromhex(session[-1]["body_hex"]), session[-1]["now_ms"])
+        assert outcome.rejection is None
+    assert [p.key for p in outcome.releases] == ["visits/3", "visits/budget_exhausted"]
+    assert outcome.releases[1].body == message
+    out["budget_exhausted"] = {
+        "kind": "budget_exhausted",
+        "description": "The notice the enclave publishes once, on PREFIX.results with routing key = stream, "
+                       "right after the release that leaves no room for another (here: visits' third "
+                       "release, result_histogram.json; 0.1 + 0.1 + 0.1 = 0.3 fits budget_epsilon 0.3, a "
+                       "fourth would not). Every later record of the stream is dead-lettered budget_exhausted.",
+        "enclave_ed25519_public": hexs(ed_pub),
+        "notice": notice,
+        "payload": payload.decode("ascii"),
+        "signing_input_hex": hexs(sig_input),
+        "signature": hexs(sig),
+        "message_hex": hexs(message),
+        "amqp": dict(result_amqp, routing_key="visits"),
+        "session": session,
+        "session_description": "Six sealed visits records, two per window from two producers, fed to a fresh "
+                               "enclave core: the last one closes window 3 and the core publishes the third "
+                               "release and then exactly this notice.",
+    }
+
+    # -- budget RPC -------------------------------------------------------------------------------
+    budget_request = b"SSG\x01" + BUDGET_NONCE + bytes([len("wellbeing")]) + b"wellbeing"
+    assert wire.BudgetRequest(BUDGET_NONCE, "wellbeing").to_bytes() == budget_request
+    out["budget_request"] = {
+        "kind": "budget_request",
+        "description": "SSG\\x01 || 32-byte nonce || u8 stream-name length || stream name, published like an "
+                       "attestation request (default exchange, routing key PREFIX.attest, direct reply-to). "
+                       "The enclave answers with budget_report.json.",
+        "nonce": hexs(BUDGET_NONCE),
+        "stream": "wellbeing",
+        "request_hex": hexs(budget_request),
+        "amqp": {"exchange": "", "routing_key": f"{PREFIX}.attest", "reply_to": "amq.rabbitmq.reply-to",
+                 "type": "budget-request", "app_id": "sealedsum"},
+    }
+    report = {"at_ms": BUDGET_AT_MS, "budget": budget_of("wellbeing"), "exhausted": False, "key_epoch": KEY_EPOCH,
+              "kind": "budget", "measurement": hexs(meas), "nonce": hexs(BUDGET_NONCE), "stream": "wellbeing"}
+    payload = canonical_json(report)
+    sig_input, sig, message = signed_message(payload)
+    assert results.BudgetReport(**report).to_payload() == payload
+    from sidecar.enclave.ledger import StreamLedger
+
+    core = enclave_core(policy, policy_bytes, code_digest, meas)
+    core.ledgers["wellbeing"] = StreamLedger(policy.streams["wellbeing"], 2, bytes.fromhex(heads["wellbeing"]))
+    assert core.answer(budget_request, BUDGET_AT_MS) == message
+    out["budget_report"] = {
+        "kind": "budget_report",
+        "description": "The enclave's reply to budget_request.json: a signed message (kind 'budget') with the "
+                       "stream's ledger (two releases of wellbeing, ledger.json), the request's nonce in hex, "
+                       "and whether the stream is exhausted. Sent to the request's reply_to with its "
+                       "correlation_id, type 'reply'.",
+        "enclave_ed25519_public": hexs(ed_pub),
+        "report": report,
+        "payload": payload.decode("ascii"),
+        "signing_input_hex": hexs(sig_input),
+        "signature": hexs(sig),
+        "message_hex": hexs(message),
+        "amqp": {"exchange": "", "routing_key": "<the request's reply_to>",
+                 "correlation_id": "<the request's correlation_id>", "type": "reply", "app_id": "sealedsum"},
+    }
+
+    # -- sealed state --------------------------------------------------------------------------
+    out["sealed_state"] = build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width)
 
     # -- rejections: a scripted session against the enclave core -------------------------
-    out["rejections"] = build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas)
+    out["rejections"] = build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas, chains)
     return out
 
 
-def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas) -> dict:
+def enclave_core(policy, policy_bytes, code_digest, meas, state=None, now_ms=0):
+    from sidecar.enclave.service import Enclave
+
+    return Enclave(enclave_keys(), policy, policy_bytes, code_digest, meas, lambda rd: b"", state, now_ms)
+
+
+def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width) -> dict:
+    """The enclave's sealed state: a base and a journal, how they are sealed, and the rollback rule."""
+    from sidecar.enclave import state as state_mod
+    from sidecar.platform.emulated import EmulatedPlatform
+
+    sealing_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=SEALING_INFO + meas).derive(PLATFORM_ROOT_SECRET)
+    platform = EmulatedPlatform(Ed25519PrivateKey.from_private_bytes(PLATFORM_ED25519_SEED), PLATFORM_ROOT_SECRET)
+    assert platform.sealing_key(meas) == sealing_key
+    assert state_mod.STATE_AAD == STATE_LABEL and state_mod.JOURNAL_AAD == JOURNAL_LABEL
+
+    # The contents come from the enclave core itself (they are its own business, not a wire
+    # format): two purchases records, a base; one more record, a journal entry.
+    core = enclave_core(policy, policy_bytes, code_digest, meas)
+
+    def record(i):
+        e = envelope("purchases", sha256(b"state record %d" % i)[:16], KEY_EPOCH, SENT_AT_MS, 0, width,
+                     [paillier_encrypt(n, 1000 * (i + 1), fixed_r(f"state/{i}", n))])
+        return seal(x_pub, e)[2]
+
+    for i in range(2):
+        assert core.on_record(record(i), SENT_AT_MS + 1000 + i).rejection is None
+    base_state = core.snapshot()
+    assert core.on_record(record(2), SENT_AT_MS + 1002).rejection is None
+    entry = core.journal_entry()
+    restored = enclave_core(policy, policy_bytes, code_digest, meas, state=[base_state, entry])
+    assert restored.snapshot() == core.snapshot()
+    assert restored.streams["purchases"].current.count == 3
+    assert restored.on_record(record(1), SENT_AT_MS + 2000).rejection.reason.value == "duplicate"
+
+    def base_blob(version):
+        plaintext = json.dumps({"version": version, "state": base_state}).encode()
+        return plaintext, b"SSV\x01" + STATE_GCM_NONCE + AESGCM(sealing_key).encrypt(
+            STATE_GCM_NONCE, plaintext, STATE_LABEL + meas)
+
+    def chunk(version):
+        plaintext = json.dumps(entry).encode()
+        blob = b"SSV\x01" + STATE_GCM_NONCE + AESGCM(sealing_key).encrypt(
+            STATE_GCM_NONCE, plaintext, JOURNAL_LABEL + u64(version) + meas)
+        return plaintext, u64(version) + u32(len(blob)) + blob
+
+    base_plain, base = base_blob(1)
+    entry_plain, chunk2 = chunk(2)
+    _, base_v2 = base_blob(2)
+    _, chunk3 = chunk(3)
+    files = {"base_v1": base, "base_v2": base_v2, "chunk_v2": chunk2, "chunk_v3": chunk3}
+    # Each case: the files on disk (by name above, the journal as a concatenation of chunks,
+    # "torn" = the last chunk without its final byte) and the platform counter before load.
+    cases = [
+        {"name": "base v1, journal [v2], counter 2", "base": "base_v1", "journal": ["chunk_v2"], "counter": 2,
+         "expect": "loaded", "checkpoints": 2, "counter_after": 2, "journal_bytes_after": len(chunk2)},
+        {"name": "counter one behind: the last checkpoint crashed before its counter step; load catches up",
+         "base": "base_v1", "journal": ["chunk_v2"], "counter": 1, "expect": "loaded", "checkpoints": 2,
+         "counter_after": 2, "journal_bytes_after": len(chunk2)},
+        {"name": "counter ahead of the files: an older copy was put back", "base": "base_v1",
+         "journal": ["chunk_v2"], "counter": 3, "expect": "RollbackDetected", "counter_after": 3},
+        {"name": "files two versions ahead of the counter", "base": "base_v1", "journal": ["chunk_v2"],
+         "counter": 0, "expect": "RollbackDetected", "counter_after": 0},
+        {"name": "journal gone (rolled back to the base) although the counter says v2", "base": "base_v1",
+         "journal": [], "counter": 2, "expect": "RollbackDetected", "counter_after": 2},
+        {"name": "torn last chunk (crash mid-append, before its counter step): cut off", "base": "base_v1",
+         "journal": ["chunk_v2"], "torn": True, "counter": 1, "expect": "loaded", "checkpoints": 1,
+         "counter_after": 1, "journal_bytes_after": 0},
+        {"name": "a journal chunk not newer than the base is left over from before the base: skipped",
+         "base": "base_v2", "journal": ["chunk_v2"], "counter": 2, "expect": "loaded", "checkpoints": 1,
+         "counter_after": 2, "journal_bytes_after": len(chunk2)},
+        {"name": "the journal skips a version", "base": "base_v1", "journal": ["chunk_v3"], "counter": 1,
+         "expect": "SealingError", "counter_after": 1},
+        {"name": "base gone although the counter says one was written", "base": None, "journal": [],
+         "counter": 1, "expect": "RollbackDetected", "counter_after": 1},
+        {"name": "first start: no files, counter 0", "base": None, "journal": [], "counter": 0,
+         "expect": "first_start", "counter_after": 0},
+    ]
+    for case in cases:
+        run_state_case(case, files, sealing_key, meas, [base_state, entry])
+    return {
+        "kind": "sealed_state",
+        "description": "STATE/enclave/<first 32 hex digits of the measurement>/: state.sealed (base) = SSV\\x01 || "
+                       "12-byte nonce || AES-256-GCM(sealing_key, nonce, JSON {version, state}, aad = "
+                       "'sealedsum/v1/sealed-state' 0x00 || measurement); state.journal = chunks u64 version || "
+                       "u32 length || SSV\\x01 || nonce || AES-256-GCM(sealing_key, nonce, JSON entry, aad = "
+                       "'sealedsum/v1/sealed-journal' 0x00 || u64 version || measurement). sealing_key = "
+                       "HKDF-SHA256(platform root secret, no salt, info = 'sealedsum/v1/sealing-key' 0x00 || "
+                       "measurement, 32). Versions are checked against the platform's monotonic counter "
+                       "(rollback_cases). The reference code draws nonces at random; they are fixed here.",
+        "platform_root_secret": hexs(PLATFORM_ROOT_SECRET),
+        "measurement": hexs(meas),
+        "sealing_key": hexs(sealing_key),
+        "directory": f"enclave/{hexs(meas)[:32]}",
+        "base_aad_hex": hexs(STATE_LABEL + meas),
+        "chunk_v2_aad_hex": hexs(JOURNAL_LABEL + u64(2) + meas),
+        "gcm_nonce": hexs(STATE_GCM_NONCE),
+        "base_state": base_state,
+        "journal_entry": entry,
+        "base_plaintext_hex": hexs(base_plain),
+        "entry_plaintext_hex": hexs(entry_plain),
+        "files": {k: hexs(v) for k, v in files.items()},
+        "counter_file": {"name": "platform.counters", "after_advance_to_1": json.dumps({hexs(meas): 1})},
+        "rollback_cases": cases,
+    }
+
+
+def run_state_case(case, files, sealing_key, meas, checkpoints):
+    import tempfile
+
+    from common.errors import SealingError
+    from sidecar.enclave.state import RollbackDetected, SealedStateStore
+
+    class Counter:
+        def __init__(self, value):
+            self.value = value
+
+        def read(self):
+            return self.value
+
+        def advance(self, value):
+            self.value = max(self.value, value)
+            return self.value
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        if case["base"]:
+            (directory / "state.sealed").write_bytes(files[case["base"]])
+        journal = b"".join(files[c] for c in case["journal"])
+        if case.get("torn"):
+            journal = journal[:-1]
+        if case["journal"]:
+            (directory / "state.journal").write_bytes(journal)
+        counter = Counter(case["counter"])
+        store = SealedStateStore(directory, sealing_key, meas, counter)
+        try:
+            loaded = store.load()
+            got = "first_start" if loaded is None else "loaded"
+            if loaded is not None:
+                assert loaded == checkpoints[:case["checkpoints"]], case["name"]
+                assert store.journal_bytes == case["journal_bytes_after"], case["name"]
+                if case["journal"]:
+                    assert (directory / "state.journal").stat().st_size == case["journal_bytes_after"]
+        except RollbackDetected:
+            got = "RollbackDetected"
+        except SealingError:
+            got = "SealingError"
+        assert got == case["expect"], (case["name"], got)
+        assert counter.value == case["counter_after"], case["name"]
+
+
+def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas, chains) -> dict:
     """Records and ticks fed in order to sidecar.enclave.service.Enclave, with the outcome
-    each must have. Pins the reasons and the order of the checks."""
+    each must have. Pins the reasons, the order of the checks, and what gets published."""
     purchases = policy.streams["purchases"]
-    size_limit = 48 + (4 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + max(s.dimension for s in policy.streams.values()) * width
-    assert size_limit == 925
+    size_limit = 48 + (4 + 16 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + max(s.dimension for s in policy.streams.values()) * width
+    assert size_limit == 941
 
     def ct(label: str, m: int = 1_000_000) -> int:
         return paillier_encrypt(n, m, fixed_r(label, n))
 
-    def rid(i: int) -> bytes:
+    def rid(i) -> bytes:
         return hashlib.sha256(f"record {i}".encode()).digest()[:16]
 
     def env(i, *, stream="purchases", epoch=KEY_EPOCH, sent=SENT_AT_MS, window=0, w=width, cts=None,
-            magic=b"SSE\x01", trailer=b""):
+            magic=b"SSE\x01", trailer=b"", producer=ANONYMOUS):
         if cts is None:
             cts = [ct(f"rej/{i}")]
-        return envelope(stream, rid(i), epoch, sent, window, w, cts, magic) + trailer
+        return envelope(stream, rid(i), epoch, sent, window, w, cts, magic, producer) + trailer
 
     def sealed(e: bytes, pk: bytes = x_pub) -> str:
         return seal(pk, e)[2].hex()
+
+    def producer(name: str) -> bytes:
+        return hashlib.sha256(f"producer {name}".encode()).digest()[:16]
+
+    def visit(i, who, bucket, **kw):
+        """A visits record: one-hot in ``bucket`` of three, from producer ``who``."""
+        cts = [ct(f"rej/{i}/{b}", 1 if b == bucket else 0) for b in range(3)]
+        return env(i, stream="visits", cts=cts, producer=producer(who), **kw)
 
     other_pk = bindings.crypto_scalarmult_base(hashlib.sha256(b"another enclave").digest())
     good = sealed(env(1))
@@ -594,7 +1070,7 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     flipped[60] ^= 0x01
     t0 = SENT_AT_MS + 1000
     steps = [
-        {"note": "larger than 48 + 109 + widest dimension * width = 925 bytes: refused before opening",
+        {"note": "larger than 48 + 125 + widest dimension * width = 941 bytes: refused before opening",
          "body_hex": "00" * (size_limit + 1), "now_ms": t0, "expect": "too_large"},
         {"note": "exactly the size limit, but not a sealed box", "body_hex": "00" * size_limit,
          "now_ms": t0, "expect": "undecryptable"},
@@ -606,6 +1082,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
          "expect": "malformed"},
         {"note": "envelope with a trailing byte", "body_hex": sealed(env(4, trailer=b"\x00")), "now_ms": t0,
          "expect": "malformed"},
+        {"note": "envelope in the old layout, without producer_id (16 bytes short)",
+         "body_hex": sealed(env(1)[:20] + env(1)[36:]), "now_ms": t0, "expect": "malformed"},
         {"note": "stream name with a character outside A-Z a-z 0-9 _ -", "body_hex": sealed(env(5, stream="pur.chases")),
          "now_ms": t0, "expect": "malformed"},
         {"note": "stream not in the policy", "body_hex": sealed(env(6, stream="nosuch")), "now_ms": t0,
@@ -646,7 +1124,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
         {"note": "29.999 s after the window's first record: still open", "tick_ms": t0 + 29_999,
          "windows_withheld": 0},
         {"note": "window_seconds = 30 after its first record at t0: window 1 closes (4 records < "
-                 "min_batch 10: withheld, nothing published)", "tick_ms": t0 + 30_000, "windows_withheld": 1},
+                 "min_batch 10: withheld, nothing published, nothing charged)", "tick_ms": t0 + 30_000,
+         "windows_withheld": 1},
         {"note": "window 1 is closed now", "body_hex": sealed(env(20, window=1)), "now_ms": t0 + 30_001,
          "expect": "late_window"},
         {"note": "a record counted in window 1, replayed with window 0: duplicate (ids are remembered "
@@ -655,19 +1134,82 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
         {"note": "explicit window 2 is open now", "body_hex": sealed(env(21, window=2)), "now_ms": t0 + 30_003,
          "expect": "accepted"},
     ]
+    # Stream "visits": histogram, window_records = min_batch = 2, max_records_per_producer = 1,
+    # epsilon 0.1 per release, budget_epsilon 0.3: three releases, then exhausted.
+    t1 = t0 + 40_000
+    v1 = sealed(visit(101, "p1", 0))
+    v10 = sealed(visit(110, "p3", 2))
+    visits_from = len(steps)
+    steps += [
+        {"note": "visits window 1: first record of producer p1", "body_hex": v1, "now_ms": t1,
+         "expect": "accepted"},
+        {"note": "p1 again in the same window (max_records_per_producer = 1)",
+         "body_hex": sealed(visit(102, "p1", 1)), "now_ms": t1 + 1, "expect": "contribution_limit"},
+        {"note": "p1 again, explicit window 2: the window checks come before the contribution limit",
+         "body_hex": sealed(visit(103, "p1", 1, window=2)), "now_ms": t1 + 2, "expect": "future_window"},
+        {"note": "p1 again, expired: the age checks come before the contribution limit",
+         "body_hex": sealed(visit(104, "p1", 1)), "now_ms": SENT_AT_MS + 900_001, "expect": "expired"},
+        {"note": "p1's counted record again: duplicate, not contribution_limit", "body_hex": v1,
+         "now_ms": t1 + 3, "expect": "duplicate"},
+        {"note": "anonymous producer id (all zeros) fills window 1: first release",
+         "body_hex": sealed(visit(105, "p1", 1)[:20] + ANONYMOUS + visit(105, "p1", 1)[36:]),
+         "now_ms": t1 + 4, "expect": "accepted",
+         "publishes": [{"kind": "result", "window": 1}]},
+        {"note": "visits window 2: p1 again (the bound is per window)", "body_hex": sealed(visit(106, "p1", 2)),
+         "now_ms": t1 + 5, "expect": "accepted"},
+        {"note": "p1, explicit window 1 (closed), also over its bound: late_window",
+         "body_hex": sealed(visit(107, "p1", 2, window=1)), "now_ms": t1 + 6, "expect": "late_window"},
+        {"note": "p2 fills window 2: second release", "body_hex": sealed(visit(108, "p2", 1)),
+         "now_ms": t1 + 7, "expect": "accepted", "publishes": [{"kind": "result", "window": 2}]},
+        {"note": "visits window 3", "body_hex": sealed(visit(109, "p1", 0)), "now_ms": t1 + 8,
+         "expect": "accepted"},
+        {"note": "third release: 3 x 0.1 = 0.3 fits budget_epsilon 0.3 exactly (decimal), a fourth would not: "
+                 "the release and then the budget_exhausted notice are published",
+         "body_hex": v10, "now_ms": t1 + 9, "expect": "accepted",
+         "publishes": [{"kind": "result", "window": 3}, {"kind": "budget_exhausted"}]},
+        {"note": "a new record for the exhausted stream", "body_hex": sealed(visit(111, "p4", 0)),
+         "now_ms": t1 + 10, "expect": "budget_exhausted"},
+        {"note": "a counted record again: duplicate is checked before budget_exhausted", "body_hex": v10,
+         "now_ms": t1 + 11, "expect": "duplicate"},
+        {"note": "expired and exhausted: budget_exhausted is checked before age",
+         "body_hex": sealed(visit(112, "p5", 0)), "now_ms": SENT_AT_MS + 900_001, "expect": "budget_exhausted"},
+        {"note": "from the future and exhausted", "body_hex": sealed(visit(113, "p5", 0)),
+         "now_ms": SENT_AT_MS - 60_001, "expect": "budget_exhausted"},
+        {"note": "explicit future window and exhausted: budget_exhausted is checked before the window",
+         "body_hex": sealed(visit(114, "p5", 0, window=99)), "now_ms": t1 + 12, "expect": "budget_exhausted"},
+        {"note": "over p1's contribution bound and exhausted", "body_hex": sealed(visit(115, "p1", 0)),
+         "now_ms": t1 + 13, "expect": "budget_exhausted"},
+        {"note": "the budget is per stream: purchases still accepts", "body_hex": sealed(env(116)),
+         "now_ms": t1 + 14, "expect": "accepted"},
+    ]
+    for step in steps[visits_from:]:
+        if "purchases" not in step["note"]:
+            step["stream"] = "visits"
+    visits_chain = chains["visits"]["charges"]
+    for step in steps:
+        for pub in step.get("publishes", ()):
+            if pub["kind"] == "result":
+                charge = visits_chain[pub["window"] - 1]
+                pub.update(stream="visits", releases=charge["seq"], ledger_head=charge["head"])
+            else:
+                pub.update(stream="visits", releases=3, ledger_head=visits_chain[-1]["head"])
     assert purchases.window_seconds == 30
+    final = {"windows_withheld": 1, "windows_released": 3, "decryptions": 9, "exhausted": ["visits"],
+             "visits_budget": visits_chain[-1]["budget"]}
     # Cross-check with the real enclave core.
-    run_rejections(steps, policy, policy_bytes, code_digest, meas)
+    run_rejections(steps, final, policy, policy_bytes, code_digest, meas)
     return {
         "kind": "rejections",
         "description": "A session fed, in order, to the enclave core (sidecar.enclave.service.Enclave) built "
-                       "with keys.json and policy.json: each record step gives the x-sealedsum-reason the "
-                       "record must be dead-lettered with (or 'accepted'); tick steps close windows whose "
-                       "time is up. Records are for stream 'purchases' unless noted; now_ms is the enclave's "
-                       "clock.",
+                       "with keys.json and policy.json (measurement as in measurement.json): each record step "
+                       "gives the x-sealedsum-reason the record must be dead-lettered with (or 'accepted'), "
+                       "and what the step publishes on PREFIX.results (releases have random noise; only their "
+                       "kind, window and ledger are pinned); tick steps close windows whose time is up. "
+                       "Records are for stream 'purchases' (anonymous) unless noted; now_ms is the enclave's "
+                       "clock. decryptions counts window totals decrypted (never a single record).",
         "size_limit": size_limit,
         "steps": steps,
-        "final_stats": {"windows_withheld": 1, "windows_released": 0},
+        "final": final,
     }
 
 
@@ -682,10 +1224,8 @@ def enclave_keys():
                        paillier.PaillierPrivateKey(public, PAILLIER_P, PAILLIER_Q))
 
 
-def run_rejections(steps, policy, policy_bytes, code_digest, meas):
-    from sidecar.enclave.service import Enclave
-
-    enclave = Enclave(enclave_keys(), policy, policy_bytes, code_digest, meas, lambda rd: b"")
+def run_rejections(steps, final, policy, policy_bytes, code_digest, meas):
+    enclave = enclave_core(policy, policy_bytes, code_digest, meas)
     for i, step in enumerate(steps):
         if "tick_ms" in step:
             assert enclave.on_tick(step["tick_ms"]) == ()
@@ -694,10 +1234,21 @@ def run_rejections(steps, policy, policy_bytes, code_digest, meas):
         outcome = enclave.on_record(bytes.fromhex(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step.get("note"), got)
-    assert enclave.stats.windows_withheld == 1 and enclave.stats.windows_released == 0
+        published = [{"kind": json.loads(p.message.to_payload())["kind"], "stream": p.stream,
+                      "releases": p.message.budget["releases"], "ledger_head": p.message.budget["ledger_head"],
+                      **({"window": p.window} if p.window is not None else {})} for p in outcome.releases]
+        assert published == step.get("publishes", []), (i, step.get("note"), published)
+    assert enclave.stats.windows_withheld == final["windows_withheld"]
+    assert enclave.stats.windows_released == final["windows_released"]
+    assert enclave.keys.decryptions == final["decryptions"]
+    assert sorted(enclave.exhausted) == final["exhausted"]
+    assert enclave.ledgers["visits"].summary() == final["visits_budget"]
 
 
 def main() -> int:
+    import logging
+
+    logging.getLogger("sealedsum").setLevel(logging.ERROR)  # the session's exhaustion warnings
     vectors = build()
     for old in HERE.glob("*.json"):
         if old.stem not in vectors:
