@@ -206,7 +206,7 @@ class StreamPolicy:
             window_records=window_records, window_seconds=window_seconds, count_share=count_share,
             max_records_per_producer=per_producer, **fields,
         )
-        widest = max(hi for _, hi in policy.coordinate_ranges(1))
+        widest = max(max(abs(lo), abs(hi)) for lo, hi in policy.coordinate_ranges(1))
         if widest * policy.max_window_records >= 1 << 62:
             raise ConfigError(f"{where}: bounds × 2^fraction_bits × window size overflow 62 bits",
                               hint="lower fraction_bits or window_records")

@@ -38,7 +38,8 @@ def _budget_ok(b: Any) -> bool:
             and _int(b["releases"]) and _int(b["remaining_releases"])
             and _num(b["spent_epsilon"]) and (b["spent_rho"] is None or _num(b["spent_rho"]))
             and _num(b["budget_epsilon"]) and _num(b["budget_delta"])
-            and isinstance(b["ledger_head"], str) and len(b["ledger_head"]) == 64)
+            and isinstance(b["ledger_head"], str) and len(b["ledger_head"]) == 64
+            and all(c in "0123456789abcdef" for c in b["ledger_head"]))
 
 
 def _canonical(obj: dict) -> bytes:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from common import signing
 from common.errors import InvalidMessage
 
-ENVELOPE_MAGIC = b"SSE\x01"
+ENVELOPE_MAGIC = b"SSE\x02"  # 2: producer_id after record_id
 KEYS_MAGIC = b"SSK\x01"
 QUOTE_MAGIC = b"SSQ\x01"
 ATTEST_REQUEST_MAGIC = b"SSA\x01"

@@ -15,6 +15,8 @@ from common import wire
 from common.errors import RecordRejected, RejectReason
 from common.policy import StreamPolicy
 
+ANONYMOUS = bytes(wire.PRODUCER_ID_SIZE)
+
 
 @dataclass(slots=True)
 class Window:
@@ -81,7 +83,9 @@ class StreamState:
     def accept(self, envelope: wire.Envelope, forget_at_ms: int, now_ms: int) -> Window | None:
         """Fold one validated envelope in; return the window if this record closed it.
 
-        :raises RecordRejected: for a duplicate id or a window other than the open one.
+        Call :meth:`check_duplicate` first.
+
+        :raises RecordRejected: a window other than the open one, or a producer over its bound.
         """
         if envelope.window and envelope.window < self.current.index:
             raise RecordRejected(RejectReason.LATE_WINDOW,
@@ -89,9 +93,11 @@ class StreamState:
         if envelope.window > self.current.index:
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
                                  f"window {envelope.window} is not open yet; open window is {self.current.index}")
-        self.check_duplicate(envelope)
         limit = self.policy.max_records_per_producer
         if limit is not None:
+            if envelope.producer_id == ANONYMOUS:
+                raise RecordRejected(RejectReason.CONTRIBUTION_LIMIT,
+                                     "anonymous records are refused where contributions are bounded per producer")
             already = self.current.contributors.get(envelope.producer_id, 0)
             if already >= limit:
                 raise RecordRejected(RejectReason.CONTRIBUTION_LIMIT,

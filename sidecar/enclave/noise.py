@@ -47,7 +47,7 @@ def sum_measurement(plan: NoisePlan):
 
 
 def count_measurement(plan: NoisePlan):
-    return _vector_measurement(plan.mechanism, plan.count_scale, 1, plan.count_budget)
+    return _vector_measurement(plan.mechanism, plan.count_scale, plan.count_sensitivity, plan.count_budget)
 
 
 def noisy_sum(plan: NoisePlan, totals: list[int]) -> list[int]:

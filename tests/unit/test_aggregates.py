@@ -136,3 +136,16 @@ def test_contribution_limit_per_producer_per_window(small_keys):
 def test_wrong_number_of_values_is_refused_before_encryption(world):
     with pytest.raises(PolicyMismatch, match="takes 1 value"):
         world.sealer.seal("s", [1.0, 2.0])
+
+
+def test_anonymous_records_are_refused_where_contributions_are_bounded(small_keys):
+    world = make_world(small_keys, make_policy({"s": stream_table(window_records=10, min_batch=1,
+                                                                  max_records_per_producer=1)}))
+    anonymous = RecordSealer(world.attested, producer_id=bytes(16))
+    out = world.enclave.on_record(anonymous.seal("s", [1.0]).body, now_ms())
+    assert out.rejection.reason is RejectReason.CONTRIBUTION_LIMIT and "anonymous" in out.rejection.detail
+
+
+def test_overflow_check_covers_negative_bounds():
+    with pytest.raises(ConfigError, match="overflow 62 bits"):
+        policy_of(lower=-1e12, upper=0.0, window_records=1000, min_batch=1)

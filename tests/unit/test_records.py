@@ -162,7 +162,7 @@ def test_sealed_non_envelopes_are_malformed(world):
         "header-only": good[:46],
         "trailing": good + b"\x00",
         "bad-magic": b"SSX\x01" + good[4:],
-        "bad-version": b"SSE\x02" + good[4:],
+        "bad-version": b"SSE\x01" + good[4:],
         "count-zero": _raw_envelope(world, count=0, cts=b""),
         "width-zero": _raw_envelope(world, width=0, cts=b""),
         "non-ascii-name": _raw_envelope(world, name="é".encode()),

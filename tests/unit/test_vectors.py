@@ -393,7 +393,7 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
         assert keys.decrypt_total(c) == value
         assert private.public_key.raw_encrypt(m, r_value=r) == c
         assert (1 + n * m) * pow(r, n, n * n) % (n * n) == c
-    for bad in (raw[:-1], raw + b"\x00", b"SSE\x02" + raw[4:]):
+    for bad in (raw[:-1], raw + b"\x00", b"SSE\x01" + raw[4:], b"SSE\x03" + raw[4:]):
         with pytest.raises(InvalidMessage):
             wire.Envelope.from_bytes(bad)
 

@@ -269,7 +269,7 @@ def fixed_r(label: str, n: int) -> int:
 
 
 def envelope(stream: str, record_id: bytes, epoch: int, sent_at_ms: int, window: int, width: int,
-             cts: list[int], magic: bytes = b"SSE\x01", producer_id: bytes = ANONYMOUS) -> bytes:
+             cts: list[int], magic: bytes = b"SSE\x02", producer_id: bytes = ANONYMOUS) -> bytes:
     name = stream.encode("ascii")
     return (magic + record_id + producer_id + u32(epoch) + u64(sent_at_ms) + u64(window) + bytes([len(name)])
             + name + u16(len(cts)) + u16(width) + b"".join(c.to_bytes(width, "big") for c in cts))
@@ -637,7 +637,7 @@ def build() -> dict[str, dict]:
         name_len = len(stream)
         out[key] = {
             "kind": "envelope",
-            "description": "SSE\\x01 record envelope (the plaintext inside the sealed box). Values are clipped "
+            "description": "SSE\\x02 record envelope (the plaintext inside the sealed box). Values are clipped "
                            "and encoded by the stream's kind (box, L2 ball or one-hot histogram bucket); "
                            "ciphertexts are Paillier with g = n+1 under keys.json, c = (1 + n*m) * r^n mod n^2, "
                            "big-endian, ciphertext_width bytes each. producer_id all zeros = anonymous.",
@@ -1048,7 +1048,7 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
         return hashlib.sha256(f"record {i}".encode()).digest()[:16]
 
     def env(i, *, stream="purchases", epoch=KEY_EPOCH, sent=SENT_AT_MS, window=0, w=width, cts=None,
-            magic=b"SSE\x01", trailer=b"", producer=ANONYMOUS):
+            magic=b"SSE\x02", trailer=b"", producer=ANONYMOUS):
         if cts is None:
             cts = [ct(f"rej/{i}")]
         return envelope(stream, rid(i), epoch, sent, window, w, cts, magic, producer) + trailer
@@ -1078,8 +1078,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
          "expect": "undecryptable"},
         {"note": "sealed to another X25519 key", "body_hex": sealed(env(2), other_pk), "now_ms": t0,
          "expect": "undecryptable"},
-        {"note": "envelope with version byte 2", "body_hex": sealed(env(3, magic=b"SSE\x02")), "now_ms": t0,
-         "expect": "malformed"},
+        {"note": "envelope with version byte 1 (the layout before producer_id)",
+         "body_hex": sealed(env(3, magic=b"SSE\x01")), "now_ms": t0, "expect": "malformed"},
         {"note": "envelope with a trailing byte", "body_hex": sealed(env(4, trailer=b"\x00")), "now_ms": t0,
          "expect": "malformed"},
         {"note": "envelope in the old layout, without producer_id (16 bytes short)",
@@ -1151,8 +1151,10 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
          "body_hex": sealed(visit(104, "p1", 1)), "now_ms": SENT_AT_MS + 900_001, "expect": "expired"},
         {"note": "p1's counted record again: duplicate, not contribution_limit", "body_hex": v1,
          "now_ms": t1 + 3, "expect": "duplicate"},
-        {"note": "anonymous producer id (all zeros) fills window 1: first release",
+        {"note": "anonymous producer id (all zeros) where contributions are bounded per producer",
          "body_hex": sealed(visit(105, "p1", 1)[:20] + ANONYMOUS + visit(105, "p1", 1)[36:]),
+         "now_ms": t1 + 4, "expect": "contribution_limit"},
+        {"note": "producer p0 fills window 1: first release", "body_hex": sealed(visit(117, "p0", 1)),
          "now_ms": t1 + 4, "expect": "accepted",
          "publishes": [{"kind": "result", "window": 1}]},
         {"note": "visits window 2: p1 again (the bound is per window)", "body_hex": sealed(visit(106, "p1", 2)),
