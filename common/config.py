@@ -84,6 +84,8 @@ class BrokerSettings:
     topology: Topology = Topology()
     queue_type: str = "quorum"
     attest_timeout_seconds: float = 10.0
+    # How long clients keep reconnecting (capped exponential backoff) when the broker goes away.
+    reconnect_seconds: float = 60.0
 
     def __repr__(self) -> str:
         return f"BrokerSettings(url={redact_url(self.url)!r}, prefix={self.topology.prefix!r})"
@@ -118,7 +120,7 @@ class Config:
 
 
 def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
-    d = _take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds"}, "broker")
+    d = _take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds"}, "broker")
     url = env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL
     if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
         raise ConfigError("broker.url (or AMQP_URL) must be an amqp:// or amqps:// URL")
@@ -131,7 +133,10 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     timeout = _number(d.get("attest_timeout_seconds", 10.0), "broker.attest_timeout_seconds")
     if timeout <= 0:
         raise ConfigError("broker.attest_timeout_seconds must be a positive number")
-    return BrokerSettings(url, Topology(prefix), queue_type, timeout)
+    reconnect = _number(d.get("reconnect_seconds", 60.0), "broker.reconnect_seconds")
+    if reconnect < 0:
+        raise ConfigError("broker.reconnect_seconds must be >= 0 (0: do not reconnect)")
+    return BrokerSettings(url, Topology(prefix), queue_type, timeout, reconnect)
 
 
 def _trust(raw: Mapping[str, Any]) -> TrustAnchors:

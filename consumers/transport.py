@@ -1,7 +1,9 @@
-"""Consumer edge: a private queue bound to the results exchange for some streams."""
+"""Consumer edge: a queue of the consumer's own bound to the results exchange for some
+streams, re-established after broker loss."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterator
 
@@ -12,19 +14,34 @@ from common.attestation import AttestedEnclave, TrustAnchors
 from common.config import BrokerSettings
 from common.errors import TransportError
 
+log = logging.getLogger("sealedsum.consumer")
+
 
 class ResultSubscriber:
+    """:param queue: a durable named queue (keeps releases while the consumer is away);
+    default: a private server-named queue. While no queue is bound for a stream the
+    enclave holds its releases, so a reconnecting consumer still gets them."""
+
     def __init__(self, settings: BrokerSettings, streams: tuple[str, ...], *, queue: str | None = None) -> None:
         self.settings = settings
-        self.connection = amqp.connect(settings)
+        self.streams = streams
+        self.named_queue = queue
+        self.backoff = amqp.Backoff(settings.reconnect_seconds)
+        self.connection = None
+        self.channel = None
+        self._open()
+
+    def _open(self) -> None:
+        self.close()
+        self.connection = amqp.connect(self.settings)
         self.channel = self.connection.channel()
-        t = settings.topology
+        t = self.settings.topology
         try:
-            if queue:
-                self.queue = self.channel.queue_declare(queue, durable=True).method.queue
+            if self.named_queue:
+                self.queue = self.channel.queue_declare(self.named_queue, durable=True).method.queue
             else:
                 self.queue = self.channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-            for stream in streams:
+            for stream in self.streams:
                 self.channel.queue_bind(self.queue, t.results_exchange, routing_key=stream)
         except pe.ChannelClosedByBroker as err:
             self.close()
@@ -40,23 +57,37 @@ class ResultSubscriber:
 
     def bodies(self, *, idle_timeout: float | None = None) -> Iterator[bytes]:
         """Yield result bodies (acknowledged once the caller asks for the next one).
-        Stops after ``idle_timeout`` seconds without a message, if given."""
+        Stops after ``idle_timeout`` seconds without a message, if given. Reconnects
+        after broker loss within ``reconnect_seconds``."""
         last = time.monotonic()
-        try:
-            for method, _props, body in self.channel.consume(self.queue, inactivity_timeout=0.5):
-                if method is None:
-                    if idle_timeout is not None and time.monotonic() - last > idle_timeout:
-                        return
-                    continue
+        while True:
+            try:
+                for method, _props, body in self.channel.consume(self.queue, inactivity_timeout=0.5):
+                    if method is None:
+                        if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                            return
+                        continue
+                    last = time.monotonic()
+                    yield body
+                    self.channel.basic_ack(method.delivery_tag)
+                return
+            except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as err:
+                log.warning("lost the broker while consuming; reconnecting", extra={"fields": {"error": repr(err)}})
+                self.backoff.retry(self._reopen, lambda: None, "resubscribe")
                 last = time.monotonic()
-                yield body
-                self.channel.basic_ack(method.delivery_tag)
-        except pe.AMQPConnectionError as err:
-            raise TransportError("lost the broker connection while consuming") from err
+
+    def _reopen(self) -> None:
+        try:
+            self._open()
+        except TransportError:
+            raise
+        except pe.AMQPError as err:
+            raise TransportError(f"resubscribing failed: {err!r}") from err
 
     def close(self) -> None:
-        if self.connection.is_open:
+        if self.connection is not None and self.connection.is_open:
             try:
                 self.connection.close()
             except pe.AMQPError:
                 pass
+        self.connection = self.channel = None

@@ -302,6 +302,8 @@ def test_only_verify_attestation_constructs_attested_enclave():
 
 
 class _FakeChannel:
+    is_open = True
+
     def __init__(self, log):
         self.log = log
 
