@@ -68,7 +68,9 @@ def publish_confirmed(channel, exchange: str, routing_key: str, body: bytes,
                              f" with key {routing_key!r}", retryable=False,
                              hint="is the sidecar running? it declares the queues") from err
     except pe.NackError as err:
-        raise TransportError("the broker refused the message (nack)") from err
+        raise TransportError("the broker refused the message (nack)",
+                             hint="the records queue may be full (broker.max_queued_records): is the sidecar "
+                                  "running and keeping up?") from err
     except pe.AMQPChannelError as err:
         raise TransportError(f"channel error: {err}", retryable=False) from err
     except pe.AMQPConnectionError as err:

@@ -86,6 +86,9 @@ class BrokerSettings:
     attest_timeout_seconds: float = 10.0
     # How long clients keep reconnecting (capped exponential backoff) when the broker goes away.
     reconnect_seconds: float = 60.0
+    # Back-pressure: the records queue holds at most this many; past it the broker nacks
+    # new records (reject-publish) and producers wait and retry within reconnect_seconds.
+    max_queued_records: int = 1_000_000
 
     def __repr__(self) -> str:
         return f"BrokerSettings(url={redact_url(self.url)!r}, prefix={self.topology.prefix!r})"
@@ -120,7 +123,8 @@ class Config:
 
 
 def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
-    d = _take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds"}, "broker")
+    d = _take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds",
+                    "max_queued_records"}, "broker")
     url = env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL
     if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
         raise ConfigError("broker.url (or AMQP_URL) must be an amqp:// or amqps:// URL")
@@ -136,7 +140,10 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     reconnect = _number(d.get("reconnect_seconds", 60.0), "broker.reconnect_seconds")
     if reconnect < 0:
         raise ConfigError("broker.reconnect_seconds must be >= 0 (0: do not reconnect)")
-    return BrokerSettings(url, Topology(prefix), queue_type, timeout, reconnect)
+    max_queued = d.get("max_queued_records", 1_000_000)
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
+        raise ConfigError("broker.max_queued_records must be a positive integer")
+    return BrokerSettings(url, Topology(prefix), queue_type, timeout, reconnect, max_queued)
 
 
 def _trust(raw: Mapping[str, Any]) -> TrustAnchors:

@@ -52,7 +52,9 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
     channel.queue_declare(t.rejected_queue, durable=True, arguments=durable_args)
     channel.queue_bind(t.rejected_queue, t.rejected_exchange)
     channel.exchange_declare(t.records_exchange, exchange_type="direct", durable=True)
-    records_args = dict(durable_args, **{"x-dead-letter-exchange": t.rejected_exchange})
+    records_args = dict(durable_args, **{"x-dead-letter-exchange": t.rejected_exchange,
+                                         "x-max-length": settings.max_queued_records,
+                                         "x-overflow": "reject-publish"})
     if settings.queue_type == "quorum":
         records_args["x-delivery-limit"] = DELIVERY_LIMIT
     channel.queue_declare(t.records_queue, durable=True, arguments=records_args)

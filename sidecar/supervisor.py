@@ -100,7 +100,8 @@ class Sidecar:
                 "code_digest": self.code_digest.hex(),
                 "policy": base64.b64encode(self.policy_bytes).decode(),
                 "state_dir": str(self.state_dir.resolve()),
-                "broker": {"url": b.url, "prefix": b.topology.prefix, "queue_type": b.queue_type},
+                "broker": {"url": b.url, "prefix": b.topology.prefix, "queue_type": b.queue_type,
+                           "max_queued_records": b.max_queued_records},
                 "log_level": self.log_level,
             })
             while True:

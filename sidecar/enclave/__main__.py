@@ -98,7 +98,9 @@ def main(argv: list[str]) -> int:
 
     store.save(enclave.snapshot())  # every start begins a fresh base (and compacts the journal)
     enclave.dirty = False
-    runtime = EnclaveRuntime(enclave, BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"]), store)
+    settings = BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"],
+                              max_queued_records=b["max_queued_records"])
+    runtime = EnclaveRuntime(enclave, settings, store)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     signal.signal(signal.SIGINT, lambda *_: runtime.stop())
     channel.send({"op": "ready", "pid": os.getpid(), "hardening": report, "key_epoch": keys.epoch})

@@ -68,6 +68,7 @@ CONFIG = """\
 url = "{url}"
 prefix = "{prefix}"
 queue_type = "{queue_type}"
+{broker_extra}
 
 [trust]
 platform_key = "{platform_key}"
@@ -133,9 +134,10 @@ class RunningSidecar:
 
 
 def write_config(tmp: Path, url: str, streams: dict, *, bits: int = 1024, prefix: str | None = None,
-                 platform: EmulatedPlatform, queue_type: str = "quorum", measurement: str | None = None):
+                 platform: EmulatedPlatform, queue_type: str = "quorum", measurement: str | None = None,
+                 broker_extra: str = ""):
     prefix = prefix or f"t-{uuid.uuid4().hex[:10]}"
-    text = CONFIG.format(url=url, prefix=prefix, queue_type=queue_type,
+    text = CONFIG.format(url=url, prefix=prefix, queue_type=queue_type, broker_extra=broker_extra,
                          platform_key=encode_platform_key(platform.public_key()),
                          measurement="0" * 64, bits=bits, insecure="true" if bits < 2048 else "false",
                          streams=streams_toml(streams))
