@@ -19,7 +19,7 @@ from common.errors import ConfigError
 from common.policy import EnclavePolicy, Requirements, _number, _take
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-TOP_KEYS = {"broker", "trust", "require", "enclave", "streams"}
+TOP_KEYS = {"broker", "trust", "require", "producer", "enclave", "streams", "identities"}
 
 
 def redact_url(url: str) -> str:
@@ -102,6 +102,7 @@ class Config:
     path: Path | None = None
     require: Requirements = Requirements()
     require_streams: dict[str, Requirements] = field(default_factory=dict)
+    identity_file: Path | None = None
 
     def requirements(self, stream: str) -> Requirements:
         """What this client demands of ``stream``: ``[require]`` with ``[require.streams.NAME]`` on top."""
@@ -166,7 +167,8 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
     d = _take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
     trust = _trust(d["trust"]) if "trust" in d else None
-    policy = EnclavePolicy.from_mapping(d.get("enclave", {}), d["streams"]) if "streams" in d else None
+    policy = (EnclavePolicy.from_mapping(d.get("enclave", {}), d["streams"], d.get("identities"))
+              if "streams" in d else None)
     if policy is None and "enclave" in d:
         raise ConfigError("[enclave] is set but no [streams.NAME] table is defined")
     raw_require = dict(d.get("require", {}))
@@ -175,7 +177,16 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
         raise ConfigError("require.streams must hold one table per stream")
     require = Requirements.from_mapping(raw_require)
     require_streams = {name: Requirements.from_mapping(r, f"require.streams.{name}") for name, r in per_stream.items()}
-    return Config(broker, trust, policy, path, require, require_streams)
+    producer = _take(d.get("producer", {}), {"identity_file"}, "producer")
+    identity = env.get("SEALEDSUM_IDENTITY_FILE") or producer.get("identity_file")
+    if identity is not None and not isinstance(identity, str):
+        raise ConfigError("producer.identity_file must be a path")
+    identity_path = None
+    if identity:
+        identity_path = Path(identity)
+        if not identity_path.is_absolute() and path is not None:
+            identity_path = path.parent / identity_path  # relative to the config file
+    return Config(broker, trust, policy, path, require, require_streams, identity_path)
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

@@ -117,6 +117,9 @@ class RejectReason(str, enum.Enum):
     FUTURE_WINDOW = "future_window"
     BUDGET_EXHAUSTED = "budget_exhausted"
     CONTRIBUTION_LIMIT = "contribution_limit"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_PRODUCER = "unknown_producer"
+    REVOKED_PRODUCER = "revoked_producer"
 
 
 class RecordRejected(SealedsumError):

@@ -7,6 +7,8 @@ producers and consumers, so every role reads the same numbers.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass, field
@@ -206,7 +208,10 @@ class StreamPolicy:
             window_records=window_records, window_seconds=window_seconds, count_share=count_share,
             max_records_per_producer=per_producer, **fields,
         )
-        widest = max(max(abs(lo), abs(hi)) for lo, hi in policy.coordinate_ranges(1))
+        try:
+            widest = max(max(abs(lo), abs(hi)) for lo, hi in policy.coordinate_ranges(1))
+        except OverflowError:  # a bound times 2^fraction_bits is beyond the float range
+            widest = math.inf
         if widest * policy.max_window_records >= 1 << 62:
             raise ConfigError(f"{where}: bounds × 2^fraction_bits × window size overflow 62 bits",
                               hint="lower fraction_bits or window_records")
@@ -303,6 +308,64 @@ class StreamPolicy:
         return fixedpoint.encode(clipped, self.fraction_bits), n
 
 
+def _identity_keys(raw: Any, where: str) -> dict[str, bytes]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must map names to base64 Ed25519 public keys")
+    out = {}
+    for name, text in raw.items():
+        try:
+            key = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError, TypeError) as err:
+            raise ConfigError(f"{where}.{name} is not base64") from err
+        if len(key) != 32:
+            raise ConfigError(f"{where}.{name} must be a 32-byte Ed25519 public key",
+                              hint="as printed by `sealedsum producer keygen`")
+        out[str(name)] = key
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Identities:
+    """Producer identity keys: enrolled ones may sign records, revoked ones are refused
+    by name. With ``required`` every record must be signed by an enrolled key."""
+
+    required: bool = False
+    enrolled: dict[str, bytes] = field(default_factory=dict)
+    revoked: dict[str, bytes] = field(default_factory=dict)
+
+    KEYS = {"required", "enrolled", "revoked"}
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "Identities":
+        d = _take(raw, cls.KEYS, "identities")
+        required = d.get("required", False)
+        if not isinstance(required, bool):
+            raise ConfigError("identities.required must be true or false")
+        enrolled = _identity_keys(d.get("enrolled", {}), "identities.enrolled")
+        revoked = _identity_keys(d.get("revoked", {}), "identities.revoked")
+        both = set(enrolled.values()) & set(revoked.values())
+        if both:
+            raise ConfigError("a key is both enrolled and revoked", hint="remove it from identities.enrolled")
+        if required and not enrolled:
+            raise ConfigError("identities.required is set but no key is enrolled")
+        return cls(required, enrolled, revoked)
+
+    def to_mapping(self) -> dict[str, Any]:
+        enc = lambda keys: {n: base64.b64encode(k).decode() for n, k in sorted(keys.items())}  # noqa: E731
+        return {"required": self.required, "enrolled": enc(self.enrolled), "revoked": enc(self.revoked)}
+
+    def __bool__(self) -> bool:
+        return self.required or bool(self.enrolled) or bool(self.revoked)
+
+    def name_of(self, key: bytes) -> tuple[str, str]:
+        """``("enrolled" | "revoked" | "unknown", name)`` for an identity key."""
+        for status, keys in (("enrolled", self.enrolled), ("revoked", self.revoked)):
+            for name, k in keys.items():
+                if k == key:
+                    return status, name
+        return "unknown", ""
+
+
 @dataclass(frozen=True, slots=True)
 class EnclavePolicy:
     """Everything the measurement covers besides code."""
@@ -312,11 +375,13 @@ class EnclavePolicy:
     max_record_age_seconds: float = 900.0
     max_clock_skew_seconds: float = 60.0
     insecure_test_keys: bool = False
+    identities: Identities = Identities()
 
     KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys"}
 
     @classmethod
-    def from_mapping(cls, enclave: Mapping[str, Any], streams: Mapping[str, Any]) -> "EnclavePolicy":
+    def from_mapping(cls, enclave: Mapping[str, Any], streams: Mapping[str, Any],
+                     identities: Mapping[str, Any] | None = None) -> "EnclavePolicy":
         d = _take(enclave, cls.KEYS, "enclave")
         insecure = d.get("insecure_test_keys", False)
         if not isinstance(insecure, bool):
@@ -334,7 +399,7 @@ class EnclavePolicy:
         if not isinstance(streams, Mapping) or not streams:
             raise ConfigError("the policy defines no streams", hint="add a [streams.NAME] table")
         parsed = {name: StreamPolicy.from_mapping(name, raw) for name, raw in streams.items()}
-        return cls(parsed, bits, age, skew, insecure)
+        return cls(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}))
 
     def to_mapping(self) -> dict[str, Any]:
         return {
@@ -346,6 +411,8 @@ class EnclavePolicy:
                 "insecure_test_keys": self.insecure_test_keys,
             },
             "streams": {name: s.to_mapping() for name, s in sorted(self.streams.items())},
+            # Only present when configured, so policies without identities keep their bytes.
+            **({"identities": self.identities.to_mapping()} if self.identities else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -357,10 +424,13 @@ class EnclavePolicy:
         """Parse attested policy bytes; any problem is an ``InvalidMessage``."""
         try:
             raw = json.loads(data.decode("ascii"))
-            if not isinstance(raw, dict) or raw.get("version") != 1 or set(raw) != {"version", "enclave", "streams"}:
+            if (not isinstance(raw, dict) or raw.get("version") != 1
+                    or set(raw) - {"identities"} != {"version", "enclave", "streams"}):
                 raise InvalidMessage("policy: not a version 1 policy document")
-            return cls.from_mapping(raw["enclave"], raw["streams"])
-        except (UnicodeDecodeError, json.JSONDecodeError, ConfigError) as err:
+            return cls.from_mapping(raw["enclave"], raw["streams"], raw.get("identities"))
+        except (ValueError, RecursionError, ConfigError) as err:
+            # ValueError: not ASCII, not JSON, or an integer of more than 4300 digits;
+            # RecursionError: nesting deeper than the interpreter's recursion limit.
             raise InvalidMessage(f"policy: {err}") from err
 
     def stream(self, name: str) -> StreamPolicy:

@@ -14,6 +14,7 @@ from common.errors import SealedsumError
 
 QUOTE = "sealedsum/v1/quote"
 RESULT = "sealedsum/v1/result"
+ENVELOPE = "sealedsum/v1/envelope"
 
 SIGNATURE_SIZE = 64
 PUBLIC_KEY_SIZE = 32

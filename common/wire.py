@@ -24,6 +24,7 @@ QUOTE_MAGIC = b"SSQ\x01"
 ATTEST_REQUEST_MAGIC = b"SSA\x01"
 ATTEST_REPLY_MAGIC = b"SSD\x01"
 BUDGET_REQUEST_MAGIC = b"SSG\x01"
+SIGNED_ENVELOPE_MAGIC = b"SSI\x01"
 SIGNED_MAGIC = b"SSS\x01"
 
 NONCE_SIZE = 32
@@ -145,6 +146,38 @@ class Envelope:
         cts = tuple(int.from_bytes(r.take(width), "big") for _ in range(count))
         r.end()
         return cls(stream, record_id, key_epoch, sent_at_ms, window, width, cts, producer_id)
+
+
+def producer_id_of(public_key: bytes) -> bytes:
+    """The producer id an identity key stands for: the first 16 bytes of its SHA-256."""
+    return hashlib.sha256(b"sealedsum/v1/producer-id\x00" + public_key).digest()[:PRODUCER_ID_SIZE]
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEnvelope:
+    """An envelope signed by the producer's Ed25519 identity key, inside the sealed box.
+
+    The signature covers ``sealedsum/v1/envelope || 0x00 || envelope bytes``; the
+    envelope's ``producer_id`` must be :func:`producer_id_of` the key. A sealed box
+    alone proves nothing about its sender; this does, to the enclave only (the broker
+    sees neither the key nor the signature).
+    """
+
+    public_key: bytes
+    signature: bytes
+    envelope: bytes
+
+    def to_bytes(self) -> bytes:
+        if len(self.public_key) != signing.PUBLIC_KEY_SIZE or len(self.signature) != signing.SIGNATURE_SIZE:
+            raise ValueError("identity key is 32 bytes and signature 64")
+        return SIGNED_ENVELOPE_MAGIC + self.public_key + self.signature + self.envelope
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SignedEnvelope":
+        r = _Reader(data, "signed envelope")
+        r.magic(SIGNED_ENVELOPE_MAGIC)
+        pk, sig = r.take(signing.PUBLIC_KEY_SIZE), r.take(signing.SIGNATURE_SIZE)
+        return cls(pk, sig, bytes(data[4 + 32 + 64:]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,21 @@ def _produce(args) -> int:
     return code
 
 
+def _keygen(args) -> int:
+    from pathlib import Path
+
+    from producers import identity
+
+    key = identity.generate(Path(args.out))
+    text = identity.public_key_text(key)
+    print(text)
+    print(f"enroll it in the enclave's policy (this changes the measurement):\n\n"
+          f"  [identities.enrolled]\n  {args.name} = \"{text}\"\n\n"
+          f"and point this producer at the key file:  [producer] identity_file = \"{args.out}\"",
+          file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from sealedsum.cli import add_config_argument
 
@@ -97,3 +112,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action="store_true", help="print progress even when stderr is not a terminal")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=_produce, role="producer", default_log_level="WARNING")
+
+    ident = sub.add_parser("producer", help="manage a producer's identity key",
+                           description="A producer can sign its records with an Ed25519 identity key enrolled in "
+                                       "the enclave's policy ([identities]); the enclave then refuses records "
+                                       "from unknown or revoked keys and can bound contributions per producer.")
+    isub = ident.add_subparsers(dest="producer_command", metavar="ACTION", required=True)
+    k = isub.add_parser("keygen", help="create an identity key file and print its public key")
+    k.add_argument("--out", required=True, metavar="FILE", help="where to write the key (mode 0600; never overwritten)")
+    k.add_argument("--name", default="my-producer", help="the name to enroll it under (shown in the snippet)")
+    k.set_defaults(func=_keygen, role="producer", default_log_level="WARNING")

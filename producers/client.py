@@ -22,7 +22,9 @@ from nacl.public import PublicKey, SealedBox
 import phe.util
 from phe import PaillierPublicKey
 
-from common import wire
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common import signing, wire
 from common.attestation import AttestedEnclave
 from common.config import Config
 from common.errors import PolicyMismatch
@@ -44,12 +46,19 @@ class RecordSealer:
     :param requirements: the weakest policy accepted, per stream (default: any).
     :param producer_id: 16 bytes naming this producer in its envelopes, for streams that
         bound contributions per producer (default: random, one per sealer).
+    :param identity: an Ed25519 identity key enrolled in the enclave's policy; each
+        envelope is then signed with it inside the sealed box, and the producer id is
+        the one the key stands for.
     """
 
     def __init__(self, enclave: AttestedEnclave, requirements: Callable[[str], Requirements] | None = None,
-                 producer_id: bytes | None = None) -> None:
+                 producer_id: bytes | None = None, identity: Ed25519PrivateKey | None = None) -> None:
         self.enclave = enclave
         self._requirements = requirements
+        self._identity = identity
+        if identity is not None:
+            self._identity_public = identity.public_key().public_bytes_raw()
+            producer_id = wire.producer_id_of(self._identity_public)
         self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)
         if not phe.util.HAVE_GMP:
@@ -85,7 +94,11 @@ class RecordSealer:
             sent_at_ms=now_ms if now_ms is not None else int(time.time() * 1000),
             window=window, width=self._width, ciphertexts=cts, producer_id=self.producer_id,
         )
-        return SealedRecord(self._box.encrypt(envelope.to_bytes()), rid, n_clipped)
+        plaintext = envelope.to_bytes()
+        if self._identity is not None:
+            plaintext = wire.SignedEnvelope(self._identity_public, signing.sign(self._identity, signing.ENVELOPE, plaintext),
+                                            plaintext).to_bytes()
+        return SealedRecord(self._box.encrypt(plaintext), rid, n_clipped)
 
 
 class Producer:
@@ -107,7 +120,12 @@ class Producer:
         except BaseException:
             self._transport.close()
             raise
-        self.sealer = RecordSealer(self.enclave, config.requirements, producer_id)
+        identity = None
+        if config.identity_file is not None:
+            from producers import identity as identity_mod
+
+            identity = identity_mod.load(config.identity_file)
+        self.sealer = RecordSealer(self.enclave, config.requirements, producer_id, identity)
 
     def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
         """Seal and publish one record; return once the broker confirmed it."""

@@ -6,13 +6,14 @@ import math
 
 from nacl.exceptions import CryptoError
 
-from common import wire
+from common import signing, wire
 from common.errors import InvalidMessage, RecordRejected, RejectReason
-from common.policy import EnclavePolicy, StreamPolicy
+from common.policy import EnclavePolicy, Identities, StreamPolicy
 from sidecar.enclave.keyring import EnclaveKeys
 
-# Envelope bytes besides the ciphertexts: magic, ids, epoch, time, window, name, counts.
-ENVELOPE_OVERHEAD = 4 + 16 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2
+# Envelope bytes besides the ciphertexts: magic, ids, epoch, time, window, name, counts,
+# and the identity wrapper (magic, key, signature) of a signed envelope.
+ENVELOPE_OVERHEAD = 4 + 16 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2 + (4 + 32 + 64)
 
 
 def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
@@ -40,9 +41,11 @@ def open_record(
         # Tampered, truncated, garbage or sealed to another key: indistinguishable by design.
         raise RecordRejected(RejectReason.UNDECRYPTABLE, "sealed box does not open with this enclave's key") from None
     try:
-        envelope = wire.Envelope.from_bytes(plaintext)
+        signed = wire.SignedEnvelope.from_bytes(plaintext) if plaintext[:4] == wire.SIGNED_ENVELOPE_MAGIC else None
+        envelope = wire.Envelope.from_bytes(signed.envelope if signed else plaintext)
     except InvalidMessage as err:
         raise RecordRejected(RejectReason.MALFORMED, str(err)) from None
+    check_identity(signed, envelope, policy.identities)
 
     stream = policy.streams.get(envelope.stream)
     if stream is None:
@@ -60,6 +63,30 @@ def open_record(
         if not 0 < c < nsquare or math.gcd(c, n) != 1:
             raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
     return envelope, stream
+
+
+def check_identity(signed: wire.SignedEnvelope | None, envelope: wire.Envelope, identities: Identities) -> None:
+    """A signed envelope must verify, name the producer id of its key, and come from an
+    enrolled key; where identities are required, an unsigned one is refused.
+
+    :raises RecordRejected: ``bad_signature``, ``revoked_producer`` or ``unknown_producer``.
+    """
+    if signed is None:
+        if identities.required:
+            raise RecordRejected(RejectReason.UNKNOWN_PRODUCER, "unsigned record; this enclave requires enrolled producers")
+        return
+    try:
+        signing.verify(signed.public_key, signing.ENVELOPE, signed.envelope, signed.signature,
+                       error=InvalidMessage, what="envelope")
+    except InvalidMessage:
+        raise RecordRejected(RejectReason.BAD_SIGNATURE, "the envelope's signature does not verify") from None
+    if envelope.producer_id != wire.producer_id_of(signed.public_key):
+        raise RecordRejected(RejectReason.BAD_SIGNATURE, "producer_id is not the one the signing key stands for")
+    status, name = identities.name_of(signed.public_key)
+    if status == "revoked":
+        raise RecordRejected(RejectReason.REVOKED_PRODUCER, f"producer {name!r} is revoked")
+    if status == "unknown":
+        raise RecordRejected(RejectReason.UNKNOWN_PRODUCER, "signed by a key that is not enrolled")
 
 
 def check_age(envelope: wire.Envelope, policy: EnclavePolicy, now_ms: int) -> None:

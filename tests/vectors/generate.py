@@ -1038,8 +1038,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     """Records and ticks fed in order to sidecar.enclave.service.Enclave, with the outcome
     each must have. Pins the reasons, the order of the checks, and what gets published."""
     purchases = policy.streams["purchases"]
-    size_limit = 48 + (4 + 16 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + max(s.dimension for s in policy.streams.values()) * width
-    assert size_limit == 941
+    size_limit = 48 + 100 + (4 + 16 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + max(s.dimension for s in policy.streams.values()) * width
+    assert size_limit == 1041
 
     def ct(label: str, m: int = 1_000_000) -> int:
         return paillier_encrypt(n, m, fixed_r(label, n))
@@ -1070,7 +1070,7 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     flipped[60] ^= 0x01
     t0 = SENT_AT_MS + 1000
     steps = [
-        {"note": "larger than 48 + 125 + widest dimension * width = 941 bytes: refused before opening",
+        {"note": "larger than 48 + 225 + widest dimension * width = 1041 bytes: refused before opening",
          "body_hex": "00" * (size_limit + 1), "now_ms": t0, "expect": "too_large"},
         {"note": "exactly the size limit, but not a sealed box", "body_hex": "00" * size_limit,
          "now_ms": t0, "expect": "undecryptable"},
