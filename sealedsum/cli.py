@@ -60,6 +60,7 @@ def _attest(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from consumers import cli as consumer_cli
     from producers import cli as producer_cli
+    from sealedsum import broker as broker_cli
     from sealedsum import demo
     from sidecar import cli as sidecar_cli
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     producer_cli.register(sub)
     consumer_cli.register(sub)
     demo.register(sub)
+    broker_cli.register(sub)
     _add_common_options_everywhere(sub)
     return parser
 

@@ -102,6 +102,9 @@ class RunningSidecar:
     log_path: Path
     platform: EmulatedPlatform
     measurement: bytes
+    # The broker URL the sidecar process runs with (AMQP_URL), when it differs from the
+    # config's (test_acl.py runs it as its own least-privilege account).
+    process_url: str | None = None
 
     def log_lines(self) -> list[dict]:
         import json
@@ -150,18 +153,19 @@ def write_config(tmp: Path, url: str, streams: dict, *, bits: int = 1024, prefix
     return path, m
 
 
-def start_sidecar(tmp: Path, url: str, streams: dict, **kw) -> RunningSidecar:
+def start_sidecar(tmp: Path, url: str, streams: dict, *, process_url: str | None = None, **kw) -> RunningSidecar:
+    """:param process_url: AMQP_URL for the sidecar process only (default: ``url``)."""
     state = tmp / "state"
     platform = EmulatedPlatform.init(state)
     path, m = write_config(tmp, url, streams, platform=platform, **kw)
     cfg = config_mod.load(path, env={})
-    sc = RunningSidecar(None, path, cfg, state, tmp / "sidecar.log", platform, m)
+    sc = RunningSidecar(None, path, cfg, state, tmp / "sidecar.log", platform, m, process_url)
     return relaunch(sc)
 
 
 def launch(sc: RunningSidecar) -> subprocess.Popen:
     """Start the sidecar process on sc's config and state; its log is appended to."""
-    env = dict(os.environ, AMQP_URL=sc.config.broker.url)
+    env = dict(os.environ, AMQP_URL=sc.process_url or sc.config.broker.url)
     sc.process = subprocess.Popen([sys.executable, "-m", "sealedsum", "sidecar", "--config", str(sc.config_path),
                                    "--state", str(sc.state), "--log-level", "debug"],
                                   stderr=open(sc.log_path, "a"), cwd=REPO, env=env)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml  # PyYAML: a test-only dependency
@@ -26,6 +26,7 @@ import yaml  # PyYAML: a test-only dependency
 from common import config as config_mod
 from common.attestation import encode_platform_key
 from producers.inputs import read_records
+from sealedsum import broker
 from sidecar.platform import measure
 from sidecar.platform.emulated import EmulatedPlatform
 
@@ -34,6 +35,8 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 ENTRYPOINT_SCRIPT = REPO / "deploy" / "sidecar-entrypoint.sh"
 BASE_CONFIG = REPO / "deploy" / "sealedsum.toml"
+RABBITMQ_CONF = REPO / "deploy" / "rabbitmq.conf"
+DEFINITIONS = REPO / "deploy" / "definitions.json"
 APP_SERVICES = ("sidecar", "producer", "consumer")
 CLIENTS = ("producer", "consumer")
 # Where the entrypoint script reads the base config and writes the client config, by default.
@@ -180,6 +183,82 @@ def test_app_service_talks_to_the_rabbitmq_service(compose, name):
     assert urlsplit(url).scheme in ("amqp", "amqps") and urlsplit(url).hostname == "rabbitmq", url
     # The loader accepts it, and it overrides broker.url.
     assert config_mod.from_mapping({}, env={"AMQP_URL": url}).broker.url == url
+
+
+def rabbitmq_settings(path: Path) -> dict[str, str]:
+    """key = value lines of a rabbitmq.conf (sysctl format), comments dropped."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: not key = value: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
+@pytest.fixture(scope="module")
+def definitions(compose) -> dict:
+    """The definitions file the rabbitmq service loads at boot, found through its mounts."""
+    rabbit = service(compose, "rabbitmq")
+    confs = [(s, t, ro) for s, t, ro in mounts(rabbit)
+             if PurePosixPath(t).parent == PurePosixPath("/etc/rabbitmq/conf.d")
+             or PurePosixPath(t) == PurePosixPath("/etc/rabbitmq/rabbitmq.conf")]
+    assert len(confs) == 1, f"expected one mounted rabbitmq.conf, found {confs}"
+    source, target, read_only = confs[0]
+    assert is_bind(source) and read_only and target.endswith(".conf")
+    assert (COMPOSE_FILE.parent / source).resolve() == RABBITMQ_CONF
+    settings = rabbitmq_settings(RABBITMQ_CONF)
+    assert "load_definitions" in settings, "the broker would not load the accounts at boot"
+    source, read_only = mount_at(rabbit, settings["load_definitions"])
+    assert is_bind(source) and read_only
+    assert (COMPOSE_FILE.parent / source).resolve() == DEFINITIONS
+    return json.loads(DEFINITIONS.read_text())
+
+
+def test_rabbitmq_loads_the_accounts_and_keeps_guest_for_the_host(definitions):
+    users = {u["name"]: u for u in definitions["users"]}
+    topology = config_mod.load(BASE_CONFIG, env={}).broker.topology
+    assert set(users) == {broker.default_user(topology, r) for r in broker.ROLES} | {"guest"}
+    # A broker that loads definitions creates neither its default vhost nor guest: the
+    # file must, or the README's tests and the management UI lose their login.
+    assert {"name": "/"} in definitions["vhosts"]
+    assert users["guest"]["tags"] == ["administrator"]
+    assert broker.check_password_hash("guest", users["guest"]["password_hash"])
+    for u in users.values():
+        assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    assert {p["user"] for p in definitions["permissions"]} == set(users)
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_service_connects_as_its_own_least_privilege_user(compose, definitions, name):
+    url = urlsplit(environment(service(compose, name))["AMQP_URL"])
+    user, password = unquote(url.username or ""), unquote(url.password or "")
+    topology = config_mod.load(BASE_CONFIG, env={}).broker.topology
+    assert user == broker.default_user(topology, name), f"{name} connects as {user!r}"
+    (entry,) = [u for u in definitions["users"] if u["name"] == user]
+    assert entry["tags"] == [], f"{user} must have no tags"
+    assert broker.check_password_hash(password, entry["password_hash"]), f"{name}'s password is not {user}'s"
+    vhost = broker.vhost_of(url.geturl())
+    (perm,) = [p for p in definitions["permissions"] if p["user"] == user]
+    assert perm["vhost"] == vhost
+    granted = broker.Permissions(perm["configure"], perm["write"], perm["read"])
+    assert granted == broker.role_permissions(topology)[name], f"{user} has other permissions than its role's"
+
+
+def test_app_services_use_three_different_users_none_of_them_guest(compose):
+    users = [urlsplit(environment(service(compose, name))["AMQP_URL"]).username for name in APP_SERVICES]
+    assert len(set(users)) == len(APP_SERVICES) and "guest" not in users, users
+
+
+def test_consumer_named_queue_is_one_the_consumer_account_may_use(compose):
+    argv = sealedsum_call(shell_script(service(compose, "consumer")), "consume")
+    if "--queue" in argv:
+        queue = option(argv, "--queue")
+        p = broker.role_permissions(config_mod.load(BASE_CONFIG, env={}).broker.topology)["consumer"]
+        # configure to declare it, write to bind it, read to consume it (RabbitMQ's regexes are PCRE;
+        # Python's re reads these the same way).
+        assert all(re.search(pattern, queue) for pattern in p.as_tuple()), queue
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)

@@ -1,0 +1,337 @@
+"""Least privilege on the broker (`sealedsum broker setup`), against the real RabbitMQ.
+
+The accounts are made by the real command through rabbitmqctl, the sidecar runs as its
+own account, and every refusal below is a 403 ACCESS_REFUSED naming the account, on a
+topology the running sidecar declared: it is the permissions that refuse, not a missing
+object. Each test uses its own prefix and deletes the users it created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pika
+import pika.exceptions as pe
+import pytest
+
+from common import config as config_mod
+from common.config import Topology
+from consumers.client import Consumer
+from producers.client import Producer
+from sealedsum import broker
+from tests.integration.conftest import REPO, RunningSidecar, _no_broker
+
+STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,
+          "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 1e6}
+PASSWORD_VARS = [broker.password_env(role) for role in broker.ROLES]
+
+
+def sealedsum(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in PASSWORD_VARS}
+    return subprocess.run([sys.executable, "-m", "sealedsum", *args], capture_output=True, text=True,
+                          cwd=REPO, env=dict(base, **(env or {})), timeout=120)
+
+
+def broker_config(tmp: Path, url: str, prefix: str) -> Path:
+    """A config with only [broker]: all `broker setup` needs."""
+    path = tmp / f"{prefix}.toml"
+    path.write_text(f'[broker]\nurl = "{url}"\nprefix = "{prefix}"\n')
+    return path
+
+
+def new_prefix() -> str:
+    # A dot inside the prefix: the patterns must escape it.
+    return f"t.acl-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def ctl(amqp_url) -> broker.Rabbitmqctl:
+    """rabbitmqctl for the broker at amqp_url (skips, or fails in CI, without one)."""
+    try:
+        c = broker.Rabbitmqctl()
+        vhosts = c.vhosts()
+    except broker.BrokerAdminError as err:
+        _no_broker(f"these tests manage users with rabbitmqctl: {err}")
+    if broker.vhost_of(amqp_url) not in vhosts:
+        _no_broker("rabbitmqctl manages a broker without the vhost of AMQP_URL")
+    return c
+
+
+@dataclass
+class Accounts:
+    prefix: str
+    config_path: Path
+    out: Path
+    urls: dict[str, str]
+    setup: subprocess.CompletedProcess
+
+    def config(self, role: str, path: Path | None = None) -> config_mod.Config:
+        """A config (``path``, default the broker-only one) that connects as ``role``."""
+        return config_mod.load(path or self.config_path, env={"AMQP_URL": self.urls[role]})
+
+    def user(self, role: str) -> str:
+        return f"{self.prefix}-{role}"
+
+
+@pytest.fixture
+def accounts(ctl, amqp_url, tmp_path):
+    prefix = new_prefix()
+    path = broker_config(tmp_path, amqp_url, prefix)
+    out = tmp_path / "secrets"
+    result = sealedsum("broker", "setup", "--config", str(path), "--out", str(out))
+    try:
+        assert result.returncode == 0, result.stderr
+        urls = {role: (out / f"{role}.url").read_text().strip() for role in broker.ROLES}
+        try:
+            pika.BlockingConnection(pika.URLParameters(urls["producer"])).close()
+        except pe.ProbableAuthenticationError:
+            _no_broker("rabbitmqctl manages a different broker than AMQP_URL")
+        yield Accounts(prefix, path, out, urls, result)
+    finally:
+        sealedsum("broker", "teardown", "--config", str(path))
+
+
+@pytest.fixture
+def deployment(accounts, sidecar_factory) -> tuple[RunningSidecar, Accounts]:
+    """A sidecar running as the sidecar account (users outlive it: set up first, torn down last)."""
+    sc = sidecar_factory({"s": STREAM}, prefix=accounts.prefix, process_url=accounts.urls["sidecar"])
+    return sc, accounts
+
+
+def refused(url: str, action) -> str:
+    """Run ``action(channel)`` as the account of ``url``; it must be refused with 403."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        with pytest.raises(pe.ChannelClosedByBroker) as info:
+            action(ch)
+        assert info.value.reply_code == 403 and info.value.reply_text.startswith("ACCESS_REFUSED"), info.value
+        return info.value.reply_text
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def publish(exchange: str, key: str):
+    def action(ch):
+        ch.confirm_delivery()  # the refusal then surfaces here, not on a later call
+        ch.basic_publish(exchange, key, b"forged", mandatory=False)
+    return action
+
+
+def take(consumer: Consumer, n: int, timeout: float = 30) -> list:
+    out = []
+    for release in consumer.releases(idle_timeout=timeout):
+        out.append(release)
+        if len(out) >= n:
+            break
+    return out
+
+
+# --- the command ---------------------------------------------------------------------------
+
+def test_patterns_are_anchored_and_escape_the_prefix():
+    """Python's re agrees with RabbitMQ's PCRE on these constructs; the broker tests below
+    check the same patterns for real."""
+    t = Topology("a.b+c")
+    p = broker.role_permissions(t)
+    ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
+    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results"):
+        assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name)
+    for name in ("aXb+c.records", "a.bbc.records", "a.b+c.records2", "xa.b+c.records", "a.b+c.consumer.q", "other"):
+        assert not ok(p["sidecar"].configure, name), name
+    assert ok(p["sidecar"].write, "amq.default") and not ok(p["producer"].write, "amq.default")
+    assert [ok(p["producer"].write, n) for n in ("a.b+c.records", "a.b+c.attest", "a.b+c.results")] == \
+        [True, True, False]
+    assert p["producer"].configure == p["producer"].read == "^$"
+    for name in ("amq.gen-Xq1", "a.b+c.consumer.mine"):
+        assert ok(p["consumer"].configure, name) and ok(p["consumer"].write, name) and ok(p["consumer"].read, name)
+    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.consumer", "amq.default", "b.consumer.x"):
+        assert not ok(p["consumer"].configure, name) and not ok(p["consumer"].read, name), name
+    assert ok(p["consumer"].read, "a.b+c.results") and ok(p["consumer"].write, "a.b+c.attest")
+    assert not ok(p["consumer"].write, "a.b+c.results") and not ok(p["consumer"].write, "a.b+c.records")
+
+
+def test_setup_creates_untagged_users_with_the_role_patterns_and_is_idempotent(accounts, ctl, amqp_url):
+    vhost = broker.vhost_of(amqp_url)
+    expected = broker.role_permissions(Topology(accounts.prefix))
+    users = ctl.users()
+    granted = ctl.permissions(vhost)
+    for role in broker.ROLES:
+        user = accounts.user(role)
+        assert users[user] == [], "no tags: no management UI, no policies, no administration"
+        assert granted[user] == expected[role]
+        path = accounts.out / f"{role}.url"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        url = pika.URLParameters(accounts.urls[role])
+        assert url.credentials.username == user and url.virtual_host == vhost
+        assert url.credentials.password not in accounts.setup.stdout, "a password was printed"
+    # Again: the same passwords (taken from the URL files), the same permissions.
+    again = sealedsum("broker", "setup", "--config", str(accounts.config_path), "--out", str(accounts.out))
+    assert again.returncode == 0, again.stderr
+    assert {r: (accounts.out / f"{r}.url").read_text().strip() for r in broker.ROLES} == accounts.urls
+    assert f"{accounts.user('producer')}: updated" in again.stdout
+    assert ctl.permissions(vhost)[accounts.user("producer")] == expected["producer"]
+    shown = sealedsum("broker", "setup", "--config", str(accounts.config_path), "--out", str(accounts.out), "--show")
+    assert shown.returncode == 0 and accounts.urls["consumer"] in shown.stdout
+
+
+# --- the happy paths --------------------------------------------------------------------------
+
+def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
+    sc, acc = deployment
+    connections = json.loads(ctl.run("list_connections", "user", "--formatter", "json").stdout or "[]")
+    assert acc.user("sidecar") in {c["user"] for c in connections}, "the sidecar does not run as its account"
+    # The producer may read nothing at all, yet attests: consuming amq.rabbitmq.reply-to
+    # needs no permission.
+    assert broker.role_permissions(Topology(acc.prefix))["producer"].read == "^$"
+    named = f"{acc.prefix}.consumer.acl"
+    as_consumer = acc.config("consumer", sc.config_path)
+    try:
+        with Consumer(as_consumer, "s") as private, Consumer(as_consumer, "s", queue=named) as durable:
+            assert private._transport.queue.startswith("amq.gen-")
+            with Producer(acc.config("producer", sc.config_path)) as producer:
+                for i in range(20):
+                    producer.send("s", [float(10 + i)])
+            for consumer in (private, durable):
+                (release,) = take(consumer, 1)
+                assert release.stream == "s" and release.window == 1
+                assert consumer.verifier.rejected == 0
+            assert private.budget("s").budget["releases"] == 1
+    finally:
+        conn = pika.BlockingConnection(pika.URLParameters(sc.config.broker.url))
+        conn.channel().queue_delete(named)
+        conn.close()
+
+
+# --- what each account may not do -------------------------------------------------------------
+
+def test_a_consumer_account_cannot_read_or_inject_records(deployment):
+    sc, acc = deployment
+    t, url, user = sc.config.broker.topology, acc.urls["consumer"], acc.user("consumer")
+    texts = [
+        refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
+        refused(url, lambda ch: ch.basic_get(t.records_queue)),
+        refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
+        refused(url, lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue,
+                                              t.records_exchange, "record")),
+        refused(url, lambda ch: ch.queue_declare(f"{acc.prefix}.not-mine", durable=True)),
+        refused(url, lambda ch: ch.queue_purge(t.records_queue)),
+        refused(url, lambda ch: ch.queue_delete(t.records_queue)),
+        refused(url, publish(t.records_exchange, "record")),
+        refused(url, publish(t.results_exchange, "s")),  # forging results
+        refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
+    ]
+    assert all(f"refused for user '{user}'" in text for text in texts), texts
+    assert "access to exchange 'amq.default'" in texts[-1]
+
+
+def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
+    sc, acc = deployment
+    t, url, user = sc.config.broker.topology, acc.urls["producer"], acc.user("producer")
+    texts = [
+        refused(url, lambda ch: ch.queue_declare("", exclusive=True)),
+        refused(url, lambda ch: ch.queue_declare(f"{acc.prefix}.consumer.sneaky", durable=True)),
+        refused(url, lambda ch: ch.exchange_declare(f"{acc.prefix}.mine", "fanout")),
+        # It may write to the queues named like its exchanges, but read no exchange to bind from.
+        refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, "#")),
+        refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, "#")),
+        refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
+        refused(url, lambda ch: ch.basic_consume(t.attest_queue, lambda *a: None)),
+        refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
+        refused(url, publish(t.results_exchange, "s")),
+        refused(url, publish(t.rejected_exchange, "")),
+        refused(url, publish("", t.records_queue)),
+    ]
+    assert all(f"refused for user '{user}'" in text for text in texts), texts
+    assert "access to exchange 'amq.default'" in texts[-1]
+
+
+# --- definitions for a broker to load at boot ------------------------------------------------
+
+def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path):
+    prefix = new_prefix()
+    path = broker_config(tmp_path, amqp_url, prefix)
+    passwords = {role: f"p@ss:{role}/wörd%{uuid.uuid4().hex[:6]}" for role in broker.ROLES}
+    env = {broker.password_env(role): pw for role, pw in passwords.items()}
+    defs = tmp_path / "definitions.json"
+    result = sealedsum("broker", "setup", "--config", str(path), "--definitions", str(defs), env=env)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert not any(pw in result.stdout for pw in passwords.values())
+        assert stat.S_IMODE(defs.stat().st_mode) == 0o600
+        assert not {f"{prefix}-{r}" for r in broker.ROLES} & set(ctl.users()), "--definitions changed the broker"
+        doc = json.loads(defs.read_text())
+        vhost = broker.vhost_of(amqp_url)
+        assert doc["vhosts"] == [{"name": vhost}]
+        hashes = {u["name"]: u for u in doc["users"]}
+        for role, pw in passwords.items():
+            u = hashes[f"{prefix}-{role}"]
+            assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256" and u["tags"] == []
+            assert broker.check_password_hash(pw, u["password_hash"])
+
+        # Load it the way a booting broker does (the vhost exists already: leave it alone).
+        subprocess.run(ctl.argv + ["-q", "import_definitions", "--format", "json"], check=True, timeout=60,
+                       input=json.dumps({"users": doc["users"], "permissions": doc["permissions"]}), text=True)
+        expected = broker.role_permissions(Topology(prefix))
+        deadline = time.monotonic() + 20
+        while True:  # the import is asynchronous
+            granted = ctl.permissions(vhost)
+            if all(f"{prefix}-{r}" in granted for r in broker.ROLES) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for role, pw in passwords.items():
+            assert granted[f"{prefix}-{role}"] == expected[role]
+            # The hash is RabbitMQ's: the password logs in (quoted into the URL as setup writes it).
+            pika.BlockingConnection(pika.URLParameters(
+                broker.account_url(amqp_url, f"{prefix}-{role}", pw))).close()
+    finally:
+        sealedsum("broker", "teardown", "--config", str(path))
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_errors_have_exit_codes_and_change_nothing(ctl, amqp_url, tmp_path):
+    prefix = new_prefix()
+    path = broker_config(tmp_path, amqp_url, prefix)
+    ours = {f"{prefix}-{r}" for r in broker.ROLES}
+
+    lost = sealedsum("broker", "setup", "--config", str(path))
+    assert lost.returncode == 2 and "--out" in lost.stderr and not lost.stdout
+
+    missing = sealedsum("broker", "setup", "--config", str(path), "--show", "--rabbitmqctl", "/nonexistent/rabbitmqctl")
+    assert missing.returncode == 3 and "hint:" in missing.stderr and "--definitions" in missing.stderr
+
+    failing = sealedsum("broker", "setup", "--config", str(path), "--show",
+                        "--rabbitmqctl", "sh -c 'echo Error: unable to reach the node >&2; exit 69' rabbitmqctl")
+    assert failing.returncode == 3 and "unable to reach the node" in failing.stderr and "hint:" in failing.stderr
+
+    no_vhost = sealedsum("broker", "setup", "--config", str(path), "--show", "--vhost", f"{prefix}-no-such-vhost")
+    assert no_vhost.returncode == 2 and "add_vhost" in no_vhost.stderr
+
+    # A user that has tags belongs to somebody else: never taken over, never deleted.
+    tagged = f"{prefix}-someone-else"
+    ctl.add_user(tagged, uuid.uuid4().hex)
+    try:
+        ctl.run("set_user_tags", tagged, "monitoring")
+        taken = sealedsum("broker", "setup", "--config", str(path), "--show", "--producer-user", tagged)
+        assert taken.returncode == 2 and "refusing" in taken.stderr
+        deleted = sealedsum("broker", "teardown", "--config", str(path), "--producer-user", tagged)
+        assert deleted.returncode == 2
+        assert ctl.users()[tagged] == ["monitoring"]
+        assert not ours & set(ctl.users())
+    finally:
+        ctl.delete_user(tagged)
+
+    # teardown is idempotent.
+    gone = sealedsum("broker", "teardown", "--config", str(path))
+    assert gone.returncode == 0 and gone.stdout.count(": absent") == 3
