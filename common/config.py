@@ -103,6 +103,9 @@ class Config:
     require: Requirements = Requirements()
     require_streams: dict[str, Requirements] = field(default_factory=dict)
     identity_file: Path | None = None
+    # Producers attest again this often, so they pick up rotated keys before the old
+    # epoch retires (keep it well below the enclave's key_grace_seconds).
+    reattest_seconds: float = 300.0
 
     def requirements(self, stream: str) -> Requirements:
         """What this client demands of ``stream``: ``[require]`` with ``[require.streams.NAME]`` on top."""
@@ -177,7 +180,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
         raise ConfigError("require.streams must hold one table per stream")
     require = Requirements.from_mapping(raw_require)
     require_streams = {name: Requirements.from_mapping(r, f"require.streams.{name}") for name, r in per_stream.items()}
-    producer = _take(d.get("producer", {}), {"identity_file"}, "producer")
+    producer = _take(d.get("producer", {}), {"identity_file", "reattest_seconds"}, "producer")
+    reattest = _number(producer.get("reattest_seconds", 300.0), "producer.reattest_seconds")
+    if reattest <= 0:
+        raise ConfigError("producer.reattest_seconds must be > 0")
     identity = env.get("SEALEDSUM_IDENTITY_FILE") or producer.get("identity_file")
     if identity is not None and not isinstance(identity, str):
         raise ConfigError("producer.identity_file must be a path")
@@ -186,7 +192,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
         identity_path = Path(identity)
         if not identity_path.is_absolute() and path is not None:
             identity_path = path.parent / identity_path  # relative to the config file
-    return Config(broker, trust, policy, path, require, require_streams, identity_path)
+    return Config(broker, trust, policy, path, require, require_streams, identity_path, reattest)
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

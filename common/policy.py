@@ -219,6 +219,14 @@ class StreamPolicy:
                                      policy.budget_epsilon, policy.budget_delta):
             raise ConfigError(f"{where}: budget_epsilon is smaller than the cost of one release",
                               hint="raise budget_epsilon or lower epsilon")
+        try:  # the enclave must be able to noise a release: finite scales (OpenDP refuses others)
+            plan = policy.noise_plan()
+            finite = math.isfinite(plan.sum_scale) and (plan.count_scale is None or math.isfinite(plan.count_scale))
+        except ArithmeticError:  # epsilon × count_share rounds to 0
+            finite = False
+        if not finite:
+            raise ConfigError(f"{where}: epsilon (or count_share) is too small for a finite noise scale",
+                              hint="raise epsilon")
         return policy
 
     def to_mapping(self) -> dict[str, Any]:
@@ -376,8 +384,11 @@ class EnclavePolicy:
     max_clock_skew_seconds: float = 60.0
     insecure_test_keys: bool = False
     identities: Identities = Identities()
+    key_grace_seconds: float = 900.0
+    rotate_keys_every_seconds: float | None = None
 
-    KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys"}
+    KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys",
+            "key_grace_seconds", "rotate_keys_every_seconds"}
 
     @classmethod
     def from_mapping(cls, enclave: Mapping[str, Any], streams: Mapping[str, Any],
@@ -399,7 +410,16 @@ class EnclavePolicy:
         if not isinstance(streams, Mapping) or not streams:
             raise ConfigError("the policy defines no streams", hint="add a [streams.NAME] table")
         parsed = {name: StreamPolicy.from_mapping(name, raw) for name, raw in streams.items()}
-        return cls(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}))
+        grace = _number(d.get("key_grace_seconds", 900.0), "enclave.key_grace_seconds")
+        if grace < 0:
+            raise ConfigError("enclave.key_grace_seconds must be >= 0")
+        every = d.get("rotate_keys_every_seconds")
+        if every is not None:
+            every = _number(every, "enclave.rotate_keys_every_seconds")
+            if every <= grace:
+                raise ConfigError("enclave.rotate_keys_every_seconds must exceed key_grace_seconds",
+                                  hint="otherwise an epoch would retire before producers could move on")
+        return cls(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}), grace, every)
 
     def to_mapping(self) -> dict[str, Any]:
         return {
@@ -409,6 +429,10 @@ class EnclavePolicy:
                 "max_record_age_seconds": self.max_record_age_seconds,
                 "max_clock_skew_seconds": self.max_clock_skew_seconds,
                 "insecure_test_keys": self.insecure_test_keys,
+                # Only present when not the default, so older policies keep their bytes.
+                **({"key_grace_seconds": self.key_grace_seconds} if self.key_grace_seconds != 900.0 else {}),
+                **({"rotate_keys_every_seconds": self.rotate_keys_every_seconds}
+                   if self.rotate_keys_every_seconds is not None else {}),
             },
             "streams": {name: s.to_mapping() for name, s in sorted(self.streams.items())},
             # Only present when configured, so policies without identities keep their bytes.

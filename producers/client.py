@@ -120,6 +120,7 @@ class Producer:
         except BaseException:
             self._transport.close()
             raise
+        self._attested_at = time.monotonic()
         identity = None
         if config.identity_file is not None:
             from producers import identity as identity_mod
@@ -127,9 +128,28 @@ class Producer:
             identity = identity_mod.load(config.identity_file)
         self.sealer = RecordSealer(self.enclave, config.requirements, producer_id, identity)
 
+    def reattest(self) -> AttestedEnclave:
+        """Attest again (fresh nonce, every check); after a key rotation this picks up the
+        enclave's new key epoch. The producer id and identity stay the same."""
+        enclave = self._transport.attest(self.config.require_trust())
+        if enclave.keys != self.enclave.keys:
+            log.info("enclave key epoch changed", extra={"fields": {
+                "from_epoch": self.enclave.keys.epoch, "to_epoch": enclave.keys.epoch}})
+            self.sealer = RecordSealer(enclave, self.config.requirements, self.sealer.producer_id,
+                                       self.sealer._identity)
+        self.enclave, self._attested_at = enclave, time.monotonic()
+        return enclave
+
+    def seal(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
+        """Seal one record for the enclave, re-attesting first when the last attestation is
+        older than ``producer.reattest_seconds`` (so key rotations reach long-running producers)."""
+        if time.monotonic() - self._attested_at > self.config.reattest_seconds:
+            self.reattest()
+        return self.sealer.seal(stream, values, window=window)
+
     def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
         """Seal and publish one record; return once the broker confirmed it."""
-        record = self.sealer.seal(stream, values, window=window)
+        record = self.seal(stream, values, window=window)
         self.publish(record)
         return record
 

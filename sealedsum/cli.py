@@ -101,7 +101,7 @@ def _add_common_options_everywhere(sub: argparse._SubParsersAction) -> None:
         nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if nested:
             _add_common_options_everywhere(nested[0])
-        else:
+        if not nested or not nested[0].required:  # a parser that runs by itself takes them too
             _add_common_options(parser, argparse.SUPPRESS, argparse.SUPPRESS)
 
 

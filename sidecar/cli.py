@@ -5,19 +5,46 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 from pathlib import Path
 
 from common.attestation import encode_platform_key
+from common.errors import ConfigError
 
 
 def _sidecar(args) -> int:
     from sealedsum.cli import load_config
     from sidecar.supervisor import Sidecar
 
+    if getattr(args, "sidecar_command", None) == "rotate":
+        return _rotate(args)
+    if not args.config or not args.state:
+        raise ConfigError("sealedsum sidecar needs --config FILE and --state DIR",
+                          hint="--config may also come from SEALEDSUM_CONFIG")
     sidecar = Sidecar(load_config(args), Path(args.state), args.log_level or "INFO")
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)
+    signal.signal(signal.SIGUSR1, sidecar.forward_rotation)
     return sidecar.run()
+
+
+def _rotate(args) -> int:
+    import os
+
+    from sidecar.supervisor import PID_FILE
+
+    path = Path(args.state) / PID_FILE
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, signal.SIGUSR1)
+    except (FileNotFoundError, ValueError):
+        raise ConfigError(f"no running sidecar recorded in {path}",
+                          hint="start it with `sealedsum sidecar --config FILE --state DIR`") from None
+    except ProcessLookupError:
+        raise ConfigError(f"the sidecar recorded in {path} (pid {pid}) is not running") from None
+    print(f"asked the sidecar (pid {pid}) to rotate its keys; producers pick up the new epoch when they "
+          "next attest", file=sys.stderr)
+    return 0
 
 
 def _platform_init(args) -> int:
@@ -52,15 +79,23 @@ def _measure(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from sealedsum.cli import add_config_argument
 
-    s = sub.add_parser("sidecar", help="run the platform and the enclave (until interrupted)",
+    s = sub.add_parser("sidecar", help="run the platform and the enclave (until interrupted); `sidecar rotate`",
                        description="Start the emulated platform, which measures the enclave code and policy, "
                                    "and launch the enclave as a separate, hardened process that consumes "
                                    "records and publishes signed, noised releases. Restarts the enclave "
                                    "if it dies. Stop with Ctrl-C or SIGTERM.")
-    add_config_argument(s)
-    s.add_argument("--state", metavar="DIR", required=True,
-                   help="state directory holding platform.key and the enclave's sealed keys")
+    add_config_argument(s, required=False)
+    s.add_argument("--state", metavar="DIR",
+                   help="state directory holding platform.key and the enclave's sealed keys (required)")
     s.set_defaults(func=_sidecar, role="platform", default_log_level="INFO")
+    ssub = s.add_subparsers(dest="sidecar_command", metavar="ACTION")
+    r = ssub.add_parser("rotate", help="rotate the running enclave's encryption keys",
+                        description="Ask the running sidecar (found through STATE/sidecar.pid) to rotate the "
+                                    "enclave's encryption keys: a new key epoch is attested from now on; records "
+                                    "sealed to the old epoch are still counted for enclave.key_grace_seconds, "
+                                    "then refused with reason wrong_epoch. The result-signing key is kept.")
+    r.add_argument("--state", metavar="DIR", required=True, help="the running sidecar's state directory")
+    r.set_defaults(func=_sidecar, role="platform", default_log_level="WARNING")
 
     p = sub.add_parser("platform", help="manage the emulated platform's key (the root of trust)")
     psub = p.add_subparsers(dest="platform_command", metavar="ACTION", required=True)

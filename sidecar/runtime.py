@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import pika
 import pika.exceptions as pe
@@ -72,10 +73,12 @@ class EnclaveRuntime:
     depends on it leaves the process. ``None`` keeps state in memory only (tests)."""
 
     def __init__(self, enclave: Enclave, settings: BrokerSettings,
-                 store: SealedStateStore | None = None) -> None:
+                 store: SealedStateStore | None = None, seal_keys: Callable[[], None] | None = None) -> None:
         self.enclave = enclave
         self.settings = settings
         self._store = store
+        self._seal_keys = seal_keys
+        self._rotation_requested = False
         self._unacked: list[int] = []
         self._channel = None
         self._last_base = time.monotonic()
@@ -141,8 +144,17 @@ class EnclaveRuntime:
                 pass
 
     # -- callbacks --------------------------------------------------------------------
+    def request_rotation(self) -> None:
+        """Called from a signal handler: rotate at the next tick, on the runtime's thread."""
+        self._rotation_requested = True
+
     def persist(self) -> None:
         """Checkpoint what changed: a journal append, or now and then a fresh base."""
+        if self.enclave.keys_dirty:
+            # New or retired key epochs are sealed before any state that refers to them.
+            if self._seal_keys is not None:
+                self._seal_keys()
+            self.enclave.keys_dirty = False
         if not self.enclave.dirty:
             return
         store = self._store
@@ -202,6 +214,10 @@ class EnclaveRuntime:
             correlation_id=props.correlation_id, type="reply", app_id=amqp.APP_ID))
 
     def _tick(self) -> None:
+        if self._rotation_requested or self.enclave.rotation_due(now_ms()):
+            self._rotation_requested = False
+            self.flush()  # records folded so far are checkpointed under the epoch they came in
+            self.enclave.rotate(now_ms())
         releases = self.enclave.on_tick(now_ms())
         self.persist()
         for release in releases:
@@ -235,4 +251,4 @@ class EnclaveRuntime:
 
     def log_stats(self) -> None:
         self._last_stats = time.monotonic()
-        log.info("stats", extra={"fields": self.enclave.stats.to_json(self.enclave.keys.decryptions)})
+        log.info("stats", extra={"fields": self.enclave.stats.to_json(self.enclave.decryptions)})

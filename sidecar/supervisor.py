@@ -26,6 +26,7 @@ BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
         "from sidecar.enclave.__main__ import main; sys.exit(main(sys.argv[2:]))")
 MAX_BACKOFF_S = 30.0
 EXIT_CONFIG = 2
+PID_FILE = "sidecar.pid"
 
 
 class Sidecar:
@@ -52,6 +53,11 @@ class Sidecar:
                                 "clients using this config will refuse (run `sealedsum measure`)")
         return warnings
 
+    def forward_rotation(self, *_args) -> None:
+        """SIGUSR1 (from `sealedsum sidecar rotate`): ask the enclave to rotate its keys."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGUSR1)
+
     def stop(self, *_args) -> None:
         self.stopping = True
         if self.child is not None and self.child.poll() is None:
@@ -63,6 +69,7 @@ class Sidecar:
             "measurement": self.measurement.hex(), "code_digest": self.code_digest.hex()}})
         for w in self.check_trust():
             log.warning(w)
+        (self.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
         backoff = 1.0
         while not self.stopping:
             started = time.monotonic()

@@ -17,7 +17,7 @@ from common.errors import SealingError
 from common.policy import EnclavePolicy
 from sidecar.channel import PipeChannel
 from sidecar.enclave.hardening import harden
-from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sidecar.enclave.service import Enclave
 from sidecar.enclave.state import RollbackDetected, SealedStateStore
 from sidecar.durable import write_atomic
@@ -47,17 +47,19 @@ class PlatformCounter:
         return int(self._channel.request({"op": "counter_advance", "value": value})["value"])
 
 
-def load_or_create_keys(directory: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> EnclaveKeys:
-    """Unseal this measurement's keys, or create and seal new ones on first start."""
+def load_or_create_keys(directory: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> Keyring:
+    """Unseal this measurement's key epochs, or create and seal the first on first start."""
     path = directory / "keys.sealed"
     if path.exists():
-        keys = EnclaveKeys.unseal(sealing_key, measurement, path.read_bytes())
-        log.info("keys unsealed", extra={"fields": {"path": str(path), "key_epoch": keys.epoch}})
-        return keys
-    keys = EnclaveKeys.generate(paillier_bits)
-    write_atomic(path, keys.seal(sealing_key, measurement))
+        keyring = Keyring.unseal(sealing_key, measurement, path.read_bytes())
+        log.info("keys unsealed", extra={"fields": {"path": str(path), "key_epoch": keyring.current_epoch,
+                                                    "epochs": sorted(keyring.epochs)}})
+        return keyring
+    keyring = Keyring.single(EnclaveKeys.generate(paillier_bits))
+    keyring.rotated_at_ms = int(time.time() * 1000)
+    write_atomic(path, keyring.seal(sealing_key, measurement))
     log.info("keys created and sealed", extra={"fields": {"path": str(path), "paillier_bits": paillier_bits}})
-    return keys
+    return keyring
 
 
 def main(argv: list[str]) -> int:
@@ -104,10 +106,13 @@ def main(argv: list[str]) -> int:
     enclave.dirty = False
     settings = BrokerSettings(b["url"], Topology(b["prefix"]), b["queue_type"],
                               max_queued_records=b["max_queued_records"])
-    runtime = EnclaveRuntime(enclave, settings, store)
+    keys_path = directory / "keys.sealed"
+    runtime = EnclaveRuntime(enclave, settings, store,
+                             seal_keys=lambda: write_atomic(keys_path, enclave.keyring.seal(sealing_key, measurement)))
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     signal.signal(signal.SIGINT, lambda *_: runtime.stop())
-    channel.send({"op": "ready", "pid": os.getpid(), "hardening": report, "key_epoch": keys.epoch})
+    signal.signal(signal.SIGUSR1, lambda *_: runtime.request_rotation())  # `sealedsum sidecar rotate`
+    channel.send({"op": "ready", "pid": os.getpid(), "hardening": report, "key_epoch": enclave.keys.epoch})
     runtime.run()
     log.info("enclave stopped")
     return 0

@@ -20,39 +20,51 @@ ANONYMOUS = bytes(wire.PRODUCER_ID_SIZE)
 
 @dataclass(slots=True)
 class Window:
-    """One window of one stream: the folded ciphertexts and how many records they hold."""
+    """One window of one stream: the folded ciphertexts and how many records they hold.
+
+    ``totals`` has one list of ciphertexts per key epoch that contributed: normally one,
+    two around a key rotation (records sealed under the draining epoch are folded under
+    its own Paillier key; the release decrypts each and adds the plaintext totals).
+    """
 
     stream: str
     index: int
-    totals: list[EncryptedNumber]
+    totals: dict[int, list[EncryptedNumber]] = field(default_factory=dict)
     count: int = 0
     opened_at_ms: int | None = None
     # Records per producer id, kept only when the stream bounds contributions.
     contributors: dict[bytes, int] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, stream: StreamPolicy, index: int, public_key: PaillierPublicKey) -> "Window":
-        # 1 is the ciphertext of 0 with randomness 1: the identity of Paillier addition.
-        return cls(stream.name, index, [EncryptedNumber(public_key, 1, 0) for _ in range(stream.dimension)])
+    def empty(cls, stream: StreamPolicy, index: int) -> "Window":
+        return cls(stream.name, index)
+
+    def ciphertexts(self) -> tuple[int, ...]:
+        """Every folded total, flattened (for comparisons in tests and audits)."""
+        return tuple(t.ciphertext(be_secure=False) for e in sorted(self.totals) for t in self.totals[e])
 
     def to_json(self) -> dict:
         """Checkpoint form. Totals are ciphertexts: safe to write, they reveal nothing."""
         return {
             "index": self.index, "count": self.count, "opened_at_ms": self.opened_at_ms,
-            "totals": [format(t.ciphertext(be_secure=False), "x") for t in self.totals],
+            "totals": {str(e): [format(t.ciphertext(be_secure=False), "x") for t in ts] for e, ts in self.totals.items()},
             "contributors": {pid.hex(): n for pid, n in self.contributors.items()},
         }
 
     @classmethod
-    def from_json(cls, stream: StreamPolicy, raw: dict, public_key: PaillierPublicKey) -> "Window":
-        totals = [EncryptedNumber(public_key, int(c, 16), 0) for c in raw["totals"]]
-        if len(totals) != stream.dimension:
-            raise ValueError("checkpointed window has the wrong dimension")
+    def from_json(cls, stream: StreamPolicy, raw: dict, public_keys: dict[int, PaillierPublicKey]) -> "Window":
+        totals = {}
+        for e, cts in raw["totals"].items():
+            totals[int(e)] = [EncryptedNumber(public_keys[int(e)], int(c, 16), 0) for c in cts]
+            if len(cts) != stream.dimension:
+                raise ValueError("checkpointed window has the wrong dimension")
         return cls(stream.name, int(raw["index"]), totals, int(raw["count"]), raw["opened_at_ms"],
                    {bytes.fromhex(pid): int(n) for pid, n in raw["contributors"].items()})
 
-    def fold(self, ciphertexts: tuple[int, ...], public_key: PaillierPublicKey, now_ms: int) -> None:
-        self.totals = [t + EncryptedNumber(public_key, c, 0) for t, c in zip(self.totals, ciphertexts)]
+    def fold(self, epoch: int, public_key: PaillierPublicKey, ciphertexts: tuple[int, ...], now_ms: int) -> None:
+        # 1 is the ciphertext of 0 with randomness 1: the identity of Paillier addition.
+        current = self.totals.get(epoch) or [EncryptedNumber(public_key, 1, 0) for _ in ciphertexts]
+        self.totals[epoch] = [t + EncryptedNumber(public_key, c, 0) for t, c in zip(current, ciphertexts)]
         self.count += 1
         if self.opened_at_ms is None:
             self.opened_at_ms = now_ms
@@ -63,13 +75,12 @@ class StreamState:
     """The open window of one stream and the record ids seen within the replay horizon."""
 
     policy: StreamPolicy
-    public_key: PaillierPublicKey
     current: Window = field(init=False)
     seen: dict[bytes, int] = field(default_factory=dict)
     _expiry: list[tuple[int, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.current = Window.empty(self.policy, 1, self.public_key)
+        self.current = Window.empty(self.policy, 1)
 
     def check_duplicate(self, envelope: wire.Envelope) -> None:
         """Checked before age and window: a counted record that comes back (a lost ack,
@@ -80,7 +91,8 @@ class StreamState:
         if envelope.record_id in self.seen:
             raise RecordRejected(RejectReason.DUPLICATE, f"record id {envelope.record_id.hex()} seen already")
 
-    def accept(self, envelope: wire.Envelope, forget_at_ms: int, now_ms: int) -> Window | None:
+    def accept(self, envelope: wire.Envelope, public_key: PaillierPublicKey, forget_at_ms: int,
+               now_ms: int) -> Window | None:
         """Fold one validated envelope in; return the window if this record closed it.
 
         Call :meth:`check_duplicate` first.
@@ -105,7 +117,7 @@ class StreamState:
                                      f"(limit {limit})")
             self.current.contributors[envelope.producer_id] = already + 1
         self.remember(envelope.record_id, forget_at_ms)
-        self.current.fold(envelope.ciphertexts, self.public_key, now_ms)
+        self.current.fold(envelope.key_epoch, public_key, envelope.ciphertexts, now_ms)
         if self.current.count >= self.policy.max_window_records:
             return self._close()
         return None
@@ -131,5 +143,5 @@ class StreamState:
 
     def _close(self) -> Window:
         closed = self.current
-        self.current = Window.empty(self.policy, closed.index + 1, self.public_key)
+        self.current = Window.empty(self.policy, closed.index + 1)
         return closed

@@ -78,7 +78,11 @@ class EnclaveKeys:
 
     @classmethod
     def unseal(cls, sealing_key: bytes, measurement: bytes, blob: bytes) -> "EnclaveKeys":
-        doc = json.loads(sealing.unseal(sealing_key, measurement, blob, SEALED_AAD))
+        """The current epoch's keys from a sealed key file (see :class:`Keyring`)."""
+        return cls.from_doc(json.loads(sealing.unseal(sealing_key, measurement, blob, SEALED_AAD)))
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "EnclaveKeys":
         p, q = int(doc["paillier_p"]), int(doc["paillier_q"])
         public = paillier.PaillierPublicKey(p * q)
         return cls(
@@ -87,3 +91,107 @@ class EnclaveKeys:
             Ed25519PrivateKey.from_private_bytes(base64.b64decode(doc["ed25519"])),
             paillier.PaillierPrivateKey(public, p, q),
         )
+
+
+class Keyring:
+    """The enclave's key epochs.
+
+    Rotation replaces the encryption keys (X25519 for sealed boxes, Paillier for
+    aggregation); the Ed25519 result-signing key stays for the life of the measurement,
+    so consumers keep verifying across rotations. After a rotation the previous epoch
+    *drains*: its records are still accepted for ``grace`` milliseconds, folded under
+    its own Paillier key, then it is *retired*: its records are refused with a reason
+    that tells the producer to attest again. Retired epochs keep only what recognising
+    them needs, and only the newest few.
+    """
+
+    KEEP_RETIRED = 3
+
+    def __init__(self, epochs: dict[int, EnclaveKeys], current: int,
+                 retire_at: dict[int, int] | None = None, retired: set[int] | None = None,
+                 rotated_at_ms: int = 0) -> None:
+        self.epochs = epochs
+        self.current_epoch = current
+        self.retire_at = dict(retire_at or {})
+        self.retired = set(retired or ())
+        self.rotated_at_ms = rotated_at_ms  # when the current epoch began (0: unknown)
+
+    @classmethod
+    def single(cls, keys: EnclaveKeys) -> "Keyring":
+        return cls({keys.epoch: keys}, keys.epoch)
+
+    @property
+    def current(self) -> EnclaveKeys:
+        return self.epochs[self.current_epoch]
+
+    def newest_first(self) -> list[EnclaveKeys]:
+        return [self.epochs[e] for e in sorted(self.epochs, reverse=True)]
+
+    def status(self, epoch: int) -> str:
+        if epoch == self.current_epoch:
+            return "current"
+        if epoch in self.retired:
+            return "retired"
+        return "draining" if epoch in self.epochs else "unknown"
+
+    @property
+    def decryptions(self) -> int:
+        return sum(k.decryptions for k in self.epochs.values())
+
+    def rotate(self, paillier_bits: int, now_ms: int, grace_ms: int) -> EnclaveKeys:
+        """Make a new current epoch; the old one drains until ``now + grace``."""
+        old = self.current
+        _, priv = paillier.generate_paillier_keypair(n_length=paillier_bits)
+        new = EnclaveKeys(old.epoch + 1, PrivateKey.generate(), old._ed25519, priv)
+        self.epochs[new.epoch] = new
+        self.retire_at[old.epoch] = now_ms + grace_ms
+        self.current_epoch = new.epoch
+        self.rotated_at_ms = now_ms
+        return new
+
+    def retire_due(self, now_ms: int, in_use: set[int]) -> bool:
+        """Retire draining epochs past their grace; forget the oldest retired ones that no
+        open window still holds totals under. Returns whether anything changed."""
+        changed = False
+        for epoch, at in list(self.retire_at.items()):
+            if now_ms >= at:
+                del self.retire_at[epoch]
+                self.retired.add(epoch)
+                changed = True
+        for epoch in sorted(self.retired)[:-self.KEEP_RETIRED]:
+            if epoch not in in_use:
+                self.retired.discard(epoch)
+                self.epochs.pop(epoch, None)
+                changed = True
+        return changed
+
+    # -- sealing -----------------------------------------------------------------------
+    def seal(self, sealing_key: bytes, measurement: bytes) -> bytes:
+        """The current epoch at the top level (as :meth:`EnclaveKeys.seal` writes it), the
+        others under ``older``."""
+        current = json.loads(self._doc(self.current))
+        current["older"] = [json.loads(self._doc(k)) for e, k in sorted(self.epochs.items()) if e != self.current_epoch]
+        current["retire_at"] = {str(e): t for e, t in self.retire_at.items()}
+        current["retired"] = sorted(self.retired)
+        current["rotated_at_ms"] = self.rotated_at_ms
+        return sealing.seal(sealing_key, measurement, json.dumps(current).encode(), SEALED_AAD)
+
+    @staticmethod
+    def _doc(keys: EnclaveKeys) -> str:
+        return json.dumps({
+            "epoch": keys.epoch,
+            "x25519": base64.b64encode(bytes(keys._x25519)).decode(),
+            "ed25519": base64.b64encode(keys._ed25519.private_bytes_raw()).decode(),
+            "paillier_p": str(keys._paillier.p),
+            "paillier_q": str(keys._paillier.q),
+        })
+
+    @classmethod
+    def unseal(cls, sealing_key: bytes, measurement: bytes, blob: bytes) -> "Keyring":
+        doc = json.loads(sealing.unseal(sealing_key, measurement, blob, SEALED_AAD))
+        epochs = {}
+        for raw in [doc, *doc.get("older", [])]:
+            keys = EnclaveKeys.from_doc(raw)
+            epochs[keys.epoch] = keys
+        return cls(epochs, int(doc["epoch"]), {int(e): int(t) for e, t in doc.get("retire_at", {}).items()},
+                   set(doc.get("retired", [])), int(doc.get("rotated_at_ms", 0)))

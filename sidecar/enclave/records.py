@@ -9,7 +9,7 @@ from nacl.exceptions import CryptoError
 from common import signing, wire
 from common.errors import InvalidMessage, RecordRejected, RejectReason
 from common.policy import EnclavePolicy, Identities, StreamPolicy
-from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.keyring import EnclaveKeys, Keyring
 
 # Envelope bytes besides the ciphertexts: magic, ids, epoch, time, window, name, counts,
 # and the identity wrapper (magic, key, signature) of a signed envelope.
@@ -17,6 +17,7 @@ ENVELOPE_OVERHEAD = 4 + 16 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2 +
 
 
 def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
+    # Every epoch uses the policy's key size, so one width serves all of them.
     """The largest sealed record any stream of this policy can produce."""
     widest = max(s.dimension for s in policy.streams.values())
     return wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD + widest * keys.ciphertext_width
@@ -24,22 +25,28 @@ def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
 
 def open_record(
     body: bytes,
-    keys: EnclaveKeys,
+    keyring: Keyring,
     policy: EnclavePolicy,
     now_ms: int,
     size_limit: int,
-) -> tuple[wire.Envelope, StreamPolicy]:
+) -> tuple[wire.Envelope, StreamPolicy, EnclaveKeys]:
     """Open the sealed box and check the record against the keys and the policy.
 
+    :returns: the envelope, its stream's policy, and the key epoch it was sealed to.
     :raises RecordRejected: with the first reason found.
     """
     if len(body) > size_limit:
         raise RecordRejected(RejectReason.TOO_LARGE, f"{len(body)} bytes > {size_limit}")
-    try:
-        plaintext = keys.open_sealed_box(body)
-    except CryptoError:
+    plaintext = keys = None
+    for candidate in keyring.newest_first():
+        try:
+            plaintext, keys = candidate.open_sealed_box(body), candidate
+            break
+        except CryptoError:
+            continue
+    if keys is None:
         # Tampered, truncated, garbage or sealed to another key: indistinguishable by design.
-        raise RecordRejected(RejectReason.UNDECRYPTABLE, "sealed box does not open with this enclave's key") from None
+        raise RecordRejected(RejectReason.UNDECRYPTABLE, "sealed box does not open with this enclave's keys")
     try:
         signed = wire.SignedEnvelope.from_bytes(plaintext) if plaintext[:4] == wire.SIGNED_ENVELOPE_MAGIC else None
         envelope = wire.Envelope.from_bytes(signed.envelope if signed else plaintext)
@@ -51,7 +58,11 @@ def open_record(
     if stream is None:
         raise RecordRejected(RejectReason.UNKNOWN_STREAM, envelope.stream)
     if envelope.key_epoch != keys.epoch:
-        raise RecordRejected(RejectReason.WRONG_EPOCH, f"epoch {envelope.key_epoch}, current {keys.epoch}")
+        raise RecordRejected(RejectReason.WRONG_EPOCH,
+                             f"names epoch {envelope.key_epoch} but is sealed to epoch {keys.epoch}")
+    if keyring.status(keys.epoch) == "retired":
+        raise RecordRejected(RejectReason.WRONG_EPOCH, f"key epoch {keys.epoch} is retired (current "
+                             f"{keyring.current_epoch}): the producer must attest again")
     if len(envelope.ciphertexts) != stream.dimension:
         raise RecordRejected(RejectReason.WRONG_DIMENSION,
                              f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}")
@@ -62,7 +73,7 @@ def open_record(
         # A valid Paillier ciphertext is a unit modulo n²; anything else is not one.
         if not 0 < c < nsquare or math.gcd(c, n) != 1:
             raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
-    return envelope, stream
+    return envelope, stream, keys
 
 
 def check_identity(signed: wire.SignedEnvelope | None, envelope: wire.Envelope, identities: Identities) -> None:

@@ -14,7 +14,7 @@ from common.policy import StreamPolicy
 from common.results import BudgetExhausted, BudgetReport, Release
 from sidecar.enclave import noise
 from sidecar.enclave.aggregate import Window
-from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.keyring import EnclaveKeys, Keyring
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ def sign(keys: EnclaveKeys, payload: bytes) -> bytes:
 def noised_release(
     window: Window,
     policy: StreamPolicy,
-    keys: EnclaveKeys,
+    keyring: Keyring,
     measurement: bytes,
     now_ms: int,
     budget: dict,
@@ -47,12 +47,16 @@ def noised_release(
     """Decrypt the window's totals once, add noise, sign. Call only when ``count >= min_batch``
     and after the ledger has been charged (``budget`` is its state after this release)."""
     plan = policy.noise_plan()
-    totals = []
-    for ct, (lo, hi) in zip(window.totals, policy.coordinate_ranges(window.count)):
-        total = keys.decrypt_total(ct.ciphertext(be_secure=False))
-        # Honest producers cannot leave this range; a dishonest one cannot push the
-        # total outside it either, nor overflow the 64-bit noise domain.
-        totals.append(min(max(total, lo), hi))
+    plain = [0] * policy.dimension
+    for epoch, cts in window.totals.items():
+        # One decryption per coordinate and key epoch (two epochs only around a rotation).
+        epoch_keys = keyring.epochs[epoch]
+        for i, ct in enumerate(cts):
+            plain[i] += epoch_keys.decrypt_total(ct.ciphertext(be_secure=False))
+    # Honest producers cannot leave this range; a dishonest one cannot push the total
+    # outside it either, nor overflow the 64-bit noise domain.
+    totals = [min(max(t, lo), hi) for t, (lo, hi) in zip(plain, policy.coordinate_ranges(window.count))]
+    keys = keyring.current
     noised = noise.noisy_sum(plan, totals)
     if plan.count_scale is None:
         count = sum(noised)  # a histogram's buckets add up to its count: post-processing

@@ -19,7 +19,7 @@ from common.errors import InvalidMessage, RecordRejected, RejectReason
 from common.policy import EnclavePolicy
 from common.results import PAYLOADS
 from sidecar.enclave.aggregate import StreamState, Window
-from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sidecar.enclave.ledger import StreamLedger
 from sidecar.enclave.records import check_age, max_record_bytes, open_record
 from sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release
@@ -60,7 +60,7 @@ class Stats:
 class Enclave:
     def __init__(
         self,
-        keys: EnclaveKeys,
+        keys: EnclaveKeys | Keyring,
         policy: EnclavePolicy,
         policy_bytes: bytes,
         code_digest: bytes,
@@ -69,21 +69,23 @@ class Enclave:
         state: list[dict] | None = None,
         now_ms: int = 0,
     ) -> None:
-        self.keys = keys
+        self.keyring = keys if isinstance(keys, Keyring) else Keyring.single(keys)
         self.policy = policy
         self.policy_bytes = policy_bytes
         self.code_digest = code_digest
         self.measurement = measurement
         self._quote = quote
-        self.streams = {name: StreamState(p, keys.paillier_public) for name, p in policy.streams.items()}
+        self.streams = {name: StreamState(p) for name, p in policy.streams.items()}
         self.ledgers = {name: StreamLedger(p) for name, p in policy.streams.items()}
         self.exhausted: set[str] = set()
-        self.size_limit = max_record_bytes(policy, keys)
+        self.size_limit = max_record_bytes(policy, self.keys)
         self.stats = Stats()
         # Signed messages not yet confirmed by the broker, by Publication.key.
         self.pending: dict[str, Publication] = {}
         # Set when something the sealed state holds changed; the runtime persists and clears it.
         self.dirty = False
+        # Set when the keyring changed (rotation, retirement); the runtime reseals the keys first.
+        self.keys_dirty = False
         # Record ids accepted since the last checkpoint: (stream, id, forget_at_ms).
         self._new_seen: list[tuple[str, bytes, int]] = []
         if state is not None:
@@ -91,6 +93,28 @@ class Enclave:
         for name, ledger in self.ledgers.items():
             if name not in self.exhausted and not ledger.allows():
                 self._exhaust(name, now_ms)
+
+    @property
+    def keys(self) -> EnclaveKeys:
+        """The current key epoch: what attestation hands out and what new records use."""
+        return self.keyring.current
+
+    @property
+    def decryptions(self) -> int:
+        return self.keyring.decryptions
+
+    def rotate(self, now_ms: int) -> EnclaveKeys:
+        """New encryption keys; the old epoch drains for ``key_grace_seconds``."""
+        old = self.keyring.current_epoch
+        new = self.keyring.rotate(self.policy.paillier_bits, now_ms, int(self.policy.key_grace_seconds * 1000))
+        self.keys_dirty = self.dirty = True
+        log.info("keys rotated", extra={"fields": {"from_epoch": old, "to_epoch": new.epoch,
+                                                   "old_epoch_retires_in_s": self.policy.key_grace_seconds}})
+        return new
+
+    def rotation_due(self, now_ms: int) -> bool:
+        every = self.policy.rotate_keys_every_seconds
+        return every is not None and now_ms - self.keyring.rotated_at_ms >= every * 1000
 
     # -- RPC ------------------------------------------------------------------------------
     def attest(self, request: bytes) -> bytes:
@@ -125,7 +149,7 @@ class Enclave:
     # -- records ----------------------------------------------------------------------
     def on_record(self, body: bytes, now_ms: int) -> RecordOutcome:
         try:
-            envelope, stream = open_record(body, self.keys, self.policy, now_ms, self.size_limit)
+            envelope, stream, keys = open_record(body, self.keyring, self.policy, now_ms, self.size_limit)
             state = self.streams[stream.name]
             state.check_duplicate(envelope)
             if stream.name in self.exhausted:
@@ -133,7 +157,7 @@ class Enclave:
                                      f"stream {stream.name!r} has spent its privacy budget")
             check_age(envelope, self.policy, now_ms)
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
-            closed = state.accept(envelope, forget_at, now_ms)
+            closed = state.accept(envelope, keys.paillier_public, forget_at, now_ms)
             self._new_seen.append((stream.name, envelope.record_id, forget_at))
             self.dirty = True
         except RecordRejected as rejection:
@@ -155,7 +179,11 @@ class Enclave:
             if w is not None:
                 closed.append(w)
             state.forget_expired(now_ms)
-        return self._close(closed, now_ms)
+        released = self._close(closed, now_ms)
+        in_use = {e for st in self.streams.values() for e in st.current.totals}
+        if self.keyring.retire_due(now_ms, in_use):
+            self.keys_dirty = self.dirty = True
+        return released
 
     def confirm_published(self, publication: Publication) -> None:
         if self.pending.pop(publication.key, None) is not None:
@@ -174,7 +202,7 @@ class Enclave:
                 continue
             ledger = self.ledgers[w.stream]
             ledger.charge(w.index)
-            publication = noised_release(w, policy, self.keys, self.measurement, now_ms, ledger.summary())
+            publication = noised_release(w, policy, self.keyring, self.measurement, now_ms, ledger.summary())
             self.pending[publication.key] = publication
             self.stats.windows_released += 1
             log.info("window released", extra={"fields": {
@@ -233,12 +261,13 @@ class Enclave:
                 for rid, t in ids:
                     self.streams[name].remember(bytes.fromhex(rid), int(t))
         core = checkpoints[-1]["core"]
-        if core.get("version") != STATE_VERSION or core.get("key_epoch") != self.keys.epoch:
-            raise ValueError("sealed state has an unknown version or another key epoch")
+        if core.get("version") != STATE_VERSION:
+            raise ValueError("sealed state has an unknown version")
+        public_keys = {e: k.paillier_public for e, k in self.keyring.epochs.items()}
         for name, raw in core["streams"].items():
             policy = self.policy.streams[name]
             self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"])
-            self.streams[name].current = Window.from_json(policy, raw["window"], self.keys.paillier_public)
+            self.streams[name].current = Window.from_json(policy, raw["window"], public_keys)
             if raw["exhausted"]:
                 self.exhausted.add(name)
         for key, raw in core["pending"].items():

@@ -44,8 +44,8 @@ def valid_body(world: World, value: float = 1.0, **kw) -> bytes:
     return world.sealer.seal("s", [value], now_ms=kw.pop("now_ms", NOW), **kw).body
 
 
-def totals(enclave: Enclave, stream: str = "s") -> list[int]:
-    return [t.ciphertext(be_secure=False) for t in enclave.streams[stream].current.totals]
+def totals(enclave: Enclave, stream: str = "s") -> tuple[int, ...]:
+    return enclave.streams[stream].current.ciphertexts()
 
 
 def snapshot(enclave: Enclave, stream: str = "s") -> tuple:

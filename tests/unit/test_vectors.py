@@ -9,6 +9,7 @@ last tests keep ``docs/protocol.md`` in step with the constants in the code.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -49,14 +50,14 @@ PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 VECTOR_FILES = sorted(VECTORS.glob("*.json"))
 REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
-    "envelope", "sealed_record", "result", "rejections", "budget_request", "budget_report", "budget_exhausted",
-    "ledger", "sealed_state",
+    "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
+    "budget_exhausted", "ledger", "sealed_state",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
-    "too_large", "undecryptable", "malformed", "unknown_stream", "wrong_epoch", "wrong_dimension",
-    "bad_ciphertext", "duplicate", "budget_exhausted", "expired", "from_future", "late_window",
-    "future_window", "contribution_limit",
+    "too_large", "undecryptable", "malformed", "bad_signature", "revoked_producer", "unknown_producer",
+    "unknown_stream", "wrong_epoch", "wrong_dimension", "bad_ciphertext", "duplicate", "budget_exhausted",
+    "expired", "from_future", "late_window", "future_window", "contribution_limit",
 ]
 
 
@@ -88,8 +89,12 @@ def enclave_keys():
                        Ed25519PrivateKey.from_private_bytes(h(k["ed25519_seed"])), paillier_private())
 
 
-def vector_policy() -> tuple[EnclavePolicy, bytes]:
+def vector_policy(identities: dict | None = None) -> tuple[EnclavePolicy, bytes]:
+    """policy.json's policy; with ``identities``, that [identities] table added (and its own bytes)."""
     p = load("policy.json")
+    if identities is not None:
+        policy = EnclavePolicy.from_mapping(p["config_enclave"], p["config_streams"], identities)
+        return policy, policy.to_bytes()
     return EnclavePolicy.from_mapping(p["config_enclave"], p["config_streams"]), h(p["canonical_hex"])
 
 
@@ -434,6 +439,89 @@ def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
     assert props.timestamp is None and props.user_id is None
 
 
+def check_signed_envelope(v: dict, tmp_path, monkeypatch) -> None:
+    from producers.client import RecordSealer
+    from sidecar.enclave.service import Enclave
+
+    # The identity key and the producer id it stands for.
+    identity = Ed25519PrivateKey.from_private_bytes(h(v["identity_ed25519_seed"]))
+    public_key = identity.public_key().public_bytes_raw()
+    assert public_key == h(v["identity_public_key"])
+    assert base64.b64encode(public_key).decode("ascii") == v["identity_public_key_base64"]
+    assert h(v["producer_id_input_hex"]) == b"sealedsum/v1/producer-id\x00" + public_key
+    producer_id = hashlib.sha256(h(v["producer_id_input_hex"])).digest()[:wire.PRODUCER_ID_SIZE]
+    assert producer_id == h(v["producer_id"]) == wire.producer_id_of(public_key)
+
+    # The envelope inside: an ordinary SSE\x02 envelope carrying that producer id.
+    env_bytes = h(v["envelope_hex"])
+    env = wire.Envelope.from_bytes(env_bytes)
+    assert env.to_bytes() == env_bytes
+    assert (env.stream, env.record_id, env.producer_id) == (v["stream"], h(v["record_id"]), producer_id)
+    assert (env.key_epoch, env.sent_at_ms, env.window) == (v["key_epoch"], v["sent_at_ms"], v["window"])
+    policy, _ = vector_policy()
+    assert policy.streams[v["stream"]].encode(v["values"])[0] == v["encoded"]
+    private = paillier_private()
+    assert [private.raw_decrypt(c) for c in env.ciphertexts] == v["encoded"]
+    assert private.public_key.raw_encrypt(v["encoded"][0], r_value=int(v["r"], 16)) == env.ciphertexts[0]
+
+    # The signature: Ed25519 over "sealedsum/v1/envelope" 0x00 || envelope, deterministic.
+    signature = h(v["signature"])
+    assert signing.signing_input(signing.ENVELOPE, env_bytes) == h(v["signing_input_hex"])
+    assert h(v["signing_input_hex"]) == b"sealedsum/v1/envelope\x00" + env_bytes
+    assert signing.sign(identity, signing.ENVELOPE, env_bytes) == signature
+    signing.verify(public_key, signing.ENVELOPE, env_bytes, signature, error=InvalidMessage, what="envelope")
+    for label in (signing.RESULT, signing.QUOTE):  # another label never verifies
+        with pytest.raises(InvalidMessage):
+            signing.verify(public_key, label, env_bytes, signature, error=InvalidMessage, what="envelope")
+
+    # The wrapper: magic || public key || signature || envelope, at the documented offsets.
+    raw, off = h(v["signed_envelope_hex"]), v["offsets"]
+    assert raw[off["magic"]:off["public_key"]] == wire.SIGNED_ENVELOPE_MAGIC == b"SSI\x01"
+    assert raw[off["public_key"]:off["signature"]] == public_key
+    assert raw[off["signature"]:off["envelope"]] == signature
+    assert raw[off["envelope"]:] == env_bytes and off["envelope"] == 4 + 32 + 64
+    signed = wire.SignedEnvelope.from_bytes(raw)
+    assert signed == wire.SignedEnvelope(public_key, signature, env_bytes) and signed.to_bytes() == raw
+    for bad in (raw[:99], b"SSI\x02" + raw[4:], b"SSE\x02" + raw[4:]):
+        with pytest.raises(InvalidMessage):
+            wire.SignedEnvelope.from_bytes(bad)
+
+    # The sealed box around the wrapper, rebuilt byte for byte (fixed ephemeral key).
+    sealed = h(v["sealed_hex"])
+    sk, pk = h(keys_vector()["x25519_private"]), h(v["recipient_public"])
+    assert pk == h(keys_vector()["x25519_public"])
+    assert SealedBox(PrivateKey(sk)).decrypt(sealed) == raw
+    assert len(sealed) == wire.SEALED_BOX_OVERHEAD + 100 + len(env_bytes)
+    epk = bindings.crypto_scalarmult_base(h(v["ephemeral_private"]))
+    assert epk == h(v["ephemeral_public"]) == sealed[:32]
+    nonce = hashlib.blake2b(epk + pk, digest_size=24).digest()
+    assert nonce == h(v["box_nonce"])
+    assert epk + bindings.crypto_box(raw, nonce, pk, h(v["ephemeral_private"])) == sealed
+
+    # The enclave core: accepted where the key is enrolled, refused where it is not or is revoked.
+    assert [c["expect"] for c in v["outcomes"]] == ["accepted", "unknown_producer", "revoked_producer"]
+    for case in v["outcomes"]:
+        p, p_bytes = vector_policy(case["identities"])
+        core = Enclave(enclave_keys(), p, p_bytes, bytes(32), bytes(32), lambda rd: b"")
+        outcome = core.on_record(sealed, v["sent_at_ms"] + 1000)
+        got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
+        assert got == case["expect"], (case, got)
+        assert core.streams[v["stream"]].current.count == (got == "accepted")
+
+    # The reference producer with this key: the same producer id, and each record it seals is
+    # this wrapper (its ciphertext is fresh: Paillier draws new randomness).
+    sealer = RecordSealer(attested_enclave(), identity=identity)
+    assert sealer.producer_id == producer_id
+    record = sealer.seal(v["stream"], v["values"], now_ms=v["sent_at_ms"], record_id=env.record_id)
+    assert len(record.body) == len(sealed)
+    mine = wire.SignedEnvelope.from_bytes(SealedBox(PrivateKey(sk)).decrypt(record.body))
+    assert mine.public_key == public_key
+    signing.verify(public_key, signing.ENVELOPE, mine.envelope, mine.signature, error=InvalidMessage, what="envelope")
+    header = len(env_bytes) - env.width * len(env.ciphertexts)
+    assert mine.envelope[:header] == env_bytes[:header]
+    assert private.raw_decrypt(wire.Envelope.from_bytes(mine.envelope).ciphertexts[0]) == v["encoded"][0]
+
+
 def _check_signed(v: dict, payload_key: str) -> tuple[bytes, bytes]:
     """The SSS\x01 frame and signature of a signed-message vector; returns (raw, payload)."""
     raw = h(v["message_hex"])
@@ -465,7 +553,7 @@ def _resign(mapping: dict) -> bytes:
 
 
 def _check_refusals(raw: bytes, mapping: dict, kinds: tuple[str, ...]) -> None:
-    """What verify_signed refuses: altered bytes, other measurement or epoch, unexpected kind."""
+    """What verify_signed refuses: altered bytes, another measurement, an unexpected kind."""
     enclave = attested_enclave()
     altered = bytearray(raw)
     altered[10] ^= 0x01  # a payload byte
@@ -473,8 +561,8 @@ def _check_refusals(raw: bytes, mapping: dict, kinds: tuple[str, ...]) -> None:
         verify_signed(bytes(altered), enclave, kinds)
     with pytest.raises(InvalidResultSignature):
         verify_signed(_resign(dict(mapping, measurement="00" * 32)), enclave, kinds)
-    with pytest.raises(InvalidResultSignature):
-        verify_signed(_resign(dict(mapping, key_epoch=mapping["key_epoch"] + 1)), enclave, kinds)
+    # Another key epoch is not refused: rotation changes the encryption keys, not the signing key.
+    assert verify_signed(_resign(dict(mapping, key_epoch=mapping["key_epoch"] + 1)), enclave, kinds)
     with pytest.raises(InvalidResultSignature):
         verify_signed(raw[:-1], enclave, kinds)
     others = tuple(k for k in (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND) if k not in kinds)
@@ -538,7 +626,7 @@ def check_result(v: dict, tmp_path, monkeypatch) -> None:
     assert release.measurement == enclave.measurement.hex()
     assert verify_result(raw, enclave) == release
     assert verify_signed(raw, enclave) == release
-    # ...and refuses an altered payload, a foreign measurement or epoch, or a broken frame.
+    # ...and refuses an altered payload, a foreign measurement, or a broken frame.
     altered = raw.replace(b'"count":%d' % release.count, b'"count":%d' % (release.count + 1))
     assert altered != raw
     with pytest.raises(InvalidResultSignature):
@@ -798,6 +886,7 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
             else:
                 assert publication.key == f"{message.stream}/budget_exhausted"
         reasons_seen.append(got)
+    reasons_seen += _check_identity_session(v["identity_session"])
     assert set(reasons_seen) == {r.value for r in RejectReason} | {"accepted"}
     final = v["final"]
     assert enclave.stats.windows_withheld == final["windows_withheld"]
@@ -811,6 +900,50 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
     assert report.exhausted and report.budget == final["visits_budget"]
 
 
+def _check_identity_session(v: dict) -> list[str]:
+    """The second session: policy.json's policy plus an [identities] table, on a fresh core."""
+    from sidecar.enclave.service import Enclave
+
+    policy, policy_bytes = vector_policy(v["config_identities"])
+    assert policy_bytes == v["policy_canonical"].encode("ascii")
+    assert EnclavePolicy.from_bytes(policy_bytes) == policy
+    assert hashlib.sha256(policy_bytes).hexdigest() == v["policy_sha256"]
+    # The table is the only difference from policy.json, and it changes the measurement.
+    document = json.loads(policy_bytes)
+    assert json.loads(load("policy.json")["canonical"]) == {k: x for k, x in document.items() if k != "identities"}
+    assert document["identities"] == {"required": True, "enrolled": dict(sorted(v["config_identities"]["enrolled"].items())),
+                                      "revoked": v["config_identities"]["revoked"]}
+    measurement = wire.measurement(h(load("code_digest.json")["code_digest"]), policy_bytes)
+    assert measurement.hex() == v["measurement"] != load("measurement.json")["measurement"]
+    status = {"alice": "enrolled", "carol": "enrolled", "bob": "revoked", "mallory": "unknown"}
+    assert set(v["identity_seeds"]) == set(status)
+    for name, seed in v["identity_seeds"].items():
+        public_key = Ed25519PrivateKey.from_private_bytes(h(seed)).public_key().public_bytes_raw()
+        assert public_key.hex() == v["public_keys"][name]
+        assert wire.producer_id_of(public_key).hex() == v["producer_ids"][name]
+        assert policy.identities.name_of(public_key) == (status[name], "" if name == "mallory" else name)
+    assert policy.identities.required
+    assert v["public_keys"]["alice"] == load("signed_envelope.json")["identity_public_key"]
+
+    enclave = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), measurement, lambda rd: b"")
+    reasons = []
+    for i, step in enumerate(v["steps"]):
+        outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
+        got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
+        assert got == step["expect"], (i, step["note"], got)
+        assert outcome.releases == ()
+        reasons.append(got)
+    assert {"bad_signature", "revoked_producer", "unknown_producer", "accepted"} <= set(reasons)
+    final = v["final"]
+    assert enclave.stats.accepted == final["accepted"] == reasons.count("accepted")
+    for stream, count in final["open_window_counts"].items():
+        assert enclave.streams[stream].current.count == count, stream
+    # Counted under the producer id of the signing key.
+    contributors = {pid.hex(): k for pid, k in enclave.streams["visits"].current.contributors.items()}
+    assert contributors == final["visits_contributors"] == {v["producer_ids"]["alice"]: 1}
+    return reasons
+
+
 CHECKERS = {
     "key_bundle": check_key_bundle,
     "policy": check_policy,
@@ -821,6 +954,7 @@ CHECKERS = {
     "attest_reply": check_attest_reply,
     "envelope": check_envelope,
     "sealed_record": check_sealed_record,
+    "signed_envelope": check_signed_envelope,
     "result": check_result,
     "rejections": check_rejections,
     "budget_request": check_budget_request,
@@ -857,10 +991,22 @@ def test_envelopes_cover_kinds_producers_and_clipping() -> None:
 
 
 def test_rejections_pin_the_check_order() -> None:
-    """Every reason occurs, and each step whose note says 'checked before' agrees with CHECK_ORDER."""
+    """Every reason occurs, and each step whose note says 'A is checked before B' of two
+    reasons gets A, with A before B in CHECK_ORDER."""
     v = load("rejections.json")
-    reasons = [s["expect"] for s in v["steps"] if "expect" in s]
+    steps = v["steps"] + v["identity_session"]["steps"]
+    reasons = [s["expect"] for s in steps if "expect" in s]
     assert set(CHECK_ORDER) == {r.value for r in RejectReason} == set(reasons) - {"accepted"}
+    pinned = set()
+    for s in steps:
+        for first, then in re.findall(r"([a-z_]+) is checked before ([a-z_]+)", s["note"]):
+            if first in CHECK_ORDER and then in CHECK_ORDER:
+                assert s["expect"] == first and CHECK_ORDER.index(first) < CHECK_ORDER.index(then), s["note"]
+                pinned.add((first, then))
+    # Each identity reason is pinned against its neighbours in the order.
+    assert {("malformed", "bad_signature"), ("bad_signature", "revoked_producer"), ("bad_signature", "unknown_producer"),
+            ("revoked_producer", "unknown_stream"), ("unknown_producer", "wrong_epoch"),
+            ("unknown_producer", "duplicate")} <= pinned
     publishes = [p["kind"] for s in v["steps"] for p in s.get("publishes", [])]
     assert publishes.count(EXHAUSTED_KIND) == 1 and publishes[-1] == EXHAUSTED_KIND
     # After the notice, only duplicates of counted records escape budget_exhausted on that stream.
@@ -927,7 +1073,8 @@ def test_doc_mentions_every_label_and_header() -> None:
     doc = _doc()
     labels = [wire.REPORT_DATA_LABEL, wire.MEASUREMENT_LABEL, measure.CODE_LABEL, emulated.SEALING_INFO,
               keyring.SEALED_AAD, state.STATE_AAD, ledger.LEDGER_LABEL, signing.QUOTE.encode(),
-              signing.RESULT.encode()]
+              signing.RESULT.encode(), signing.ENVELOPE.encode(), b"sealedsum/v1/producer-id\x00"]
+    assert wire.producer_id_of(bytes(32)) == hashlib.sha256(b"sealedsum/v1/producer-id\x00" + bytes(32)).digest()[:16]
     for label in labels:
         assert label.rstrip(b"\x00").decode("ascii") in doc, label
     runtime_source = (ROOT / "sidecar" / "runtime.py").read_text()
@@ -979,5 +1126,14 @@ def test_doc_worked_examples_match_the_vectors() -> None:
             for charge in chain["charges"]:
                 assert charge["head"] in doc and re.sub(r"\s+", "", charge["charge"]) in doc
     assert load("budget_request.json")["request_hex"] in doc
+    s = load("signed_envelope.json")
+    for field in ("identity_ed25519_seed", "identity_public_key", "identity_public_key_base64", "producer_id",
+                  "signature"):
+        assert s[field] in doc, field
+    wrapper = h(s["signed_envelope_hex"])
+    assert wrapper[:100 + 70].hex() in doc  # magic, key, signature and the envelope's header
+    assert s["sealed_hex"][:64] in doc and s["sealed_hex"][64:96] in doc  # ephemeral key, tag
+    identities = json.loads(load("rejections.json")["identity_session"]["policy_canonical"])["identities"]
+    assert json.dumps({"identities": identities}, sort_keys=True, separators=(",", ":"))[1:-1] in doc
     assert load("budget_exhausted.json")["payload"] in doc
     assert load("result_histogram.json")["payload"] in doc
