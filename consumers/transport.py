@@ -60,21 +60,35 @@ class ResultSubscriber:
         Stops after ``idle_timeout`` seconds without a message, if given. Reconnects
         after broker loss within ``reconnect_seconds``."""
         last = time.monotonic()
-        while True:
-            try:
-                for method, _props, body in self.channel.consume(self.queue, inactivity_timeout=0.5):
-                    if method is None:
-                        if idle_timeout is not None and time.monotonic() - last > idle_timeout:
-                            return
-                        continue
+        unacked = None
+        try:
+            while True:
+                try:
+                    for method, _props, body in self.channel.consume(self.queue, inactivity_timeout=0.5):
+                        if method is None:
+                            if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                                return
+                            continue
+                        last = time.monotonic()
+                        unacked = method.delivery_tag
+                        yield body
+                        self.channel.basic_ack(unacked)
+                        unacked = None
+                    return
+                except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as err:
+                    unacked = None  # the broker redelivers it on the new channel
+                    log.warning("lost the broker while consuming; reconnecting", extra={"fields": {"error": repr(err)}})
+                    self.backoff.retry(self._reopen, lambda: None, "resubscribe")
                     last = time.monotonic()
-                    yield body
-                    self.channel.basic_ack(method.delivery_tag)
-                return
-            except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as err:
-                log.warning("lost the broker while consuming; reconnecting", extra={"fields": {"error": repr(err)}})
-                self.backoff.retry(self._reopen, lambda: None, "resubscribe")
-                last = time.monotonic()
+        finally:
+            # A caller that stops after a message has taken it: acknowledge it, or a
+            # consumer that reads one release at a time would stall at the prefetch limit.
+            if unacked is not None and self.channel is not None and self.channel.is_open:
+                try:
+                    self.channel.basic_ack(unacked)
+                    self.channel.cancel()
+                except pe.AMQPError:
+                    pass
 
     def _reopen(self) -> None:
         try:
