@@ -201,8 +201,14 @@ class Enclave:
                     "min_batch": policy.min_batch}})
                 continue
             ledger = self.ledgers[w.stream]
-            ledger.charge(w.index)
-            publication = noised_release(w, policy, self.keyring, self.measurement, now_ms, ledger.summary())
+            ledger.charge(w.index)  # before the draw: a failure below may waste budget, never overspend it
+            try:
+                publication = noised_release(w, policy, self.keyring, self.measurement, now_ms, ledger.summary())
+            except Exception:  # noqa: BLE001 - one bad window must not stop the enclave
+                log.exception("release failed; the window is withheld", extra={"fields": {
+                    "stream": w.stream, "window": w.index}})
+                self.stats.windows_withheld += 1
+                continue
             self.pending[publication.key] = publication
             self.stats.windows_released += 1
             log.info("window released", extra={"fields": {
