@@ -55,7 +55,10 @@ def test_a_broker_restart_under_load_loses_nothing(sidecar_factory, broker_contr
             half.set()
 
     releases = {}
-    with Consumer(sc.config, "s") as consumer:
+    # A durable named queue keeps releases across the restart; a private one dies with its
+    # connection, taking what it had not delivered yet.
+    queue = f"{sc.config.broker.topology.prefix}.consumer.restart"
+    with Consumer(sc.config, "s", queue=queue) as consumer:
         worker = threading.Thread(target=produce, daemon=True)
         worker.start()
         assert half.wait(60)
@@ -79,3 +82,8 @@ def test_a_broker_restart_under_load_loses_nothing(sidecar_factory, broker_contr
     assert sum(r.sum[0] for r in by_window.values()) == pytest.approx(sum(values), abs=1e-3)
     assert sc.events("broker connection lost; reconnecting"), "the enclave never saw the restart"
     assert not sc.events("enclave exited; restarting")
+    from common import amqp
+
+    conn = amqp.connect(sc.config.broker)
+    conn.channel().queue_delete(queue)
+    conn.close()
