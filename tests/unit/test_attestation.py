@@ -372,3 +372,24 @@ def test_producer_publishes_after_a_genuine_attestation(monkeypatch, world):
         rec = p.send("s", [5.0])
     assert [m["body"] for m in conn.published] == [rec.body]
     assert world.enclave.on_record(rec.body, now_ms()).rejection is None
+
+
+def test_the_allow_list_can_hold_several_measurements_for_rolling_upgrades(small_keys):
+    """Two enclave versions (here: two policies) on one platform; a client allowing both
+    attests either, and one allowing only the new one refuses the old."""
+    import dataclasses
+
+    from tests.conftest import make_policy, stream_table
+
+    old = make_world(small_keys, make_policy({"s": stream_table()}))
+    new_world = make_world(small_keys, make_policy({"s": stream_table(min_batch=4)}))
+    platform = old.platform
+    new_world.enclave._quote = lambda rd: platform.quote(new_world.measurement, rd)
+    both = dataclasses.replace(old.trust, measurements=frozenset({old.measurement, new_world.measurement}))
+    for w in (old, new_world):
+        nonce = os.urandom(32)
+        verify_attestation(w.enclave.attest(wire.AttestRequest(nonce).to_bytes()), nonce, both, now_ms())
+    only_new = dataclasses.replace(both, measurements=frozenset({new_world.measurement}))
+    nonce = os.urandom(32)
+    with pytest.raises(UnknownMeasurement):
+        verify_attestation(old.enclave.attest(wire.AttestRequest(nonce).to_bytes()), nonce, only_new, now_ms())

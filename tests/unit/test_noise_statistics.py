@@ -74,3 +74,21 @@ def test_a_wrong_scale_would_be_caught():
 def test_gaussian_cdf_helper_is_normalised():
     cdf = noise_cdf("gaussian", 3.0)
     assert cdf(-10**6) == 0.0 and cdf(10**6) == 1.0 and math.isclose(cdf(0) - cdf(-1), 1 / (3.0 * math.sqrt(2 * math.pi)), rel_tol=1e-6)
+
+
+def test_noise_does_not_come_from_a_seedable_prng(small_keys):
+    """Reseeding Python's and numpy's generators identically does not repeat the noise:
+    OpenDP draws from the operating system's cryptographic RNG."""
+    import random
+
+    import numpy as np
+
+    draws = []
+    for _ in range(2):
+        random.seed(1234)
+        np.random.seed(1234)
+        world = make_world(small_keys, make_policy({"s": stream_table(window_records=1, min_batch=1)}))
+        pubs = [world.enclave.on_record(world.sealer.seal("s", [50.0]).body, now_ms()).releases[0]
+                for _ in range(5)]
+        draws.append([p.message.sum_fixed[0] for p in pubs])
+    assert draws[0] != draws[1]
