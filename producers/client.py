@@ -29,6 +29,7 @@ from common.attestation import AttestedEnclave
 from common.config import Config
 from common.errors import PolicyMismatch
 from common.policy import Requirements, StreamPolicy
+from producers.encryption import Encryptor
 
 log = logging.getLogger("sealedsum.producer")
 
@@ -61,6 +62,7 @@ class RecordSealer:
             producer_id = wire.producer_id_of(self._identity_public)
         self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)
+        self.encryptor = Encryptor(self._paillier)
         if not phe.util.HAVE_GMP:
             log.warning("gmpy2 is not in use: Paillier encryption runs several times slower",
                         extra={"fields": {"fix": "pip install gmpy2"}})
@@ -86,8 +88,7 @@ class RecordSealer:
              window: int = 0, record_id: bytes | None = None) -> SealedRecord:
         policy = self.stream(stream)
         encoded, n_clipped = policy.encode(list(values))
-        # encrypt() draws fresh randomness and obfuscates; be_secure=False avoids paying twice.
-        cts = tuple(self._paillier.encrypt(q).ciphertext(be_secure=False) for q in encoded)
+        cts = tuple(self.encryptor.encrypt(q) for q in encoded)
         rid = record_id if record_id is not None else os.urandom(wire.RECORD_ID_SIZE)
         envelope = wire.Envelope(
             stream=stream, record_id=rid, key_epoch=self.enclave.keys.epoch,
