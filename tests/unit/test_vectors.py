@@ -406,6 +406,7 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
 def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
     from common import amqp
     from common.config import Topology
+    from sidecar.enclave.keyring import Keyring
     from sidecar.enclave.records import max_record_bytes, open_record
 
     sealed, envelope_bytes = h(v["sealed_hex"]), h(v["envelope_hex"])
@@ -426,8 +427,9 @@ def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
     policy, _ = vector_policy()
     keys = enclave_keys()
     env = wire.Envelope.from_bytes(envelope_bytes)
-    opened, stream = open_record(sealed, keys, policy, env.sent_at_ms + 1000, max_record_bytes(policy, keys))
-    assert opened == env and stream.name == env.stream
+    opened, stream, epoch_keys = open_record(sealed, Keyring.single(keys), policy, env.sent_at_ms + 1000,
+                                             max_record_bytes(policy, keys))
+    assert opened == env and stream.name == env.stream and epoch_keys is keys
     # Publishing: persistent, to PREFIX.records with key "record", nothing identifying.
     props = amqp.properties("record")
     spec = v["amqp"]

@@ -4,11 +4,12 @@ Run from the repository root::
 
     .venv/bin/python tests/vectors/generate.py
 
-Everything is fixed: Ed25519 seeds and X25519 keys come from RFC 8032 / RFC 7748 test
-vectors, the Paillier primes are hard-coded below, Paillier randomness ``r``, record
-and producer ids, nonces and timestamps are fixed, and the sealed boxes are built with
-a fixed *ephemeral* X25519 key (libsodium's ``crypto_box_seal`` draws it at random; any
-ephemeral key gives a valid box, so a fixed one makes the vectors reproducible). The
+Everything is fixed: Ed25519 seeds (platform, enclave, producer identities) and X25519
+keys come from RFC 8032 / RFC 7748 test vectors or are SHA-256 of a label, the Paillier
+primes are hard-coded below, Paillier randomness ``r``, record and producer ids, nonces
+and timestamps are fixed, and the sealed boxes are built with fixed *ephemeral* X25519
+keys (libsodium's ``crypto_box_seal`` draws one at random; any ephemeral key gives a
+valid box, so a fixed one makes the vectors reproducible). The
 sealed-state blob uses a fixed AES-GCM nonce for the same reason. Running this script
 twice gives identical files.
 
@@ -56,6 +57,9 @@ ENCLAVE_ED25519_SEED = bytes.fromhex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35
 # ephemeral key used for every sealed box below.
 ENCLAVE_X25519_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
 EPHEMERAL_X25519_PRIVATE = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+# The signed_envelope vector's box gets an ephemeral key of its own (SHA-256 of a label), so
+# that its worked example does not share a keystream with sealed_record's.
+SIGNED_EPHEMERAL_X25519_PRIVATE = hashlib.sha256(b"sealedsum test vector ephemeral key 2").digest()
 # 512-bit primes: next_prime((SHA-512(label) | 3 << 510) mod 2**512) for the labels
 # b"sealedsum test vector paillier p" / "... q"; n = p*q is exactly 1024 bits.
 PAILLIER_P = int(
@@ -82,6 +86,23 @@ RECORD_ID_V = bytes.fromhex("56454354000000000000000000000002")
 ANONYMOUS = bytes(16)
 PRODUCER_A = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 PRODUCER_B = bytes.fromhex("b0b1b2b3b4b5b6b7b8b9babbbcbdbebf")
+RECORD_ID_S = bytes.fromhex("5349474e000000000000000000000003")
+# Producer identity keys (Ed25519 seeds). alice is RFC 8032 section 7.1 TEST 3 (the
+# signed_envelope vector's producer), bob TEST 1024, mallory TEST SHA(abc); carol's seed
+# is SHA-256 of a label. In the identity session alice and carol are enrolled, bob is
+# revoked and mallory is not in the policy at all.
+IDENTITY_SEEDS = {
+    "alice": bytes.fromhex("c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7"),
+    "bob": bytes.fromhex("f5e5767cf153319517630f226876b86c8160cc583bc013744c6bf255f5cc0ee5"),
+    "carol": hashlib.sha256(b"sealedsum test vector producer carol").digest(),
+    "mallory": bytes.fromhex("833fe62409237b9d62ec77587520911e9a759cec1d19755b7da901b96dca3d42"),
+}
+# The public keys RFC 8032 gives for its three (a check on the seeds above).
+RFC8032_PUBLIC = {
+    "alice": "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+    "bob": "278117fc144c72340f67d0f2316e8386ceffbf2b2428c9c51fef7c597f1d426e",
+    "mallory": "ec172b93ad5e563bf4932c70e1245034c35467ef2efd4d64ebf819683467e2bf",
+}
 
 PREFIX = "sealedsum"
 
@@ -165,6 +186,8 @@ RUNTIME_LINE = ("python=3.11.9;cryptography=50.0.2;gmpy2=2.3.2;numpy=2.4.6;opend
                 "phe=1.5.0;pika=1.4.4;pynacl=1.6.2")
 
 LEDGER_LABEL = b"sealedsum/v1/ledger\x00"
+ENVELOPE_SIGNATURE_LABEL = b"sealedsum/v1/envelope"
+PRODUCER_ID_LABEL = b"sealedsum/v1/producer-id\x00"
 STATE_LABEL = b"sealedsum/v1/sealed-state\x00"
 JOURNAL_LABEL = b"sealedsum/v1/sealed-journal\x00"
 SEALING_INFO = b"sealedsum/v1/sealing-key\x00"
@@ -280,6 +303,20 @@ def seal(recipient_pk: bytes, message: bytes, ephemeral_sk: bytes = EPHEMERAL_X2
     epk = bindings.crypto_scalarmult_base(ephemeral_sk)
     nonce = hashlib.blake2b(epk + recipient_pk, digest_size=24).digest()
     return epk, nonce, epk + bindings.crypto_box(message, nonce, recipient_pk, ephemeral_sk)
+
+
+def producer_id_of(public_key: bytes) -> tuple[bytes, bytes]:
+    """(hash input, producer id): SHA-256('sealedsum/v1/producer-id' 0x00 || key)[0:16]."""
+    data = PRODUCER_ID_LABEL + public_key
+    return data, sha256(data)[:16]
+
+
+def signed_envelope(seed: bytes, env: bytes, public_key: bytes | None = None,
+                    label: bytes = ENVELOPE_SIGNATURE_LABEL) -> bytes:
+    """SSI\\x01 || public key || Ed25519 over 'sealedsum/v1/envelope' 0x00 || envelope, then the envelope.
+    ``public_key`` (default: the seed's own) and ``label`` are for forgeries."""
+    _, sig = ed25519_sign(seed, label, env)
+    return b"SSI\x01" + (public_key if public_key is not None else ed25519_public(seed)) + sig + env
 
 
 def hexs(b: bytes) -> str:
@@ -694,6 +731,9 @@ def build() -> dict[str, dict]:
                  "content_type": "application/octet-stream", "type": "record", "app_id": "sealedsum"},
     }
 
+    # -- signed envelope (producer identity) -----------------------------------------------
+    out["signed_envelope"] = build_signed_envelope(policy, code_digest, x_pub, n, width)
+
     # -- the privacy budget ledger ----------------------------------------------------------
     from sidecar.enclave import ledger as ledger_mod
 
@@ -880,6 +920,91 @@ def build() -> dict[str, dict]:
     # -- rejections: a scripted session against the enclave core -------------------------
     out["rejections"] = build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas, chains)
     return out
+
+
+def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
+    """A record of alice's (RFC 8032 TEST 3 key): envelope, signature, SSI\\x01 wrapper, sealed box."""
+    from common import signing, wire
+    from common.policy import EnclavePolicy
+
+    seed = IDENTITY_SEEDS["alice"]
+    public_key = ed25519_public(seed)
+    assert public_key.hex() == RFC8032_PUBLIC["alice"]
+    # RFC 8032 TEST 3 itself: the signature of the message af82.
+    assert Ed25519PrivateKey.from_private_bytes(seed).sign(bytes.fromhex("af82")).hex() == (
+        "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac"
+        "18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a")
+    id_input, producer_id = producer_id_of(public_key)
+    assert wire.producer_id_of(public_key) == producer_id
+
+    s = policy.streams["purchases"]
+    values = [17.25]
+    _, encoded = encode_values(s, values)
+    assert encoded == [1_130_496] and s.encode(values)[0] == encoded
+    r = fixed_r("r/signed/0", n)
+    cts = [paillier_encrypt(n, encoded[0], r)]
+    env = envelope("purchases", RECORD_ID_S, KEY_EPOCH, SENT_AT_MS, 0, width, cts, producer_id=producer_id)
+    assert wire.Envelope("purchases", RECORD_ID_S, KEY_EPOCH, SENT_AT_MS, 0, width, tuple(cts),
+                         producer_id).to_bytes() == env
+    sig_input, sig = ed25519_sign(seed, ENVELOPE_SIGNATURE_LABEL, env)
+    wrapped = b"SSI\x01" + public_key + sig + env
+    assert wrapped == signed_envelope(seed, env) and len(wrapped) == 100 + len(env)
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    assert signing.signing_input(signing.ENVELOPE, env) == sig_input
+    assert signing.sign(key, signing.ENVELOPE, env) == sig
+    assert wire.SignedEnvelope(public_key, sig, env).to_bytes() == wrapped
+    assert wire.SignedEnvelope.from_bytes(wrapped) == wire.SignedEnvelope(public_key, sig, env)
+    epk, box_nonce, sealed = seal(x_pub, wrapped, SIGNED_EPHEMERAL_X25519_PRIVATE)
+    assert SealedBox(PrivateKey(ENCLAVE_X25519_PRIVATE)).decrypt(sealed) == wrapped
+    assert len(sealed) == len(env) + 100 + 48
+
+    # What the enclave core makes of it under three [identities] tables (None: no table).
+    outcomes = [
+        {"identities": {"enrolled": {"alice": b64(public_key)}}, "expect": "accepted"},
+        {"identities": None, "expect": "unknown_producer"},
+        {"identities": {"revoked": {"alice": b64(public_key)}}, "expect": "revoked_producer"},
+    ]
+    for case in outcomes:
+        p = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS, case["identities"])
+        core = enclave_core(p, p.to_bytes(), code_digest, sha256(p.to_bytes()))
+        outcome = core.on_record(sealed, SENT_AT_MS + 1000)
+        got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
+        assert got == case["expect"], (case, got)
+        if got == "accepted":
+            assert core.streams["purchases"].current.count == 1
+    return {
+        "kind": "signed_envelope",
+        "description": "A record signed with a producer identity key (RFC 8032 TEST 3): the envelope (SSE\\x02, "
+                       "producer_id = SHA-256('sealedsum/v1/producer-id' 0x00 || public key)[0:16]), the "
+                       "Ed25519 signature over 'sealedsum/v1/envelope' 0x00 || envelope, the wrapper SSI\\x01 || "
+                       "public key || signature || envelope, and crypto_box_seal(wrapper) made with a fixed "
+                       "ephemeral key (SHA-256 of a label) as in sealed_record.json. outcomes: the reason the enclave core gives the sealed record "
+                       "under the policy of policy.json with each [identities] table (null: none).",
+        "identity_ed25519_seed": hexs(seed),
+        "identity_public_key": hexs(public_key),
+        "identity_public_key_base64": b64(public_key),
+        "producer_id_input_hex": hexs(id_input),
+        "producer_id": hexs(producer_id),
+        "stream": "purchases",
+        "record_id": hexs(RECORD_ID_S),
+        "key_epoch": KEY_EPOCH,
+        "sent_at_ms": SENT_AT_MS,
+        "window": 0,
+        "values": values,
+        "encoded": encoded,
+        "r": hex(r),
+        "envelope_hex": hexs(env),
+        "signing_input_hex": hexs(sig_input),
+        "signature": hexs(sig),
+        "offsets": {"magic": 0, "public_key": 4, "signature": 36, "envelope": 100},
+        "signed_envelope_hex": hexs(wrapped),
+        "recipient_public": hexs(x_pub),
+        "ephemeral_private": hexs(SIGNED_EPHEMERAL_X25519_PRIVATE),
+        "ephemeral_public": hexs(epk),
+        "box_nonce": hexs(box_nonce),
+        "sealed_hex": hexs(sealed),
+        "outcomes": outcomes,
+    }
 
 
 def enclave_core(policy, policy_bytes, code_digest, meas, state=None, now_ms=0):
@@ -1208,11 +1333,172 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
                        "and what the step publishes on PREFIX.results (releases have random noise; only their "
                        "kind, window and ledger are pinned); tick steps close windows whose time is up. "
                        "Records are for stream 'purchases' (anonymous) unless noted; now_ms is the enclave's "
-                       "clock. decryptions counts window totals decrypted (never a single record).",
+                       "clock. decryptions counts window totals decrypted (never a single record). "
+                       "identity_session: a second session, on a fresh enclave core, under the same policy "
+                       "with an [identities] table, for the identity checks.",
         "size_limit": size_limit,
         "steps": steps,
         "final": final,
+        "identity_session": build_identity_session(x_pub, n, width, code_digest),
     }
+
+
+def build_identity_session(x_pub, n, width, code_digest) -> dict:
+    """Signed, forged, revoked, unknown and unsigned records under a policy that requires
+    enrolled producers: the three identity reasons and where they sit in the order of checks."""
+    from common import wire
+    from common.policy import EnclavePolicy
+
+    keys = {name: ed25519_public(seed) for name, seed in IDENTITY_SEEDS.items()}
+    for name, public in RFC8032_PUBLIC.items():
+        assert keys[name].hex() == public, name
+    ids = {name: producer_id_of(key)[1] for name, key in keys.items()}
+    for name, key in keys.items():
+        assert wire.producer_id_of(key) == ids[name]
+    # As a TOML loader returns [identities] (carol before alice: the canonical form sorts).
+    config = {"required": True, "enrolled": {"carol": b64(keys["carol"]), "alice": b64(keys["alice"])},
+              "revoked": {"bob": b64(keys["bob"])}}
+    expected = {"enrolled": {"alice": b64(keys["alice"]), "carol": b64(keys["carol"])}, "required": True,
+                "revoked": {"bob": b64(keys["bob"])}}
+    policy_bytes = canonical_json(dict(EXPECTED_POLICY_MAPPING, identities=expected))
+    policy = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS, config)
+    assert policy.to_bytes() == policy_bytes, (policy.to_bytes(), policy_bytes)
+    assert EnclavePolicy.from_bytes(policy_bytes).to_bytes() == policy_bytes
+    assert EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS).to_bytes() == canonical_json(
+        EXPECTED_POLICY_MAPPING)  # without the table, the bytes of policy.json
+    meas = sha256(b"sealedsum/v1/measurement\x00" + code_digest + sha256(policy_bytes))
+    assert wire.measurement(code_digest, policy_bytes) == meas
+
+    def rid(i) -> bytes:
+        return hashlib.sha256(f"identity record {i}".encode()).digest()[:16]
+
+    def env(i, who=None, *, stream="purchases", epoch=KEY_EPOCH, producer=None, magic=b"SSE\x02", trailer=b"",
+            cts=None) -> bytes:
+        """Record ``i`` with ``who``'s producer id (anonymous if None, or ``producer``)."""
+        if cts is None:
+            cts = [paillier_encrypt(n, 1_000_000, fixed_r(f"id/{i}", n))]
+        pid = producer if producer is not None else ids[who] if who else ANONYMOUS
+        return envelope(stream, rid(i), epoch, SENT_AT_MS, 0, width, cts, magic, pid) + trailer
+
+    def signed(e: bytes, signer: str, key_of: str | None = None, label: bytes = ENVELOPE_SIGNATURE_LABEL) -> bytes:
+        """``e`` signed by ``signer``; ``key_of`` puts another producer's public key in the wrapper."""
+        return signed_envelope(IDENTITY_SEEDS[signer], e, keys[key_of or signer], label)
+
+    def sealed(plaintext: bytes) -> str:
+        return seal(x_pub, plaintext)[2].hex()
+
+    def visit(i, who) -> bytes:
+        cts = [paillier_encrypt(n, 1 if b == 0 else 0, fixed_r(f"id/{i}/{b}", n)) for b in range(3)]
+        return env(i, who, stream="visits", cts=cts)
+
+    alice_1 = signed(env(20, "alice"), "alice")
+    altered = bytearray(alice_1)
+    altered[-1] ^= 0x01  # the last byte of the ciphertext, after signing
+    t = SENT_AT_MS + 1000
+    steps = [
+        {"note": "alice's signed envelope cut to 99 bytes: shorter than magic, key and signature",
+         "body_hex": sealed(alice_1[:99]), "expect": "malformed"},
+        {"note": "a wrapper with nothing after the signature (100 bytes)", "body_hex": sealed(alice_1[:100]),
+         "expect": "malformed"},
+        {"note": "alice's valid signature over an envelope with a trailing byte: the envelope is decoded "
+                 "before the signature is checked", "body_hex": sealed(signed(env(1, "alice", trailer=b"\x00"),
+                                                                            "alice")), "expect": "malformed"},
+        {"note": "a signed envelope inside a signed envelope: the signed bytes must be an SSE\\x02 envelope",
+         "body_hex": sealed(signed(signed(env(2, "alice"), "alice"), "alice")), "expect": "malformed"},
+        {"note": "magic SSI\\x02 (another wrapper version): neither a signed envelope nor an envelope",
+         "body_hex": sealed(b"SSI\x02" + signed(env(3, "alice"), "alice")[4:]), "expect": "malformed"},
+        {"note": "alice's key, mallory's signature, around an envelope of version 1: malformed is checked "
+                 "before bad_signature", "body_hex": sealed(signed(env(4, "alice", magic=b"SSE\x01"), "mallory",
+                                                                   "alice")), "expect": "malformed"},
+        {"note": "signed by alice (enrolled) with alice's producer id: accepted",
+         "body_hex": sealed(alice_1), "expect": "accepted"},
+        {"note": "signed by carol (enrolled) with carol's producer id: accepted",
+         "body_hex": sealed(signed(env(21, "carol"), "carol")), "expect": "accepted"},
+        {"note": "alice's public key in the wrapper, the signature made by mallory",
+         "body_hex": sealed(signed(env(5, "alice"), "mallory", "alice")), "expect": "bad_signature"},
+        {"note": "alice's signature, then the envelope's last byte altered", "body_hex": sealed(bytes(altered)),
+         "expect": "bad_signature"},
+        {"note": "alice's valid signature over an envelope with carol's producer id",
+         "body_hex": sealed(signed(env(6, producer=ids["carol"]), "alice")), "expect": "bad_signature"},
+        {"note": "alice's valid signature over an envelope with the anonymous producer id (all zeros)",
+         "body_hex": sealed(signed(env(7), "alice")), "expect": "bad_signature"},
+        {"note": "alice's signature under the label sealedsum/v1/result instead of sealedsum/v1/envelope",
+         "body_hex": sealed(signed(env(8, "alice"), "alice", label=b"sealedsum/v1/result")),
+         "expect": "bad_signature"},
+        {"note": "signed by bob (revoked) with bob's producer id", "body_hex": sealed(signed(env(9, "bob"), "bob")),
+         "expect": "revoked_producer"},
+        {"note": "signed by mallory (not in the policy) with mallory's producer id",
+         "body_hex": sealed(signed(env(10, "mallory"), "mallory")), "expect": "unknown_producer"},
+        {"note": "unsigned, anonymous producer id: identities.required is true",
+         "body_hex": sealed(env(11)), "expect": "unknown_producer"},
+        {"note": "unsigned, claiming alice's producer id", "body_hex": sealed(env(12, "alice")),
+         "expect": "unknown_producer"},
+        {"note": "alice's key, mallory's signature, for a stream not in the policy: bad_signature is checked "
+                 "before unknown_stream", "body_hex": sealed(signed(env(13, "alice", stream="nosuch"), "mallory",
+                                                                    "alice")), "expect": "bad_signature"},
+        {"note": "bob's key, mallory's signature: bad_signature is checked before revoked_producer",
+         "body_hex": sealed(signed(env(14, "bob"), "mallory", "bob")), "expect": "bad_signature"},
+        {"note": "mallory's key, alice's signature: bad_signature is checked before unknown_producer",
+         "body_hex": sealed(signed(env(15, "mallory"), "alice", "mallory")), "expect": "bad_signature"},
+        {"note": "bob's valid signature, for a stream not in the policy: revoked_producer is checked before "
+                 "unknown_stream", "body_hex": sealed(signed(env(16, "bob", stream="nosuch"), "bob")),
+         "expect": "revoked_producer"},
+        {"note": "mallory's valid signature, key epoch 2: unknown_producer is checked before wrong_epoch",
+         "body_hex": sealed(signed(env(17, "mallory", epoch=2), "mallory")), "expect": "unknown_producer"},
+        {"note": "unsigned, for a stream not in the policy: unknown_producer is checked before unknown_stream",
+         "body_hex": sealed(env(18, stream="nosuch")), "expect": "unknown_producer"},
+        {"note": "alice's valid signature, for a stream not in the policy: past the identity checks, the "
+                 "others follow", "body_hex": sealed(signed(env(19, "alice", stream="nosuch"), "alice")),
+         "expect": "unknown_stream"},
+        {"note": "alice's accepted record again: it passes the identity checks, then is a duplicate",
+         "body_hex": sealed(alice_1), "expect": "duplicate"},
+        {"note": "the envelope of alice's accepted record, unsigned: unknown_producer is checked before duplicate",
+         "body_hex": sealed(alice_1[100:]), "expect": "unknown_producer"},
+        {"note": "visits: signed by alice, counted under alice's producer id",
+         "body_hex": sealed(signed(visit(22, "alice"), "alice")), "expect": "accepted", "stream": "visits"},
+        {"note": "visits: alice again in the same window (max_records_per_producer = 1 holds per signing key)",
+         "body_hex": sealed(signed(visit(23, "alice"), "alice")), "expect": "contribution_limit",
+         "stream": "visits"},
+    ]
+    steps = [{"note": step.pop("note"), "body_hex": step.pop("body_hex"), "now_ms": t + i, **step}
+             for i, step in enumerate(steps)]
+    final = {"accepted": 3, "open_window_counts": {"purchases": 2, "visits": 1},
+             "visits_contributors": {hexs(ids["alice"]): 1}}
+    run_identity_session(steps, final, policy, policy_bytes, code_digest, meas)
+    return {
+        "description": "Fed, in order, to a fresh enclave core built with keys.json and the policy of policy.json "
+                       "plus the [identities] table config_identities (canonical bytes policy_canonical, "
+                       "measurement with the code digest of code_digest.json). Producer identity keys are "
+                       "Ed25519 seeds (alice: RFC 8032 TEST 3, as in signed_envelope.json; bob: TEST 1024; "
+                       "mallory: TEST SHA(abc)); alice and carol are enrolled, bob revoked, mallory unknown. "
+                       "Records are for stream 'purchases' unless noted, sent at sent_at_ms, window 0. "
+                       "final: records accepted, each stream's open-window count, and the per-producer count "
+                       "of visits' open window, keyed by producer id.",
+        "config_identities": config,
+        "identity_seeds": {name: hexs(seed) for name, seed in IDENTITY_SEEDS.items()},
+        "public_keys": {name: hexs(key) for name, key in keys.items()},
+        "producer_ids": {name: hexs(pid) for name, pid in ids.items()},
+        "policy_canonical": policy_bytes.decode("ascii"),
+        "policy_sha256": hexs(sha256(policy_bytes)),
+        "measurement": hexs(meas),
+        "sent_at_ms": SENT_AT_MS,
+        "steps": steps,
+        "final": final,
+    }
+
+
+def run_identity_session(steps, final, policy, policy_bytes, code_digest, meas):
+    core = enclave_core(policy, policy_bytes, code_digest, meas)
+    for i, step in enumerate(steps):
+        outcome = core.on_record(bytes.fromhex(step["body_hex"]), step["now_ms"])
+        got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
+        assert got == step["expect"], (i, step["note"], got, outcome.rejection)
+        assert outcome.releases == ()
+    assert core.stats.accepted == final["accepted"]
+    for stream, count in final["open_window_counts"].items():
+        assert core.streams[stream].current.count == count, stream
+    assert {pid.hex(): k for pid, k in core.streams["visits"].current.contributors.items()} \
+        == final["visits_contributors"]
 
 
 def enclave_keys():
