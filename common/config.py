@@ -172,8 +172,8 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
     trust = _trust(d["trust"]) if "trust" in d else None
     policy = (EnclavePolicy.from_mapping(d.get("enclave", {}), d["streams"], d.get("identities"))
               if "streams" in d else None)
-    if policy is None and "enclave" in d:
-        raise ConfigError("[enclave] is set but no [streams.NAME] table is defined")
+    if policy is None and ("enclave" in d or "identities" in d):
+        raise ConfigError("[enclave] or [identities] is set but no [streams.NAME] table is defined")
     raw_require = dict(d.get("require", {}))
     per_stream = raw_require.pop("streams", {})
     if not isinstance(per_stream, Mapping):

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import nacl.bindings
+
 from common import fixedpoint, privacy
 from common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
 from common.wire import STREAM_NAME
@@ -328,6 +330,9 @@ def _identity_keys(raw: Any, where: str) -> dict[str, bytes]:
         if len(key) != 32:
             raise ConfigError(f"{where}.{name} must be a 32-byte Ed25519 public key",
                               hint="as printed by `sealedsum producer keygen`")
+        # Small-order or non-canonical points verify forged signatures under some libraries.
+        if not nacl.bindings.crypto_core_ed25519_is_valid_point(key):
+            raise ConfigError(f"{where}.{name} is not a valid Ed25519 public key (small order or not canonical)")
         out[str(name)] = key
     return out
 
@@ -364,6 +369,13 @@ class Identities:
 
     def __bool__(self) -> bool:
         return self.required or bool(self.enrolled) or bool(self.revoked)
+
+    @property
+    def producer_ids(self) -> frozenset[bytes]:
+        """The producer ids enrolled keys stand for."""
+        from common.wire import producer_id_of
+
+        return frozenset(producer_id_of(k) for k in self.enrolled.values())
 
     def name_of(self, key: bytes) -> tuple[str, str]:
         """``("enrolled" | "revoked" | "unknown", name)`` for an identity key."""

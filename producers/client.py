@@ -49,16 +49,26 @@ class RecordSealer:
         bound contributions per producer (default: random, one per sealer).
     :param identity: an Ed25519 identity key enrolled in the enclave's policy; each
         envelope is then signed with it inside the sealed box, and the producer id is
-        the one the key stands for.
+        the one the key stands for. A key the attested policy does not enroll is refused
+        here, before anything is sent (``check_enrollment=False`` lets tests send such
+        records to see the enclave refuse them).
     """
 
     def __init__(self, enclave: AttestedEnclave, requirements: Callable[[str], Requirements] | None = None,
-                 producer_id: bytes | None = None, identity: Ed25519PrivateKey | None = None) -> None:
+                 producer_id: bytes | None = None, identity: Ed25519PrivateKey | None = None,
+                 *, check_enrollment: bool = True) -> None:
         self.enclave = enclave
         self._requirements = requirements
         self._identity = identity
         if identity is not None:
             self._identity_public = identity.public_key().public_bytes_raw()
+            status, _ = enclave.policy.identities.name_of(self._identity_public)
+            if status != "enrolled" and check_enrollment:
+                raise PolicyMismatch(f"this producer's identity key is {status} in the attested policy; "
+                                     "the enclave would dead-letter every record",
+                                     hint="enroll its public key under [identities.enrolled] (or use another key)")
+            if producer_id is not None and producer_id != wire.producer_id_of(self._identity_public):
+                raise ValueError("with an identity key the producer id is the key's; do not pass another")
             producer_id = wire.producer_id_of(self._identity_public)
         self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)

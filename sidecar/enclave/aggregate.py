@@ -113,8 +113,7 @@ class StreamState:
             already = self.current.contributors.get(envelope.producer_id, 0)
             if already >= limit:
                 raise RecordRejected(RejectReason.CONTRIBUTION_LIMIT,
-                                     f"producer {envelope.producer_id.hex()} has {already} record(s) in this window "
-                                     f"(limit {limit})")
+                                     f"the producer already has {already} record(s) in this window (limit {limit})")
             self.current.contributors[envelope.producer_id] = already + 1
         self.remember(envelope.record_id, forget_at_ms)
         self.current.fold(envelope.key_epoch, public_key, envelope.ciphertexts, now_ms)

@@ -85,6 +85,9 @@ def check_identity(signed: wire.SignedEnvelope | None, envelope: wire.Envelope, 
     if signed is None:
         if identities.required:
             raise RecordRejected(RejectReason.UNKNOWN_PRODUCER, "unsigned record; this enclave requires enrolled producers")
+        if identities.enrolled and envelope.producer_id in identities.producer_ids:
+            # Only the key's signature may claim an enrolled producer's id.
+            raise RecordRejected(RejectReason.BAD_SIGNATURE, "unsigned record claims an enrolled producer's id")
         return
     try:
         signing.verify(signed.public_key, signing.ENVELOPE, signed.envelope, signed.signature,
@@ -95,7 +98,8 @@ def check_identity(signed: wire.SignedEnvelope | None, envelope: wire.Envelope, 
         raise RecordRejected(RejectReason.BAD_SIGNATURE, "producer_id is not the one the signing key stands for")
     status, name = identities.name_of(signed.public_key)
     if status == "revoked":
-        raise RecordRejected(RejectReason.REVOKED_PRODUCER, f"producer {name!r} is revoked")
+        # The detail goes to the broker with the dead letter: it names no producer.
+        raise RecordRejected(RejectReason.REVOKED_PRODUCER, "signed by a revoked key")
     if status == "unknown":
         raise RecordRejected(RejectReason.UNKNOWN_PRODUCER, "signed by a key that is not enrolled")
 

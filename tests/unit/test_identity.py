@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PublicKey, SealedBox
 
 from common import signing, wire
-from common.errors import ConfigError, RejectReason
+from common.errors import ConfigError, PolicyMismatch, RejectReason
 from common.policy import EnclavePolicy
 from producers import identity as identity_mod
 from producers.client import RecordSealer
@@ -54,7 +54,7 @@ def test_an_enrolled_producer_is_counted_under_the_id_its_key_stands_for(signed_
 @pytest.mark.parametrize("who, expected", [(BOB, RejectReason.REVOKED_PRODUCER), (MALLORY, RejectReason.UNKNOWN_PRODUCER),
                                            (None, RejectReason.UNKNOWN_PRODUCER)])
 def test_revoked_unknown_and_unsigned_producers_are_refused(signed_world, who, expected):
-    sealer = RecordSealer(signed_world.attested, identity=who)
+    sealer = RecordSealer(signed_world.attested, identity=who, check_enrollment=False)
     assert reason(signed_world, sealer) is expected
     assert signed_world.enclave.stats.accepted == 0
 
@@ -62,7 +62,11 @@ def test_revoked_unknown_and_unsigned_producers_are_refused(signed_world, who, e
 def test_unsigned_records_pass_where_identity_is_not_required(small_keys):
     world = make_world(small_keys, policy(required=False))
     assert reason(world, RecordSealer(world.attested)) is None
-    assert reason(world, RecordSealer(world.attested, identity=MALLORY)) is RejectReason.UNKNOWN_PRODUCER
+    assert reason(world, RecordSealer(world.attested, identity=MALLORY, check_enrollment=False)) \
+        is RejectReason.UNKNOWN_PRODUCER
+    # The client library says so before sending anything.
+    with pytest.raises(PolicyMismatch, match="identity key is unknown"):
+        RecordSealer(world.attested, identity=MALLORY)
 
 
 def _seal_wrapped(world, wrapped: bytes) -> bytes:
@@ -127,3 +131,21 @@ def test_keygen_writes_a_private_file_once(tmp_path):
     assert identity_mod.load(path).private_bytes_raw() == key.private_bytes_raw()
     with pytest.raises(ConfigError, match="exists already"):
         identity_mod.generate(path)
+
+
+def test_small_order_keys_cannot_be_enrolled():
+    with pytest.raises(ConfigError, match="not a valid Ed25519 public key"):
+        EnclavePolicy.from_mapping({"paillier_bits": TEST_BITS, "insecure_test_keys": True}, {"s": stream_table()},
+                                   {"enrolled": {"zero": base64.b64encode(bytes([1] + [0] * 31)).decode()}})
+
+
+def test_an_unsigned_record_cannot_claim_an_enrolled_id(small_keys):
+    world = make_world(small_keys, policy(required=False))
+    claimer = RecordSealer(world.attested, producer_id=wire.producer_id_of(ALICE.public_key().public_bytes_raw()))
+    assert reason(world, claimer) is RejectReason.BAD_SIGNATURE
+
+
+def test_dead_letter_details_name_no_producer(signed_world):
+    out = signed_world.enclave.on_record(RecordSealer(signed_world.attested, identity=BOB, check_enrollment=False)
+                                         .seal("s", [1.0]).body, now_ms())
+    assert "bob" not in out.rejection.detail
