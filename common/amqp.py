@@ -30,21 +30,37 @@ START_BROKER_HINT = (
 )
 
 
-def connect(settings: BrokerSettings, *, heartbeat: int = 30) -> pika.BlockingConnection:
+def parameters(settings: BrokerSettings, *, heartbeat: int = 30) -> pika.URLParameters:
+    """Connection parameters for ``settings.url``, with our heartbeat and blocked-connection timeout."""
     params = pika.URLParameters(settings.url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 60
+    return params
+
+
+def connection_error(err: BaseException, settings: BrokerSettings) -> TransportError:
+    """The ``TransportError`` for a failure to connect (blocking or asynchronous)."""
+    # pika's asynchronous connection workflow wraps the cause (one level per phase).
+    for _ in range(4):
+        inner = getattr(err, "exceptions", None)
+        inner = inner[-1] if inner else getattr(err, "exception", None)
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    if isinstance(err, pe.ProbableAuthenticationError):
+        return TransportError(f"the broker at {redact_url(settings.url)} refused the login",
+                              retryable=False, hint="check the user and password in AMQP_URL")
+    if isinstance(err, pe.ProbableAccessDeniedError):
+        return TransportError(f"no access to the vhost at {redact_url(settings.url)}",
+                              retryable=False, hint="check the vhost and the user's permissions")
+    return TransportError(f"cannot reach the broker at {redact_url(settings.url)}", hint=START_BROKER_HINT)
+
+
+def connect(settings: BrokerSettings, *, heartbeat: int = 30) -> pika.BlockingConnection:
     try:
-        return pika.BlockingConnection(params)
-    except pe.ProbableAuthenticationError as err:
-        raise TransportError(f"the broker at {redact_url(settings.url)} refused the login",
-                             retryable=False, hint="check the user and password in AMQP_URL") from err
-    except pe.ProbableAccessDeniedError as err:
-        raise TransportError(f"no access to the vhost at {redact_url(settings.url)}",
-                             retryable=False, hint="check the vhost and the user's permissions") from err
+        return pika.BlockingConnection(parameters(settings, heartbeat=heartbeat))
     except pe.AMQPConnectionError as err:
-        raise TransportError(f"cannot reach the broker at {redact_url(settings.url)}",
-                             hint=START_BROKER_HINT) from err
+        raise connection_error(err, settings) from err
 
 
 def properties(kind: str, **extra) -> pika.BasicProperties:
@@ -188,3 +204,26 @@ class Backoff:
                 reconnect()
             except TransportError as err:
                 log.info("reconnect failed", extra={"fields": {"operation": what, "error": str(err)}})
+
+
+def delete_topology(settings: BrokerSettings, extra_queues: tuple[str, ...] = (),
+                    extra_exchanges: tuple[str, ...] = ()) -> None:
+    """Delete every queue and exchange of this prefix (demos and tests clean up with it).
+    Best effort: a failed delete closes only its own channel."""
+    t = settings.topology
+    try:
+        conn = connect(settings)
+    except TransportError:
+        return
+    try:
+        for kind, names in (("queue", (*t.queues, *extra_queues)), ("exchange", (*t.exchanges, *extra_exchanges))):
+            for name in names:
+                ch = conn.channel()
+                try:
+                    ch.queue_delete(name) if kind == "queue" else ch.exchange_delete(name)
+                    ch.close()
+                except pe.AMQPError:
+                    pass
+    finally:
+        if conn.is_open:
+            conn.close()

@@ -154,17 +154,7 @@ class DemoSystem:
     def _cleanup_broker(self) -> None:
         from common import amqp
 
-        t = self.config.broker.topology
-        try:
-            conn = amqp.connect(self.config.broker)
-            ch = conn.channel()
-            for q in t.queues:
-                ch.queue_delete(q)
-            for x in t.exchanges:
-                ch.exchange_delete(x)
-            conn.close()
-        except Exception:  # noqa: BLE001 - best effort; the demo's result stands
-            pass
+        amqp.delete_topology(self.config.broker)
 
 
 # -- the analytics scenario ---------------------------------------------------------------

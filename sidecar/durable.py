@@ -6,16 +6,21 @@ import os
 from pathlib import Path
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written, then fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write-then-rename with fsync of the file and of its directory: after a crash the
     path holds either the old bytes or the new ones, never a mix."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_all(fd, data)
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -86,3 +86,16 @@ def make_world(keys: EnclaveKeys, policy: EnclavePolicy | None = None) -> World:
 def world(small_keys) -> World:
     small_keys.decryptions = 0
     return make_world(small_keys)
+
+
+class PlatformCounter:
+    """The platform's monotonic counter for one measurement, as the enclave sees it."""
+
+    def __init__(self, platform: EmulatedPlatform, measurement: bytes) -> None:
+        self.platform, self.measurement = platform, measurement
+
+    def read(self) -> int:
+        return self.platform.counter_read(self.measurement)
+
+    def advance(self, value: int) -> int:
+        return self.platform.counter_advance(self.measurement, value)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from common.errors import SealingError
-from sidecar.durable import write_atomic
+from sidecar.durable import write_all, write_atomic
 from sidecar.enclave import sealing
 
 STATE_AAD = b"sealedsum/v1/sealed-state\x00"
@@ -134,10 +134,7 @@ class SealedStateStore:
             write_atomic(self.journal_path, b"")  # a durable directory entry before the first append
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
         try:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_all(fd, chunk)
         finally:
             os.close(fd)
         self._counter.advance(version)

@@ -89,7 +89,10 @@ def streams_toml(streams: dict[str, dict]) -> str:
     for name, table in streams.items():
         out.append(f"[streams.{name}]")
         for k, v in table.items():
-            out.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+            if isinstance(v, bool):
+                out.append(f"{k} = {'true' if v else 'false'}")
+            else:
+                out.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
         out.append("")
     return "\n".join(out)
 
@@ -197,17 +200,7 @@ def relaunch(sc: RunningSidecar) -> RunningSidecar:
 
 
 def delete_topology(cfg: config_mod.Config) -> None:
-    t = cfg.broker.topology
-    try:
-        conn = amqp.connect(cfg.broker)
-        ch = conn.channel()
-        for q in t.queues:
-            ch.queue_delete(q)
-        for x in t.exchanges:
-            ch.exchange_delete(x)
-        conn.close()
-    except Exception:  # noqa: BLE001 - cleanup only
-        pass
+    amqp.delete_topology(cfg.broker)
 
 
 @pytest.fixture

@@ -12,18 +12,10 @@ from common.errors import RejectReason, SealingError
 from sidecar.enclave.service import Enclave
 from sidecar.enclave.state import RollbackDetected, SealedStateStore
 from sidecar.platform.emulated import EmulatedPlatform
-from tests.conftest import make_policy, make_world, now_ms, stream_table
+from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
 
 
-class Counter:
-    def __init__(self, platform, measurement):
-        self.platform, self.measurement = platform, measurement
-
-    def read(self):
-        return self.platform.counter_read(self.measurement)
-
-    def advance(self, value):
-        return self.platform.counter_advance(self.measurement, value)
+Counter = PlatformCounter
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from sidecar.enclave import ledger as ledger_mod
 from sidecar.enclave.service import Enclave
 from sidecar.enclave.state import RollbackDetected, SealedStateStore
 from sidecar.platform.emulated import EmulatedPlatform
-from tests.conftest import make_policy, make_world, now_ms, stream_table
+from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
 
 
 def releases_until_exhausted(world, limit=400):
@@ -108,15 +108,7 @@ def test_budget_report_answers_the_nonce_and_verifies(world):
 
 
 # -- sealed state ----------------------------------------------------------------------
-class Counter:
-    def __init__(self, platform, measurement):
-        self.platform, self.measurement = platform, measurement
-
-    def read(self):
-        return self.platform.counter_read(self.measurement)
-
-    def advance(self, value):
-        return self.platform.counter_advance(self.measurement, value)
+Counter = PlatformCounter
 
 
 def store_for(tmp_path, platform, measurement):
