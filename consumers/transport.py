@@ -40,7 +40,9 @@ class ResultSubscriber:
             if self.named_queue:
                 self.queue = self.channel.queue_declare(self.named_queue, durable=True).method.queue
             else:
-                self.queue = self.channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+                # Exclusive: it goes away with the connection. Not auto-delete, so that pausing
+                # consumption (a caller that reads one release at a time) does not delete it.
+                self.queue = self.channel.queue_declare("", exclusive=True).method.queue
             for stream in self.streams:
                 self.channel.queue_bind(self.queue, t.results_exchange, routing_key=stream)
         except pe.ChannelClosedByBroker as err:

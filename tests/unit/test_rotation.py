@@ -74,12 +74,13 @@ def test_after_the_grace_period_the_old_epoch_is_refused_with_a_reason():
     old_sealer = world.sealer
     e.rotate(T0)
     e.on_tick(T0 + GRACE_S * 1000 - 1)
-    assert e.on_record(old_sealer.seal("s", [1.0, 1.0]).body, T0 + GRACE_S * 1000 - 1).rejection is None
-    e.on_tick(T0 + GRACE_S * 1000)
-    out = e.on_record(old_sealer.seal("s", [1.0, 1.0]).body, T0 + GRACE_S * 1000 + 1)
+    later = T0 + GRACE_S * 1000
+    assert e.on_record(old_sealer.seal("s", [1.0, 1.0], now_ms=later).body, later - 1).rejection is None
+    e.on_tick(later)
+    out = e.on_record(old_sealer.seal("s", [1.0, 1.0], now_ms=later).body, later + 1)
     assert out.rejection.reason is RejectReason.WRONG_EPOCH and "attest again" in out.rejection.detail
     new_sealer = RecordSealer(reattest(world))
-    assert e.on_record(new_sealer.seal("s", [1.0, 1.0]).body, T0 + GRACE_S * 1000 + 2).rejection is None
+    assert e.on_record(new_sealer.seal("s", [1.0, 1.0], now_ms=later).body, later + 2).rejection is None
 
 
 def test_an_envelope_naming_another_epoch_than_its_box_is_refused():
