@@ -142,13 +142,13 @@ class RunningSidecar:
 
 def write_config(tmp: Path, url: str, streams: dict, *, bits: int = 1024, prefix: str | None = None,
                  platform: EmulatedPlatform, queue_type: str = "quorum", measurement: str | None = None,
-                 broker_extra: str = "", enclave_extra: str = ""):
+                 broker_extra: str = "", enclave_extra: str = "", extra_toml: str = ""):
     prefix = prefix or f"t-{uuid.uuid4().hex[:10]}"
     text = CONFIG.format(url=url, prefix=prefix, queue_type=queue_type, broker_extra=broker_extra,
                          enclave_extra=enclave_extra,
                          platform_key=encode_platform_key(platform.public_key()),
                          measurement="0" * 64, bits=bits, insecure="true" if bits < 2048 else "false",
-                         streams=streams_toml(streams))
+                         streams=streams_toml(streams) + "\n" + extra_toml)
     import tomllib
 
     policy = config_mod.from_mapping(tomllib.loads(text), env={}).require_policy()
