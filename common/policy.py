@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import nacl.bindings
 
 from common import fixedpoint, privacy
 from common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
+from common.packing import LayoutError, PackingLayout
 from common.wire import STREAM_NAME
 
 # A window closes at this many records even when only window_seconds is set, so a
@@ -78,6 +80,10 @@ class StreamPolicy:
       as lists) or an L2 norm bound (``l2_bound``), e.g. model updates;
     - ``histogram``: one value, counted in the bucket of ``edges`` it falls in; a
       release has noised bucket counts, and the count is their sum.
+
+    ``packing`` (any kind; off unless the stream sets ``packing = true``) puts several
+    coordinates into each Paillier plaintext (:mod:`common.packing`): a record is then
+    ``ciphertexts_per_record`` ciphertexts instead of ``dimension``.
     """
 
     name: str
@@ -98,15 +104,17 @@ class StreamPolicy:
     fraction_bits: int = 16
     count_share: float = 0.5
     max_records_per_producer: int | None = None
+    packing: PackingLayout | None = None
 
     KEYS = {
         "kind", "dimension", "lower", "upper", "l2_bound", "edges", "min_batch", "mechanism",
         "epsilon", "delta", "budget_epsilon", "budget_delta", "window_records", "window_seconds",
-        "fraction_bits", "count_share", "max_records_per_producer",
+        "fraction_bits", "count_share", "max_records_per_producer", "packing",
     }
 
     @classmethod
-    def from_mapping(cls, name: str, raw: Mapping[str, Any]) -> "StreamPolicy":
+    def from_mapping(cls, name: str, raw: Mapping[str, Any], paillier_bits: int | None = None) -> "StreamPolicy":
+        """:param paillier_bits: the enclave's key size; a packed stream's layout depends on it."""
         where = f"streams.{name}"
         if not STREAM_NAME.fullmatch(name):
             raise ConfigError(f"{where}: stream names are 1-64 characters of A-Z a-z 0-9 _ -")
@@ -229,7 +237,28 @@ class StreamPolicy:
         if not finite:
             raise ConfigError(f"{where}: epsilon (or count_share) is too small for a finite noise scale",
                               hint="raise epsilon")
-        return policy
+        return policy._with_packing(d.get("packing", False), paillier_bits, where)
+
+    def _with_packing(self, raw: Any, paillier_bits: int | None, where: str) -> "StreamPolicy":
+        """``packing = true`` in a configuration; in policy bytes, the derived layout table,
+        which must be exactly the one these bounds and this key size give."""
+        declared = None
+        if isinstance(raw, Mapping):
+            declared = raw
+        elif not isinstance(raw, bool):
+            raise ConfigError(f"{where}.packing must be true or false")
+        elif not raw:
+            return self
+        if paillier_bits is None:
+            raise ConfigError(f"{where}: packing needs the enclave's paillier_bits")
+        try:
+            layout = PackingLayout.derive(self.coordinate_ranges(1), self.max_window_records, paillier_bits)
+        except LayoutError as err:
+            raise ConfigError(f"{where}.packing: {err}", hint="lower fraction_bits or window_records") from None
+        if declared is not None and not layout.matches(declared):
+            raise ConfigError(f"{where}.packing does not match the layout these bounds and keys give: "
+                              f"{layout.to_mapping()}", hint="in a configuration, write packing = true")
+        return dataclasses.replace(self, packing=layout)
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -247,11 +276,18 @@ class StreamPolicy:
         for key in ("l2_bound", "window_records", "window_seconds", "max_records_per_producer"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.packing is not None:  # only when on, so unpacked streams keep their bytes
+            out["packing"] = self.packing.to_mapping()
         return out
 
     @property
     def max_window_records(self) -> int:
         return self.window_records or HARD_MAX_WINDOW_RECORDS
+
+    @property
+    def ciphertexts_per_record(self) -> int:
+        """How many Paillier ciphertexts one record carries."""
+        return self.packing.ciphertexts_per_record if self.packing is not None else self.dimension
 
     @property
     def values_per_record(self) -> int:
@@ -316,6 +352,10 @@ class StreamPolicy:
         else:
             clipped, n = fixedpoint.clip_box(values, self._box())
         return fixedpoint.encode(clipped, self.fraction_bits), n
+
+    def plaintexts(self, encoded: list[int]) -> list[int]:
+        """The Paillier plaintexts of one encoded record: the values themselves, or packed."""
+        return encoded if self.packing is None else self.packing.pack(encoded)
 
 
 def _identity_keys(raw: Any, where: str) -> dict[str, bytes]:
@@ -421,7 +461,7 @@ class EnclavePolicy:
             raise ConfigError("enclave: record age must be > 0 and clock skew >= 0")
         if not isinstance(streams, Mapping) or not streams:
             raise ConfigError("the policy defines no streams", hint="add a [streams.NAME] table")
-        parsed = {name: StreamPolicy.from_mapping(name, raw) for name, raw in streams.items()}
+        parsed = {name: StreamPolicy.from_mapping(name, raw, bits) for name, raw in streams.items()}
         grace = _number(d.get("key_grace_seconds", 900.0), "enclave.key_grace_seconds")
         if grace < 0:
             raise ConfigError("enclave.key_grace_seconds must be >= 0")

@@ -98,7 +98,8 @@ class RecordSealer:
              window: int = 0, record_id: bytes | None = None) -> SealedRecord:
         policy = self.stream(stream)
         encoded, n_clipped = policy.encode(list(values))
-        cts = tuple(self.encryptor.encrypt(q) for q in encoded)
+        # One encryption per plaintext: per value, or per ciphertexts_per_record packed ones.
+        cts = tuple(self.encryptor.encrypt(q) for q in policy.plaintexts(encoded))
         rid = record_id if record_id is not None else os.urandom(wire.RECORD_ID_SIZE)
         envelope = wire.Envelope(
             stream=stream, record_id=rid, key_epoch=self.enclave.keys.epoch,

@@ -56,7 +56,7 @@ class Window:
         totals = {}
         for e, cts in raw["totals"].items():
             totals[int(e)] = [EncryptedNumber(public_keys[int(e)], int(c, 16), 0) for c in cts]
-            if len(cts) != stream.dimension:
+            if len(cts) != stream.ciphertexts_per_record:
                 raise ValueError("checkpointed window has the wrong dimension")
         return cls(stream.name, int(raw["index"]), totals, int(raw["count"]), raw["opened_at_ms"],
                    {bytes.fromhex(pid): int(n) for pid, n in raw["contributors"].items()})

@@ -19,7 +19,7 @@ ENVELOPE_OVERHEAD = 4 + 16 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2 +
 def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
     # Every epoch uses the policy's key size, so one width serves all of them.
     """The largest sealed record any stream of this policy can produce."""
-    widest = max(s.dimension for s in policy.streams.values())
+    widest = max(s.ciphertexts_per_record for s in policy.streams.values())
     return wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD + widest * keys.ciphertext_width
 
 
@@ -63,9 +63,10 @@ def open_record(
     if keyring.status(keys.epoch) == "retired":
         raise RecordRejected(RejectReason.WRONG_EPOCH, f"key epoch {keys.epoch} is retired (current "
                              f"{keyring.current_epoch}): the producer must attest again")
-    if len(envelope.ciphertexts) != stream.dimension:
-        raise RecordRejected(RejectReason.WRONG_DIMENSION,
-                             f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}")
+    if len(envelope.ciphertexts) != stream.ciphertexts_per_record:
+        raise RecordRejected(RejectReason.WRONG_DIMENSION, (
+            f"{len(envelope.ciphertexts)} ciphertexts, packed stream takes {stream.ciphertexts_per_record}"
+            if stream.packing is not None else f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}"))
     if envelope.width != keys.ciphertext_width:
         raise RecordRejected(RejectReason.BAD_CIPHERTEXT, f"width {envelope.width}, expected {keys.ciphertext_width}")
     n, nsquare = keys.paillier_public.n, keys.nsquare

@@ -36,6 +36,27 @@ def sign(keys: EnclaveKeys, payload: bytes) -> bytes:
     return wire.SignedMessage(payload, keys.sign(signing.RESULT, payload)).to_bytes()
 
 
+def decrypted_totals(window: Window, policy: StreamPolicy, keyring: Keyring) -> list[int]:
+    """The window's fixed-point total per coordinate, before the clamp and the noise.
+
+    One decryption per ciphertext slot and key epoch (two epochs only around a rotation):
+    ``dimension`` of them, or ``ciphertexts_per_record`` for a packed stream, whose slots
+    are read back and the offsets added (``count · lo_i``: linear, so the window's count
+    serves the totals of every epoch together).
+    """
+    layout = policy.packing
+    plain = [0] * policy.dimension
+    for epoch, cts in window.totals.items():
+        epoch_keys = keyring.epochs[epoch]
+        totals = [epoch_keys.decrypt_total(ct.ciphertext(be_secure=False)) for ct in cts]
+        if layout is not None:
+            n = epoch_keys.paillier_public.n
+            totals = layout.unpack([t % n for t in totals])  # slots are read from [0, n)
+        for i, t in enumerate(totals):
+            plain[i] += t
+    return plain if layout is None else layout.totals(plain, window.count)
+
+
 def noised_release(
     window: Window,
     policy: StreamPolicy,
@@ -47,12 +68,7 @@ def noised_release(
     """Decrypt the window's totals once, add noise, sign. Call only when ``count >= min_batch``
     and after the ledger has been charged (``budget`` is its state after this release)."""
     plan = policy.noise_plan()
-    plain = [0] * policy.dimension
-    for epoch, cts in window.totals.items():
-        # One decryption per coordinate and key epoch (two epochs only around a rotation).
-        epoch_keys = keyring.epochs[epoch]
-        for i, ct in enumerate(cts):
-            plain[i] += epoch_keys.decrypt_total(ct.ciphertext(be_secure=False))
+    plain = decrypted_totals(window, policy, keyring)
     # Honest producers cannot leave this range; a dishonest one cannot push the total
     # outside it either, nor overflow the 64-bit noise domain.
     totals = [min(max(t, lo), hi) for t, (lo, hi) in zip(plain, policy.coordinate_ranges(window.count))]

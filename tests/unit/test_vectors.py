@@ -51,7 +51,7 @@ VECTOR_FILES = sorted(VECTORS.glob("*.json"))
 REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
-    "budget_exhausted", "ledger", "sealed_state",
+    "budget_exhausted", "ledger", "sealed_state", "packed_envelope",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -401,6 +401,84 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
     for bad in (raw[:-1], raw + b"\x00", b"SSE\x01" + raw[4:], b"SSE\x03" + raw[4:]):
         with pytest.raises(InvalidMessage):
             wire.Envelope.from_bytes(bad)
+
+
+def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
+    """A packed stream: policy bytes with the layout, packing, the envelope, the window total."""
+    from sidecar.enclave.aggregate import Window
+    from sidecar.enclave.keyring import Keyring
+    from sidecar.enclave.release import decrypted_totals
+    from sidecar.enclave.service import Enclave
+
+    canonical = v["policy_canonical"].encode("ascii")
+    policy = EnclavePolicy.from_mapping(v["config_enclave"], v["config_streams"])
+    assert policy.to_bytes() == canonical and EnclavePolicy.from_bytes(canonical) == policy
+    assert hashlib.sha256(canonical).hexdigest() == v["policy_sha256"]
+    assert wire.measurement(h(v["code_digest"]), canonical) == h(v["measurement"])
+    s = policy.streams[v["stream"]]
+    lay = v["layout"]
+    table = {k: lay[k] for k in ("slot_bits", "slots_per_ciphertext", "ciphertexts_per_record")}
+    assert json.loads(canonical)["streams"][v["stream"]]["packing"] == table == s.packing.to_mapping()
+    # The layout by its definition (section 10.2).
+    ranges = s.coordinate_ranges(1)
+    assert [lo for lo, _ in ranges] == lay["lows"] and set(ranges) == {tuple(lay["record_range"])}
+    assert s.max_window_records == lay["max_window_records"]
+    w, k, c = lay["slot_bits"], lay["slots_per_ciphertext"], lay["ciphertexts_per_record"]
+    assert w == max((hi - lo) * lay["max_window_records"] for lo, hi in ranges).bit_length()
+    assert k == min(s.dimension, (policy.paillier_bits - 3) // w) and c == math.ceil(s.dimension / k)
+    assert c < s.dimension
+
+    private = paillier_private()
+    n = private.public_key.n
+    for rec in v["records"]:
+        assert s.encode(rec["values"]) == (rec["encoded"], rec["clipped_count"])
+        assert rec["slots"] == [x - lo for x, lo in zip(rec["encoded"], lay["lows"])]
+        ms = [int(m, 16) for m in rec["paillier_plaintexts"]]
+        assert s.plaintexts(rec["encoded"]) == ms and len(ms) == c
+        for j, m in enumerate(ms):
+            width_j = min(k, s.dimension - j * k)
+            assert m == sum(rec["slots"][j * k + t] << (w * t) for t in range(width_j)) < 1 << (w * width_j)
+        for m, r, ct in zip(ms, rec["r"], rec["ciphertexts"]):
+            assert private.public_key.raw_encrypt(m, r_value=int(r, 16)) == int(ct, 16)
+            assert private.raw_decrypt(int(ct, 16)) == m
+        assert s.packing.unpack(ms) == rec["slots"]
+
+    e = v["envelope"]
+    raw = h(e["envelope_hex"])
+    env = wire.Envelope.from_bytes(raw)
+    assert env.to_bytes() == raw and env.stream == v["stream"] and env.producer_id == h(e["producer_id"])
+    assert env.record_id == h(e["record_id"]) and env.window == e["window"] and env.width == e["width"]
+    assert env.ciphertexts == tuple(int(ct, 16) for ct in v["records"][0]["ciphertexts"])
+    assert int.from_bytes(raw[e["offsets"]["count"]:e["offsets"]["count"] + 2], "big") == c
+    assert len(raw) == e["offsets"]["ciphertexts"] + c * e["width"]
+
+    # The window: folded by the enclave's own code, decrypted once per ciphertext, unpacked.
+    t = v["window_total"]
+    keys = enclave_keys()
+    window = Window(v["stream"], 1)
+    for rec in v["records"]:
+        window.fold(keys.epoch, keys.paillier_public, tuple(int(ct, 16) for ct in rec["ciphertexts"]), 0)
+    assert window.count == t["count"] and window.ciphertexts() == tuple(int(ct, 16) for ct in t["ciphertexts"])
+    ms = [private.raw_decrypt(int(ct, 16)) for ct in t["ciphertexts"]]
+    assert ms == [int(m, 16) for m in t["paillier_plaintexts"]]
+    assert s.packing.unpack(ms) == t["slot_sums"] == [sum(col) for col in zip(*(r["slots"] for r in v["records"]))]
+    assert t["totals"] == [x + t["count"] * lo for x, lo in zip(t["slot_sums"], lay["lows"])]
+    assert t["totals"] == [sum(col) for col in zip(*(r["encoded"] for r in v["records"]))]
+    assert decrypted_totals(window, s, Keyring.single(keys)) == t["totals"]
+
+    # The enclave core takes the envelope with two ciphertexts, and refuses one value per ciphertext.
+    core = Enclave(enclave_keys(), policy, canonical, h(v["code_digest"]), h(v["measurement"]), lambda rd: b"")
+    box = SealedBox(PrivateKey(h(keys_vector()["x25519_private"])).public_key)
+    assert core.on_record(box.encrypt(raw), e["sent_at_ms"]).rejection is None
+    unpacked = wire.Envelope(env.stream, bytes(16), env.key_epoch, env.sent_at_ms, 0, env.width,
+                             env.ciphertexts[:1] * s.dimension, env.producer_id)
+    out = core.on_record(box.encrypt(unpacked.to_bytes()), e["sent_at_ms"])
+    assert out.rejection is not None and out.rejection.reason is RejectReason.TOO_LARGE  # 40 > 2 ciphertexts
+    for count, reason in ((c + 1, RejectReason.TOO_LARGE), (1, RejectReason.WRONG_DIMENSION)):
+        other = wire.Envelope(env.stream, bytes(16), env.key_epoch, env.sent_at_ms, 0, env.width,
+                              (env.ciphertexts[0],) * count, env.producer_id)
+        out = core.on_record(box.encrypt(other.to_bytes()), e["sent_at_ms"])
+        assert out.rejection.reason is reason, count
 
 
 def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
@@ -964,6 +1042,7 @@ CHECKERS = {
     "budget_exhausted": check_budget_exhausted,
     "ledger": check_ledger,
     "sealed_state": check_sealed_state,
+    "packed_envelope": check_packed_envelope,
 }
 
 
@@ -1139,3 +1218,8 @@ def test_doc_worked_examples_match_the_vectors() -> None:
     assert json.dumps({"identities": identities}, sort_keys=True, separators=(",", ":"))[1:-1] in doc
     assert load("budget_exhausted.json")["payload"] in doc
     assert load("result_histogram.json")["payload"] in doc
+    packed = load("envelope_packed.json")
+    for text in (packed["policy_canonical"], packed["policy_sha256"], packed["measurement"],
+                 packed["envelope"]["envelope_hex"][:2 * packed["envelope"]["offsets"]["ciphertexts"]],
+                 packed["records"][0]["paillier_plaintexts"][0][-30:]):
+        assert text in doc, text

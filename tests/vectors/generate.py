@@ -87,6 +87,7 @@ ANONYMOUS = bytes(16)
 PRODUCER_A = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 PRODUCER_B = bytes.fromhex("b0b1b2b3b4b5b6b7b8b9babbbcbdbebf")
 RECORD_ID_S = bytes.fromhex("5349474e000000000000000000000003")
+RECORD_ID_P = bytes.fromhex("5041434b000000000000000000000004")  # "PACK"
 # Producer identity keys (Ed25519 seeds). alice is RFC 8032 section 7.1 TEST 3 (the
 # signed_envelope vector's producer), bob TEST 1024, mallory TEST SHA(abc); carol's seed
 # is SHA-256 of a label. In the identity session alice and carol are enrolled, bob is
@@ -169,6 +170,27 @@ EXPECTED_POLICY_MAPPING = {
         },
     },
 }
+
+# A packed stream (section 10.2), in a policy of its own so that policy.json keeps its bytes:
+# 40 coordinates, L2 bound 1 at f = 16, windows closed by time only (so up to 1 000 000
+# records): slots of 37 bits, 27 to a 1024-bit plaintext, two ciphertexts per record.
+PACKED_CONFIG_STREAMS = {
+    "updates": {
+        "kind": "vector", "dimension": 40, "l2_bound": 1, "fraction_bits": 16, "window_seconds": 60,
+        "min_batch": 2, "mechanism": "gaussian", "epsilon": 1, "delta": 1e-6, "budget_epsilon": 10,
+        "budget_delta": 1e-5, "packing": True,
+    },
+}
+EXPECTED_PACKED_STREAM = {
+    "kind": "vector", "dimension": 40, "l2_bound": 1.0, "fraction_bits": 16, "count_share": 0.5, "min_batch": 2,
+    "mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-06, "budget_epsilon": 10.0, "budget_delta": 1e-05,
+    "window_seconds": 60.0, "packing": {"slot_bits": 37, "slots_per_ciphertext": 27, "ciphertexts_per_record": 2},
+}
+# Two records: the first within the bound, the second scaled down to it.
+PACKED_VALUES = [
+    [(i % 7 - 3) / 16 for i in range(40)],
+    [((i * 5) % 11 - 5) / 4 for i in range(40)],
+]
 
 # A synthetic source tree for the code digest (the real digest changes with every edit).
 CODE_FILES = {
@@ -733,6 +755,7 @@ def build() -> dict[str, dict]:
 
     # -- signed envelope (producer identity) -----------------------------------------------
     out["signed_envelope"] = build_signed_envelope(policy, code_digest, x_pub, n, width)
+    out["envelope_packed"] = build_packed_envelope(code_digest, n, width)
 
     # -- the privacy budget ledger ----------------------------------------------------------
     from sidecar.enclave import ledger as ledger_mod
@@ -1004,6 +1027,120 @@ def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
         "box_nonce": hexs(box_nonce),
         "sealed_hex": hexs(sealed),
         "outcomes": outcomes,
+    }
+
+
+def build_packed_envelope(code_digest, n, width) -> dict:
+    """A packed stream: its policy bytes, the layout, two records packed and encrypted, the
+    first one's envelope, and the window total of both as the enclave folds and unpacks it."""
+    from phe import EncryptedNumber, paillier
+
+    from common import wire
+    from common.policy import EnclavePolicy
+    from sidecar.enclave.aggregate import Window
+    from sidecar.enclave.keyring import Keyring
+    from sidecar.enclave.release import decrypted_totals
+
+    # The policy: the packing table is derived, and written into the canonical bytes.
+    expected = {"version": 1, "enclave": EXPECTED_POLICY_MAPPING["enclave"],
+                "streams": {"updates": EXPECTED_PACKED_STREAM}}
+    policy_bytes = canonical_json(expected)
+    policy = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, PACKED_CONFIG_STREAMS)
+    assert policy.to_bytes() == policy_bytes, policy.to_bytes()
+    assert EnclavePolicy.from_bytes(policy_bytes).to_bytes() == policy_bytes
+    meas = sha256(b"sealedsum/v1/measurement\x00" + code_digest + sha256(policy_bytes))
+    assert wire.measurement(code_digest, policy_bytes) == meas
+    s = policy.streams["updates"]
+
+    # The layout, by section 10.2.
+    d, f, bits = 40, 16, CONFIG_ENCLAVE["paillier_bits"]
+    M = math.floor(1.0 * (1 << f) + 0.5)
+    lo, hi = -M, M  # one record's range, every coordinate
+    max_window = 1_000_000  # window_seconds only
+    w = ((hi - lo) * max_window).bit_length()
+    k = min(d, (bits - 3) // w)
+    c = -(-d // k)
+    layout = {"slot_bits": w, "slots_per_ciphertext": k, "ciphertexts_per_record": c}
+    assert layout == EXPECTED_PACKED_STREAM["packing"] == s.packing.to_mapping()
+    assert (hi - lo) * max_window < 1 << w and k * w <= bits - 3 and (1 << (k * w)) < n // 3
+
+    records = []
+    for index, values in enumerate(PACKED_VALUES):
+        clipped, encoded = encode_values(s, values)
+        assert s.encode(values)[0] == encoded
+        slots = [v - lo for v in encoded]
+        assert all(0 <= x <= hi - lo for x in slots)
+        ms = [sum(slots[j * k + t] << (w * t) for t in range(min(k, d - j * k))) for j in range(c)]
+        assert s.plaintexts(encoded) == ms
+        rs = [fixed_r(f"r/updates/{index}/{j}", n) for j in range(c)]
+        cts = [paillier_encrypt(n, m, r) for m, r in zip(ms, rs)]
+        for m, r, ct in zip(ms, rs, cts):
+            assert paillier.PaillierPublicKey(n).raw_encrypt(m, r_value=r) == ct
+            assert paillier_decrypt(PAILLIER_P, PAILLIER_Q, ct) == m
+        records.append({
+            "values": values, "clipped": clipped, "clipped_count": s.encode(values)[1], "encoded": encoded,
+            "slots": slots, "paillier_plaintexts": [hex(m) for m in ms], "r": [hex(r) for r in rs],
+            "ciphertexts": [ct.to_bytes(width, "big").hex() for ct in cts],
+        })
+    assert records[0]["clipped_count"] == 0 and records[1]["clipped_count"] == 1
+
+    # The first record's envelope: two ciphertexts for forty values.
+    cts0 = [int(ct, 16) for ct in records[0]["ciphertexts"]]
+    env = envelope("updates", RECORD_ID_P, KEY_EPOCH, SENT_AT_MS, 0, width, cts0, producer_id=PRODUCER_A)
+    assert wire.Envelope("updates", RECORD_ID_P, KEY_EPOCH, SENT_AT_MS, 0, width, tuple(cts0),
+                         PRODUCER_A).to_bytes() == env
+
+    # The window of both records: ciphertexts multiplied mod n^2, each total decrypted once,
+    # the slots read back, count · lo added.
+    cts1 = [int(ct, 16) for ct in records[1]["ciphertexts"]]
+    totals_ct = [a * b % (n * n) for a, b in zip(cts0, cts1)]
+    totals_m = [paillier_decrypt(PAILLIER_P, PAILLIER_Q, t) for t in totals_ct]
+    assert totals_m == [int(a, 16) + int(b, 16) for a, b in
+                        zip(records[0]["paillier_plaintexts"], records[1]["paillier_plaintexts"])]
+    slot_sums = [(totals_m[i // k] >> (w * (i % k))) & ((1 << w) - 1) for i in range(d)]
+    totals = [x + 2 * lo for x in slot_sums]
+    assert totals == [a + b for a, b in zip(records[0]["encoded"], records[1]["encoded"])]
+    keys = enclave_keys()
+    window = Window("updates", 1)
+    for cts in (cts0, cts1):
+        window.fold(KEY_EPOCH, keys.paillier_public, tuple(cts), SENT_AT_MS)
+    assert list(window.ciphertexts()) == totals_ct
+    assert decrypted_totals(window, s, Keyring.single(keys)) == totals
+    assert isinstance(window.totals[KEY_EPOCH][0], EncryptedNumber)
+
+    name_len = len("updates")
+    return {
+        "kind": "packed_envelope",
+        "description": "A packed stream (docs/protocol.md section 10.2): its configuration, canonical policy "
+                       "bytes (with the derived packing table) and measurement (with the code digest of "
+                       "code_digest.json); the layout; two records clipped, encoded, offset by lo = -M, packed "
+                       "(coordinate i in slot i mod k of plaintext i div k, at bit slot_bits * (i mod k)) and "
+                       "encrypted under keys.json with fixed r; the first record's envelope (producer id "
+                       "non-zero, window 0); and the window total of both records: ciphertexts multiplied mod "
+                       "n^2, decrypted once each, slots read back, count * lo added.",
+        "config_enclave": CONFIG_ENCLAVE,
+        "config_streams": PACKED_CONFIG_STREAMS,
+        "policy_canonical": policy_bytes.decode("ascii"),
+        "policy_sha256": hexs(sha256(policy_bytes)),
+        "code_digest": hexs(code_digest),
+        "measurement": hexs(meas),
+        "stream": "updates",
+        "layout": {**layout, "max_window_records": max_window, "record_range": [lo, hi], "lows": [lo] * d},
+        "fraction_bits": f,
+        "records": records,
+        "envelope": {
+            "record_id": hexs(RECORD_ID_P), "producer_id": hexs(PRODUCER_A), "key_epoch": KEY_EPOCH,
+            "sent_at_ms": SENT_AT_MS, "window": 0, "width": width,
+            "offsets": {"count": 57 + name_len, "width": 59 + name_len, "ciphertexts": 61 + name_len},
+            "envelope_hex": hexs(env),
+        },
+        "window_total": {
+            "count": 2,
+            "ciphertexts": [t.to_bytes(width, "big").hex() for t in totals_ct],
+            "paillier_plaintexts": [hex(m) for m in totals_m],
+            "slot_sums": slot_sums,
+            "totals": totals,
+        },
     }
 
 
