@@ -155,6 +155,7 @@ def streams_toml(rounds: int, clients: int) -> str:
         ("budget_delta", repr(TOTAL_DELTA), ""),
         ("fraction_bits", FRACTION_BITS, ""),
         ("count_share", repr(COUNT_SHARE), "the count is known-ish: most of the budget goes to the sum"),
+        ("packing", "true", "all 31 values in one Paillier plaintext: one encryption per update"),
     ]
     lines = [f"[streams.{STREAM}]".ljust(38) + "# one clipped model delta per client per round"]
     for key, value, comment in rows:
