@@ -52,7 +52,7 @@ def amqp_url() -> str:
         yield url
         return
     try:
-        import docker.errors
+        import docker.errors  # noqa: F401 - fails fast where the docker SDK is missing
         from testcontainers.community.rabbitmq import RabbitMqContainer
 
         container = RabbitMqContainer("rabbitmq:3.13")

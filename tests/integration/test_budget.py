@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from common import amqp
 from common.results import BudgetExhausted, Release
 from consumers.client import Consumer
 from producers.client import Producer

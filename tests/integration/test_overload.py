@@ -3,7 +3,6 @@ bound, and a slow consumer never holds up ingestion or other consumers."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest

@@ -16,7 +16,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 

@@ -429,7 +429,6 @@ def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     assert c < s.dimension
 
     private = paillier_private()
-    n = private.public_key.n
     for rec in v["records"]:
         assert s.encode(rec["values"]) == (rec["encoded"], rec["clipped_count"])
         assert rec["slots"] == [x - lo for x, lo in zip(rec["encoded"], lay["lows"])]
