@@ -49,7 +49,7 @@ def test_rotation_drains_the_old_epoch_then_refuses_it(sidecar_factory):
         assert old.reattest().keys.epoch == 2
         for _ in range(2):
             old.send("s", [1.0])
-        (release,) = [m for m, _ in zip(consumer.releases(idle_timeout=30), range(1))]
+        (release,) = [m for _, m in zip(range(1), consumer.releases(idle_timeout=30))]
     assert release.count == 14 and release.sum[0] == pytest.approx(5 + 10 + 2 + 2, abs=1e-3)
     ((props, _),) = drain(dead_conn, dead_q, expect=1)
     assert props.headers["x-sealedsum-reason"] == "wrong_epoch"
