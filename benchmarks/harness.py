@@ -30,7 +30,15 @@ from sidecar.platform.emulated import EmulatedPlatform
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM = "bench"
+VEC_STREAM = "benchvec"  # kind "vector"
 LOWER, UPPER = 0.0, 100.0
+
+
+def packing_available() -> bool:
+    """Whether this tree's policy knows ``packing`` (the vector stream then turns it on)."""
+    from common.policy import StreamPolicy
+
+    return "packing" in StreamPolicy.KEYS
 
 CONFIG = """\
 [broker]
@@ -56,7 +64,18 @@ min_batch = {min_batch}
 mechanism = "laplace"
 epsilon = 1.0
 budget_epsilon = 1e9            # benchmarks measure speed; the budget must not stop them
-"""
+
+[streams.{vec_stream}]
+kind = "vector"
+dimension = {vec_dim}
+lower = {lower}
+upper = {upper}
+window_records = {vec_window}
+min_batch = {vec_window}
+mechanism = "laplace"
+epsilon = 1.0
+budget_epsilon = 1e9
+{vec_packing}"""
 
 
 class BenchError(Exception):
@@ -69,7 +88,8 @@ def parse_log_ts(ts: str) -> float:
 
 
 class BenchSidecar:
-    def __init__(self, workdir: Path, url: str, *, bits: int, window_records: int, queue_type: str) -> None:
+    def __init__(self, workdir: Path, url: str, *, bits: int, window_records: int, queue_type: str,
+                 vec_dim: int = 1000, vec_window: int = 10) -> None:
         self.workdir = workdir
         self.url = url
         self.prefix = f"bench-{uuid.uuid4().hex[:12]}"
@@ -81,7 +101,10 @@ class BenchSidecar:
             platform_key=encode_platform_key(self.platform.public_key()), measurement="0" * 64,
             bits=bits, insecure="true" if self.insecure else "false", stream=STREAM,
             lower=LOWER, upper=UPPER, window=window_records, min_batch=min(10, window_records),
+            vec_stream=VEC_STREAM, vec_dim=vec_dim, vec_window=vec_window,
+            vec_packing="packing = true" if packing_available() else "",
         )
+        self.packed = packing_available()
         self.policy = config_mod.from_mapping(tomllib.loads(text), env={}).require_policy()
         self.policy_bytes = self.policy.to_bytes()
         self.code_digest, self.measurement = measure.measure(self.policy_bytes)

@@ -1,19 +1,24 @@
 """The baselines: plain pika, no sealedsum code, on the same broker with the same sizes.
 
-Publishing mirrors what ``producers.transport.RecordPublisher`` asks of the broker
-(a persistent message to a direct exchange, ``mandatory``, one publisher confirm per
-message on a ``BlockingChannel`` in confirm mode). Consuming mirrors what
-``sidecar.runtime.EnclaveRuntime`` asks of it (prefetch 64, one manual ack per
+Publishing mirrors what ``producers.transport.RecordPublisher`` asks of the broker (a
+persistent message to a direct exchange, ``mandatory``, a publisher confirm per
+message), two ways: :func:`publish` waits for each confirm on a ``BlockingChannel`` in
+confirm mode (a round trip per message; the baseline the producer targets are stated
+against), :func:`publish_pipelined` keeps up to ``window`` messages awaiting their
+confirms on a ``SelectConnection``, as our publisher does. Consuming mirrors what
+``sidecar.runtime.EnclaveRuntime`` asks of it (the same prefetch, one manual ack per
 message, ``process_data_events`` loop). Only the work in between is left out.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import pika
+from pika.adapters.select_connection import SelectConnection
 
-from sidecar.runtime import PREFETCH  # the runtime's prefetch, so both consume alike
+from sidecar.runtime import PREFETCH  # the runtime's prefetch for small records, so both consume alike
 
 
 def connect(url: str) -> pika.BlockingConnection:
@@ -50,12 +55,72 @@ def publish(url: str, exchange: str, bodies: list[bytes]) -> float:
         conn.close()
 
 
-def consume(url: str, queue: str, n: int, timeout: float = 120.0) -> float:
+def publish_pipelined(url: str, exchange: str, bodies: list[bytes], window: int, timeout: float = 300.0) -> float:
+    """Publish each body persistent, ``mandatory``, with up to ``window`` awaiting their confirms;
+    return the seconds from the first publish to the last confirm."""
+    props = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+                                 content_type="application/octet-stream", type="record", app_id="sealedsum")
+    unconfirmed: deque[int] = deque()
+    state = {"sent": 0, "confirmed": 0, "t0": None, "t1": None, "error": None, "channel": None}
+
+    def pump():
+        ch = state["channel"]
+        while state["sent"] < len(bodies) and state["sent"] - state["confirmed"] < window:
+            ch.basic_publish(exchange, "record", bodies[state["sent"]], props, mandatory=True)
+            state["sent"] += 1
+            unconfirmed.append(state["sent"])  # delivery tags count 1, 2, ... on this channel
+
+    def on_confirm(frame):
+        m = frame.method
+        if isinstance(m, pika.spec.Basic.Nack):
+            state["error"] = "nack"
+        if m.multiple:
+            while unconfirmed and unconfirmed[0] <= m.delivery_tag:
+                unconfirmed.popleft()
+                state["confirmed"] += 1
+        elif m.delivery_tag in unconfirmed:
+            unconfirmed.remove(m.delivery_tag)
+            state["confirmed"] += 1
+        if state["confirmed"] >= len(bodies):
+            state["t1"] = time.perf_counter()
+            conn.close()
+        else:
+            pump()
+
+    def on_confirm_mode(_frame):
+        state["t0"] = time.perf_counter()
+        pump()
+
+    def on_channel(ch):
+        state["channel"] = ch
+        ch.add_on_return_callback(lambda *_: state.update(error="returned"))
+        ch.confirm_delivery(on_confirm, callback=on_confirm_mode)
+
+    def on_closed(_conn, _err):
+        conn.ioloop.stop()
+
+    def on_open_error(_conn, err):
+        state["error"] = repr(err)
+        conn.ioloop.stop()
+
+    params = pika.URLParameters(url)
+    params.heartbeat = 30
+    params.blocked_connection_timeout = 60
+    conn = SelectConnection(params, on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+                            on_open_error_callback=on_open_error, on_close_callback=on_closed)
+    conn.ioloop.call_later(timeout, lambda: (state.update(error="timeout"), conn.close()))
+    conn.ioloop.start()
+    if state["error"] or state["t1"] is None:
+        raise RuntimeError(f"plain pipelined publish failed: {state['error']}")
+    return state["t1"] - state["t0"]
+
+
+def consume(url: str, queue: str, n: int, timeout: float = 120.0, prefetch: int = PREFETCH) -> float:
     """Consume and ack ``n`` messages one by one; return the seconds from consume-ok to the last ack."""
     conn = connect(url)
     try:
         ch = conn.channel()
-        ch.basic_qos(prefetch_count=PREFETCH)
+        ch.basic_qos(prefetch_count=prefetch)
         seen = 0
         done_at = None
 

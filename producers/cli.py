@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections import deque
 
 from common.errors import PolicyMismatch, TransportError
 
@@ -31,12 +33,32 @@ def _produce(args) -> int:
     from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, load_config
 
     cfg = load_config(args)
+    if args.encrypt_workers is not None:
+        from producers import encryption
+
+        os.environ[encryption.ENV_WORKERS] = str(args.encrypt_workers)
     source = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
     summary = {"stream": args.stream, "sent": 0, "confirmed": 0, "rejected_by_validation": 0, "clipped": 0}
     started = time.monotonic()
     code = EXIT_OK
+    pending: deque = deque()  # (line number, PendingRecord), oldest first
+
+    def settle() -> bool:
+        """Count the records resolved so far, in order; False once one failed."""
+        ok = True
+        while pending and pending[0][1].done:
+            number, p = pending.popleft()
+            if p.confirmed:
+                summary["confirmed"] += 1
+                summary["clipped"] += p.record.clipped
+            else:
+                print(f"line {number}: not confirmed: {p.error}", file=sys.stderr)
+                ok = False
+        return ok
+
     try:
-        with Producer(cfg) as producer:
+        producer = Producer(cfg)
+        try:
             producer.sealer.stream(args.stream)  # fail before reading input if the stream is unknown
             progress = Progress(args.progress or sys.stderr.isatty())
             for line in read_records(source, args.format):
@@ -51,16 +73,28 @@ def _produce(args) -> int:
                     summary["rejected_by_validation"] += 1
                     print(f"line {line.number}: rejected: {err}", file=sys.stderr)
                     continue
-                summary["sent"] += 1
+                # Pipelined: up to the producer's window of records await their confirms at once.
                 try:
-                    producer.publish(record)
-                except TransportError as err:
-                    print(f"line {line.number}: not confirmed: {err}", file=sys.stderr)
+                    pending.append((line.number, producer.submit(record)))
+                except TransportError:
+                    code = EXIT_TRANSPORT  # an earlier record failed: its line is reported below
+                    break
+                summary["sent"] += 1
+                if not settle():
                     code = EXIT_TRANSPORT
                     break
-                summary["confirmed"] += 1
-                summary["clipped"] += record.clipped
                 progress.update(summary["confirmed"])
+            try:
+                producer.flush()
+            except TransportError:
+                code = EXIT_TRANSPORT
+        finally:
+            producer.close()
+        if not settle():
+            code = EXIT_TRANSPORT
+        for number, p in pending:  # unresolved at close (none after a flush)
+            print(f"line {number}: not confirmed: {p.error or 'the producer stopped first'}", file=sys.stderr)
+            code = EXIT_TRANSPORT
     finally:
         if source is not sys.stdin:
             source.close()
@@ -98,8 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read one record per line (CSV: `1.5,2.0`; JSON: `1.5`, `[1.5, 2.0]` or "
                     '`{"values": [...]}`), attest the enclave, clip each value to the stream\'s '
                     "bounds, encrypt it under the enclave's Paillier key, seal the record to the "
-                    "enclave and publish it with a publisher confirm. Nothing is sent if attestation "
-                    "fails. Prints a summary at the end; exit 4 if some lines were rejected.",
+                    "enclave and publish it with a publisher confirm (pipelined: up to 256 records "
+                    "await their confirms at once). Nothing is sent if attestation fails. Prints a "
+                    "summary at the end; exit 4 if some lines were rejected, 3 if some were not confirmed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_argument(p)
@@ -109,6 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="input format (default: auto, per line)")
     p.add_argument("--window", type=int, default=0,
                    help="window number the records belong to (default 0: the open window)")
+    p.add_argument("--encrypt-workers", type=int, metavar="N",
+                   help="helper processes precomputing Paillier randomizers (default 0, or "
+                        "$SEALEDSUM_ENCRYPT_WORKERS); worth it for records of many values")
     p.add_argument("--progress", action="store_true", help="print progress even when stderr is not a terminal")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=_produce, role="producer", default_log_level="WARNING")

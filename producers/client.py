@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from nacl.public import PublicKey, SealedBox
-import phe.util
 from phe import PaillierPublicKey
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -72,10 +71,7 @@ class RecordSealer:
             producer_id = wire.producer_id_of(self._identity_public)
         self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)
-        self.encryptor = Encryptor(self._paillier)
-        if not phe.util.HAVE_GMP:
-            log.warning("gmpy2 is not in use: Paillier encryption runs several times slower",
-                        extra={"fields": {"fix": "pip install gmpy2"}})
+        self.encryptor = Encryptor(self._paillier)  # logs once whether gmpy2 is in use
         self._box = SealedBox(PublicKey(enclave.keys.x25519))
         self._width = enclave.keys.ciphertext_width
         self._accepted: set[str] = set()
@@ -113,20 +109,50 @@ class RecordSealer:
         return SealedRecord(self._box.encrypt(plaintext), rid, n_clipped)
 
 
+@dataclass(frozen=True, slots=True)
+class PendingRecord:
+    """A record handed to the broker by :meth:`Producer.submit`; ``confirmed`` once the broker took it."""
+
+    record: SealedRecord
+    ticket: object  # producers.transport.Ticket
+
+    @property
+    def done(self) -> bool:
+        return self.ticket.done
+
+    @property
+    def confirmed(self) -> bool:
+        return self.ticket.confirmed
+
+    @property
+    def error(self):
+        """The ``TransportError`` it failed with, or ``None``."""
+        return self.ticket.error if self.ticket.state == "failed" else None
+
+
 class Producer:
     """Attest, then publish sealed records with publisher confirms.
 
     Use as a context manager::
 
         with Producer(config) as p:
-            p.send("purchases", [12.5])
+            p.send("purchases", [12.5])                    # returns once confirmed
+            p.send_many("purchases", [[1.0], [2.5], [4.0]])  # pipelined; returns once all are
+
+    :meth:`send` waits for each record's confirm: a record it returned is confirmed.
+    :meth:`submit` and :meth:`send_many` pipeline: up to ``window`` records await their
+    confirms at once (one round trip per batch rather than per record), and each
+    :class:`PendingRecord` says whether its record was confirmed. A record the broker
+    refused (nack, after retrying for ``broker.reconnect_seconds``) or could not route
+    raises its ``TransportError`` from the next ``submit``/``send``/``flush``. Leaving the
+    ``with`` block normally flushes.
     """
 
-    def __init__(self, config: Config, *, producer_id: bytes | None = None) -> None:
+    def __init__(self, config: Config, *, producer_id: bytes | None = None, window: int | None = None) -> None:
         from producers import transport
 
         self.config = config
-        self._transport = transport.RecordPublisher(config.broker)
+        self._transport = transport.RecordPublisher(config.broker, window=window or transport.DEFAULT_WINDOW)
         try:
             self.enclave = self._transport.attest(config.require_trust())
         except BaseException:
@@ -147,8 +173,10 @@ class Producer:
         if enclave.keys != self.enclave.keys:
             log.info("enclave key epoch changed", extra={"fields": {
                 "from_epoch": self.enclave.keys.epoch, "to_epoch": enclave.keys.epoch}})
+            old = self.sealer
             self.sealer = RecordSealer(enclave, self.config.requirements, self.sealer.producer_id,
                                        self.sealer._identity)
+            old.encryptor.close()
         self.enclave, self._attested_at = enclave, time.monotonic()
         return enclave
 
@@ -169,11 +197,50 @@ class Producer:
         """Publish an already sealed record; return once the broker confirmed it."""
         self._transport.publish(record.body)
 
+    def submit(self, record: SealedRecord) -> PendingRecord:
+        """Publish an already sealed record without waiting for its confirm (blocks only while
+        ``window`` records await theirs).
+
+        :raises TransportError: an earlier record failed (each failure is raised once).
+        """
+        return PendingRecord(record, self._transport.submit(record.body))
+
+    def send_many(self, stream: str, records: Iterable[Iterable[float]], *, window: int = 0) -> list[SealedRecord]:
+        """Seal and publish many records, pipelined; return them once the broker confirmed all.
+
+        :raises TransportError: a record failed; the records before it in the returned
+            order may or may not have been confirmed (use :meth:`submit` to know per record).
+        """
+        pending = [self.submit(self.seal(stream, values, window=window)) for values in records]
+        self.flush()
+        return [p.record for p in pending]
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every submitted record is confirmed or failed.
+
+        :raises TransportError: the first failure not raised before.
+        """
+        self._transport.flush(timeout)
+
+    @property
+    def outstanding(self) -> int:
+        """Records submitted and not yet confirmed or failed."""
+        return self._transport.outstanding
+
     def close(self) -> None:
-        self._transport.close()
+        """Stop publishing (records still unconfirmed fail: :meth:`flush` first) and any
+        background encryption work."""
+        try:
+            self._transport.close()
+        finally:
+            self.sealer.encryptor.close()
 
     def __enter__(self) -> "Producer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()

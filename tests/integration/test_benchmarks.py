@@ -33,15 +33,29 @@ def test_quick_benchmark_prints_ratios(amqp_url, tmp_path):
     assert _number(r"^ratio producer/plain-publish: ([0-9.]+)", out) > 0
     assert _number(r"^ratio ingest/plain-consume: ([0-9.]+)", out) > 0
     assert _number(r"^paillier encrypt ms/value: ([0-9.]+)", out) > 0
-    for label in ("producer: Producer.send vs publish+confirm", "enclave ingest: sidecar vs consume+ack"):
+    assert _number(r"^ratio vector/unpacked-phe: ([0-9.]+)", out) > 0
+    assert _number(r"^release latency ms: ([0-9.]+) \(1 value\)", out) > 0
+    for label in ("producer: send_many vs plain publish+confirm each", "producer: send_many vs plain pipelined confirms",
+                  "producer: Producer.send vs publish+confirm", "-value: send_many vs plain pipelined",
+                  "-value: send_many vs unpacked phe", "enclave ingest: sidecar vs consume+ack"):
         ours, plain = re.search(rf"{re.escape(label)}\s+([0-9.]+) \(.*?\)\s+([0-9.]+) \(", out).groups()
         assert float(ours) > 0 and float(plain) > 0
     assert re.search(r"^\s+machine\s+\S", out, re.MULTILINE) and "rabbitmq" in out
+    # every target has a status line, and the encryption table has phe and the fast path,
+    # with and without gmpy2
+    assert len(re.findall(r"^  .*\s(met|NOT MET)$", out, re.MULTILINE)) == 4
+    row = re.search(r"^\s+2048((?:\s+[0-9.]+){7})$", out, re.MULTILINE)
+    assert row, out
+    phe, fast, _, pool, phe_nogmp, fast_nogmp, _ = map(float, row.group(1).split())
+    assert phe > fast > 0 and phe_nogmp > fast_nogmp > 0 and pool > 0
 
     result = json.loads(out_json.read_text())
     assert result["repeats"] == len(result["runs"]) == 2
+    assert [row["bits"] for row in result["encryption"]] == [2048]
     for run in result["runs"]:
-        for key in ("producer_rps", "plain_publish_rps", "ingest_rps", "plain_consume_rps", "encrypt_ms"):
+        for key in ("producer_rps", "plain_publish_rps", "ingest_rps", "plain_consume_rps", "encrypt_ms",
+                    "fast_encrypt_ms", "send_rps", "plain_pipelined_rps", "vec_rps", "plain_vec_rps", "phe_vec_rps",
+                    "latency_1_ms", "latency_vec_ms"):
             assert run[key] > 0
     # The run deleted what it declared.
     import pika

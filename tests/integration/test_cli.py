@@ -104,3 +104,48 @@ def test_demo_without_a_broker_says_how_to_start_one(tmp_path):
               timeout=60)
     assert out.returncode == 3
     assert "rabbitmq-server -detached" in out.stderr and "AMQP_URL" in out.stderr
+
+
+def test_produce_counts_what_the_broker_refused(sidecar_factory):
+    """Pipelined `produce` into a full records queue: each line is confirmed or reported as
+    not confirmed, the summary adds up, and the exit code says a transport failure."""
+    import time
+
+    from common import amqp
+
+    sc = sidecar_factory({"s": STREAM}, broker_extra="max_queued_records = 5\nreconnect_seconds = 1")
+    proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "produce", "--config", str(sc.config_path),
+                             "--stream", "s", "--json", "--encrypt-workers", "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc.stdin.write("1.0\n")
+    proc.stdin.flush()
+    time.sleep(3.0)  # it attests (the enclave must be up for that) and sends the first record
+    assert sc.stop() == 0  # now nothing consumes
+    # Fill the queue to its limit one message at a time (a quorum queue enforces the limit
+    # late for a burst in flight); from then on the broker nacks.
+    conn = amqp.connect(sc.config.broker)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for _ in range(10):
+        try:
+            amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, "record", b"filler" * 20,
+                                   amqp.properties("record"))
+        except Exception:  # noqa: BLE001 - the nack we are waiting for
+            break
+    before = ch.queue_declare(sc.config.broker.topology.records_queue, passive=True).method.message_count
+    conn.close()
+    proc.stdin.write("".join(f"{i % 10}\n" for i in range(30)))
+    proc.stdin.close()
+    stdout = proc.stdout.read()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 3, stderr  # EXIT_TRANSPORT
+    summary = json.loads(stdout)
+    refused = [line for line in stderr.splitlines() if ": not confirmed: " in line]
+    assert refused and all("nack" in line for line in refused)
+    assert summary["confirmed"] >= 1 and summary["confirmed"] + len(refused) == summary["sent"]
+    conn = amqp.connect(sc.config.broker)
+    try:
+        depth = conn.channel().queue_declare(sc.config.broker.topology.records_queue, passive=True).method.message_count
+    finally:
+        conn.close()
+    assert depth == before + summary["confirmed"] - 1  # the first record went to the enclave

@@ -115,8 +115,12 @@ def test_no_private_key_in_state_or_on_the_broker(sidecar_factory):
     with Producer(sc.config) as producer:
         for i in range(20):
             producer.send("s", [float(i)])
-        producer._transport.channel.basic_publish(t.records_exchange, "record", b"garbage" * 10)
-        reply = amqp.request_attestation(producer._transport.connection, sc.config.broker, os.urandom(32))
+        producer._transport.publish(b"garbage" * 10)
+        conn = amqp.connect(sc.config.broker)
+        try:
+            reply = amqp.request_attestation(conn, sc.config.broker, os.urandom(32))
+        finally:
+            conn.close()
     bodies = [reply]
     bodies += [b for _, b in drain(*captures[0], expect=21)]
     bodies += [b for _, b in drain(*captures[1], expect=1)]

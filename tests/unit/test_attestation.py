@@ -363,11 +363,11 @@ def test_producer_sends_nothing_when_attestation_fails(monkeypatch, world, other
 def test_producer_publishes_after_a_genuine_attestation(monkeypatch, world):
     """The same fake edge with an untouched reply: the producer does seal and publish,
     so the refusal above is due to the failed check."""
-    from common import amqp
+    from producers import transport
 
-    monkeypatch.setattr(amqp, "publish_confirmed",
-                        lambda channel, exchange, key, body, props, **kw: channel.basic_publish(body=body))
     Producer, cfg, conn = _producer_with_reply(monkeypatch, world, lambda r: r, world.trust)
+    # The publishing side's stand-in: what would go to the broker, confirmed at once.
+    monkeypatch.setattr(transport.RecordPublisher, "publish", lambda self, body: conn.published.append({"body": body}))
     with Producer(cfg) as p:
         rec = p.send("s", [5.0])
     assert [m["body"] for m in conn.published] == [rec.body]
