@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import gmpy2
 
 from nacl.exceptions import CryptoError
 
@@ -72,7 +72,7 @@ def open_record(
     n, nsquare = keys.paillier_public.n, keys.nsquare
     for c in envelope.ciphertexts:
         # A valid Paillier ciphertext is a unit modulo n²; anything else is not one.
-        if not 0 < c < nsquare or math.gcd(c, n) != 1:
+        if not 0 < c < nsquare or gmpy2.gcd(c, n) != 1:
             raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
     return envelope, stream, keys
 

@@ -48,7 +48,7 @@ def decrypted_totals(window: Window, policy: StreamPolicy, keyring: Keyring) -> 
     plain = [0] * policy.dimension
     for epoch, cts in window.totals.items():
         epoch_keys = keyring.epochs[epoch]
-        totals = [epoch_keys.decrypt_total(ct.ciphertext(be_secure=False)) for ct in cts]
+        totals = [epoch_keys.decrypt_total(int(ct)) for ct in cts]
         if layout is not None:
             n = epoch_keys.paillier_public.n
             totals = layout.unpack([t % n for t in totals])  # slots are read from [0, n)

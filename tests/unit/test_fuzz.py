@@ -643,7 +643,7 @@ def window_totals(window) -> tuple[int, ...]:
     """A window's folded ciphertexts, as integers."""
     if hasattr(window, "ciphertexts"):  # totals per key epoch
         return window.ciphertexts()
-    return tuple(t.ciphertext(be_secure=False) for t in window.totals)
+    return tuple(int(t) for t in window.totals)
 
 
 def raw_envelope(name: bytes, rid: bytes, pid: bytes, epoch: int, sent: int, window: int, width: int,

@@ -129,13 +129,13 @@ def test_largest_window_all_at_the_top_cannot_overflow(small_keys, table):
         plain = small_keys.decrypt_total(total.ciphertext(be_secure=False))
         assert plain == m * count < limit  # exactly the integer sum: nothing wrapped
     # Through the enclave's own release path: exactly count · hi in every coordinate.
-    window = Window("s", 1, {small_keys.epoch: folded}, count)
+    window = Window("s", 1, {small_keys.epoch: [t.ciphertext(be_secure=False) for t in folded]}, count)
     assert decrypted_totals(window, p, Keyring.single(small_keys)) == [count * hi for hi in top]
     assert [count * hi for hi in top] == [hi for _, hi in p.coordinate_ranges(count)]
     # And the bottom: all slots zero, totals count · lo.
     bottom = [lo for lo, _ in p.coordinate_ranges(1)]
     folded = [EncryptedNumber(pub, pub.encrypt(m).ciphertext(), 0) * count for m in p.plaintexts(bottom)]
-    window = Window("s", 2, {small_keys.epoch: folded}, count)
+    window = Window("s", 2, {small_keys.epoch: [t.ciphertext(be_secure=False) for t in folded]}, count)
     assert decrypted_totals(window, p, Keyring.single(small_keys)) == [count * lo for lo in bottom]
 
 

@@ -1106,7 +1106,7 @@ def build_packed_envelope(code_digest, n, width) -> dict:
         window.fold(KEY_EPOCH, keys.paillier_public, tuple(cts), SENT_AT_MS)
     assert list(window.ciphertexts()) == totals_ct
     assert decrypted_totals(window, s, Keyring.single(keys)) == totals
-    assert isinstance(window.totals[KEY_EPOCH][0], EncryptedNumber)
+    assert all(0 < int(t) < n * n for t in window.totals[KEY_EPOCH])  # folded ciphertexts, below n²
 
     name_len = len("updates")
     return {
