@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 
+import gmpy2
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PrivateKey, SealedBox
 from phe import paillier
@@ -36,6 +38,9 @@ class EnclaveKeys:
         )
         self.bundle_bytes = self.bundle.to_bytes()
         self.nsquare = self.paillier_public.nsquare
+        # n's prime factors, for the per-record unit check: two small remainders cost a
+        # third of gcd(c, n) (this is on every record's path).
+        self._factors = (gmpy2.mpz(paillier_private.p), gmpy2.mpz(paillier_private.q))
         self.ciphertext_width = self.bundle.ciphertext_width
         self.decryptions = 0
 
@@ -51,6 +56,14 @@ class EnclaveKeys:
     def open_sealed_box(self, body: bytes) -> bytes:
         """Open a sealed box addressed to this epoch's X25519 key (raises nacl's CryptoError)."""
         return self._box.decrypt(body)
+
+    def is_ciphertext(self, c: int) -> bool:
+        """Whether ``c`` is a Paillier ciphertext of this key: a unit modulo n².
+
+        c is a unit modulo n² exactly when neither prime factor of n divides it.
+        """
+        p, q = self._factors
+        return 0 < c < self.nsquare and bool(c % p) and bool(c % q)
 
     def sign(self, label: str, message: bytes) -> bytes:
         return signing.sign(self._ed25519, label, message)

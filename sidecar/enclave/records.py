@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gmpy2
-
 from nacl.exceptions import CryptoError
 
 from common import signing, wire
@@ -69,10 +67,8 @@ def open_record(
             if stream.packing is not None else f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}"))
     if envelope.width != keys.ciphertext_width:
         raise RecordRejected(RejectReason.BAD_CIPHERTEXT, f"width {envelope.width}, expected {keys.ciphertext_width}")
-    n, nsquare = keys.paillier_public.n, keys.nsquare
     for c in envelope.ciphertexts:
-        # A valid Paillier ciphertext is a unit modulo n²; anything else is not one.
-        if not 0 < c < nsquare or gmpy2.gcd(c, n) != 1:
+        if not keys.is_ciphertext(c):
             raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
     return envelope, stream, keys
 

@@ -538,3 +538,17 @@ def test_a_counted_record_replayed_after_its_window_closed_is_a_duplicate_not_la
     assert outcome.rejection.reason is RejectReason.DUPLICATE
     late = world.sealer.seal("s", [10.0], window=1)
     assert enclave.on_record(late.body, now_ms()).rejection.reason is RejectReason.LATE_WINDOW
+
+
+def test_unit_check_by_factors_agrees_with_gcd(small_keys):
+    """The enclave tests c mod p and c mod q instead of gcd(c, n): the same set."""
+    import math
+    import secrets
+
+    n, nsq = small_keys.paillier_public.n, small_keys.nsquare
+    p, q = small_keys._paillier.p, small_keys._paillier.q
+    cases = [secrets.randbelow(nsq) for _ in range(2000)]
+    cases += [k * p for k in range(1, 200)] + [k * q for k in range(1, 200)] + [n * k for k in range(1, 50)]
+    cases += [0, 1, nsq - 1, nsq, -1, p * p, q * q, p * q * q]
+    for c in cases:
+        assert small_keys.is_ciphertext(c) == (0 < c < nsq and math.gcd(c, n) == 1), c
