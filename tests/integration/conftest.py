@@ -35,6 +35,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With SEALEDSUM_REQUIRE_BROKER=1 an integration test that skips (however it came to:
+    a ``pytest.skip`` that forgot :func:`_no_broker`, a ``skipif`` marker) fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail") and "/integration/" in str(item.fspath)
+            and os.environ.get("SEALEDSUM_REQUIRE_BROKER") == "1"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"an integration test skipped with SEALEDSUM_REQUIRE_BROKER=1 (CI must not skip): {reason}"
+
+
 def _no_broker(reason: str):
     if os.environ.get("SEALEDSUM_REQUIRE_BROKER") == "1":
         pytest.fail(f"integration tests need a broker and SEALEDSUM_REQUIRE_BROKER=1: {reason}")

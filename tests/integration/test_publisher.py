@@ -20,6 +20,7 @@ from common.results import Release
 from consumers.client import Consumer
 from producers.client import Producer
 from producers.transport import RecordPublisher
+from tests.integration.conftest import _no_broker
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +137,7 @@ def _close_connections_from(local_ports: set[int]) -> int:
 
 def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(sidecar_factory, amqp_url):
     if shutil.which("rabbitmqctl") is None or ("127.0.0.1" not in amqp_url and "localhost" not in amqp_url):
-        pytest.skip("needs rabbitmqctl for the local broker to drop one connection")
+        _no_broker("this test drops one connection with rabbitmqctl, for a broker on this machine")
     sc = sidecar_factory({"s": STREAM})
     values = [float(i % 10) for i in range(400)]
     errors: list[BaseException] = []
