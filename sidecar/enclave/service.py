@@ -16,7 +16,7 @@ from typing import Callable
 
 from common import wire
 from common.errors import InvalidMessage, RecordRejected, RejectReason
-from common.policy import EnclavePolicy
+from common.policy import EnclavePolicy, StreamPolicy
 from common.results import PAYLOADS
 from sidecar.enclave.aggregate import StreamState, Window
 from sidecar.enclave.keyring import EnclaveKeys, Keyring
@@ -36,6 +36,16 @@ class RecordOutcome:
 
     rejection: RecordRejected | None = None
     releases: tuple[Publication, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedRecord:
+    """A record whose sealed box opened and whose envelope fits the keys and the policy;
+    not yet checked against the enclave's state (duplicates, windows, budget)."""
+
+    envelope: wire.Envelope
+    stream: StreamPolicy
+    keys: EnclaveKeys
 
 
 @dataclass(slots=True)
@@ -147,9 +157,32 @@ class Enclave:
         return self.attest(request)
 
     # -- records ----------------------------------------------------------------------
+    # A record goes through two steps. ``open`` reads only keys and policy, so the runtime
+    # may run it on another thread (libsodium releases the GIL); ``accept`` changes state
+    # and runs on the runtime's thread, in delivery order. ``on_record`` does both.
     def on_record(self, body: bytes, now_ms: int) -> RecordOutcome:
+        return self.accept(self.open(body, now_ms), now_ms)
+
+    def open(self, body: bytes, now_ms: int) -> OpenedRecord | RecordRejected:
+        """Open the sealed box and validate the record against keys and policy.
+
+        Thread-safe as long as no key rotation or retirement runs at the same time.
+        Returns the rejection instead of raising it, so batches can be opened at once.
+        """
         try:
-            envelope, stream, keys = open_record(body, self.keyring, self.policy, now_ms, self.size_limit)
+            return OpenedRecord(*open_record(body, self.keyring, self.policy, now_ms, self.size_limit))
+        except RecordRejected as rejection:
+            return rejection
+        except Exception as err:  # noqa: BLE001 - the enclave must never die on input
+            log.exception("unexpected error opening a record; dead-lettering it")
+            return RecordRejected(RejectReason.MALFORMED, f"internal error: {type(err).__name__}")
+
+    def accept(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> RecordOutcome:
+        """Count an opened record into its window (or refuse it); what ``open`` returned."""
+        try:
+            if isinstance(opened, RecordRejected):
+                raise opened
+            envelope, stream, keys = opened.envelope, opened.stream, opened.keys
             state = self.streams[stream.name]
             state.check_duplicate(envelope)
             if stream.name in self.exhausted:

@@ -37,6 +37,7 @@ class RecordingChannel:
 
 def deliver(runtime, channel, body, tag, redelivered=False):
     runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
+    runtime.ingest()
 
 
 def test_a_failed_release_is_republished_with_the_same_noise(world):
