@@ -143,11 +143,16 @@ def verify_attestation(
     if not hmac.compare_digest(parsed.nonce, nonce):
         raise NonceMismatch("the reply answers another nonce: a replayed or misrouted attestation")
     # (5) It is recent.
-    age = (now_ms - quote.issued_at_ms) / 1000.0
+    # Quote times are whole milliseconds, so the age is printed exactly, in seconds with three
+    # decimals, and the limit as configured: "0 s old (limit 0 s)" would say nothing.
+    age_ms = now_ms - quote.issued_at_ms
+    age = age_ms / 1000.0
     if age > trust.max_quote_age_seconds:
-        raise StaleQuote(f"quote is {age:.0f} s old (limit {trust.max_quote_age_seconds:.0f} s)")
+        raise StaleQuote(f"quote is {age_ms / 1000:.3f} s old (limit {trust.max_quote_age_seconds:.15g} s)",
+                         hint="a replayed or delayed reply, or the platform clock is behind; attest again")
     if age < -FUTURE_SKEW_SECONDS:
-        raise StaleQuote(f"quote is dated {-age:.0f} s in the future", hint="check the clocks")
+        raise StaleQuote(f"quote is dated {-age_ms / 1000:.3f} s in the future (limit {FUTURE_SKEW_SECONDS:g} s)",
+                         hint="check the clocks")
 
     try:
         keys = wire.KeyBundle.from_bytes(parsed.keys)

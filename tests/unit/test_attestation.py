@@ -159,8 +159,10 @@ def test_stale_quote(world):
     t = issued_at(reply)
     max_age_ms = int(world.trust.max_quote_age_seconds * 1000)
     verify_attestation(reply, nonce, world.trust, t + max_age_ms)  # at the limit
-    with pytest.raises(StaleQuote):
+    with pytest.raises(StaleQuote) as info:
         verify_attestation(reply, nonce, world.trust, t + max_age_ms + 1)
+    # Precise enough to see why: one millisecond over, not "300 s old (limit 300 s)".
+    assert str(info.value) == "quote is 300.001 s old (limit 300 s)"
     with pytest.raises(StaleQuote):
         verify_attestation(reply, nonce, world.trust, t + 86_400_000)
     short = TrustAnchors(world.trust.platform_key, world.trust.measurements, max_quote_age_seconds=1)
@@ -168,13 +170,53 @@ def test_stale_quote(world):
         verify_attestation(reply, nonce, short, t + 1_001)
 
 
+def test_a_captured_reply_replayed_later_is_refused(world):
+    """A real reply, captured and replayed after its quote aged past the limit on the real
+    clock: stale for the client it answered, another nonce's answer for any other client."""
+    import re
+    import time
+
+    trust = TrustAnchors(world.trust.platform_key, world.trust.measurements, max_quote_age_seconds=0.2)
+    reply, nonce = ask(world)
+    verify_attestation(reply, nonce, trust, now_ms())  # fresh: accepted
+    time.sleep(0.35)
+    with pytest.raises(StaleQuote) as info:
+        verify_attestation(reply, nonce, trust, now_ms())
+    m = re.fullmatch(r"quote is (\d+\.\d{3}) s old \(limit 0\.2 s\)", str(info.value))
+    assert m, str(info.value)
+    assert 0.35 <= float(m.group(1)) < 30
+    # Replayed to a client that asked with its own nonce: refused for that, whatever its age.
+    with pytest.raises(NonceMismatch, match="answers another nonce"):
+        verify_attestation(reply, os.urandom(32), trust, now_ms())
+    with pytest.raises(NonceMismatch, match="answers another nonce"):
+        verify_attestation(reply, os.urandom(32), world.trust, now_ms())
+
+
+def test_a_quote_issued_ten_minutes_ago_is_stale(small_keys):
+    """A genuine quote whose platform dated it ten minutes back, checked now at the default limit."""
+    import re
+
+    policy = make_policy()
+    behind = EmulatedPlatform(Ed25519PrivateKey.generate(), os.urandom(32), clock_ms=lambda: now_ms() - 600_000)
+    pb = policy.to_bytes()
+    digest, m = measure.measure(pb)
+    enclave = Enclave(small_keys, policy, pb, digest, m, lambda rd: behind.quote(m, rd))
+    nonce = os.urandom(32)
+    reply = enclave.attest(wire.AttestRequest(nonce).to_bytes())
+    with pytest.raises(StaleQuote) as info:
+        verify_attestation(reply, nonce, TrustAnchors(behind.public_key(), frozenset({m})), now_ms())
+    got = re.fullmatch(r"quote is (\d+\.\d{3}) s old \(limit 300 s\)", str(info.value))
+    assert got and 600 <= float(got.group(1)) < 630, str(info.value)
+
+
 def test_quote_from_the_future(world):
     reply, nonce = ask(world)
     t = issued_at(reply)
     skew_ms = int(FUTURE_SKEW_SECONDS * 1000)
     verify_attestation(reply, nonce, world.trust, t - skew_ms)  # within the tolerated skew
-    with pytest.raises(StaleQuote):
+    with pytest.raises(StaleQuote) as info:
         verify_attestation(reply, nonce, world.trust, t - skew_ms - 1)
+    assert str(info.value) == "quote is dated 30.001 s in the future (limit 30 s)"
 
 
 def test_platform_with_a_clock_far_ahead(small_keys):
