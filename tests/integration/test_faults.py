@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import threading
 import time
 
@@ -140,16 +141,22 @@ class AttestationRelay:
         self.conn.close()
 
 
-@pytest.mark.parametrize("mode, error", [("keys", ReportDataMismatch), ("policy", ReportDataMismatch),
-                                         ("nonce", NonceMismatch)])
-def test_producer_refuses_a_tampered_attestation(sidecar_factory, mode, error):
+# One hash covers keys, policy and nonce together, so the message names all three; an
+# altered policy is caught by that hash before the measurement check would name it.
+@pytest.mark.parametrize("mode, error, message", [
+    ("keys", ReportDataMismatch, "keys, policy or nonce differ from what the quote covers"),
+    ("policy", ReportDataMismatch, "keys, policy or nonce differ from what the quote covers"),
+    ("nonce", NonceMismatch, "the reply answers another nonce: a replayed or misrouted attestation"),
+])
+def test_producer_refuses_a_tampered_attestation(sidecar_factory, mode, error, message):
     sc = sidecar_factory({"s": STREAM})
     relay = AttestationRelay(sc, mode)
     try:
         cfg = dataclasses.replace(sc.config, broker=relay.settings)
-        with pytest.raises(error):
+        with pytest.raises(error) as info:
             with Producer(cfg) as producer:
                 producer.send("s", [1.0])
+        assert type(info.value) is error and str(info.value) == message
         assert relay.sent_records() == 0
     finally:
         relay.close()
@@ -170,7 +177,14 @@ def test_producer_refuses_an_untrusted_enclave_and_sends_nothing(sidecar_factory
     with pytest.raises(error) as info:
         with Producer(dataclasses.replace(sc.config, trust=trust)) as producer:
             producer.send("s", [1.0])
-    assert str(info.value)  # says why
+    assert type(info.value) is error
+    if case == "platform":
+        assert str(info.value) == "quote: signature does not verify"
+    elif case == "measurement":
+        assert str(info.value) == f"measurement {sc.measurement.hex()} is not in trust.measurements"
+    else:
+        # The RPC takes at least a millisecond; the age is given to the millisecond.
+        assert re.fullmatch(r"quote is \d+\.\d{3} s old \(limit 1e-06 s\)", str(info.value)), str(info.value)
     assert drain(conn, q, expect=0, timeout=1.0) == []
 
 
