@@ -215,6 +215,39 @@ def test_a_producer_refuses_a_weaker_attested_policy(world, require, message):
     assert "nothing was sent" in info.value.hint
 
 
+@pytest.fixture(scope="module")
+def gaussian_world(small_keys):
+    """A Gaussian stream: delta 1e-6 per release, its budget stated at budget_delta 1e-5."""
+    return make_world(small_keys, make_policy({"s": stream_table(
+        mechanism="gaussian", delta=1e-6, budget_delta=1e-5, budget_epsilon=10.0)}))
+
+
+@pytest.mark.parametrize("require, message", [
+    (Requirements(max_delta=1e-7), "delta per release 1e-06 > 1e-07"),
+    (Requirements(max_budget_delta=2e-6), "budget_delta 1e-05 > 2e-06"),
+    (Requirements(max_delta=0.0, max_budget_delta=0.0), "delta per release 1e-06 > 0; budget_delta 1e-05 > 0"),
+])
+def test_a_producer_refuses_a_weaker_attested_delta(gaussian_world, require, message):
+    sealer = RecordSealer(gaussian_world.attested, lambda stream: require)
+    with pytest.raises(PolicyTooWeak, match=re.escape(message)) as info:
+        sealer.seal("s", [1.0])
+    assert "nothing was sent" in info.value.hint
+
+
+@pytest.mark.parametrize("require", [
+    Requirements(max_delta=1e-6, max_budget_delta=1e-5),  # equal is enough
+    Requirements(max_delta=1e-5, max_budget_delta=1e-4),
+])
+def test_delta_requirements_that_hold_let_records_through(gaussian_world, require):
+    sealer = RecordSealer(gaussian_world.attested, lambda stream: require)
+    assert gaussian_world.enclave.on_record(sealer.seal("s", [1.0]).body, now_ms()).rejection is None
+
+
+def test_a_laplace_stream_meets_any_delta_requirement(world):
+    sealer = RecordSealer(world.attested, lambda stream: Requirements(max_delta=0.0, max_budget_delta=0.0))
+    assert world.enclave.on_record(sealer.seal("s", [1.0]).body, now_ms()).rejection is None
+
+
 def test_requirements_that_hold_let_records_through(world):
     sealer = RecordSealer(world.attested, lambda stream: Requirements(max_epsilon=1.0, min_min_batch=3))
     assert world.enclave.on_record(sealer.seal("s", [1.0]).body, now_ms()).rejection is None
