@@ -51,6 +51,37 @@ def test_histogram_sensitivity_and_count_by_hand():
     assert plan.count_scale is None and plan.sum_scale == pytest.approx(1 / 1.0)  # whole ε on the buckets
 
 
+# One producer adds up to k one-hot records, each to any bucket. Under add/remove of those k
+# records the bucket counts move by a vector of non-negative integers summing to k: L1 = k, and
+# L2 = k in the worst case, all k in one bucket (sqrt(k) would be k records in k different
+# buckets, the best case). The whole release budget goes to the buckets.
+# Gaussian: rho = (sqrt(ln(1e6) + 1) - sqrt(ln(1e6)))^2 = 0.0174689..., sigma = k / sqrt(2 rho).
+@pytest.mark.parametrize("mechanism, epsilon, k, scale", [
+    ("laplace", 0.5, 1, 2.0),                  # b = 1 / 0.5
+    ("laplace", 0.5, 3, 6.0),                  # b = 3 / 0.5
+    ("gaussian", 1.0, 1, 5.3499800619762965),  # 1 / sqrt(2 * 0.0174689...)
+    ("gaussian", 1.0, 3, 16.04994018592889),   # 3 / sqrt(2 * 0.0174689...), not sqrt(3) / ...
+])
+def test_histogram_sensitivity_with_a_contribution_bound_by_hand(mechanism, epsilon, k, scale):
+    p = policy_of(kind="histogram", dimension=None, edges=[0, 10, 20, 50, 100], lower=None, upper=None,
+                  mechanism=mechanism, epsilon=epsilon, delta=1e-6 if mechanism == "gaussian" else None,
+                  max_records_per_producer=k if k > 1 else None)
+    assert p.sensitivities() == (k, float(k))
+    plan = p.noise_plan()
+    assert plan.sum_scale == pytest.approx(scale, rel=1e-12)
+    assert plan.count_scale is None and plan.sum_share == 1.0  # the count is the buckets' sum
+
+
+def test_histogram_release_is_noised_for_k_records_per_producer(small_keys):
+    world = make_world(small_keys, make_policy({"s": stream_table(
+        kind="histogram", dimension=None, edges=[0, 10, 20], lower=None, upper=None, epsilon=0.5,
+        window_records=3, min_batch=1, max_records_per_producer=3)}))
+    alice = RecordSealer(world.attested, producer_id=b"A" * 16)
+    outs = [world.enclave.on_record(alice.seal("s", [5.0]).body, now_ms()) for _ in range(3)]
+    (pub,) = outs[-1].releases
+    assert pub.message.sum_noise_scale == 6.0 and pub.message.count_noise_scale is None
+
+
 def test_contribution_bound_multiplies_sensitivity():
     one = policy_of(dimension=2, lower=0.0, upper=10.0)
     three = policy_of(dimension=2, lower=0.0, upper=10.0, max_records_per_producer=3)
@@ -111,12 +142,16 @@ def test_per_coordinate_bounds_clip_each_coordinate(small_keys):
 
 
 def test_mean_is_post_processed_from_noised_sum_and_count(small_keys):
-    world = make_world(small_keys, make_policy({"s": stream_table(kind="mean", window_records=4, min_batch=1)}))
-    outs = [world.enclave.on_record(world.sealer.seal("s", [v]).body, now_ms()) for v in (10, 20, 30, 40)]
+    # 40 records and 90% of eps = 1 on the count: its discrete Laplace noise has scale 1/0.9, and
+    # P(noise <= -40) = exp(-36) / (1 + exp(-0.9)) < 3e-16, so the count is positive and the
+    # mean is released; it is never skipped.
+    world = make_world(small_keys, make_policy({"s": stream_table(
+        kind="mean", window_records=40, min_batch=1, count_share=0.9)}))
+    outs = [world.enclave.on_record(world.sealer.seal("s", [v]).body, now_ms()) for v in range(10, 50)]
     r = outs[-1].releases[0].message
-    assert r.aggregate == "mean"
-    if r.count > 0:
-        assert r.mean == [r.sum[0] / r.count]  # exactly the noised quantities, nothing else
+    assert r.aggregate == "mean" and r.count_noise_scale == pytest.approx(1 / 0.9)
+    assert r.count > 0
+    assert r.mean == [r.sum[0] / r.count]  # exactly the noised quantities, nothing else
 
 
 def test_contribution_limit_per_producer_per_window(small_keys):
