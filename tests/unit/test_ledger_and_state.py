@@ -107,6 +107,40 @@ def test_budget_report_answers_the_nonce_and_verifies(world):
         verify_signed(body, world.attested)  # a report is not a result
 
 
+@pytest.fixture
+def two_streams(small_keys):
+    return make_world(small_keys, make_policy({"s": stream_table(), "t": stream_table()}))
+
+
+def enclave_answering(world, *, nonce=None, stream=None):
+    """``amqp.call_enclave`` for an enclave that answers a request other than the one sent:
+    a report replayed from an earlier nonce, or one about another stream."""
+    def call(_connection, _settings, request, kind):
+        assert kind == "budget-request"
+        req = wire.BudgetRequest.from_bytes(request)
+        asked = wire.BudgetRequest(nonce or req.nonce, stream or req.stream)
+        return world.enclave.answer(asked.to_bytes(), now_ms())
+    return call
+
+
+def test_the_budget_rpc_checks_its_nonce_and_stream(two_streams, monkeypatch):
+    from common import amqp
+
+    monkeypatch.setattr(amqp, "call_enclave", enclave_answering(two_streams))
+    report = amqp.budget(None, None, two_streams.attested, "t")
+    assert isinstance(report, BudgetReport) and report.stream == "t"
+
+
+@pytest.mark.parametrize("replayed", [dict(nonce=bytes(range(32))), dict(stream="t")])
+def test_a_budget_report_answering_another_request_is_refused(two_streams, monkeypatch, replayed):
+    from common import amqp
+    from common.errors import InvalidResultSignature
+
+    monkeypatch.setattr(amqp, "call_enclave", enclave_answering(two_streams, **replayed))
+    with pytest.raises(InvalidResultSignature, match=re.escape("answers another request (replayed?)")):
+        amqp.budget(None, None, two_streams.attested, "s")
+
+
 # -- sealed state ----------------------------------------------------------------------
 Counter = PlatformCounter
 
