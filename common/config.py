@@ -66,8 +66,15 @@ class Topology:
         return f"{self.prefix}.attest"
 
     @property
+    def announce_exchange(self) -> str:
+        """Signed notices to producers (key rotations): a fanout exchange each producer binds
+        a server-named exclusive queue of its own to."""
+        return f"{self.prefix}.announce"
+
+    @property
     def exchanges(self) -> tuple[str, ...]:
-        return (self.records_exchange, self.rejected_exchange, self.attest_exchange, self.results_exchange)
+        return (self.records_exchange, self.rejected_exchange, self.attest_exchange, self.results_exchange,
+                self.announce_exchange)
 
     @property
     def queues(self) -> tuple[str, ...]:

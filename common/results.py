@@ -1,4 +1,5 @@
-"""What the enclave signs and publishes: releases, budget notices and budget reports.
+"""What the enclave signs and publishes: releases, budget notices, budget reports and
+key-rotation notices.
 
 On the wire each is a :class:`common.wire.SignedMessage` whose payload is ASCII JSON
 (sorted keys, compact) with a ``kind`` field, signed under the label
@@ -20,6 +21,7 @@ from common.policy import KINDS
 RESULT_KIND = "result"
 EXHAUSTED_KIND = "budget_exhausted"
 BUDGET_KIND = "budget"
+ROTATED_KIND = "key_rotated"
 
 BUDGET_FIELDS = {"releases", "spent_epsilon", "spent_rho", "budget_epsilon", "budget_delta",
                  "remaining_releases", "ledger_head"}
@@ -200,13 +202,47 @@ class BudgetReport:
                 "measurement": self.measurement, **self.budget}
 
 
-PAYLOADS = {RESULT_KIND: Release, EXHAUSTED_KIND: BudgetExhausted, BUDGET_KIND: BudgetReport}
+@dataclass(frozen=True, slots=True)
+class KeyRotated:
+    """Published on ``PREFIX.announce`` when the enclave rotates its encryption keys:
+    ``key_epoch`` is the new current epoch, ``previous_epoch`` drains until
+    ``previous_retires_at_ms`` and is refused after. Producers that hear it attest again."""
+
+    key_epoch: int
+    previous_epoch: int
+    previous_retires_at_ms: int
+    measurement: str
+    at_ms: int
+    kind: str = ROTATED_KIND
+
+    def to_payload(self) -> bytes:
+        return _canonical(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "KeyRotated":
+        return _load(payload, cls, ROTATED_KIND)
+
+    def _valid(self) -> bool:
+        return bool(all(_int(v) for v in (self.key_epoch, self.previous_epoch, self.previous_retires_at_ms,
+                                          self.at_ms))
+                    and 1 <= self.previous_epoch and self.key_epoch == self.previous_epoch + 1
+                    and 0 <= self.at_ms <= self.previous_retires_at_ms
+                    and isinstance(self.measurement, str))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"notice": ROTATED_KIND, "key_epoch": self.key_epoch, "previous_epoch": self.previous_epoch,
+                "previous_retires_at_ms": self.previous_retires_at_ms, "at_ms": self.at_ms}
+
+
+PAYLOADS = {RESULT_KIND: Release, EXHAUSTED_KIND: BudgetExhausted, BUDGET_KIND: BudgetReport,
+            ROTATED_KIND: KeyRotated}
 
 
 def verify_signed(body: bytes, enclave: AttestedEnclave, kinds: tuple[str, ...] = (RESULT_KIND, EXHAUSTED_KIND)):
     """Check a signed message's signature under the attested key, then parse it.
 
-    :returns: a :class:`Release`, :class:`BudgetExhausted` or :class:`BudgetReport`.
+    :returns: a :class:`Release`, :class:`BudgetExhausted`, :class:`BudgetReport` or
+        :class:`KeyRotated`, whichever of ``kinds`` the payload is.
     :raises InvalidResultSignature: forged, altered, or signed by another enclave.
     :raises InvalidMessage: signed but not a well-formed message of an expected kind.
     """
@@ -233,3 +269,8 @@ def verify_signed(body: bytes, enclave: AttestedEnclave, kinds: tuple[str, ...] 
 def verify_result(body: bytes, enclave: AttestedEnclave) -> Release:
     """Like :func:`verify_signed`, for a release only."""
     return verify_signed(body, enclave, (RESULT_KIND,))
+
+
+def verify_key_rotated(body: bytes, enclave: AttestedEnclave) -> KeyRotated:
+    """Like :func:`verify_signed`, for a key-rotation notice only (what producers hear)."""
+    return verify_signed(body, enclave, (ROTATED_KIND,))

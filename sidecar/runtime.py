@@ -89,6 +89,8 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
     channel.queue_declare(t.attest_queue, durable=False,
                           arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS})
     channel.queue_bind(t.attest_queue, t.attest_exchange, routing_key=amqp.ATTEST_ROUTING_KEY)
+    # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
+    channel.exchange_declare(t.announce_exchange, exchange_type="fanout", durable=True)
 
 
 class EnclaveRuntime:
@@ -274,13 +276,15 @@ class EnclaveRuntime:
             correlation_id=props.correlation_id, type="reply", app_id=amqp.APP_ID))
 
     def _tick(self) -> None:
+        notices = ()
         if self._rotation_requested or self.enclave.rotation_due(now_ms()):
             self._rotation_requested = False
             self.flush()  # records folded so far are checkpointed under the epoch they came in
             self.enclave.rotate(now_ms())
+            notices = self.enclave.announcements()  # sealed below with the new keys, then sent
         releases = self.enclave.on_tick(now_ms())
         self.persist()
-        for release in releases:
+        for release in (*notices, *releases):
             self._publish_release(release)
         self.persist()  # confirmed publications leave the pending set
         if self._held and time.monotonic() - self._last_held_retry >= HELD_RETRY_S:
@@ -295,6 +299,15 @@ class EnclaveRuntime:
             self._publish_release(release)
 
     def _publish_release(self, release) -> None:
+        if release.announce:
+            # Not mandatory: with no producer listening there is nobody to tell (producers
+            # that attest later get the new epoch anyway). Pending until the broker confirms.
+            amqp.publish_confirmed(self._publish, self.settings.topology.announce_exchange, "",
+                                   release.body, amqp.properties("announce"), mandatory=False)
+            self.enclave.confirm_published(release)
+            log.info("key rotation announced", extra={"fields": {
+                "key_epoch": release.message.key_epoch, "previous_epoch": release.message.previous_epoch}})
+            return
         # mandatory: with no consumer queue bound the broker would drop the release and
         # still confirm it; its noise was drawn once, so it must wait here instead.
         try:

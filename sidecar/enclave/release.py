@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from common import signing, wire
 from common.fixedpoint import decode
 from common.policy import StreamPolicy
-from common.results import BudgetExhausted, BudgetReport, Release
+from common.results import BudgetExhausted, BudgetReport, KeyRotated, Release
 from sidecar.enclave import noise
 from sidecar.enclave.aggregate import Window
 from sidecar.enclave.keyring import EnclaveKeys, Keyring
@@ -19,17 +19,24 @@ from sidecar.enclave.keyring import EnclaveKeys, Keyring
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """A signed message for the results exchange, routed by stream. ``key`` names it in
-    the enclave's pending set: ``stream/window`` or ``stream/budget_exhausted``."""
+    """A signed message to publish. Releases and budget notices go to the results exchange,
+    routed by stream; a key-rotation notice (``stream`` empty) goes to the announce exchange.
+    ``key`` names it in the enclave's pending set: ``stream/window``,
+    ``stream/budget_exhausted`` or ``key_rotated/EPOCH``."""
 
     key: str
     stream: str
     body: bytes
-    message: Release | BudgetExhausted
+    message: Release | BudgetExhausted | KeyRotated
 
     @property
     def window(self) -> int | None:
         return self.message.window if isinstance(self.message, Release) else None
+
+    @property
+    def announce(self) -> bool:
+        """Whether it goes to producers on ``PREFIX.announce`` rather than to consumers."""
+        return isinstance(self.message, KeyRotated)
 
 
 def sign(keys: EnclaveKeys, payload: bytes) -> bytes:
@@ -94,6 +101,14 @@ def exhausted_notice(policy: StreamPolicy, keys: EnclaveKeys, measurement: bytes
                      budget: dict) -> Publication:
     notice = BudgetExhausted(policy.name, budget, keys.epoch, measurement.hex(), now_ms)
     return Publication(f"{policy.name}/budget_exhausted", policy.name, sign(keys, notice.to_payload()), notice)
+
+
+def rotation_notice(keys: EnclaveKeys, previous_epoch: int, retires_at_ms: int, measurement: bytes,
+                    now_ms: int) -> Publication:
+    """Signed with the Ed25519 key, which the rotation kept, so producers verify it with the key
+    they attested (under the previous epoch)."""
+    notice = KeyRotated(keys.epoch, previous_epoch, retires_at_ms, measurement.hex(), now_ms)
+    return Publication(f"key_rotated/{keys.epoch}", "", sign(keys, notice.to_payload()), notice)
 
 
 def budget_report(policy: StreamPolicy, keys: EnclaveKeys, measurement: bytes, now_ms: int,

@@ -22,7 +22,7 @@ from sidecar.enclave.aggregate import StreamState, Window
 from sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sidecar.enclave.ledger import StreamLedger
 from sidecar.enclave.records import check_age, max_record_bytes, open_record
-from sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release
+from sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release, rotation_notice
 
 log = logging.getLogger("sealedsum.enclave")
 
@@ -114,13 +114,24 @@ class Enclave:
         return self.keyring.decryptions
 
     def rotate(self, now_ms: int) -> EnclaveKeys:
-        """New encryption keys; the old epoch drains for ``key_grace_seconds``."""
+        """New encryption keys; the old epoch drains for ``key_grace_seconds``.
+
+        Also signs a ``key_rotated`` notice for producers and keeps it in :attr:`pending`
+        (so it is sealed with the state and sent again after a crash or a broker loss
+        until the broker confirms it); :meth:`announcements` lists it for the runtime.
+        """
         old = self.keyring.current_epoch
         new = self.keyring.rotate(self.policy.paillier_bits, now_ms, int(self.policy.key_grace_seconds * 1000))
+        notice = rotation_notice(new, old, self.keyring.retire_at[old], self.measurement, now_ms)
+        self.pending[notice.key] = notice
         self.keys_dirty = self.dirty = True
         log.info("keys rotated", extra={"fields": {"from_epoch": old, "to_epoch": new.epoch,
                                                    "old_epoch_retires_in_s": self.policy.key_grace_seconds}})
         return new
+
+    def announcements(self) -> tuple[Publication, ...]:
+        """The key-rotation notices not yet confirmed by the broker."""
+        return tuple(p for p in self.pending.values() if p.announce)
 
     def rotation_due(self, now_ms: int) -> bool:
         every = self.policy.rotate_keys_every_seconds
