@@ -53,9 +53,19 @@ def unsealed_keys(sc: RunningSidecar) -> EnclaveKeys:
 
 
 def secret_forms(keys: EnclaveKeys) -> list[bytes]:
-    """Every private key, in the encodings a leak would most likely take."""
+    """Every private key, in the encodings a leak would most likely take.
+
+    Paillier's secret is more than p and q: phe keeps CRT values (hp, hq, p_inverse) and
+    p², q², each of which gives away the factors (p = isqrt(p²)), and a leak could take
+    the textbook form of the key, lambda = lcm(p-1, q-1) or phi = (p-1)(q-1).
+    """
+    import math
+
     raw = [bytes(keys._x25519), keys._ed25519.private_bytes_raw()]
-    ints = [keys._paillier.p, keys._paillier.q]
+    sk = keys._paillier
+    phi = (sk.p - 1) * (sk.q - 1)
+    ints = [sk.p, sk.q, sk.hp, sk.hq, sk.p_inverse, sk.psquare, sk.qsquare, phi, math.lcm(sk.p - 1, sk.q - 1)]
+    assert all(i.bit_length() >= 256 for i in ints)  # long enough that a chance match is impossible
     forms = []
     for r in raw:
         forms += [r, r.hex().encode(), base64.b64encode(r)]
@@ -126,11 +136,20 @@ def test_no_private_key_in_state_or_on_the_broker(sidecar_factory):
     bodies += [b for _, b in drain(*captures[1], expect=1)]
     bodies += [b for _, b in drain(*captures[2], expect=1)]
     assert len(bodies) >= 1 + 21 + 1 + 1
+    sc.stop()  # its log is complete (the final stats included)
     keys = unsealed_keys(sc)
-    state_files = [p.read_bytes() for p in sc.state.rglob("*") if p.is_file()]
-    for secret in secret_forms(keys):
-        for blob in bodies + state_files:
-            assert secret not in blob
+    state_files = {str(p): p.read_bytes() for p in sc.state.rglob("*") if p.is_file()}
+    # The sidecar's log (platform and enclave, at debug level, all of this run's events).
+    log = sc.log_path.read_bytes()
+    assert b'"enclave running"' in log and b'"stats"' in log
+    blobs = {f"message {i}": b for i, b in enumerate(bodies)} | state_files | {"sidecar log": log}
+    # The scan finds a number where one is: the public modulus n, as the reply carries it.
+    n = keys.paillier_public.n
+    assert n.to_bytes((n.bit_length() + 7) // 8, "big") in reply
+    sealing = sc.platform.sealing_key(sc.measurement)  # what keeps the keys sealed is as secret
+    for n, secret in enumerate(secret_forms(keys) + [sealing, sealing.hex().encode(), base64.b64encode(sealing)]):
+        for where, blob in blobs.items():
+            assert secret not in blob, f"secret form {n} found in {where}"
 
 
 def test_records_queue_carries_only_sealed_boxes(sidecar_factory):
