@@ -149,3 +149,42 @@ def test_produce_counts_what_the_broker_refused(sidecar_factory):
     finally:
         conn.close()
     assert depth == before + summary["confirmed"] - 1  # the first record went to the enclave
+
+
+def test_produce_refuses_a_broken_attestation_and_publishes_nothing(sidecar_factory, tmp_path):
+    """`sealedsum produce` against an enclave it must not trust (measurement not allowed, or
+    quotes not signed by the pinned platform key): exit 1, one line saying why, no record
+    on the records exchange and none counted by the enclave. The same command with the
+    genuine config then does publish, so the capture below would have seen a record."""
+    from common.attestation import encode_platform_key
+    from sidecar.platform.emulated import EmulatedPlatform
+    from tests.integration.test_end_to_end import capture_queue, drain
+
+    sc = sidecar_factory({"s": STREAM})
+    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, "record")
+    genuine = sc.config_path.read_text()
+    real_key = encode_platform_key(sc.platform.public_key())
+    assert genuine.count(sc.measurement.hex()) == 1 and genuine.count(real_key) == 1
+    cases = {
+        "measurement": (genuine.replace(sc.measurement.hex(), "ab" * 32),
+                        f"error: measurement {sc.measurement.hex()} is not in trust.measurements"),
+        "platform_key": (genuine.replace(real_key, encode_platform_key(EmulatedPlatform.generate().public_key())),
+                         "error: quote: signature does not verify"),
+    }
+    lines = "".join(f"{v}\n" for v in range(20))
+    for name, (text, reason) in cases.items():
+        bad = tmp_path / f"bad-{name}.toml"
+        bad.write_text(text)
+        out = run("produce", "--config", str(bad), "--stream", "s", "--json", input=lines)
+        assert out.returncode == 1, (name, out.stdout, out.stderr)
+        stderr = out.stderr.strip().splitlines()
+        assert len(stderr) == 1 and stderr[0].startswith(reason), (name, out.stderr)
+        assert out.stdout == ""  # no summary: nothing was read, sealed or sent
+    assert drain(conn, q, expect=0, timeout=1.0) == []
+    out = run("produce", "--config", str(sc.config_path), "--stream", "s", "--json", input="1.5\n")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["confirmed"] == 1
+    assert len(drain(conn, q, expect=1)) == 1
+    conn.close()
+    assert sc.stop() == 0
+    assert sc.events("stats")[-1]["accepted"] == 1  # the genuine record only
