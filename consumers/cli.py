@@ -34,28 +34,40 @@ def _consume(args) -> int:
 
     cfg = load_config(args)
     received = 0
+    interrupted = False
     with Consumer(cfg, args.stream, queue=args.queue) as consumer:
         print(f"attested enclave {consumer.enclave.measurement.hex()[:16]}...; waiting for releases "
               f"of {', '.join(args.stream)}", file=sys.stderr)
         open_streams = set(args.stream)
-        for message in consumer.releases(idle_timeout=args.idle_timeout):
-            view = message.to_json()
-            if isinstance(message, BudgetExhausted):
-                print(json.dumps(view) if args.json else
-                      f"{message.stream}: privacy budget exhausted after {view['releases']} release(s) "
-                      f"(epsilon spent {view['spent_epsilon']:.6g} of {view['budget_epsilon']:g}); "
-                      "no further releases  [verified]", flush=True)
-                open_streams.discard(message.stream)
-                if not open_streams:
+        # Without --count or --idle-timeout this runs until interrupted: Ctrl-C must still say
+        # whether forged results were seen, and exit 1 if so.
+        try:
+            for message in consumer.releases(idle_timeout=args.idle_timeout):
+                view = message.to_json()
+                if isinstance(message, BudgetExhausted):
+                    print(json.dumps(view) if args.json else
+                          f"{message.stream}: privacy budget exhausted after {view['releases']} release(s) "
+                          f"(epsilon spent {view['spent_epsilon']:.6g} of {view['budget_epsilon']:g}); "
+                          "no further releases  [verified]", flush=True)
+                    open_streams.discard(message.stream)
+                    if not open_streams:
+                        break
+                    continue
+                print(json.dumps(view) if args.json else describe(view), flush=True)
+                received += 1
+                if args.count and received >= args.count:
                     break
-                continue
-            print(json.dumps(view) if args.json else describe(view), flush=True)
-            received += 1
-            if args.count and received >= args.count:
-                break
+        except KeyboardInterrupt:
+            interrupted = True
         rejected = consumer.verifier.rejected
-    print(f"received {received} verified release(s), rejected {rejected}", file=sys.stderr)
-    return EXIT_VERIFY if rejected else EXIT_OK
+    print(f"{'interrupted; ' if interrupted else ''}received {received} verified release(s), rejected {rejected}",
+          file=sys.stderr)
+    if rejected:
+        print(f"error: {rejected} forged or altered result(s) seen and rejected: someone other than the attested "
+              "enclave is publishing to the results exchange (only the releases printed above are verified)",
+              file=sys.stderr)
+        return EXIT_VERIFY
+    return 130 if interrupted else EXIT_OK
 
 
 def _budget(args) -> int:

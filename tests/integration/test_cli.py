@@ -188,3 +188,77 @@ def test_produce_refuses_a_broken_attestation_and_publishes_nothing(sidecar_fact
     conn.close()
     assert sc.stop() == 0
     assert sc.events("stats")[-1]["accepted"] == 1  # the genuine record only
+
+
+def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_factory):
+    """`sealedsum consume`, run as the README shows it (until interrupted), sees a genuine
+    release, then an altered copy and a forgery: it prints the genuine one only, an error
+    line on stderr for each of the others, and exits 1 when interrupted (README: exit 1,
+    "forged results were seen"), not 130."""
+    import queue
+    import signal
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common import signing, wire
+    from producers.client import Producer
+    from tests.integration.test_end_to_end import capture_queue, drain
+
+    sc = sidecar_factory({"s": STREAM})
+    t = sc.config.broker.topology
+    conn, q = capture_queue(sc, t.results_exchange, "s")
+    proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "consume", "--config", str(sc.config_path),
+                             "--stream", "s", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    err_lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [err_lines.put(line) for line in proc.stderr], daemon=True)
+    reader.start()
+
+    def stderr_until(predicate, timeout=60) -> list[str]:
+        seen = []
+        while True:
+            line = err_lines.get(timeout=timeout)
+            seen.append(line)
+            if predicate(line):
+                return seen
+
+    try:
+        assert "waiting for releases" in stderr_until(lambda line: "waiting for releases" in line)[-1]
+        with Producer(sc.config) as producer:
+            for i in range(20):
+                producer.send("s", [float(i)])
+        ((_, genuine),) = drain(conn, q, expect=1)
+        message = wire.SignedMessage.from_bytes(genuine)
+        payload = json.loads(message.payload)
+        payload["sum"] = [payload["sum"][0] + 1000.0]
+        altered = wire.SignedMessage(json.dumps(payload).encode(), message.signature).to_bytes()
+        forged = wire.SignedMessage(message.payload, signing.sign(Ed25519PrivateKey.generate(), signing.RESULT,
+                                                                  message.payload)).to_bytes()
+        ch = conn.channel()
+        for body in (altered, forged):
+            ch.basic_publish(t.results_exchange, "s", body)
+        rejected = []
+        stderr_until(lambda line: "result rejected" in line and len(rejected.append(line) or rejected) == 2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)  # not communicate(): stderr is the reader thread's
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        stdout = proc.stdout.read()
+        conn.close()
+    reader.join(10)
+    rest = []
+    while not err_lines.empty():
+        rest.append(err_lines.get())
+    for line in rejected:
+        event = json.loads(line)
+        assert event["level"] == "error" and event["event"] == "result rejected"
+        assert event["reason"] == "result: signature does not verify"
+    assert any("received 1 verified release(s), rejected 2" in line for line in rest), rest
+    assert rest[-1].startswith("error: 2 forged or altered result(s) seen and rejected"), rest
+    (view,) = [json.loads(line) for line in stdout.splitlines()]
+    assert view["stream"] == "s" and view["window"] == 1  # the genuine release, once
+    assert proc.returncode == 1
