@@ -351,9 +351,9 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
         def make_enclave() -> Enclave:
             return Enclave(keys, sc.policy, sc.policy_bytes, sc.code_digest, sc.measurement, lambda _rd: b"")
 
-        from sidecar.runtime import ack_batch_for, prefetch_for
+        from sidecar.runtime import ack_batch_for, enclave_prefetch
 
-        prefetch = prefetch_for(make_enclave().size_limit)  # what the sidecar's runtime asks for
+        prefetch = enclave_prefetch(make_enclave())  # what the sidecar's runtime asks for
         result["prefetch"], result["ack_batch"] = prefetch, ack_batch_for(prefetch)
 
         size = vec_size = None

@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common import signing, wire
 from common.attestation import AttestedEnclave
 from common.config import Config
-from common.errors import PolicyMismatch
+from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch
 from common.policy import Requirements, StreamPolicy
+from common.results import verify_key_rotated
 from producers.encryption import Encryptor
 
 log = logging.getLogger("sealedsum.producer")
@@ -146,6 +147,14 @@ class Producer:
     refused (nack, after retrying for ``broker.reconnect_seconds``) or could not route
     raises its ``TransportError`` from the next ``submit``/``send``/``flush``. Leaving the
     ``with`` block normally flushes.
+
+    **Key rotation.** Before it attests, the producer binds a queue of its own to
+    ``PREFIX.announce``. When the enclave rotates its keys it publishes a signed
+    ``key_rotated`` notice there; the producer checks the signature against the Ed25519 key
+    it attested (a notice that does not verify is ignored, with a warning) and, for an epoch
+    newer than its own, attests again before it seals its next record. It also attests again
+    after its broker connection was lost (notices sent meanwhile are lost with the queue),
+    and in any case every ``producer.reattest_seconds``.
     """
 
     def __init__(self, config: Config, *, producer_id: bytes | None = None, window: int | None = None) -> None:
@@ -153,7 +162,11 @@ class Producer:
 
         self.config = config
         self._transport = transport.RecordPublisher(config.broker, window=window or transport.DEFAULT_WINDOW)
+        self.notices_refused = 0  # notices that did not verify
         try:
+            # Listen first: a rotation after the attestation below cannot go unheard.
+            self.listening = self._transport.listen(config.broker.attest_timeout_seconds)
+            self._session = self._transport.sessions
             self.enclave = self._transport.attest(config.require_trust())
         except BaseException:
             self._transport.close()
@@ -169,7 +182,9 @@ class Producer:
     def reattest(self) -> AttestedEnclave:
         """Attest again (fresh nonce, every check); after a key rotation this picks up the
         enclave's new key epoch. The producer id and identity stay the same."""
+        session = self._transport.sessions
         enclave = self._transport.attest(self.config.require_trust())
+        self._session = session
         if enclave.keys != self.enclave.keys:
             log.info("enclave key epoch changed", extra={"fields": {
                 "from_epoch": self.enclave.keys.epoch, "to_epoch": enclave.keys.epoch}})
@@ -181,11 +196,40 @@ class Producer:
         return enclave
 
     def seal(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
-        """Seal one record for the enclave, re-attesting first when the last attestation is
-        older than ``producer.reattest_seconds`` (so key rotations reach long-running producers)."""
-        if time.monotonic() - self._attested_at > self.config.reattest_seconds:
+        """Seal one record for the enclave, attesting again first when the enclave announced a
+        newer key epoch, the broker connection was lost since the last attestation, or that
+        is older than ``producer.reattest_seconds`` (see the class docstring)."""
+        if self._reattest_due():
             self.reattest()
         return self.sealer.seal(stream, values, window=window)
+
+    def _reattest_due(self) -> bool:
+        told = False
+        for body in self._transport.take_notices():
+            told = self._heard(body) or told
+        if told:
+            return True
+        if self._transport.sessions != self._session:
+            log.info("attesting again after a broker reconnect", extra={"fields": {
+                "key_epoch": self.enclave.keys.epoch}})
+            return True
+        return time.monotonic() - self._attested_at > self.config.reattest_seconds
+
+    def _heard(self, body: bytes) -> bool:
+        """Whether a notice from PREFIX.announce, once verified, asks for a new attestation."""
+        try:
+            notice = verify_key_rotated(body, self.enclave)
+        except (InvalidResultSignature, InvalidMessage) as err:
+            self.notices_refused += 1
+            log.warning("ignored a notice that does not verify against the attested enclave", extra={"fields": {
+                "exchange": self.config.broker.topology.announce_exchange, "error": str(err)}})
+            return False
+        if notice.key_epoch <= self.enclave.keys.epoch:
+            return False  # a notice sent again, or one this producer's attestation already covers
+        log.info("enclave announced a key rotation; attesting again before the next record", extra={"fields": {
+            "from_epoch": self.enclave.keys.epoch, "to_epoch": notice.key_epoch,
+            "previous_retires_at_ms": notice.previous_retires_at_ms}})
+        return True
 
     def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
         """Seal and publish one record; return once the broker confirmed it."""

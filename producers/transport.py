@@ -20,6 +20,14 @@ resolves once, to *confirmed* (the broker took it) or to a :class:`TransportErro
 A failed record's error is raised once, by the next :meth:`~RecordPublisher.submit`,
 :meth:`~RecordPublisher.flush` or :meth:`~RecordPublisher.publish`; the ticket keeps it.
 Attestation RPCs use a short-lived ``BlockingConnection`` of their own.
+
+**Notices.** After :meth:`~RecordPublisher.listen`, every connection of the I/O thread also
+opens a second channel with a server-named, exclusive, auto-delete queue bound to
+``PREFIX.announce`` and keeps what arrives there (the enclave's signed key-rotation notices;
+unverified here, see :meth:`~RecordPublisher.take_notices`). :attr:`~RecordPublisher.sessions`
+counts the connections on which that is in place (or failed, e.g. an account without the
+permission): when it moves, the broker connection was lost and notices sent meanwhile may be
+lost with it, so the producer attests again.
 """
 
 from __future__ import annotations
@@ -118,6 +126,90 @@ class RecordPublisher:
         self._fatal: TransportError | None = None  # connection refused for good (bad login)
         self.reconnects = 0
         self.republished = 0  # records published again after a connection loss
+        # Notices (see the module docstring). _notices and sessions are guarded by _cond.
+        self._listen = False
+        self._notices: deque[bytes] = deque(maxlen=64)
+        self.sessions = 0
+        self._announce_channel = None  # I/O thread
+        self._announce_refused_logged = False
+
+    # -- notices from the enclave ----------------------------------------------------------------
+    def listen(self, timeout: float) -> bool:
+        """Keep a queue bound to ``PREFIX.announce`` on every connection from now on (and keep
+        connected while idle, so as not to miss notices). Waits up to ``timeout`` s for the
+        first binding; returns whether the producer is listening now."""
+        with self._cond:
+            if self._closed:
+                raise TransportError("the publisher is closed", retryable=False)
+            start = self.sessions
+            self._listen = True
+            started = self._thread is not None
+            self._start()
+        if started:
+            self._ioloop.add_callback_threadsafe(self._open_announce)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.sessions == start and self._fatal is None and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 1.0))
+            return self._announce_channel is not None and self.sessions > start
+
+    def take_notices(self) -> list[bytes]:
+        """The notice bodies received since the last call, oldest first, as they came: they
+        are not verified yet (anyone able to publish to the exchange could have sent them)."""
+        with self._cond:
+            out = list(self._notices)
+            self._notices.clear()
+            return out
+
+    def _open_announce(self) -> None:
+        conn = self._connection
+        if self._listen and self._announce_channel is None and conn is not None and conn.is_open:
+            conn.channel(on_open_callback=self._on_announce_channel)
+
+    def _on_announce_channel(self, channel) -> None:
+        self._announce_channel = channel
+        channel.add_on_close_callback(self._on_announce_closed)
+        exchange = self.settings.topology.announce_exchange
+
+        def declared(frame) -> None:
+            queue = frame.method.queue
+            channel.queue_bind(queue, exchange, callback=lambda _f: channel.basic_consume(
+                queue, self._on_notice, auto_ack=True, callback=self._on_announce_consuming))
+
+        # Server-named (amq.gen-*: all a producer account may declare), gone with the connection.
+        channel.queue_declare("", exclusive=True, auto_delete=True, callback=declared)
+
+    def _on_announce_consuming(self, _frame) -> None:
+        log.debug("listening for enclave notices", extra={"fields": {
+            "exchange": self.settings.topology.announce_exchange}})
+        self._new_session()
+
+    def _on_announce_closed(self, channel, err) -> None:
+        if channel is not self._announce_channel:
+            return
+        self._announce_channel = None
+        if isinstance(err, pe.ChannelClosedByBroker) and not self._closed:
+            # No permission (an account from before PREFIX.announce existed) or no exchange (an
+            # older sidecar): publish anyway, and attest only every producer.reattest_seconds.
+            if not self._announce_refused_logged:
+                self._announce_refused_logged = True
+                log.warning("cannot listen for key-rotation notices; falling back to periodic "
+                            "re-attestation", extra={"fields": {
+                                "exchange": self.settings.topology.announce_exchange, "error": str(err),
+                                "hint": "run `sealedsum broker setup` again, and a sidecar that declares it"}})
+            self._new_session()  # this connection's view is as good as it gets
+
+    def _on_notice(self, _channel, _method, _props, body: bytes) -> None:
+        with self._cond:
+            self._notices.append(body)
+
+    def _new_session(self) -> None:
+        with self._cond:
+            self.sessions += 1
+            self._cond.notify_all()
 
     # -- attestation (its own short-lived blocking connection) ------------------------------
     def attest(self, trust: TrustAnchors) -> AttestedEnclave:
@@ -291,6 +383,10 @@ class RecordPublisher:
         self._connecting = False
         self._connection = connection
         connection.channel(on_open_callback=self._on_channel)
+        if self._listen:
+            self._open_announce()
+        else:
+            self._new_session()
 
     def _on_channel(self, channel) -> None:
         self._channel = channel
@@ -320,7 +416,7 @@ class RecordPublisher:
         self._lost(amqp.connection_error(err, self.settings))
 
     def _on_closed(self, _connection, err) -> None:
-        self._connection = self._channel = None
+        self._connection = self._channel = self._announce_channel = None
         self._ready = False
         if self._closed:
             return
@@ -408,7 +504,7 @@ class RecordPublisher:
                 self._queued = deque(t for t in self._queued if not t.done)
                 self._retry = [t for t in self._retry if not t.done]
             self._cond.notify_all()
-            want_connection = bool(self._outstanding)
+            want_connection = bool(self._outstanding) or self._listen
         if self._connection is None and not self._connecting and want_connection and self._fatal is None \
                 and now >= self._reconnect_at:
             self._connect()

@@ -18,9 +18,9 @@ from typing import Callable
 import pika
 import pika.exceptions as pe
 
-from common import amqp
+from common import amqp, wire
 from common.config import BrokerSettings
-from common.errors import InvalidMessage, TransportError, Unroutable
+from common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
 from sidecar.enclave.service import Enclave
 from sidecar.enclave.state import SealedStateStore
 
@@ -32,7 +32,7 @@ log = logging.getLogger("sealedsum.runtime")
 # about 3,900 records/s at prefetch 64 / batches of 32 to about 5,600 at 512 / 256.
 PREFETCH_MAX = 512
 PREFETCH_MIN = 16
-PREFETCH_BYTES = 64 << 20
+PREFETCH_BYTES = 128 << 20
 PREFETCH = PREFETCH_MAX  # for 1-value records; see prefetch_for()
 # Acknowledge in batches, each after one checkpoint covering it (multiple=True): at most
 # half the prefetch, so the broker can keep delivering while a batch waits for its fsync.
@@ -42,6 +42,12 @@ ACK_BATCH_MAX = 256
 def prefetch_for(max_record_bytes: int) -> int:
     """The prefetch for records of at most ``max_record_bytes``."""
     return max(PREFETCH_MIN, min(PREFETCH_MAX, PREFETCH_BYTES // max(1, max_record_bytes)))
+
+
+def enclave_prefetch(enclave) -> int:
+    """The prefetch for this enclave: a delivery is one record or a record batch, whichever
+    can be larger."""
+    return prefetch_for(max(getattr(enclave, "size_limit", 0) or 1, wire.MAX_BATCH_BYTES))
 
 
 def ack_batch_for(prefetch: int) -> int:
@@ -119,7 +125,7 @@ class EnclaveRuntime:
         self._last_stats = time.monotonic()
         self._held: set[str] = set()
         self._last_held_retry = time.monotonic()
-        self.prefetch = prefetch_for(getattr(enclave, "size_limit", 0) or 1)
+        self.prefetch = enclave_prefetch(enclave)
         self.ack_batch = ack_batch_for(self.prefetch)
 
     def stop(self) -> None:
@@ -214,54 +220,65 @@ class EnclaveRuntime:
             self._channel.basic_ack(self._unacked[-1], multiple=True)
             self._unacked.clear()
 
-    def _on_record(self, channel, method, _props, body: bytes) -> None:
+    def _on_record(self, channel, method, props, body: bytes) -> None:
         # pika hands over every delivery that has arrived before process_data_events
         # returns; ingest() then takes them as one batch.
         self._channel = channel
-        self._inbox.append((method, body))
+        self._inbox.append((method, getattr(props, "type", None), body))
 
     def ingest(self) -> None:
-        """Open the deliveries received so far, on two threads where that helps, then count
-        or dead-letter each in delivery order on this thread."""
+        """Open the records received so far, on two threads where that helps, then count or
+        dead-letter each in delivery order on this thread. A delivery is acknowledged (by
+        the next :meth:`flush`) once every record it carries is counted or dead-lettered."""
         batch, self._inbox = self._inbox, []
         if not batch:
             return
         now = now_ms()
-        bodies = [body for _, body in batch]
+        deliveries = [(method, kind, body, self.enclave.records_in(body, kind)) for method, kind, body in batch]
+        bodies = [part for *_, parts in deliveries if not isinstance(parts, RecordRejected) for part in parts]
         if self._opener is None or len(bodies) < PARALLEL_OPEN_MIN:
-            opened = [self.enclave.open(body, now) for body in bodies]
+            opened = [self.enclave.open(part, now) for part in bodies]
         else:
             half = len(bodies) // 2
-            later = self._opener.submit(lambda: [self.enclave.open(body, now) for body in bodies[half:]])
-            opened = [self.enclave.open(body, now) for body in bodies[:half]]
+            later = self._opener.submit(lambda: [self.enclave.open(part, now) for part in bodies[half:]])
+            opened = [self.enclave.open(part, now) for part in bodies[:half]]
             opened += later.result()
-        for (method, body), record in zip(batch, opened):
-            self._account(method, body, self.enclave.accept(record, now))
-
-    def _account(self, method, body: bytes, outcome) -> None:
-        channel = self._channel
-        if outcome.rejection is None:
+        records = iter(opened)
+        for method, kind, body, parts in deliveries:
+            if isinstance(parts, RecordRejected):  # a batch that does not parse: dead-lettered whole
+                self._dead_letter(body, parts)
+            else:
+                batched = kind == wire.RECORD_BATCH_TYPE
+                for i, part in enumerate(parts):
+                    self._account(method, part, self.enclave.accept(next(records), now), i if batched else None)
             self._unacked.append(method.delivery_tag)
+            if len(self._unacked) >= self.ack_batch:
+                self.flush()
+
+    def _account(self, method, body: bytes, outcome, index: int | None) -> None:
+        """Carry out one record's outcome; its delivery is acknowledged later, by flush()."""
+        if outcome.rejection is None:
             if outcome.releases:
                 self.persist()  # a release and its ledger charge are sealed before they leave
                 for release in outcome.releases:
                     self._publish_release(release)
-                self.flush()
-            elif len(self._unacked) >= self.ack_batch:
-                self.flush()
             return
-        self.flush()  # keep acks in delivery order: what came before is checkpointed first
         r = outcome.rejection
         if r.reason.value == "duplicate" and method.redelivered:
             # Our own ack was lost: this record is already counted.
             log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
         else:
-            headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
-                       "x-sealedsum-rejected-at": now_ms()}
-            amqp.publish_confirmed(self._publish, self.settings.topology.rejected_exchange, "", body,
-                                   amqp.properties("rejected-record", headers=headers), mandatory=False)
-            log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
-        channel.basic_ack(method.delivery_tag)
+            self._dead_letter(body, r, index)
+
+    def _dead_letter(self, body: bytes, r: RecordRejected, index: int | None = None) -> None:
+        """Publish a rejected record with its reason, confirmed before its delivery is acked."""
+        headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
+                   "x-sealedsum-rejected-at": now_ms()}
+        if index is not None:
+            headers["x-sealedsum-batch-index"] = index  # which record of a batch this was
+        amqp.publish_confirmed(self._publish, self.settings.topology.rejected_exchange, "", body,
+                               amqp.properties("rejected-record", headers=headers), mandatory=False)
+        log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
 
     def _on_attest(self, channel, _method, props, body: bytes) -> None:
         if not props.reply_to:

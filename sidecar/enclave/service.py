@@ -174,6 +174,18 @@ class Enclave:
     def on_record(self, body: bytes, now_ms: int) -> RecordOutcome:
         return self.accept(self.open(body, now_ms), now_ms)
 
+    def records_in(self, body: bytes, kind: str | None) -> tuple[bytes, ...] | RecordRejected:
+        """The sealed records one delivery carries: itself, or those of a record batch
+        (AMQP type ``records``). A batch that does not parse is refused whole."""
+        if kind != wire.RECORD_BATCH_TYPE:
+            return (body,)
+        try:
+            return wire.RecordBatch.from_bytes(body).records
+        except InvalidMessage as err:
+            reason = RejectReason.TOO_LARGE if len(body) > wire.MAX_BATCH_BYTES else RejectReason.MALFORMED
+            self.stats.rejected[reason.value] += 1
+            return RecordRejected(reason, str(err))
+
     def open(self, body: bytes, now_ms: int) -> OpenedRecord | RecordRejected:
         """Open the sealed box and validate the record against keys and policy.
 

@@ -38,6 +38,7 @@ class RecordingChannel:
 def deliver(runtime, channel, body, tag, redelivered=False):
     runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
     runtime.ingest()
+    runtime.flush()  # as the runtime's loop does after every ingest
 
 
 def test_a_failed_release_is_republished_with_the_same_noise(world):
@@ -49,7 +50,7 @@ def test_a_failed_release_is_republished_with_the_same_noise(world):
         deliver(runtime, consume, body, tag)
     with pytest.raises(TransportError):
         deliver(runtime, consume, bodies[4], 5)  # closes the window; the publish is lost
-    assert consume.acked == []  # nothing is acknowledged before its release is out
+    assert 5 not in consume.acked  # the closing record is not acknowledged before its release is out
     (pending,) = world.enclave.pending.values()
 
     runtime._publish, consume = RecordingChannel(), RecordingChannel()  # after the reconnect
@@ -69,7 +70,7 @@ def test_dead_letter_is_confirmed_before_the_ack(world):
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
     runtime._publish.log = consume.log  # one timeline for both channels
     deliver(runtime, consume, b"not a sealed box" * 4, 7)
-    assert consume.log == ["publish sealedsum.rejected", "ack 7"]
+    assert consume.log == ["publish sealedsum.rejected", "ack 7 multiple"]
     (_, _, body, headers) = runtime._publish.published[0]
     assert body == b"not a sealed box" * 4 and headers["x-sealedsum-reason"] == "undecryptable"
 
@@ -111,3 +112,79 @@ def test_a_release_nobody_is_bound_to_receive_is_held_not_dropped(world, monkeyp
     runtime._tick()
     (published,) = runtime._publish.published
     assert published[2] == held.body and world.enclave.pending == {}
+
+
+# -- record batches: several sealed records in one delivery -------------------------------
+
+def deliver_batch(runtime, channel, records, tag, redelivered=False):
+    from common import wire
+
+    body = wire.RecordBatch(tuple(records)).to_bytes()
+    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered),
+                       SimpleNamespace(type=wire.RECORD_BATCH_TYPE), body)
+    runtime.ingest()
+    runtime.flush()
+    return body
+
+
+def test_a_batch_counts_each_record_and_dead_letters_only_the_bad_one(world):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._publish.log = consume.log
+    good = [world.sealer.seal("s", [float(v)]).body for v in (1, 2, 3)]
+    bad = b"not a sealed box" * 4
+    deliver_batch(runtime, consume, [good[0], bad, good[1], good[2]], 9)
+    assert world.enclave.stats.accepted == 3 and dict(world.enclave.stats.rejected) == {"undecryptable": 1}
+    (dead,) = runtime._publish.published
+    assert dead[2] == bad  # the one record, not the batch
+    assert dead[3]["x-sealedsum-reason"] == "undecryptable" and dead[3]["x-sealedsum-batch-index"] == 1
+    assert consume.log == ["publish sealedsum.rejected", "ack 9 multiple"]  # one ack, after the dead letter
+
+
+def test_a_batch_that_closes_a_window_releases_it_and_a_redelivery_counts_nothing_twice(world):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    records = [world.sealer.seal("s", [10.0]).body for _ in range(7)]  # window_records = 5
+    deliver_batch(runtime, consume, records, 1)
+    assert world.enclave.stats.windows_released == 1 and world.enclave.streams["s"].current.count == 2
+    (release,) = [p for p in runtime._publish.published if p[0] == "sealedsum.results"]
+    deliver_batch(runtime, consume, records, 2, redelivered=True)  # as after a lost ack
+    assert world.enclave.stats.accepted == 7 and world.enclave.streams["s"].current.count == 2
+    assert [p for p in runtime._publish.published if p[0] != "sealedsum.results"] == []  # no dead letters
+    assert consume.acked == [1, 2]
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"SSB\x01\x00\x02\x00\x00\x00\x05abc", "malformed"),       # truncated
+    (b"SSB\x01\x00\x00", "malformed"),                           # no records
+    (b"SSX\x01\x00\x01\x00\x00\x00\x00", "malformed"),           # wrong magic
+    (b"SSB\x01" + b"\x00" * (256 << 10), "too_large"),
+])
+def test_a_batch_that_does_not_parse_is_dead_lettered_whole(world, body, reason):
+    from common import wire
+
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._on_record(consume, SimpleNamespace(delivery_tag=4, redelivered=False),
+                       SimpleNamespace(type=wire.RECORD_BATCH_TYPE), body)
+    runtime.ingest()
+    runtime.flush()
+    (dead,) = runtime._publish.published
+    assert dead[2] == body and dead[3]["x-sealedsum-reason"] == reason and "x-sealedsum-batch-index" not in dead[3]
+    assert consume.log == ["ack 4 multiple"] and world.enclave.stats.accepted == 0
+    assert dict(world.enclave.stats.rejected) == {reason: 1}
+
+
+def test_a_sealed_record_is_never_read_as_a_batch(world):
+    """Only the AMQP type makes a delivery a batch: a record whose random first bytes
+    happen to spell the batch magic is still one record."""
+    from common import wire
+
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    body = world.sealer.seal("s", [1.0]).body
+    runtime._on_record(consume, SimpleNamespace(delivery_tag=1, redelivered=False),
+                       SimpleNamespace(type=wire.RECORD_TYPE), body)
+    runtime.ingest()
+    assert world.enclave.stats.accepted == 1
+    assert world.enclave.records_in(wire.RECORD_BATCH_MAGIC + body, wire.RECORD_TYPE) == (wire.RECORD_BATCH_MAGIC + body,)

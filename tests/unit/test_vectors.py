@@ -51,7 +51,7 @@ VECTOR_FILES = sorted(VECTORS.glob("*.json"))
 REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
-    "budget_exhausted", "ledger", "sealed_state", "packed_envelope",
+    "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -516,6 +516,41 @@ def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
     assert props.app_id == spec["app_id"]
     assert props.message_id is None and props.correlation_id is None and props.headers is None
     assert props.timestamp is None and props.user_id is None
+
+
+def check_record_batch(v: dict, tmp_path, monkeypatch) -> None:
+    import struct
+
+    from common import amqp
+    from sidecar.enclave.keyring import Keyring
+    from sidecar.enclave.records import max_record_bytes, open_record
+
+    batch, records = h(v["batch_hex"]), [h(r) for r in v["records_hex"]]
+    assert v["max_records"] == wire.MAX_BATCH_RECORDS and v["max_bytes"] == wire.MAX_BATCH_BYTES
+    assert records[0] == h(load("sealed_record.json")["sealed_hex"])
+    # The layout, field by field, from the offsets.
+    o = v["offsets"]
+    assert batch[o["magic"]:o["count"]] == wire.RECORD_BATCH_MAGIC == b"SSB\x01"
+    assert struct.unpack(">H", batch[o["count"]:o["first_length"]])[0] == len(records)
+    assert struct.unpack(">I", batch[o["first_length"]:o["first_record"]])[0] == len(records[0])
+    assert batch[o["first_record"]:o["second_length"]] == records[0]
+    assert struct.unpack(">I", batch[o["second_length"]:o["second_record"]])[0] == len(records[1])
+    assert batch[o["second_record"]:] == records[1]
+    assert wire.RecordBatch.from_bytes(batch).records == tuple(records)
+    assert wire.RecordBatch(tuple(records)).to_bytes() == batch
+    for cut in (batch[:-1], batch + b"\x00", batch[:4] + b"\x00\x00" + batch[6:]):
+        with pytest.raises(InvalidMessage):
+            wire.RecordBatch.from_bytes(cut)
+    # Each record opens on its own to its envelope.
+    policy, _ = vector_policy()
+    keys = enclave_keys()
+    for record, env_hex in zip(records, v["envelopes_hex"]):
+        env = wire.Envelope.from_bytes(h(env_hex))
+        opened, stream, _ = open_record(record, Keyring.single(keys), policy, env.sent_at_ms + 1000,
+                                        max_record_bytes(policy, keys))
+        assert opened == env and stream.name == env.stream
+    props, spec = amqp.properties(wire.RECORD_BATCH_TYPE), v["amqp"]
+    assert props.type == spec["type"] == "records" and props.delivery_mode == spec["delivery_mode"]
 
 
 def check_signed_envelope(v: dict, tmp_path, monkeypatch) -> None:
@@ -1042,6 +1077,7 @@ CHECKERS = {
     "ledger": check_ledger,
     "sealed_state": check_sealed_state,
     "packed_envelope": check_packed_envelope,
+    "record_batch": check_record_batch,
 }
 
 
@@ -1159,7 +1195,7 @@ def test_doc_mentions_every_label_and_header() -> None:
         assert label.rstrip(b"\x00").decode("ascii") in doc, label
     runtime_source = (ROOT / "sidecar" / "runtime.py").read_text()
     headers = set(re.findall(r'"(x-sealedsum-[a-z-]+)"', runtime_source))
-    assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at"}
+    assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at", "x-sealedsum-batch-index"}
     for header in headers:
         assert header in doc, header
     for dist in measure.RUNTIME_DISTRIBUTIONS:

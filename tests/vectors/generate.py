@@ -60,6 +60,8 @@ EPHEMERAL_X25519_PRIVATE = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1
 # The signed_envelope vector's box gets an ephemeral key of its own (SHA-256 of a label), so
 # that its worked example does not share a keystream with sealed_record's.
 SIGNED_EPHEMERAL_X25519_PRIVATE = hashlib.sha256(b"sealedsum test vector ephemeral key 2").digest()
+# The record_batch vector's second record, sealed with a third ephemeral key.
+BATCH_EPHEMERAL_X25519_PRIVATE = hashlib.sha256(b"sealedsum test vector ephemeral key 3").digest()
 # 512-bit primes: next_prime((SHA-512(label) | 3 << 510) mod 2**512) for the labels
 # b"sealedsum test vector paillier p" / "... q"; n = p*q is exactly 1024 bits.
 PAILLIER_P = int(
@@ -751,6 +753,30 @@ def build() -> dict[str, dict]:
         "sealed_hex": hexs(sealed),
         "amqp": {"exchange": f"{PREFIX}.records", "routing_key": "record", "delivery_mode": 2,
                  "content_type": "application/octet-stream", "type": "record", "app_id": "sealedsum"},
+    }
+
+    # -- record batch: two sealed records in one message ----------------------------------
+    env3 = bytes.fromhex(out["envelope_dim3"]["envelope_hex"])
+    _, _, sealed3 = seal(x_pub, env3, BATCH_EPHEMERAL_X25519_PRIVATE)
+    batch = wire.RECORD_BATCH_MAGIC + struct.pack(">H", 2) + b"".join(
+        struct.pack(">I", len(r)) + r for r in (sealed, sealed3))
+    assert wire.RecordBatch((sealed, sealed3)).to_bytes() == batch
+    out["record_batch"] = {
+        "kind": "record_batch",
+        "description": "SSB\\x01 record batch: several sealed records in one broker message, published with "
+                       "AMQP type 'records'. u16 count, then per record u32 length || sealed box. The records "
+                       "are sealed_record.json's box and a box of envelope_dim3 sealed with the ephemeral key "
+                       "SHA-256('sealedsum test vector ephemeral key 3'). The enclave counts or dead-letters "
+                       "each record on its own.",
+        "max_records": wire.MAX_BATCH_RECORDS,
+        "max_bytes": wire.MAX_BATCH_BYTES,
+        "records_hex": [hexs(sealed), hexs(sealed3)],
+        "envelopes_hex": [hexs(env1), hexs(env3)],
+        "batch_hex": hexs(batch),
+        "offsets": {"magic": 0, "count": 4, "first_length": 6, "first_record": 10,
+                    "second_length": 10 + len(sealed), "second_record": 14 + len(sealed)},
+        "amqp": {"exchange": f"{PREFIX}.records", "routing_key": "record", "delivery_mode": 2,
+                 "content_type": "application/octet-stream", "type": "records", "app_id": "sealedsum"},
     }
 
     # -- signed envelope (producer identity) -----------------------------------------------

@@ -1,0 +1,177 @@
+"""Key-rotation notices without a broker: the enclave signs one when it rotates and keeps it
+pending until the broker confirms it on PREFIX.announce; a producer re-attests when a notice
+verifies and names a newer epoch, and ignores (with a warning) one that does not verify."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common import signing, wire
+from common.attestation import verify_attestation
+from common.config import BrokerSettings, Config
+from common.errors import InvalidMessage
+from common.results import ROTATED_KIND, KeyRotated, verify_key_rotated, verify_signed
+from producers import transport
+from producers.client import Producer
+from sidecar.enclave.keyring import EnclaveKeys
+from sidecar.enclave.service import Enclave
+from sidecar.runtime import EnclaveRuntime
+from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table
+
+T0 = now_ms()
+GRACE_S = 60
+
+
+def rotating_world():
+    policy = make_policy({"s": stream_table(window_records=6, min_batch=1)}, key_grace_seconds=GRACE_S)
+    return make_world(EnclaveKeys.generate(TEST_BITS), policy)
+
+
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, bytes, object, bool]] = []
+
+    def basic_publish(self, exchange, routing_key, body, properties=None, mandatory=False):
+        self.published.append((exchange, routing_key, body, properties, mandatory))
+
+
+def test_rotation_signs_a_notice_that_is_pending_until_published_on_announce():
+    world = rotating_world()
+    e = world.enclave
+    e.rotate(T0)
+    (notice,) = e.announcements()
+    assert notice.key == "key_rotated/2" and notice.stream == "" and notice.announce and notice.window is None
+    # Verified with the key attested under epoch 1: the signing key survives rotation.
+    parsed = verify_key_rotated(notice.body, world.attested)
+    assert parsed == KeyRotated(2, 1, T0 + GRACE_S * 1000, world.measurement.hex(), T0)
+    assert parsed.previous_retires_at_ms == e.keyring.retire_at[1]
+    with pytest.raises(InvalidMessage):  # consumers of PREFIX.results do not take it
+        verify_signed(notice.body, world.attested)
+    # Sealed with the state: a restarted enclave still has it to send.
+    restored = Enclave(e.keyring, e.policy, e.policy_bytes, e.code_digest, world.measurement,
+                       lambda rd: b"", [e.snapshot()], T0)
+    assert [p.body for p in restored.announcements()] == [notice.body]
+
+    runtime = EnclaveRuntime(e, BrokerSettings())
+    runtime._publish = RecordingChannel()
+    runtime.republish_pending()
+    ((exchange, key, body, props, mandatory),) = runtime._publish.published
+    assert (exchange, key, body, mandatory) == ("sealedsum.announce", "", notice.body, False)
+    assert props.type == "announce" and props.delivery_mode == 2
+    assert e.pending == {} and e.dirty
+
+
+def test_the_runtime_publishes_the_notice_on_the_tick_that_rotates(world):
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    runtime._publish, runtime._channel = RecordingChannel(), SimpleNamespace()
+    runtime.request_rotation()
+    runtime._tick()
+    ((exchange, _, body, _, mandatory),) = runtime._publish.published
+    assert exchange == "sealedsum.announce" and not mandatory
+    assert verify_key_rotated(body, world.attested).key_epoch == world.enclave.keys.epoch == 2
+    assert world.enclave.pending == {}
+
+
+def test_a_notice_payload_is_strict():
+    good = KeyRotated(3, 2, 2000, "ab" * 32, 1000)
+    assert KeyRotated.from_payload(good.to_payload()) == good and good.kind == ROTATED_KIND
+    fields = {k: getattr(good, k) for k in KeyRotated.__dataclass_fields__}
+    for bad in (dict(key_epoch=4), dict(previous_epoch=0, key_epoch=1), dict(previous_retires_at_ms=999),
+                dict(at_ms=True)):
+        with pytest.raises(InvalidMessage):
+            KeyRotated.from_payload(KeyRotated(**{**fields, **bad}).to_payload())
+    with pytest.raises(InvalidMessage):
+        KeyRotated.from_payload(good.to_payload().replace(b'"at_ms":1000,', b""))
+
+
+# -- the producer ----------------------------------------------------------------------------
+
+class FakeTransport:
+    """Stands in for producers.transport.RecordPublisher: attests against the in-memory enclave
+    and hands out whatever notices the test puts in."""
+
+    def __init__(self, world) -> None:
+        self.world = world
+        self.attestations = 0
+        self.notices: list[bytes] = []
+        self.sessions = 1
+
+    def listen(self, timeout: float) -> bool:
+        return True
+
+    def attest(self, trust):
+        self.attestations += 1
+        nonce = os.urandom(wire.NONCE_SIZE)
+        reply = self.world.enclave.attest(wire.AttestRequest(nonce).to_bytes())
+        return verify_attestation(reply, nonce, trust, now_ms())
+
+    def take_notices(self) -> list[bytes]:
+        out, self.notices = self.notices, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def producer(monkeypatch):
+    world = rotating_world()
+    fake = FakeTransport(world)
+    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, window: fake)
+    p = Producer(Config(BrokerSettings(), world.trust, None, reattest_seconds=1e9))
+    assert fake.attestations == 1
+    yield p, fake, world
+    p.sealer.encryptor.close()
+
+
+def _signed(payload: bytes, key: Ed25519PrivateKey) -> bytes:
+    return wire.SignedMessage(payload, signing.sign(key, signing.RESULT, payload)).to_bytes()
+
+
+def test_a_forged_notice_does_not_make_the_producer_attest_again(producer, caplog):
+    p, fake, world = producer
+    world.enclave.rotate(T0)  # a real rotation happened, but the producer hears only forgeries
+    (real,) = world.enclave.announcements()
+    payload = wire.SignedMessage.from_bytes(real.body).payload
+    forged_key = _signed(payload, Ed25519PrivateKey.generate())  # the right notice, another key
+    tampered = bytearray(real.body)
+    tampered[12] ^= 1  # a payload byte
+    elsewhere = KeyRotated(2, 1, T0 + 1, "00" * 32, T0).to_payload()  # the enclave's key, another measurement
+    other_measurement = wire.SignedMessage(elsewhere, world.enclave.keys.sign(signing.RESULT, elsewhere)).to_bytes()
+    fake.notices = [forged_key, bytes(tampered), b"not a signed message", real.body[:-1], other_measurement]
+    with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
+        p.seal("s", [1.0])
+    assert fake.attestations == 1 and p.enclave.keys.epoch == 1
+    assert p.notices_refused == 5
+    assert len([r for r in caplog.records if "does not verify" in r.getMessage()]) == 5
+
+
+def test_a_genuine_notice_makes_the_producer_attest_again_before_the_next_record(producer, caplog):
+    p, fake, world = producer
+    world.enclave.rotate(T0)
+    (real,) = world.enclave.announcements()
+    fake.notices = [real.body]
+    with caplog.at_level(logging.INFO, logger="sealedsum.producer"):
+        record = p.seal("s", [1.0])
+    assert fake.attestations == 2 and p.enclave.keys.epoch == 2
+    assert any("announced a key rotation" in r.getMessage() for r in caplog.records)
+    assert world.enclave.on_record(record.body, now_ms()).rejection is None
+    # Heard again (the enclave republishes until confirmed): nothing new, no attestation.
+    fake.notices = [real.body]
+    p.seal("s", [1.0])
+    assert fake.attestations == 2 and p.notices_refused == 0
+
+
+def test_the_producer_attests_again_after_a_reconnect(producer):
+    p, fake, _ = producer
+    p.seal("s", [1.0])
+    assert fake.attestations == 1
+    fake.sessions += 1  # the transport's connection was lost and came back
+    p.seal("s", [1.0])
+    p.seal("s", [1.0])
+    assert fake.attestations == 2
