@@ -76,6 +76,23 @@ class InvalidResultSignature(SealedsumError):
     """A result whose signature does not verify under the attested key."""
 
 
+class LedgerChainError(SealedsumError):
+    """A stream's verified releases do not form its ledger's hash chain (docs/protocol.md 15.4)."""
+
+
+class MissingRelease(LedgerChainError):
+    """A release of the stream's ledger is not among those received."""
+
+
+class ReleaseOutOfOrder(LedgerChainError):
+    """A release came after a later one of its stream."""
+
+
+class LedgerHeadMismatch(LedgerChainError):
+    """A release's ledger head is not the one its charge and the previous head give: the
+    enclave signed two ledgers that disagree, or a release is not the one charged."""
+
+
 class PolicyMismatch(SealedsumError):
     """A value does not fit the stream's policy (dimension, bounds, stream name)."""
 

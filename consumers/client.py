@@ -9,8 +9,10 @@ from typing import Iterator, Sequence
 
 from common.attestation import AttestedEnclave
 from common.config import Config
-from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch
+from common.errors import (InvalidMessage, InvalidResultSignature, LedgerChainError, PolicyMismatch,
+                           ReleaseOutOfOrder)
 from common.results import BudgetExhausted, Release, verify_signed
+from consumers.ledger import ChainVerifier
 
 log = logging.getLogger("sealedsum.consumer")
 
@@ -36,7 +38,9 @@ class Consumer:
     """Attest, subscribe to one or more streams' results, yield verified releases.
 
     Forged or altered results are logged as errors and skipped; ``verifier.rejected``
-    counts them.
+    counts them. Each stream's ledger chain is followed from the first release received
+    (``chains``): releases that never arrived are logged as warnings and listed in its
+    ``gaps``; a release whose ledger head contradicts the chain is rejected like a forgery.
     """
 
     def __init__(self, config: Config, streams: str | Sequence[str], *, queue: str | None = None) -> None:
@@ -55,6 +59,7 @@ class Consumer:
             raise PolicyMismatch(f"the attested enclave has no stream {unknown[0]!r}",
                                  hint=f"its streams: {', '.join(sorted(self.enclave.policy.streams))}")
         self.verifier = ResultVerifier(self.enclave)
+        self.chains: dict[str, ChainVerifier] = {}
 
     def releases(self, *, idle_timeout: float | None = None) -> Iterator[Release | BudgetExhausted]:
         """Verified releases, and the one :class:`BudgetExhausted` notice a stream sends when
@@ -69,7 +74,29 @@ class Consumer:
                 self.verifier.rejected += 1
                 log.error("result rejected", extra={"fields": {"reason": f"for stream {release.stream!r}"}})
                 continue
+            if not self._follow_ledger(release):
+                continue
             yield release
+
+    def _follow_ledger(self, message: Release | BudgetExhausted) -> bool:
+        """Extend the stream's chain by a verified message; ``False``: reject it."""
+        chain = self.chains.get(message.stream)
+        if chain is None:
+            self.chains[message.stream] = ChainVerifier.joining(message)
+            return True
+        gaps = len(chain.gaps)
+        try:
+            chain.add(message, allow_gaps=True)
+        except ReleaseOutOfOrder as err:  # e.g. held back by a broker restart: still signed and valid
+            log.warning("release out of ledger order", extra={"fields": {"reason": str(err)}})
+        except LedgerChainError as err:
+            self.verifier.rejected += 1
+            log.error("result rejected", extra={"fields": {"reason": str(err)}})
+            return False
+        for first, last in chain.gaps[gaps:]:
+            log.warning("releases missing from the ledger", extra={"fields": {
+                "stream": message.stream, "first": first, "last": last}})
+        return True
 
     def budget(self, stream: str):
         """The stream's signed ledger (:class:`common.results.BudgetReport`), freshly asked for."""

@@ -7,37 +7,26 @@ so a stream's spend is its number of releases; :mod:`common.privacy` turns that 
 The ledger is a hash chain per stream: each release's charge is hashed onto the
 previous head, and every signed result carries its sequence number and the new head,
 so anyone holding a stream's results can recompute the chain and see that none was
-left out. The ledger lives in the enclave's sealed state, which the platform's
-monotonic counter protects against rollback (see ``sidecar.enclave.state``).
+left out. The chain itself is defined in :mod:`common.ledger`, which consumers share.
+The ledger lives in the enclave's sealed state, which the platform's monotonic counter
+protects against rollback (see ``sidecar.enclave.state``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
-from common import privacy
+from common import ledger as chain, privacy
+from common.ledger import LEDGER_LABEL, genesis, next_head
 from common.policy import StreamPolicy
 
-LEDGER_LABEL = b"sealedsum/v1/ledger\x00"
-
-
-def genesis(stream: str) -> bytes:
-    return hashlib.sha256(LEDGER_LABEL + stream.encode("ascii")).digest()
+__all__ = ["LEDGER_LABEL", "StreamLedger", "charge_bytes", "genesis", "next_head"]
 
 
 def charge_bytes(policy: StreamPolicy, window: int, seq: int) -> bytes:
-    """The canonical description of one release's charge, as hashed into the chain."""
-    plan = policy.noise_plan()
-    return json.dumps({
-        "stream": policy.name, "window": window, "seq": seq, "mechanism": policy.mechanism,
-        "epsilon": policy.epsilon, "delta": policy.delta, "rho": plan.rho,
-    }, sort_keys=True, separators=(",", ":")).encode("ascii")
-
-
-def next_head(head: bytes, charge: bytes) -> bytes:
-    return hashlib.sha256(LEDGER_LABEL + head + charge).digest()
+    """The charge of a release of ``policy``'s stream (:func:`common.ledger.charge_bytes`)."""
+    return chain.charge_bytes(policy.name, window, seq, policy.mechanism, policy.epsilon, policy.delta,
+                              policy.noise_plan().rho)
 
 
 @dataclass(slots=True)
