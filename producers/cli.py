@@ -9,6 +9,7 @@ import sys
 import time
 from collections import deque
 
+from common import wire
 from common.errors import PolicyMismatch, TransportError
 
 
@@ -30,8 +31,11 @@ class Progress:
 def _produce(args) -> int:
     from producers.client import Producer
     from producers.inputs import read_records
-    from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, load_config
+    from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, EXIT_USAGE, load_config
 
+    if not 1 <= args.per_message <= wire.MAX_BATCH_RECORDS:
+        print(f"sealedsum produce: --per-message must be 1..{wire.MAX_BATCH_RECORDS}", file=sys.stderr)
+        return EXIT_USAGE
     cfg = load_config(args)
     if args.encrypt_workers is not None:
         from producers import encryption
@@ -56,6 +60,22 @@ def _produce(args) -> int:
                 ok = False
         return ok
 
+    group: list = []  # (line number, SealedRecord) to go in the next message
+    group_bytes = wire.RecordBatch.size(())
+
+    def submit_group() -> bool:
+        """Publish the grouped records, one message for all (pipelined: up to the producer's
+        window of messages await their confirms at once); False once one failed."""
+        nonlocal group, group_bytes
+        records, group, group_bytes = group, [], wire.RecordBatch.size(())
+        try:
+            submitted = producer.submit_batch([r for _, r in records])
+        except TransportError:
+            return False  # an earlier record failed: its line is reported below
+        pending.extend((number, p) for (number, _), p in zip(records, submitted))
+        summary["sent"] += len(records)
+        return settle()
+
     try:
         producer = Producer(cfg)
         try:
@@ -73,17 +93,19 @@ def _produce(args) -> int:
                     summary["rejected_by_validation"] += 1
                     print(f"line {line.number}: rejected: {err}", file=sys.stderr)
                     continue
-                # Pipelined: up to the producer's window of records await their confirms at once.
-                try:
-                    pending.append((line.number, producer.submit(record)))
-                except TransportError:
-                    code = EXIT_TRANSPORT  # an earlier record failed: its line is reported below
-                    break
-                summary["sent"] += 1
-                if not settle():
+                if group and (len(group) >= args.per_message
+                              or group_bytes + 4 + len(record.body) > wire.MAX_BATCH_BYTES):
+                    if not submit_group():
+                        code = EXIT_TRANSPORT
+                        break
+                group.append((line.number, record))
+                group_bytes += 4 + len(record.body)
+                if len(group) >= args.per_message and not submit_group():
                     code = EXIT_TRANSPORT
                     break
                 progress.update(summary["confirmed"])
+            if code == EXIT_OK and group and not submit_group():
+                code = EXIT_TRANSPORT
             try:
                 producer.flush()
             except TransportError:
@@ -144,6 +166,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="input format (default: auto, per line)")
     p.add_argument("--window", type=int, default=0,
                    help="window number the records belong to (default 0: the open window)")
+    p.add_argument("--per-message", type=int, default=1, metavar="N",
+                   help="records per broker message (default 1). With N > 1 up to N sealed records "
+                        f"share one message (at most {wire.MAX_BATCH_BYTES // 1024} KiB) and one confirm; "
+                        "the enclave still counts or rejects each on its own")
     p.add_argument("--encrypt-workers", type=int, metavar="N",
                    help="helper processes precomputing Paillier randomizers (default 0, or "
                         "$SEALEDSUM_ENCRYPT_WORKERS); worth it for records of many values")

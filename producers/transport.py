@@ -41,7 +41,7 @@ import pika
 import pika.exceptions as pe
 from pika.adapters.select_connection import IOLoop
 
-from common import amqp
+from common import amqp, wire
 from common.attestation import AttestedEnclave, TrustAnchors
 from common.config import BrokerSettings
 from common.errors import TransportError, Unroutable
@@ -62,11 +62,12 @@ PENDING, CONFIRMED, FAILED = "pending", "confirmed", "failed"
 class Ticket:
     """One record's way through the broker: ``state`` is pending, confirmed or failed."""
 
-    __slots__ = ("body", "state", "error", "trouble_since", "retry_at", "retry_delay", "reported", "nacks",
+    __slots__ = ("body", "kind", "state", "error", "trouble_since", "retry_at", "retry_delay", "reported", "nacks",
                  "in_flight")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, kind: str = wire.RECORD_TYPE) -> None:
         self.body = body
+        self.kind = kind  # the AMQP type: one sealed record, or a record batch
         self.state = PENDING
         self.error: TransportError | None = None
         self.trouble_since: float | None = None  # first nack or connection loss while pending
@@ -223,8 +224,9 @@ class RecordPublisher:
                 pass
 
     # -- the caller's side ----------------------------------------------------------------------
-    def submit(self, body: bytes, timeout: float | None = None) -> Ticket:
-        """Hand a record to the I/O thread; return its ticket without waiting for the confirm.
+    def submit(self, body: bytes, timeout: float | None = None, kind: str = wire.RECORD_TYPE) -> Ticket:
+        """Hand a record (or, with ``kind`` records, a record batch) to the I/O thread; return
+        its ticket without waiting for the confirm.
 
         Blocks while ``window`` records await confirms.
 
@@ -243,7 +245,7 @@ class RecordPublisher:
                 self._raise_unreported()
             if self._closed:
                 raise TransportError("the publisher is closed", retryable=False)
-            ticket = Ticket(body)
+            ticket = Ticket(body, kind)
             self._outstanding[id(ticket)] = ticket
             self._queued.append(ticket)
             wake = not self._wake_pending
@@ -527,11 +529,11 @@ class RecordPublisher:
             batch = [t for t in self._queued if not t.done]
             self._queued.clear()
         channel, exchange = self._channel, self.settings.topology.records_exchange
-        props = amqp.properties("record")
+        props = {kind: amqp.properties(kind) for kind in (wire.RECORD_TYPE, wire.RECORD_BATCH_TYPE)}
         for i, ticket in enumerate(batch):
             try:
                 # No message id or stream in the properties: the broker sees only the sealed box.
-                channel.basic_publish(exchange, "record", ticket.body, props, mandatory=True)
+                channel.basic_publish(exchange, "record", ticket.body, props[ticket.kind], mandatory=True)
             except Exception as err:  # noqa: BLE001 - channel or connection closing under us
                 with self._cond:
                     self._queued.extendleft(reversed(batch[i:]))
