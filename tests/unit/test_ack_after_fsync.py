@@ -1,0 +1,182 @@
+"""Ack after fsync, with a real sealed store on disk: the runtime acknowledges a record only
+once a checkpoint that holds it is on disk, publishes a release only once the checkpoint
+holds it, and a checkpoint that fails leaves everything unacknowledged, so that the records
+come again and are counted exactly once by the enclave that restarts from what is on disk.
+
+The broker side is a recording stand-in for pika's channels; everything else is real: the
+runtime, the enclave core, the ``SealedStateStore`` in a temporary directory and the
+emulated platform's monotonic counter."""
+
+from __future__ import annotations
+
+import errno
+import json
+import types
+from types import SimpleNamespace
+
+import pytest
+
+import sidecar.durable
+from common import wire
+from common.config import BrokerSettings
+from sidecar.enclave.service import Enclave
+from sidecar.enclave.state import SealedStateStore
+from sidecar.platform.emulated import EmulatedPlatform
+from sidecar.runtime import EnclaveRuntime
+from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
+
+WINDOW = 5
+
+
+class Channel:
+    """A pika channel stand-in. ``on_publish`` and ``on_ack`` run when the runtime publishes
+    or acknowledges, before the call returns: what they see on disk is what was there then."""
+
+    def __init__(self, on_publish=None, on_ack=None) -> None:
+        self.on_publish, self.on_ack = on_publish, on_ack
+        self.published: list[tuple[str, str, bytes]] = []
+        self.acked: list[int] = []
+
+    def basic_publish(self, exchange, routing_key, body, properties=None, mandatory=False):
+        if self.on_publish is not None:
+            self.on_publish(exchange, routing_key, body)
+        self.published.append((exchange, routing_key, body))
+
+    def basic_ack(self, tag, multiple=False):
+        if self.on_ack is not None:
+            self.on_ack(tag, multiple)
+        self.acked.extend([t for t in range(1, tag + 1) if t not in self.acked] if multiple else [tag])
+
+
+def deliver(runtime, channel, body, tag, redelivered=False):
+    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
+    runtime.ingest()
+
+
+class ReadOnlyCounter(PlatformCounter):
+    """The platform counter for a look at the state from outside: never moves it."""
+
+    def advance(self, value):
+        raise AssertionError("looking at the sealed state must not advance the platform counter")
+
+
+class Disk:
+    """The enclave's sealed state directory, and enclaves started from it as after a restart."""
+
+    def __init__(self, keys, tmp_path) -> None:
+        # epsilon this large makes the noise round to zero: released counts are exact.
+        self.policy = make_policy({"s": stream_table(window_records=WINDOW, min_batch=1, epsilon=1e7)})
+        self.keys = keys
+        self.world = make_world(keys, self.policy)
+        self.platform = EmulatedPlatform.init(tmp_path / "platform")
+        self.dir = tmp_path / "enclave"
+        self.dir.mkdir()
+
+    def store(self, counter=PlatformCounter) -> SealedStateStore:
+        m = self.world.measurement
+        return SealedStateStore(self.dir, self.platform.sealing_key(m), m, counter(self.platform, m))
+
+    def enclave(self, checkpoints) -> Enclave:
+        e = self.world.enclave
+        return Enclave(self.keys, self.policy, e.policy_bytes, e.code_digest, e.measurement, e._quote,
+                       checkpoints, now_ms())
+
+    def on_disk(self) -> Enclave:
+        """An enclave restored from what is on disk right now (nothing is written)."""
+        return self.enclave(self.store(ReadOnlyCounter).load())
+
+    def start(self, enclave: Enclave) -> EnclaveRuntime:
+        """As ``sidecar.enclave.__main__`` starts: a fresh base, then the runtime on it."""
+        store = self.store()
+        store.save(enclave.snapshot())
+        enclave.dirty = False
+        return EnclaveRuntime(enclave, BrokerSettings(), store)
+
+    def restart(self) -> EnclaveRuntime:
+        return self.start(self.enclave(self.store().load()))
+
+
+@pytest.fixture
+def disk(small_keys, tmp_path) -> Disk:
+    return Disk(small_keys, tmp_path)
+
+
+def test_every_ack_and_release_leaves_only_after_the_checkpoint_on_disk_holds_it(disk):
+    runtime = disk.start(disk.world.enclave)
+    runtime.ack_batch = 3  # several batches per window, besides the acks after each release
+    records = [disk.world.sealer.seal("s", [1.0]) for _ in range(3 * WINDOW + 2)]
+    ids = {tag: r.record_id for tag, r in enumerate(records, start=1)}
+    acks, releases = [], []
+
+    def on_ack(tag, multiple):
+        seen = disk.on_disk().streams["s"].seen
+        covered = range(1, tag + 1) if multiple else [tag]
+        missing = [t for t in covered if ids[t] not in seen]
+        assert not missing, f"ack of {tag} sent before the checkpoint held records {missing}"
+        acks.append(tag)
+
+    def on_publish(_exchange, _key, body):
+        stored = {p.body for p in disk.on_disk().pending.values()}
+        assert body in stored, "a release was published before the checkpoint held it"
+        releases.append(body)
+
+    consume, runtime._publish = Channel(on_ack=on_ack), Channel(on_publish=on_publish)
+    for tag, r in enumerate(records, start=1):
+        deliver(runtime, consume, r.body, tag)
+    runtime.flush()
+    assert sorted(consume.acked) == list(ids)
+    assert len(acks) >= 6 and len(releases) == 3  # batches of 3, and one ack after each release
+    after = disk.on_disk()
+    assert after.streams["s"].current.count == 2 and after.pending == {}  # confirmed releases left it
+    assert set(ids.values()) <= set(after.streams["s"].seen)
+
+
+def failing_fsync(monkeypatch):
+    """fsync fails as on a dying disk (EIO), for sidecar.durable only: every checkpoint
+    write (journal append, base write-then-rename) goes through it."""
+    def fsync(_fd):
+        raise OSError(errno.EIO, "Input/output error")
+    fake_os = types.SimpleNamespace(**{k: getattr(sidecar.durable.os, k) for k in dir(sidecar.durable.os)
+                                       if not k.startswith("__")})
+    fake_os.fsync = fsync
+    monkeypatch.setattr(sidecar.durable, "os", fake_os)
+
+
+@pytest.mark.parametrize("checkpoint", ["base", "journal"])
+@pytest.mark.parametrize("trigger", ["batch", "release"])
+def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_once(disk, monkeypatch,
+                                                                                     checkpoint, trigger):
+    """The failure propagates (the enclave process dies and the platform restarts it); the
+    broker redelivers what was not acknowledged, and the restarted enclave counts each once."""
+    if checkpoint == "base":  # a first checkpoint is a base; later ones are journal appends
+        runtime = EnclaveRuntime(disk.world.enclave, BrokerSettings(), disk.store())
+    else:
+        runtime = disk.start(disk.world.enclave)
+    consume, runtime._publish = Channel(), Channel()
+    bodies = [disk.world.sealer.seal("s", [2.0]).body for _ in range(WINDOW)]
+    for tag, body in enumerate(bodies[:-1], start=1):
+        deliver(runtime, consume, body, tag)  # counted, waiting for the next flush
+    assert consume.acked == []
+    with monkeypatch.context() as m:
+        failing_fsync(m)
+        with pytest.raises(OSError):
+            if trigger == "batch":
+                runtime.flush()
+            else:
+                deliver(runtime, consume, bodies[-1], WINDOW)  # closes the window
+    assert consume.acked == []
+    assert runtime._publish.published == []  # no release left before its checkpoint
+
+    restarted = disk.restart()
+    consume, restarted._publish = Channel(), Channel()
+    for tag, body in enumerate(bodies, start=1):  # the broker redelivers every one of them
+        deliver(restarted, consume, body, tag, redelivered=True)
+    restarted.flush()
+    assert sorted(consume.acked) == list(range(1, WINDOW + 1))
+    (release,) = [b for ex, _, b in restarted._publish.published if ex == "sealedsum.results"]
+    assert json.loads(wire.SignedMessage.from_bytes(release).payload)["count"] == WINDOW
+    stats = restarted.enclave.stats
+    assert stats.accepted + stats.rejected["duplicate"] == WINDOW and stats.windows_released == 1
+    assert restarted.enclave.ledgers["s"].releases == 1  # charged once, for the one release
+    on_disk = disk.on_disk()
+    assert on_disk.streams["s"].current.index == 2 and on_disk.pending == {}
