@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--publish-window", type=int, metavar="M",
                    help="records awaiting confirms at once, ours and the pipelined baseline's "
                         "(default: the producer's, 256)")
+    p.add_argument("--per-message", type=int, default=64, metavar="B",
+                   help="records per message for the batched figures (default 64; 1 skips them)")
     p.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum",
                    help="queue type for the records queue and the baseline queue alike (default quorum)")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON to FILE")
@@ -125,6 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "from 512 to 8192")
     if args.window < 10:
         p.error("--window must be at least 10 (the stream's min_batch)")
+    from common import wire
+
+    if not 1 <= args.per_message <= wire.MAX_BATCH_RECORDS:
+        p.error(f"--per-message must be 1..{wire.MAX_BATCH_RECORDS}")
     return args
 
 
@@ -140,10 +146,10 @@ def time_send(producer, values: list[float], size: int) -> float:
     return dt
 
 
-def time_send_many(producer, stream: str, records: list[list[float]], size: int) -> float:
+def time_send_many(producer, stream: str, records: list[list[float]], size: int, per_message: int = 1) -> float:
     """``Producer.send_many``: seal each, pipelined confirms; until the last is confirmed."""
     t0 = time.perf_counter()
-    sent = producer.send_many(stream, records)
+    sent = producer.send_many(stream, records, per_message=per_message)
     dt = time.perf_counter() - t0
     sizes = {len(r.body) for r in sent}
     if sizes != {size}:
@@ -152,7 +158,8 @@ def time_send_many(producer, stream: str, records: list[list[float]], size: int)
 
 
 def time_ingest(sc: BenchSidecar, n: int, windows: int, timeout: float) -> float:
-    """Start the sidecar on a queue holding ``n`` records; seconds from 'consuming' to the last release."""
+    """Start the sidecar on a queue holding ``n`` messages (records, or record batches);
+    seconds from 'consuming' to the last release."""
     t = sc.config.broker.topology
     conn = plain.connect(sc.url)
     try:
@@ -331,7 +338,8 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
     result = {"records": n, "window": w, "repeats": k, "bits": bits, "insecure_test_keys": sc.insecure,
               "queue_type": args.queue_type, "prefix": sc.prefix, "runs": runs, "vec_dim": dim,
               "vec_records": nvec, "vec_window": vec_window, "packed": sc.packed,
-              "publish_window": args.publish_window, "phe_values": args.phe_values}
+              "publish_window": args.publish_window, "phe_values": args.phe_values,
+              "per_message": args.per_message}
     lat_windows, lat_vec_windows = (2, 1) if args.quick else (5, 2)
     try:
         log(f"[{bits} bits] starting the sidecar (prefix {sc.prefix}; keys are generated on first start)")
@@ -468,6 +476,26 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
             alternate(i, ours_consume, plain_consume)
             accepted += n
 
+            # 7. the same n records again, B per message (record batches): published with the
+            #    sidecar stopped, then ingested like step 6. Same baselines as steps 4 and 6.
+            if args.per_message > 1:
+                producer = Producer(sc.config, window=args.publish_window)
+                try:
+                    check_stats(sc.stop(), accepted)
+                    accepted = 0
+                    r["producer_batched_s"] = time_send_many(producer, STREAM, [[v] for v in values], size,
+                                                             per_message=args.per_message)
+                finally:
+                    producer.close()
+                messages = -(-n // args.per_message)
+                r["ingest_batched_s"] = time_ingest(sc, messages, n // w, timeout=max(120.0, n * 0.5))
+                accepted += n
+                r["producer_batched_rps"] = n / r["producer_batched_s"]
+                r["producer_batched_ratio"] = r["producer_batched_rps"] / (n / r["plain_publish_s"])
+                r["producer_batched_pipelined_ratio"] = r["producer_batched_rps"] / (n / r["plain_pipelined_s"])
+                r["ingest_batched_rps"] = n / r["ingest_batched_s"]
+                r["ingest_batched_ratio"] = r["ingest_batched_rps"] / (n / r["plain_consume_s"])
+
             r["producer_rps"] = n / r["producer_s"]
             r["plain_publish_rps"] = n / r["plain_publish_s"]
             r["plain_pipelined_rps"] = n / r["plain_pipelined_s"]
@@ -587,6 +615,16 @@ def report(result: dict, info: dict) -> str:
         rows.append((f"  same, fast path + pool ({info.get('pool_workers', 1)} helper) vs unpacked phe",
                      "vec_pool_rps", "phe_vec_rps", "vec_pool_vs_phe"))
     rows.append(("enclave ingest: sidecar vs consume+ack", "ingest_rps", "plain_consume_rps", "ingest_ratio"))
+    if "ingest_batched_rps" in runs[0]:
+        b = result["per_message"]
+        rows += [
+            (f"batched, {b} records/message: send_many vs plain confirm each", "producer_batched_rps",
+             "plain_publish_rps", "producer_batched_ratio"),
+            (f"batched, {b} records/message: send_many vs plain pipelined", "producer_batched_rps",
+             "plain_pipelined_rps", "producer_batched_pipelined_ratio"),
+            (f"batched, {b} records/message: ingest vs consume+ack", "ingest_batched_rps", "plain_consume_rps",
+             "ingest_batched_ratio"),
+        ]
     for label, ours, base, ratio in rows:
         o = f"{fmt_rate(med(runs, ours))} ({spread_rate(runs, ours)})"
         b = f"{fmt_rate(med(runs, base))} ({spread_rate(runs, base)})"
@@ -597,6 +635,9 @@ def report(result: dict, info: dict) -> str:
     else:
         lines.append(f"  (unpacked phe: encode + phe encryption of all {result['vec_dim']} values + sealed box, "
                      f"plus one confirmed plain publish of {result['vec_unpacked_bytes']} bytes)")
+    if "ingest_batched_rps" in runs[0]:
+        lines.append(f"  (batched: the same 1-value records, {result['per_message']} sealed records per message "
+                     "(a record batch); baselines are plain pika with one record-sized message per record)")
     if not result["packed"]:
         lines.append("  (this tree's policy has no packing: the vector records above are unpacked)")
     lines.append("")
