@@ -6,8 +6,9 @@ accounts, each allowed exactly what its role does on the broker and nothing else
 * the **sidecar** declares, reads and writes the deployment's own objects (the exchanges
   and queues of :class:`common.config.Topology`) and answers RPCs through the default
   exchange, which RabbitMQ's direct reply-to requires;
-* a **producer** publishes to ``PREFIX.records`` and ``PREFIX.attest`` and may declare,
-  bind or read nothing;
+* a **producer** publishes to ``PREFIX.records`` and ``PREFIX.attest``, and declares, binds
+  and reads only server-named queues (``amq.gen-*``), bound to ``PREFIX.announce``, where it
+  hears of key rotations; it cannot bind to ``PREFIX.results`` or read records;
 * a **consumer** declares, binds and reads its own queues (server-named ``amq.gen-*``, or
   named ``PREFIX.consumer.*``), binds them to ``PREFIX.results`` and sends requests to
   ``PREFIX.attest``.
@@ -130,10 +131,13 @@ def role_permissions(topology: Topology) -> dict[str, Permissions]:
         # PREFIX.rejected, which "own" covers.
         "sidecar": Permissions(_anchored(own), _anchored(own, escape(DEFAULT_EXCHANGE)), _anchored(own)),
         # Publishes records and RPC requests; the reply comes through direct reply-to,
-        # which needs no permission. No configure: no queue of its own; no read: it can
-        # neither consume nor bind anything.
-        "producer": Permissions(NOTHING, _anchored(_names(p, (topology.records_exchange,
-                                                              topology.attest_exchange))), NOTHING),
+        # which needs no permission. Its one queue is server-named (configure; write on it
+        # to bind, read to consume) and bound to PREFIX.announce (read on that exchange),
+        # for key-rotation notices; it may read no other exchange, so it binds to nothing else.
+        "producer": Permissions(_anchored(SERVER_NAMED_QUEUES),
+                                _anchored(_names(p, (topology.records_exchange, topology.attest_exchange)),
+                                          SERVER_NAMED_QUEUES),
+                                _anchored(SERVER_NAMED_QUEUES, escape(topology.announce_exchange))),
         # Its own queues: declare (configure), bind (write on the queue, read on
         # PREFIX.results), consume (read). RPC requests: write on PREFIX.attest.
         "consumer": Permissions(_anchored(SERVER_NAMED_QUEUES, mine),

@@ -145,14 +145,21 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     t = Topology("a.b+c")
     p = broker.role_permissions(t)
     ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
-    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results"):
-        assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name)
+    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce"):
+        assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name) and ok(p["sidecar"].write, name)
     for name in ("aXb+c.records", "a.bbc.records", "a.b+c.records2", "xa.b+c.records", "a.b+c.consumer.q", "other"):
         assert not ok(p["sidecar"].configure, name), name
     assert ok(p["sidecar"].write, "amq.default") and not ok(p["producer"].write, "amq.default")
-    assert [ok(p["producer"].write, n) for n in ("a.b+c.records", "a.b+c.attest", "a.b+c.results")] == \
-        [True, True, False]
-    assert p["producer"].configure == p["producer"].read == "^$"
+    assert [ok(p["producer"].write, n) for n in ("a.b+c.records", "a.b+c.attest", "a.b+c.results",
+                                                 "a.b+c.announce")] == [True, True, False, False]
+    # Its own server-named queue, bound to the announce exchange: nothing else to declare or read.
+    assert ok(p["producer"].configure, "amq.gen-Xq1") and ok(p["producer"].write, "amq.gen-Xq1")
+    assert ok(p["producer"].read, "amq.gen-Xq1") and ok(p["producer"].read, "a.b+c.announce")
+    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
+                 "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce"):
+        assert not ok(p["producer"].configure, name), name
+        if name != "a.b+c.announce":
+            assert not ok(p["producer"].read, name), name
     for name in ("amq.gen-Xq1", "a.b+c.consumer.mine"):
         assert ok(p["consumer"].configure, name) and ok(p["consumer"].write, name) and ok(p["consumer"].read, name)
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.consumer", "amq.default", "b.consumer.x"):
@@ -191,17 +198,30 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
     sc, acc = deployment
     connections = json.loads(ctl.run("list_connections", "user", "--formatter", "json").stdout or "[]")
     assert acc.user("sidecar") in {c["user"] for c in connections}, "the sidecar does not run as its account"
-    # The producer may read nothing at all, yet attests: consuming amq.rabbitmq.reply-to
-    # needs no permission.
-    assert broker.role_permissions(Topology(acc.prefix))["producer"].read == "^$"
+    # The producer may read only its own server-named queue and the announce exchange, yet
+    # attests: consuming amq.rabbitmq.reply-to needs no permission.
+    assert broker.role_permissions(Topology(acc.prefix))["producer"].read == \
+        rf"^(amq\.gen-.*|{broker.escape(acc.prefix)}\.announce)$"
     named = f"{acc.prefix}.consumer.acl"
     as_consumer = acc.config("consumer", sc.config_path)
     try:
         with Consumer(as_consumer, "s") as private, Consumer(as_consumer, "s", queue=named) as durable:
             assert private._transport.queue.startswith("amq.gen-")
             with Producer(acc.config("producer", sc.config_path)) as producer:
-                for i in range(20):
+                assert producer.listening  # its queue is bound to PREFIX.announce
+                for i in range(10):
                     producer.send("s", [float(10 + i)])
+                # The sidecar account announces a rotation; the producer account hears it.
+                rotate = sealedsum("sidecar", "rotate", "--state", str(sc.state))
+                assert rotate.returncode == 0, rotate.stderr
+                deadline = time.monotonic() + 20
+                while not sc.events("key rotation announced"):
+                    assert time.monotonic() < deadline, "no key rotation announced"
+                    time.sleep(0.1)
+                time.sleep(0.3)  # the notice reaches the producer's queue
+                for i in range(10, 20):
+                    producer.send("s", [float(10 + i)])
+                assert producer.enclave.keys.epoch == 2 and producer.notices_refused == 0
             for consumer in (private, durable):
                 (release,) = take(consumer, 1)
                 assert release.stream == "s" and release.window == 1
@@ -238,20 +258,51 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
 def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
     sc, acc = deployment
     t, url, user = sc.config.broker.topology, acc.urls["producer"], acc.user("producer")
-    texts = [
-        refused(url, lambda ch: ch.queue_declare("", exclusive=True)),
-        refused(url, lambda ch: ch.queue_declare(f"{acc.prefix}.consumer.sneaky", durable=True)),
-        refused(url, lambda ch: ch.exchange_declare(f"{acc.prefix}.mine", "fanout")),
-        # It may write to the queues named like its exchanges, but read no exchange to bind from.
-        refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, "#")),
-        refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, "#")),
-        refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
-        refused(url, lambda ch: ch.basic_consume(t.attest_queue, lambda *a: None)),
-        refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
-        refused(url, publish(t.results_exchange, "s")),
-        refused(url, publish(t.rejected_exchange, "")),
-        refused(url, publish("", t.records_queue)),
-    ]
+    # What it may do: a server-named queue of its own, bound to PREFIX.announce, consumed.
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        mine = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        assert mine.startswith("amq.gen-")
+        ch.queue_bind(mine, t.announce_exchange)
+        ch.basic_consume(mine, lambda *a: None, auto_ack=True)
+    finally:
+        conn.close()
+    # A consumer's named queue, bound to the results, for the producer to try to read.
+    admin = pika.BlockingConnection(pika.URLParameters(sc.config.broker.url))
+    victim = f"{acc.prefix}.consumer.victim"
+    admin.channel().queue_declare(victim, durable=True)
+    admin.channel().queue_bind(victim, t.results_exchange, "#")
+
+    def own_queue_bound_to(exchange, key):
+        return lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue, exchange, key)
+
+    try:
+        texts = [
+            refused(url, lambda ch: ch.queue_declare(f"{acc.prefix}.consumer.sneaky", durable=True)),
+            refused(url, lambda ch: ch.queue_declare(t.announce_exchange, exclusive=True)),  # named, not server-named
+            refused(url, lambda ch: ch.exchange_declare(f"{acc.prefix}.mine", "fanout")),
+            # Its own queue, bound to anything but the announce exchange: results, records, dead letters.
+            refused(url, own_queue_bound_to(t.results_exchange, "#")),
+            refused(url, own_queue_bound_to(t.records_exchange, "record")),
+            refused(url, own_queue_bound_to(t.rejected_exchange, "")),
+            # It may write to the queues named like its exchanges, but read no exchange to bind from.
+            refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, "#")),
+            refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, "#")),
+            # (Binding those two queues to PREFIX.announce is not refused: docs/broker-accounts.md.)
+            refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
+            refused(url, lambda ch: ch.basic_consume(t.attest_queue, lambda *a: None)),
+            refused(url, lambda ch: ch.basic_consume(victim, lambda *a: None)),  # results, through a consumer's queue
+            refused(url, lambda ch: ch.basic_get(victim)),
+            refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
+            refused(url, publish(t.announce_exchange, "")),  # forging key-rotation notices
+            refused(url, publish(t.results_exchange, "s")),
+            refused(url, publish(t.rejected_exchange, "")),
+            refused(url, publish("", t.records_queue)),
+        ]
+    finally:
+        admin.channel().queue_delete(victim)
+        admin.close()
     assert all(f"refused for user '{user}'" in text for text in texts), texts
     assert "access to exchange 'amq.default'" in texts[-1]
 
