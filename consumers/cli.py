@@ -63,9 +63,8 @@ def _consume(args) -> int:
     print(f"{'interrupted; ' if interrupted else ''}received {received} verified release(s), rejected {rejected}",
           file=sys.stderr)
     if rejected:
-        print(f"error: {rejected} forged or altered result(s) seen and rejected: someone other than the attested "
-              "enclave is publishing to the results exchange (only the releases printed above are verified)",
-              file=sys.stderr)
+        print(f"error: {rejected} result(s) failed verification (forged, altered, or contradicting the stream's "
+              "ledger) and were rejected; only the releases printed above are verified", file=sys.stderr)
         return EXIT_VERIFY
     return 130 if interrupted else EXIT_OK
 

@@ -285,7 +285,7 @@ def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_f
         assert event["level"] == "error" and event["event"] == "result rejected"
         assert event["reason"] == "result: signature does not verify"
     assert any("received 1 verified release(s), rejected 2" in line for line in rest), rest
-    assert rest[-1].startswith("error: 2 forged or altered result(s) seen and rejected"), rest
+    assert rest[-1].startswith("error: 2 result(s) failed verification (forged, altered"), rest
     (view,) = [json.loads(line) for line in stdout.splitlines()]
     assert view["stream"] == "s" and view["window"] == 1  # the genuine release, once
     assert proc.returncode == 1
