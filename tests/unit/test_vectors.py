@@ -36,9 +36,12 @@ from common.results import (
     BUDGET_KIND,
     EXHAUSTED_KIND,
     RESULT_KIND,
+    ROTATED_KIND,
     BudgetExhausted,
     BudgetReport,
+    KeyRotated,
     Release,
+    verify_key_rotated,
     verify_result,
     verify_signed,
 )
@@ -51,7 +54,7 @@ VECTOR_FILES = sorted(VECTORS.glob("*.json"))
 REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
-    "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch",
+    "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch", "key_rotated",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -676,10 +679,13 @@ def _check_refusals(raw: bytes, mapping: dict, kinds: tuple[str, ...]) -> None:
     with pytest.raises(InvalidResultSignature):
         verify_signed(_resign(dict(mapping, measurement="00" * 32)), enclave, kinds)
     # Another key epoch is not refused: rotation changes the encryption keys, not the signing key.
-    assert verify_signed(_resign(dict(mapping, key_epoch=mapping["key_epoch"] + 1)), enclave, kinds)
+    later = dict(mapping, key_epoch=mapping["key_epoch"] + 1)
+    if "previous_epoch" in mapping:  # a key_rotated notice names two consecutive epochs
+        later["previous_epoch"] += 1
+    assert verify_signed(_resign(later), enclave, kinds)
     with pytest.raises(InvalidResultSignature):
         verify_signed(raw[:-1], enclave, kinds)
-    others = tuple(k for k in (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND) if k not in kinds)
+    others = tuple(k for k in (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND, ROTATED_KIND) if k not in kinds)
     with pytest.raises(InvalidMessage):
         verify_signed(raw, enclave, others)
     # A quote signature label never verifies a result and vice versa.
@@ -781,6 +787,42 @@ def check_budget_exhausted(v: dict, tmp_path, monkeypatch) -> None:
     assert core.exhausted == {notice.stream}
     assert core.on_record(h(v["session"][0]["body_hex"]), notice.at_ms).rejection.reason.value == "duplicate"
     assert v["amqp"]["routing_key"] == notice.stream and v["amqp"]["type"] == "result"
+
+
+def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
+    from common import amqp
+    from common.config import Topology
+    from sidecar.enclave.service import Enclave
+
+    raw, payload = _check_signed(v, "notice")
+    notice = KeyRotated.from_payload(payload)
+    assert notice == KeyRotated(**v["notice"]) and notice.to_payload() == payload
+    assert notice.kind == ROTATED_KIND and len(v["notice"]) == 6
+    assert notice.key_epoch == notice.previous_epoch + 1 == keys_vector()["epoch"] + 1
+    # A producer that attested epoch 1 verifies it with that attestation's Ed25519 key...
+    enclave = attested_enclave()
+    assert enclave.keys.epoch == notice.previous_epoch
+    assert verify_key_rotated(raw, enclave) == notice
+    with pytest.raises(InvalidMessage):
+        verify_signed(raw, enclave)  # ...while a consumer of PREFIX.results does not take it
+    _check_refusals(raw, v["notice"], (ROTATED_KIND,))
+    for bad in (dict(previous_epoch=notice.key_epoch), dict(previous_retires_at_ms=notice.at_ms - 1)):
+        with pytest.raises(InvalidMessage):
+            verify_key_rotated(_resign(dict(v["notice"], **bad)), enclave)
+    # The enclave core, rotating at at_ms under the default grace period, signs exactly this.
+    policy, policy_bytes = vector_policy()
+    assert notice.previous_retires_at_ms - notice.at_ms == policy.key_grace_seconds * 1000
+    core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), enclave.measurement, lambda rd: b"")
+    core.rotate(notice.at_ms)
+    (published,) = core.announcements()
+    assert published.body == raw and published.key == f"key_rotated/{notice.key_epoch}" and published.announce
+    assert core.keyring.retire_at == {notice.previous_epoch: notice.previous_retires_at_ms}
+    spec = v["amqp"]
+    assert spec["exchange"] == Topology("sealedsum").announce_exchange and spec["routing_key"] == ""
+    assert spec["mandatory"] is False
+    props = amqp.properties(spec["type"])
+    assert (props.delivery_mode, props.content_type, props.app_id) == \
+        (spec["delivery_mode"], spec["content_type"], spec["app_id"])
 
 
 def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
@@ -1074,6 +1116,7 @@ CHECKERS = {
     "budget_request": check_budget_request,
     "budget_report": check_budget_report,
     "budget_exhausted": check_budget_exhausted,
+    "key_rotated": check_key_rotated,
     "ledger": check_ledger,
     "sealed_state": check_sealed_state,
     "packed_envelope": check_packed_envelope,
@@ -1218,7 +1261,7 @@ def test_doc_names_every_policy_key_and_payload_field() -> None:
     doc = _doc()
     for key in StreamPolicy.KEYS:
         assert f"`streams.NAME.{key}`" in doc or f"`{key}`" in doc, key
-    for cls in (Release, BudgetExhausted, BudgetReport):
+    for cls in (Release, BudgetExhausted, BudgetReport, KeyRotated):
         for name in cls.__dataclass_fields__:
             assert f"| `{name}` |" in doc, (cls.__name__, name)
     for name in BUDGET_FIELDS:
@@ -1252,6 +1295,7 @@ def test_doc_worked_examples_match_the_vectors() -> None:
     identities = json.loads(load("rejections.json")["identity_session"]["policy_canonical"])["identities"]
     assert json.dumps({"identities": identities}, sort_keys=True, separators=(",", ":"))[1:-1] in doc
     assert load("budget_exhausted.json")["payload"] in doc
+    assert load("key_rotated.json")["payload"] in doc
     assert load("result_histogram.json")["payload"] in doc
     packed = load("envelope_packed.json")
     for text in (packed["policy_canonical"], packed["policy_sha256"], packed["measurement"],

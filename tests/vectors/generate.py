@@ -81,6 +81,8 @@ QUOTE_ISSUED_AT_MS = 1767225595000  # 2025-12-31T23:59:55Z
 SENT_AT_MS = 1767225600000  # 2026-01-01T00:00:00Z
 CLOSED_AT_MS = 1767225630000
 BUDGET_AT_MS = 1767225700000
+ROTATED_AT_MS = 1767225660000  # 2026-01-01T00:01:00Z
+DEFAULT_KEY_GRACE_MS = 900_000  # enclave.key_grace_seconds when the policy does not set it
 RECORD_ID_1 = bytes.fromhex("00112233445566778899aabbccddeeff")
 RECORD_ID_3 = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
 RECORD_ID_H = bytes.fromhex("48495354000000000000000000000001")
@@ -921,6 +923,38 @@ def build() -> dict[str, dict]:
         "session_description": "Six sealed visits records, two per window from two producers, fed to a fresh "
                                "enclave core: the last one closes window 3 and the core publishes the third "
                                "release and then exactly this notice.",
+    }
+
+    # -- key_rotated notice ---------------------------------------------------------------------
+    rotated = {"at_ms": ROTATED_AT_MS, "key_epoch": KEY_EPOCH + 1, "kind": "key_rotated",
+               "measurement": hexs(meas), "previous_epoch": KEY_EPOCH,
+               "previous_retires_at_ms": ROTATED_AT_MS + DEFAULT_KEY_GRACE_MS}
+    payload = canonical_json(rotated)
+    sig_input, sig, message = signed_message(payload)
+    assert results.KeyRotated(**rotated).to_payload() == payload
+    # The enclave core signs exactly this when it rotates at ROTATED_AT_MS (the new epoch's
+    # X25519 and Paillier keys are random, but the notice names none of them, and the
+    # Ed25519 key, which signs it, is the one of keys.json: rotation keeps it).
+    core = enclave_core(policy, policy_bytes, code_digest, meas)
+    core.rotate(ROTATED_AT_MS)
+    (announced,) = core.announcements()
+    assert announced.body == message and announced.key == "key_rotated/2" and announced.stream == ""
+    out["key_rotated"] = {
+        "kind": "key_rotated",
+        "description": "The notice the enclave publishes on PREFIX.announce (fanout, routing key empty, "
+                       "mandatory false) when it rotates from epoch 1 to epoch 2 at at_ms; epoch 1 drains "
+                       "for the default key_grace_seconds (900) and is retired at previous_retires_at_ms. "
+                       "Signed like every signed message, with the enclave's Ed25519 key, which rotation "
+                       "keeps: a producer verifies it with the key it attested under epoch 1, and attests "
+                       "again before its next record.",
+        "enclave_ed25519_public": hexs(ed_pub),
+        "notice": rotated,
+        "payload": payload.decode("ascii"),
+        "signing_input_hex": hexs(sig_input),
+        "signature": hexs(sig),
+        "message_hex": hexs(message),
+        "amqp": {"exchange": f"{PREFIX}.announce", "routing_key": "", "delivery_mode": 2, "mandatory": False,
+                 "content_type": "application/octet-stream", "type": "announce", "app_id": "sealedsum"},
     }
 
     # -- budget RPC -------------------------------------------------------------------------------
