@@ -150,7 +150,9 @@ class RecordPublisher:
             self._ioloop.add_callback_threadsafe(self._open_announce)
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.sessions == start and self._fatal is None and not self._closed:
+            # Not past a failed connection attempt: attestation then fails at once, as before.
+            while self.sessions == start and self._fatal is None and not self._closed \
+                    and self._down_since is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -175,3 +175,19 @@ def test_the_producer_attests_again_after_a_reconnect(producer):
     p.seal("s", [1.0])
     p.seal("s", [1.0])
     assert fake.attestations == 2
+
+
+def test_without_a_broker_the_producer_fails_at_once_not_after_waiting_to_listen(world):
+    import socket
+    import time
+
+    from common.errors import TransportError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Config(BrokerSettings(url=f"amqp://guest:guest@127.0.0.1:{port}/%2F"), world.trust, None)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="cannot reach the broker"):
+        Producer(config)
+    assert time.monotonic() - started < 5  # not attest_timeout_seconds (10) spent waiting for a binding
