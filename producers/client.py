@@ -26,12 +26,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common import signing, wire
 from common.attestation import AttestedEnclave
 from common.config import Config
-from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch
+from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
 from common.policy import Requirements, StreamPolicy
 from common.results import verify_key_rotated
 from producers.encryption import Encryptor
 
 log = logging.getLogger("sealedsum.producer")
+
+# Re-attestation that failed for broker trouble is tried again after this long, doubling.
+REATTEST_FIRST_RETRY_S, REATTEST_MAX_RETRY_S = 0.5, 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,10 @@ class Producer:
         self.config = config
         self._transport = transport.RecordPublisher(config.broker, window=window or transport.DEFAULT_WINDOW)
         self.notices_refused = 0  # notices that did not verify
+        # A re-attestation is owed (told, reconnected or due) and, after broker trouble, not
+        # before _retry_at: records are sealed with the attested keys meanwhile.
+        self._reattest_wanted = False
+        self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
         try:
             # Listen first: a rotation after the attestation below cannot go unheard.
             self.listening = self._transport.listen(config.broker.attest_timeout_seconds)
@@ -193,6 +200,8 @@ class Producer:
                                        self.sealer._identity)
             old.encryptor.close()
         self.enclave, self._attested_at = enclave, time.monotonic()
+        self._reattest_wanted = False
+        self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
         return enclave
 
     def seal(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
@@ -200,20 +209,31 @@ class Producer:
         newer key epoch, the broker connection was lost since the last attestation, or that
         is older than ``producer.reattest_seconds`` (see the class docstring)."""
         if self._reattest_due():
-            self.reattest()
+            try:
+                self.reattest()
+            except TransportError as err:
+                # The broker or the sidecar is not back yet (after a broker restart the attest
+                # queue exists only once the sidecar has declared it again). The keys attested
+                # last are still good while their epoch drains: seal with them, try again later.
+                if not err.retryable:
+                    raise
+                log.warning("could not attest again yet; sealing with the keys attested last", extra={"fields": {
+                    "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": self._retry_delay}})
+                self._retry_at = time.monotonic() + self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, REATTEST_MAX_RETRY_S)
         return self.sealer.seal(stream, values, window=window)
 
     def _reattest_due(self) -> bool:
-        told = False
         for body in self._transport.take_notices():
-            told = self._heard(body) or told
-        if told:
-            return True
-        if self._transport.sessions != self._session:
+            if self._heard(body):
+                self._reattest_wanted = True
+        if self._transport.sessions != self._session and not self._reattest_wanted:
             log.info("attesting again after a broker reconnect", extra={"fields": {
                 "key_epoch": self.enclave.keys.epoch}})
-            return True
-        return time.monotonic() - self._attested_at > self.config.reattest_seconds
+            self._reattest_wanted = True
+        if time.monotonic() - self._attested_at > self.config.reattest_seconds:
+            self._reattest_wanted = True
+        return self._reattest_wanted and time.monotonic() >= self._retry_at
 
     def _heard(self, body: bytes) -> bool:
         """Whether a notice from PREFIX.announce, once verified, asks for a new attestation."""

@@ -80,7 +80,8 @@ def test_rotation_drains_the_old_epoch_then_refuses_it(sidecar_factory):
 def test_a_producer_told_of_a_rotation_attests_again_and_is_never_refused(sidecar_factory, caplog):
     """A long-lived producer with a large reattest_seconds keeps sending across a rotation and
     past the end of the grace period: it attests again because the enclave told it, so every
-    record counts and none is dead-lettered wrong_epoch."""
+    record counts and none is dead-lettered wrong_epoch. After a lost connection it attests
+    again too."""
     sc = sidecar_factory({"s": dict(STREAM, window_records=1000)}, enclave_extra=f"key_grace_seconds = {GRACE_S}")
     dead_conn, dead_q = capture_queue(sc, sc.config.broker.topology.rejected_exchange, "")
     config = dataclasses.replace(sc.config, reattest_seconds=3600.0)  # never due within this test
@@ -104,13 +105,25 @@ def test_a_producer_told_of_a_rotation_attests_again_and_is_never_refused(sideca
             time.sleep(0.2)
         assert told_after is not None and told_after < 1.0, told_after
         assert producer.enclave.keys.epoch == 2 and producer.notices_refused == 0
+        # Its connection drops (notices sent meanwhile would be lost with its queue): it
+        # listens again on the new one and attests again before the next record.
+        publisher = producer._transport
+        sessions = publisher.sessions
+        publisher._ioloop.add_callback_threadsafe(lambda: publisher._connection.close())
+        deadline = time.monotonic() + 15
+        while publisher.sessions == sessions:
+            assert time.monotonic() < deadline, "the producer did not reconnect"
+            time.sleep(0.05)
+        producer.send("s", [1.0])
+        sent += 1
     wait_until_read(sc)
     assert drain(dead_conn, dead_q, timeout=0.5) == []  # no wrong_epoch, nor anything else
     sc.stop()
     stats = sc.events("stats")[-1]
     assert stats["accepted"] == sent and stats["rejected"] == {}
     assert sc.events("key rotation announced")[0]["key_epoch"] == 2
-    # Told once, attested once more: not once per record, and not for any other reason.
+    # Told once and reconnected once, so attested twice more: not once per record.
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("enclave announced a key rotation; attesting again before the next record") == 1
-    assert messages.count("enclave attested") == 2
+    assert messages.count("attesting again after a broker reconnect") == 1
+    assert messages.count("enclave attested") == 3

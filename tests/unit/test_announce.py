@@ -191,3 +191,28 @@ def test_without_a_broker_the_producer_fails_at_once_not_after_waiting_to_listen
     with pytest.raises(TransportError, match="cannot reach the broker"):
         Producer(config)
     assert time.monotonic() - started < 5  # not attest_timeout_seconds (10) spent waiting for a binding
+
+
+def test_broker_trouble_when_attesting_again_defers_it_and_records_are_still_sealed(producer, caplog):
+    """After a broker restart the attest queue exists only once the sidecar declared it again:
+    the producer seals with the keys it attested meanwhile and tries again later."""
+    from common.errors import TransportError
+
+    p, fake, world = producer
+    world.enclave.rotate(T0)
+    (real,) = world.enclave.announcements()
+    attest = fake.attest
+    fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
+    fake.notices, fake.sessions = [real.body], fake.sessions + 1
+    with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
+        record = p.seal("s", [1.0])  # not raised: epoch 1 still drains
+    assert p.enclave.keys.epoch == 1 and any("could not attest again" in r.getMessage() for r in caplog.records)
+    assert world.enclave.on_record(record.body, now_ms()).rejection is None
+    fake.attest = attest
+    p.seal("s", [1.0])  # too soon to try again
+    assert fake.attestations == 1
+    p._retry_at = 0.0  # the retry time has come
+    p.seal("s", [1.0])
+    assert fake.attestations == 2 and p.enclave.keys.epoch == 2
+    p.seal("s", [1.0])
+    assert fake.attestations == 2  # nothing owed any more
