@@ -157,7 +157,8 @@ class Producer:
     it attested (a notice that does not verify is ignored, with a warning) and, for an epoch
     newer than its own, attests again before it seals its next record. It also attests again
     after its broker connection was lost (notices sent meanwhile are lost with the queue),
-    and in any case every ``producer.reattest_seconds``.
+    and in any case every ``producer.reattest_seconds``. If that attestation fails for broker
+    trouble, it seals with the keys it attested last and tries again after a backoff.
     """
 
     def __init__(self, config: Config, *, producer_id: bytes | None = None, window: int | None = None) -> None:
