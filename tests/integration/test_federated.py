@@ -1,6 +1,12 @@
 """The federated scenario end to end: real platform, enclave, four producer processes,
 2048-bit Paillier, eight rounds; the DP model must stay within 3 points of the
-non-private one at a total eps <= 8 (delta = 1e-6)."""
+non-private one at a total eps <= 8 (delta = 1e-6).
+
+This test fails a correct system in about 1% of runs: the enclave's noise cannot be seeded,
+and in a simulation of the same training with the same noise (docs/federated.md, below the
+table of runs) the gap exceeded 3 points in about 1% of 1,200 runs. At a total of eps 8 that
+is not cheap to lower (more rounds would each get more noise), so a lone failure of the gap
+assertion is expected now and then; rerun before suspecting the code."""
 
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ def test_federated_demo_trains_within_3_points_at_eps_8(amqp_url, tmp_path):
     assert int(n) == 8 and float(delta) == 1e-6
     assert abs((central - private) - gap) < 0.02
     assert central >= 93.0  # the non-private model is a sane logistic regression
-    assert gap <= 3.0, out.stdout
+    assert gap <= 3.0, out.stdout  # fails a correct system in about 1% of runs (see the docstring)
     assert eps <= 8.0 + 1e-6 and abs(eps - spent[-1]) < 1e-3
     assert "non-private model" in out.stdout
 
