@@ -22,19 +22,29 @@ added and renamed keys, huge integers, NaN, deep nesting, non-ASCII) and, for re
 valid envelopes with edge values in every field, re-sealed to the enclave's key so that the
 mutations reach the validation behind the sealed box.
 
-Runs are derandomized (the same cases every run, no example database). ``CASES`` counts the
-examples each test ran; ``test_fuzz_total`` checks that the suite ran at least 20,000.
+Runs are derandomized (the same cases every run, no example database). Each fuzz test declares
+how many cases it runs (``@fuzz_test(N)``, per parametrization) and fails unless Hypothesis ran
+exactly that many; ``test_fuzz_total`` checks that the declared cases of the whole module add up
+to at least 20,000 (whatever ``-k`` selected) and, when every fuzz test ran, that the cases run
+did. A wall-clock guard fails a test whose next case has not started within ``CASE_LIMIT_S``
+(a hang, or a pathologically slow input), and ends the process, with every thread's traceback,
+if a test is still running after ``TEST_LIMIT_S`` (a hang in C code that never returns to Python).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import faulthandler
+import functools
 import json
 import math
 import os
 import re
+import signal
 import struct
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,20 +85,105 @@ VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 IDENTITY_REASONS = frozenset({RejectReason.MALFORMED, RejectReason.BAD_SIGNATURE, RejectReason.UNKNOWN_PRODUCER,
                               RejectReason.REVOKED_PRODUCER})
 CASES: collections.Counter = collections.Counter()
+# Cases run per test (node id) in this session, as the ``fuzz`` wrapper measured them.
+RAN: dict[str, int] = {}
 MIN_TOTAL_CASES = 20_000
+# No case takes more than a few hundred milliseconds, even on a loaded 2-core machine; a
+# test whose next case has not begun this long after the previous one is hanging.
+CASE_LIMIT_S = 10.0
+# The slowest test takes about 20 s here; past this, a hang that never gives Python the chance to
+# raise (C code holding the GIL) ends the run, printing where every thread was.
+TEST_LIMIT_S = 300.0
+
+
+class FuzzTimeout(BaseException):
+    """Raised by the wall-clock guard. A BaseException so that Hypothesis does not catch it
+    and shrink the input, re-running a case that hangs again and again."""
+
+
+class _Guard:
+    nodeid = ""
+    declared: int | None = None
+    last = 0.0
+    slowest = 0.0
+    slowest_where = ""
+
+
+def fuzz_test(cases: int):
+    """A fuzz test (marked slow) that runs ``cases`` Hypothesis cases per parametrization."""
+    def mark(test):
+        test.fuzz_cases = cases
+        return pytest.mark.slow(test)
+    return mark
 
 
 def fuzz(max_examples: int):
-    """Derandomized (the same cases on every run) and without an example database."""
-    return settings(
+    """Derandomized (the same cases on every run) and without an example database. The test
+    fails unless Hypothesis ran exactly ``max_examples`` cases, the number ``@fuzz_test``
+    declared. (No Hypothesis deadline: ``CASE_LIMIT_S`` bounds each case instead, which also
+    stops a case that never returns.)"""
+    hypothesis_settings = settings(
         max_examples=max_examples, deadline=None, derandomize=True, database=None, print_blob=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                                HealthCheck.large_base_example],
     )
 
+    def decorate(test):
+        test = hypothesis_settings(test)
+
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            assert _Guard.declared == max_examples, (
+                f"{_Guard.nodeid} declares @fuzz_test({_Guard.declared}) but runs fuzz({max_examples})")
+            before = sum(CASES.values())
+            test(*args, **kwargs)
+            ran = sum(CASES.values()) - before
+            RAN[_Guard.nodeid] = RAN.get(_Guard.nodeid, 0) + ran
+            assert ran == max_examples, f"Hypothesis ran {ran} cases, not the {max_examples} this test declares"
+        return run
+    return decorate
+
 
 def count(name: str) -> None:
+    """Called first thing in every case: counts it and restarts the per-case clock."""
     CASES[name] += 1
+    now = time.monotonic()
+    if now - _Guard.last > _Guard.slowest:
+        _Guard.slowest, _Guard.slowest_where = now - _Guard.last, _Guard.nodeid
+    _Guard.last = now
+    signal.setitimer(signal.ITIMER_REAL, CASE_LIMIT_S)
+
+
+def real_stderr(config):
+    """The terminal's stderr, not pytest's capture of it (lost when the process exits): the
+    copy pytest's own faulthandler plugin keeps (pytest is pinned), else sys.stderr."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):
+        return sys.stderr
+
+
+@pytest.fixture(autouse=True)
+def wall_clock_guard(request):
+    """Fails the test (FuzzTimeout) when no case began for CASE_LIMIT_S; ends the process
+    (faulthandler, every thread's traceback on stderr) when the test runs past TEST_LIMIT_S."""
+    def on_alarm(_signum, _frame):
+        raise FuzzTimeout(f"{request.node.nodeid}: no new fuzz case within {CASE_LIMIT_S:.0f} s "
+                          f"(after {sum(CASES.values())} cases in this session): a case hangs or is far too slow")
+
+    _Guard.nodeid, _Guard.declared = request.node.nodeid, getattr(request.function, "fuzz_cases", None)
+    _Guard.last = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, CASE_LIMIT_S)
+    faulthandler.dump_traceback_later(TEST_LIMIT_S, exit=True, file=real_stderr(request.config))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
 
 
 def vector(name: str) -> dict:
@@ -719,7 +814,7 @@ ARBITRARY_PER_PARSER = 300
 MUTATIONS_PER_PARSER = 500
 
 
-@pytest.mark.slow
+@fuzz_test(ARBITRARY_PER_PARSER)
 @pytest.mark.parametrize("name", list(PARSERS) + ["policy"] + list(PAYLOADS))
 def test_parsers_on_arbitrary_bytes(name):
     """300 cases per decoder (12 decoders): random bytes, half of them behind the right magic."""
@@ -740,7 +835,7 @@ def test_parsers_on_arbitrary_bytes(name):
     run()
 
 
-@pytest.mark.slow
+@fuzz_test(MUTATIONS_PER_PARSER)
 @pytest.mark.parametrize("name", list(PARSERS))
 def test_binary_parsers_on_mutated_messages(corpus, name):
     """500 cases per binary decoder (8 decoders): valid messages after mutations."""
@@ -762,7 +857,7 @@ POLICY_MUTATIONS = 1200
 PAYLOAD_MUTATIONS = 500
 
 
-@pytest.mark.slow
+@fuzz_test(POLICY_MUTATIONS)
 def test_policy_parser_on_mutated_policies(corpus):
     """1,200 cases: policy documents with edited, deleted, added and renamed keys, values of
     every type, huge numbers, deep nesting and byte-level damage."""
@@ -777,7 +872,7 @@ def test_policy_parser_on_mutated_policies(corpus):
     run()
 
 
-@pytest.mark.slow
+@fuzz_test(PAYLOAD_MUTATIONS)
 @pytest.mark.parametrize("name", list(PAYLOADS))
 def test_payload_parsers_on_mutated_payloads(corpus, name):
     """500 cases per signed-payload decoder (3 decoders)."""
@@ -796,7 +891,7 @@ def test_payload_parsers_on_mutated_payloads(corpus, name):
 ATTESTATION_CASES = 1500
 
 
-@pytest.mark.slow
+@fuzz_test(ATTESTATION_CASES)
 def test_verify_attestation_on_mutated_replies(small_keys, other_keys):
     """1,500 cases: a real reply, mutated byte by byte or field by field (other nonce, digest,
     keys, policy or quote, quotes signed by another platform): only ``AttestationError``s, and
@@ -855,7 +950,7 @@ SIGNED_CASES = 1500
 RESIGNED_CASES = 1000
 
 
-@pytest.mark.slow
+@fuzz_test(SIGNED_CASES)
 def test_verify_signed_on_mutated_releases(corpus, other_keys):
     """1,500 cases: real releases, notices and budget reports, mutated byte by byte, with
     edited payloads under the original signature, or signed by another key: only
@@ -908,7 +1003,7 @@ def test_verify_signed_on_mutated_releases(corpus, other_keys):
         assert verify_signed(body, w.attested, (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND)) == expected[body]
 
 
-@pytest.mark.slow
+@fuzz_test(RESIGNED_CASES)
 def test_verify_signed_on_resigned_mutated_payloads(corpus):
     """1,000 cases: mutated payloads signed with the enclave's own key, so that the checks
     behind the signature run: only ``InvalidMessage`` / ``InvalidResultSignature``, and a
@@ -941,7 +1036,7 @@ FIELD_EDITS = 3000
 RPC_CASES = 1000
 
 
-@pytest.mark.slow
+@fuzz_test(ARBITRARY_RECORDS)
 def test_on_record_arbitrary_bytes(fw):
     """1,200 cases: random bodies of every size up to four times the size limit."""
     limit = fw.enclave.size_limit
@@ -960,7 +1055,7 @@ def test_on_record_arbitrary_bytes(fw):
     fw.still_works()
 
 
-@pytest.mark.slow
+@fuzz_test(FLIPPED_BOXES)
 def test_on_record_mutated_sealed_boxes(fw):
     """1,200 cases: valid sealed records (every stream), mutated: they are undecryptable or
     too large, unless the mutation gave back a valid body."""
@@ -989,7 +1084,7 @@ def test_on_record_mutated_sealed_boxes(fw):
     fw.still_works()
 
 
-@pytest.mark.slow
+@fuzz_test(RESEALED_ENVELOPES)
 def test_on_record_resealed_mutated_envelopes(fw):
     """3,000 cases: valid envelopes (and arbitrary plaintexts, and envelopes signed by a key
     the policy does not enroll) mutated at byte and field level, then sealed to the enclave,
@@ -1119,7 +1214,7 @@ def apply_edits(fw: FuzzWorld, stream: str, choice: int, edits: dict) -> bytes:
     return raw_envelope(**f)
 
 
-@pytest.mark.slow
+@fuzz_test(FIELD_EDITS)
 def test_on_record_valid_records_with_edge_field_values(fw):
     """3,000 cases: valid records of every stream with zero to all fields set to edge values
     (stream names, record and producer ids, epochs, times, windows, counts, widths, and
@@ -1147,7 +1242,7 @@ def test_on_record_valid_records_with_edge_field_values(fw):
     fw.still_works()
 
 
-@pytest.mark.slow
+@fuzz_test(RPC_CASES)
 def test_answer_on_hostile_requests(fw):
     """1,000 cases: arbitrary bytes and mutated attestation and budget requests: the enclave
     answers valid requests (and the answers verify) and raises ``InvalidMessage`` otherwise."""
@@ -1190,12 +1285,32 @@ def test_answer_on_hostile_requests(fw):
     assert answered["budget"] and answered["attest"]
 
 
+def planned_cases() -> dict[str, int]:
+    """Every fuzz test of this module (selected or not) and the cases it declares in all."""
+    out = {}
+    for name, test in globals().items():
+        if name.startswith("test_") and hasattr(test, "fuzz_cases"):
+            instances = math.prod(len(m.args[1]) for m in getattr(test, "pytestmark", []) if m.name == "parametrize")
+            out[name] = test.fuzz_cases * instances
+    return out
+
+
 def test_fuzz_total():
-    """The suite ran at least 20,000 cases (when every fuzz test above ran)."""
-    total = sum(CASES.values())
-    if not CASES or any(k not in " ".join(CASES) for k in ("parser-", "verify-", "on-record-", "enclave-answer")):
-        pytest.skip("only part of the fuzz suite ran")
-    print(f"\nfuzz cases: {total}")
+    """The module declares at least 20,000 cases; every fuzz test that ran ran all of its own
+    (also checked in each test); and when every one of them ran, they ran at least 20,000."""
+    planned = planned_cases()
+    undeclared = [n for n in globals() if n.startswith("test_") and n != "test_fuzz_total" and n not in planned]
+    assert not undeclared, f"fuzz tests without @fuzz_test(N) are not counted: {undeclared}"
+    assert sum(planned.values()) >= MIN_TOTAL_CASES, planned
+    ran: collections.Counter = collections.Counter()
+    for nodeid, n in RAN.items():
+        ran[nodeid.split("::")[-1].split("[")[0]] += n
+    partial = {name: (ran[name], n) for name, n in planned.items() if ran[name] != n}
+    print(f"\nfuzz cases: {sum(ran.values())} run, {sum(planned.values())} declared by the module; "
+          f"slowest gap between cases {_Guard.slowest * 1000:.0f} ms ({_Guard.slowest_where})")
     for name, n in sorted(CASES.items()):
         print(f"  {name:45s} {n:6d}")
-    assert total >= MIN_TOTAL_CASES, dict(CASES)
+    # A test that ran only some of its parametrizations, or none (-k): nothing to add up.
+    assert all(r <= n for r, n in partial.values()), partial
+    if not partial:
+        assert sum(ran.values()) == sum(planned.values()) >= MIN_TOTAL_CASES, dict(CASES)
