@@ -1,68 +1,139 @@
 """Fault injection: kill -9 the enclave under steady load, several times. Every
 accepted record is counted exactly once, and no window is released twice with
-different values."""
+different values.
+
+Each kill is tied to the producer's progress, not to a timer, so that every kill lands
+while records are still being published: once 1/4, 1/2 and 3/4 of the records are
+confirmed by the broker (and the enclave has counted and checkpointed some since it last
+started), and once more right after the enclave the first kill restarted logs
+``consuming``, as the records published while it was down come in."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import shutil
 import signal
 import threading
 import time
+from datetime import datetime
 
 import pytest
 
+from common import amqp, wire
+from common.results import verify_signed
 from consumers.client import Consumer
 from producers.client import Producer
+from sidecar.enclave.state import SealedStateStore
+from sidecar.platform.emulated import EmulatedPlatform
+from sidecar.runtime import HELD_RETRY_S
+from sidecar.supervisor import MAX_BACKOFF_S
 from tests.integration.test_end_to_end import capture_queue, drain
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-RECORDS, WINDOW, KILLS = 600, 50, 3
+RECORDS, WINDOW = 800, 50
+# One record every 50 ms, on the clock: 40 s of steady load, long enough for four kills and
+# the restarts between them (1 + 2 + 4 s of backoff, and a few seconds to start each time).
+PACE_S = 0.05
+QUARTERS = (RECORDS // 4, RECORDS // 2, 3 * RECORDS // 4)
 # Noise this small rounds to zero, so released counts and sums can be checked exactly.
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 10.0, "window_records": WINDOW, "min_batch": 1,
           "mechanism": "laplace", "epsilon": 1e7, "budget_epsilon": 1e12}
 
 
-def wait_for_new_enclave(sc, old_pid: int, timeout: float = 60) -> int:
+def wait_for(what: str, condition, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = sc.enclave_pid()
-        if pid != old_pid:
-            return pid
-        time.sleep(0.1)
-    raise AssertionError("the platform did not restart the enclave")
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_for_new_enclave(sc, old_pid: int, timeout: float = 60) -> int:
+    wait_for("the platform to restart the enclave", lambda: sc.enclave_pid() != old_pid, timeout)
+    return sc.enclave_pid()
+
+
+def log_time(event: dict) -> float:
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
 
 
 def test_kill_9_of_the_enclave_loses_nothing_and_counts_nothing_twice(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     dead_conn, dead_q = capture_queue(sc, sc.config.broker.topology.rejected_exchange, "")
     values = [float(i % 10) for i in range(RECORDS)]
-    done = threading.Event()
+    confirmed = [0]  # records the broker confirmed so far
+    done, failures = threading.Event(), []
 
     def produce():
-        with Producer(sc.config) as producer:
-            for v in values:
-                producer.send("s", [v])
-                time.sleep(0.01)  # steady load over the kills, rather than one burst
-        done.set()
+        try:
+            with Producer(sc.config) as producer:
+                start = time.monotonic()
+                for i, v in enumerate(values):
+                    time.sleep(max(0.0, start + i * PACE_S - time.monotonic()))
+                    producer.send("s", [v])  # returns once the broker confirmed it
+                    confirmed[0] = i + 1
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            failures.append(err)
+        finally:
+            done.set()
+
+    kills: list[tuple[str, int, bool]] = []  # (when, records confirmed then, producer still sending)
+
+    def kill(when: str) -> None:
+        pid = sc.enclave_pid()
+        at, sending = confirmed[0], not done.is_set()
+        os.kill(pid, signal.SIGKILL)
+        kills.append((when, at, sending))
+        assert sending and at < RECORDS, f"kill {when!r} came after the producer finished: {kills}"
+        wait_for_new_enclave(sc, pid)
+
+    def consuming(starts: int) -> None:
+        wait_for(f"enclave start {starts} to consume", lambda: len(sc.events("consuming")) >= starts)
+
+    # Every start writes a fresh base and empties the journal: a journal that is not empty
+    # means this enclave has counted and checkpointed records since it started.
+    journal = sc.state / "enclave" / sc.measurement.hex()[:32] / "state.journal"
+
+    def counting(starts: int) -> None:
+        consuming(starts)
+        wait_for(f"enclave start {starts} to checkpoint records",
+                 lambda: journal.exists() and journal.stat().st_size > 0 or done.is_set())
 
     bodies: dict[int, set[bytes]] = {}
     releases = []
     with Consumer(sc.config, "s") as consumer:
         threading.Thread(target=produce, daemon=True).start()
-        pid = sc.enclave_pid()
-        for k in range(KILLS):
-            time.sleep(1.0 + 0.7 * k)
-            os.kill(pid, signal.SIGKILL)
-            pid = wait_for_new_enclave(sc, pid)
+        for k, quarter in enumerate(QUARTERS):
+            counting(len(kills) + 1)  # the enclave is at work again before it is killed
+            wait_for(f"{quarter} records confirmed", lambda: confirmed[0] >= quarter or done.is_set(), 120)
+            kill(f"after {quarter} records confirmed")
+            if k == 0:
+                consuming(len(kills) + 1)
+                kill("right after the restarted enclave logged consuming")
         assert done.wait(120), "the producer did not finish"
+        assert not failures, failures
+        assert confirmed[0] == RECORDS
         for message in consumer.releases(idle_timeout=30):
             releases.append(message)
             bodies.setdefault(message.window, set()).add(message.to_payload())
             if len(bodies) == RECORDS // WINDOW:
                 break
+    # Four kills (at least three are required), each while records were still being published.
+    assert len(kills) == 4 and all(sending and at < RECORDS for _, at, sending in kills), kills
+    # The platform restarted the enclave after each, backing off 1, 2, 4, 8 s (the 30 s cap is
+    # tested in tests/unit/test_supervisor.py), and really waited that long before each start.
     restarts = sc.events("enclave exited; restarting")
-    assert len(restarts) == KILLS
+    assert [e["exit_code"] for e in restarts] == [-signal.SIGKILL] * 4
+    assert [e["restart_in_s"] for e in restarts] == [1.0, 2.0, 4.0, 8.0]
+    assert [e["restarts"] for e in restarts] == [1, 2, 3, 4]
+    assert all(e["restart_in_s"] <= MAX_BACKOFF_S for e in restarts)
+    running = sc.events("enclave running")
+    assert len(running) == 5 and len({e["pid"] for e in running}) == 5
+    for exited, started in zip(restarts, running[1:]):
+        assert log_time(started) - log_time(exited) >= exited["restart_in_s"] - 0.05
     # Each window was released with one value (republished copies are byte-identical).
     assert all(len(v) == 1 for v in bodies.values()), "a window was released twice with different values"
     by_window = {r.window: r for r in releases}
@@ -71,3 +142,80 @@ def test_kill_9_of_the_enclave_loses_nothing_and_counts_nothing_twice(sidecar_fa
     assert sum(r.sum[0] for r in by_window.values()) == pytest.approx(sum(values), abs=1e-3)
     # Redelivered records the checkpoint held were acknowledged as counted, not dead-lettered.
     assert drain(dead_conn, dead_q, expect=0, timeout=1.0) == []
+
+
+# A real noise scale (epsilon 1 on values up to 10: the sum's noise has a scale of about
+# 1.3 million fixed-point units), so that a second draw could not give the first's values.
+HELD_STREAM = {"dimension": 1, "lower": 0.0, "upper": 10.0, "window_records": 5, "min_batch": 1,
+               "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 100.0}
+HOLDING = "no consumer bound for this stream; holding the release"
+
+
+def stored_pending(sc, tmp_path) -> dict[str, bytes]:
+    """What only the platform owner can read: the signed releases the sealed state holds as
+    not yet confirmed, by publication key. Read from a copy of the files, so that nothing the
+    running enclave writes is touched, with a counter that never moves."""
+    src = sc.state / "enclave" / sc.measurement.hex()[:32]
+    copy = tmp_path / f"state-copy-{time.monotonic_ns()}"
+    copy.mkdir()
+    for name in ("state.sealed", "state.journal"):
+        if (src / name).exists():
+            shutil.copy(src / name, copy / name)
+    platform = EmulatedPlatform.load(sc.state)
+
+    class Counter:
+        def read(self):
+            return platform.counter_read(sc.measurement)
+
+        def advance(self, value):
+            return value
+
+    checkpoints = SealedStateStore(copy, platform.sealing_key(sc.measurement), sc.measurement, Counter()).load()
+    pending = checkpoints[-1]["core"]["pending"]  # docs/protocol.md, section 17
+    return {key: base64.b64decode(p["body"]) for key, p in pending.items()}
+
+
+def test_a_signed_release_held_for_want_of_a_consumer_survives_kill_9_byte_for_byte(sidecar_factory, tmp_path):
+    """No queue is bound for the stream, so the enclave holds its first release, signed and
+    stored. kill -9; the platform restarts the enclave; only then a consumer binds: exactly
+    one release of the window arrives, and its bytes are the ones stored before the kill (a
+    second draw would differ in its noise, its closed_at_ms and its signature)."""
+    sc = sidecar_factory({"s": HELD_STREAM})
+    with Producer(sc.config) as producer:
+        for i in range(HELD_STREAM["window_records"]):
+            producer.send("s", [float(i)])
+    wait_for("the enclave to hold the release", lambda: sc.events(HOLDING))
+    (held,) = sc.events(HOLDING)
+    assert held["publication"] == "s/1"
+    wait_for("the held release in the sealed state", lambda: "s/1" in stored_pending(sc, tmp_path))
+    stored = stored_pending(sc, tmp_path)["s/1"]
+    first = json.loads(wire.SignedMessage.from_bytes(stored).payload)
+    assert first["window"] == 1 and first["kind"] == "result"
+
+    pid = sc.enclave_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for_new_enclave(sc, pid)
+    wait_for("the restarted enclave to consume", lambda: len(sc.events("consuming")) >= 2)
+    # It tried to publish the stored release before consuming, found nobody, and holds it too.
+    assert len(sc.events(HOLDING)) == 2
+    conn, q = capture_queue(sc, sc.config.broker.topology.results_exchange, "s")
+    try:
+        got = drain(conn, q, expect=1, timeout=3 * HELD_RETRY_S)
+        got += drain(conn, q, expect=0, timeout=HELD_RETRY_S + 1.5)  # a second copy would come by now
+    finally:
+        conn.close()
+    assert [body for _, body in got] == [stored], "the release after the restart is not the one stored before"
+    assert got[0][0].type == "result"
+    assert len(sc.events("window released")) == 1  # drawn once, by the enclave that was killed
+    restarts = sc.events("enclave exited; restarting")
+    assert [e["exit_code"] for e in restarts] == [-signal.SIGKILL]
+    # Confirmed by the broker, it leaves the sealed state's pending set.
+    wait_for("the confirmed release to leave the sealed state", lambda: stored_pending(sc, tmp_path) == {}, 10)
+    # And it verifies: signed by the key the (restarted) enclave attests.
+    check = amqp.connect(sc.config.broker)
+    try:
+        attested = amqp.attest(check, sc.config.broker, sc.config.require_trust())
+    finally:
+        check.close()
+    release = verify_signed(stored, attested)
+    assert (release.window, release.count, release.closed_at_ms) == (1, first["count"], first["closed_at_ms"])
