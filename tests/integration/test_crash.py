@@ -29,6 +29,7 @@ from sidecar.enclave.state import SealedStateStore
 from sidecar.platform.emulated import EmulatedPlatform
 from sidecar.runtime import HELD_RETRY_S
 from sidecar.supervisor import MAX_BACKOFF_S
+from tests.integration.conftest import launch
 from tests.integration.test_end_to_end import capture_queue, drain
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -219,3 +220,23 @@ def test_a_signed_release_held_for_want_of_a_consumer_survives_kill_9_byte_for_b
         check.close()
     release = verify_signed(stored, attested)
     assert (release.window, release.count, release.closed_at_ms) == (1, first["count"], first["closed_at_ms"])
+
+
+def test_an_enclave_that_refuses_to_start_is_not_restarted_in_a_loop(sidecar_factory):
+    """Exit code 2 (here: sealed keys that no longer unseal) means a restart cannot help: the
+    platform logs it once and exits with 2 itself, instead of restarting every 30 s forever.
+    (A rolled-back sealed state takes the same path: tests/integration/test_budget.py.)"""
+    sc = sidecar_factory({"s": STREAM})
+    assert sc.stop() == 0
+    (keys,) = list(sc.state.rglob("keys.sealed"))
+    damaged = bytearray(keys.read_bytes())
+    damaged[-1] ^= 1  # the AES-GCM tag no longer matches
+    keys.write_bytes(bytes(damaged))
+    proc = launch(sc)
+    assert proc.wait(timeout=60) == 2
+    (refused,) = sc.events("cannot unseal keys or state")
+    assert refused["level"] == "error"
+    (gave_up,) = sc.events("the enclave refused to start; not restarting")
+    assert gave_up["exit_code"] == 2
+    assert sc.events("enclave exited; restarting") == []
+    assert len(sc.events("hardening")) == 2  # enclave starts: the first run's, and the refused one
