@@ -552,3 +552,18 @@ def test_unit_check_by_factors_agrees_with_gcd(small_keys):
     cases += [0, 1, nsq - 1, nsq, -1, p * p, q * q, p * q * q]
     for c in cases:
         assert small_keys.is_ciphertext(c) == (0 < c < nsq and math.gcd(c, n) == 1), c
+
+
+def test_two_thread_crt_decryption_agrees_with_phe(small_keys):
+    """decrypt_total splits the CRT halves over two threads; it must equal phe's raw_decrypt,
+    read as a signed integer, on every input."""
+    import secrets
+
+    pub = small_keys.paillier_public
+    n = pub.n
+    signed = lambda m: m - n if m > n // 2 else m  # noqa: E731
+    for m in (0, 1, n - 1, 12345, n // 2, n // 2 + 1):
+        assert small_keys.decrypt_total(pub.raw_encrypt(m)) == signed(m)
+    for _ in range(200):
+        c = secrets.randbelow(pub.nsquare - 1) + 1
+        assert small_keys.decrypt_total(c) == signed(small_keys._paillier.raw_decrypt(c))
