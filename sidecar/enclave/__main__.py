@@ -98,7 +98,13 @@ def main(argv: list[str]) -> int:
     def quote(report_data: bytes) -> bytes:
         return base64.b64decode(channel.request({"op": "quote", "report_data": report_data.hex()})["quote"])
 
-    enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote, state, int(time.time() * 1000))
+    try:
+        enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote, state, int(time.time() * 1000))
+    except (ValueError, KeyError) as err:
+        # A sealed state this code cannot read (an unknown version): restarting cannot help.
+        log.error("sealed state does not fit this code; refusing to start", extra={"fields": {
+            "detail": f"{type(err).__name__}: {err}"}})
+        return EXIT_CONFIG
     b = init["broker"]
     from sidecar.runtime import EnclaveRuntime  # pika only once the core is set up
 

@@ -222,19 +222,42 @@ def test_a_signed_release_held_for_want_of_a_consumer_survives_kill_9_byte_for_b
     assert (release.window, release.count, release.closed_at_ms) == (1, first["count"], first["closed_at_ms"])
 
 
-def test_an_enclave_that_refuses_to_start_is_not_restarted_in_a_loop(sidecar_factory):
-    """Exit code 2 (here: sealed keys that no longer unseal) means a restart cannot help: the
-    platform logs it once and exits with 2 itself, instead of restarting every 30 s forever.
-    (A rolled-back sealed state takes the same path: tests/integration/test_budget.py.)"""
-    sc = sidecar_factory({"s": STREAM})
-    assert sc.stop() == 0
+def _damage_keys(sc) -> str:
     (keys,) = list(sc.state.rglob("keys.sealed"))
     damaged = bytearray(keys.read_bytes())
     damaged[-1] ^= 1  # the AES-GCM tag no longer matches
     keys.write_bytes(bytes(damaged))
+    return "cannot unseal keys or state"
+
+
+def _state_of_unknown_version(sc) -> str:
+    """A genuinely sealed state (the test is the platform owner) that this code cannot read."""
+    from sidecar.enclave.state import SealedStateStore
+    from sidecar.platform.emulated import EmulatedPlatform
+    from tests.conftest import PlatformCounter
+
+    (keys,) = list(sc.state.rglob("keys.sealed"))
+    platform = EmulatedPlatform.load(sc.state)  # the counters as the sidecar left them
+    store = SealedStateStore(keys.parent, platform.sealing_key(sc.measurement), sc.measurement,
+                             PlatformCounter(platform, sc.measurement))
+    state = store.load()
+    state[-1]["core"]["version"] = 99
+    store.save(state[-1])
+    return "sealed state does not fit this code; refusing to start"
+
+
+@pytest.mark.parametrize("spoil", [_damage_keys, _state_of_unknown_version], ids=["damaged-keys", "state-version"])
+def test_an_enclave_that_refuses_to_start_is_not_restarted_in_a_loop(sidecar_factory, spoil):
+    """Exit code 2 (here: sealed keys that no longer unseal, or a sealed state of a version this
+    code does not know) means a restart cannot help: the platform logs it once and exits with 2
+    itself, instead of restarting every 30 s forever.
+    (A rolled-back sealed state takes the same path: tests/integration/test_budget.py.)"""
+    sc = sidecar_factory({"s": STREAM})
+    assert sc.stop() == 0
+    event = spoil(sc)
     proc = launch(sc)
     assert proc.wait(timeout=60) == 2
-    (refused,) = sc.events("cannot unseal keys or state")
+    (refused,) = sc.events(event)
     assert refused["level"] == "error"
     (gave_up,) = sc.events("the enclave refused to start; not restarting")
     assert gave_up["exit_code"] == 2
