@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import pika
@@ -57,6 +57,8 @@ def ack_batch_for(prefetch: int) -> int:
 # Batches at least this large are opened on two threads (libsodium's box opening releases
 # the GIL); smaller ones are not worth the hand-off.
 PARALLEL_OPEN_MIN = 8
+# How often the loop looks for a finished draw while one runs (its release waits for it).
+DRAW_POLL_S = 0.002
 # How long a delivery may wait for its batch when records trickle in.
 FLUSH_EVERY_S = 0.1
 # A journal this large, or a base this old, is folded into a fresh base.
@@ -99,6 +101,15 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
     channel.exchange_declare(t.announce_exchange, exchange_type="fanout", durable=True)
 
 
+def _drawn_now(fn, *args) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as err:  # noqa: BLE001 - handed on to Enclave.complete
+        future.set_exception(err)
+    return future
+
+
 class EnclaveRuntime:
     """:param store: where checkpoints go; written whenever the enclave's state changed,
     before the records behind the change are acknowledged and before anything that
@@ -115,8 +126,13 @@ class EnclaveRuntime:
         # Deliveries received but not yet opened: (delivery method, body), in delivery order.
         self._inbox: list[tuple[object, bytes]] = []
         # A second thread opens half of each batch where there is a second core.
-        self._opener = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="open")
-                        if (os.cpu_count() or 1) > 1 else None)
+        two_cores = (os.cpu_count() or 1) > 1
+        self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open") if two_cores else None
+        # Closed windows are drawn (decrypted, noised, signed) on a thread of their own while
+        # ingest goes on: the decryption's long powmods release the GIL.
+        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release") if two_cores else None
+        enclave.defer_releases = self._releaser is not None
+        self._drawing: dict[str, Future] = {}  # closing window key -> its draw, in closing order
         self._channel = None
         self._last_base = time.monotonic()
         self.stopping = False
@@ -140,8 +156,10 @@ class EnclaveRuntime:
                 self._connect()
                 backoff = 1.0
                 while not self.stopping:
-                    self._connection.process_data_events(time_limit=FLUSH_EVERY_S)
+                    # While a window is being drawn, look back soon: its release waits for us.
+                    self._connection.process_data_events(time_limit=DRAW_POLL_S if self._drawing else FLUSH_EVERY_S)
                     self.ingest()
+                    self.release_closed()
                     self.flush()
                     self._tick()
             except (TransportError, pe.AMQPConnectionError, pe.AMQPChannelError) as err:
@@ -155,12 +173,14 @@ class EnclaveRuntime:
         if self._connection is not None and self._connection.is_open:
             try:
                 self.ingest()
+                self.release_closed(wait=True)
                 self.flush()  # a clean stop leaves nothing to redeliver
             except (TransportError, pe.AMQPError):
                 pass
         self._close()
-        if self._opener is not None:
-            self._opener.shutdown(wait=True)
+        for pool in (self._opener, self._releaser):
+            if pool is not None:
+                pool.shutdown(wait=True)
         self.log_stats()
 
     def _connect(self) -> None:
@@ -280,6 +300,31 @@ class EnclaveRuntime:
                                amqp.properties("rejected-record", headers=headers), mandatory=False)
         log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
 
+    def release_closed(self, wait: bool = False) -> None:
+        """Have closed windows drawn on the release thread; store the draws that are done (all
+        of them with ``wait``) in closing order, checkpoint, then publish them."""
+        for key, closing in self.enclave.closing.items():
+            if key not in self._drawing:
+                # One core: draw here (the enclave does so itself for windows it closes then;
+                # what is left are windows a crash left closing in the sealed state).
+                self._drawing[key] = (self._releaser.submit(self.enclave.finish, closing) if self._releaser
+                                      else _drawn_now(self.enclave.finish, closing))
+        publications = []
+        while self._drawing:
+            key, future = next(iter(self._drawing.items()))
+            if not (wait or future.done()):
+                break
+            del self._drawing[key]
+            try:
+                outcome = future.result()
+            except Exception as err:  # noqa: BLE001 - complete() withholds the window and logs why
+                outcome = err
+            publications += self.enclave.complete(self.enclave.closing[key], outcome, now_ms())
+        if publications:
+            self.persist()  # a release and its ledger charge are sealed before they leave
+            for publication in publications:
+                self._publish_release(publication)
+
     def _on_attest(self, channel, _method, props, body: bytes) -> None:
         if not props.reply_to:
             log.warning("attestation request without reply_to ignored")
@@ -300,6 +345,7 @@ class EnclaveRuntime:
             self.enclave.rotate(now_ms())
             notices = self.enclave.announcements()  # sealed below with the new keys, then sent
         releases = self.enclave.on_tick(now_ms())
+        self.release_closed()  # windows the clock closed go to the release thread now
         self.persist()
         for release in (*notices, *releases):
             self._publish_release(release)

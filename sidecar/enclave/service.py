@@ -48,6 +48,24 @@ class OpenedRecord:
     keys: EnclaveKeys
 
 
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """A closed window whose release is charged to the ledger but not drawn yet. Its totals
+    are ciphertexts, safe in the sealed state, until :meth:`Enclave.finish` decrypts,
+    noises and signs them. ``budget`` is the ledger's summary after this release's charge;
+    ``exhausts``: no release of the stream fits the budget after this one."""
+
+    key: str
+    window: Window
+    budget: dict
+    closed_at_ms: int
+    exhausts: bool
+
+    def to_json(self) -> dict:
+        return {"stream": self.window.stream, "window": self.window.to_json(), "budget": self.budget,
+                "closed_at_ms": self.closed_at_ms, "exhausts": self.exhausts}
+
+
 @dataclass(slots=True)
 class Stats:
     accepted: int = 0
@@ -92,6 +110,10 @@ class Enclave:
         self.stats = Stats()
         # Signed messages not yet confirmed by the broker, by Publication.key.
         self.pending: dict[str, Publication] = {}
+        # With defer_releases, closed windows wait here for the runtime to have them drawn
+        # (finish, on another thread) and stored (complete); otherwise both happen at once.
+        self.defer_releases = False
+        self.closing: dict[str, Closing] = {}
         # Set when something the sealed state holds changed; the runtime persists and clears it.
         self.dirty = False
         # Set when the keyring changed (rotation, retirement); the runtime reseals the keys first.
@@ -237,6 +259,7 @@ class Enclave:
             state.forget_expired(now_ms)
         released = self._close(closed, now_ms)
         in_use = {e for st in self.streams.values() for e in st.current.totals}
+        in_use |= {e for c in self.closing.values() for e in c.window.totals}  # still to be decrypted
         if self.keyring.retire_due(now_ms, in_use):
             self.keys_dirty = self.dirty = True
         return released
@@ -258,20 +281,48 @@ class Enclave:
                 continue
             ledger = self.ledgers[w.stream]
             ledger.charge(w.index)  # before the draw: a failure below may waste budget, never overspend it
-            try:
-                publication = noised_release(w, policy, self.keyring, self.measurement, now_ms, ledger.summary())
-            except Exception:  # noqa: BLE001 - one bad window must not stop the enclave
-                log.exception("release failed; the window is withheld", extra={"fields": {
-                    "stream": w.stream, "window": w.index}})
-                self.stats.windows_withheld += 1
+            closing = Closing(f"{w.stream}/{w.index}", w, ledger.summary(), now_ms, not ledger.allows())
+            if closing.exhausts:
+                self.exhausted.add(w.stream)  # refuse records from now on; the notice follows the release
+            if self.defer_releases:
+                self.closing[closing.key] = closing
                 continue
-            self.pending[publication.key] = publication
+            try:
+                outcome: Publication | Exception = self.finish(closing)
+            except Exception as err:  # noqa: BLE001 - one bad window must not stop the enclave
+                outcome = err
+            out += self.complete(closing, outcome, now_ms)
+        return tuple(out)
+
+    def finish(self, closing: Closing) -> Publication:
+        """Decrypt a closing window's totals once, add noise, sign. Reads keys and policy only,
+        so the runtime may run it on another thread; :meth:`complete` stores what it returns.
+
+        :raises Exception: whatever the release failed with (``complete`` withholds the window).
+        """
+        policy = self.policy.streams[closing.window.stream]
+        return noised_release(closing.window, policy, self.keyring, self.measurement, closing.closed_at_ms,
+                              closing.budget)
+
+    def complete(self, closing: Closing, outcome: Publication | BaseException, now_ms: int) -> tuple[Publication, ...]:
+        """Store a closing window's release (or withhold the window if drawing it failed) as
+        pending, with the budget notice when this release spent the budget."""
+        self.closing.pop(closing.key, None)
+        self.dirty = True
+        w = closing.window
+        out = []
+        if isinstance(outcome, BaseException):
+            log.error("release failed; the window is withheld", exc_info=outcome, extra={"fields": {
+                "stream": w.stream, "window": w.index}})
+            self.stats.windows_withheld += 1
+        else:
+            self.pending[outcome.key] = outcome
             self.stats.windows_released += 1
             log.info("window released", extra={"fields": {
-                "stream": w.stream, "window": w.index, "releases": ledger.releases}})
-            out.append(publication)
-            if not ledger.allows():
-                out.append(self._exhaust(w.stream, now_ms))
+                "stream": w.stream, "window": w.index, "releases": closing.budget.get("releases")}})
+            out.append(outcome)
+        if closing.exhausts:
+            out.append(self._exhaust(w.stream, now_ms))
         return tuple(out)
 
     def _exhaust(self, stream: str, now_ms: int) -> Publication:
@@ -300,7 +351,7 @@ class Enclave:
             },
             "pending": {key: {"stream": p.stream, "body": base64.b64encode(p.body).decode()}
                         for key, p in self.pending.items()},
-        }
+        } | ({"closing": {key: c.to_json() for key, c in self.closing.items()}} if self.closing else {})
 
     def snapshot(self) -> dict:
         """The whole state, for a fresh checkpoint base."""
@@ -332,6 +383,10 @@ class Enclave:
             self.streams[name].current = Window.from_json(policy, raw["window"], public_keys)
             if raw["exhausted"]:
                 self.exhausted.add(name)
+        for key, raw in core.get("closing", {}).items():
+            policy = self.policy.streams[raw["stream"]]
+            window = Window.from_json(policy, raw["window"], public_keys)
+            self.closing[key] = Closing(key, window, raw["budget"], int(raw["closed_at_ms"]), bool(raw["exhausts"]))
         for key, raw in core["pending"].items():
             body = base64.b64decode(raw["body"])
             payload = wire.SignedMessage.from_bytes(body).payload

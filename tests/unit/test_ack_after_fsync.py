@@ -51,6 +51,7 @@ class Channel:
 def deliver(runtime, channel, body, tag, redelivered=False):
     runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
     runtime.ingest()
+    runtime.release_closed(wait=True)  # as the runtime's loop does: draws, stores, publishes
 
 
 class ReadOnlyCounter(PlatformCounter):
@@ -180,3 +181,56 @@ def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_on
     assert restarted.enclave.ledgers["s"].releases == 1  # charged once, for the one release
     on_disk = disk.on_disk()
     assert on_disk.streams["s"].current.index == 2 and on_disk.pending == {}
+
+
+def test_a_window_closed_but_not_yet_drawn_survives_a_crash_and_is_released_once(disk):
+    """The runtime draws releases on another thread: a closed window waits in the sealed state
+    as ciphertexts, charged, so its records can be acknowledged before its noise is drawn. A
+    crash then loses nothing: the restarted enclave draws it once, from the same totals."""
+    runtime = disk.start(disk.world.enclave)
+    assert disk.world.enclave.defer_releases  # two cores here, as on every machine we run on
+    consume, runtime._publish = Channel(), Channel()
+    bodies = [disk.world.sealer.seal("s", [3.0]).body for _ in range(WINDOW)]
+    for tag, body in enumerate(bodies, start=1):
+        runtime._on_record(consume, SimpleNamespace(delivery_tag=tag, redelivered=False), None, body)
+    runtime.ingest()
+    runtime.flush()  # no draw yet: the process dies here
+    assert sorted(consume.acked) == list(range(1, WINDOW + 1)) and runtime._publish.published == []
+    before = disk.on_disk()
+    (closing,) = before.closing.values()
+    assert closing.window.count == WINDOW and before.ledgers["s"].releases == 1 and before.pending == {}
+
+    restarted = disk.restart()
+    consume, restarted._publish = Channel(), Channel()
+    restarted.release_closed(wait=True)
+    (release,) = [b for ex, _, b in restarted._publish.published if ex == "sealedsum.results"]
+    payload = json.loads(wire.SignedMessage.from_bytes(release).payload)
+    assert payload["count"] == WINDOW and payload["window"] == 1
+    assert payload["sum"] == [pytest.approx(3.0 * WINDOW, abs=1e-3)]
+    assert payload["budget"]["releases"] == 1  # charged at close, once, not again at the draw
+    restarted.flush()  # the confirmed release leaves the pending set
+    after = disk.on_disk()
+    assert after.closing == {} and after.ledgers["s"].releases == 1 and after.pending == {}
+
+
+def test_records_after_the_window_that_spends_the_budget_are_refused_before_it_is_drawn(small_keys, tmp_path):
+    d = Disk(small_keys, tmp_path)
+    d.policy = make_policy({"s": stream_table(window_records=WINDOW, min_batch=1, epsilon=1.0, budget_epsilon=1.0)})
+    d.world = make_world(small_keys, d.policy)
+    runtime = d.start(d.world.enclave)
+    consume, runtime._publish = Channel(), Channel()
+    bodies = [d.world.sealer.seal("s", [1.0]).body for _ in range(WINDOW + 2)]
+    for tag, body in enumerate(bodies[:WINDOW], start=1):
+        runtime._on_record(consume, SimpleNamespace(delivery_tag=tag, redelivered=False), None, body)
+    runtime.ingest()  # closes the only window the budget allows; not drawn yet
+    for tag, body in enumerate(bodies[WINDOW:], start=WINDOW + 1):
+        runtime._on_record(consume, SimpleNamespace(delivery_tag=tag, redelivered=False), None, body)
+    runtime.ingest()  # the window is still being drawn: these are refused already
+    runtime.release_closed(wait=True)
+    runtime.flush()
+    published = [(ex, json.loads(wire.SignedMessage.from_bytes(b).payload)["kind"]) if ex == "sealedsum.results"
+                 else (ex, None) for ex, _, b in runtime._publish.published]
+    # The two late records were dead-lettered; then the release, then the notice, in that order.
+    assert published == [("sealedsum.rejected", None), ("sealedsum.rejected", None),
+                         ("sealedsum.results", "result"), ("sealedsum.results", "budget_exhausted")]
+    assert dict(runtime.enclave.stats.rejected) == {"budget_exhausted": 2}

@@ -38,6 +38,7 @@ class RecordingChannel:
 def deliver(runtime, channel, body, tag, redelivered=False):
     runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
     runtime.ingest()
+    runtime.release_closed(wait=True)
     runtime.flush()  # as the runtime's loop does after every ingest
 
 
@@ -123,6 +124,7 @@ def deliver_batch(runtime, channel, records, tag, redelivered=False):
     runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered),
                        SimpleNamespace(type=wire.RECORD_BATCH_TYPE), body)
     runtime.ingest()
+    runtime.release_closed(wait=True)
     runtime.flush()
     return body
 
