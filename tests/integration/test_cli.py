@@ -226,11 +226,9 @@ def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_f
     import signal
     import threading
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from common import signing, wire
     from producers.client import Producer
     from tests.integration.test_end_to_end import capture_queue, drain
+    from tests.integration.test_faults import altered_and_forged
 
     sc = sidecar_factory({"s": STREAM})
     t = sc.config.broker.topology
@@ -256,12 +254,7 @@ def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_f
             for i in range(20):
                 producer.send("s", [float(i)])
         ((_, genuine),) = drain(conn, q, expect=1)
-        message = wire.SignedMessage.from_bytes(genuine)
-        payload = json.loads(message.payload)
-        payload["sum"] = [payload["sum"][0] + 1000.0]
-        altered = wire.SignedMessage(json.dumps(payload).encode(), message.signature).to_bytes()
-        forged = wire.SignedMessage(message.payload, signing.sign(Ed25519PrivateKey.generate(), signing.RESULT,
-                                                                  message.payload)).to_bytes()
+        altered, forged = altered_and_forged(genuine)
         ch = conn.channel()
         for body in (altered, forged):
             ch.basic_publish(t.results_exchange, "s", body)

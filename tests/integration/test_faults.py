@@ -188,6 +188,21 @@ def test_producer_refuses_an_untrusted_enclave_and_sends_nothing(sidecar_factory
     assert drain(conn, q, expect=0, timeout=1.0) == []
 
 
+def altered_and_forged(genuine: bytes) -> tuple[bytes, bytes]:
+    """A genuine signed result with its sum changed (old signature), and the genuine payload
+    signed by a key that is not the enclave's."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from common import signing
+
+    message = wire.SignedMessage.from_bytes(genuine)
+    payload = json.loads(message.payload)
+    payload["sum"] = [payload["sum"][0] + 1000.0]
+    altered = wire.SignedMessage(json.dumps(payload).encode(), message.signature).to_bytes()
+    forged = wire.SignedMessage(message.payload, signing.sign(Ed25519PrivateKey.generate(), signing.RESULT,
+                                                              message.payload)).to_bytes()
+    return altered, forged
+
+
 def test_consumer_rejects_forged_and_altered_results(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     t = sc.config.broker.topology
@@ -196,15 +211,7 @@ def test_consumer_rejects_forged_and_altered_results(sidecar_factory):
         for i in range(20):
             producer.send("s", [float(i)])
     ((_, genuine),) = drain(conn, q, expect=1)
-    message = wire.SignedMessage.from_bytes(genuine)
-    payload = json.loads(message.payload)
-    payload["sum"] = [payload["sum"][0] + 1000.0]
-    altered = wire.SignedMessage(json.dumps(payload).encode(), message.signature).to_bytes()
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from common import signing
-
-    forged = wire.SignedMessage(message.payload, signing.sign(Ed25519PrivateKey.generate(), signing.RESULT,
-                                                              message.payload)).to_bytes()
+    altered, forged = altered_and_forged(genuine)
     flipped = genuine[:-10] + bytes([genuine[-10] ^ 0x40]) + genuine[-9:]
     with Consumer(sc.config, "s") as consumer:
         pub = conn.channel()
