@@ -115,6 +115,35 @@ def test_enclave_is_a_separate_hardened_process(sidecar_factory):
     # The platform holds the quote key; the enclave's command line carries no secret.
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     assert b"sealing" not in cmdline and b"platform.key" not in cmdline
+    # It talks to the world only through RabbitMQ: no socket of its listens, and every TCP
+    # socket it has is connected to the broker's port, or to itself (pika's ioloop wakes up
+    # through a loopback TCP pair of its own).
+    import urllib.parse
+
+    broker_port = urllib.parse.urlparse(sc.config.broker.url).port or 5672
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    tcp, other = [], []
+    for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                (tcp if table.startswith("tcp") else other).append(fields)
+    assert tcp and other == [], other  # at least the broker connection; no UDP or raw sockets
+    own_ends = {fields[1] for fields in tcp}
+    to_broker = 0
+    for fields in tcp:
+        state, remote, remote_port = fields[3], fields[2], int(fields[2].rsplit(":", 1)[1], 16)
+        assert state != "0A", "the enclave has a listening TCP socket"
+        assert remote_port == broker_port or remote in own_ends, f"the enclave is connected to {remote}"
+        to_broker += remote_port == broker_port
+    assert to_broker >= 1
 
 
 def test_no_private_key_in_state_or_on_the_broker(sidecar_factory):
