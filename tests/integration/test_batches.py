@@ -10,25 +10,16 @@ import sys
 import pytest
 
 from common import wire
-from common.results import Release
 from consumers.client import Consumer
 from producers.client import Producer, SealedRecord
 from tests.integration.test_end_to_end import capture_queue, drain
+from tests.integration.test_publisher import releases_of as releases
 
 pytestmark = pytest.mark.integration
 
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 10.0, "window_records": 100, "min_batch": 1,
           "mechanism": "laplace", "epsilon": 1e7, "budget_epsilon": 1e12}
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-
-
-def releases(consumer, windows: int) -> dict[int, Release]:
-    out: dict[int, Release] = {}
-    for message in consumer.releases(idle_timeout=60):
-        out[message.window] = Release.from_payload(message.to_payload())
-        if len(out) == windows:
-            break
-    return out
 
 
 def test_batched_records_are_each_counted_once_and_a_bad_one_is_dead_lettered_alone(sidecar_factory):
