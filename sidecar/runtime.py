@@ -123,8 +123,8 @@ class EnclaveRuntime:
         self._seal_keys = seal_keys
         self._rotation_requested = False
         self._unacked: list[int] = []
-        # Deliveries received but not yet opened: (delivery method, body), in delivery order.
-        self._inbox: list[tuple[object, bytes]] = []
+        # Deliveries received but not yet opened: (delivery method, AMQP type, body), in order.
+        self._inbox: list[tuple[object, str | None, bytes]] = []
         # A second thread opens half of each batch where there is a second core.
         two_cores = (os.cpu_count() or 1) > 1
         self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open") if two_cores else None
@@ -305,8 +305,8 @@ class EnclaveRuntime:
         of them with ``wait``) in closing order, checkpoint, then publish them."""
         for key, closing in self.enclave.closing.items():
             if key not in self._drawing:
-                # One core: draw here (the enclave does so itself for windows it closes then;
-                # what is left are windows a crash left closing in the sealed state).
+                # With one core the enclave draws the windows it closes at once; what can be
+                # left are windows a crash left closing in the sealed state: draw them here.
                 self._drawing[key] = (self._releaser.submit(self.enclave.finish, closing) if self._releaser
                                       else _drawn_now(self.enclave.finish, closing))
         publications = []

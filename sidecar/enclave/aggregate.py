@@ -58,9 +58,14 @@ class Window:
     def from_json(cls, stream: StreamPolicy, raw: dict, public_keys: dict[int, PaillierPublicKey]) -> "Window":
         totals = {}
         for e, cts in raw["totals"].items():
+            key = public_keys.get(int(e))
+            if key is None:  # its totals could never be decrypted
+                raise ValueError(f"checkpointed window has totals under key epoch {e}, which the keyring lacks")
             totals[int(e)] = [gmpy2.mpz(int(c, 16)) for c in cts]
             if len(cts) != stream.ciphertexts_per_record:
                 raise ValueError("checkpointed window has the wrong dimension")
+            if not all(0 < c < key.nsquare for c in totals[int(e)]):
+                raise ValueError("checkpointed window has a total out of range")
         return cls(stream.name, int(raw["index"]), totals, int(raw["count"]), raw["opened_at_ms"],
                    {bytes.fromhex(pid): int(n) for pid, n in raw["contributors"].items()})
 

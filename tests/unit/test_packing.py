@@ -261,6 +261,11 @@ def test_packed_window_checkpoint_round_trip(small_keys):
     unpacked = make_policy({"s": stream_table(**L2, window_records=50, min_batch=1)}).streams["s"]
     with pytest.raises(ValueError, match="wrong dimension"):
         Window.from_json(unpacked, raw, keys)
+    with pytest.raises(ValueError, match="key epoch"):  # totals no key in the keyring can decrypt
+        Window.from_json(p, raw, {})
+    big = dict(raw, totals={e: [format(small_keys.nsquare, "x")] * len(cts) for e, cts in raw["totals"].items()})
+    with pytest.raises(ValueError, match="out of range"):
+        Window.from_json(p, big, keys)
 
 
 # -- the record shape ----------------------------------------------------------------------
