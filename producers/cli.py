@@ -29,7 +29,7 @@ class Progress:
 
 
 def _produce(args) -> int:
-    from producers.client import Producer
+    from producers.client import MessageGroup, Producer
     from producers.inputs import read_records
     from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, EXIT_USAGE, load_config
 
@@ -60,19 +60,19 @@ def _produce(args) -> int:
                 ok = False
         return ok
 
-    group: list = []  # (line number, SealedRecord) to go in the next message
-    group_bytes = wire.RecordBatch.size(())
+    group = MessageGroup(args.per_message)  # the records that go in the next message
+    numbers: list[int] = []  # their line numbers
 
     def submit_group() -> bool:
         """Publish the grouped records, one message for all (pipelined: up to the producer's
         window of messages await their confirms at once); False once one failed."""
-        nonlocal group, group_bytes
-        records, group, group_bytes = group, [], wire.RecordBatch.size(())
+        records, lines = group.take(), numbers[:]
+        numbers.clear()
         try:
-            submitted = producer.submit_batch([r for _, r in records])
+            submitted = producer.submit_batch(records)
         except TransportError:
             return False  # an earlier record failed: its line is reported below
-        pending.extend((number, p) for (number, _), p in zip(records, submitted))
+        pending.extend(zip(lines, submitted))
         summary["sent"] += len(records)
         return settle()
 
@@ -93,14 +93,12 @@ def _produce(args) -> int:
                     summary["rejected_by_validation"] += 1
                     print(f"line {line.number}: rejected: {err}", file=sys.stderr)
                     continue
-                if group and (len(group) >= args.per_message
-                              or group_bytes + 4 + len(record.body) > wire.MAX_BATCH_BYTES):
-                    if not submit_group():
-                        code = EXIT_TRANSPORT
-                        break
-                group.append((line.number, record))
-                group_bytes += 4 + len(record.body)
-                if len(group) >= args.per_message and not submit_group():
+                if not group.fits(record) and not submit_group():
+                    code = EXIT_TRANSPORT
+                    break
+                group.add(record)
+                numbers.append(line.number)
+                if group.full and not submit_group():
                     code = EXIT_TRANSPORT
                     break
                 progress.update(summary["confirmed"])

@@ -134,6 +134,38 @@ class PendingRecord:
         return self.ticket.error if self.ticket.state == "failed" else None
 
 
+class MessageGroup:
+    """Sealed records gathered for one broker message: at most ``per_message`` of them and
+    ``wire.MAX_BATCH_BYTES`` as a record batch (a record too large for one goes alone)."""
+
+    def __init__(self, per_message: int) -> None:
+        if not 1 <= per_message <= wire.MAX_BATCH_RECORDS:
+            raise ValueError(f"per_message must be 1..{wire.MAX_BATCH_RECORDS}")
+        self.per_message = per_message
+        self.records: list[SealedRecord] = []
+        self._bytes = wire.RecordBatch.size(())
+
+    def fits(self, record: SealedRecord) -> bool:
+        """Whether ``record`` can join this message (anything joins an empty one)."""
+        return not self.records or (len(self.records) < self.per_message
+                                    and self._bytes + 4 + len(record.body) <= wire.MAX_BATCH_BYTES)
+
+    def add(self, record: SealedRecord) -> None:
+        self.records.append(record)
+        self._bytes += 4 + len(record.body)
+
+    @property
+    def full(self) -> bool:
+        return len(self.records) >= self.per_message
+
+    def take(self) -> list[SealedRecord]:
+        records, self.records, self._bytes = self.records, [], wire.RecordBatch.size(())
+        return records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
 class Producer:
     """Attest, then publish sealed records with publisher confirms.
 
@@ -301,20 +333,15 @@ class Producer:
     def submit_many(self, stream: str, records: Iterable[Iterable[float]], *, window: int = 0,
                     per_message: int = 1) -> list[PendingRecord]:
         """Seal and submit many records (see :meth:`send_many`) without waiting for the confirms."""
-        if not 1 <= per_message <= wire.MAX_BATCH_RECORDS:
-            raise ValueError(f"per_message must be 1..{wire.MAX_BATCH_RECORDS}")
+        group = MessageGroup(per_message)
         pending: list[PendingRecord] = []
-        group: list[SealedRecord] = []
-        size = empty = wire.RecordBatch.size(())
         for values in records:
             record = self.seal(stream, values, window=window)
-            if group and (len(group) >= per_message or size + 4 + len(record.body) > wire.MAX_BATCH_BYTES):
-                pending += self.submit_batch(group)
-                group, size = [], empty
-            group.append(record)
-            size += 4 + len(record.body)
+            if not group.fits(record):
+                pending += self.submit_batch(group.take())
+            group.add(record)
         if group:
-            pending += self.submit_batch(group)
+            pending += self.submit_batch(group.take())
         return pending
 
     def flush(self, timeout: float | None = None) -> None:
