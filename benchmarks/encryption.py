@@ -23,7 +23,7 @@ def measure(n: int, samples: int, phe_samples: int, pool_workers: int = 0) -> di
     import phe.util
     from phe import PaillierPublicKey
 
-    from producers import encryption
+    from sealedsum.producers import encryption
 
     pk = PaillierPublicKey(n)
     out: dict = {"gmpy2": bool(phe.util.HAVE_GMP) and encryption.HAVE_GMPY2, "bits": n.bit_length()}

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pika
 
-from common import config as config_mod
-from common.attestation import encode_platform_key
-from common.policy import SECURE_PAILLIER_BITS
-from sidecar.platform import measure
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common import config as config_mod
+from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.policy import SECURE_PAILLIER_BITS
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM = "bench"
@@ -36,7 +36,7 @@ LOWER, UPPER = 0.0, 100.0
 
 def packing_available() -> bool:
     """Whether this tree's policy knows ``packing`` (the vector stream then turns it on)."""
-    from common.policy import StreamPolicy
+    from sealedsum.common.policy import StreamPolicy
 
     return "packing" in StreamPolicy.KEYS
 
@@ -83,7 +83,7 @@ class BenchError(Exception):
 
 
 def parse_log_ts(ts: str) -> float:
-    """``2024-05-01T22:10:10.123Z`` (common.logs) → seconds since the epoch."""
+    """``2024-05-01T22:10:10.123Z`` (sealedsum.common.logs) → seconds since the epoch."""
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 

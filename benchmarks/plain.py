@@ -1,12 +1,12 @@
 """The baselines: plain pika, no sealedsum code, on the same broker with the same sizes.
 
-Publishing mirrors what ``producers.transport.RecordPublisher`` asks of the broker (a
+Publishing mirrors what ``sealedsum.producers.transport.RecordPublisher`` asks of the broker (a
 persistent message to a direct exchange, ``mandatory``, a publisher confirm per
 message), two ways: :func:`publish` waits for each confirm on a ``BlockingChannel`` in
 confirm mode (a round trip per message; the baseline the producer targets are stated
 against), :func:`publish_pipelined` keeps up to ``window`` messages awaiting their
 confirms on a ``SelectConnection``, as our publisher does. Consuming mirrors what
-``sidecar.runtime.EnclaveRuntime`` asks of it (the same prefetch, one manual ack per
+``sealedsum.sidecar.runtime.EnclaveRuntime`` asks of it (the same prefetch, one manual ack per
 message, ``process_data_events`` loop). Only the work in between is left out.
 """
 
@@ -18,12 +18,12 @@ from collections import deque
 import pika
 from pika.adapters.select_connection import SelectConnection
 
-from sidecar.runtime import PREFETCH  # the runtime's prefetch for small records, so both consume alike
+from sealedsum.sidecar.runtime import PREFETCH  # the runtime's prefetch for small records, so both consume alike
 
 
 def connect(url: str) -> pika.BlockingConnection:
     params = pika.URLParameters(url)
-    params.heartbeat = 30  # as common.amqp.connect
+    params.heartbeat = 30  # as sealedsum.common.amqp.connect
     params.blocked_connection_timeout = 60
     return pika.BlockingConnection(params)
 

@@ -42,8 +42,8 @@ from pathlib import Path
 from benchmarks import encryption as enc_bench
 from benchmarks import machine, plain
 from benchmarks.harness import LOWER, STREAM, UPPER, VEC_STREAM, BenchError, BenchSidecar
-from common.errors import SealedsumError
-from common.policy import SECURE_PAILLIER_BITS
+from sealedsum.common.errors import SealedsumError
+from sealedsum.common.policy import SECURE_PAILLIER_BITS
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 EXIT_OK, EXIT_FAILED, EXIT_BROKER = 0, 1, 3  # 2: bad options (argparse, ConfigError)
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.phe_values = args.phe_values or (min(50, args.vec_dim) if args.quick else args.vec_dim)
     args.encrypt_bits = args.encrypt_bits or (list(args.bits) if args.quick else [2048, 3072])
     if args.publish_window is None:
-        from producers.transport import DEFAULT_WINDOW
+        from sealedsum.producers.transport import DEFAULT_WINDOW
 
         args.publish_window = DEFAULT_WINDOW
     if min(args.records, args.window, args.repeats, args.vec_dim, args.vec_records, args.phe_values,
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "from 512 to 8192")
     if args.window < 10:
         p.error("--window must be at least 10 (the stream's min_batch)")
-    from common import wire
+    from sealedsum.common import wire
 
     if not 1 <= args.per_message <= wire.MAX_BATCH_RECORDS:
         p.error(f"--per-message must be 1..{wire.MAX_BATCH_RECORDS}")
@@ -237,7 +237,7 @@ def time_unpacked_record(sealer, dim: int, sample: int, rng: random.Random, encr
     (plain pika)."""
     from phe import PaillierPublicKey
 
-    from producers.encryption import PheEncryptor
+    from sealedsum.producers.encryption import PheEncryptor
 
     policy = sealer.stream(VEC_STREAM)
     values = [rng.uniform(0.0, 1.0) for _ in range(dim)]
@@ -261,7 +261,7 @@ def unpacked_record_bytes(sealer, dim: int) -> int:
     """The sealed size of a ``dim``-value record with one ciphertext per value."""
     from nacl.bindings import crypto_box_SEALBYTES
 
-    from common import wire
+    from sealedsum.common import wire
 
     width = sealer.enclave.keys.ciphertext_width
     env = wire.Envelope(stream=VEC_STREAM, record_id=os.urandom(wire.RECORD_ID_SIZE), key_epoch=1, sent_at_ms=0,
@@ -319,12 +319,12 @@ def alternate(i: int, *steps) -> None:
 # -- the run -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
-    from common.fixedpoint import encode
-    from producers.client import Producer
-    from producers.encryption import FastEncryptor
-    from sidecar.enclave import noise
-    from sidecar.enclave.keyring import EnclaveKeys
-    from sidecar.enclave.service import Enclave
+    from sealedsum.common.fixedpoint import encode
+    from sealedsum.producers.client import Producer
+    from sealedsum.producers.encryption import FastEncryptor
+    from sealedsum.sidecar.enclave import noise
+    from sealedsum.sidecar.enclave.keyring import EnclaveKeys
+    from sealedsum.sidecar.enclave.service import Enclave
     from phe import PaillierPublicKey
 
     n, w, k = args.records, args.window, args.repeats
@@ -359,7 +359,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
         def make_enclave() -> Enclave:
             return Enclave(keys, sc.policy, sc.policy_bytes, sc.code_digest, sc.measurement, lambda _rd: b"")
 
-        from sidecar.runtime import ack_batch_for, enclave_prefetch
+        from sealedsum.sidecar.runtime import ack_batch_for, enclave_prefetch
 
         prefetch = enclave_prefetch(make_enclave())  # what the sidecar's runtime asks for
         result["prefetch"], result["ack_batch"] = prefetch, ack_batch_for(prefetch)

@@ -1,5 +1,5 @@
 """Shared by every role: wire format, policy, signing and attestation verification.
 
 The enclave imports this package, so the measurement covers it (see
-``sidecar.platform.measure``). Nothing here does I/O except ``common.amqp``.
+``sealedsum.sidecar.platform.measure``). Nothing here does I/O except ``sealedsum.common.amqp``.
 """

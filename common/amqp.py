@@ -14,10 +14,10 @@ import uuid
 import pika
 import pika.exceptions as pe
 
-from common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
-from common.config import BrokerSettings, redact_url
-from common.errors import TransportError, Unroutable
-from common import wire
+from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
+from sealedsum.common.config import BrokerSettings, redact_url
+from sealedsum.common.errors import TransportError, Unroutable
+from sealedsum.common import wire
 
 log = logging.getLogger("sealedsum.amqp")
 
@@ -150,7 +150,7 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
 
 
 def attest(connection: pika.BlockingConnection, settings: BrokerSettings, trust: TrustAnchors) -> AttestedEnclave:
-    """Attested key exchange: fresh nonce, RPC, then every check in ``common.attestation``."""
+    """Attested key exchange: fresh nonce, RPC, then every check in ``sealedsum.common.attestation``."""
     nonce = os.urandom(wire.NONCE_SIZE)
     reply = request_attestation(connection, settings, nonce)
     enclave = verify_attestation(reply, nonce, trust, int(time.time() * 1000))
@@ -162,11 +162,11 @@ def attest(connection: pika.BlockingConnection, settings: BrokerSettings, trust:
 def budget(connection: pika.BlockingConnection, settings: BrokerSettings, enclave: AttestedEnclave, stream: str):
     """Ask an attested enclave for a stream's ledger; verify its signature and our nonce.
 
-    :returns: a :class:`common.results.BudgetReport`.
+    :returns: a :class:`sealedsum.common.results.BudgetReport`.
     :raises InvalidResultSignature: forged, altered, or answering another question.
     """
-    from common.errors import InvalidResultSignature
-    from common.results import BUDGET_KIND, verify_signed
+    from sealedsum.common.errors import InvalidResultSignature
+    from sealedsum.common.results import BUDGET_KIND, verify_signed
 
     nonce = os.urandom(wire.NONCE_SIZE)
     reply = call_enclave(connection, settings, wire.BudgetRequest(nonce, stream).to_bytes(), "budget-request")

@@ -21,8 +21,8 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from common import signing, wire
-from common.errors import (
+from sealedsum.common import signing, wire
+from sealedsum.common.errors import (
     AttestationError,
     ConfigError,
     InvalidMessage,
@@ -32,7 +32,7 @@ from common.errors import (
     UnknownMeasurement,
     UntrustedPlatform,
 )
-from common.policy import EnclavePolicy
+from sealedsum.common.policy import EnclavePolicy
 
 DEFAULT_MAX_QUOTE_AGE_SECONDS = 300.0
 # A quote dated this far ahead of the client's clock is still accepted (clock skew).

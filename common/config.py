@@ -1,7 +1,7 @@
 """The one TOML file every subcommand reads (``--config FILE``).
 
 ``[broker]`` and ``[trust]`` are operational and client-side settings; ``[enclave]``
-and ``[streams.*]`` are the measured policy (see :mod:`common.policy`). ``AMQP_URL``
+and ``[streams.*]`` are the measured policy (see :mod:`sealedsum.common.policy`). ``AMQP_URL``
 in the environment overrides ``broker.url``. Unknown keys are errors.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
-from common.errors import ConfigError
-from common.policy import EnclavePolicy, Requirements, _number, _take
+from sealedsum.common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
+from sealedsum.common.errors import ConfigError
+from sealedsum.common.policy import EnclavePolicy, Requirements, _number, _take
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TOP_KEYS = {"broker", "trust", "require", "producer", "enclave", "streams", "identities"}

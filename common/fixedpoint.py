@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from common.errors import PolicyMismatch
+from sealedsum.common.errors import PolicyMismatch
 
 
 def _finite(v: int | float) -> bool:

@@ -17,10 +17,10 @@ from typing import Any, Mapping
 
 import nacl.bindings
 
-from common import fixedpoint, privacy
-from common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
-from common.packing import LayoutError, PackingLayout
-from common.wire import STREAM_NAME
+from sealedsum.common import fixedpoint, privacy
+from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
+from sealedsum.common.packing import LayoutError, PackingLayout
+from sealedsum.common.wire import STREAM_NAME
 
 # A window closes at this many records even when only window_seconds is set, so a
 # total always fits OpenDP's 64-bit integers.
@@ -82,7 +82,7 @@ class StreamPolicy:
       release has noised bucket counts, and the count is their sum.
 
     ``packing`` (any kind; off unless the stream sets ``packing = true``) puts several
-    coordinates into each Paillier plaintext (:mod:`common.packing`): a record is then
+    coordinates into each Paillier plaintext (:mod:`sealedsum.common.packing`): a record is then
     ``ciphertexts_per_record`` ciphertexts instead of ``dimension``.
     """
 
@@ -413,7 +413,7 @@ class Identities:
     @property
     def producer_ids(self) -> frozenset[bytes]:
         """The producer ids enrolled keys stand for."""
-        from common.wire import producer_id_of
+        from sealedsum.common.wire import producer_id_of
 
         return frozenset(producer_id_of(k) for k in self.enrolled.values())
 
@@ -523,7 +523,7 @@ class Requirements:
     """The weakest guarantee a client accepts for a stream (``[require]`` in the config).
 
     Checked against the *attested* policy before anything is sent: a stream that
-    promises less is refused with :class:`~common.errors.PolicyTooWeak`.
+    promises less is refused with :class:`~sealedsum.common.errors.PolicyTooWeak`.
     """
 
     max_epsilon: float | None = None

@@ -1,7 +1,7 @@
 """What the enclave signs and publishes: releases, budget notices, budget reports and
 key-rotation notices.
 
-On the wire each is a :class:`common.wire.SignedMessage` whose payload is ASCII JSON
+On the wire each is a :class:`sealedsum.common.wire.SignedMessage` whose payload is ASCII JSON
 (sorted keys, compact) with a ``kind`` field, signed under the label
 ``sealedsum/v1/result`` with the enclave's attested Ed25519 key.
 """
@@ -13,10 +13,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common import privacy, signing, wire
-from common.attestation import AttestedEnclave
-from common.errors import InvalidMessage, InvalidResultSignature
-from common.policy import KINDS
+from sealedsum.common import privacy, signing, wire
+from sealedsum.common.attestation import AttestedEnclave
+from sealedsum.common.errors import InvalidMessage, InvalidResultSignature
+from sealedsum.common.policy import KINDS
 
 RESULT_KIND = "result"
 EXHAUSTED_KIND = "budget_exhausted"

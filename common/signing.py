@@ -10,7 +10,7 @@ from __future__ import annotations
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import SealedsumError
+from sealedsum.common.errors import SealedsumError
 
 QUOTE = "sealedsum/v1/quote"
 RESULT = "sealedsum/v1/result"

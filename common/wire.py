@@ -5,7 +5,7 @@ pins them. All integers are unsigned big-endian. Each message starts with a
 four-byte magic whose last byte is the format version.
 
 Decoders are strict: a wrong magic, a short or long buffer, or a value out of range
-raises :class:`~common.errors.InvalidMessage` and nothing else.
+raises :class:`~sealedsum.common.errors.InvalidMessage` and nothing else.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import re
 import struct
 from dataclasses import dataclass
 
-from common import signing
-from common.errors import InvalidMessage
+from sealedsum.common import signing
+from sealedsum.common.errors import InvalidMessage
 
 ENVELOPE_MAGIC = b"SSE\x02"  # 2: producer_id after record_id
 KEYS_MAGIC = b"SSK\x01"
@@ -357,7 +357,7 @@ class BudgetRequest:
 @dataclass(frozen=True, slots=True)
 class AttestReply:
     """What the enclave answers to an attestation request. Unverified until
-    :func:`common.attestation.verify_attestation` says otherwise."""
+    :func:`sealedsum.common.attestation.verify_attestation` says otherwise."""
 
     nonce: bytes
     code_digest: bytes

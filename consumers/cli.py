@@ -28,8 +28,8 @@ def describe(view: dict) -> str:
 
 
 def _consume(args) -> int:
-    from common.results import BudgetExhausted
-    from consumers.client import Consumer
+    from sealedsum.common.results import BudgetExhausted
+    from sealedsum.consumers.client import Consumer
     from sealedsum.cli import EXIT_OK, EXIT_VERIFY, load_config
 
     cfg = load_config(args)
@@ -70,8 +70,8 @@ def _consume(args) -> int:
 
 
 def _budget(args) -> int:
-    from common import amqp
-    from common.errors import PolicyMismatch
+    from sealedsum.common import amqp
+    from sealedsum.common.errors import PolicyMismatch
     from sealedsum.cli import EXIT_OK, load_config
 
     cfg = load_config(args)

@@ -7,12 +7,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from common.attestation import AttestedEnclave
-from common.config import Config
-from common.errors import (InvalidMessage, InvalidResultSignature, LedgerChainError, PolicyMismatch,
+from sealedsum.common.attestation import AttestedEnclave
+from sealedsum.common.config import Config
+from sealedsum.common.errors import (InvalidMessage, InvalidResultSignature, LedgerChainError, PolicyMismatch,
                            ReleaseOutOfOrder)
-from common.results import BudgetExhausted, Release, verify_signed
-from consumers.ledger import ChainVerifier
+from sealedsum.common.results import BudgetExhausted, Release, verify_signed
+from sealedsum.consumers.ledger import ChainVerifier
 
 log = logging.getLogger("sealedsum.consumer")
 
@@ -44,7 +44,7 @@ class Consumer:
     """
 
     def __init__(self, config: Config, streams: str | Sequence[str], *, queue: str | None = None) -> None:
-        from consumers import transport
+        from sealedsum.consumers import transport
 
         self.streams = (streams,) if isinstance(streams, str) else tuple(streams)
         self._transport = transport.ResultSubscriber(config.broker, self.streams, queue=queue)
@@ -99,7 +99,7 @@ class Consumer:
         return True
 
     def budget(self, stream: str):
-        """The stream's signed ledger (:class:`common.results.BudgetReport`), freshly asked for."""
+        """The stream's signed ledger (:class:`sealedsum.common.results.BudgetReport`), freshly asked for."""
         return self._transport.budget(self.enclave, stream)
 
     def close(self) -> None:

@@ -9,10 +9,10 @@ from typing import Iterator
 
 import pika.exceptions as pe
 
-from common import amqp
-from common.attestation import AttestedEnclave, TrustAnchors
-from common.config import BrokerSettings
-from common.errors import TransportError
+from sealedsum.common import amqp
+from sealedsum.common.attestation import AttestedEnclave, TrustAnchors
+from sealedsum.common.config import BrokerSettings
+from sealedsum.common.errors import TransportError
 
 log = logging.getLogger("sealedsum.consumer")
 

@@ -9,8 +9,8 @@ import sys
 import time
 from collections import deque
 
-from common import wire
-from common.errors import PolicyMismatch, TransportError
+from sealedsum.common import wire
+from sealedsum.common.errors import PolicyMismatch, TransportError
 
 
 class Progress:
@@ -29,8 +29,8 @@ class Progress:
 
 
 def _produce(args) -> int:
-    from producers.client import MessageGroup, Producer
-    from producers.inputs import read_records
+    from sealedsum.producers.client import MessageGroup, Producer
+    from sealedsum.producers.inputs import read_records
     from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, EXIT_USAGE, load_config
 
     if not 1 <= args.per_message <= wire.MAX_BATCH_RECORDS:
@@ -38,7 +38,7 @@ def _produce(args) -> int:
         return EXIT_USAGE
     cfg = load_config(args)
     if args.encrypt_workers is not None:
-        from producers import encryption
+        from sealedsum.producers import encryption
 
         os.environ[encryption.ENV_WORKERS] = str(args.encrypt_workers)
     source = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
@@ -132,7 +132,7 @@ def _produce(args) -> int:
 def _keygen(args) -> int:
     from pathlib import Path
 
-    from producers import identity
+    from sealedsum.producers import identity
 
     key = identity.generate(Path(args.out))
     text = identity.public_key_text(key)

@@ -23,13 +23,13 @@ from phe import PaillierPublicKey
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import signing, wire
-from common.attestation import AttestedEnclave
-from common.config import Config
-from common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
-from common.policy import Requirements, StreamPolicy
-from common.results import verify_key_rotated
-from producers.encryption import Encryptor
+from sealedsum.common import signing, wire
+from sealedsum.common.attestation import AttestedEnclave
+from sealedsum.common.config import Config
+from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
+from sealedsum.common.policy import Requirements, StreamPolicy
+from sealedsum.common.results import verify_key_rotated
+from sealedsum.producers.encryption import Encryptor
 
 log = logging.getLogger("sealedsum.producer")
 
@@ -194,7 +194,7 @@ class Producer:
     """
 
     def __init__(self, config: Config, *, producer_id: bytes | None = None, window: int | None = None) -> None:
-        from producers import transport
+        from sealedsum.producers import transport
 
         self.config = config
         self._transport = transport.RecordPublisher(config.broker, window=window or transport.DEFAULT_WINDOW)
@@ -214,7 +214,7 @@ class Producer:
         self._attested_at = time.monotonic()
         identity = None
         if config.identity_file is not None:
-            from producers import identity as identity_mod
+            from sealedsum.producers import identity as identity_mod
 
             identity = identity_mod.load(config.identity_file)
         self.sealer = RecordSealer(self.enclave, config.requirements, producer_id, identity)

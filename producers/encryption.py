@@ -342,7 +342,7 @@ class RandomizerPool:
                              "width": self.width, "gmpy2": HAVE_GMPY2}) + "\n"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO), *filter(None, [env.get("PYTHONPATH")])])
-        code = "from producers.encryption import _worker_main; _worker_main()"
+        code = "from sealedsum.producers.encryption import _worker_main; _worker_main()"
         try:
             for _ in range(workers):
                 proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,

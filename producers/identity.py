@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.errors import ConfigError
+from sealedsum.common.errors import ConfigError
 
 
 def public_key_text(key: Ed25519PrivateKey) -> str:

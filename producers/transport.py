@@ -41,15 +41,15 @@ import pika
 import pika.exceptions as pe
 from pika.adapters.select_connection import IOLoop
 
-from common import amqp, wire
-from common.attestation import AttestedEnclave, TrustAnchors
-from common.config import BrokerSettings
-from common.errors import TransportError, Unroutable
+from sealedsum.common import amqp, wire
+from sealedsum.common.attestation import AttestedEnclave, TrustAnchors
+from sealedsum.common.config import BrokerSettings
+from sealedsum.common.errors import TransportError, Unroutable
 
 log = logging.getLogger("sealedsum.producer")
 
 DEFAULT_WINDOW = 256  # records awaiting a confirm at once
-FIRST_RETRY_S, MAX_RETRY_S = 0.5, 5.0  # as common.amqp.Backoff
+FIRST_RETRY_S, MAX_RETRY_S = 0.5, 5.0  # as sealedsum.common.amqp.Backoff
 TICK_S = 0.1  # how often the I/O thread looks at deadlines and retries
 
 NACK_HINT = ("the records queue may be full (broker.max_queued_records): is the sidecar "

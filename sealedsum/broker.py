@@ -4,7 +4,7 @@ One deployment is one broker prefix in one virtual host. ``broker setup`` gives 
 accounts, each allowed exactly what its role does on the broker and nothing else:
 
 * the **sidecar** declares, reads and writes the deployment's own objects (the exchanges
-  and queues of :class:`common.config.Topology`) and answers RPCs through the default
+  and queues of :class:`sealedsum.common.config.Topology`) and answers RPCs through the default
   exchange, which RabbitMQ's direct reply-to requires;
 * a **producer** publishes to ``PREFIX.records`` and ``PREFIX.attest``, and declares, binds
   and reads only server-named queues (``amq.gen-*``), bound to ``PREFIX.announce``, where it
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from common.config import Config, Topology, redact_url
-from common.errors import ConfigError, SealedsumError
+from sealedsum.common.config import Config, Topology, redact_url
+from sealedsum.common.errors import ConfigError, SealedsumError
 
 ROLES = ("sidecar", "producer", "consumer")
 # Where a consumer's named queues must live: PREFIX.consumer.NAME.

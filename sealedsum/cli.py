@@ -12,9 +12,9 @@ import json
 import os
 import sys
 
-from common import config as config_mod
-from common import logs
-from common.errors import SealedsumError
+from sealedsum.common import config as config_mod
+from sealedsum.common import logs
+from sealedsum.common.errors import SealedsumError
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_TRANSPORT, EXIT_PARTIAL = 0, 1, 2, 3, 4
 
@@ -45,7 +45,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 
 def _attest(args: argparse.Namespace) -> int:
-    from common import amqp
+    from sealedsum.common import amqp
 
     cfg = load_config(args)
     connection = amqp.connect(cfg.broker)
@@ -58,11 +58,11 @@ def _attest(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from consumers import cli as consumer_cli
-    from producers import cli as producer_cli
+    from sealedsum.consumers import cli as consumer_cli
+    from sealedsum.producers import cli as producer_cli
     from sealedsum import broker as broker_cli
     from sealedsum import demo
-    from sidecar import cli as sidecar_cli
+    from sealedsum.sidecar import cli as sidecar_cli
 
     parser = argparse.ArgumentParser(
         prog="sealedsum",

@@ -25,9 +25,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from common import privacy
-from common.attestation import encode_platform_key
-from common.errors import TransportError
+from sealedsum.common import privacy
+from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.errors import TransportError
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 PLACEHOLDER = "0" * 64
@@ -50,8 +50,8 @@ paillier_bits = {bits}
 
 def broker_url() -> str:
     """The broker to use: $AMQP_URL, the local default, or a throwaway container."""
-    from common import amqp
-    from common.config import BrokerSettings
+    from sealedsum.common import amqp
+    from sealedsum.common.config import BrokerSettings
 
     url = os.environ.get("AMQP_URL", DEFAULT_URL)
     try:
@@ -80,9 +80,9 @@ class DemoSystem:
     on exit. Use as a context manager."""
 
     def __init__(self, streams_toml: str, *, state: str | None = None, bits: int = 2048) -> None:
-        from common import config as config_mod
-        from sidecar.platform import measure
-        from sidecar.platform.emulated import EmulatedPlatform
+        from sealedsum.common import config as config_mod
+        from sealedsum.sidecar.platform import measure
+        from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
         self.url = broker_url()
         self.state = Path(state) if state else Path(tempfile.mkdtemp(prefix="sealedsum-demo-"))
@@ -133,7 +133,7 @@ class DemoSystem:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def _wait_attestable(self, timeout: float) -> None:
-        from common import amqp
+        from sealedsum.common import amqp
 
         deadline = time.monotonic() + timeout
         while True:
@@ -152,7 +152,7 @@ class DemoSystem:
                 time.sleep(0.2)
 
     def _cleanup_broker(self) -> None:
-        from common import amqp
+        from sealedsum.common import amqp
 
         amqp.delete_topology(self.config.broker)
 
@@ -192,8 +192,8 @@ def _purchase(rng: random.Random) -> float:
 
 
 def run_analytics(args) -> int:
-    from consumers.client import Consumer
-    from common.results import BudgetExhausted
+    from sealedsum.consumers.client import Consumer
+    from sealedsum.common.results import BudgetExhausted
 
     window = args.producers * args.records
     streams = ANALYTICS_STREAMS.format(window=window, edges=EDGES)

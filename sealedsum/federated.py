@@ -130,7 +130,7 @@ def shard(n: int, clients: int, seed: int) -> list[np.ndarray]:
 def per_round_epsilon(rounds: int) -> float:
     """The per-release epsilon (at delta = TOTAL_DELTA) whose rho, composed over ``rounds``
     releases in zCDP, stays within TOTAL_EPSILON at TOTAL_DELTA; rounded down."""
-    from common import privacy
+    from sealedsum.common import privacy
 
     rho = privacy.rho_from_epsilon_delta(TOTAL_EPSILON, TOTAL_DELTA) / rounds
     eps = math.floor(privacy.epsilon_from_rho_delta(rho, TOTAL_DELTA) * 1e6) / 1e6
@@ -223,9 +223,9 @@ class _Workers:
 
 
 def run(args) -> int:
-    from common import amqp
-    from common.results import BudgetExhausted
-    from consumers.client import Consumer
+    from sealedsum.common import amqp
+    from sealedsum.common.results import BudgetExhausted
+    from sealedsum.consumers.client import Consumer
     from sealedsum.demo import DemoSystem
 
     rounds = 8 if args.rounds is None else args.rounds
@@ -351,7 +351,7 @@ def run(args) -> int:
 
 def _broadcast(channel, exchange: str, message: dict) -> None:
     """Publish the public model (or the end of training) to every client process."""
-    from common import amqp
+    from sealedsum.common import amqp
 
     channel.basic_publish(exchange, "", json.dumps(message).encode(), properties=amqp.properties("model"))
 
@@ -369,7 +369,7 @@ class _ReleaseWaiter:
     def wait(self, window: int | None, timeout: float):
         """The release of ``window`` (or a budget notice); with ``window=None``, whatever
         comes next, or ``None`` after ``timeout``."""
-        from common.results import BudgetExhausted
+        from sealedsum.common.results import BudgetExhausted
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -414,9 +414,9 @@ def worker_main(argv: list[str]) -> int:
 
 
 def _client_loop(a, say) -> int:
-    from common import amqp, config as config_mod, logs
-    from common.errors import TransportError
-    from producers.client import Producer, RecordSealer
+    from sealedsum.common import amqp, config as config_mod, logs
+    from sealedsum.common.errors import TransportError
+    from sealedsum.producers.client import Producer, RecordSealer
 
     logs.setup("producer", "WARNING")
     cfg = config_mod.load(a.config)

@@ -8,13 +8,13 @@ import signal
 import sys
 from pathlib import Path
 
-from common.attestation import encode_platform_key
-from common.errors import ConfigError
+from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.errors import ConfigError
 
 
 def _sidecar(args) -> int:
     from sealedsum.cli import load_config
-    from sidecar.supervisor import Sidecar
+    from sealedsum.sidecar.supervisor import Sidecar
 
     if getattr(args, "sidecar_command", None) == "rotate":
         return _rotate(args)
@@ -31,7 +31,7 @@ def _sidecar(args) -> int:
 def _rotate(args) -> int:
     import os
 
-    from sidecar.supervisor import PID_FILE
+    from sealedsum.sidecar.supervisor import PID_FILE
 
     path = Path(args.state) / PID_FILE
     try:
@@ -48,7 +48,7 @@ def _rotate(args) -> int:
 
 
 def _platform_init(args) -> int:
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     platform = EmulatedPlatform.init(Path(args.state))
     print(encode_platform_key(platform.public_key()))
@@ -56,7 +56,7 @@ def _platform_init(args) -> int:
 
 
 def _platform_show(args) -> int:
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     print(encode_platform_key(EmulatedPlatform.load(Path(args.state)).public_key()))
     return 0
@@ -64,7 +64,7 @@ def _platform_show(args) -> int:
 
 def _measure(args) -> int:
     from sealedsum.cli import load_config
-    from sidecar.platform import measure
+    from sealedsum.sidecar.platform import measure
 
     policy_bytes = load_config(args).require_policy().to_bytes()
     digest, measurement = measure.measure(policy_bytes)

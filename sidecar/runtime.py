@@ -1,5 +1,5 @@
 """The enclave's broker edge: turns deliveries and ticks into calls on
-:class:`sidecar.enclave.service.Enclave` and carries out the outcomes.
+:class:`sealedsum.sidecar.enclave.service.Enclave` and carries out the outcomes.
 
 Order per record: a rejected record is published to the dead-letter exchange with
 its reason and confirmed *before* the original is acknowledged, so a record is never
@@ -18,11 +18,11 @@ from typing import Callable
 import pika
 import pika.exceptions as pe
 
-from common import amqp, wire
-from common.config import BrokerSettings
-from common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
-from sidecar.enclave.service import Enclave
-from sidecar.enclave.state import SealedStateStore
+from sealedsum.common import amqp, wire
+from sealedsum.common.config import BrokerSettings
+from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.enclave.state import SealedStateStore
 
 log = logging.getLogger("sealedsum.runtime")
 

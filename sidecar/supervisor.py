@@ -12,18 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-import common
-from common.config import Config
-from sidecar.channel import ChannelClosed, PipeChannel
-from sidecar.platform import measure
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common.config import Config
+from sealedsum.sidecar.channel import ChannelClosed, PipeChannel
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 log = logging.getLogger("sealedsum.platform")
 
-# The child imports exactly the tree the platform measured: isolated mode, and that
-# tree's parent directory first on sys.path.
-BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-        "from sidecar.enclave.__main__ import main; sys.exit(main(sys.argv[2:]))")
+# The child imports the installed tree the platform measured, in isolated mode (no
+# PYTHONPATH, no user site, no working directory on sys.path).
+BOOT = "import sys; from sealedsum.sidecar.enclave.__main__ import main; sys.exit(main(sys.argv[1:]))"
 MAX_BACKOFF_S = 30.0
 EXIT_CONFIG = 2
 PID_FILE = "sidecar.pid"
@@ -91,9 +89,8 @@ class Sidecar:
     def _run_once(self) -> int:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        root = str(Path(common.__file__).resolve().parent.parent)
         self.child = subprocess.Popen(
-            [sys.executable, "-I", "-c", BOOT, root, str(to_child_r), str(from_child_w)],
+            [sys.executable, "-I", "-c", BOOT, str(to_child_r), str(from_child_w)],
             pass_fds=(to_child_r, from_child_w), close_fds=True,
         )
         os.close(to_child_r)

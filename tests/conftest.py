@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from common import wire
-from common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
-from common.policy import EnclavePolicy
-from producers.client import RecordSealer
-from sidecar.enclave.keyring import EnclaveKeys
-from sidecar.enclave.service import Enclave
-from sidecar.platform import measure
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common import wire
+from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.producers.client import RecordSealer
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 TEST_BITS = 1024  # insecure on purpose: unit tests only, and the policy says so
 

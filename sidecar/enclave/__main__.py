@@ -1,4 +1,4 @@
-"""Entry point of the enclave process. Started by the platform (``sidecar.supervisor``),
+"""Entry point of the enclave process. Started by the platform (``sealedsum.sidecar.supervisor``),
 never by hand: its keys come from and go to the platform over a private pipe."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from common import logs
-from common.config import BrokerSettings, Topology
-from common.errors import SealingError
-from common.policy import EnclavePolicy
-from sidecar.channel import PipeChannel
-from sidecar.enclave.hardening import harden
-from sidecar.enclave.keyring import EnclaveKeys, Keyring
-from sidecar.enclave.service import Enclave
-from sidecar.enclave.state import RollbackDetected, SealedStateStore
-from sidecar.durable import write_atomic
-from sidecar.platform import measure
+from sealedsum.common import logs
+from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.errors import SealingError
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.sidecar.channel import PipeChannel
+from sealedsum.sidecar.enclave.hardening import harden
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
+from sealedsum.sidecar.durable import write_atomic
+from sealedsum.sidecar.platform import measure
 
 log = logging.getLogger("sealedsum.enclave")
 
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
             "detail": f"{type(err).__name__}: {err}"}})
         return EXIT_CONFIG
     b = init["broker"]
-    from sidecar.runtime import EnclaveRuntime  # pika only once the core is set up
+    from sealedsum.sidecar.runtime import EnclaveRuntime  # pika only once the core is set up
 
     store.save(enclave.snapshot())  # every start begins a fresh base (and compacts the journal)
     enclave.dirty = False

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import gmpy2
 from phe import PaillierPublicKey
 
-from common import wire
-from common.errors import RecordRejected, RejectReason
-from common.policy import StreamPolicy
+from sealedsum.common import wire
+from sealedsum.common.errors import RecordRejected, RejectReason
+from sealedsum.common.policy import StreamPolicy
 
 ANONYMOUS = bytes(wire.PRODUCER_ID_SIZE)
 

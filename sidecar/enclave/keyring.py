@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PrivateKey, SealedBox
 from phe import paillier
 
-from common import signing, wire
-from sidecar.enclave import sealing
+from sealedsum.common import signing, wire
+from sealedsum.sidecar.enclave import sealing
 
 SEALED_AAD = b"sealedsum/v1/sealed-keys\x00"
 

@@ -1,30 +1,30 @@
 """The privacy budget ledger: what each stream has spent, and whether it may spend more.
 
 Every release of a stream costs the same (its policy fixes ε, δ and the mechanism),
-so a stream's spend is its number of releases; :mod:`common.privacy` turns that into
+so a stream's spend is its number of releases; :mod:`sealedsum.common.privacy` turns that into
 ε (Laplace, pure composition) or ρ and the ε it implies (Gaussian, zCDP).
 
 The ledger is a hash chain per stream: each release's charge is hashed onto the
 previous head, and every signed result carries its sequence number and the new head,
 so anyone holding a stream's results can recompute the chain and see that none was
-left out. The chain itself is defined in :mod:`common.ledger`, which consumers share.
+left out. The chain itself is defined in :mod:`sealedsum.common.ledger`, which consumers share.
 The ledger lives in the enclave's sealed state, which the platform's monotonic counter
-protects against rollback (see ``sidecar.enclave.state``).
+protects against rollback (see ``sealedsum.sidecar.enclave.state``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common import ledger as chain, privacy
-from common.ledger import LEDGER_LABEL, genesis, next_head
-from common.policy import StreamPolicy
+from sealedsum.common import ledger as chain, privacy
+from sealedsum.common.ledger import LEDGER_LABEL, genesis, next_head
+from sealedsum.common.policy import StreamPolicy
 
 __all__ = ["LEDGER_LABEL", "StreamLedger", "charge_bytes", "genesis", "next_head"]
 
 
 def charge_bytes(policy: StreamPolicy, window: int, seq: int) -> bytes:
-    """The charge of a release of ``policy``'s stream (:func:`common.ledger.charge_bytes`)."""
+    """The charge of a release of ``policy``'s stream (:func:`sealedsum.common.ledger.charge_bytes`)."""
     return chain.charge_bytes(policy.name, window, seq, policy.mechanism, policy.epsilon, policy.delta,
                               policy.noise_plan().rho)
 

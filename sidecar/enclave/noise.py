@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import opendp.prelude as dp
 
-from common.privacy import GAUSSIAN, LAPLACE, NoisePlan
+from sealedsum.common.privacy import GAUSSIAN, LAPLACE, NoisePlan
 
 dp.enable_features("contrib")  # OpenDP gates its samplers behind this flag
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from nacl.exceptions import CryptoError
 
-from common import signing, wire
-from common.errors import InvalidMessage, RecordRejected, RejectReason
-from common.policy import EnclavePolicy, Identities, StreamPolicy
-from sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.common import signing, wire
+from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
+from sealedsum.common.policy import EnclavePolicy, Identities, StreamPolicy
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 
 # Envelope bytes besides the ciphertexts: magic, ids, epoch, time, window, name, counts,
 # and the identity wrapper (magic, key, signature) of a signed envelope.

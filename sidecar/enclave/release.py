@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common import signing, wire
-from common.fixedpoint import decode
-from common.policy import StreamPolicy
-from common.results import BudgetExhausted, BudgetReport, KeyRotated, Release
-from sidecar.enclave import noise
-from sidecar.enclave.aggregate import Window
-from sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.common import signing, wire
+from sealedsum.common.fixedpoint import decode
+from sealedsum.common.policy import StreamPolicy
+from sealedsum.common.results import BudgetExhausted, BudgetReport, KeyRotated, Release
+from sealedsum.sidecar.enclave import noise
+from sealedsum.sidecar.enclave.aggregate import Window
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 
 
 @dataclass(frozen=True, slots=True)

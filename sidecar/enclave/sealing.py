@@ -8,7 +8,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.errors import SealingError
+from sealedsum.common.errors import SealingError
 
 SEALED_MAGIC = b"SSV\x01"
 

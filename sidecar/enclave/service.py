@@ -1,6 +1,6 @@
 """The enclave facade: bytes in, outcomes out. No broker, no disk, no clock of its own.
 
-The runtime (``sidecar.runtime``) feeds it deliveries, RPC requests and ticks and
+The runtime (``sealedsum.sidecar.runtime``) feeds it deliveries, RPC requests and ticks and
 carries out what it returns: persist the sealed state when :attr:`Enclave.dirty`,
 then dead-letter a record with a reason or acknowledge it, and publish what is pending.
 """
@@ -14,15 +14,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from common import wire
-from common.errors import InvalidMessage, RecordRejected, RejectReason
-from common.policy import EnclavePolicy, StreamPolicy
-from common.results import PAYLOADS
-from sidecar.enclave.aggregate import StreamState, Window
-from sidecar.enclave.keyring import EnclaveKeys, Keyring
-from sidecar.enclave.ledger import StreamLedger
-from sidecar.enclave.records import check_age, max_record_bytes, open_record
-from sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release, rotation_notice
+from sealedsum.common import wire
+from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
+from sealedsum.common.policy import EnclavePolicy, StreamPolicy
+from sealedsum.common.results import PAYLOADS
+from sealedsum.sidecar.enclave.aggregate import StreamState, Window
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.ledger import StreamLedger
+from sealedsum.sidecar.enclave.records import check_age, max_record_bytes, open_record
+from sealedsum.sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release, rotation_notice
 
 log = logging.getLogger("sealedsum.enclave")
 

@@ -25,9 +25,9 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from common.errors import SealingError
-from sidecar.durable import write_all, write_atomic
-from sidecar.enclave import sealing
+from sealedsum.common.errors import SealingError
+from sealedsum.sidecar.durable import write_all, write_atomic
+from sealedsum.sidecar.enclave import sealing
 
 STATE_AAD = b"sealedsum/v1/sealed-state\x00"
 JOURNAL_AAD = b"sealedsum/v1/sealed-journal\x00"

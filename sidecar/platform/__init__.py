@@ -1,6 +1,6 @@
 """The platform: the root of trust. Emulated here; one small interface (:class:`Platform`)
 so that a hardware backend (Nitro, SEV-SNP, TDX) could take its place."""
 
-from sidecar.platform.base import Platform
+from sealedsum.sidecar.platform.base import Platform
 
 __all__ = ["Platform"]

@@ -10,7 +10,7 @@ class Platform(Protocol):
         """The 32-byte Ed25519 key clients pin (``trust.platform_key``)."""
 
     def quote(self, measurement: bytes, report_data: bytes) -> bytes:
-        """A signed :class:`common.wire.Quote` over the measurement and report data."""
+        """A signed :class:`sealedsum.common.wire.Quote` over the measurement and report data."""
 
     def sealing_key(self, measurement: bytes) -> bytes:
         """A 32-byte key only an enclave with this measurement receives (like SGX EGETKEY)."""

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common import signing, wire
-from common.errors import ConfigError
-from sidecar.durable import write_atomic
+from sealedsum.common import signing, wire
+from sealedsum.common.errors import ConfigError
+from sealedsum.sidecar.durable import write_atomic
 
 KEY_FILE = "platform.key"
 COUNTER_FILE = "platform.counters"

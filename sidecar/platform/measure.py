@@ -5,7 +5,7 @@ code digest = SHA-256 over ``sealedsum/v1/code\\0``, then for every ``.py`` file
 (POSIX, relative to the package root's parent), u64 content length, content; then
 the runtime line (Python version and the versions of the third-party packages the
 enclave loads). The measurement binds the code digest to the policy bytes
-(:func:`common.wire.measurement`).
+(:func:`sealedsum.common.wire.measurement`).
 
 Only file contents count (no timestamps, no bytecode), so ``sealedsum measure`` is
 reproducible from a checkout.
@@ -19,12 +19,12 @@ import struct
 import sys
 from pathlib import Path
 
-import common
-import sidecar
-from common import wire
+import sealedsum.common
+import sealedsum.sidecar
+from sealedsum.common import wire
 
 CODE_LABEL = b"sealedsum/v1/code\x00"
-MEASURED_PACKAGES = (common, sidecar)
+MEASURED_PACKAGES = (sealedsum.common, sealedsum.sidecar)
 RUNTIME_DISTRIBUTIONS = ("cryptography", "gmpy2", "numpy", "opendp", "phe", "pika", "PyNaCl")
 
 

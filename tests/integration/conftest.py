@@ -20,11 +20,11 @@ from pathlib import Path
 import pika
 import pytest
 
-from common import amqp, config as config_mod
-from common.attestation import encode_platform_key
-from common.errors import TransportError
-from sidecar.platform import measure
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common import amqp, config as config_mod
+from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.errors import TransportError
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 REPO = Path(__file__).resolve().parents[2]
 

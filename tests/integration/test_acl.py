@@ -23,10 +23,10 @@ import pika
 import pika.exceptions as pe
 import pytest
 
-from common import config as config_mod
-from common.config import Topology
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.common import config as config_mod
+from sealedsum.common.config import Topology
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 from sealedsum import broker
 from tests.integration.conftest import REPO, RunningSidecar, _no_broker
 

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from common.results import Release
-from consumers.client import Consumer
-from consumers.ledger import verify_chain
-from producers.client import Producer
+from sealedsum.common.results import Release
+from sealedsum.consumers.client import Consumer
+from sealedsum.consumers.ledger import verify_chain
+from sealedsum.producers.client import Producer
 
 pytestmark = pytest.mark.integration
 

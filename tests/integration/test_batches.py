@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from common import wire
-from consumers.client import Consumer
-from producers.client import Producer, SealedRecord
+from sealedsum.common import wire
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer, SealedRecord
 from tests.integration.test_end_to_end import capture_queue, drain
 from tests.integration.test_publisher import releases_of as releases
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -74,7 +74,7 @@ def test_a_broker_restart_under_load_loses_nothing(sidecar_factory, broker_contr
             if len(releases) == RECORDS // WINDOW:
                 break
     assert all(len(v) == 1 for v in releases.values())
-    from common.results import Release
+    from sealedsum.common.results import Release
 
     by_window = {w: Release.from_payload(next(iter(p))) for w, p in releases.items()}
     assert sorted(by_window) == list(range(1, RECORDS // WINDOW + 1))
@@ -82,7 +82,7 @@ def test_a_broker_restart_under_load_loses_nothing(sidecar_factory, broker_contr
     assert sum(r.sum[0] for r in by_window.values()) == pytest.approx(sum(values), abs=1e-3)
     assert sc.events("broker connection lost; reconnecting"), "the enclave never saw the restart"
     assert not sc.events("enclave exited; restarting")
-    from common import amqp
+    from sealedsum.common import amqp
 
     conn = amqp.connect(sc.config.broker)
     conn.channel().queue_delete(queue)

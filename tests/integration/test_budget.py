@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from common.results import BudgetExhausted, Release
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.common.results import BudgetExhausted, Release
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 from tests.integration.conftest import launch, relaunch
 from tests.integration.test_cli import run
 from tests.integration.test_end_to_end import capture_queue, drain

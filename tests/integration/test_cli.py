@@ -138,7 +138,7 @@ def test_produce_counts_what_the_broker_refused(sidecar_factory):
     not confirmed, the summary adds up, and the exit code says a transport failure."""
     import time
 
-    from common import amqp
+    from sealedsum.common import amqp
 
     sc = sidecar_factory({"s": STREAM}, broker_extra="max_queued_records = 5\nreconnect_seconds = 1")
     proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "produce", "--config", str(sc.config_path),
@@ -183,8 +183,8 @@ def test_produce_refuses_a_broken_attestation_and_publishes_nothing(sidecar_fact
     quotes not signed by the pinned platform key): exit 1, one line saying why, no record
     on the records exchange and none counted by the enclave. The same command with the
     genuine config then does publish, so the capture below would have seen a record."""
-    from common.attestation import encode_platform_key
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.common.attestation import encode_platform_key
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
     from tests.integration.test_end_to_end import capture_queue, drain
 
     sc = sidecar_factory({"s": STREAM})
@@ -226,7 +226,7 @@ def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_f
     import signal
     import threading
 
-    from producers.client import Producer
+    from sealedsum.producers.client import Producer
     from tests.integration.test_end_to_end import capture_queue, drain
     from tests.integration.test_faults import altered_and_forged
 

@@ -21,14 +21,14 @@ from datetime import datetime
 
 import pytest
 
-from common import amqp, wire
-from common.results import verify_signed
-from consumers.client import Consumer
-from producers.client import Producer
-from sidecar.enclave.state import SealedStateStore
-from sidecar.platform.emulated import EmulatedPlatform
-from sidecar.runtime import HELD_RETRY_S
-from sidecar.supervisor import MAX_BACKOFF_S
+from sealedsum.common import amqp, wire
+from sealedsum.common.results import verify_signed
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
+from sealedsum.sidecar.enclave.state import SealedStateStore
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.sidecar.runtime import HELD_RETRY_S
+from sealedsum.sidecar.supervisor import MAX_BACKOFF_S
 from tests.integration.conftest import launch
 from tests.integration.test_end_to_end import capture_queue, drain
 
@@ -232,8 +232,8 @@ def _damage_keys(sc) -> str:
 
 def _state_of_unknown_version(sc) -> str:
     """A genuinely sealed state (the test is the platform owner) that this code cannot read."""
-    from sidecar.enclave.state import SealedStateStore
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.enclave.state import SealedStateStore
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
     from tests.conftest import PlatformCounter
 
     (keys,) = list(sc.state.rglob("keys.sealed"))

@@ -13,11 +13,11 @@ import pika
 import pytest
 from nacl.public import SealedBox
 
-from common import amqp, wire
-from common.fixedpoint import encode
-from consumers.client import Consumer
-from producers.client import Producer
-from sidecar.enclave.keyring import EnclaveKeys
+from sealedsum.common import amqp, wire
+from sealedsum.common.fixedpoint import encode
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 from tests.integration.conftest import RunningSidecar
 
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,

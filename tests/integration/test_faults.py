@@ -15,18 +15,18 @@ import pika
 import pytest
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
-from common import amqp, wire
-from common.config import BrokerSettings, Topology
-from common.errors import (
+from sealedsum.common import amqp, wire
+from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.errors import (
     NonceMismatch,
     ReportDataMismatch,
     StaleQuote,
     UnknownMeasurement,
     UntrustedPlatform,
 )
-from consumers.client import Consumer
-from producers.client import Producer
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.integration.test_end_to_end import STREAM, _take, capture_queue, drain
 
 pytestmark = pytest.mark.integration
@@ -192,7 +192,7 @@ def altered_and_forged(genuine: bytes) -> tuple[bytes, bytes]:
     """A genuine signed result with its sum changed (old signature), and the genuine payload
     signed by a key that is not the enclave's."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from common import signing
+    from sealedsum.common import signing
 
     message = wire.SignedMessage.from_bytes(genuine)
     payload = json.loads(message.payload)

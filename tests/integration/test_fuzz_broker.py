@@ -20,11 +20,11 @@ import pytest
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from phe import PaillierPublicKey
 
-from common import amqp, wire
-from common.errors import InvalidMessage, RejectReason
-from consumers.client import Consumer
-from producers.client import Producer
-from sidecar.enclave.records import ENVELOPE_OVERHEAD
+from sealedsum.common import amqp, wire
+from sealedsum.common.errors import InvalidMessage, RejectReason
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
+from sealedsum.sidecar.enclave.records import ENVELOPE_OVERHEAD
 from tests.integration.test_end_to_end import STREAM, _take
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,10 +11,10 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.errors import PolicyTooWeak
-from common.policy import Requirements
-from consumers.client import Consumer
-from producers.client import Producer, RecordSealer
+from sealedsum.common.errors import PolicyTooWeak
+from sealedsum.common.policy import Requirements
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer, RecordSealer
 from tests.integration.test_cli import run
 from tests.integration.test_end_to_end import STREAM, _take, capture_queue, drain
 

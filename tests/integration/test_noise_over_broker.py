@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 from tests.integration.test_end_to_end import _take
-from common import privacy
+from sealedsum.common import privacy
 from tests.stats import dkw_threshold, noise_cdf, sd_above, sd_below, sd_check_failure, sup_distance
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from common.errors import TransportError
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.common.errors import TransportError
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 from tests.integration.conftest import relaunch
 from tests.integration.test_end_to_end import capture_queue
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 import random
 
-from common import wire
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.common import wire
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 
 DIM = 1000
 RECORDS = 8

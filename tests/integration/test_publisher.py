@@ -13,13 +13,13 @@ import uuid
 
 import pytest
 
-from common import amqp
-from common.config import BrokerSettings, Topology
-from common.errors import TransportError, Unroutable
-from common.results import Release
-from consumers.client import Consumer
-from producers.client import Producer
-from producers.transport import RecordPublisher
+from sealedsum.common import amqp
+from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.errors import TransportError, Unroutable
+from sealedsum.common.results import Release
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
+from sealedsum.producers.transport import RecordPublisher
 from tests.integration.conftest import _no_broker
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """The queues the sidecar declares, as the broker holds them: the records queue and the
 dead-letter queue are quorum queues (replicated, durable), and the records queue's
-delivery limit (``sidecar.runtime.DELIVERY_LIMIT``) takes a message that keeps coming back
+delivery limit (``sealedsum.sidecar.runtime.DELIVERY_LIMIT``) takes a message that keeps coming back
 unacknowledged, as one that kills the enclave each time it is read would, off the queue
 and into ``PREFIX.rejected`` instead of letting it loop forever."""
 
@@ -12,8 +12,8 @@ import pika
 import pika.exceptions as pe
 import pytest
 
-from common import amqp
-from sidecar.runtime import DELIVERY_LIMIT, declare_topology
+from sealedsum.common import amqp
+from sealedsum.sidecar.runtime import DELIVERY_LIMIT, declare_topology
 from tests.integration.test_end_to_end import STREAM, drain
 
 pytestmark = [pytest.mark.integration]

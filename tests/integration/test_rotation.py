@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from common import amqp
-from consumers.client import Consumer
-from producers.client import Producer
+from sealedsum.common import amqp
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer
 from tests.integration.test_cli import run
 from tests.integration.test_end_to_end import capture_queue, drain
 

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import sidecar.durable
-from common import wire
-from common.config import BrokerSettings
-from sidecar.enclave.service import Enclave
-from sidecar.enclave.state import SealedStateStore
-from sidecar.platform.emulated import EmulatedPlatform
-from sidecar.runtime import EnclaveRuntime
+import sealedsum.sidecar.durable
+from sealedsum.common import wire
+from sealedsum.common.config import BrokerSettings
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.enclave.state import SealedStateStore
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.sidecar.runtime import EnclaveRuntime
 from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
 
 WINDOW = 5
@@ -87,7 +87,7 @@ class Disk:
         return self.enclave(self.store(ReadOnlyCounter).load())
 
     def start(self, enclave: Enclave) -> EnclaveRuntime:
-        """As ``sidecar.enclave.__main__`` starts: a fresh base, then the runtime on it."""
+        """As ``sealedsum.sidecar.enclave.__main__`` starts: a fresh base, then the runtime on it."""
         store = self.store()
         store.save(enclave.snapshot())
         enclave.dirty = False
@@ -137,10 +137,10 @@ def failing_fsync(monkeypatch):
     write (journal append, base write-then-rename) goes through it."""
     def fsync(_fd):
         raise OSError(errno.EIO, "Input/output error")
-    fake_os = types.SimpleNamespace(**{k: getattr(sidecar.durable.os, k) for k in dir(sidecar.durable.os)
+    fake_os = types.SimpleNamespace(**{k: getattr(sealedsum.sidecar.durable.os, k) for k in dir(sealedsum.sidecar.durable.os)
                                        if not k.startswith("__")})
     fake_os.fsync = fsync
-    monkeypatch.setattr(sidecar.durable, "os", fake_os)
+    monkeypatch.setattr(sealedsum.sidecar.durable, "os", fake_os)
 
 
 @pytest.mark.parametrize("checkpoint", ["base", "journal"])

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from common.errors import ConfigError, PolicyMismatch, RejectReason
-from producers.client import RecordSealer
+from sealedsum.common.errors import ConfigError, PolicyMismatch, RejectReason
+from sealedsum.producers.client import RecordSealer
 from tests.conftest import make_policy, make_world, now_ms, stream_table
 
 HUGE_EPS = 1e7  # noise negligible next to the totals, to check folding and encoding exactly

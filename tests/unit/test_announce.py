@@ -11,16 +11,16 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import signing, wire
-from common.attestation import verify_attestation
-from common.config import BrokerSettings, Config
-from common.errors import InvalidMessage
-from common.results import ROTATED_KIND, KeyRotated, verify_key_rotated, verify_signed
-from producers import transport
-from producers.client import Producer
-from sidecar.enclave.keyring import EnclaveKeys
-from sidecar.enclave.service import Enclave
-from sidecar.runtime import EnclaveRuntime
+from sealedsum.common import signing, wire
+from sealedsum.common.attestation import verify_attestation
+from sealedsum.common.config import BrokerSettings, Config
+from sealedsum.common.errors import InvalidMessage
+from sealedsum.common.results import ROTATED_KIND, KeyRotated, verify_key_rotated, verify_signed
+from sealedsum.producers import transport
+from sealedsum.producers.client import Producer
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.runtime import EnclaveRuntime
 from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table
 
 T0 = now_ms()
@@ -181,7 +181,7 @@ def test_without_a_broker_the_producer_fails_at_once_not_after_waiting_to_listen
     import socket
     import time
 
-    from common.errors import TransportError
+    from sealedsum.common.errors import TransportError
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -196,7 +196,7 @@ def test_without_a_broker_the_producer_fails_at_once_not_after_waiting_to_listen
 def test_broker_trouble_when_attesting_again_defers_it_and_records_are_still_sealed(producer, caplog):
     """After a broker restart the attest queue exists only once the sidecar declared it again:
     the producer seals with the keys it attested meanwhile and tries again later."""
-    from common.errors import TransportError
+    from sealedsum.common.errors import TransportError
 
     p, fake, world = producer
     world.enclave.rotate(T0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import wire
-from common.attestation import (
+from sealedsum.common import wire
+from sealedsum.common.attestation import (
     FUTURE_SKEW_SECONDS,
     AttestedEnclave,
     TrustAnchors,
@@ -20,7 +20,7 @@ from common.attestation import (
     encode_platform_key,
     verify_attestation,
 )
-from common.errors import (
+from sealedsum.common.errors import (
     AttestationError,
     ConfigError,
     NonceMismatch,
@@ -29,9 +29,9 @@ from common.errors import (
     UnknownMeasurement,
     UntrustedPlatform,
 )
-from sidecar.enclave.service import Enclave
-from sidecar.platform import measure
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -369,8 +369,8 @@ class _FakeConnection:
 
 
 def _producer_with_reply(monkeypatch, world: World, tamper, trust: TrustAnchors):
-    from common import amqp, config as config_mod
-    from producers.client import Producer
+    from sealedsum.common import amqp, config as config_mod
+    from sealedsum.producers.client import Producer
 
     conn = _FakeConnection()
     monkeypatch.setattr(amqp, "connect", lambda settings, **kw: conn)
@@ -405,7 +405,7 @@ def test_producer_sends_nothing_when_attestation_fails(monkeypatch, world, other
 def test_producer_publishes_after_a_genuine_attestation(monkeypatch, world):
     """The same fake edge with an untouched reply: the producer does seal and publish,
     so the refusal above is due to the failed check."""
-    from producers import transport
+    from sealedsum.producers import transport
 
     Producer, cfg, conn = _producer_with_reply(monkeypatch, world, lambda r: r, world.trust)
     # The publishing side's stand-in: what would go to the broker, confirmed at once.

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from common.errors import RejectReason, SealingError
-from sidecar.enclave.service import Enclave
-from sidecar.enclave.state import RollbackDetected, SealedStateStore
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common.errors import RejectReason, SealingError
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
 
 

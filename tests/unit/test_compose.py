@@ -22,12 +22,12 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml  # PyYAML: a test-only dependency
 
-from common import config as config_mod
-from common.attestation import encode_platform_key
-from producers.inputs import read_records
+from sealedsum.common import config as config_mod
+from sealedsum.common.attestation import encode_platform_key
+from sealedsum.producers.inputs import read_records
 from sealedsum import broker
-from sidecar.platform import measure
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"

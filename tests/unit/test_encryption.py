@@ -15,8 +15,8 @@ import gmpy2
 import pytest
 from phe import paillier
 
-from producers import encryption
-from producers.encryption import (DEFAULT_EXPONENT_BITS, Encryptor, FastEncryptor, FixedBase, PheEncryptor,
+from sealedsum.producers import encryption
+from sealedsum.producers.encryption import (DEFAULT_EXPONENT_BITS, Encryptor, FastEncryptor, FixedBase, PheEncryptor,
                                   RandomizerPool)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +94,7 @@ def test_plaintexts_beyond_the_modulus_are_refused(phe_keys):
 def test_the_enclave_decrypts_fast_ciphertexts(small_keys):
     """Through the real sealer and enclave: a window of records encrypted on the fast path
     is released with the right count and sum (noise this small rounds to nothing)."""
-    from common.results import verify_signed
+    from sealedsum.common.results import verify_signed
     from tests.conftest import make_policy, make_world, stream_table
 
     w = make_world(small_keys, make_policy({"s": stream_table(epsilon=1e7)}))
@@ -225,7 +225,7 @@ def test_pool_helpers_die_with_their_parent(tmp_path):
     code = textwrap.dedent("""
         import sys
         from phe import paillier
-        from producers.encryption import FastEncryptor
+        from sealedsum.producers.encryption import FastEncryptor
         pk, _ = paillier.generate_paillier_keypair(n_length=512)
         e = FastEncryptor(pk, workers=2)
         print(" ".join(str(p.pid) for p in e.pool._procs), flush=True)
@@ -257,7 +257,7 @@ def test_without_gmpy2_it_says_so_and_still_encrypts_correctly():
         sys.modules["gmpy2"] = None
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
         from phe import paillier
-        from producers.encryption import Encryptor, HAVE_GMPY2
+        from sealedsum.producers.encryption import Encryptor, HAVE_GMPY2
         pk, sk = paillier.generate_paillier_keypair(n_length=512)
         e = Encryptor(pk)
         assert not HAVE_GMPY2 and sk.raw_decrypt(e.encrypt(-5)) == pk.n - 5

@@ -55,17 +55,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PublicKey, SealedBox
 from phe import PaillierPublicKey
 
-from common import signing, wire
-from common.attestation import verify_attestation
-from common.errors import (
+from sealedsum.common import signing, wire
+from sealedsum.common.attestation import verify_attestation
+from sealedsum.common.errors import (
     AttestationError,
     InvalidMessage,
     InvalidResultSignature,
     RecordRejected,
     RejectReason,
 )
-from common.policy import EnclavePolicy
-from common.results import (
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.results import (
     BUDGET_KIND,
     EXHAUSTED_KIND,
     RESULT_KIND,
@@ -74,9 +74,9 @@ from common.results import (
     Release,
     verify_signed,
 )
-from consumers.client import ResultVerifier
-from producers.client import RecordSealer
-from sidecar.enclave.aggregate import ANONYMOUS
+from sealedsum.consumers.client import ResultVerifier
+from sealedsum.producers.client import RecordSealer
+from sealedsum.sidecar.enclave.aggregate import ANONYMOUS
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"

@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PublicKey, SealedBox
 
-from common import signing, wire
-from common.errors import ConfigError, PolicyMismatch, RejectReason
-from common.policy import EnclavePolicy
-from producers import identity as identity_mod
-from producers.client import RecordSealer
+from sealedsum.common import signing, wire
+from sealedsum.common.errors import ConfigError, PolicyMismatch, RejectReason
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.producers import identity as identity_mod
+from sealedsum.producers.client import RecordSealer
 from tests.conftest import TEST_BITS, make_world, now_ms, stream_table
 
 ALICE, BOB, MALLORY = (Ed25519PrivateKey.generate() for _ in range(3))

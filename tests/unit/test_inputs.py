@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producers.inputs import InputLine, parse_line, read_records
+from sealedsum.producers.inputs import InputLine, parse_line, read_records
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -56,9 +56,15 @@ def imports(tree: ast.AST, top: str, package: str = "") -> bool:
     return any(m == top or m.startswith(top + ".") for m in imported_modules(tree, package))
 
 
+# Where each top-level folder installs (pyproject.toml's package-dir).
+NAMESPACE = {"common": "sealedsum.common", "sidecar": "sealedsum.sidecar", "producers": "sealedsum.producers",
+             "consumers": "sealedsum.consumers", "sealedsum": "sealedsum"}
+
+
 def package_of(rel: str) -> str:
     """The package a source file's relative imports start from."""
-    return rel.rsplit("/", 1)[0].replace("/", ".")
+    folder, _, rest = rel.rsplit("/", 1)[0].partition("/")
+    return ".".join(filter(None, [NAMESPACE.get(folder, folder), rest.replace("/", ".")]))
 
 
 def np_random_uses(tree: ast.AST) -> list[int]:
@@ -85,8 +91,8 @@ def asserts(tree: ast.AST) -> list[int]:
     ("def f():\n    import pika", "pika"),
     ("__import__('pika')", "pika"),
     ("import importlib\nimportlib.import_module('pika.adapters')", "pika"),
-    ("from sidecar.enclave import keyring", "sidecar"),
-    ("import sidecar", "sidecar"),
+    ("from sealedsum.sidecar.enclave import keyring", "sealedsum.sidecar"),
+    ("import sealedsum.sidecar", "sealedsum.sidecar"),
     ("from numpy import random", "numpy.random"),
     ("import numpy.random as npr", "numpy.random"),
     ("import random", "random"),
@@ -97,16 +103,16 @@ def test_scanner_finds_imports(snippet, top):
 
 
 def test_scanner_resolves_relative_imports():
-    assert imports(ast.parse("from ..enclave import noise"), "sidecar", "sidecar.platform")
-    assert imports(ast.parse("from . import random"), "sidecar.enclave.random", "sidecar.enclave")
-    assert not imports(ast.parse("from . import noise"), "random", "sidecar.enclave")
-    assert package_of("sidecar/enclave/__init__.py") == package_of("sidecar/enclave/noise.py") == "sidecar.enclave"
+    assert imports(ast.parse("from ..enclave import noise"), "sealedsum.sidecar", "sealedsum.sidecar.platform")
+    assert imports(ast.parse("from . import random"), "sealedsum.sidecar.enclave.random", "sealedsum.sidecar.enclave")
+    assert not imports(ast.parse("from . import noise"), "random", "sealedsum.sidecar.enclave")
+    assert package_of("sidecar/enclave/__init__.py") == package_of("sidecar/enclave/noise.py") == "sealedsum.sidecar.enclave"
 
 
 def test_scanner_is_not_fooled_by_prefixes():
     assert not imports(ast.parse("import pikachu\nimport randomness\nimport sidecars"), "pika")
     assert not imports(ast.parse("import randomness"), "random")
-    assert not imports(ast.parse("import sidecars"), "sidecar")
+    assert not imports(ast.parse("import sealedsum.sidecars"), "sealedsum.sidecar")
 
 
 def test_scanner_finds_np_random_and_asserts():
@@ -134,13 +140,14 @@ def test_pika_only_at_the_edge():
 
 def test_producers_and_consumers_never_import_the_sidecar():
     trees = sources("producers", "consumers")
-    offenders = sorted(rel for rel, tree in trees.items() if imports(tree, "sidecar", package_of(rel)))
+    offenders = sorted(rel for rel, tree in trees.items() if imports(tree, "sealedsum.sidecar", package_of(rel)))
     assert offenders == []
 
 
 def test_common_imports_no_role_package():
     trees = sources("common")
-    for role in ("sidecar", "producers", "consumers", "sealedsum"):
+    for role in ("sealedsum.sidecar", "sealedsum.producers", "sealedsum.consumers", "sealedsum.cli",
+                 "sealedsum.demo", "sealedsum.federated", "sealedsum.broker"):
         offenders = sorted(rel for rel, tree in trees.items() if imports(tree, role, package_of(rel)))
         assert offenders == [], role
 
@@ -163,7 +170,7 @@ def test_no_np_random_anywhere_in_the_sidecar():
 
 def test_noise_comes_from_opendp():
     tree = sources("sidecar/enclave")["sidecar/enclave/noise.py"]
-    assert imports(tree, "opendp", "sidecar.enclave")
+    assert imports(tree, "opendp", "sealedsum.sidecar.enclave")
 
 
 def test_no_assert_for_validation():
@@ -176,8 +183,8 @@ def test_client_libraries_load_neither_pika_nor_the_sidecar():
     only once a transport is opened."""
     code = textwrap.dedent("""
         import sys
-        import producers.client, producers.inputs, consumers.client, common.attestation, common.results
-        bad = sorted(m for m in sys.modules if m == "pika" or m.startswith(("pika.", "sidecar")))
+        import sealedsum.producers.client, sealedsum.producers.inputs, sealedsum.consumers.client, sealedsum.common.attestation, sealedsum.common.results
+        bad = sorted(m for m in sys.modules if m == "pika" or m.startswith(("pika.", "sealedsum.sidecar")))
         print(",".join(bad))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

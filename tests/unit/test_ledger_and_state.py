@@ -10,16 +10,16 @@ import shutil
 
 import pytest
 
-from common import privacy
-from common.errors import PolicyTooWeak, RejectReason, SealingError
-from common.policy import Requirements
-from common.results import BudgetExhausted, BudgetReport, Release, verify_signed
-from common import wire
-from producers.client import RecordSealer
-from sidecar.enclave import ledger as ledger_mod
-from sidecar.enclave.service import Enclave
-from sidecar.enclave.state import RollbackDetected, SealedStateStore
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common import privacy
+from sealedsum.common.errors import PolicyTooWeak, RejectReason, SealingError
+from sealedsum.common.policy import Requirements
+from sealedsum.common.results import BudgetExhausted, BudgetReport, Release, verify_signed
+from sealedsum.common import wire
+from sealedsum.producers.client import RecordSealer
+from sealedsum.sidecar.enclave import ledger as ledger_mod
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
 
 
@@ -73,7 +73,7 @@ def test_gaussian_budget_composes_in_zcdp(small_keys):
 
 
 def test_a_budget_too_small_for_one_release_is_a_config_error():
-    from common.errors import ConfigError
+    from sealedsum.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="smaller than the cost of one release"):
         make_policy({"s": stream_table(epsilon=1.0, budget_epsilon=0.5)})
@@ -124,7 +124,7 @@ def enclave_answering(world, *, nonce=None, stream=None):
 
 
 def test_the_budget_rpc_checks_its_nonce_and_stream(two_streams, monkeypatch):
-    from common import amqp
+    from sealedsum.common import amqp
 
     monkeypatch.setattr(amqp, "call_enclave", enclave_answering(two_streams))
     report = amqp.budget(None, None, two_streams.attested, "t")
@@ -133,8 +133,8 @@ def test_the_budget_rpc_checks_its_nonce_and_stream(two_streams, monkeypatch):
 
 @pytest.mark.parametrize("replayed", [dict(nonce=bytes(range(32))), dict(stream="t")])
 def test_a_budget_report_answering_another_request_is_refused(two_streams, monkeypatch, replayed):
-    from common import amqp
-    from common.errors import InvalidResultSignature
+    from sealedsum.common import amqp
+    from sealedsum.common.errors import InvalidResultSignature
 
     monkeypatch.setattr(amqp, "call_enclave", enclave_answering(two_streams, **replayed))
     with pytest.raises(InvalidResultSignature, match=re.escape("answers another request (replayed?)")):
@@ -288,7 +288,7 @@ def test_requirements_that_hold_let_records_through(world):
 
 
 def test_require_tables_in_the_config():
-    from common import config
+    from sealedsum.common import config
 
     cfg = config.from_mapping({"require": {"max_epsilon": 2.0, "min_min_batch": 5,
                                            "streams": {"s": {"max_epsilon": 0.5}}}}, env={})

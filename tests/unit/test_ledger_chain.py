@@ -1,5 +1,5 @@
 """A consumer recomputes a stream's ledger chain from its verified releases
-(consumers.ledger, docs/protocol.md section 15.4): a missing, reordered, repeated or
+(sealedsum.consumers.ledger, docs/protocol.md section 15.4): a missing, reordered, repeated or
 altered release is found. Against the real enclave core and against tests/vectors/ledger.json."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from common import ledger as chain
-from common import wire
-from common.errors import LedgerChainError, LedgerHeadMismatch, MissingRelease, ReleaseOutOfOrder
-from common.results import BudgetExhausted, Release, verify_signed
-from consumers.client import ResultVerifier
-from consumers.ledger import ChainVerifier, verify_chain
-from sidecar.enclave import ledger as enclave_ledger
+from sealedsum.common import ledger as chain
+from sealedsum.common import wire
+from sealedsum.common.errors import LedgerChainError, LedgerHeadMismatch, MissingRelease, ReleaseOutOfOrder
+from sealedsum.common.results import BudgetExhausted, Release, verify_signed
+from sealedsum.consumers.client import ResultVerifier
+from sealedsum.consumers.ledger import ChainVerifier, verify_chain
+from sealedsum.sidecar.enclave import ledger as enclave_ledger
 from tests.conftest import make_policy, make_world, now_ms, stream_table
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"

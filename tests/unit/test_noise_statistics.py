@@ -16,7 +16,7 @@ import statistics
 
 import pytest
 
-from common import privacy
+from sealedsum.common import privacy
 from tests.conftest import make_policy, make_world, now_ms, stream_table
 from tests.stats import dkw_threshold, noise_cdf, sd_above, sd_below, sd_check_failure, sup_distance
 

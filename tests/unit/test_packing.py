@@ -16,17 +16,17 @@ import pytest
 from nacl.public import PublicKey, SealedBox
 from phe import EncryptedNumber, PaillierPublicKey
 
-from common import wire
-from common.attestation import verify_attestation
-from common.errors import ConfigError, InvalidMessage, RejectReason
-from common.fixedpoint import decode
-from common.packing import MARGIN_BITS, LayoutError, PackingLayout
-from common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy
-from producers.client import RecordSealer
-from sidecar.enclave.aggregate import Window
-from sidecar.enclave.keyring import EnclaveKeys, Keyring
-from sidecar.enclave.records import max_record_bytes
-from sidecar.enclave.release import decrypted_totals
+from sealedsum.common import wire
+from sealedsum.common.attestation import verify_attestation
+from sealedsum.common.errors import ConfigError, InvalidMessage, RejectReason
+from sealedsum.common.fixedpoint import decode
+from sealedsum.common.packing import MARGIN_BITS, LayoutError, PackingLayout
+from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy
+from sealedsum.producers.client import RecordSealer
+from sealedsum.sidecar.enclave.aggregate import Window
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.records import max_record_bytes
+from sealedsum.sidecar.enclave.release import decrypted_totals
 from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table
 
 HUGE_EPS = 1e7  # noise negligible next to the totals

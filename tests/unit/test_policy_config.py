@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from common import config as config_mod
-from common.attestation import encode_platform_key
-from common.errors import ConfigError, InvalidMessage
-from common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy, StreamPolicy
+from sealedsum.common import config as config_mod
+from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.errors import ConfigError, InvalidMessage
+from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy, StreamPolicy
 from tests.conftest import make_policy, stream_table
 
 PLATFORM_KEY = encode_platform_key(b"\x01" * 32)

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from common import fixedpoint, privacy
-from common.errors import PolicyMismatch
-from sidecar.enclave import noise
+from sealedsum.common import fixedpoint, privacy
+from sealedsum.common.errors import PolicyMismatch
+from sealedsum.sidecar.enclave import noise
 from tests.conftest import make_policy, stream_table
 
 LN_1E6 = 13.815510557964274  # ln(10^6) = 6 ln 10

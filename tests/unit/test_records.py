@@ -10,9 +10,9 @@ import pytest
 from nacl.public import PublicKey, SealedBox
 from phe import PaillierPublicKey
 
-from common import wire
-from common.errors import RecordRejected, RejectReason
-from sidecar.enclave.service import Enclave, RecordOutcome
+from sealedsum.common import wire
+from sealedsum.common.errors import RecordRejected, RejectReason
+from sealedsum.sidecar.enclave.service import Enclave, RecordOutcome
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
 NOW = now_ms()
@@ -514,7 +514,7 @@ def test_streams_are_independent(small_keys):
 
 # -- the producer side of the same record ------------------------------------------------------
 def test_sealer_refuses_what_the_policy_does_not_allow(world):
-    from common.errors import PolicyMismatch
+    from sealedsum.common.errors import PolicyMismatch
 
     for stream, values in [("nope", [1.0]), ("s", []), ("s", [1.0, 2.0]), ("s", [float("nan")]),
                            ("s", ["1"]), ("s", [10**400])]:

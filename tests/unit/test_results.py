@@ -7,11 +7,11 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common import signing, wire
-from common.errors import InvalidMessage, InvalidResultSignature
-from common.results import Release, verify_result
-from consumers.client import ResultVerifier
-from sidecar.enclave.release import Publication
+from sealedsum.common import signing, wire
+from sealedsum.common.errors import InvalidMessage, InvalidResultSignature
+from sealedsum.common.results import Release, verify_result
+from sealedsum.consumers.client import ResultVerifier
+from sealedsum.sidecar.enclave.release import Publication
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
 NOW = now_ms()

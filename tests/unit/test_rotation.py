@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from common import wire
-from common.attestation import verify_attestation
-from common.errors import ConfigError, RejectReason
-from common.results import verify_result
-from producers.client import RecordSealer
-from sidecar.enclave.keyring import EnclaveKeys, Keyring
-from sidecar.enclave.service import Enclave
-from sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.common import wire
+from sealedsum.common.attestation import verify_attestation
+from sealedsum.common.errors import ConfigError, RejectReason
+from sealedsum.common.results import verify_result
+from sealedsum.producers.client import RecordSealer
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table
 
 T0 = now_ms()

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pika.exceptions as pe
 import pytest
 
-from common.config import BrokerSettings
-from common.errors import TransportError
-from sidecar.runtime import EnclaveRuntime
+from sealedsum.common.config import BrokerSettings
+from sealedsum.common.errors import TransportError
+from sealedsum.sidecar.runtime import EnclaveRuntime
 
 
 class RecordingChannel:
@@ -118,7 +118,7 @@ def test_a_release_nobody_is_bound_to_receive_is_held_not_dropped(world, monkeyp
 # -- record batches: several sealed records in one delivery -------------------------------
 
 def deliver_batch(runtime, channel, records, tag, redelivered=False):
-    from common import wire
+    from sealedsum.common import wire
 
     body = wire.RecordBatch(tuple(records)).to_bytes()
     runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered),
@@ -163,7 +163,7 @@ def test_a_batch_that_closes_a_window_releases_it_and_a_redelivery_counts_nothin
     (b"SSB\x01" + b"\x00" * (256 << 10), "too_large"),
 ])
 def test_a_batch_that_does_not_parse_is_dead_lettered_whole(world, body, reason):
-    from common import wire
+    from sealedsum.common import wire
 
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
@@ -180,7 +180,7 @@ def test_a_batch_that_does_not_parse_is_dead_lettered_whole(world, body, reason)
 def test_a_sealed_record_is_never_read_as_a_batch(world):
     """Only the AMQP type makes a delivery a batch: a record whose random first bytes
     happen to spell the batch magic is still one record."""
-    from common import wire
+    from sealedsum.common import wire
 
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()

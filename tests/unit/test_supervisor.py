@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sidecar import supervisor
-from sidecar.supervisor import EXIT_CONFIG, MAX_BACKOFF_S, Sidecar
+from sealedsum.sidecar import supervisor
+from sealedsum.sidecar.supervisor import EXIT_CONFIG, MAX_BACKOFF_S, Sidecar
 
 
 class Script:

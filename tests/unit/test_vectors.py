@@ -2,7 +2,7 @@
 
 The vectors are produced by ``tests/vectors/generate.py`` from fixed keys and fixed
 randomness, with hand-written encoders that follow ``docs/protocol.md``. Here every
-file is decoded, verified and re-encoded with ``common.wire`` and friends, so a change
+file is decoded, verified and re-encoded with ``sealedsum.common.wire`` and friends, so a change
 to the wire format, the hashing, the signatures or the check order fails a test. The
 last tests keep ``docs/protocol.md`` in step with the constants in the code.
 """
@@ -23,16 +23,16 @@ from nacl import bindings
 from nacl.public import PrivateKey, SealedBox
 from phe import paillier
 
-from common import attestation, errors, fixedpoint, privacy, signing, wire
-from common.errors import (
+from sealedsum.common import attestation, errors, fixedpoint, privacy, signing, wire
+from sealedsum.common.errors import (
     AttestationError,
     InvalidMessage,
     InvalidResultSignature,
     RejectReason,
     UntrustedPlatform,
 )
-from common.policy import EnclavePolicy
-from common.results import (
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.results import (
     BUDGET_KIND,
     EXHAUSTED_KIND,
     RESULT_KIND,
@@ -85,7 +85,7 @@ def paillier_private() -> paillier.PaillierPrivateKey:
 
 
 def enclave_keys():
-    from sidecar.enclave.keyring import EnclaveKeys
+    from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 
     k = keys_vector()
     return EnclaveKeys(k["epoch"], PrivateKey(h(k["x25519_private"])),
@@ -189,7 +189,7 @@ def check_policy(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_code_digest(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.platform import measure
+    from sealedsum.sidecar.platform import measure
 
     for f in v["files"]:
         path = tmp_path / f["path"]
@@ -207,7 +207,7 @@ def check_code_digest(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_runtime_line_format(v: dict) -> None:
-    from sidecar.platform import measure
+    from sealedsum.sidecar.platform import measure
 
     line = measure.runtime_line()
     keys = [part.split("=", 1)[0] for part in line.split(";")]
@@ -234,7 +234,7 @@ def check_measurement(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_quote(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     raw = h(v["quote_hex"])
     quote = wire.Quote.from_bytes(raw)
@@ -269,8 +269,8 @@ def check_quote(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
-    from common import amqp
-    from common.config import Topology
+    from sealedsum.common import amqp
+    from sealedsum.common.config import Topology
 
     raw = h(v["request_hex"])
     assert wire.AttestRequest.from_bytes(raw).nonce == h(v["nonce"])
@@ -284,8 +284,8 @@ def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
     assert props["routing_key"] == Topology("sealedsum").attest_queue
     assert props["app_id"] == amqp.APP_ID
     # The enclave core answers this request with exactly the reply vector.
-    from sidecar.enclave.service import Enclave
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     q = load("quote.json")
     reply = load("attest_reply.json")
@@ -408,10 +408,10 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
 
 def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     """A packed stream: policy bytes with the layout, packing, the envelope, the window total."""
-    from sidecar.enclave.aggregate import Window
-    from sidecar.enclave.keyring import Keyring
-    from sidecar.enclave.release import decrypted_totals
-    from sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave.aggregate import Window
+    from sealedsum.sidecar.enclave.keyring import Keyring
+    from sealedsum.sidecar.enclave.release import decrypted_totals
+    from sealedsum.sidecar.enclave.service import Enclave
 
     canonical = v["policy_canonical"].encode("ascii")
     policy = EnclavePolicy.from_mapping(v["config_enclave"], v["config_streams"])
@@ -484,10 +484,10 @@ def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
-    from common import amqp
-    from common.config import Topology
-    from sidecar.enclave.keyring import Keyring
-    from sidecar.enclave.records import max_record_bytes, open_record
+    from sealedsum.common import amqp
+    from sealedsum.common.config import Topology
+    from sealedsum.sidecar.enclave.keyring import Keyring
+    from sealedsum.sidecar.enclave.records import max_record_bytes, open_record
 
     sealed, envelope_bytes = h(v["sealed_hex"]), h(v["envelope_hex"])
     sk, pk = h(v["recipient_private"]), h(v["recipient_public"])
@@ -524,9 +524,9 @@ def check_sealed_record(v: dict, tmp_path, monkeypatch) -> None:
 def check_record_batch(v: dict, tmp_path, monkeypatch) -> None:
     import struct
 
-    from common import amqp
-    from sidecar.enclave.keyring import Keyring
-    from sidecar.enclave.records import max_record_bytes, open_record
+    from sealedsum.common import amqp
+    from sealedsum.sidecar.enclave.keyring import Keyring
+    from sealedsum.sidecar.enclave.records import max_record_bytes, open_record
 
     batch, records = h(v["batch_hex"]), [h(r) for r in v["records_hex"]]
     assert v["max_records"] == wire.MAX_BATCH_RECORDS and v["max_bytes"] == wire.MAX_BATCH_BYTES
@@ -557,8 +557,8 @@ def check_record_batch(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_signed_envelope(v: dict, tmp_path, monkeypatch) -> None:
-    from producers.client import RecordSealer
-    from sidecar.enclave.service import Enclave
+    from sealedsum.producers.client import RecordSealer
+    from sealedsum.sidecar.enclave.service import Enclave
 
     # The identity key and the producer id it stands for.
     identity = Ed25519PrivateKey.from_private_bytes(h(v["identity_ed25519_seed"]))
@@ -710,8 +710,8 @@ def _check_budget_object(budget: dict, stream: str) -> None:
 
 
 def check_result(v: dict, tmp_path, monkeypatch) -> None:
-    from common import amqp
-    from common.config import Topology
+    from sealedsum.common import amqp
+    from sealedsum.common.config import Topology
 
     raw, payload = _check_signed(v, "release")
     release = Release.from_payload(payload)
@@ -761,7 +761,7 @@ def check_result(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_budget_exhausted(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave.service import Enclave
 
     raw, payload = _check_signed(v, "notice")
     notice = BudgetExhausted.from_payload(payload)
@@ -790,9 +790,9 @@ def check_budget_exhausted(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
-    from common import amqp
-    from common.config import Topology
-    from sidecar.enclave.service import Enclave
+    from sealedsum.common import amqp
+    from sealedsum.common.config import Topology
+    from sealedsum.sidecar.enclave.service import Enclave
 
     raw, payload = _check_signed(v, "notice")
     notice = KeyRotated.from_payload(payload)
@@ -826,7 +826,7 @@ def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
-    from common.config import Topology
+    from sealedsum.common.config import Topology
 
     raw = h(v["request_hex"])
     req = wire.BudgetRequest.from_bytes(raw)
@@ -844,7 +844,7 @@ def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_budget_report(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave.service import Enclave
 
     raw, payload = _check_signed(v, "report")
     report = BudgetReport.from_payload(payload)
@@ -860,7 +860,7 @@ def check_budget_report(v: dict, tmp_path, monkeypatch) -> None:
     _check_refusals(raw, v["report"], (BUDGET_KIND,))
     # The enclave core, with the stream's ledger, answers the request vector with exactly these bytes.
     policy, policy_bytes = vector_policy()
-    from sidecar.enclave.ledger import StreamLedger
+    from sealedsum.sidecar.enclave.ledger import StreamLedger
 
     core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), enclave.measurement, lambda rd: b"")
     core.ledgers[report.stream] = StreamLedger(policy.streams[report.stream], report.budget["releases"],
@@ -873,7 +873,7 @@ def check_budget_report(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_ledger(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.enclave import ledger
+    from sealedsum.sidecar.enclave import ledger
 
     label = h(v["label_hex"])
     assert label == ledger.LEDGER_LABEL == b"sealedsum/v1/ledger\x00"
@@ -912,9 +912,9 @@ def check_ledger(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_sealed_state(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.enclave import keyring, sealing, state as state_mod
-    from sidecar.enclave.service import Enclave
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.enclave import keyring, sealing, state as state_mod
+    from sealedsum.sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     meas = h(v["measurement"])
     assert meas == h(load("measurement.json")["measurement"])
@@ -1011,8 +1011,8 @@ def check_sealed_state(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
-    from sidecar.enclave.records import max_record_bytes
-    from sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave.records import max_record_bytes
+    from sealedsum.sidecar.enclave.service import Enclave
 
     policy, policy_bytes = vector_policy()
     keys = enclave_keys()
@@ -1058,7 +1058,7 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
 
 def _check_identity_session(v: dict) -> list[str]:
     """The second session: policy.json's policy plus an [identities] table, on a fresh core."""
-    from sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave.service import Enclave
 
     policy, policy_bytes = vector_policy(v["config_identities"])
     assert policy_bytes == v["policy_canonical"].encode("ascii")
@@ -1201,7 +1201,7 @@ def _doc() -> str:
 
 
 def _magics() -> dict[str, bytes]:
-    from sidecar.enclave import sealing
+    from sealedsum.sidecar.enclave import sealing
 
     found = {name: value for name, value in vars(wire).items() if name.endswith("_MAGIC")}
     found["sealing.SEALED_MAGIC"] = sealing.SEALED_MAGIC
@@ -1226,8 +1226,8 @@ def test_doc_mentions_every_magic() -> None:
 
 
 def test_doc_mentions_every_label_and_header() -> None:
-    from sidecar.enclave import keyring, ledger, state
-    from sidecar.platform import emulated, measure
+    from sealedsum.sidecar.enclave import keyring, ledger, state
+    from sealedsum.sidecar.platform import emulated, measure
 
     doc = _doc()
     labels = [wire.REPORT_DATA_LABEL, wire.MEASUREMENT_LABEL, measure.CODE_LABEL, emulated.SEALING_INFO,
@@ -1255,8 +1255,8 @@ def test_doc_check_table_is_in_check_order() -> None:
 
 
 def test_doc_names_every_policy_key_and_payload_field() -> None:
-    from common.policy import StreamPolicy
-    from common.results import BUDGET_FIELDS
+    from sealedsum.common.policy import StreamPolicy
+    from sealedsum.common.results import BUDGET_FIELDS
 
     doc = _doc()
     for key in StreamPolicy.KEYS:

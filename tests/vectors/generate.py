@@ -15,7 +15,7 @@ twice gives identical files.
 
 The messages are encoded here *by hand*, from ``docs/protocol.md``, with ``struct``,
 ``hashlib``, ``fractions``, plain integer arithmetic and the raw primitives (Ed25519,
-X25519, ``crypto_box``, AES-GCM, HKDF), not with ``common.wire``. Every encoding is
+X25519, ``crypto_box``, AES-GCM, HKDF), not with ``sealedsum.common.wire``. Every encoding is
 then cross-checked against the real code before anything is written, so the script
 fails loudly if the code and the document disagree. ``tests/unit/test_vectors.py``
 decodes the files with the real code.
@@ -421,9 +421,9 @@ def ledger_chain(s, windows: list[int]) -> dict:
 def build() -> dict[str, dict]:
     from phe import paillier
 
-    from common import attestation, privacy, signing, wire
-    from common.policy import EnclavePolicy
-    from sidecar.platform import measure
+    from sealedsum.common import attestation, privacy, signing, wire
+    from sealedsum.common.policy import EnclavePolicy
+    from sealedsum.sidecar.platform import measure
 
     out: dict[str, dict] = {}
 
@@ -583,7 +583,7 @@ def build() -> dict[str, dict]:
     assert wire.Quote(meas, rd, QUOTE_ISSUED_AT_MS, q_sig).to_bytes() == quote
     assert signing.signing_input(signing.QUOTE, signed_part) == q_input
 
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
     emulated = EmulatedPlatform(Ed25519PrivateKey.from_private_bytes(PLATFORM_ED25519_SEED), bytes(32),
                                 clock_ms=lambda: QUOTE_ISSUED_AT_MS)
     assert emulated.quote(meas, rd) == quote
@@ -634,7 +634,7 @@ def build() -> dict[str, dict]:
     assert tampered_policy != policy_bytes
     other_code = sha256(b"other code")
     # Each case: the reply, the nonce the client sent, its trust anchors, its clock, and
-    # the error class (common.errors) verify_attestation must raise; null = accepted.
+    # the error class (sealedsum.common.errors) verify_attestation must raise; null = accepted.
     cases = [
         {"name": "valid", "reply_hex": hexs(reply), "expect": None},
         {"name": "platform key not the pinned one (checked first, before the allow-list)",
@@ -786,7 +786,7 @@ def build() -> dict[str, dict]:
     out["envelope_packed"] = build_packed_envelope(code_digest, n, width)
 
     # -- the privacy budget ledger ----------------------------------------------------------
-    from sidecar.enclave import ledger as ledger_mod
+    from sealedsum.sidecar.enclave import ledger as ledger_mod
 
     chains = {}
     for stream, windows in CHAINS.items():
@@ -822,7 +822,7 @@ def build() -> dict[str, dict]:
         return chains[stream]["charges"][-1]["budget"]
 
     # -- results ----------------------------------------------------------------------
-    from common import results
+    from sealedsum.common import results
 
     result_amqp = {"exchange": f"{PREFIX}.results", "delivery_mode": 2, "mandatory": True,
                    "content_type": "application/octet-stream", "type": "result", "app_id": "sealedsum"}
@@ -976,7 +976,7 @@ def build() -> dict[str, dict]:
     payload = canonical_json(report)
     sig_input, sig, message = signed_message(payload)
     assert results.BudgetReport(**report).to_payload() == payload
-    from sidecar.enclave.ledger import StreamLedger
+    from sealedsum.sidecar.enclave.ledger import StreamLedger
 
     core = enclave_core(policy, policy_bytes, code_digest, meas)
     core.ledgers["wellbeing"] = StreamLedger(policy.streams["wellbeing"], 2, bytes.fromhex(heads["wellbeing"]))
@@ -1007,8 +1007,8 @@ def build() -> dict[str, dict]:
 
 def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
     """A record of alice's (RFC 8032 TEST 3 key): envelope, signature, SSI\\x01 wrapper, sealed box."""
-    from common import signing, wire
-    from common.policy import EnclavePolicy
+    from sealedsum.common import signing, wire
+    from sealedsum.common.policy import EnclavePolicy
 
     seed = IDENTITY_SEEDS["alice"]
     public_key = ed25519_public(seed)
@@ -1095,11 +1095,11 @@ def build_packed_envelope(code_digest, n, width) -> dict:
     first one's envelope, and the window total of both as the enclave folds and unpacks it."""
     from phe import EncryptedNumber, paillier
 
-    from common import wire
-    from common.policy import EnclavePolicy
-    from sidecar.enclave.aggregate import Window
-    from sidecar.enclave.keyring import Keyring
-    from sidecar.enclave.release import decrypted_totals
+    from sealedsum.common import wire
+    from sealedsum.common.policy import EnclavePolicy
+    from sealedsum.sidecar.enclave.aggregate import Window
+    from sealedsum.sidecar.enclave.keyring import Keyring
+    from sealedsum.sidecar.enclave.release import decrypted_totals
 
     # The policy: the packing table is derived, and written into the canonical bytes.
     expected = {"version": 1, "enclave": EXPECTED_POLICY_MAPPING["enclave"],
@@ -1205,15 +1205,15 @@ def build_packed_envelope(code_digest, n, width) -> dict:
 
 
 def enclave_core(policy, policy_bytes, code_digest, meas, state=None, now_ms=0):
-    from sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave.service import Enclave
 
     return Enclave(enclave_keys(), policy, policy_bytes, code_digest, meas, lambda rd: b"", state, now_ms)
 
 
 def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width) -> dict:
     """The enclave's sealed state: a base and a journal, how they are sealed, and the rollback rule."""
-    from sidecar.enclave import state as state_mod
-    from sidecar.platform.emulated import EmulatedPlatform
+    from sealedsum.sidecar.enclave import state as state_mod
+    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     sealing_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                        info=SEALING_INFO + meas).derive(PLATFORM_ROOT_SECRET)
@@ -1315,8 +1315,8 @@ def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width)
 def run_state_case(case, files, sealing_key, meas, checkpoints):
     import tempfile
 
-    from common.errors import SealingError
-    from sidecar.enclave.state import RollbackDetected, SealedStateStore
+    from sealedsum.common.errors import SealingError
+    from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
 
     class Counter:
         def __init__(self, value):
@@ -1357,7 +1357,7 @@ def run_state_case(case, files, sealing_key, meas, checkpoints):
 
 
 def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas, chains) -> dict:
-    """Records and ticks fed in order to sidecar.enclave.service.Enclave, with the outcome
+    """Records and ticks fed in order to sealedsum.sidecar.enclave.service.Enclave, with the outcome
     each must have. Pins the reasons, the order of the checks, and what gets published."""
     purchases = policy.streams["purchases"]
     size_limit = 48 + 100 + (4 + 16 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + max(s.dimension for s in policy.streams.values()) * width
@@ -1543,8 +1543,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
 def build_identity_session(x_pub, n, width, code_digest) -> dict:
     """Signed, forged, revoked, unknown and unsigned records under a policy that requires
     enrolled producers: the three identity reasons and where they sit in the order of checks."""
-    from common import wire
-    from common.policy import EnclavePolicy
+    from sealedsum.common import wire
+    from sealedsum.common.policy import EnclavePolicy
 
     keys = {name: ed25519_public(seed) for name, seed in IDENTITY_SEEDS.items()}
     for name, public in RFC8032_PUBLIC.items():
@@ -1701,7 +1701,7 @@ def run_identity_session(steps, final, policy, policy_bytes, code_digest, meas):
 def enclave_keys():
     from phe import paillier
 
-    from sidecar.enclave.keyring import EnclaveKeys
+    from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 
     public = paillier.PaillierPublicKey(PAILLIER_P * PAILLIER_Q)
     return EnclaveKeys(KEY_EPOCH, PrivateKey(ENCLAVE_X25519_PRIVATE),
