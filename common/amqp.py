@@ -6,10 +6,12 @@ this is the only code that imports pika. Pika exceptions become ``TransportError
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
+from typing import Iterator
 
 import pika
 import pika.exceptions as pe
@@ -157,6 +159,41 @@ def attest(connection: pika.BlockingConnection, settings: BrokerSettings, trust:
     log.info("enclave attested", extra={"fields": {
         "measurement": enclave.measurement.hex(), "key_epoch": enclave.keys.epoch}})
     return enclave
+
+
+@contextlib.contextmanager
+def attested(settings: BrokerSettings, trust: TrustAnchors) -> Iterator[tuple[pika.BlockingConnection, AttestedEnclave]]:
+    """A new connection and the enclave attested over it; the connection is closed on exit.
+
+    :raises TransportError: the broker or the enclave cannot be reached.
+    :raises AttestationError: the enclave failed a check (nothing was sent to it).
+    """
+    connection = connect(settings)
+    try:
+        yield connection, attest(connection, settings, trust)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def wait_attestable(settings: BrokerSettings, trust: TrustAnchors, timeout: float, *,
+                    alive=lambda: True) -> AttestedEnclave:
+    """Attest the enclave as soon as it answers: for a sidecar that is starting up.
+
+    :param alive: called between tries; return False to give up at once (the process died).
+    :raises TransportError: no answer within ``timeout`` seconds, or ``alive()`` said no.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with attested(settings, trust) as (_, enclave):
+                return enclave
+        except TransportError:
+            if not alive():
+                raise TransportError("the sidecar exited during start-up", retryable=False) from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def budget(connection: pika.BlockingConnection, settings: BrokerSettings, enclave: AttestedEnclave, stream: str):

@@ -10,13 +10,39 @@ from __future__ import annotations
 import enum
 
 
+class ExitCode(enum.IntEnum):
+    """What a ``sealedsum`` command's exit status means. Each error class below carries
+    the code a command exits with when it stops on that error."""
+
+    OK = 0
+    VERIFICATION = 1
+    USAGE = 2
+    TRANSPORT = 3
+    PARTIAL = 4
+    INTERRUPTED = 130
+
+    @property
+    def meaning(self) -> str:
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "success",
+    ExitCode.VERIFICATION: "attestation or verification failure (nothing was sent; or forged results were seen)",
+    ExitCode.USAGE: "usage or configuration error",
+    ExitCode.TRANSPORT: "broker unreachable or refusing",
+    ExitCode.PARTIAL: "finished, but some input lines were rejected (`produce`)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
 class SealedsumError(Exception):
     """Base of every error sealedsum raises on purpose.
 
     ``exit_code`` is what the CLI exits with; ``hint`` says what to do next.
     """
 
-    exit_code = 1
+    exit_code = ExitCode.VERIFICATION
     hint = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
@@ -35,13 +61,13 @@ class SealedsumError(Exception):
 class ConfigError(SealedsumError):
     """The configuration file or a command-line value is wrong."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class AttestationError(SealedsumError):
     """The enclave could not prove what it is. Nothing may be sent to it."""
 
-    exit_code = 1
+    exit_code = ExitCode.VERIFICATION
 
 
 class UntrustedPlatform(AttestationError):
@@ -96,13 +122,13 @@ class LedgerHeadMismatch(LedgerChainError):
 class PolicyMismatch(SealedsumError):
     """A value does not fit the stream's policy (dimension, bounds, stream name)."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class TransportError(SealedsumError):
     """The broker could not be reached or refused an operation."""
 
-    exit_code = 3
+    exit_code = ExitCode.TRANSPORT
 
     def __init__(self, message: str, *, retryable: bool = True, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)

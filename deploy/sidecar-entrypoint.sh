@@ -26,53 +26,8 @@ CONFIG="${SEALEDSUM_BASE_CONFIG:-/etc/sealedsum/sealedsum.toml}"
 STATE="${SEALEDSUM_STATE:-/state}"
 CLIENT_CONFIG="${SEALEDSUM_CLIENT_CONFIG:-/shared/client.toml}"
 
-log() { printf 'sidecar-entrypoint: %s\n' "$*" >&2; }
-
-if [ ! -r "$CONFIG" ]; then
-  log "base config $CONFIG is missing or unreadable"
-  exit 2
-fi
-if grep -q '^[[:space:]]*\[trust\]' "$CONFIG"; then
-  log "base config $CONFIG already has a [trust] table; remove it (this script adds one)"
-  exit 2
-fi
-
-# A client config left over from an earlier run may name an old measurement: remove it
-# first, so that clients starting now wait for the new one.
-rm -f "$CLIENT_CONFIG"
-
-if [ ! -f "$STATE/platform.key" ]; then
-  log "no platform key in $STATE: creating one (emulated TEE root of trust)"
-  sealedsum platform init --state "$STATE" >/dev/null
-fi
-platform_key="$(sealedsum platform show --state "$STATE")"
-measurement="$(sealedsum measure --config "$CONFIG")"
-log "platform key $platform_key"
-log "measurement  $measurement"
-
-# Write to a temporary file in the same directory, check it, then rename it into place,
-# so that a client never reads a half-written config.
-mkdir -p "$(dirname "$CLIENT_CONFIG")"
-tmp="$(mktemp "$CLIENT_CONFIG.XXXXXX")"
-trap 'rm -f "$tmp"' EXIT
-{
-  cat "$CONFIG"
-  printf '\n'
-  printf '# Added by sidecar-entrypoint.sh: trust on first use, for a demo deployment only.\n'
-  printf '# Real clients pin the platform key out of band and never take it from the sidecar.\n'
-  printf '[trust]\n'
-  printf 'platform_key = "%s"\n' "$platform_key"
-  printf 'measurements = ["%s"]\n' "$measurement"
-} >"$tmp"
-# The client config must load, and must name the measurement computed above.
-check="$(sealedsum measure --config "$tmp")"
-if [ "$check" != "$measurement" ]; then
-  log "the client config's measurement $check differs from $measurement"
-  exit 1
-fi
-chmod 0644 "$tmp"   # it holds only public values
-mv -f "$tmp" "$CLIENT_CONFIG"
-trap - EXIT
-log "wrote $CLIENT_CONFIG"
+# Steps 1-3 are `sealedsum platform client-config` (sealedsum/testbed.py): it refuses a
+# base config that has a [trust] table already, and writes the client config atomically.
+sealedsum platform client-config --config "$CONFIG" --state "$STATE" --out "$CLIENT_CONFIG"
 
 exec sealedsum sidecar --config "$CONFIG" --state "$STATE" "$@"

@@ -1,5 +1,5 @@
 import sys
 
-from sealedsum.cli import main
+from sealedsum.commands import main
 
 sys.exit(main())

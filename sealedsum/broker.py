@@ -1,4 +1,4 @@
-"""``sealedsum broker``: least-privilege RabbitMQ accounts for one deployment.
+"""Least-privilege RabbitMQ accounts for one deployment (``sealedsum broker``).
 
 One deployment is one broker prefix in one virtual host. ``broker setup`` gives it three
 accounts, each allowed exactly what its role does on the broker and nothing else:
@@ -30,7 +30,6 @@ SHA-256 hashes. docs/broker-accounts.md describes the table and what the tests p
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from sealedsum.common.config import Config, Topology, redact_url
+from sealedsum.common.config import Topology
 from sealedsum.common.errors import ConfigError, SealedsumError
 
 ROLES = ("sidecar", "producer", "consumer")
@@ -389,125 +388,3 @@ def remove(ctl: Rabbitmqctl, accts: list[Account]) -> dict[str, str]:
         else:
             done[a.user] = "absent"
     return done
-
-
-# --- the commands -----------------------------------------------------------------------
-
-def _load(args: argparse.Namespace) -> tuple[Config, list[Account], str]:
-    from sealedsum.cli import load_config
-
-    cfg = load_config(args)
-    vhost = args.vhost or vhost_of(cfg.broker.url)
-    users = {role: getattr(args, f"{role}_user") for role in ROLES}
-    return cfg, accounts(cfg.broker.topology, users), vhost
-
-
-def _print_table(accts: list[Account], vhost: str, prefix: str) -> None:
-    print(f"vhost {vhost!r}, prefix {prefix!r}")
-    for a in accts:
-        print(f"  {a.role:<8} {a.user}")
-        for kind, pattern in zip(("configure", "write", "read"), a.permissions.as_tuple()):
-            print(f"    {kind:<9} {pattern}")
-
-
-def _setup(args: argparse.Namespace) -> int:
-    cfg, accts, vhost = _load(args)
-    out_dir = Path(args.out) if args.out else None
-    if args.with_guest and not args.definitions:
-        raise ConfigError("--with-guest only applies to --definitions")
-    if args.apply and not args.definitions:
-        raise ConfigError("--apply only applies to --definitions (without it, setup always applies)")
-    choose_passwords(accts, os.environ, out_dir)
-    generated = [a.role for a in accts if a.source == "generated"]
-    if generated and not out_dir and not args.show:
-        raise ConfigError(
-            f"no password given for {', '.join(generated)}, and a generated one would be lost",
-            hint="pass --out DIR (writes ROLE.url files, mode 0600) or --show, "
-                 f"or set {', '.join('$' + password_env(r) for r in generated)}")
-    live = not args.definitions or args.apply
-    ctl = Rabbitmqctl(args.rabbitmqctl) if live else None  # fail early if it is missing
-
-    if args.definitions:
-        doc = definitions(accts, vhost, with_guest=args.with_guest)
-        _write_private(Path(args.definitions), json.dumps(doc, indent=2) + "\n")
-    done = apply(ctl, accts, vhost) if ctl else {}
-    if out_dir:
-        for a in accts:
-            _write_private(out_dir / f"{a.role}.url", a.url(cfg.broker.url, vhost) + "\n")
-
-    _print_table(accts, vhost, cfg.broker.topology.prefix)
-    for a in accts:
-        state = done.get(a.user, "in the definitions file only")
-        print(f"  {a.user}: {state}; password {a.source}")
-    if args.definitions:
-        print(f"wrote {args.definitions} (password hashes only; load it with load_definitions or "
-              f"`rabbitmqctl import_definitions`)")
-    if out_dir:
-        print(f"wrote {', '.join(str(out_dir / (a.role + '.url')) for a in accts)} (mode 0600, with passwords)")
-    if args.show:
-        for a in accts:
-            print(f"{a.role} {a.url(cfg.broker.url, vhost)}")
-    else:
-        print("URLs without passwords: " + ", ".join(
-            redact_url(a.url(cfg.broker.url, vhost)) for a in accts))
-    return 0
-
-
-def _teardown(args: argparse.Namespace) -> int:
-    _, accts, _ = _load(args)
-    done = remove(Rabbitmqctl(args.rabbitmqctl), accts)
-    for user, state in done.items():
-        print(f"{user}: {state}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from sealedsum.cli import add_config_argument
-
-    b = sub.add_parser("broker", help="create least-privilege RabbitMQ accounts for the sidecar, producers "
-                                      "and consumers",
-                       description="Manage the three RabbitMQ accounts of one deployment (the config's "
-                                   "broker.prefix and virtual host). See docs/broker-accounts.md.")
-    bsub = b.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        add_config_argument(p)
-        p.add_argument("--vhost", help="virtual host (default: the one in broker.url or AMQP_URL)")
-        for role in ROLES:
-            p.add_argument(f"--{role}-user", metavar="NAME", help=f"the {role}'s user name (default: PREFIX-{role})")
-        p.add_argument("--rabbitmqctl", metavar="CMD",
-                       help=f"how to run rabbitmqctl, e.g. 'docker compose exec -T rabbitmq rabbitmqctl' "
-                            f"(default: ${RABBITMQCTL_ENV} or rabbitmqctl)")
-
-    s = bsub.add_parser(
-        "setup", help="create or update the sidecar, producer and consumer users and their permissions",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Create (or update: running it again is safe) three users for the config's prefix and\n"
-                    "virtual host, with no tags and only the permissions their role needs, through\n"
-                    "rabbitmqctl. Passwords come from $SEALEDSUM_SIDECAR_PASSWORD,\n"
-                    "$SEALEDSUM_PRODUCER_PASSWORD and $SEALEDSUM_CONSUMER_PASSWORD, else from the URL\n"
-                    "files of an earlier run in --out DIR, else they are generated. They are never\n"
-                    "printed unless --show is given.",
-        epilog="examples:\n"
-               "  sealedsum broker setup --config sealedsum.toml --out ./secrets   # ./secrets/producer.url ...\n"
-               "  SEALEDSUM_SIDECAR_PASSWORD=... SEALEDSUM_PRODUCER_PASSWORD=... SEALEDSUM_CONSUMER_PASSWORD=... \\\n"
-               "    sealedsum broker setup --config sealedsum.toml --definitions definitions.json\n"
-               "  sealedsum broker teardown --config sealedsum.toml")
-    common(s)
-    s.add_argument("--out", metavar="DIR",
-                   help="write sidecar.url, producer.url and consumer.url (ready AMQP URLs, mode 0600) here")
-    s.add_argument("--show", action="store_true", help="print the URLs with their passwords on stdout")
-    s.add_argument("--definitions", metavar="FILE",
-                   help="write a RabbitMQ definitions file (vhost, users with password hashes, permissions) "
-                        "for load_definitions at broker boot, instead of changing the running broker")
-    s.add_argument("--apply", action="store_true", help="with --definitions: also apply with rabbitmqctl")
-    s.add_argument("--with-guest", action="store_true",
-                   help="with --definitions: also define guest/guest as an administrator, as a fresh broker "
-                        "would have it (a broker loading definitions creates no default user). Demo only")
-    s.set_defaults(func=_setup, role="admin", default_log_level="WARNING")
-
-    t = bsub.add_parser("teardown", help="delete the sidecar, producer and consumer users",
-                        description="Delete the three users setup created (missing ones are fine). Users "
-                                    "with tags are never deleted. Exchanges and queues are left alone.")
-    common(t)
-    t.set_defaults(func=_teardown, role="admin", default_log_level="WARNING")

@@ -9,22 +9,13 @@ silently skipped its integration tests would prove nothing.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pika
 import pytest
 
-from sealedsum.common import amqp, config as config_mod
-from sealedsum.common.attestation import encode_platform_key
 from sealedsum.common.errors import TransportError
-from sealedsum.sidecar.platform import measure
-from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.testbed import Testbed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,27 +67,6 @@ def amqp_url() -> str:
         yield f"amqp://{p.credentials.username}:{p.credentials.password}@{p.host}:{p.port}/%2F"
 
 
-CONFIG = """\
-[broker]
-url = "{url}"
-prefix = "{prefix}"
-queue_type = "{queue_type}"
-{broker_extra}
-
-[trust]
-platform_key = "{platform_key}"
-measurements = ["{measurement}"]
-
-[enclave]
-paillier_bits = {bits}
-insecure_test_keys = {insecure}
-max_record_age_seconds = 600
-{enclave_extra}
-
-{streams}
-"""
-
-
 def streams_toml(streams: dict[str, dict]) -> str:
     out = []
     for name, table in streams.items():
@@ -110,110 +80,36 @@ def streams_toml(streams: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
-@dataclass
-class RunningSidecar:
-    process: subprocess.Popen
-    config_path: Path
-    config: config_mod.Config
-    state: Path
-    log_path: Path
-    platform: EmulatedPlatform
-    measurement: bytes
-    # The broker URL the sidecar process runs with (AMQP_URL), when it differs from the
-    # config's (test_acl.py runs it as its own least-privilege account).
-    process_url: str | None = None
-
-    def log_lines(self) -> list[dict]:
-        import json
-
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def events(self, name: str) -> list[dict]:
-        return [e for e in self.log_lines() if e.get("event") == name]
-
-    def enclave_pid(self) -> int:
-        for e in reversed(self.events("enclave running")):
-            return int(e["pid"])
-        raise AssertionError("the enclave never reported running")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait()
-        return self.process.returncode
+# What the tests call a running sidecar is the project's one local testbed.
+RunningSidecar = Testbed
 
 
-def write_config(tmp: Path, url: str, streams: dict, *, bits: int = 1024, prefix: str | None = None,
-                 platform: EmulatedPlatform, queue_type: str = "quorum", measurement: str | None = None,
-                 broker_extra: str = "", enclave_extra: str = "", extra_toml: str = ""):
-    prefix = prefix or f"t-{uuid.uuid4().hex[:10]}"
-    text = CONFIG.format(url=url, prefix=prefix, queue_type=queue_type, broker_extra=broker_extra,
-                         enclave_extra=enclave_extra,
-                         platform_key=encode_platform_key(platform.public_key()),
-                         measurement="0" * 64, bits=bits, insecure="true" if bits < 2048 else "false",
-                         streams=streams_toml(streams) + "\n" + extra_toml)
-    import tomllib
+def start_sidecar(tmp: Path, url: str, streams: dict, *, bits: int = 1024, extra_toml: str = "",
+                  enclave_extra: str = "", **kw) -> Testbed:
+    """A testbed (1024-bit test keys, a 600 s replay horizon) with its sidecar answering attestation.
 
-    policy = config_mod.from_mapping(tomllib.loads(text), env={}).require_policy()
-    _, m = measure.measure(policy.to_bytes())
-    path = tmp / "sealedsum.toml"
-    path.write_text(text.replace("0" * 64, measurement or m.hex()))
-    return path, m
-
-
-def start_sidecar(tmp: Path, url: str, streams: dict, *, process_url: str | None = None, **kw) -> RunningSidecar:
-    """:param process_url: AMQP_URL for the sidecar process only (default: ``url``)."""
-    state = tmp / "state"
-    platform = EmulatedPlatform.init(state)
-    path, m = write_config(tmp, url, streams, platform=platform, **kw)
-    cfg = config_mod.load(path, env={})
-    sc = RunningSidecar(None, path, cfg, state, tmp / "sidecar.log", platform, m, process_url)
+    :param process_url: AMQP_URL for the sidecar process only (default: ``url``)."""
+    sc = Testbed(tmp, url, streams_toml(streams) + "\n" + extra_toml, bits=bits,
+                 enclave_extra="max_record_age_seconds = 600\n" + enclave_extra, **kw)
     return relaunch(sc)
 
 
-def launch(sc: RunningSidecar) -> subprocess.Popen:
+def launch(sc: Testbed):
     """Start the sidecar process on sc's config and state; its log is appended to."""
-    env = dict(os.environ, AMQP_URL=sc.process_url or sc.config.broker.url)
-    sc.process = subprocess.Popen([sys.executable, "-m", "sealedsum", "sidecar", "--config", str(sc.config_path),
-                                   "--state", str(sc.state), "--log-level", "debug"],
-                                  stderr=open(sc.log_path, "a"), cwd=REPO, env=env)
-    return sc.process
+    return sc.start(log_level="debug")
 
 
-def relaunch(sc: RunningSidecar) -> RunningSidecar:
+def relaunch(sc: Testbed) -> Testbed:
     """(Re)start the sidecar and wait until its enclave answers attestation."""
-    proc = launch(sc)
-    cfg, log_path = sc.config, sc.log_path
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"sidecar exited early:\n{log_path.read_text()}")
-        try:
-            conn = amqp.connect(cfg.broker)
-            try:
-                amqp.attest(conn, cfg.broker, cfg.require_trust())
-                return sc
-            finally:
-                conn.close()
-        except TransportError:
-            if time.monotonic() > deadline:
-                sc.stop()
-                raise AssertionError(f"sidecar never answered attestation:\n{log_path.read_text()}")
-            time.sleep(0.2)
-
-
-def delete_topology(cfg: config_mod.Config) -> None:
-    amqp.delete_topology(cfg.broker)
+    launch(sc)
+    try:
+        sc.wait_attestable(30)
+    except TransportError as err:
+        alive = sc.alive()
+        sc.stop()
+        raise AssertionError(f"sidecar {'never answered attestation' if alive else 'exited early'} ({err}):\n"
+                             f"{sc.log_path.read_text()}") from None
+    return sc
 
 
 @pytest.fixture
@@ -230,4 +126,4 @@ def sidecar_factory(tmp_path, amqp_url):
     yield factory
     for sc in started:
         sc.stop()
-        delete_topology(sc.config)
+        sc.delete_topology()

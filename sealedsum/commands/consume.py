@@ -1,10 +1,16 @@
-"""``sealedsum consume``."""
+"""``sealedsum consume`` and ``sealedsum budget``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from sealedsum.commands.options import add_config_argument, load_config
+from sealedsum.common import amqp
+from sealedsum.common.errors import ExitCode, PolicyMismatch
+from sealedsum.common.results import BudgetExhausted
+from sealedsum.consumers.client import Consumer
 
 
 def _fmt(v) -> str:
@@ -28,10 +34,6 @@ def describe(view: dict) -> str:
 
 
 def _consume(args) -> int:
-    from sealedsum.common.results import BudgetExhausted
-    from sealedsum.consumers.client import Consumer
-    from sealedsum.cli import EXIT_OK, EXIT_VERIFY, load_config
-
     cfg = load_config(args)
     received = 0
     interrupted = False
@@ -65,25 +67,17 @@ def _consume(args) -> int:
     if rejected:
         print(f"error: {rejected} result(s) failed verification (forged, altered, or contradicting the stream's "
               "ledger) and were rejected; only the releases printed above are verified", file=sys.stderr)
-        return EXIT_VERIFY
-    return 130 if interrupted else EXIT_OK
+        return ExitCode.VERIFICATION
+    return ExitCode.INTERRUPTED if interrupted else ExitCode.OK
 
 
 def _budget(args) -> int:
-    from sealedsum.common import amqp
-    from sealedsum.common.errors import PolicyMismatch
-    from sealedsum.cli import EXIT_OK, load_config
-
     cfg = load_config(args)
-    connection = amqp.connect(cfg.broker)
-    try:
-        enclave = amqp.attest(connection, cfg.broker, cfg.require_trust())
+    with amqp.attested(cfg.broker, cfg.require_trust()) as (connection, enclave):
         if args.stream not in enclave.policy.streams:
             raise PolicyMismatch(f"the attested enclave has no stream {args.stream!r}",
                                  hint=f"its streams: {', '.join(sorted(enclave.policy.streams))}")
         report = amqp.budget(connection, cfg.broker, enclave, args.stream)
-    finally:
-        connection.close()
     view = report.to_json()
     if args.json:
         print(json.dumps(view))
@@ -95,12 +89,10 @@ def _budget(args) -> int:
         print(f"{report.stream}: spent epsilon {b['spent_epsilon']:.6g}{rho} of {b['budget_epsilon']:g}{delta} "
               f"in {b['releases']} release(s); {state}  [signed by the attested enclave; ledger head "
               f"{b['ledger_head'][:16]}...]")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sealedsum.cli import add_config_argument
-
     c = sub.add_parser(
         "consume", help="attest the enclave and print its verified releases for a stream",
         description="Attest the enclave, bind a private queue to the results exchange for STREAM, "

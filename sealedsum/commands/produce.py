@@ -1,4 +1,4 @@
-"""``sealedsum produce``."""
+"""``sealedsum produce`` and ``sealedsum producer keygen``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import os
 import sys
 import time
 from collections import deque
+from pathlib import Path
 
+from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common import wire
-from sealedsum.common.errors import PolicyMismatch, TransportError
+from sealedsum.common.errors import ExitCode, PolicyMismatch, TransportError
+from sealedsum.producers import encryption, identity
+from sealedsum.producers.client import MessageGroup, Producer
+from sealedsum.producers.inputs import read_records
 
 
 class Progress:
@@ -29,22 +34,16 @@ class Progress:
 
 
 def _produce(args) -> int:
-    from sealedsum.producers.client import MessageGroup, Producer
-    from sealedsum.producers.inputs import read_records
-    from sealedsum.cli import EXIT_OK, EXIT_PARTIAL, EXIT_TRANSPORT, EXIT_USAGE, load_config
-
     if not 1 <= args.per_message <= wire.MAX_BATCH_RECORDS:
         print(f"sealedsum produce: --per-message must be 1..{wire.MAX_BATCH_RECORDS}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     cfg = load_config(args)
     if args.encrypt_workers is not None:
-        from sealedsum.producers import encryption
-
         os.environ[encryption.ENV_WORKERS] = str(args.encrypt_workers)
     source = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
     summary = {"stream": args.stream, "sent": 0, "confirmed": 0, "rejected_by_validation": 0, "clipped": 0}
     started = time.monotonic()
-    code = EXIT_OK
+    code = ExitCode.OK
     pending: deque = deque()  # (line number, PendingRecord), oldest first
 
     def settle() -> bool:
@@ -94,27 +93,27 @@ def _produce(args) -> int:
                     print(f"line {line.number}: rejected: {err}", file=sys.stderr)
                     continue
                 if not group.fits(record) and not submit_group():
-                    code = EXIT_TRANSPORT
+                    code = ExitCode.TRANSPORT
                     break
                 group.add(record)
                 numbers.append(line.number)
                 if group.full and not submit_group():
-                    code = EXIT_TRANSPORT
+                    code = ExitCode.TRANSPORT
                     break
                 progress.update(summary["confirmed"])
-            if code == EXIT_OK and group and not submit_group():
-                code = EXIT_TRANSPORT
+            if code == ExitCode.OK and group and not submit_group():
+                code = ExitCode.TRANSPORT
             try:
                 producer.flush()
             except TransportError:
-                code = EXIT_TRANSPORT
+                code = ExitCode.TRANSPORT
         finally:
             producer.close()
         if not settle():
-            code = EXIT_TRANSPORT
+            code = ExitCode.TRANSPORT
         for number, p in pending:  # unresolved at close (none after a flush)
             print(f"line {number}: not confirmed: {p.error or 'the producer stopped first'}", file=sys.stderr)
-            code = EXIT_TRANSPORT
+            code = ExitCode.TRANSPORT
     finally:
         if source is not sys.stdin:
             source.close()
@@ -124,16 +123,12 @@ def _produce(args) -> int:
     print(f"{summary['stream']}: sent {summary['sent']}, confirmed {summary['confirmed']}, "
           f"rejected by validation {summary['rejected_by_validation']}, clipped values {summary['clipped']} "
           f"({summary['seconds']:.1f} s)", file=sys.stderr)
-    if code == EXIT_OK and summary["rejected_by_validation"]:
-        code = EXIT_PARTIAL
+    if code == ExitCode.OK and summary["rejected_by_validation"]:
+        code = ExitCode.PARTIAL
     return code
 
 
 def _keygen(args) -> int:
-    from pathlib import Path
-
-    from sealedsum.producers import identity
-
     key = identity.generate(Path(args.out))
     text = identity.public_key_text(key)
     print(text)
@@ -145,8 +140,6 @@ def _keygen(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sealedsum.cli import add_config_argument
-
     p = sub.add_parser(
         "produce", help="attest the enclave, then encrypt, seal and publish records",
         description="Read one record per line (CSV: `1.5,2.0`; JSON: `1.5`, `[1.5, 2.0]` or "

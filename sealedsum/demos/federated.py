@@ -6,7 +6,7 @@ averaging: every round each client takes the current global model, runs a few lo
 gradient-descent epochs on its own shard, clips its model delta to the stream's
 ``l2_bound`` and seals it to the enclave as one record of the ``model_updates`` stream.
 The clients run in ``--producers`` separate OS processes (``python -m
-sealedsum.federated --client-worker ...``), one producer id per client, so the
+sealedsum.demos.federated --client-worker ...``), one producer id per client, so the
 enclave's ``max_records_per_producer = 1`` bounds what any one client adds to a round.
 
 The enclave adds the deltas up under Paillier encryption, adds discrete Gaussian noise
@@ -34,6 +34,14 @@ import threading
 import time
 
 import numpy as np
+
+from sealedsum.common import amqp, logs, privacy
+from sealedsum.common import config as config_mod
+from sealedsum.common.errors import TransportError
+from sealedsum.common.results import BudgetExhausted
+from sealedsum.consumers.client import Consumer
+from sealedsum.demos import demo_testbed
+from sealedsum.producers.client import Producer, RecordSealer
 
 STREAM = "model_updates"
 FEATURES = 30
@@ -130,8 +138,6 @@ def shard(n: int, clients: int, seed: int) -> list[np.ndarray]:
 def per_round_epsilon(rounds: int) -> float:
     """The per-release epsilon (at delta = TOTAL_DELTA) whose rho, composed over ``rounds``
     releases in zCDP, stays within TOTAL_EPSILON at TOTAL_DELTA; rounded down."""
-    from sealedsum.common import privacy
-
     rho = privacy.rho_from_epsilon_delta(TOTAL_EPSILON, TOTAL_DELTA) / rounds
     eps = math.floor(privacy.epsilon_from_rho_delta(rho, TOTAL_DELTA) * 1e6) / 1e6
     while privacy.max_releases(privacy.GAUSSIAN, eps, TOTAL_DELTA, TOTAL_EPSILON, TOTAL_DELTA) < rounds:
@@ -223,11 +229,6 @@ class _Workers:
 
 
 def run(args) -> int:
-    from sealedsum.common import amqp
-    from sealedsum.common.results import BudgetExhausted
-    from sealedsum.consumers.client import Consumer
-    from sealedsum.demo import DemoSystem
-
     rounds = 8 if args.rounds is None else args.rounds
     if rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
@@ -245,7 +246,7 @@ def run(args) -> int:
     shards = shard(len(ytr), clients, seed)
     t_start = time.monotonic()
 
-    with DemoSystem(streams_toml(rounds, clients), state=args.state) as system:
+    with demo_testbed(streams_toml(rounds, clients), args.state) as system:
         stream = system.config.policy.streams[STREAM]
         exchange = f"{system.config.broker.topology.prefix}.model"
         workdir = system.state / "federated"
@@ -282,7 +283,7 @@ def run(args) -> int:
                       f"{stream.budget_delta:g}, composed in zCDP\n")
 
                 for i in range(processes):
-                    workers.start([sys.executable, "-m", "sealedsum.federated", "--client-worker",
+                    workers.start([sys.executable, "-m", "sealedsum.demos.federated", "--client-worker",
                                    "--config", str(system.config_path), "--shards", str(workdir / f"worker{i}.npz"),
                                    "--exchange", exchange, "--worker", str(i)], system.env)
                 workers.collect("ready", processes, READY_TIMEOUT)
@@ -351,8 +352,6 @@ def run(args) -> int:
 
 def _broadcast(channel, exchange: str, message: dict) -> None:
     """Publish the public model (or the end of training) to every client process."""
-    from sealedsum.common import amqp
-
     channel.basic_publish(exchange, "", json.dumps(message).encode(), properties=amqp.properties("model"))
 
 
@@ -369,8 +368,6 @@ class _ReleaseWaiter:
     def wait(self, window: int | None, timeout: float):
         """The release of ``window`` (or a budget notice); with ``window=None``, whatever
         comes next, or ``None`` after ``timeout``."""
-        from sealedsum.common.results import BudgetExhausted
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._it is None:
@@ -395,7 +392,7 @@ class _ReleaseWaiter:
 # -- the client processes -----------------------------------------------------------------
 def worker_main(argv: list[str]) -> int:
     """One producer process: some hospitals, one Producer connection, one producer id each."""
-    p = argparse.ArgumentParser(prog="python -m sealedsum.federated")
+    p = argparse.ArgumentParser(prog="python -m sealedsum.demos.federated")
     p.add_argument("--client-worker", action="store_true", required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--shards", required=True, help="the .npz file with this process's hospitals")
@@ -414,10 +411,6 @@ def worker_main(argv: list[str]) -> int:
 
 
 def _client_loop(a, say) -> int:
-    from sealedsum.common import amqp, config as config_mod, logs
-    from sealedsum.common.errors import TransportError
-    from sealedsum.producers.client import Producer, RecordSealer
-
     logs.setup("producer", "WARNING")
     cfg = config_mod.load(a.config)
     data = np.load(a.shards)

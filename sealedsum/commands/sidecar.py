@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
+from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common.attestation import encode_platform_key
-from sealedsum.common.errors import ConfigError
+from sealedsum.common.errors import ConfigError, ExitCode
+from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.sidecar.supervisor import PID_FILE, Sidecar
+from sealedsum.testbed import write_client_config
 
 
 def _sidecar(args) -> int:
-    from sealedsum.cli import load_config
-    from sealedsum.sidecar.supervisor import Sidecar
-
     if getattr(args, "sidecar_command", None) == "rotate":
         return _rotate(args)
     if not args.config or not args.state:
@@ -29,10 +32,6 @@ def _sidecar(args) -> int:
 
 
 def _rotate(args) -> int:
-    import os
-
-    from sealedsum.sidecar.supervisor import PID_FILE
-
     path = Path(args.state) / PID_FILE
     try:
         pid = int(path.read_text())
@@ -44,28 +43,31 @@ def _rotate(args) -> int:
         raise ConfigError(f"the sidecar recorded in {path} (pid {pid}) is not running") from None
     print(f"asked the sidecar (pid {pid}) to rotate its keys; producers pick up the new epoch when they "
           "next attest", file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 def _platform_init(args) -> int:
-    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-
     platform = EmulatedPlatform.init(Path(args.state))
     print(encode_platform_key(platform.public_key()))
-    return 0
+    return ExitCode.OK
 
 
 def _platform_show(args) -> int:
-    from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-
     print(encode_platform_key(EmulatedPlatform.load(Path(args.state)).public_key()))
-    return 0
+    return ExitCode.OK
+
+
+def _client_config(args) -> int:
+    base = Path(args.config)
+    if not base.is_file():
+        raise ConfigError(f"base config {base} is missing or unreadable")
+    key, measurement = write_client_config(base, Path(args.state), Path(args.out))
+    print(f"platform key {encode_platform_key(key)}\nmeasurement  {measurement.hex()}\nwrote {args.out}",
+          file=sys.stderr)
+    return ExitCode.OK
 
 
 def _measure(args) -> int:
-    from sealedsum.cli import load_config
-    from sealedsum.sidecar.platform import measure
-
     policy_bytes = load_config(args).require_policy().to_bytes()
     digest, measurement = measure.measure(policy_bytes)
     if args.json:
@@ -73,12 +75,10 @@ def _measure(args) -> int:
                           "runtime": measure.runtime_line(), "policy": json.loads(policy_bytes)}, indent=2))
     else:
         print(measurement.hex())
-    return 0
+    return ExitCode.OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sealedsum.cli import add_config_argument
-
     s = sub.add_parser("sidecar", help="run the platform and the enclave (until interrupted); `sidecar rotate`",
                        description="Start the emulated platform, which measures the enclave code and policy, "
                                    "and launch the enclave as a separate, hardened process that consumes "
@@ -107,6 +107,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     sh = psub.add_parser("show", help="print the platform's public key")
     sh.add_argument("--state", metavar="DIR", required=True)
     sh.set_defaults(func=_platform_show, role="platform", default_log_level="WARNING")
+    cc = psub.add_parser(
+        "client-config", help="write a client config trusting this platform and measurement (demo deployments)",
+        description="Write OUT: the base config plus a [trust] table pinning this platform's key (created in "
+                    "DIR on first use) and the measurement of the base config's policy, atomically. For a demo "
+                    "deployment only (docker-compose uses it): clients that take their trust anchors from the "
+                    "machine they check prove nothing against whoever controls it. Real clients pin the "
+                    "platform key out of band and review the measurements they allow.")
+    cc.add_argument("--config", metavar="FILE", required=True, help="the base config (without a [trust] table)")
+    cc.add_argument("--state", metavar="DIR", required=True)
+    cc.add_argument("--out", metavar="FILE", required=True, help="where to write the client config")
+    cc.set_defaults(func=_client_config, role="platform", default_log_level="WARNING")
 
     m = sub.add_parser("measure", help="print the enclave measurement for this code and policy",
                        description="Compute the measurement the platform will quote for the installed enclave "
