@@ -6,7 +6,7 @@ message), two ways: :func:`publish` waits for each confirm on a ``BlockingChanne
 confirm mode (a round trip per message; the baseline the producer targets are stated
 against), :func:`publish_pipelined` keeps up to ``window`` messages awaiting their
 confirms on a ``SelectConnection``, as our publisher does. Consuming mirrors what
-``sealedsum.sidecar.runtime.EnclaveRuntime`` asks of it (the same prefetch, one manual ack per
+``sealedsum.sidecar.enclave_process.runtime.EnclaveRuntime`` asks of it (the same prefetch, one manual ack per
 message, ``process_data_events`` loop). Only the work in between is left out.
 """
 
@@ -18,7 +18,7 @@ from collections import deque
 import pika
 from pika.adapters.select_connection import SelectConnection
 
-from sealedsum.sidecar.runtime import PREFETCH  # the runtime's prefetch for small records, so both consume alike
+from sealedsum.sidecar.enclave_process.runtime import PREFETCH  # the runtime's prefetch for small records, so both consume alike
 
 
 def connect(url: str) -> pika.BlockingConnection:

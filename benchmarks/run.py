@@ -359,7 +359,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
         def make_enclave() -> Enclave:
             return Enclave(keys, sc.policy, sc.policy_bytes, sc.code_digest, sc.measurement, lambda _rd: b"")
 
-        from sealedsum.sidecar.runtime import ack_batch_for, enclave_prefetch
+        from sealedsum.sidecar.enclave_process.runtime import ack_batch_for, enclave_prefetch
 
         prefetch = enclave_prefetch(make_enclave())  # what the sidecar's runtime asks for
         result["prefetch"], result["ack_batch"] = prefetch, ack_batch_for(prefetch)

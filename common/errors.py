@@ -140,7 +140,28 @@ class Unroutable(TransportError):
 
 
 class SealingError(SealedsumError):
-    """Sealed state could not be opened: other code, other platform, or tampering."""
+    """Sealed state could not be opened: other code, other platform, or tampering.
+
+    The enclave refuses to start on it, and restarting cannot help: its exit code is the
+    one the platform does not retry."""
+
+    exit_code = ExitCode.USAGE
+
+
+class RollbackDetected(SealingError):
+    """The sealed state on disk is older than the platform's counter says it must be."""
+
+
+class StateIncompatible(SealingError):
+    """The sealed state opens but is not one this code can read (an unknown version)."""
+
+
+class ChannelClosed(SealedsumError):
+    """The private channel between the platform and the enclave is closed or broken."""
+
+
+class FrameError(ChannelClosed):
+    """A frame on the private channel is not one of the protocol's (malformed, unknown, oversized)."""
 
 
 class RejectReason(str, enum.Enum):

@@ -88,6 +88,13 @@ def world(small_keys) -> World:
     return make_world(small_keys)
 
 
+def checkpoint(enclave: Enclave, *, base: bool) -> dict:
+    """The enclave's checkpoint, marked durable at once (as if a store had written it)."""
+    cp = enclave.checkpoint(base)
+    enclave.checkpointed(cp)
+    return cp.state
+
+
 class PlatformCounter:
     """The platform's monotonic counter for one measurement, as the enclave sees it."""
 

@@ -14,7 +14,7 @@ from sealedsum.common.attestation import encode_platform_key
 from sealedsum.common.errors import ConfigError, ExitCode
 from sealedsum.sidecar.platform import measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from sealedsum.sidecar.supervisor import PID_FILE, Sidecar
+from sealedsum.sidecar.platform.process import PID_FILE, PlatformProcess
 from sealedsum.testbed import write_client_config
 
 
@@ -24,7 +24,7 @@ def _sidecar(args) -> int:
     if not args.config or not args.state:
         raise ConfigError("sealedsum sidecar needs --config FILE and --state DIR",
                           hint="--config may also come from SEALEDSUM_CONFIG")
-    sidecar = Sidecar(load_config(args), Path(args.state), args.log_level or "INFO")
+    sidecar = PlatformProcess(load_config(args), Path(args.state), args.log_level or "INFO")
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)
     signal.signal(signal.SIGUSR1, sidecar.forward_rotation)

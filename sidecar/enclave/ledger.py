@@ -9,7 +9,7 @@ previous head, and every signed result carries its sequence number and the new h
 so anyone holding a stream's results can recompute the chain and see that none was
 left out. The chain itself is defined in :mod:`sealedsum.common.ledger`, which consumers share.
 The ledger lives in the enclave's sealed state, which the platform's monotonic counter
-protects against rollback (see ``sealedsum.sidecar.enclave.state``).
+protects against rollback (see ``sealedsum.sidecar.enclave_process.store``).
 """
 
 from __future__ import annotations

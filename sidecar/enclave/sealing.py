@@ -3,7 +3,7 @@ measurement as associated data, so only the same code and policy can open a blob
 
 from __future__ import annotations
 
-import os
+import secrets
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -14,7 +14,7 @@ SEALED_MAGIC = b"SSV\x01"
 
 
 def seal(sealing_key: bytes, measurement: bytes, plaintext: bytes, label: bytes) -> bytes:
-    nonce = os.urandom(12)
+    nonce = secrets.token_bytes(12)
     return SEALED_MAGIC + nonce + AESGCM(sealing_key).encrypt(nonce, plaintext, label + measurement)
 
 

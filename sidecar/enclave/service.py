@@ -1,8 +1,11 @@
-"""The enclave facade: bytes in, outcomes out. No broker, no disk, no clock of its own.
+"""The enclave facade: bytes in, effects out. No broker, no disk, no clock of its own.
 
-The runtime (``sealedsum.sidecar.runtime``) feeds it deliveries, RPC requests and ticks and
-carries out what it returns: persist the sealed state when :attr:`Enclave.dirty`,
-then dead-letter a record with a reason or acknowledge it, and publish what is pending.
+The enclave process's runtime (``sealedsum.sidecar.enclave_process.runtime``) feeds it
+deliveries, RPC requests and ticks. Each call that changes anything answers with an
+:class:`Effects` value saying what the runtime must carry out, in the order exactly-once
+rests on (``sealedsum.sidecar.enclave_process.checkpoint.commit``): seal the keys, take
+a checkpoint of the state, then acknowledge (or dead-letter) the input, then publish.
+The runtime learns what to do from these values only, never from the core's attributes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sealedsum.common import wire
-from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
+from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason, StateIncompatible
 from sealedsum.common.policy import EnclavePolicy, StreamPolicy
 from sealedsum.common.results import PAYLOADS
 from sealedsum.sidecar.enclave.aggregate import StreamState, Window
@@ -30,12 +33,49 @@ STATE_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
-class RecordOutcome:
-    """What to do with one delivery: dead-letter it (``rejection``) or acknowledge it,
-    and publish ``releases`` (releases and notices this record caused)."""
+class Effects:
+    """What the runtime must carry out after one call into the core, in this order:
 
+    1. ``seal_keys``: the keyring changed (a rotation, a retired epoch); seal it before any
+       state that refers to it;
+    2. ``checkpoint``: the sealed state changed; take a durable checkpoint
+       (:meth:`Enclave.checkpoint`) before anything below;
+    3. acknowledge the input, or dead-letter it with ``rejection`` (records only);
+    4. ``publish`` these signed messages (kept pending by the core until
+       :meth:`Enclave.confirm_published`);
+
+    and hand every closing window in ``draw`` to :meth:`Enclave.draw` (on any thread),
+    then its result to :meth:`Enclave.complete`. Effects of several calls combine with
+    ``|`` (rejections are carried out per record and do not combine).
+    """
+
+    seal_keys: bool = False
+    checkpoint: bool = False
     rejection: RecordRejected | None = None
-    releases: tuple[Publication, ...] = ()
+    publish: tuple[Publication, ...] = ()
+    draw: tuple["Closing", ...] = ()
+
+    def __or__(self, other: "Effects") -> "Effects":
+        return Effects(self.seal_keys or other.seal_keys, self.checkpoint or other.checkpoint, None,
+                       self.publish + other.publish, self.draw + other.draw)
+
+    def __bool__(self) -> bool:
+        return bool(self.seal_keys or self.checkpoint or self.rejection or self.publish or self.draw)
+
+
+NOTHING = Effects()
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A checkpoint of the sealed state: the whole state (``base``) or the changes since the
+    previous checkpoint (a journal entry). The record ids it adds stay on the core's list of
+    new ids until :meth:`Enclave.checkpointed` says it is durable, so a failed write loses
+    none of them."""
+
+    base: bool
+    state: dict
+    new_ids: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +91,7 @@ class OpenedRecord:
 @dataclass(frozen=True, slots=True)
 class Closing:
     """A closed window whose release is charged to the ledger but not drawn yet. Its totals
-    are ciphertexts, safe in the sealed state, until :meth:`Enclave.finish` decrypts,
+    are ciphertexts, safe in the sealed state, until :meth:`Enclave.draw` decrypts,
     noises and signs them. ``budget`` is the ledger's summary after this release's charge;
     ``exhausts``: no release of the stream fits the budget after this one."""
 
@@ -96,7 +136,15 @@ class Enclave:
         quote: Callable[[bytes], bytes],
         state: list[dict] | None = None,
         now_ms: int = 0,
+        *,
+        draw_inline: bool = True,
     ) -> None:
+        """:param state: a base checkpoint and the journal entries after it (:meth:`checkpoint`).
+        :param draw_inline: draw a window's release as soon as it closes (one thread); with
+            ``False`` closed windows come back as :attr:`Effects.draw` for the runtime to draw
+            on a thread of its own.
+        :raises StateIncompatible: ``state`` is not one this code can read.
+        """
         self.keyring = keys if isinstance(keys, Keyring) else Keyring.single(keys)
         self.policy = policy
         self.policy_bytes = policy_bytes
@@ -106,19 +154,14 @@ class Enclave:
         self.streams = {name: StreamState(p) for name, p in policy.streams.items()}
         self.ledgers = {name: StreamLedger(p) for name, p in policy.streams.items()}
         self.exhausted: set[str] = set()
-        self.size_limit = max_record_bytes(policy, self.keys)
+        self._size_limit = max_record_bytes(policy, self.keys)
+        self._draw_inline = draw_inline
         self.stats = Stats()
         # Signed messages not yet confirmed by the broker, by Publication.key.
         self.pending: dict[str, Publication] = {}
-        # With defer_releases, closed windows wait here for the runtime to have them drawn
-        # (finish, on another thread) and stored (complete); otherwise both happen at once.
-        self.defer_releases = False
-        self.closing: dict[str, Closing] = {}
-        # Set when something the sealed state holds changed; the runtime persists and clears it.
-        self.dirty = False
-        # Set when the keyring changed (rotation, retirement); the runtime reseals the keys first.
-        self.keys_dirty = False
-        # Record ids accepted since the last checkpoint: (stream, id, forget_at_ms).
+        # Closed windows charged to the ledger whose draw is not stored yet (see complete()).
+        self._closing: dict[str, Closing] = {}
+        # Record ids accepted since the last durable checkpoint: (stream, id, forget_at_ms).
         self._new_seen: list[tuple[str, bytes, int]] = []
         if state is not None:
             self._restore(state)
@@ -135,25 +178,43 @@ class Enclave:
     def decryptions(self) -> int:
         return self.keyring.decryptions
 
-    def rotate(self, now_ms: int) -> EnclaveKeys:
+    def start(self) -> Effects:
+        """What a freshly started enclave owes: a checkpoint (every start begins a new base),
+        every signed but unconfirmed publication the sealed state held (the same bytes, never
+        a new draw), and the windows a crash left closing."""
+        return Effects(checkpoint=True, publish=tuple(self.pending.values()), draw=tuple(self._closing.values()))
+
+    @property
+    def size_limit(self) -> int:
+        """The largest sealed record any stream of this policy can produce; larger ones are
+        refused ``too_large`` before anything else is done with them."""
+        return self._size_limit
+
+    def max_delivery_bytes(self) -> int:
+        """The largest delivery worth taking: one sealed record, or a record batch."""
+        return max(self._size_limit, wire.MAX_BATCH_BYTES)
+
+    def sealed_keys(self, sealing_key: bytes) -> bytes:
+        """The keyring sealed for this measurement (for the runtime to write, on ``seal_keys``)."""
+        return self.keyring.seal(sealing_key, self.measurement)
+
+    def stats_json(self) -> dict:
+        return self.stats.to_json(self.decryptions)
+
+    def rotate(self, now_ms: int) -> Effects:
         """New encryption keys; the old epoch drains for ``key_grace_seconds``.
 
-        Also signs a ``key_rotated`` notice for producers and keeps it in :attr:`pending`
-        (so it is sealed with the state and sent again after a crash or a broker loss
-        until the broker confirms it); :meth:`announcements` lists it for the runtime.
+        Also signs a ``key_rotated`` notice for producers and keeps it pending (so it is
+        sealed with the state and sent again after a crash or a broker loss until the broker
+        confirms it); the effects publish it.
         """
         old = self.keyring.current_epoch
         new = self.keyring.rotate(self.policy.paillier_bits, now_ms, int(self.policy.key_grace_seconds * 1000))
         notice = rotation_notice(new, old, self.keyring.retire_at[old], self.measurement, now_ms)
         self.pending[notice.key] = notice
-        self.keys_dirty = self.dirty = True
         log.info("keys rotated", extra={"fields": {"from_epoch": old, "to_epoch": new.epoch,
                                                    "old_epoch_retires_in_s": self.policy.key_grace_seconds}})
-        return new
-
-    def announcements(self) -> tuple[Publication, ...]:
-        """The key-rotation notices not yet confirmed by the broker."""
-        return tuple(p for p in self.pending.values() if p.announce)
+        return Effects(seal_keys=True, checkpoint=True, publish=(notice,))
 
     def rotation_due(self, now_ms: int) -> bool:
         every = self.policy.rotate_keys_every_seconds
@@ -193,7 +254,7 @@ class Enclave:
     # A record goes through two steps. ``open`` reads only keys and policy, so the runtime
     # may run it on another thread (libsodium releases the GIL); ``accept`` changes state
     # and runs on the runtime's thread, in delivery order. ``on_record`` does both.
-    def on_record(self, body: bytes, now_ms: int) -> RecordOutcome:
+    def on_record(self, body: bytes, now_ms: int) -> Effects:
         return self.accept(self.open(body, now_ms), now_ms)
 
     def records_in(self, body: bytes, kind: str | None) -> tuple[bytes, ...] | RecordRejected:
@@ -215,15 +276,19 @@ class Enclave:
         Returns the rejection instead of raising it, so batches can be opened at once.
         """
         try:
-            return OpenedRecord(*open_record(body, self.keyring, self.policy, now_ms, self.size_limit))
+            return OpenedRecord(*open_record(body, self.keyring, self.policy, now_ms, self._size_limit))
         except RecordRejected as rejection:
             return rejection
         except Exception as err:  # noqa: BLE001 - the enclave must never die on input
             log.exception("unexpected error opening a record; dead-lettering it")
             return RecordRejected(RejectReason.MALFORMED, f"internal error: {type(err).__name__}")
 
-    def accept(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> RecordOutcome:
-        """Count an opened record into its window (or refuse it); what ``open`` returned."""
+    def accept(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> Effects:
+        """Count an opened record into its window (or refuse it); what ``open`` returned.
+
+        A counted record's effects ask for a checkpoint (its id and contribution must be
+        durable before its delivery is acknowledged); a refused one's carry the rejection.
+        """
         try:
             if isinstance(opened, RecordRejected):
                 raise opened
@@ -237,41 +302,43 @@ class Enclave:
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
             closed = state.accept(envelope, keys.paillier_public, forget_at, now_ms)
             self._new_seen.append((stream.name, envelope.record_id, forget_at))
-            self.dirty = True
         except RecordRejected as rejection:
             self.stats.rejected[rejection.reason.value] += 1
-            return RecordOutcome(rejection=rejection)
+            return Effects(rejection=rejection)
         except Exception as err:  # noqa: BLE001 - the enclave must never die on input
             log.exception("unexpected error on a record; dead-lettering it")
             rejection = RecordRejected(RejectReason.MALFORMED, f"internal error: {type(err).__name__}")
             self.stats.rejected[rejection.reason.value] += 1
-            return RecordOutcome(rejection=rejection)
+            return Effects(rejection=rejection)
         self.stats.accepted += 1
-        return RecordOutcome(releases=self._close([closed], now_ms) if closed else ())
+        return Effects(checkpoint=True) | (self._close([closed], now_ms) if closed else NOTHING)
 
-    def on_tick(self, now_ms: int) -> tuple[Publication, ...]:
-        """Close windows whose time is up; forget record ids past the replay horizon."""
+    def on_tick(self, now_ms: int) -> Effects:
+        """Close windows whose time is up; forget record ids past the replay horizon; retire
+        key epochs past their grace period."""
         closed = []
         for state in self.streams.values():
             w = state.due(now_ms)
             if w is not None:
                 closed.append(w)
             state.forget_expired(now_ms)
-        released = self._close(closed, now_ms)
+        effects = self._close(closed, now_ms)
         in_use = {e for st in self.streams.values() for e in st.current.totals}
-        in_use |= {e for c in self.closing.values() for e in c.window.totals}  # still to be decrypted
+        in_use |= {e for c in self._closing.values() for e in c.window.totals}  # still to be decrypted
         if self.keyring.retire_due(now_ms, in_use):
-            self.keys_dirty = self.dirty = True
-        return released
+            effects |= Effects(seal_keys=True, checkpoint=True)
+        return effects
 
-    def confirm_published(self, publication: Publication) -> None:
+    def confirm_published(self, publication: Publication) -> Effects:
+        """The broker took ``publication``: it leaves the pending set (a checkpoint records that)."""
         if self.pending.pop(publication.key, None) is not None:
-            self.dirty = True
+            return Effects(checkpoint=True)
+        return NOTHING
 
-    def _close(self, windows: list[Window], now_ms: int) -> tuple[Publication, ...]:
-        out = []
+    def _close(self, windows: list[Window], now_ms: int) -> Effects:
+        effects = NOTHING
         for w in windows:
-            self.dirty = True  # the stream's window index moved on
+            effects |= Effects(checkpoint=True)  # the stream's window index moved on
             policy = self.policy.streams[w.stream]
             if w.count < policy.min_batch:
                 self.stats.windows_withheld += 1
@@ -284,19 +351,21 @@ class Enclave:
             closing = Closing(f"{w.stream}/{w.index}", w, ledger.summary(), now_ms, not ledger.allows())
             if closing.exhausts:
                 self.exhausted.add(w.stream)  # refuse records from now on; the notice follows the release
-            if self.defer_releases:
-                self.closing[closing.key] = closing
+            self._closing[closing.key] = closing
+            if not self._draw_inline:
+                effects |= Effects(draw=(closing,))
                 continue
             try:
-                outcome: Publication | Exception = self.finish(closing)
+                outcome: Publication | Exception = self.draw(closing)
             except Exception as err:  # noqa: BLE001 - one bad window must not stop the enclave
                 outcome = err
-            out += self.complete(closing, outcome, now_ms)
-        return tuple(out)
+            effects |= self.complete(closing, outcome, now_ms)
+        return effects
 
-    def finish(self, closing: Closing) -> Publication:
+    def draw(self, closing: Closing) -> Publication:
         """Decrypt a closing window's totals once, add noise, sign. Reads keys and policy only,
         so the runtime may run it on another thread; :meth:`complete` stores what it returns.
+        Call it once per closing window: a second call would draw fresh noise for the same total.
 
         :raises Exception: whatever the release failed with (``complete`` withholds the window).
         """
@@ -304,11 +373,12 @@ class Enclave:
         return noised_release(closing.window, policy, self.keyring, self.measurement, closing.closed_at_ms,
                               closing.budget)
 
-    def complete(self, closing: Closing, outcome: Publication | BaseException, now_ms: int) -> tuple[Publication, ...]:
+    def complete(self, closing: Closing, outcome: Publication | BaseException, now_ms: int) -> Effects:
         """Store a closing window's release (or withhold the window if drawing it failed) as
-        pending, with the budget notice when this release spent the budget."""
-        self.closing.pop(closing.key, None)
-        self.dirty = True
+        pending, with the budget notice when this release spent the budget; the effects
+        checkpoint them before they are published."""
+        if self._closing.pop(closing.key, None) is None:
+            return NOTHING  # completed already: never store a second draw
         w = closing.window
         out = []
         if isinstance(outcome, BaseException):
@@ -323,7 +393,7 @@ class Enclave:
             out.append(outcome)
         if closing.exhausts:
             out.append(self._exhaust(w.stream, now_ms))
-        return tuple(out)
+        return Effects(checkpoint=True, publish=tuple(out))
 
     def _exhaust(self, stream: str, now_ms: int) -> Publication:
         """The next release would exceed the budget: say so, once, and accept nothing more."""
@@ -331,7 +401,6 @@ class Enclave:
         ledger = self.ledgers[stream]
         notice = exhausted_notice(self.policy.streams[stream], self.keys, self.measurement, now_ms, ledger.summary())
         self.pending[notice.key] = notice
-        self.dirty = True
         log.warning("privacy budget exhausted; the stream accepts no more records", extra={"fields": {
             "stream": stream, "releases": ledger.releases}})
         return notice
@@ -351,31 +420,46 @@ class Enclave:
             },
             "pending": {key: {"stream": p.stream, "body": base64.b64encode(p.body).decode()}
                         for key, p in self.pending.items()},
-        } | ({"closing": {key: c.to_json() for key, c in self.closing.items()}} if self.closing else {})
+        } | ({"closing": {key: c.to_json() for key, c in self._closing.items()}} if self._closing else {})
 
-    def snapshot(self) -> dict:
-        """The whole state, for a fresh checkpoint base."""
-        self._new_seen.clear()
-        return {"core": self._core(), "seen": {
-            name: [[rid.hex(), t] for rid, t in st.seen.items()] for name, st in self.streams.items()}}
+    def checkpoint(self, base: bool) -> Checkpoint:
+        """The state to make durable: all of it (``base``, for a fresh base), or the (small)
+        core and the record ids accepted since the last durable checkpoint (a journal entry).
+        Changes nothing: call :meth:`checkpointed` once it is on disk."""
+        if base:
+            seen = {name: [[rid.hex(), t] for rid, t in st.seen.items()] for name, st in self.streams.items()}
+        else:
+            seen = {}
+            for stream, rid, t in self._new_seen:
+                seen.setdefault(stream, []).append([rid.hex(), t])
+        return Checkpoint(base, {"core": self._core(), "seen": seen}, len(self._new_seen))
 
-    def journal_entry(self) -> dict:
-        """The change since the last checkpoint: the (small) core, and the new record ids."""
-        new, self._new_seen = self._new_seen, []
-        seen: dict[str, list] = {}
-        for stream, rid, t in new:
-            seen.setdefault(stream, []).append([rid.hex(), t])
-        return {"core": self._core(), "seen": seen}
+    def checkpointed(self, checkpoint: Checkpoint) -> None:
+        """``checkpoint`` is durable: the record ids it holds need not go into the next one."""
+        del self._new_seen[:checkpoint.new_ids]
 
     def _restore(self, checkpoints: list[dict]) -> None:
-        """Apply a base snapshot and the journal entries after it, in order."""
+        """Apply a base snapshot and the journal entries after it, in order.
+
+        :raises StateIncompatible: not a state this code wrote (an unknown version, or
+            streams or fields this policy does not have).
+        """
+        try:
+            self._apply(checkpoints)
+        except StateIncompatible:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            raise StateIncompatible(f"the sealed state does not fit this code: {type(err).__name__}: {err}") from err
+
+    def _apply(self, checkpoints: list[dict]) -> None:
         for checkpoint in checkpoints:
             for name, ids in checkpoint["seen"].items():
                 for rid, t in ids:
                     self.streams[name].remember(bytes.fromhex(rid), int(t))
         core = checkpoints[-1]["core"]
         if core.get("version") != STATE_VERSION:
-            raise ValueError("sealed state has an unknown version")
+            raise StateIncompatible(f"the sealed state has version {core.get('version')!r}; this code reads "
+                                    f"version {STATE_VERSION}")
         public_keys = {e: k.paillier_public for e, k in self.keyring.epochs.items()}
         for name, raw in core["streams"].items():
             policy = self.policy.streams[name]
@@ -386,7 +470,7 @@ class Enclave:
         for key, raw in core.get("closing", {}).items():
             policy = self.policy.streams[raw["stream"]]
             window = Window.from_json(policy, raw["window"], public_keys)
-            self.closing[key] = Closing(key, window, raw["budget"], int(raw["closed_at_ms"]), bool(raw["exhausts"]))
+            self._closing[key] = Closing(key, window, raw["budget"], int(raw["closed_at_ms"]), bool(raw["exhausts"]))
         for key, raw in core["pending"].items():
             body = base64.b64decode(raw["body"])
             payload = wire.SignedMessage.from_bytes(body).payload

@@ -25,10 +25,10 @@ from sealedsum.common import amqp, wire
 from sealedsum.common.results import verify_signed
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum.sidecar.enclave.state import SealedStateStore
+from sealedsum.sidecar.enclave_process.store import SealedStateStore
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from sealedsum.sidecar.runtime import HELD_RETRY_S
-from sealedsum.sidecar.supervisor import MAX_BACKOFF_S
+from sealedsum.sidecar.enclave_process.runtime import HELD_RETRY_S
+from sealedsum.sidecar.platform.process import MAX_BACKOFF_S
 from tests.integration.conftest import launch
 from tests.integration.test_end_to_end import capture_queue, drain
 
@@ -232,7 +232,7 @@ def _damage_keys(sc) -> str:
 
 def _state_of_unknown_version(sc) -> str:
     """A genuinely sealed state (the test is the platform owner) that this code cannot read."""
-    from sealedsum.sidecar.enclave.state import SealedStateStore
+    from sealedsum.sidecar.enclave_process.store import SealedStateStore
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
     from tests.conftest import PlatformCounter
 

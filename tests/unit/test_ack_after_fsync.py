@@ -20,9 +20,10 @@ import sealedsum.sidecar.durable
 from sealedsum.common import wire
 from sealedsum.common.config import BrokerSettings
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.enclave.state import SealedStateStore
+from sealedsum.sidecar.enclave_process.store import SealedStateStore
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from sealedsum.sidecar.runtime import EnclaveRuntime
+from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
+from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime, draws_on_a_thread
 from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
 
 WINDOW = 5
@@ -78,20 +79,23 @@ class Disk:
         return SealedStateStore(self.dir, self.platform.sealing_key(m), m, counter(self.platform, m))
 
     def enclave(self, checkpoints) -> Enclave:
+        """As the enclave process builds it: closed windows are drawn on the runtime's thread
+        where there are two cores."""
         e = self.world.enclave
         return Enclave(self.keys, self.policy, e.policy_bytes, e.code_digest, e.measurement, e._quote,
-                       checkpoints, now_ms())
+                       checkpoints, now_ms(), draw_inline=not draws_on_a_thread())
 
     def on_disk(self) -> Enclave:
         """An enclave restored from what is on disk right now (nothing is written)."""
         return self.enclave(self.store(ReadOnlyCounter).load())
 
     def start(self, enclave: Enclave) -> EnclaveRuntime:
-        """As ``sealedsum.sidecar.enclave.__main__`` starts: a fresh base, then the runtime on it."""
-        store = self.store()
-        store.save(enclave.snapshot())
-        enclave.dirty = False
-        return EnclaveRuntime(enclave, BrokerSettings(), store)
+        """As the enclave process starts: the runtime on a real store, which carries out the
+        start's effects as it connects (its first checkpoint is a fresh base)."""
+        runtime = EnclaveRuntime(enclave, BrokerSettings(), StateWriter(enclave, self.store()), start=enclave.start())
+        runtime._publish = Channel()
+        runtime.republish_unconfirmed()
+        return runtime
 
     def restart(self) -> EnclaveRuntime:
         return self.start(self.enclave(self.store().load()))
@@ -150,7 +154,7 @@ def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_on
     """The failure propagates (the enclave process dies and the platform restarts it); the
     broker redelivers what was not acknowledged, and the restarted enclave counts each once."""
     if checkpoint == "base":  # a first checkpoint is a base; later ones are journal appends
-        runtime = EnclaveRuntime(disk.world.enclave, BrokerSettings(), disk.store())
+        runtime = EnclaveRuntime(disk.world.enclave, BrokerSettings(), StateWriter(disk.world.enclave, disk.store()))
     else:
         runtime = disk.start(disk.world.enclave)
     consume, runtime._publish = Channel(), Channel()
@@ -161,10 +165,9 @@ def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_on
     with monkeypatch.context() as m:
         failing_fsync(m)
         with pytest.raises(OSError):
-            if trigger == "batch":
-                runtime.flush()
-            else:
-                deliver(runtime, consume, bodies[-1], WINDOW)  # closes the window
+            if trigger == "release":
+                deliver(runtime, consume, bodies[-1], WINDOW)  # closes the window: its release waits
+            runtime.flush()
     assert consume.acked == []
     assert runtime._publish.published == []  # no release left before its checkpoint
 
@@ -179,6 +182,7 @@ def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_on
     stats = restarted.enclave.stats
     assert stats.accepted + stats.rejected["duplicate"] == WINDOW and stats.windows_released == 1
     assert restarted.enclave.ledgers["s"].releases == 1  # charged once, for the one release
+    restarted.flush()  # the next checkpoint records that the broker took the release
     on_disk = disk.on_disk()
     assert on_disk.streams["s"].current.index == 2 and on_disk.pending == {}
 
@@ -187,8 +191,8 @@ def test_a_window_closed_but_not_yet_drawn_survives_a_crash_and_is_released_once
     """The runtime draws releases on another thread: a closed window waits in the sealed state
     as ciphertexts, charged, so its records can be acknowledged before its noise is drawn. A
     crash then loses nothing: the restarted enclave draws it once, from the same totals."""
-    runtime = disk.start(disk.world.enclave)
-    assert disk.world.enclave.defer_releases  # two cores here, as on every machine we run on
+    assert draws_on_a_thread()  # two cores here, as on every machine we run on
+    runtime = disk.start(disk.enclave(None))
     consume, runtime._publish = Channel(), Channel()
     bodies = [disk.world.sealer.seal("s", [3.0]).body for _ in range(WINDOW)]
     for tag, body in enumerate(bodies, start=1):
@@ -197,12 +201,13 @@ def test_a_window_closed_but_not_yet_drawn_survives_a_crash_and_is_released_once
     runtime.flush()  # no draw yet: the process dies here
     assert sorted(consume.acked) == list(range(1, WINDOW + 1)) and runtime._publish.published == []
     before = disk.on_disk()
-    (closing,) = before.closing.values()
+    (closing,) = before.start().draw
     assert closing.window.count == WINDOW and before.ledgers["s"].releases == 1 and before.pending == {}
 
     restarted = disk.restart()
     consume, restarted._publish = Channel(), Channel()
     restarted.release_closed(wait=True)
+    restarted.flush()  # the draw is checkpointed, then published
     (release,) = [b for ex, _, b in restarted._publish.published if ex == "sealedsum.results"]
     payload = json.loads(wire.SignedMessage.from_bytes(release).payload)
     assert payload["count"] == WINDOW and payload["window"] == 1
@@ -210,14 +215,14 @@ def test_a_window_closed_but_not_yet_drawn_survives_a_crash_and_is_released_once
     assert payload["budget"]["releases"] == 1  # charged at close, once, not again at the draw
     restarted.flush()  # the confirmed release leaves the pending set
     after = disk.on_disk()
-    assert after.closing == {} and after.ledgers["s"].releases == 1 and after.pending == {}
+    assert after.start().draw == () and after.ledgers["s"].releases == 1 and after.pending == {}
 
 
 def test_records_after_the_window_that_spends_the_budget_are_refused_before_it_is_drawn(small_keys, tmp_path):
     d = Disk(small_keys, tmp_path)
     d.policy = make_policy({"s": stream_table(window_records=WINDOW, min_batch=1, epsilon=1.0, budget_epsilon=1.0)})
     d.world = make_world(small_keys, d.policy)
-    runtime = d.start(d.world.enclave)
+    runtime = d.start(d.enclave(None))
     consume, runtime._publish = Channel(), Channel()
     bodies = [d.world.sealer.seal("s", [1.0]).body for _ in range(WINDOW + 2)]
     for tag, body in enumerate(bodies[:WINDOW], start=1):

@@ -78,7 +78,7 @@ def test_histogram_release_is_noised_for_k_records_per_producer(small_keys):
         window_records=3, min_batch=1, max_records_per_producer=3)}))
     alice = RecordSealer(world.attested, producer_id=b"A" * 16)
     outs = [world.enclave.on_record(alice.seal("s", [5.0]).body, now_ms()) for _ in range(3)]
-    (pub,) = outs[-1].releases
+    (pub,) = outs[-1].publish
     assert pub.message.sum_noise_scale == 6.0 and pub.message.count_noise_scale is None
 
 
@@ -111,7 +111,7 @@ def test_histogram_release_counts_buckets(small_keys):
         window_records=6, min_batch=1)}))
     values = [3, 12, 15, 49.9, 50, 500]  # the last two land in the last bucket (right edge, clipped)
     outs = [world.enclave.on_record(world.sealer.seal("s", [v]).body, now_ms()) for v in values]
-    (pub,) = outs[-1].releases
+    (pub,) = outs[-1].publish
     r = pub.message
     assert r.aggregate == "histogram" and r.sum == [1.0, 2.0, 3.0] and r.count == 6 and r.mean is None
     assert r.to_json()["buckets"] == [1.0, 2.0, 3.0]
@@ -126,7 +126,7 @@ def test_vector_with_l2_bound_clips_and_sums(small_keys):
     sealed = world.sealer.seal("s", b)
     assert sealed.clipped == 1
     world.enclave.on_record(world.sealer.seal("s", a).body, now_ms())
-    (pub,) = world.enclave.on_record(sealed.body, now_ms()).releases
+    (pub,) = world.enclave.on_record(sealed.body, now_ms()).publish
     assert pub.message.sum == pytest.approx([1.2, 0.8, -0.8], abs=1e-4)
     assert pub.message.mean == pytest.approx([0.6, 0.4, -0.4], abs=1e-4)
 
@@ -137,7 +137,7 @@ def test_per_coordinate_bounds_clip_each_coordinate(small_keys):
         window_records=1, min_batch=1)}))
     sealed = world.sealer.seal("s", [20.0, -0.5])
     assert sealed.clipped == 1
-    (pub,) = world.enclave.on_record(sealed.body, now_ms()).releases
+    (pub,) = world.enclave.on_record(sealed.body, now_ms()).publish
     assert pub.message.sum == pytest.approx([10.0, -0.5], abs=1e-4)
 
 
@@ -148,7 +148,7 @@ def test_mean_is_post_processed_from_noised_sum_and_count(small_keys):
     world = make_world(small_keys, make_policy({"s": stream_table(
         kind="mean", window_records=40, min_batch=1, count_share=0.9)}))
     outs = [world.enclave.on_record(world.sealer.seal("s", [v]).body, now_ms()) for v in range(10, 50)]
-    r = outs[-1].releases[0].message
+    r = outs[-1].publish[0].message
     assert r.aggregate == "mean" and r.count_noise_scale == pytest.approx(1 / 0.9)
     assert r.count > 0
     assert r.mean == [r.sum[0] / r.count]  # exactly the noised quantities, nothing else

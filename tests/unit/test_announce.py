@@ -20,8 +20,8 @@ from sealedsum.producers import transport
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.runtime import EnclaveRuntime
-from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table
+from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime
+from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table, checkpoint
 
 T0 = now_ms()
 GRACE_S = 60
@@ -43,8 +43,7 @@ class RecordingChannel:
 def test_rotation_signs_a_notice_that_is_pending_until_published_on_announce():
     world = rotating_world()
     e = world.enclave
-    e.rotate(T0)
-    (notice,) = e.announcements()
+    (notice,) = e.rotate(T0).publish
     assert notice.key == "key_rotated/2" and notice.stream == "" and notice.announce and notice.window is None
     # Verified with the key attested under epoch 1: the signing key survives rotation.
     parsed = verify_key_rotated(notice.body, world.attested)
@@ -54,16 +53,16 @@ def test_rotation_signs_a_notice_that_is_pending_until_published_on_announce():
         verify_signed(notice.body, world.attested)
     # Sealed with the state: a restarted enclave still has it to send.
     restored = Enclave(e.keyring, e.policy, e.policy_bytes, e.code_digest, world.measurement,
-                       lambda rd: b"", [e.snapshot()], T0)
-    assert [p.body for p in restored.announcements()] == [notice.body]
+                       lambda rd: b"", [checkpoint(e, base=True)], T0)
+    assert [p.body for p in restored.start().publish] == [notice.body]
 
-    runtime = EnclaveRuntime(e, BrokerSettings())
+    runtime = EnclaveRuntime(restored, BrokerSettings(), start=restored.start())
     runtime._publish = RecordingChannel()
-    runtime.republish_pending()
+    runtime.republish_unconfirmed()
     ((exchange, key, body, props, mandatory),) = runtime._publish.published
     assert (exchange, key, body, mandatory) == ("sealedsum.announce", "", notice.body, False)
     assert props.type == "announce" and props.delivery_mode == 2
-    assert e.pending == {} and e.dirty
+    assert restored.pending == {} and runtime._owed.checkpoint  # the confirmation is checkpointed next
 
 
 def test_the_runtime_publishes_the_notice_on_the_tick_that_rotates(world):
@@ -135,8 +134,7 @@ def _signed(payload: bytes, key: Ed25519PrivateKey) -> bytes:
 
 def test_a_forged_notice_does_not_make_the_producer_attest_again(producer, caplog):
     p, fake, world = producer
-    world.enclave.rotate(T0)  # a real rotation happened, but the producer hears only forgeries
-    (real,) = world.enclave.announcements()
+    (real,) = world.enclave.rotate(T0).publish  # a real rotation happened, but the producer hears only forgeries
     payload = wire.SignedMessage.from_bytes(real.body).payload
     forged_key = _signed(payload, Ed25519PrivateKey.generate())  # the right notice, another key
     tampered = bytearray(real.body)
@@ -153,8 +151,7 @@ def test_a_forged_notice_does_not_make_the_producer_attest_again(producer, caplo
 
 def test_a_genuine_notice_makes_the_producer_attest_again_before_the_next_record(producer, caplog):
     p, fake, world = producer
-    world.enclave.rotate(T0)
-    (real,) = world.enclave.announcements()
+    (real,) = world.enclave.rotate(T0).publish
     fake.notices = [real.body]
     with caplog.at_level(logging.INFO, logger="sealedsum.producer"):
         record = p.seal("s", [1.0])
@@ -199,8 +196,7 @@ def test_broker_trouble_when_attesting_again_defers_it_and_records_are_still_sea
     from sealedsum.common.errors import TransportError
 
     p, fake, world = producer
-    world.enclave.rotate(T0)
-    (real,) = world.enclave.announcements()
+    (real,) = world.enclave.rotate(T0).publish
     attest = fake.attest
     fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
     fake.notices, fake.sessions = [real.body], fake.sessions + 1

@@ -10,9 +10,10 @@ import pytest
 
 from sealedsum.common.errors import RejectReason, SealingError
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
+from sealedsum.common.errors import RollbackDetected
+from sealedsum.sidecar.enclave_process.store import SealedStateStore
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
+from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table, checkpoint
 
 
 Counter = PlatformCounter
@@ -40,12 +41,12 @@ def setup(small_keys, tmp_path):
 def test_journal_checkpoints_restore_windows_and_seen_ids(setup):
     world, store, restart, _ = setup
     s = store()
-    s.save(world.enclave.snapshot())
+    s.save(checkpoint(world.enclave, base=True))
     bodies = [world.sealer.seal("s", [1.0, -2.0]).body for _ in range(7)]
     for i, body in enumerate(bodies):
         assert world.enclave.on_record(body, now_ms()).rejection is None
         if i in (2, 5):
-            s.append(world.enclave.journal_entry())  # checkpoints after records 3 and 6
+            s.append(checkpoint(world.enclave, base=False))  # checkpoints after records 3 and 6
     # The enclave dies here: record 7 was never checkpointed (so never acknowledged).
     loaded = store().load()
     assert len(loaded) == 3  # base + two journal chunks
@@ -58,19 +59,19 @@ def test_journal_checkpoints_restore_windows_and_seen_ids(setup):
     # The totals survived as ciphertexts: 7 records of [1, -2], noise negligible at this epsilon.
     for b in [world.sealer.seal("s", [1.0, -2.0]).body for _ in range(3)]:
         out = e2.on_record(b, now_ms())
-    (pub,) = out.releases
+    (pub,) = out.publish
     assert pub.message.sum == pytest.approx([10.0, -20.0], abs=1e-3)
 
 
 def test_a_torn_last_chunk_is_cut_off(setup):
     world, store, restart, tmp = setup
     s = store()
-    s.save(world.enclave.snapshot())
+    s.save(checkpoint(world.enclave, base=True))
     world.enclave.on_record(world.sealer.seal("s", [1.0, 1.0]).body, now_ms())
-    s.append(world.enclave.journal_entry())
+    s.append(checkpoint(world.enclave, base=False))
     good = s.journal_path.stat().st_size
     world.enclave.on_record(world.sealer.seal("s", [1.0, 1.0]).body, now_ms())
-    entry = world.enclave.journal_entry()
+    entry = checkpoint(world.enclave, base=False)
 
     class Dies(Counter):
         def advance(self, value):
@@ -90,12 +91,12 @@ def test_a_torn_last_chunk_is_cut_off(setup):
 def test_a_rolled_back_journal_is_refused(setup):
     world, store, _, tmp = setup
     s = store()
-    s.save(world.enclave.snapshot())
+    s.save(checkpoint(world.enclave, base=True))
     world.enclave.on_record(world.sealer.seal("s", [1.0, 1.0]).body, now_ms())
-    s.append(world.enclave.journal_entry())
+    s.append(checkpoint(world.enclave, base=False))
     shutil.copy(s.journal_path, tmp / "journal.old")
     world.enclave.on_record(world.sealer.seal("s", [1.0, 1.0]).body, now_ms())
-    s.append(world.enclave.journal_entry())
+    s.append(checkpoint(world.enclave, base=False))
     shutil.copy(tmp / "journal.old", s.journal_path)
     with pytest.raises(RollbackDetected):
         store().load()
@@ -104,10 +105,10 @@ def test_a_rolled_back_journal_is_refused(setup):
 def test_a_damaged_chunk_in_the_middle_is_refused(setup):
     world, store, _, _ = setup
     s = store()
-    s.save(world.enclave.snapshot())
+    s.save(checkpoint(world.enclave, base=True))
     for _ in range(2):
         world.enclave.on_record(world.sealer.seal("s", [1.0, 1.0]).body, now_ms())
-        s.append(world.enclave.journal_entry())
+        s.append(checkpoint(world.enclave, base=False))
     data = bytearray(s.journal_path.read_bytes())
     data[20] ^= 1
     s.journal_path.write_bytes(bytes(data))
@@ -118,11 +119,11 @@ def test_a_damaged_chunk_in_the_middle_is_refused(setup):
 def test_a_new_base_empties_the_journal_and_leftovers_are_skipped(setup):
     world, store, restart, _ = setup
     s = store()
-    s.save(world.enclave.snapshot())
+    s.save(checkpoint(world.enclave, base=True))
     world.enclave.on_record(world.sealer.seal("s", [1.0, 1.0]).body, now_ms())
-    s.append(world.enclave.journal_entry())
+    s.append(checkpoint(world.enclave, base=False))
     leftover = s.journal_path.read_bytes()
-    s.save(world.enclave.snapshot())
+    s.save(checkpoint(world.enclave, base=True))
     assert s.journal_path.read_bytes() == b""
     s.journal_path.write_bytes(leftover)  # a crash between the base rename and the truncation
     loaded = store().load()

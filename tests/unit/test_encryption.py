@@ -102,7 +102,7 @@ def test_the_enclave_decrypts_fast_ciphertexts(small_keys):
     values = [10.0, 20.0, 30.5, 0.0, 99.0]  # window_records = 5
     outcomes = [w.enclave.on_record(w.sealer.seal("s", [v]).body, int(time.time() * 1000)) for v in values]
     assert all(o.rejection is None for o in outcomes)
-    (pub,) = outcomes[-1].releases
+    (pub,) = outcomes[-1].publish
     release = verify_signed(pub.body, w.attested)
     assert release.count == 5 and release.sum[0] == pytest.approx(sum(values), abs=1e-3)
 

@@ -651,7 +651,7 @@ class FuzzWorld:
 
     def tick(self, advance_ms: int) -> None:
         self.clock += advance_ms
-        self.check_publications(self.enclave.on_tick(self.clock))
+        self.check_publications(self.enclave.on_tick(self.clock).publish)
 
     def check_publications(self, publications) -> None:
         for pub in publications:
@@ -672,7 +672,7 @@ class FuzzWorld:
         if rejection is not None:
             assert isinstance(rejection, RecordRejected) and isinstance(rejection.reason, RejectReason)
             assert not rejection.detail.startswith("internal error"), rejection
-            assert outcome.releases == ()
+            assert outcome.publish == ()
             moved = collections.Counter(before["rejected"])
             moved[rejection.reason.value] += 1
             assert after["rejected"] == moved
@@ -689,14 +689,14 @@ class FuzzWorld:
             assert seen2 == seen + 1
             policy = e.policy.streams[env.stream]
             if index2 == index:
-                assert n2 == n + 1 and not outcome.releases
+                assert n2 == n + 1 and not outcome.publish
             else:  # this record filled the window
                 assert (index2, n2, n + 1) == (index + 1, 0, policy.max_window_records)
                 closed = after["released"] + after["withheld"] - before["released"] - before["withheld"]
                 assert closed == 1
-            for pub in outcome.releases:
+            for pub in outcome.publish:
                 assert pub.stream == env.stream
-            self.check_publications(outcome.releases)
+            self.check_publications(outcome.publish)
             self.accepted_ids.append((env.stream, env.record_id))
             if replay:  # counted once: the same bytes again are a duplicate
                 assert self.deliver(body, RejectReason.DUPLICATE, replay=False).rejection is not None
@@ -770,8 +770,8 @@ def corpus(small_keys) -> dict[str, list[Seed]]:
             sealer = RecordSealer(w.attested) if i % 2 == 0 else sealer
             out = e.on_record(sealer.seal(name, values[i % len(values)], now_ms=w.clock).body, w.clock)
             assert out.rejection is None
-            releases += out.releases
-        releases += e.on_tick(w.clock + 60_000)
+            releases += out.publish
+        releases += e.on_tick(w.clock + 60_000).publish
     assert {p.stream for p in releases} == set(STREAMS)
     report = e.answer(wire.BudgetRequest(nonce, "m").to_bytes(), w.clock)
     signed = [bytes.fromhex(vector(v)["message_hex"]) for v in

@@ -1,5 +1,7 @@
-"""Layering, checked on the source with ``ast``: pika only at the edge, clients never
-import the sidecar, no ``random``/``np.random`` near noise, no ``assert`` for validation.
+"""Layering, checked on the source with ``ast``: no import cycle between project modules,
+commands on top (no library imports one), a pure enclave core, pika only at the edge,
+clients never import the sidecar, no ``random``/``np.random`` near noise, no ``assert``
+for validation.
 
 Each rule is also run against a small bad snippet, so the scanner itself is known to catch it.
 """
@@ -16,7 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("common", "sidecar", "producers", "consumers", "sealedsum")
-PIKA_EDGE = {"common/amqp.py", "sidecar/runtime.py", "producers/transport.py", "consumers/transport.py"}
+PIKA_EDGE = {"common/amqp.py", "sidecar/enclave_process/runtime.py", "producers/transport.py",
+             "consumers/transport.py"}
 
 
 def sources(*packages: str) -> dict[str, ast.Module]:
@@ -135,7 +138,7 @@ def test_pika_only_at_the_edge():
     users = {rel for rel, tree in trees.items() if imports(tree, "pika", package_of(rel))}
     assert users <= PIKA_EDGE, sorted(users - PIKA_EDGE)
     # The rule is not vacuous: the broker edges do use pika.
-    assert {"common/amqp.py", "sidecar/runtime.py"} <= users
+    assert {"common/amqp.py", "sidecar/enclave_process/runtime.py"} <= users
 
 
 def test_producers_and_consumers_never_import_the_sidecar():
@@ -146,8 +149,8 @@ def test_producers_and_consumers_never_import_the_sidecar():
 
 def test_common_imports_no_role_package():
     trees = sources("common")
-    for role in ("sealedsum.sidecar", "sealedsum.producers", "sealedsum.consumers", "sealedsum.cli",
-                 "sealedsum.demo", "sealedsum.federated", "sealedsum.broker"):
+    for role in ("sealedsum.sidecar", "sealedsum.producers", "sealedsum.consumers", "sealedsum.commands",
+                 "sealedsum.demos", "sealedsum.testbed", "sealedsum.broker"):
         offenders = sorted(rel for rel, tree in trees.items() if imports(tree, role, package_of(rel)))
         assert offenders == [], role
 
@@ -190,3 +193,149 @@ def test_client_libraries_load_neither_pika_nor_the_sidecar():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+# -- the import graph -------------------------------------------------------------------------
+COMMANDS = "sealedsum.commands"
+ENTRY_POINTS = {"sealedsum.__main__"}  # ``python -m sealedsum``: the command itself
+CORE = "sealedsum.sidecar.enclave"
+# What the measured enclave core may import besides the standard library: the shared package,
+# itself, and its crypto, arithmetic and DP libraries.
+CORE_MAY_IMPORT = ("sealedsum.common", CORE, "nacl", "cryptography", "phe", "gmpy2", "opendp")
+# Standard-library modules that reach the disk, the OS or the network: not in the core.
+CORE_MUST_NOT_IMPORT = ("os", "pathlib", "io", "shutil", "tempfile", "subprocess", "socket", "signal",
+                        "ctypes", "resource", "fcntl", "mmap", "select", "selectors", "multiprocessing")
+
+
+def module_of(rel: str) -> str:
+    """The dotted module name a source file installs as."""
+    package = package_of(rel)
+    stem = rel.rsplit("/", 1)[-1][:-3]
+    return package if stem == "__init__" else f"{package}.{stem}"
+
+
+def project_graph(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (anywhere in the file: an import inside a
+    function is an edge too). ``from P import m`` is an edge to the module ``P.m`` where
+    there is one, else to ``P``; importing a package's module is not an edge to the package."""
+    modules = {module_of(rel) for rel in trees}
+    graph: dict[str, set[str]] = {}
+    for rel, tree in trees.items():
+        me = module_of(rel)
+        edges = {name for name in imported_modules(tree, package_of(rel)) if name in modules}
+        # Drop P where only P.m was meant (``from P import m`` names both).
+        for name in list(edges):
+            children = {e for e in edges if e.startswith(name + ".")}
+            if children and not _uses_attribute_of(tree, name, children):
+                edges.discard(name)
+        edges.discard(me)
+        graph[me] = edges
+    return graph
+
+
+def _uses_attribute_of(tree: ast.Module, package: str, children: set[str]) -> bool:
+    """Whether a ``from package import ...`` also names something that is not a module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == package:
+            if any(f"{package}.{a.name}" not in children for a in node.names):
+                return True
+        elif isinstance(node, ast.Import) and any(a.name == package for a in node.names):
+            return True
+    return False
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _toy(files: dict[str, str]) -> dict[str, ast.Module]:
+    return {rel: ast.parse(textwrap.dedent(src)) for rel, src in files.items()}
+
+
+def test_the_graph_scanner_finds_cycles_and_resolves_modules():
+    looped = _toy({
+        "sealedsum/a.py": "from sealedsum import b",
+        "sealedsum/b.py": "def f():\n    from sealedsum.c import x",   # inside a function: still an edge
+        "sealedsum/c.py": "import sealedsum.a",
+        "common/__init__.py": "",
+        "common/wire.py": "from sealedsum.common import fixedpoint",
+        "common/fixedpoint.py": "",
+    })
+    graph = project_graph(looped)
+    assert graph["sealedsum.a"] == {"sealedsum.b"} and graph["sealedsum.common.wire"] == {"sealedsum.common.fixedpoint"}
+    assert cycles(graph) == [["sealedsum.a", "sealedsum.b", "sealedsum.c"]]
+    assert cycles(project_graph(_toy({"sealedsum/a.py": "from sealedsum import b", "sealedsum/b.py": ""}))) == []
+    assert module_of("sidecar/enclave/__init__.py") == "sealedsum.sidecar.enclave"
+    assert module_of("sealedsum/commands/produce.py") == "sealedsum.commands.produce"
+
+
+def test_no_import_cycle_between_project_modules():
+    assert cycles(project_graph(sources(*PACKAGES))) == []
+
+
+def test_no_library_imports_a_command():
+    graph = project_graph(sources(*PACKAGES))
+    offenders = sorted((m, t) for m, targets in graph.items() if not m.startswith(COMMANDS)
+                       and m not in ENTRY_POINTS for t in targets if t == COMMANDS or t.startswith(COMMANDS + "."))
+    assert offenders == []
+    # Not vacuous: the command package does import the libraries.
+    assert graph["sealedsum.commands.produce"] & {"sealedsum.producers.client"}
+
+
+def core_violations(trees: dict[str, ast.Module]) -> list[tuple[str, str]]:
+    out = []
+    for rel, tree in trees.items():
+        for name in imported_modules(tree, package_of(rel)):
+            top = name.split(".")[0]
+            if name.startswith(CORE_MAY_IMPORT) and any(name == p or name.startswith(p + ".") for p in CORE_MAY_IMPORT):
+                continue
+            if top == "__future__" or (top in sys.stdlib_module_names and top not in CORE_MUST_NOT_IMPORT):
+                continue
+            out.append((rel, name))
+    return sorted(out)
+
+
+def test_the_core_rule_catches_what_it_should():
+    assert core_violations(_toy({"sidecar/enclave/x.py": "import os"})) == [("sidecar/enclave/x.py", "os")]
+    assert core_violations(_toy({"sidecar/enclave/x.py": "import pika"})) == [("sidecar/enclave/x.py", "pika")]
+    assert core_violations(_toy({"sidecar/enclave/x.py": "from sealedsum.sidecar import durable"})) != []
+    assert core_violations(_toy({"sidecar/enclave/x.py": "from sealedsum.producers import client"})) != []
+    assert core_violations(_toy({"sidecar/enclave/x.py": "import json, heapq\nfrom phe import paillier\n"
+                                                         "from sealedsum.common import wire\nfrom . import noise"})) == []
+
+
+def test_the_enclave_core_imports_only_the_shared_package_the_stdlib_and_its_libraries():
+    trees = sources("sidecar/enclave")
+    assert "sidecar/enclave/service.py" in trees
+    assert core_violations(trees) == []

@@ -18,9 +18,10 @@ from sealedsum.common import wire
 from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave import ledger as ledger_mod
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
+from sealedsum.common.errors import RollbackDetected
+from sealedsum.sidecar.enclave_process.store import SealedStateStore
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table
+from tests.conftest import PlatformCounter, make_policy, make_world, now_ms, stream_table, checkpoint
 
 
 def releases_until_exhausted(world, limit=400):
@@ -29,7 +30,7 @@ def releases_until_exhausted(world, limit=400):
         outcome = world.enclave.on_record(world.sealer.seal("s", [1.0]).body, now_ms())
         if outcome.rejection is not None:
             return out, notices, outcome.rejection, i
-        for p in outcome.releases:
+        for p in outcome.publish:
             (notices if isinstance(p.message, BudgetExhausted) else out).append(p)
     raise AssertionError("the budget never ran out")
 
@@ -47,7 +48,7 @@ def test_laplace_budget_is_exact_decimal_and_stops_with_one_notice(small_keys):
     # Nothing is decrypted or noised for the refused record, and the notice is not repeated.
     before = small_keys.decryptions
     again = world.enclave.on_record(world.sealer.seal("s", [1.0]).body, now_ms())
-    assert again.rejection.reason is RejectReason.BUDGET_EXHAUSTED and again.releases == ()
+    assert again.rejection.reason is RejectReason.BUDGET_EXHAUSTED and again.publish == ()
     assert small_keys.decryptions == before
     # The notice verifies as a signed message of the attested enclave.
     assert verify_signed(notices[0].body, world.attested) == notice
@@ -84,7 +85,7 @@ def test_ledger_chain_can_be_recomputed_from_the_releases(small_keys):
     heads = [ledger_mod.genesis("s").hex()]
     policy = world.enclave.policy.streams["s"]
     for seq in range(1, 6):
-        (pub,) = world.enclave.on_record(world.sealer.seal("s", [3.0]).body, now_ms()).releases
+        (pub,) = world.enclave.on_record(world.sealer.seal("s", [3.0]).body, now_ms()).publish
         rel = pub.message
         assert rel.budget["releases"] == seq
         charge = json.dumps({"stream": rel.stream, "window": rel.window, "seq": seq, "mechanism": rel.mechanism,
@@ -159,7 +160,7 @@ def test_a_restarted_enclave_continues_the_spend_and_republishes_pending_bytes(s
         world.enclave.on_record(world.sealer.seal("s", [1.0]).body, now_ms())
     assert set(world.enclave.pending) == {"s/1", "s/2"}
     world.enclave.confirm_published(world.enclave.pending["s/1"])
-    store.save(world.enclave.snapshot())
+    store.save(checkpoint(world.enclave, base=True))
 
     # A new process: same keys and policy, state from disk.
     reloaded = store_for(tmp_path, platform, world.measurement).load()
@@ -170,7 +171,7 @@ def test_a_restarted_enclave_continues_the_spend_and_republishes_pending_bytes(s
     assert set(e2.pending) == {"s/2"} and e2.pending["s/2"].body == world.enclave.pending["s/2"].body
     sealer = RecordSealer(world.attested)
     outs = [e2.on_record(sealer.seal("s", [1.0]).body, now_ms()) for _ in range(8)]
-    released = [p.message for o in outs for p in o.releases if isinstance(p.message, Release)]
+    released = [p.message for o in outs for p in o.publish if isinstance(p.message, Release)]
     assert [r.window for r in released] == [3, 4, 5]  # 5 in total, then the budget is spent
     assert outs[-1].rejection.reason is RejectReason.BUDGET_EXHAUSTED
 

@@ -32,7 +32,7 @@ def stream(small_keys):
     verifier = ResultVerifier(world.attested)
     messages = []
     for _ in range(RELEASES):
-        for pub in world.enclave.on_record(world.sealer.seal("s", [7.0]).body, now_ms()).releases:
+        for pub in world.enclave.on_record(world.sealer.seal("s", [7.0]).body, now_ms()).publish:
             messages.append(verifier.verify(pub.body))
     report = verify_signed(world.enclave.answer(wire.BudgetRequest(bytes(32), "s").to_bytes(), now_ms()),
                            world.attested, ("budget",))

@@ -43,7 +43,7 @@ def test_release_noise_matches_the_configured_distribution(small_keys, mechanism
     decryptions_before = small_keys.decryptions
     for _ in range(N):
         outcome = world.enclave.on_record(world.sealer.seal("s", [value]).body, now_ms())
-        (signed,) = outcome.releases
+        (signed,) = outcome.publish
         sum_residuals.append(signed.message.sum_fixed[0] - true_fixed)
         count_residuals.append(signed.message.count - 1)
 
@@ -134,7 +134,7 @@ def test_noise_does_not_come_from_a_seedable_prng(small_keys):
         random.seed(1234)
         np.random.seed(1234)
         world = make_world(small_keys, make_policy({"s": stream_table(window_records=1, min_batch=1)}))
-        pubs = [world.enclave.on_record(world.sealer.seal("s", [50.0]).body, now_ms()).releases[0]
+        pubs = [world.enclave.on_record(world.sealer.seal("s", [50.0]).body, now_ms()).publish[0]
                 for _ in range(5)]
         draws.append([p.message.sum_fixed[0] for p in pubs])
     assert draws[0] != draws[1]

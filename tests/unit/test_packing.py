@@ -156,7 +156,7 @@ def test_a_dishonest_producer_stays_inside_the_honest_range(small_keys):
     assert world.enclave.on_record(body, NOW).rejection is None
     for v in ([0.5] * 6, [1.0] * 6):
         out = world.enclave.on_record(world.sealer.seal("s", v, now_ms=NOW).body, NOW)
-    (pub_,) = out.releases
+    (pub_,) = out.publish
     assert all(0.0 - 1e-3 <= s <= 3.0 + 1e-3 for s in pub_.message.sum)
 
 
@@ -190,7 +190,7 @@ def test_packed_histogram_release_counts_buckets(small_keys):
         epsilon=HUGE_EPS, window_records=6, min_batch=1)}))
     assert world.enclave.policy.streams["s"].ciphertexts_per_record == 1
     outs = [world.enclave.on_record(world.sealer.seal("s", [v]).body, now_ms()) for v in (3, 12, 15, 49.9, 50, 500)]
-    r = outs[-1].releases[0].message
+    r = outs[-1].publish[0].message
     assert r.sum == [1.0, 2.0, 3.0] and r.count == 6 and r.dimension == 3 and r.aggregate == "histogram"
 
 
@@ -204,7 +204,7 @@ def test_packed_l2_vector_release(small_keys):
     records = [[rng.gauss(0, 0.1) for _ in range(300)] for _ in range(4)]
     records[0] = [3.0] + [0.0] * 299  # clipped to norm 1
     outs = [world.enclave.on_record(world.sealer.seal("s", v).body, now_ms()) for v in records]
-    r = outs[-1].releases[0].message
+    r = outs[-1].publish[0].message
     truth = [decode(sum(col), 16) for col in zip(*(p.encode(v)[0] for v in records))]
     assert r.count == 4 and len(r.sum) == 300
     assert r.sum == pytest.approx(truth, abs=1e-3)  # noise scale ~1e-5 here
@@ -220,10 +220,10 @@ def test_packed_box_vector_and_mean_release(small_keys):
     records = [random_record(p, rng) for _ in range(3)]
     outs = [world.enclave.on_record(world.sealer.seal("v", v).body, now_ms()) for v in records]
     truth = [decode(sum(col), 16) for col in zip(*(p.encode(v)[0] for v in records))]
-    assert outs[-1].releases[0].message.sum == pytest.approx(truth, abs=1e-3)
+    assert outs[-1].publish[0].message.sum == pytest.approx(truth, abs=1e-3)
     for v in ([1.0, -2.0, 3.0, 40.0, -0.5], [2.0, 2.0, -3.0, 0.0, 0.5]):
         out = world.enclave.on_record(world.sealer.seal("m", v).body, now_ms())
-    r = out.releases[0].message
+    r = out.publish[0].message
     assert world.enclave.policy.streams["m"].ciphertexts_per_record == 1
     assert r.sum == pytest.approx([3.0, 0.0, 0.0, 10.0, 0.0], abs=1e-3) and r.count == 2
 

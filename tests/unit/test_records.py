@@ -12,7 +12,7 @@ from phe import PaillierPublicKey
 
 from sealedsum.common import wire
 from sealedsum.common.errors import RecordRejected, RejectReason
-from sealedsum.sidecar.enclave.service import Enclave, RecordOutcome
+from sealedsum.sidecar.enclave.service import Effects, Enclave
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
 NOW = now_ms()
@@ -55,7 +55,7 @@ def snapshot(enclave: Enclave, stream: str = "s") -> tuple:
             enclave.keys.decryptions)
 
 
-def assert_rejected(world: World, body: bytes, reason: RejectReason, now: int = NOW) -> RecordOutcome:
+def assert_rejected(world: World, body: bytes, reason: RejectReason, now: int = NOW) -> Effects:
     """``body`` is rejected for ``reason`` and nothing but the rejection counter moved;
     a valid record afterwards is still accepted and counted."""
     enclave = world.enclave
@@ -66,7 +66,7 @@ def assert_rejected(world: World, body: bytes, reason: RejectReason, now: int = 
     assert isinstance(outcome.rejection, RecordRejected)
     assert outcome.rejection.reason is reason, outcome.rejection
     assert not outcome.rejection.detail.startswith("internal error")
-    assert outcome.releases == ()
+    assert outcome.publish == ()
     assert snapshot(enclave) == before
     expected = dict(rejected_before)
     expected[reason.value] = expected.get(reason.value, 0) + 1
@@ -78,11 +78,11 @@ def assert_rejected(world: World, body: bytes, reason: RejectReason, now: int = 
     ok = enclave.on_record(valid_body(world, now_ms=now), now)
     assert ok.rejection is None
     assert enclave.stats.accepted == before[0] + 1
-    assert state.current.count == count + 1 or (ok.releases and state.current.count == 0)
+    assert state.current.count == count + 1 or (ok.publish and state.current.count == 0)
     return outcome
 
 
-def accept(world: World, body: bytes, now: int = NOW) -> RecordOutcome:
+def accept(world: World, body: bytes, now: int = NOW) -> Effects:
     outcome = world.enclave.on_record(body, now)
     assert outcome.rejection is None, outcome.rejection
     return outcome
@@ -98,7 +98,7 @@ def big_window(small_keys) -> World:
 def test_valid_record_is_accepted_and_counted(world):
     before = totals(world.enclave)
     outcome = accept(world, valid_body(world))
-    assert outcome.releases == ()
+    assert outcome.publish == ()
     assert world.enclave.stats.accepted == 1
     assert world.enclave.streams["s"].current.count == 1
     assert totals(world.enclave) != before
@@ -248,7 +248,7 @@ def test_duplicate_across_window_close(world):
     accept(world, valid_body(world, record_id=rid))
     released = ()
     while not released:
-        released = accept(world, valid_body(world)).releases
+        released = accept(world, valid_body(world)).publish
     assert world.enclave.streams["s"].current.index == 2
     assert_rejected(world, valid_body(world, record_id=rid), RejectReason.DUPLICATE)
 
@@ -288,7 +288,7 @@ def test_late_and_future_windows(world):
     accept(world, valid_body(world, window=1))
     released = ()
     while not released:
-        released = accept(world, valid_body(world)).releases
+        released = accept(world, valid_body(world)).publish
     assert world.enclave.streams["s"].current.index == 2
     assert_rejected(world, valid_body(world, window=1), RejectReason.LATE_WINDOW)
     assert_rejected(world, valid_body(world, window=3), RejectReason.FUTURE_WINDOW)
@@ -409,11 +409,11 @@ def test_window_closes_at_window_records_and_releases_once(world):
     e = world.enclave
     for i in range(4):
         out = accept(world, valid_body(world, 10.0))
-        assert out.releases == ()
+        assert out.publish == ()
         assert e.keys.decryptions == 0  # never per record
     out = accept(world, valid_body(world, 10.0))
-    assert len(out.releases) == 1
-    rel = out.releases[0]
+    assert len(out.publish) == 1
+    rel = out.publish[0]
     assert (rel.stream, rel.window) == ("s", 1)
     assert rel.message.window == 1 and rel.message.dimension == 1
     assert e.keys.decryptions == 1
@@ -421,12 +421,12 @@ def test_window_closes_at_window_records_and_releases_once(world):
     assert e.streams["s"].current.index == 2 and e.streams["s"].current.count == 0
     # The stored release is what a retry republishes: the same bytes, no new noise.
     assert e.pending["s/1"] is rel
-    assert e.on_tick(NOW + 3_600_000) == ()
+    assert e.on_tick(NOW + 3_600_000).publish == ()
     assert e.pending["s/1"].body == rel.body
     e.confirm_published(rel)
     assert e.pending == {}
     # Ticks release nothing more and decrypt nothing more.
-    assert e.on_tick(NOW + 7_200_000) == ()
+    assert e.on_tick(NOW + 7_200_000).publish == ()
     assert e.keys.decryptions == 1 and e.stats.windows_released == 1
 
 
@@ -438,7 +438,7 @@ def test_released_sum_matches_the_records(small_keys):
     values = [[1.5, -2.25], [3.0, 4.0], [-9.5, 0.25], [25.0, -30.0]]  # last one is clipped to [10, -10]
     releases = ()
     for v in values:
-        releases = w.enclave.on_record(w.sealer.seal("s", v, now_ms=NOW).body, NOW).releases
+        releases = w.enclave.on_record(w.sealer.seal("s", v, now_ms=NOW).body, NOW).publish
     (rel,) = releases
     assert rel.message.count == 4
     assert rel.message.sum == pytest.approx([5.0, -8.0], abs=0.01)
@@ -454,9 +454,9 @@ def test_decryptions_go_up_by_dimension_per_window(small_keys):
             out = w.enclave.on_record(w.sealer.seal("s", [1, 2, 3], now_ms=NOW).body, NOW)
             assert out.rejection is None
             if i < 3:
-                assert out.releases == ()
+                assert out.publish == ()
                 assert w.enclave.keys.decryptions == start + 3 * (window - 1)
-        assert len(out.releases) == 1
+        assert len(out.publish) == 1
         assert w.enclave.keys.decryptions == start + 3 * window
 
 
@@ -465,12 +465,12 @@ def test_time_window_below_min_batch_is_withheld(small_keys):
     w = make_world(small_keys, policy)
     e = w.enclave
     start = e.keys.decryptions
-    assert e.on_tick(NOW) == ()  # an empty window never closes
+    assert e.on_tick(NOW).publish == ()  # an empty window never closes
     accept(w, valid_body(w))
     accept(w, valid_body(w))
-    assert e.on_tick(NOW + 9_999) == ()
+    assert e.on_tick(NOW + 9_999).publish == ()
     assert e.streams["s"].current.index == 1
-    assert e.on_tick(NOW + 10_000) == ()
+    assert e.on_tick(NOW + 10_000).publish == ()
     assert e.stats.windows_withheld == 1 and e.stats.windows_released == 0
     assert e.keys.decryptions == start  # a withheld window is never decrypted
     assert e.pending == {}
@@ -480,8 +480,8 @@ def test_time_window_below_min_batch_is_withheld(small_keys):
     t = NOW + 20_000
     for _ in range(3):
         accept(w, valid_body(w, now_ms=t), t)
-    assert e.on_tick(t + 9_999) == ()
-    (rel,) = e.on_tick(t + 10_000)
+    assert e.on_tick(t + 9_999).publish == ()
+    (rel,) = e.on_tick(t + 10_000).publish
     assert rel.window == 2 and e.stats.windows_released == 1
     assert e.keys.decryptions == start + 1
 
@@ -493,8 +493,8 @@ def test_count_window_below_min_batch_is_withheld(small_keys):
     start = w.enclave.keys.decryptions
     accept(w, valid_body(w))
     accept(w, valid_body(w))
-    assert w.enclave.on_tick(NOW + 4_999) == ()
-    assert w.enclave.on_tick(NOW + 5_000) == ()
+    assert w.enclave.on_tick(NOW + 4_999).publish == ()
+    assert w.enclave.on_tick(NOW + 5_000).publish == ()
     assert w.enclave.stats.windows_withheld == 1
     assert w.enclave.stats.windows_released == 0
     assert w.enclave.keys.decryptions == start
@@ -505,9 +505,9 @@ def test_streams_are_independent(small_keys):
     policy = make_policy({"a": stream_table(), "b": stream_table(window_records=2, min_batch=1)})
     w = make_world(small_keys, policy)
     seal = lambda s: w.sealer.seal(s, [1.0], now_ms=NOW).body  # noqa: E731
-    assert w.enclave.on_record(seal("a"), NOW).releases == ()
-    assert w.enclave.on_record(seal("b"), NOW).releases == ()
-    (rel,) = w.enclave.on_record(seal("b"), NOW).releases
+    assert w.enclave.on_record(seal("a"), NOW).publish == ()
+    assert w.enclave.on_record(seal("b"), NOW).publish == ()
+    (rel,) = w.enclave.on_record(seal("b"), NOW).publish
     assert rel.stream == "b"
     assert w.enclave.streams["a"].current.count == 1 and w.enclave.streams["a"].current.index == 1
 

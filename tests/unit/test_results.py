@@ -23,8 +23,8 @@ def release_one(world: World, values=None, stream: str = "s") -> Publication:
     for v in values:
         out = world.enclave.on_record(world.sealer.seal(stream, v, now_ms=NOW).body, NOW)
         assert out.rejection is None
-        if out.releases:
-            return out.releases[0]
+        if out.publish:
+            return out.publish[0]
     raise AssertionError("no window was released")
 
 

@@ -15,7 +15,7 @@ from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sealedsum.sidecar.enclave.service import Enclave
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table
+from tests.conftest import TEST_BITS, make_policy, make_world, now_ms, stream_table, checkpoint
 
 T0 = now_ms()
 GRACE_S = 60
@@ -61,7 +61,7 @@ def test_a_window_spanning_a_rotation_releases_the_sum_of_both_epochs():
     e.rotate(T0)
     new_sealer = RecordSealer(reattest(world))
     outs = [e.on_record(new_sealer.seal("s", [1.0, -2.0], now_ms=T0).body, T0) for _ in range(3)]
-    (pub,) = outs[-1].releases
+    (pub,) = outs[-1].publish
     assert pub.message.sum == pytest.approx([6.0, -12.0], abs=1e-3)
     assert e.decryptions == 2 * 2  # one per coordinate and epoch, never per record
     # Consumers that attested before the rotation still verify releases after it.
@@ -110,7 +110,7 @@ def test_the_keyring_and_a_two_epoch_window_survive_a_restart(tmp_path):
     assert sorted(keyring.epochs) == [1, 2] and keyring.current_epoch == 2 and keyring.retire_at == e.keyring.retire_at
     assert EnclaveKeys.unseal(key, world.measurement, e.keyring.seal(key, world.measurement)).epoch == 2
     restored = Enclave(keyring, e.policy, e.policy_bytes, e.code_digest, world.measurement,
-                       lambda rd: b"", [e.snapshot()], T0)
+                       lambda rd: b"", [checkpoint(e, base=True)], T0)
     w = restored.streams["s"].current
     assert set(w.totals) == {1, 2} and w.count == 2 and w.ciphertexts() == e.streams["s"].current.ciphertexts()
 

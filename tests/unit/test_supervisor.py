@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sealedsum.sidecar import supervisor
-from sealedsum.sidecar.supervisor import EXIT_CONFIG, MAX_BACKOFF_S, Sidecar
+from sealedsum.sidecar.platform import process as supervisor
+from sealedsum.sidecar.platform.process import EXIT_CONFIG, MAX_BACKOFF_S, PlatformProcess
 
 
 class Script:
@@ -41,9 +41,9 @@ class Script:
         return code
 
 
-def platform(tmp_path, monkeypatch, runs) -> tuple[Sidecar, Script]:
+def platform(tmp_path, monkeypatch, runs) -> tuple[PlatformProcess, Script]:
     script = Script(runs)
-    sc = Sidecar.__new__(Sidecar)  # no platform key or config needed for the restart loop
+    sc = PlatformProcess.__new__(PlatformProcess)  # no platform key or config needed for the restart loop
     sc.config = SimpleNamespace(trust=None)
     sc.state_dir = tmp_path
     sc.measurement = sc.code_digest = b"\x00" * 32

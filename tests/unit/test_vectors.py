@@ -780,7 +780,7 @@ def check_budget_exhausted(v: dict, tmp_path, monkeypatch) -> None:
     for step in v["session"]:
         outcome = core.on_record(h(step["body_hex"]), step["now_ms"])
         assert outcome.rejection is None
-    release, published = outcome.releases
+    release, published = outcome.publish
     assert published.body == raw and published.key == f"{notice.stream}/budget_exhausted"
     assert published.window is None and notice.at_ms == release.message.closed_at_ms
     assert release.message.budget == notice.budget  # the notice repeats the ledger of the last release
@@ -813,8 +813,7 @@ def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
     policy, policy_bytes = vector_policy()
     assert notice.previous_retires_at_ms - notice.at_ms == policy.key_grace_seconds * 1000
     core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), enclave.measurement, lambda rd: b"")
-    core.rotate(notice.at_ms)
-    (published,) = core.announcements()
+    (published,) = core.rotate(notice.at_ms).publish
     assert published.body == raw and published.key == f"key_rotated/{notice.key_epoch}" and published.announce
     assert core.keyring.retire_at == {notice.previous_epoch: notice.previous_retires_at_ms}
     spec = v["amqp"]
@@ -912,7 +911,8 @@ def check_ledger(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_sealed_state(v: dict, tmp_path, monkeypatch) -> None:
-    from sealedsum.sidecar.enclave import keyring, sealing, state as state_mod
+    from sealedsum.sidecar.enclave import keyring, sealing
+    from sealedsum.sidecar.enclave_process import store as state_mod
     from sealedsum.sidecar.enclave.service import Enclave
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
@@ -1022,15 +1022,15 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
     reasons_seen = []
     for i, step in enumerate(v["steps"]):
         if "tick_ms" in step:
-            assert enclave.on_tick(step["tick_ms"]) == ()
+            assert enclave.on_tick(step["tick_ms"]).publish == ()
             assert enclave.stats.windows_withheld == step["windows_withheld"], (i, step.get("note"))
             continue
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step.get("note"), got)
         expected = step.get("publishes", [])
-        assert len(outcome.releases) == len(expected), (i, step.get("note"))
-        for publication, exp in zip(outcome.releases, expected):
+        assert len(outcome.publish) == len(expected), (i, step.get("note"))
+        for publication, exp in zip(outcome.publish, expected):
             message = verify_signed(publication.body, attested)  # signed by the attested key
             assert message == publication.message and publication.stream == exp["stream"] == message.stream
             assert message.kind == exp["kind"]
@@ -1087,7 +1087,7 @@ def _check_identity_session(v: dict) -> list[str]:
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step["note"], got)
-        assert outcome.releases == ()
+        assert outcome.publish == ()
         reasons.append(got)
     assert {"bad_signature", "revoked_producer", "unknown_producer", "accepted"} <= set(reasons)
     final = v["final"]
@@ -1226,7 +1226,8 @@ def test_doc_mentions_every_magic() -> None:
 
 
 def test_doc_mentions_every_label_and_header() -> None:
-    from sealedsum.sidecar.enclave import keyring, ledger, state
+    from sealedsum.sidecar.enclave import keyring, ledger
+    from sealedsum.sidecar.enclave_process import store as state
     from sealedsum.sidecar.platform import emulated, measure
 
     doc = _doc()
@@ -1236,7 +1237,7 @@ def test_doc_mentions_every_label_and_header() -> None:
     assert wire.producer_id_of(bytes(32)) == hashlib.sha256(b"sealedsum/v1/producer-id\x00" + bytes(32)).digest()[:16]
     for label in labels:
         assert label.rstrip(b"\x00").decode("ascii") in doc, label
-    runtime_source = (ROOT / "sidecar" / "runtime.py").read_text()
+    runtime_source = (ROOT / "sidecar" / "enclave_process" / "runtime.py").read_text()
     headers = set(re.findall(r'"(x-sealedsum-[a-z-]+)"', runtime_source))
     assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at", "x-sealedsum-batch-index"}
     for header in headers:

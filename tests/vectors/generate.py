@@ -904,8 +904,8 @@ def build() -> dict[str, dict]:
                         "now_ms": CLOSED_AT_MS if i == 5 else SENT_AT_MS + 1000 + i})
         outcome = core.on_record(bytes.fromhex(session[-1]["body_hex"]), session[-1]["now_ms"])
         assert outcome.rejection is None
-    assert [p.key for p in outcome.releases] == ["visits/3", "visits/budget_exhausted"]
-    assert outcome.releases[1].body == message
+    assert [p.key for p in outcome.publish] == ["visits/3", "visits/budget_exhausted"]
+    assert outcome.publish[1].body == message
     out["budget_exhausted"] = {
         "kind": "budget_exhausted",
         "description": "The notice the enclave publishes once, on PREFIX.results with routing key = stream, "
@@ -936,8 +936,7 @@ def build() -> dict[str, dict]:
     # X25519 and Paillier keys are random, but the notice names none of them, and the
     # Ed25519 key, which signs it, is the one of keys.json: rotation keeps it).
     core = enclave_core(policy, policy_bytes, code_digest, meas)
-    core.rotate(ROTATED_AT_MS)
-    (announced,) = core.announcements()
+    (announced,) = core.rotate(ROTATED_AT_MS).publish
     assert announced.body == message and announced.key == "key_rotated/2" and announced.stream == ""
     out["key_rotated"] = {
         "kind": "key_rotated",
@@ -1204,6 +1203,13 @@ def build_packed_envelope(code_digest, n, width) -> dict:
     }
 
 
+def checkpoint(core, *, base: bool) -> dict:
+    """The core's checkpoint (a base, or a journal entry), marked durable at once."""
+    cp = core.checkpoint(base)
+    core.checkpointed(cp)
+    return cp.state
+
+
 def enclave_core(policy, policy_bytes, code_digest, meas, state=None, now_ms=0):
     from sealedsum.sidecar.enclave.service import Enclave
 
@@ -1212,7 +1218,7 @@ def enclave_core(policy, policy_bytes, code_digest, meas, state=None, now_ms=0):
 
 def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width) -> dict:
     """The enclave's sealed state: a base and a journal, how they are sealed, and the rollback rule."""
-    from sealedsum.sidecar.enclave import state as state_mod
+    from sealedsum.sidecar.enclave_process import store as state_mod
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
     sealing_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
@@ -1232,11 +1238,11 @@ def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width)
 
     for i in range(2):
         assert core.on_record(record(i), SENT_AT_MS + 1000 + i).rejection is None
-    base_state = core.snapshot()
+    base_state = checkpoint(core, base=True)
     assert core.on_record(record(2), SENT_AT_MS + 1002).rejection is None
-    entry = core.journal_entry()
+    entry = checkpoint(core, base=False)
     restored = enclave_core(policy, policy_bytes, code_digest, meas, state=[base_state, entry])
-    assert restored.snapshot() == core.snapshot()
+    assert checkpoint(restored, base=True) == checkpoint(core, base=True)
     assert restored.streams["purchases"].current.count == 3
     assert restored.on_record(record(1), SENT_AT_MS + 2000).rejection.reason.value == "duplicate"
 
@@ -1316,7 +1322,8 @@ def run_state_case(case, files, sealing_key, meas, checkpoints):
     import tempfile
 
     from sealedsum.common.errors import SealingError
-    from sealedsum.sidecar.enclave.state import RollbackDetected, SealedStateStore
+    from sealedsum.common.errors import RollbackDetected
+    from sealedsum.sidecar.enclave_process.store import SealedStateStore
 
     class Counter:
         def __init__(self, value):
@@ -1690,7 +1697,7 @@ def run_identity_session(steps, final, policy, policy_bytes, code_digest, meas):
         outcome = core.on_record(bytes.fromhex(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step["note"], got, outcome.rejection)
-        assert outcome.releases == ()
+        assert outcome.publish == ()
     assert core.stats.accepted == final["accepted"]
     for stream, count in final["open_window_counts"].items():
         assert core.streams[stream].current.count == count, stream
@@ -1713,7 +1720,7 @@ def run_rejections(steps, final, policy, policy_bytes, code_digest, meas):
     enclave = enclave_core(policy, policy_bytes, code_digest, meas)
     for i, step in enumerate(steps):
         if "tick_ms" in step:
-            assert enclave.on_tick(step["tick_ms"]) == ()
+            assert enclave.on_tick(step["tick_ms"]).publish == ()
             assert enclave.stats.windows_withheld == step["windows_withheld"], (i, step.get("note"))
             continue
         outcome = enclave.on_record(bytes.fromhex(step["body_hex"]), step["now_ms"])
@@ -1721,7 +1728,7 @@ def run_rejections(steps, final, policy, policy_bytes, code_digest, meas):
         assert got == step["expect"], (i, step.get("note"), got)
         published = [{"kind": json.loads(p.message.to_payload())["kind"], "stream": p.stream,
                       "releases": p.message.budget["releases"], "ledger_head": p.message.budget["ledger_head"],
-                      **({"window": p.window} if p.window is not None else {})} for p in outcome.releases]
+                      **({"window": p.window} if p.window is not None else {})} for p in outcome.publish]
         assert published == step.get("publishes", []), (i, step.get("note"), published)
     assert enclave.stats.windows_withheld == final["windows_withheld"]
     assert enclave.stats.windows_released == final["windows_released"]

@@ -1,10 +1,12 @@
 """The enclave's broker edge: turns deliveries and ticks into calls on
-:class:`sealedsum.sidecar.enclave.service.Enclave` and carries out the outcomes.
+:class:`sealedsum.sidecar.enclave.service.Enclave` and carries out the effects it answers
+with, through :func:`sealedsum.sidecar.enclave_process.checkpoint.commit`.
 
 Order per record: a rejected record is published to the dead-letter exchange with
 its reason and confirmed *before* the original is acknowledged, so a record is never
-lost between the two. Releases are stored in the enclave before they are published
-and republished unchanged after a reconnect until the broker confirms them.
+lost between the two. Releases are checkpointed in the enclave's sealed state before
+they are published and republished unchanged after a reconnect until the broker
+confirms them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 import pika
 import pika.exceptions as pe
@@ -21,8 +22,9 @@ import pika.exceptions as pe
 from sealedsum.common import amqp, wire
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
-from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.enclave.state import SealedStateStore
+from sealedsum.sidecar.enclave.release import Publication
+from sealedsum.sidecar.enclave.service import NOTHING, Closing, Effects, Enclave
+from sealedsum.sidecar.enclave_process.checkpoint import StateWriter, commit
 
 log = logging.getLogger("sealedsum.runtime")
 
@@ -44,10 +46,10 @@ def prefetch_for(max_record_bytes: int) -> int:
     return max(PREFETCH_MIN, min(PREFETCH_MAX, PREFETCH_BYTES // max(1, max_record_bytes)))
 
 
-def enclave_prefetch(enclave) -> int:
+def enclave_prefetch(enclave: Enclave) -> int:
     """The prefetch for this enclave: a delivery is one record or a record batch, whichever
     can be larger."""
-    return prefetch_for(max(getattr(enclave, "size_limit", 0) or 1, wire.MAX_BATCH_BYTES))
+    return prefetch_for(enclave.max_delivery_bytes())
 
 
 def ack_batch_for(prefetch: int) -> int:
@@ -61,9 +63,6 @@ PARALLEL_OPEN_MIN = 8
 DRAW_POLL_S = 0.002
 # How long a delivery may wait for its batch when records trickle in.
 FLUSH_EVERY_S = 0.1
-# A journal this large, or a base this old, is folded into a fresh base.
-JOURNAL_MAX_BYTES = 8 << 20
-BASE_EVERY_S = 60.0
 # Quorum queues count deliveries: a message that crashes the enclave again and again
 # is dead-lettered by the broker after this many attempts instead of looping forever.
 DELIVERY_LIMIT = 20
@@ -101,48 +100,61 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
     channel.exchange_declare(t.announce_exchange, exchange_type="fanout", durable=True)
 
 
-def _drawn_now(fn, *args) -> Future:
+def _drawn_now(fn) -> Future:
     future: Future = Future()
     try:
-        future.set_result(fn(*args))
+        future.set_result(fn())
     except Exception as err:  # noqa: BLE001 - handed on to Enclave.complete
         future.set_exception(err)
     return future
 
 
-class EnclaveRuntime:
-    """:param store: where checkpoints go; written whenever the enclave's state changed,
-    before the records behind the change are acknowledged and before anything that
-    depends on it leaves the process. ``None`` keeps state in memory only (tests)."""
+def draws_on_a_thread() -> bool:
+    """Closed windows are drawn on a thread of their own where there is a second core (the
+    decryption's long powmods release the GIL); with one core, inline."""
+    return (os.cpu_count() or 1) > 1
 
-    def __init__(self, enclave: Enclave, settings: BrokerSettings,
-                 store: SealedStateStore | None = None, seal_keys: Callable[[], None] | None = None) -> None:
+
+class EnclaveRuntime:
+    """Runs one enclave core against the broker until :meth:`stop`.
+
+    :param writer: where checkpoints and sealed keys go (``StateWriter(enclave)`` keeps
+        the state in memory only: tests of the broker edge).
+    :param start: what the core owed when it was built (:meth:`Enclave.start`); carried
+        out on the first connection.
+    """
+
+    def __init__(self, enclave: Enclave, settings: BrokerSettings, writer: StateWriter | None = None,
+                 start: Effects = NOTHING) -> None:
         self.enclave = enclave
         self.settings = settings
-        self._store = store
-        self._seal_keys = seal_keys
+        self._writer = writer or StateWriter(enclave)
         self._rotation_requested = False
+        # Owed since the last commit: effects of the records, ticks and draws handled, and
+        # the deliveries they came in (acknowledged once a checkpoint holds them).
+        self._owed = NOTHING
         self._unacked: list[int] = []
+        # Publications not yet confirmed by the broker, by key: republished after a
+        # reconnect, and every HELD_RETRY_S while no queue is bound for their stream.
+        self._outbox: dict[str, Publication] = {}
+        self._held: set[str] = set()
         # Deliveries received but not yet opened: (delivery method, AMQP type, body), in order.
         self._inbox: list[tuple[object, str | None, bytes]] = []
         # A second thread opens half of each batch where there is a second core.
         two_cores = (os.cpu_count() or 1) > 1
         self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open") if two_cores else None
-        # Closed windows are drawn (decrypted, noised, signed) on a thread of their own while
-        # ingest goes on: the decryption's long powmods release the GIL.
-        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release") if two_cores else None
-        enclave.defer_releases = self._releaser is not None
-        self._drawing: dict[str, Future] = {}  # closing window key -> its draw, in closing order
+        self._releaser = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="release") if draws_on_a_thread()
+                          else None)
+        self._drawing: dict[str, tuple[Closing, Future]] = {}  # in closing order
         self._channel = None
-        self._last_base = time.monotonic()
         self.stopping = False
         self._connection = None
         self._publish = None
         self._last_stats = time.monotonic()
-        self._held: set[str] = set()
         self._last_held_retry = time.monotonic()
         self.prefetch = enclave_prefetch(enclave)
         self.ack_batch = ack_batch_for(self.prefetch)
+        self._owe(start)
 
     def stop(self) -> None:
         self.stopping = True
@@ -191,8 +203,8 @@ class EnclaveRuntime:
         declare_topology(channel, self.settings)
         self._publish = self._connection.channel()
         self._publish.confirm_delivery()
-        self.persist()
-        self.republish_pending()
+        self._channel = channel
+        self.republish_unconfirmed()
         channel.basic_qos(prefetch_count=self.prefetch)
         t = self.settings.topology
         channel.basic_consume(t.records_queue, self._on_record, auto_ack=False)
@@ -208,38 +220,36 @@ class EnclaveRuntime:
             except pe.AMQPError:
                 pass
 
-    # -- callbacks --------------------------------------------------------------------
+    # -- carrying out effects -------------------------------------------------------------
     def request_rotation(self) -> None:
         """Called from a signal handler: rotate at the next tick, on the runtime's thread."""
         self._rotation_requested = True
 
-    def persist(self) -> None:
-        """Checkpoint what changed: a journal append, or now and then a fresh base."""
-        if self.enclave.keys_dirty:
-            # New or retired key epochs are sealed before any state that refers to them.
-            if self._seal_keys is not None:
-                self._seal_keys()
-            self.enclave.keys_dirty = False
-        if not self.enclave.dirty:
-            return
-        store = self._store
-        if store is None:
-            self.enclave.journal_entry()  # nothing to write to; drop the change list
-        elif (store.version == 0 or store.journal_bytes > JOURNAL_MAX_BYTES
-              or time.monotonic() - self._last_base > BASE_EVERY_S):
-            store.save(self.enclave.snapshot())
-            self._last_base = time.monotonic()
-        else:
-            store.append(self.enclave.journal_entry())
-        self.enclave.dirty = False
+    def _owe(self, effects: Effects) -> None:
+        for closing in effects.draw:
+            self._start_draw(closing)
+        self._owed |= effects
+
+    def republish_unconfirmed(self) -> None:
+        """After a (re)connect: what was signed before a broker failure or restart and not
+        confirmed goes out again, byte for byte (the start's checkpoint first)."""
+        self._owed |= Effects(publish=tuple(self._outbox.values()))
+        self.flush()
 
     def flush(self) -> None:
-        """Checkpoint, then acknowledge every record the checkpoint covers, in one ack."""
-        self.persist()
-        if self._unacked:
-            self._channel.basic_ack(self._unacked[-1], multiple=True)
-            self._unacked.clear()
+        """Checkpoint what changed, then acknowledge every delivery the checkpoint covers (in
+        one ack), then publish what the checkpoint holds."""
+        owed, self._owed = self._owed, NOTHING
+        deliveries, self._unacked = self._unacked, []
+        for publication in owed.publish:  # unconfirmed until the broker takes it, even if this fails
+            self._outbox.setdefault(publication.key, publication)
+        commit(owed, deliveries, seal_keys=self._writer.seal_keys, checkpoint=self._writer.checkpoint,
+               ack=self._ack, publish=self._publish_release)
 
+    def _ack(self, last_delivery_tag: int) -> None:
+        self._channel.basic_ack(last_delivery_tag, multiple=True)
+
+    # -- records ----------------------------------------------------------------------
     def _on_record(self, channel, method, props, body: bytes) -> None:
         # pika hands over every delivery that has arrived before process_data_events
         # returns; ingest() then takes them as one batch.
@@ -275,16 +285,12 @@ class EnclaveRuntime:
             if len(self._unacked) >= self.ack_batch:
                 self.flush()
 
-    def _account(self, method, body: bytes, outcome, index: int | None) -> None:
-        """Carry out one record's outcome; its delivery is acknowledged later, by flush()."""
-        if outcome.rejection is None:
-            if outcome.releases:
-                self.persist()  # a release and its ledger charge are sealed before they leave
-                for release in outcome.releases:
-                    self._publish_release(release)
-            return
-        r = outcome.rejection
-        if r.reason.value == "duplicate" and method.redelivered:
+    def _account(self, method, body: bytes, effects: Effects, index: int | None) -> None:
+        """Carry out one record's refusal at once; owe the rest to the next flush."""
+        r = effects.rejection
+        if r is None:
+            self._owe(effects)
+        elif r.reason.value == "duplicate" and method.redelivered:
             # Our own ack was lost: this record is already counted.
             log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
         else:
@@ -300,18 +306,20 @@ class EnclaveRuntime:
                                amqp.properties("rejected-record", headers=headers), mandatory=False)
         log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
 
+    # -- releases ---------------------------------------------------------------------
+    def _start_draw(self, closing: Closing) -> None:
+        if closing.key not in self._drawing:
+            def draw() -> Publication:
+                return self.enclave.draw(closing)  # decrypt once, noise once, sign
+
+            future = self._releaser.submit(draw) if self._releaser else _drawn_now(draw)
+            self._drawing[closing.key] = (closing, future)
+
     def release_closed(self, wait: bool = False) -> None:
-        """Have closed windows drawn on the release thread; store the draws that are done (all
-        of them with ``wait``) in closing order, checkpoint, then publish them."""
-        for key, closing in self.enclave.closing.items():
-            if key not in self._drawing:
-                # With one core the enclave draws the windows it closes at once; what can be
-                # left are windows a crash left closing in the sealed state: draw them here.
-                self._drawing[key] = (self._releaser.submit(self.enclave.finish, closing) if self._releaser
-                                      else _drawn_now(self.enclave.finish, closing))
-        publications = []
+        """Store the draws that are done (all of them with ``wait``) in closing order; the
+        next flush checkpoints, then publishes them."""
         while self._drawing:
-            key, future = next(iter(self._drawing.items()))
+            key, (closing, future) = next(iter(self._drawing.items()))
             if not (wait or future.done()):
                 break
             del self._drawing[key]
@@ -319,11 +327,7 @@ class EnclaveRuntime:
                 outcome = future.result()
             except Exception as err:  # noqa: BLE001 - complete() withholds the window and logs why
                 outcome = err
-            publications += self.enclave.complete(self.enclave.closing[key], outcome, now_ms())
-        if publications:
-            self.persist()  # a release and its ledger charge are sealed before they leave
-            for publication in publications:
-                self._publish_release(publication)
+            self._owe(self.enclave.complete(closing, outcome, now_ms()))
 
     def _on_attest(self, channel, _method, props, body: bytes) -> None:
         if not props.reply_to:
@@ -338,36 +342,28 @@ class EnclaveRuntime:
             correlation_id=props.correlation_id, type="reply", app_id=amqp.APP_ID))
 
     def _tick(self) -> None:
-        notices = ()
         if self._rotation_requested or self.enclave.rotation_due(now_ms()):
             self._rotation_requested = False
             self.flush()  # records folded so far are checkpointed under the epoch they came in
-            self.enclave.rotate(now_ms())
-            notices = self.enclave.announcements()  # sealed below with the new keys, then sent
-        releases = self.enclave.on_tick(now_ms())
-        self.release_closed()  # windows the clock closed go to the release thread now
-        self.persist()
-        for release in (*notices, *releases):
-            self._publish_release(release)
-        self.persist()  # confirmed publications leave the pending set
+            self._owe(self.enclave.rotate(now_ms()))
+        self._owe(self.enclave.on_tick(now_ms()))
+        self.flush()
         if self._held and time.monotonic() - self._last_held_retry >= HELD_RETRY_S:
             self._last_held_retry = time.monotonic()
-            self.republish_pending()
+            self._owe(Effects(publish=tuple(self._outbox[k] for k in sorted(self._held) if k in self._outbox)))
+            self.flush()
         if time.monotonic() - self._last_stats >= STATS_EVERY_S:
             self.log_stats()
 
-    def republish_pending(self) -> None:
-        """Publish what was signed before a broker failure or restart, byte for byte as stored."""
-        for release in list(self.enclave.pending.values()):
-            self._publish_release(release)
-
-    def _publish_release(self, release) -> None:
+    def _publish_release(self, release: Publication) -> None:
+        if release.key not in self._outbox:
+            return  # confirmed already (listed twice in one flush)
         if release.announce:
             # Not mandatory: with no producer listening there is nobody to tell (producers
             # that attest later get the new epoch anyway). Pending until the broker confirms.
             amqp.publish_confirmed(self._publish, self.settings.topology.announce_exchange, "",
                                    release.body, amqp.properties("announce"), mandatory=False)
-            self.enclave.confirm_published(release)
+            self._confirmed(release)
             log.info("key rotation announced", extra={"fields": {
                 "key_epoch": release.message.key_epoch, "previous_epoch": release.message.previous_epoch}})
             return
@@ -383,8 +379,12 @@ class EnclaveRuntime:
                     "stream": release.stream, "publication": release.key, "retry_every_s": HELD_RETRY_S}})
             return
         self._held.discard(release.key)
-        self.enclave.confirm_published(release)
+        self._confirmed(release)
+
+    def _confirmed(self, release: Publication) -> None:
+        del self._outbox[release.key]
+        self._owed |= self.enclave.confirm_published(release)  # checkpointed at the next flush
 
     def log_stats(self) -> None:
         self._last_stats = time.monotonic()
-        log.info("stats", extra={"fields": self.enclave.stats.to_json(self.enclave.decryptions)})
+        log.info("stats", extra={"fields": self.enclave.stats_json()})

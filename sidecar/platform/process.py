@@ -1,9 +1,9 @@
-"""The platform process: measures the enclave, launches it as a child process, answers
-its quote requests over the private channel, and restarts it (with backoff) if it dies."""
+"""The platform process (``sealedsum sidecar``): measures the enclave, launches it as a
+child process, answers its quote and counter requests over the private channel, and
+restarts it (with backoff) if it dies."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import signal
@@ -13,26 +13,34 @@ import time
 from pathlib import Path
 
 from sealedsum.common.config import Config
-from sealedsum.sidecar.channel import ChannelClosed, PipeChannel
+from sealedsum.common.errors import ChannelClosed, ExitCode, FrameError
+from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel,
+                                       QuoteReply, QuoteRequest, Ready)
 from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar.platform.base import Platform
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 log = logging.getLogger("sealedsum.platform")
 
 # The child imports the installed tree the platform measured, in isolated mode (no
 # PYTHONPATH, no user site, no working directory on sys.path).
-BOOT = "import sys; from sealedsum.sidecar.enclave.__main__ import main; sys.exit(main(sys.argv[1:]))"
+BOOT = "import sys; from sealedsum.sidecar.enclave_process.__main__ import main; sys.exit(main(sys.argv[1:]))"
 MAX_BACKOFF_S = 30.0
-EXIT_CONFIG = 2
+# The enclave exits with this when restarting cannot help (its sealed state or keys do
+# not open, or do not fit the code): the platform gives up with it too.
+EXIT_CONFIG = ExitCode.USAGE
 PID_FILE = "sidecar.pid"
 
 
-class Sidecar:
-    def __init__(self, config: Config, state_dir: Path, log_level: str = "INFO") -> None:
+class PlatformProcess:
+    """:param platform: the root of trust (default: the emulated platform of ``state_dir``)."""
+
+    def __init__(self, config: Config, state_dir: Path, log_level: str = "INFO",
+                 platform: Platform | None = None) -> None:
         self.config = config
         self.state_dir = state_dir
         self.log_level = log_level
-        self.platform = EmulatedPlatform.load(state_dir)
+        self.platform: Platform = platform if platform is not None else EmulatedPlatform.load(state_dir)
         self.policy_bytes = config.require_policy().to_bytes()
         self.code_digest, self.measurement = measure.measure(self.policy_bytes)
         self.stopping = False
@@ -98,33 +106,33 @@ class Sidecar:
         channel = PipeChannel(from_child_r, to_child_w)
         b = self.config.broker
         try:
-            channel.send({
-                "sealing_key": base64.b64encode(self.platform.sealing_key(self.measurement)).decode(),
-                "measurement": self.measurement.hex(),
-                "code_digest": self.code_digest.hex(),
-                "policy": base64.b64encode(self.policy_bytes).decode(),
-                "state_dir": str(self.state_dir.resolve()),
-                "broker": {"url": b.url, "prefix": b.topology.prefix, "queue_type": b.queue_type,
-                           "max_queued_records": b.max_queued_records},
-                "log_level": self.log_level,
-            })
+            channel.send(Launch(self.platform.sealing_key(self.measurement), self.measurement, self.code_digest,
+                                self.policy_bytes, str(self.state_dir.resolve()),
+                                BrokerLink(b.url, b.topology.prefix, b.queue_type, b.max_queued_records),
+                                self.log_level))
             while True:
-                msg = channel.recv()
-                op = msg.get("op")
-                if op == "quote":
-                    quote = self.platform.quote(self.measurement, bytes.fromhex(msg["report_data"]))
-                    channel.send({"quote": base64.b64encode(quote).decode()})
-                elif op == "counter_read":
-                    channel.send({"value": self.platform.counter_read(self.measurement)})
-                elif op == "counter_advance":
-                    channel.send({"value": self.platform.counter_advance(self.measurement, int(msg["value"]))})
-                elif op == "ready":
-                    log.info("enclave running", extra={"fields": {
-                        "pid": msg.get("pid"), "platform_pid": os.getpid(), "hardening": msg.get("hardening")}})
-                else:
-                    log.warning("unknown request on the platform channel", extra={"fields": {"op": op}})
-        except (ChannelClosed, BrokenPipeError, ValueError, KeyError):
-            pass
+                self._answer(channel, channel.recv())
+        except FrameError as err:
+            # Only the measured enclave writes here: a frame outside the protocol means it is
+            # not the code the platform launched, or it is broken. Nothing more is answered.
+            log.error("malformed frame from the enclave; stopping it", extra={"fields": {"detail": str(err)}})
+            if self.child.poll() is None:
+                self.child.kill()
+        except ChannelClosed:
+            pass  # the enclave exited (its exit code says how)
         finally:
             channel.close()
         return self.child.wait()
+
+    def _answer(self, channel: PipeChannel, frame) -> None:
+        if isinstance(frame, QuoteRequest):
+            channel.send(QuoteReply(self.platform.quote(self.measurement, frame.report_data)))
+        elif isinstance(frame, CounterRead):
+            channel.send(CounterValue(self.platform.counter_read(self.measurement)))
+        elif isinstance(frame, CounterAdvance):
+            channel.send(CounterValue(self.platform.counter_advance(self.measurement, frame.value)))
+        elif isinstance(frame, Ready):
+            log.info("enclave running", extra={"fields": {
+                "pid": frame.pid, "platform_pid": os.getpid(), "hardening": frame.hardening}})
+        else:
+            raise FrameError(f"the enclave sent a {frame.OP} frame, which only the platform sends")

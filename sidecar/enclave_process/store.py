@@ -25,17 +25,13 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from sealedsum.common.errors import SealingError
+from sealedsum.common.errors import RollbackDetected, SealingError
 from sealedsum.sidecar.durable import write_all, write_atomic
 from sealedsum.sidecar.enclave import sealing
 
 STATE_AAD = b"sealedsum/v1/sealed-state\x00"
 JOURNAL_AAD = b"sealedsum/v1/sealed-journal\x00"
 CHUNK_HEAD = struct.Struct(">QI")  # version, sealed length
-
-
-class RollbackDetected(SealingError):
-    """The sealed state on disk is older than the platform's counter says it must be."""
 
 
 class MonotonicCounter(Protocol):
@@ -61,6 +57,12 @@ class SealedStateStore:
         :raises RollbackDetected: the state is older than the counter, or gone.
         :raises SealingError: a file does not open (tampered, or other code).
         """
+        try:
+            return self._load()
+        except (ValueError, KeyError, TypeError) as err:  # it opened, so it is ours: an older format
+            raise SealingError(f"the sealed state does not parse: {type(err).__name__}") from err
+
+    def _load(self) -> list[dict] | None:
         expected = self._counter.read()
         if not self.base_path.exists():
             if expected:

@@ -1,0 +1,121 @@
+"""Entry point of the enclave process: the composition root that wires the measured core
+(``sealedsum.sidecar.enclave``) to its store, its hardening and its broker runtime.
+Started by the platform, never by hand: its keys come from and go to the platform over a
+private pipe."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import phe.util
+
+from sealedsum.common import logs
+from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.errors import ExitCode, SealedsumError
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel, QuoteReply, \
+    QuoteRequest, Ready
+from sealedsum.sidecar.durable import write_atomic
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.service import Enclave
+from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
+from sealedsum.sidecar.enclave_process.hardening import harden
+from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime, draws_on_a_thread
+from sealedsum.sidecar.enclave_process.store import SealedStateStore
+from sealedsum.sidecar.platform import measure
+
+log = logging.getLogger("sealedsum.enclave")
+
+
+def enclave_dir(state: Path, measurement: bytes) -> Path:
+    directory = state / "enclave" / measurement.hex()[:32]
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return directory
+
+
+class PlatformCounter:
+    """The platform's monotonic counter, over the private channel."""
+
+    def __init__(self, channel: PipeChannel) -> None:
+        self._channel = channel
+
+    def read(self) -> int:
+        return self._channel.request(CounterRead(), CounterValue).value
+
+    def advance(self, value: int) -> int:
+        return self._channel.request(CounterAdvance(value), CounterValue).value
+
+
+def load_or_create_keys(directory: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> Keyring:
+    """Unseal this measurement's key epochs, or create and seal the first on first start."""
+    path = directory / "keys.sealed"
+    if path.exists():
+        keyring = Keyring.unseal(sealing_key, measurement, path.read_bytes())
+        log.info("keys unsealed", extra={"fields": {"path": str(path), "key_epoch": keyring.current_epoch,
+                                                    "epochs": sorted(keyring.epochs)}})
+        return keyring
+    keyring = Keyring.single(EnclaveKeys.generate(paillier_bits))
+    keyring.rotated_at_ms = int(time.time() * 1000)
+    write_atomic(path, keyring.seal(sealing_key, measurement))
+    log.info("keys created and sealed", extra={"fields": {"path": str(path), "paillier_bits": paillier_bits}})
+    return keyring
+
+
+def main(argv: list[str]) -> int:
+    report = harden()
+    channel = PipeChannel(int(argv[0]), int(argv[1]))
+    launch = channel.recv()
+    if not isinstance(launch, Launch):
+        return ExitCode.USAGE  # not the platform this code talks to
+    logs.setup("enclave", launch.log_level)
+    log.info("hardening", extra={"fields": report})
+    # gmpy2 makes phe's modular arithmetic several times faster; say which one runs.
+    log.info("paillier backend", extra={"fields": {"gmpy2": bool(phe.util.HAVE_GMP)}})
+
+    code_digest = launch.code_digest
+    if measure.code_digest() != code_digest:
+        log.error("the code on disk changed since the platform measured it; refusing to start")
+        return ExitCode.USAGE
+    policy_bytes = launch.policy
+    policy = EnclavePolicy.from_bytes(policy_bytes)
+    measurement, sealing_key = launch.measurement, launch.sealing_key
+    directory = enclave_dir(Path(launch.state_dir), measurement)
+    store = SealedStateStore(directory, sealing_key, measurement, PlatformCounter(channel))
+
+    def quote(report_data: bytes) -> bytes:
+        return channel.request(QuoteRequest(report_data), QuoteReply).quote
+
+    try:
+        keys = load_or_create_keys(directory, sealing_key, measurement, policy.paillier_bits)
+        state = store.load()
+        if state is not None:
+            log.info("state unsealed", extra={"fields": {"version": store.version,
+                                                         "journal_entries": len(state) - 1}})
+        enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote, state,
+                          int(time.time() * 1000), draw_inline=not draws_on_a_thread())
+    except SealedsumError as err:
+        # Rolled back, tampered, other code, or a state this code cannot read: restarting
+        # cannot help, and the exit code tells the platform so.
+        log.error("cannot unseal keys or state; refusing to start", extra={"fields": {
+            "error": type(err).__name__, "detail": str(err)}})
+        return err.exit_code
+    b = launch.broker
+    settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
+    writer = StateWriter(enclave, store, directory / "keys.sealed", sealing_key)
+    runtime = EnclaveRuntime(enclave, settings, writer, start=enclave.start())
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+    signal.signal(signal.SIGINT, lambda *_: runtime.stop())
+    signal.signal(signal.SIGUSR1, lambda *_: runtime.request_rotation())  # `sealedsum sidecar rotate`
+    channel.send(Ready(os.getpid(), report, keys.current_epoch))
+    runtime.run()
+    log.info("enclave stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
