@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 from sealedsum.common.policy import SECURE_PAILLIER_BITS
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.testbed import Testbed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """Shared by every role: wire format, policy, signing and attestation verification.
 
 The enclave imports this package, so the measurement covers it (see
-``sealedsum.sidecar.platform.measure``). Nothing here does I/O except ``sealedsum.common.amqp``.
+``sealedsum.sidecar.measurement``). Nothing here does I/O except ``sealedsum.common.amqp``.
 """

@@ -4,7 +4,7 @@ before anyone reads a number from it."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from sealedsum.common.attestation import AttestedEnclave
@@ -12,7 +12,7 @@ from sealedsum.common.config import Config
 from sealedsum.common.errors import (InvalidMessage, InvalidResultSignature, LedgerChainError, PolicyMismatch,
                            ReleaseOutOfOrder)
 from sealedsum.common.results import BudgetExhausted, Release, verify_signed
-from sealedsum.consumers.ledger import ChainVerifier
+from sealedsum.consumers.chain_audit import ChainVerifier
 
 log = logging.getLogger("sealedsum.consumer")
 
@@ -23,7 +23,6 @@ class ResultVerifier:
 
     enclave: AttestedEnclave
     rejected: int = 0
-    seen: set = field(default_factory=set)
 
     def verify(self, body: bytes) -> Release | BudgetExhausted:
         """:raises InvalidResultSignature: forged or altered (the counter goes up)."""

@@ -30,7 +30,7 @@ from sealedsum.common import config as config_mod
 from sealedsum.common.attestation import AttestedEnclave, encode_platform_key
 from sealedsum.common.errors import ConfigError
 from sealedsum.common.policy import SECURE_PAILLIER_BITS
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import KEY_FILE, EmulatedPlatform
 
 CONFIG = """\

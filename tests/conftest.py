@@ -18,7 +18,7 @@ from sealedsum.common.policy import EnclavePolicy
 from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 TEST_BITS = 1024  # insecure on purpose: unit tests only, and the policy says so

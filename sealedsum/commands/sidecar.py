@@ -12,7 +12,7 @@ from pathlib import Path
 from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common.attestation import encode_platform_key
 from sealedsum.common.errors import ConfigError, ExitCode
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from sealedsum.sidecar.platform.process import PID_FILE, PlatformProcess
 from sealedsum.testbed import write_client_config

@@ -7,7 +7,7 @@ so a stream's spend is its number of releases; :mod:`sealedsum.common.privacy` t
 The ledger is a hash chain per stream: each release's charge is hashed onto the
 previous head, and every signed result carries its sequence number and the new head,
 so anyone holding a stream's results can recompute the chain and see that none was
-left out. The chain itself is defined in :mod:`sealedsum.common.ledger`, which consumers share.
+left out. The chain itself is defined in :mod:`sealedsum.common.ledger_chain`, which consumers share.
 The ledger lives in the enclave's sealed state, which the platform's monotonic counter
 protects against rollback (see ``sealedsum.sidecar.enclave_process.store``).
 """
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sealedsum.common import ledger as chain, privacy
-from sealedsum.common.ledger import LEDGER_LABEL, genesis, next_head
+from sealedsum.common import ledger_chain as chain, privacy
+from sealedsum.common.ledger_chain import LEDGER_LABEL, genesis, next_head
 from sealedsum.common.policy import StreamPolicy
 
 __all__ = ["LEDGER_LABEL", "StreamLedger", "charge_bytes", "genesis", "next_head"]
 
 
 def charge_bytes(policy: StreamPolicy, window: int, seq: int) -> bytes:
-    """The charge of a release of ``policy``'s stream (:func:`sealedsum.common.ledger.charge_bytes`)."""
+    """The charge of a release of ``policy``'s stream (:func:`sealedsum.common.ledger_chain.charge_bytes`)."""
     return chain.charge_bytes(policy.name, window, seq, policy.mechanism, policy.epsilon, policy.delta,
                               policy.noise_plan().rho)
 

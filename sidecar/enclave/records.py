@@ -25,7 +25,6 @@ def open_record(
     body: bytes,
     keyring: Keyring,
     policy: EnclavePolicy,
-    now_ms: int,
     size_limit: int,
 ) -> tuple[wire.Envelope, StreamPolicy, EnclaveKeys]:
     """Open the sealed box and check the record against the keys and the policy.

@@ -255,7 +255,7 @@ class Enclave:
     # may run it on another thread (libsodium releases the GIL); ``accept`` changes state
     # and runs on the runtime's thread, in delivery order. ``on_record`` does both.
     def on_record(self, body: bytes, now_ms: int) -> Effects:
-        return self.accept(self.open(body, now_ms), now_ms)
+        return self.accept(self.open(body), now_ms)
 
     def records_in(self, body: bytes, kind: str | None) -> tuple[bytes, ...] | RecordRejected:
         """The sealed records one delivery carries: itself, or those of a record batch
@@ -269,14 +269,14 @@ class Enclave:
             self.stats.rejected[reason.value] += 1
             return RecordRejected(reason, str(err))
 
-    def open(self, body: bytes, now_ms: int) -> OpenedRecord | RecordRejected:
+    def open(self, body: bytes) -> OpenedRecord | RecordRejected:
         """Open the sealed box and validate the record against keys and policy.
 
         Thread-safe as long as no key rotation or retirement runs at the same time.
         Returns the rejection instead of raising it, so batches can be opened at once.
         """
         try:
-            return OpenedRecord(*open_record(body, self.keyring, self.policy, now_ms, self._size_limit))
+            return OpenedRecord(*open_record(body, self.keyring, self.policy, self._size_limit))
         except RecordRejected as rejection:
             return rejection
         except Exception as err:  # noqa: BLE001 - the enclave must never die on input

@@ -27,7 +27,7 @@ from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
 from sealedsum.sidecar.enclave_process.hardening import harden
 from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime, draws_on_a_thread
 from sealedsum.sidecar.enclave_process.store import SealedStateStore
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 
 log = logging.getLogger("sealedsum.enclave")
 
@@ -80,6 +80,11 @@ def main(argv: list[str]) -> int:
     code_digest = launch.code_digest
     if measure.code_digest() != code_digest:
         log.error("the code on disk changed since the platform measured it; refusing to start")
+        return ExitCode.USAGE
+    unmeasured = measure.unmeasured_modules(list(sys.modules))
+    if unmeasured:
+        log.error("the enclave loaded code the measurement does not cover; refusing to start",
+                  extra={"fields": {"modules": unmeasured}})
         return ExitCode.USAGE
     policy_bytes = launch.policy
     policy = EnclavePolicy.from_bytes(policy_bytes)

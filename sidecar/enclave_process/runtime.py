@@ -267,11 +267,11 @@ class EnclaveRuntime:
         deliveries = [(method, kind, body, self.enclave.records_in(body, kind)) for method, kind, body in batch]
         bodies = [part for *_, parts in deliveries if not isinstance(parts, RecordRejected) for part in parts]
         if self._opener is None or len(bodies) < PARALLEL_OPEN_MIN:
-            opened = [self.enclave.open(part, now) for part in bodies]
+            opened = [self.enclave.open(part) for part in bodies]
         else:
             half = len(bodies) // 2
-            later = self._opener.submit(lambda: [self.enclave.open(part, now) for part in bodies[half:]])
-            opened = [self.enclave.open(part, now) for part in bodies[:half]]
+            later = self._opener.submit(lambda: [self.enclave.open(part) for part in bodies[half:]])
+            opened = [self.enclave.open(part) for part in bodies[:half]]
             opened += later.result()
         records = iter(opened)
         for method, kind, body, parts in deliveries:

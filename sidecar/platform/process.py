@@ -16,7 +16,7 @@ from sealedsum.common.config import Config
 from sealedsum.common.errors import ChannelClosed, ExitCode, FrameError
 from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel,
                                        QuoteReply, QuoteRequest, Ready)
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.base import Platform
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 

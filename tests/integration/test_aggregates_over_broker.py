@@ -18,7 +18,7 @@ import pytest
 
 from sealedsum.common.results import Release
 from sealedsum.consumers.client import Consumer
-from sealedsum.consumers.ledger import verify_chain
+from sealedsum.consumers.chain_audit import verify_chain
 from sealedsum.producers.client import Producer
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from sealedsum.common.errors import (
     UntrustedPlatform,
 )
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 

@@ -26,7 +26,7 @@ from sealedsum.common import config as config_mod
 from sealedsum.common.attestation import encode_platform_key
 from sealedsum.producers.inputs import read_records
 from sealedsum import broker
-from sealedsum.sidecar.platform import measure
+from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """A consumer recomputes a stream's ledger chain from its verified releases
-(sealedsum.consumers.ledger, docs/protocol.md section 15.4): a missing, reordered, repeated or
+(sealedsum.consumers.chain_audit, docs/protocol.md section 15.4): a missing, reordered, repeated or
 altered release is found. Against the real enclave core and against tests/vectors/ledger.json."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from sealedsum.common import ledger as chain
+from sealedsum.common import ledger_chain as chain
 from sealedsum.common import wire
 from sealedsum.common.errors import LedgerChainError, LedgerHeadMismatch, MissingRelease, ReleaseOutOfOrder
 from sealedsum.common.results import BudgetExhausted, Release, verify_signed
 from sealedsum.consumers.client import ResultVerifier
-from sealedsum.consumers.ledger import ChainVerifier, verify_chain
+from sealedsum.consumers.chain_audit import ChainVerifier, verify_chain
 from sealedsum.sidecar.enclave import ledger as enclave_ledger
 from tests.conftest import make_policy, make_world, now_ms, stream_table
 

@@ -197,16 +197,20 @@ PACKED_VALUES = [
 ]
 
 # A synthetic source tree for the code digest (the real digest changes with every edit).
+# The code digest's input: the source of each measured module, by dotted name (section 5).
+# Names that sort differently as paths and as dotted names, a package, and non-ASCII content.
 CODE_FILES = {
-    "common/__init__.py": b"",
-    "common/ab.py": b"B = 2\n",
-    "common/a_b.py": b"A_B = 1\n",
-    "common/notes.txt": b"not a .py file: not measured\n",
-    "sidecar/__init__.py": b'"""sidecar"""\n',
-    "sidecar/platform_x.py": b"X = 'x'\n",
-    "sidecar/platform/__init__.py": b"",
-    "sidecar/platform/measure.py": "LABEL = 'caf\u00e9'\n".encode("utf-8"),
+    "sealedsum": b'__version__ = "0.0.0"\n',
+    "sealedsum.common": b"",
+    "sealedsum.common.a.b": b"B = 2\n",
+    "sealedsum.common.a_b": b"A_B = 1\n",
+    "sealedsum.sidecar": b'"""sidecar"""\n',
+    "sealedsum.sidecar.enclave_process.__main__": "LABEL = 'caf\u00e9'\n".encode("utf-8"),
 }
+# The code digest the other vectors take as input: the synthetic one of the earlier rule
+# (every .py file of common/ and sidecar/ by path), kept so that the measurement, quotes,
+# sealing keys and everything signed under them stay as they were; any 32 bytes would do.
+INPUT_CODE_DIGEST = bytes.fromhex("0bba7218b1f83f17f2e93051a8c3194605a3fde648af658273b9d0409a88e3b2")
 RUNTIME_LINE_KEYS = ["python", "cryptography", "gmpy2", "numpy", "opendp", "phe", "pika", "pynacl"]
 RUNTIME_LINE = ("python=3.11.9;cryptography=50.0.2;gmpy2=2.3.2;numpy=2.4.6;opendp=0.16.0;"
                 "phe=1.5.0;pika=1.4.4;pynacl=1.6.2")
@@ -423,7 +427,7 @@ def build() -> dict[str, dict]:
 
     from sealedsum.common import attestation, privacy, signing, wire
     from sealedsum.common.policy import EnclavePolicy
-    from sealedsum.sidecar.platform import measure
+    from sealedsum.sidecar import measurement as measure
 
     out: dict[str, dict] = {}
 
@@ -526,30 +530,31 @@ def build() -> dict[str, dict]:
 
     # -- code digest ------------------------------------------------------------------
     h = hashlib.sha256(b"sealedsum/v1/code\x00")
-    measured = sorted(p for p in CODE_FILES if p.endswith(".py"))
+    measured = sorted(CODE_FILES)
     digest_input = b"sealedsum/v1/code\x00"
-    for path in measured:
-        name, content = path.encode("utf-8"), CODE_FILES[path]
+    for module in measured:
+        name, content = module.encode("ascii"), CODE_FILES[module]
         rec = u32(len(name)) + name + u64(len(content)) + content
         h.update(rec)
         digest_input += rec
     assert ["python"] + [d.lower() for d in measure.RUNTIME_DISTRIBUTIONS] == RUNTIME_LINE_KEYS
     h.update(RUNTIME_LINE.encode("ascii"))
     digest_input += RUNTIME_LINE.encode("ascii")
-    code_digest = h.digest()
-    assert sha256(digest_input) == code_digest
+    assert sha256(digest_input) == h.digest()
     out["code_digest"] = {
         "kind": "code_digest",
-        "description": "sidecar.platform.measure.code_digest() over a synthetic tree with the packages "
-                       "'common' and 'sidecar' (paths relative to the packages' parent, sorted as strings; "
-                       "only *.py files), and a fixed runtime line.",
-        "files": [{"path": p, "content_hex": hexs(c)} for p, c in CODE_FILES.items()],
+        "description": "sidecar.measurement.digest_of(modules, runtime_line): the code digest of these "
+                       "measured modules (dotted name -> source bytes, sorted by name as strings) and a fixed "
+                       "runtime line. Which modules are measured (the enclave process's import closure) is "
+                       "section 5's rule, checked by tests/unit/test_measurement.py.",
+        "modules": [{"name": m, "content_hex": hexs(c)} for m, c in CODE_FILES.items()],
         "measured_order": measured,
         "runtime_line": RUNTIME_LINE,
         "runtime_line_keys": RUNTIME_LINE_KEYS,
         "digest_input_hex": hexs(digest_input),
-        "code_digest": hexs(code_digest),
+        "code_digest": hexs(h.digest()),
     }
+    code_digest = INPUT_CODE_DIGEST
 
     # -- measurement and report data --------------------------------------------------
     meas_input = b"sealedsum/v1/measurement\x00" + code_digest + sha256(policy_bytes)

@@ -1,7 +1,7 @@
 """The privacy budget ledger's hash chain (docs/protocol.md section 15.4), defined once.
 
 The enclave extends it with every release (``sealedsum.sidecar.enclave.ledger``); consumers recompute
-it from the releases they hold (``sealedsum.consumers.ledger``) to see that none is missing.
+it from the releases they hold (``sealedsum.consumers.chain_audit``) to see that none is missing.
 
     head_0 = SHA-256(LABEL || stream)
     head_n = SHA-256(LABEL || head_(n-1) || charge_n)

@@ -4,7 +4,7 @@ Every release carries ``budget.releases`` (its sequence number n in the stream's
 and ``budget.ledger_head`` (head_n). Recomputing head_n from head_(n-1) and the release's
 own charge, one release after the other, shows that none is missing or out of order and
 that the heads the enclave signed form one chain; a ``budget_exhausted`` notice and a
-fresh budget report must carry the last head. The chain is :mod:`sealedsum.common.ledger`'s.
+fresh budget report must carry the last head. The chain is :mod:`sealedsum.common.ledger_chain`'s.
 
 Only verified messages (:class:`sealedsum.consumers.client.ResultVerifier`) belong here: the chain
 proves nothing about a release whose signature was not checked.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable
 
-from sealedsum.common import ledger as chain
+from sealedsum.common import ledger_chain as chain
 from sealedsum.common.errors import LedgerChainError, LedgerHeadMismatch, MissingRelease, ReleaseOutOfOrder
 from sealedsum.common.results import BudgetExhausted, BudgetReport, Release
 
