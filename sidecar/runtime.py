@@ -18,7 +18,7 @@ from typing import Callable
 import pika
 import pika.exceptions as pe
 
-from sealedsum.common import amqp, wire
+from sealedsum.common import amqp, topology, wire
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
 from sealedsum.sidecar.enclave.service import Enclave
@@ -91,12 +91,12 @@ def declare_topology(channel, settings: BrokerSettings) -> None:
     if settings.queue_type == "quorum":
         records_args["x-delivery-limit"] = DELIVERY_LIMIT
     channel.queue_declare(t.records_queue, durable=True, arguments=records_args)
-    channel.queue_bind(t.records_queue, t.records_exchange, routing_key="record")
+    channel.queue_bind(t.records_queue, t.records_exchange, routing_key=topology.RECORD_ROUTING_KEY)
     channel.exchange_declare(t.results_exchange, exchange_type="topic", durable=True)
     channel.exchange_declare(t.attest_exchange, exchange_type="direct", durable=True)
     channel.queue_declare(t.attest_queue, durable=False,
                           arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS})
-    channel.queue_bind(t.attest_queue, t.attest_exchange, routing_key=amqp.ATTEST_ROUTING_KEY)
+    channel.queue_bind(t.attest_queue, t.attest_exchange, routing_key=topology.ATTEST_ROUTING_KEY)
     # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
     channel.exchange_declare(t.announce_exchange, exchange_type="fanout", durable=True)
 

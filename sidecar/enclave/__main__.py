@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from sealedsum.common import logs
-from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.config import BrokerSettings
+from sealedsum.common.topology import Topology
 from sealedsum.common.errors import SealingError
 from sealedsum.common.policy import EnclavePolicy
 from sealedsum.sidecar.channel import PipeChannel

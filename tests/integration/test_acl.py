@@ -24,7 +24,7 @@ import pika.exceptions as pe
 import pytest
 
 from sealedsum.common import config as config_mod
-from sealedsum.common.config import Topology
+from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, Topology
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum import broker
@@ -243,11 +243,11 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
         refused(url, lambda ch: ch.basic_get(t.records_queue)),
         refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
         refused(url, lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue,
-                                              t.records_exchange, "record")),
+                                              t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, lambda ch: ch.queue_declare(f"{acc.prefix}.not-mine", durable=True)),
         refused(url, lambda ch: ch.queue_purge(t.records_queue)),
         refused(url, lambda ch: ch.queue_delete(t.records_queue)),
-        refused(url, publish(t.records_exchange, "record")),
+        refused(url, publish(t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish(t.results_exchange, "s")),  # forging results
         refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
     ]
@@ -272,7 +272,7 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
     admin = pika.BlockingConnection(pika.URLParameters(sc.config.broker.url))
     victim = f"{acc.prefix}.consumer.victim"
     admin.channel().queue_declare(victim, durable=True)
-    admin.channel().queue_bind(victim, t.results_exchange, "#")
+    admin.channel().queue_bind(victim, t.results_exchange, ALL_RESULTS_KEY)
 
     def own_queue_bound_to(exchange, key):
         return lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue, exchange, key)
@@ -283,12 +283,12 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
             refused(url, lambda ch: ch.queue_declare(t.announce_exchange, exclusive=True)),  # named, not server-named
             refused(url, lambda ch: ch.exchange_declare(f"{acc.prefix}.mine", "fanout")),
             # Its own queue, bound to anything but the announce exchange: results, records, dead letters.
-            refused(url, own_queue_bound_to(t.results_exchange, "#")),
-            refused(url, own_queue_bound_to(t.records_exchange, "record")),
+            refused(url, own_queue_bound_to(t.results_exchange, ALL_RESULTS_KEY)),
+            refused(url, own_queue_bound_to(t.records_exchange, RECORD_ROUTING_KEY)),
             refused(url, own_queue_bound_to(t.rejected_exchange, "")),
             # It may write to the queues named like its exchanges, but read no exchange to bind from.
-            refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, "#")),
-            refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, "#")),
+            refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, ALL_RESULTS_KEY)),
+            refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, ALL_RESULTS_KEY)),
             # (Binding those two queues to PREFIX.announce is not refused: docs/broker-accounts.md.)
             refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
             refused(url, lambda ch: ch.basic_consume(t.attest_queue, lambda *a: None)),

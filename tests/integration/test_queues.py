@@ -13,6 +13,7 @@ import pika.exceptions as pe
 import pytest
 
 from sealedsum.common import amqp
+from sealedsum.common.topology import RECORD_ROUTING_KEY
 from sealedsum.sidecar.runtime import DELIVERY_LIMIT, declare_topology
 from tests.integration.test_end_to_end import STREAM, drain
 
@@ -65,7 +66,7 @@ def test_records_go_to_quorum_queues_whose_delivery_limit_stops_a_poison_message
         assert sc.stop() == 0  # nobody else reads the records queue now
         ch = conn.channel()
         ch.confirm_delivery()
-        ch.basic_publish(t.records_exchange, "record", b"poison",
+        ch.basic_publish(t.records_exchange, RECORD_ROUTING_KEY, b"poison",
                          pika.BasicProperties(delivery_mode=2), mandatory=True)
         # Read it without acknowledging and drop the connection, as an enclave that dies
         # on it does: the broker takes it back and counts one more delivery each time.
