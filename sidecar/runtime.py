@@ -64,10 +64,6 @@ FLUSH_EVERY_S = 0.1
 # A journal this large, or a base this old, is folded into a fresh base.
 JOURNAL_MAX_BYTES = 8 << 20
 BASE_EVERY_S = 60.0
-# Quorum queues count deliveries: a message that crashes the enclave again and again
-# is dead-lettered by the broker after this many attempts instead of looping forever.
-DELIVERY_LIMIT = 20
-ATTEST_REQUEST_TTL_MS = 30_000
 STATS_EVERY_S = 10.0
 MAX_BACKOFF_S = 30.0
 HELD_RETRY_S = 5.0
@@ -79,26 +75,13 @@ def now_ms() -> int:
 
 def declare_topology(channel, settings: BrokerSettings) -> None:
     """Declare every exchange and queue the system uses (the sidecar owns them)."""
-    t = settings.topology
-    durable_args = {"x-queue-type": settings.queue_type}
-    channel.exchange_declare(t.rejected_exchange, exchange_type="fanout", durable=True)
-    channel.queue_declare(t.rejected_queue, durable=True, arguments=durable_args)
-    channel.queue_bind(t.rejected_queue, t.rejected_exchange)
-    channel.exchange_declare(t.records_exchange, exchange_type="direct", durable=True)
-    records_args = dict(durable_args, **{"x-dead-letter-exchange": t.rejected_exchange,
-                                         "x-max-length": settings.max_queued_records,
-                                         "x-overflow": "reject-publish"})
-    if settings.queue_type == "quorum":
-        records_args["x-delivery-limit"] = DELIVERY_LIMIT
-    channel.queue_declare(t.records_queue, durable=True, arguments=records_args)
-    channel.queue_bind(t.records_queue, t.records_exchange, routing_key=topology.RECORD_ROUTING_KEY)
-    channel.exchange_declare(t.results_exchange, exchange_type="topic", durable=True)
-    channel.exchange_declare(t.attest_exchange, exchange_type="direct", durable=True)
-    channel.queue_declare(t.attest_queue, durable=False,
-                          arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS})
-    channel.queue_bind(t.attest_queue, t.attest_exchange, routing_key=topology.ATTEST_ROUTING_KEY)
-    # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
-    channel.exchange_declare(t.announce_exchange, exchange_type="fanout", durable=True)
+    for d in topology.declarations(settings.topology, settings.queue_type, settings.max_queued_records):
+        if isinstance(d, topology.ExchangeDecl):
+            channel.exchange_declare(d.name, exchange_type=d.type, durable=d.durable)
+        elif isinstance(d, topology.QueueDecl):
+            channel.queue_declare(d.name, durable=d.durable, arguments=dict(d.arguments))
+        else:
+            channel.queue_bind(d.queue, d.exchange, routing_key=d.routing_key)
 
 
 def _drawn_now(fn, *args) -> Future:

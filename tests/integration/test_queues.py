@@ -1,6 +1,6 @@
 """The queues the sidecar declares, as the broker holds them: the records queue and the
 dead-letter queue are quorum queues (replicated, durable), and the records queue's
-delivery limit (``sealedsum.sidecar.runtime.DELIVERY_LIMIT``) takes a message that keeps coming back
+delivery limit (``sealedsum.common.topology.DELIVERY_LIMIT``) takes a message that keeps coming back
 unacknowledged, as one that kills the enclave each time it is read would, off the queue
 and into ``PREFIX.rejected`` instead of letting it loop forever."""
 
@@ -13,8 +13,8 @@ import pika.exceptions as pe
 import pytest
 
 from sealedsum.common import amqp
-from sealedsum.common.topology import RECORD_ROUTING_KEY
-from sealedsum.sidecar.runtime import DELIVERY_LIMIT, declare_topology
+from sealedsum.common.topology import DELIVERY_LIMIT, RECORD_ROUTING_KEY
+from sealedsum.sidecar.runtime import declare_topology
 from tests.integration.test_end_to_end import STREAM, drain
 
 pytestmark = [pytest.mark.integration]
