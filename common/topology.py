@@ -1,8 +1,9 @@
 """The broker layout of one deployment, as data: exchange and queue names, routing keys,
-and what the sidecar declares.
+what the sidecar declares, and what each role's account may touch.
 
 Pure (no pika, no I/O), so every role, the enclave included, reads the same layout;
-``sidecar/runtime.py`` turns :func:`declarations` into pika calls.
+``sidecar/runtime.py`` turns :func:`declarations` into pika calls and ``sealedsum broker
+setup`` grants :func:`role_permissions`, which are derived from the same names.
 
 The rejected and announce exchanges are fanout, so their routing keys are ignored
 (publishers use ``""``).
@@ -25,6 +26,10 @@ def result_routing_key(stream: str) -> str:
     """Releases are published to the results exchange under their stream's name, so a
     consumer binds once per stream it wants."""
     return stream
+
+
+# Where a consumer's named queues must live: PREFIX.consumer.NAME.
+CONSUMER_QUEUE_INFIX = "consumer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,11 @@ class Topology:
     @property
     def results_exchange(self) -> str:
         return f"{self.prefix}.results"
+
+    @property
+    def consumer_queue_prefix(self) -> str:
+        """Named consumer queues (``sealedsum consume --queue``) must start with this."""
+        return f"{self.prefix}.{CONSUMER_QUEUE_INFIX}."
 
 
 # --- what the sidecar declares ------------------------------------------------------------
@@ -140,3 +150,84 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int) -
         # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
         ExchangeDecl(t.announce_exchange, "fanout"),
     )
+
+
+# --- what each role's account may do -------------------------------------------------------
+#
+# RabbitMQ's rules (checked against a real broker by ``tests/integration/test_acl.py``):
+# ``queue.declare`` needs *configure* on the queue; ``queue.bind`` needs *write* on the queue
+# and *read* on the exchange; ``basic.publish`` needs *write* on the exchange (the default
+# exchange is called ``amq.default`` for this); ``basic.consume`` and ``basic.get`` need
+# *read* on the queue. Consuming from the ``amq.rabbitmq.reply-to`` pseudo-queue needs no
+# permission at all, and a passive declare needs none either. Permissions are regular
+# expressions over names, matched unanchored, so every pattern here is anchored with ``^``
+# and ``$``; they cannot tell an exchange from a queue of the same name.
+
+ROLES = ("sidecar", "producer", "consumer")
+DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ calls the default exchange ("") in permission checks
+SERVER_NAMED_QUEUES = r"amq\.gen-.*"  # queue.declare with an empty name; clients cannot choose amq.* names
+NOTHING = "^$"  # matches no exchange or queue name
+# PCRE metacharacters outside a character class (RabbitMQ uses Erlang's re, which is PCRE).
+_REGEX_SPECIAL = set("\\^$.|?*+()[]{}")
+
+
+def escape(name: str) -> str:
+    """``name`` as a PCRE literal (only the characters that are special outside a class)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in name)
+
+
+def _names(prefix: str, names) -> str:
+    """An unanchored alternation matching exactly ``names``; shared ``PREFIX.`` factored out."""
+    names = sorted(set(names))
+    head = prefix + "."
+    if len(names) > 1 and all(n.startswith(head) and len(n) > len(head) for n in names):
+        return escape(head) + "(" + "|".join(escape(n[len(head):]) for n in names) + ")"
+    if len(names) == 1:
+        return escape(names[0])
+    return "(" + "|".join(escape(n) for n in names) + ")"
+
+
+def _anchored(*alternatives: str) -> str:
+    if not alternatives:
+        return NOTHING
+    if len(alternatives) == 1:
+        return f"^{alternatives[0]}$"
+    return "^(" + "|".join(alternatives) + ")$"
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    configure: str
+    write: str
+    read: str
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return (self.configure, self.write, self.read)
+
+
+def role_permissions(topology: Topology) -> dict[str, Permissions]:
+    """The configure/write/read patterns of each role, for one prefix."""
+    p = topology.prefix
+    own = _names(p, set(topology.exchanges) | set(topology.queues))
+    mine = escape(topology.consumer_queue_prefix) + ".*"
+    return {
+        # Declares and binds its objects (configure; write on the queues, read on the
+        # exchanges), consumes records and requests (read), publishes dead letters and
+        # results (write), answers RPCs on the default exchange (write amq.default). Declaring
+        # PREFIX.records with a dead-letter exchange also needs read on it and write on
+        # PREFIX.rejected, which "own" covers.
+        "sidecar": Permissions(_anchored(own), _anchored(own, escape(DEFAULT_EXCHANGE)), _anchored(own)),
+        # Publishes records and RPC requests; the reply comes through direct reply-to,
+        # which needs no permission. Its one queue is server-named (configure; write on it
+        # to bind, read to consume) and bound to PREFIX.announce (read on that exchange),
+        # for key-rotation notices; it may read no other exchange, so it binds to nothing else.
+        "producer": Permissions(_anchored(SERVER_NAMED_QUEUES),
+                                _anchored(_names(p, (topology.records_exchange, topology.attest_exchange)),
+                                          SERVER_NAMED_QUEUES),
+                                _anchored(SERVER_NAMED_QUEUES, escape(topology.announce_exchange))),
+        # Its own queues: declare (configure), bind (write on the queue, read on
+        # PREFIX.results), consume (read). RPC requests: write on PREFIX.attest.
+        "consumer": Permissions(_anchored(SERVER_NAMED_QUEUES, mine),
+                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.attest_exchange)),
+                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.results_exchange))),
+    }

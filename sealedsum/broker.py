@@ -4,7 +4,7 @@ One deployment is one broker prefix in one virtual host. ``broker setup`` gives 
 accounts, each allowed exactly what its role does on the broker and nothing else:
 
 * the **sidecar** declares, reads and writes the deployment's own objects (the exchanges
-  and queues of :class:`sealedsum.common.config.Topology`) and answers RPCs through the default
+  and queues of :class:`sealedsum.common.topology.Topology`) and answers RPCs through the default
   exchange, which RabbitMQ's direct reply-to requires;
 * a **producer** publishes to ``PREFIX.records`` and ``PREFIX.attest``, and declares, binds
   and reads only server-named queues (``amq.gen-*``), bound to ``PREFIX.announce``, where it
@@ -13,14 +13,8 @@ accounts, each allowed exactly what its role does on the broker and nothing else
   named ``PREFIX.consumer.*``), binds them to ``PREFIX.results`` and sends requests to
   ``PREFIX.attest``.
 
-RabbitMQ's rules (checked against a real broker by ``tests/integration/test_acl.py``):
-``queue.declare`` needs *configure* on the queue; ``queue.bind`` needs *write* on the queue
-and *read* on the exchange; ``basic.publish`` needs *write* on the exchange (the default
-exchange is called ``amq.default`` for this); ``basic.consume`` and ``basic.get`` need
-*read* on the queue. Consuming from the ``amq.rabbitmq.reply-to`` pseudo-queue needs no
-permission at all, and a passive declare needs none either. Permissions are regular
-expressions over names, matched unanchored, so every pattern here is anchored with ``^``
-and ``$``; they cannot tell an exchange from a queue of the same name.
+The patterns themselves, and RabbitMQ's rules behind them, are in
+:func:`sealedsum.common.topology.role_permissions`, next to the names they are made of.
 
 Two backends: ``rabbitmqctl`` (run as a subprocess, passwords on its standard input, never
 on a command line), or a definitions file (``--definitions FILE``) that a broker loads at
@@ -43,15 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from sealedsum.common.config import Config, Topology, redact_url
+from sealedsum.common.config import Config, redact_url
 from sealedsum.common.errors import ConfigError, SealedsumError
+from sealedsum.common.topology import ROLES, Permissions, Topology, role_permissions
 
-ROLES = ("sidecar", "producer", "consumer")
-# Where a consumer's named queues must live: PREFIX.consumer.NAME.
-CONSUMER_QUEUE_INFIX = "consumer"
-DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ calls the default exchange ("") in permission checks
-SERVER_NAMED_QUEUES = r"amq\.gen-.*"  # queue.declare with an empty name; clients cannot choose amq.* names
-NOTHING = "^$"  # matches no exchange or queue name
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 RABBITMQCTL_ENV = "SEALEDSUM_RABBITMQCTL"
 RABBITMQCTL_HINT = (
@@ -59,8 +48,6 @@ RABBITMQCTL_HINT = (
     "root or the rabbitmq user), or pass --rabbitmqctl 'docker compose exec -T rabbitmq rabbitmqctl', "
     "or write a definitions file with --definitions FILE for the broker to load at boot"
 )
-# PCRE metacharacters outside a character class (RabbitMQ uses Erlang's re, which is PCRE).
-_REGEX_SPECIAL = set("\\^$.|?*+()[]{}")
 
 
 class BrokerAdminError(SealedsumError):
@@ -75,75 +62,6 @@ def password_env(role: str) -> str:
 
 def default_user(topology: Topology, role: str) -> str:
     return f"{topology.prefix}-{role}"
-
-
-def consumer_queue_prefix(topology: Topology) -> str:
-    """Named consumer queues (``sealedsum consume --queue``) must start with this."""
-    return f"{topology.prefix}.{CONSUMER_QUEUE_INFIX}."
-
-
-# --- permissions ------------------------------------------------------------------------
-
-def escape(name: str) -> str:
-    """``name`` as a PCRE literal (only the characters that are special outside a class)."""
-    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in name)
-
-
-def _names(prefix: str, names) -> str:
-    """An unanchored alternation matching exactly ``names``; shared ``PREFIX.`` factored out."""
-    names = sorted(set(names))
-    head = prefix + "."
-    if len(names) > 1 and all(n.startswith(head) and len(n) > len(head) for n in names):
-        return escape(head) + "(" + "|".join(escape(n[len(head):]) for n in names) + ")"
-    if len(names) == 1:
-        return escape(names[0])
-    return "(" + "|".join(escape(n) for n in names) + ")"
-
-
-def _anchored(*alternatives: str) -> str:
-    if not alternatives:
-        return NOTHING
-    if len(alternatives) == 1:
-        return f"^{alternatives[0]}$"
-    return "^(" + "|".join(alternatives) + ")$"
-
-
-@dataclass(frozen=True, slots=True)
-class Permissions:
-    configure: str
-    write: str
-    read: str
-
-    def as_tuple(self) -> tuple[str, str, str]:
-        return (self.configure, self.write, self.read)
-
-
-def role_permissions(topology: Topology) -> dict[str, Permissions]:
-    """The configure/write/read patterns of each role, for one prefix."""
-    p = topology.prefix
-    own = _names(p, set(topology.exchanges) | set(topology.queues))
-    mine = escape(consumer_queue_prefix(topology)) + ".*"
-    return {
-        # Declares and binds its objects (configure; write on the queues, read on the
-        # exchanges), consumes records and requests (read), publishes dead letters and
-        # results (write), answers RPCs on the default exchange (write amq.default). Declaring
-        # PREFIX.records with a dead-letter exchange also needs read on it and write on
-        # PREFIX.rejected, which "own" covers.
-        "sidecar": Permissions(_anchored(own), _anchored(own, escape(DEFAULT_EXCHANGE)), _anchored(own)),
-        # Publishes records and RPC requests; the reply comes through direct reply-to,
-        # which needs no permission. Its one queue is server-named (configure; write on it
-        # to bind, read to consume) and bound to PREFIX.announce (read on that exchange),
-        # for key-rotation notices; it may read no other exchange, so it binds to nothing else.
-        "producer": Permissions(_anchored(SERVER_NAMED_QUEUES),
-                                _anchored(_names(p, (topology.records_exchange, topology.attest_exchange)),
-                                          SERVER_NAMED_QUEUES),
-                                _anchored(SERVER_NAMED_QUEUES, escape(topology.announce_exchange))),
-        # Its own queues: declare (configure), bind (write on the queue, read on
-        # PREFIX.results), consume (read). RPC requests: write on PREFIX.attest.
-        "consumer": Permissions(_anchored(SERVER_NAMED_QUEUES, mine),
-                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.attest_exchange)),
-                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.results_exchange))),
-    }
 
 
 # --- passwords, URLs, definitions -------------------------------------------------------

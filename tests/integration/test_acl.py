@@ -24,7 +24,7 @@ import pika.exceptions as pe
 import pytest
 
 from sealedsum.common import config as config_mod
-from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, Topology
+from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, Topology, escape, role_permissions
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum import broker
@@ -143,7 +143,7 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     """Python's re agrees with RabbitMQ's PCRE on these constructs; the broker tests below
     check the same patterns for real."""
     t = Topology("a.b+c")
-    p = broker.role_permissions(t)
+    p = role_permissions(t)
     ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce"):
         assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name) and ok(p["sidecar"].write, name)
@@ -170,7 +170,7 @@ def test_patterns_are_anchored_and_escape_the_prefix():
 
 def test_setup_creates_untagged_users_with_the_role_patterns_and_is_idempotent(accounts, ctl, amqp_url):
     vhost = broker.vhost_of(amqp_url)
-    expected = broker.role_permissions(Topology(accounts.prefix))
+    expected = role_permissions(Topology(accounts.prefix))
     users = ctl.users()
     granted = ctl.permissions(vhost)
     for role in broker.ROLES:
@@ -200,8 +200,8 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
     assert acc.user("sidecar") in {c["user"] for c in connections}, "the sidecar does not run as its account"
     # The producer may read only its own server-named queue and the announce exchange, yet
     # attests: consuming amq.rabbitmq.reply-to needs no permission.
-    assert broker.role_permissions(Topology(acc.prefix))["producer"].read == \
-        rf"^(amq\.gen-.*|{broker.escape(acc.prefix)}\.announce)$"
+    assert role_permissions(Topology(acc.prefix))["producer"].read == \
+        rf"^(amq\.gen-.*|{escape(acc.prefix)}\.announce)$"
     named = f"{acc.prefix}.consumer.acl"
     as_consumer = acc.config("consumer", sc.config_path)
     try:
@@ -333,7 +333,7 @@ def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path)
         # Load it the way a booting broker does (the vhost exists already: leave it alone).
         subprocess.run(ctl.argv + ["-q", "import_definitions", "--format", "json"], check=True, timeout=60,
                        input=json.dumps({"users": doc["users"], "permissions": doc["permissions"]}), text=True)
-        expected = broker.role_permissions(Topology(prefix))
+        expected = role_permissions(Topology(prefix))
         deadline = time.monotonic() + 20
         while True:  # the import is asynchronous
             granted = ctl.permissions(vhost)

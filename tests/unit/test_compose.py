@@ -24,6 +24,7 @@ import yaml  # PyYAML: a test-only dependency
 
 from sealedsum.common import config as config_mod
 from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.topology import Permissions, role_permissions
 from sealedsum.producers.inputs import read_records
 from sealedsum import broker
 from sealedsum.sidecar.platform import measure
@@ -241,8 +242,8 @@ def test_app_service_connects_as_its_own_least_privilege_user(compose, definitio
     vhost = broker.vhost_of(url.geturl())
     (perm,) = [p for p in definitions["permissions"] if p["user"] == user]
     assert perm["vhost"] == vhost
-    granted = broker.Permissions(perm["configure"], perm["write"], perm["read"])
-    assert granted == broker.role_permissions(topology)[name], f"{user} has other permissions than its role's"
+    granted = Permissions(perm["configure"], perm["write"], perm["read"])
+    assert granted == role_permissions(topology)[name], f"{user} has other permissions than its role's"
 
 
 def test_app_services_use_three_different_users_none_of_them_guest(compose):
@@ -254,7 +255,7 @@ def test_consumer_named_queue_is_one_the_consumer_account_may_use(compose):
     argv = sealedsum_call(shell_script(service(compose, "consumer")), "consume")
     if "--queue" in argv:
         queue = option(argv, "--queue")
-        p = broker.role_permissions(config_mod.load(BASE_CONFIG, env={}).broker.topology)["consumer"]
+        p = role_permissions(config_mod.load(BASE_CONFIG, env={}).broker.topology)["consumer"]
         # configure to declare it, write to bind it, read to consume it (RabbitMQ's regexes are PCRE;
         # Python's re reads these the same way).
         assert all(re.search(pattern, queue) for pattern in p.as_tuple()), queue
