@@ -23,16 +23,17 @@ import pika
 import pika.exceptions as pe
 import pytest
 
+from sealedsum.accounts import account_url, check_password_hash, password_env, vhost_of
 from sealedsum.common import config as config_mod
-from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, Topology, escape, role_permissions
+from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, ROLES, Topology, escape, role_permissions
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum import broker
+from sealedsum.rabbitmqctl import BrokerAdminError, Rabbitmqctl
 from tests.integration.conftest import REPO, RunningSidecar, _no_broker
 
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,
           "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 1e6}
-PASSWORD_VARS = [broker.password_env(role) for role in broker.ROLES]
+PASSWORD_VARS = [password_env(role) for role in ROLES]
 
 
 def sealedsum(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,14 +55,14 @@ def new_prefix() -> str:
 
 
 @pytest.fixture
-def ctl(amqp_url) -> broker.Rabbitmqctl:
+def ctl(amqp_url) -> Rabbitmqctl:
     """rabbitmqctl for the broker at amqp_url (skips, or fails in CI, without one)."""
     try:
-        c = broker.Rabbitmqctl()
+        c = Rabbitmqctl()
         vhosts = c.vhosts()
-    except broker.BrokerAdminError as err:
+    except BrokerAdminError as err:
         _no_broker(f"these tests manage users with rabbitmqctl: {err}")
-    if broker.vhost_of(amqp_url) not in vhosts:
+    if vhost_of(amqp_url) not in vhosts:
         _no_broker("rabbitmqctl manages a broker without the vhost of AMQP_URL")
     return c
 
@@ -90,7 +91,7 @@ def accounts(ctl, amqp_url, tmp_path):
     result = sealedsum("broker", "setup", "--config", str(path), "--out", str(out))
     try:
         assert result.returncode == 0, result.stderr
-        urls = {role: (out / f"{role}.url").read_text().strip() for role in broker.ROLES}
+        urls = {role: (out / f"{role}.url").read_text().strip() for role in ROLES}
         try:
             pika.BlockingConnection(pika.URLParameters(urls["producer"])).close()
         except pe.ProbableAuthenticationError:
@@ -169,11 +170,11 @@ def test_patterns_are_anchored_and_escape_the_prefix():
 
 
 def test_setup_creates_untagged_users_with_the_role_patterns_and_is_idempotent(accounts, ctl, amqp_url):
-    vhost = broker.vhost_of(amqp_url)
+    vhost = vhost_of(amqp_url)
     expected = role_permissions(Topology(accounts.prefix))
     users = ctl.users()
     granted = ctl.permissions(vhost)
-    for role in broker.ROLES:
+    for role in ROLES:
         user = accounts.user(role)
         assert users[user] == [], "no tags: no management UI, no policies, no administration"
         assert granted[user] == expected[role]
@@ -185,7 +186,7 @@ def test_setup_creates_untagged_users_with_the_role_patterns_and_is_idempotent(a
     # Again: the same passwords (taken from the URL files), the same permissions.
     again = sealedsum("broker", "setup", "--config", str(accounts.config_path), "--out", str(accounts.out))
     assert again.returncode == 0, again.stderr
-    assert {r: (accounts.out / f"{r}.url").read_text().strip() for r in broker.ROLES} == accounts.urls
+    assert {r: (accounts.out / f"{r}.url").read_text().strip() for r in ROLES} == accounts.urls
     assert f"{accounts.user('producer')}: updated" in again.stdout
     assert ctl.permissions(vhost)[accounts.user("producer")] == expected["producer"]
     shown = sealedsum("broker", "setup", "--config", str(accounts.config_path), "--out", str(accounts.out), "--show")
@@ -312,23 +313,23 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
 def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path):
     prefix = new_prefix()
     path = broker_config(tmp_path, amqp_url, prefix)
-    passwords = {role: f"p@ss:{role}/wörd%{uuid.uuid4().hex[:6]}" for role in broker.ROLES}
-    env = {broker.password_env(role): pw for role, pw in passwords.items()}
+    passwords = {role: f"p@ss:{role}/wörd%{uuid.uuid4().hex[:6]}" for role in ROLES}
+    env = {password_env(role): pw for role, pw in passwords.items()}
     defs = tmp_path / "definitions.json"
     result = sealedsum("broker", "setup", "--config", str(path), "--definitions", str(defs), env=env)
     try:
         assert result.returncode == 0, result.stderr
         assert not any(pw in result.stdout for pw in passwords.values())
         assert stat.S_IMODE(defs.stat().st_mode) == 0o600
-        assert not {f"{prefix}-{r}" for r in broker.ROLES} & set(ctl.users()), "--definitions changed the broker"
+        assert not {f"{prefix}-{r}" for r in ROLES} & set(ctl.users()), "--definitions changed the broker"
         doc = json.loads(defs.read_text())
-        vhost = broker.vhost_of(amqp_url)
+        vhost = vhost_of(amqp_url)
         assert doc["vhosts"] == [{"name": vhost}]
         hashes = {u["name"]: u for u in doc["users"]}
         for role, pw in passwords.items():
             u = hashes[f"{prefix}-{role}"]
             assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256" and u["tags"] == []
-            assert broker.check_password_hash(pw, u["password_hash"])
+            assert check_password_hash(pw, u["password_hash"])
 
         # Load it the way a booting broker does (the vhost exists already: leave it alone).
         subprocess.run(ctl.argv + ["-q", "import_definitions", "--format", "json"], check=True, timeout=60,
@@ -337,14 +338,14 @@ def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path)
         deadline = time.monotonic() + 20
         while True:  # the import is asynchronous
             granted = ctl.permissions(vhost)
-            if all(f"{prefix}-{r}" in granted for r in broker.ROLES) or time.monotonic() > deadline:
+            if all(f"{prefix}-{r}" in granted for r in ROLES) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         for role, pw in passwords.items():
             assert granted[f"{prefix}-{role}"] == expected[role]
             # The hash is RabbitMQ's: the password logs in (quoted into the URL as setup writes it).
             pika.BlockingConnection(pika.URLParameters(
-                broker.account_url(amqp_url, f"{prefix}-{role}", pw))).close()
+                account_url(amqp_url, f"{prefix}-{role}", pw))).close()
     finally:
         sealedsum("broker", "teardown", "--config", str(path))
 
@@ -354,7 +355,7 @@ def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path)
 def test_errors_have_exit_codes_and_change_nothing(ctl, amqp_url, tmp_path):
     prefix = new_prefix()
     path = broker_config(tmp_path, amqp_url, prefix)
-    ours = {f"{prefix}-{r}" for r in broker.ROLES}
+    ours = {f"{prefix}-{r}" for r in ROLES}
 
     lost = sealedsum("broker", "setup", "--config", str(path))
     assert lost.returncode == 2 and "--out" in lost.stderr and not lost.stdout
