@@ -3,8 +3,12 @@ sidecar makes of it; ``tests/integration/test_queues.py`` checks the broker's si
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
+from sealedsum.common import topology
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.topology import (
     DELIVERY_LIMIT,
@@ -15,6 +19,7 @@ from sealedsum.common.topology import (
     declarations,
 )
 from sealedsum.sidecar.runtime import declare_topology
+from tests.unit.test_layering import imported_modules
 
 
 class CallLog:
@@ -83,3 +88,9 @@ def test_declare_topology_makes_the_same_pika_calls_as_before_the_layout_was_dat
         ("queue_bind", ("p.attest", "p.attest"), {"routing_key": "request"}),
         ("exchange_declare", ("p.announce",), {"exchange_type": "fanout", "durable": True}),
     ]
+
+
+def test_the_layout_imports_nothing_but_the_standard_library_types():
+    """No pika and no I/O: every role, the enclave included, imports it."""
+    tree = ast.parse(Path(topology.__file__).read_text(encoding="utf-8"))
+    assert {m.split(".")[0] for m in imported_modules(tree)} <= {"__future__", "dataclasses", "typing"}
