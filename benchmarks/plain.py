@@ -18,6 +18,7 @@ from collections import deque
 import pika
 from pika.adapters.select_connection import SelectConnection
 
+from sealedsum.common.topology import RECORD_ROUTING_KEY  # as the producer publishes
 from sealedsum.sidecar.enclave_process.runtime import PREFETCH  # the runtime's prefetch for small records, so both consume alike
 
 
@@ -34,7 +35,7 @@ def declare(url: str, exchange: str, queue: str, queue_type: str) -> None:
         ch = conn.channel()
         ch.exchange_declare(exchange, exchange_type="direct", durable=True)
         ch.queue_declare(queue, durable=True, arguments={"x-queue-type": queue_type})
-        ch.queue_bind(queue, exchange, routing_key="record")
+        ch.queue_bind(queue, exchange, routing_key=RECORD_ROUTING_KEY)
     finally:
         conn.close()
 
@@ -49,7 +50,7 @@ def publish(url: str, exchange: str, bodies: list[bytes]) -> float:
                                      content_type="application/octet-stream", type="record", app_id="sealedsum")
         t0 = time.perf_counter()
         for body in bodies:
-            ch.basic_publish(exchange, "record", body, props, mandatory=True)
+            ch.basic_publish(exchange, RECORD_ROUTING_KEY, body, props, mandatory=True)
         return time.perf_counter() - t0
     finally:
         conn.close()
@@ -66,7 +67,7 @@ def publish_pipelined(url: str, exchange: str, bodies: list[bytes], window: int,
     def pump():
         ch = state["channel"]
         while state["sent"] < len(bodies) and state["sent"] - state["confirmed"] < window:
-            ch.basic_publish(exchange, "record", bodies[state["sent"]], props, mandatory=True)
+            ch.basic_publish(exchange, RECORD_ROUTING_KEY, bodies[state["sent"]], props, mandatory=True)
             state["sent"] += 1
             unconfirmed.append(state["sent"])  # delivery tags count 1, 2, ... on this channel
 

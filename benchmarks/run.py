@@ -44,6 +44,7 @@ from benchmarks import machine, plain
 from benchmarks.harness import LOWER, STREAM, UPPER, VEC_STREAM, BenchError, BenchSidecar
 from sealedsum.common.errors import SealedsumError
 from sealedsum.common.policy import SECURE_PAILLIER_BITS
+from sealedsum.common.topology import ALL_RESULTS_KEY, result_routing_key
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 EXIT_OK, EXIT_FAILED, EXIT_BROKER = 0, 1, 3  # 2: bad options (argparse, ConfigError)
@@ -169,7 +170,7 @@ def time_ingest(sc: BenchSidecar, n: int, windows: int, timeout: float) -> float
             raise BenchError(f"the records queue holds {waiting} messages, expected {n}")
         capture = f"{sc.prefix}.bench-results"
         ch.queue_declare(capture, exclusive=True)  # deleted with this connection
-        ch.queue_bind(capture, t.results_exchange, routing_key="#")
+        ch.queue_bind(capture, t.results_exchange, routing_key=ALL_RESULTS_KEY)
         arrivals: list[float] = []
         ch.basic_consume(capture, lambda *_: arrivals.append(time.time()), auto_ack=True)
         sc.start()
@@ -203,7 +204,7 @@ def time_latency(sc: BenchSidecar, producer, stream: str, window: int, make_valu
         ch = conn.channel()
         capture = f"{sc.prefix}.bench-latency"
         ch.queue_declare(capture, exclusive=True)
-        ch.queue_bind(capture, t.results_exchange, routing_key=stream)
+        ch.queue_bind(capture, t.results_exchange, routing_key=result_routing_key(stream))
         arrivals: list[float] = []
         ch.basic_consume(capture, lambda *_: arrivals.append(time.perf_counter()), auto_ack=True)
         for _ in range(windows):

@@ -1,6 +1,6 @@
 """The shared broker edge: connecting, attestation RPC, confirmed publishing.
 
-With ``sidecar/runtime.py`` and the ``transport`` modules of producers and consumers,
+With ``sidecar/enclave_process/runtime.py`` and the ``transport`` modules of producers and consumers,
 this is the only code that imports pika. Pika exceptions become ``TransportError``.
 """
 
@@ -19,13 +19,12 @@ import pika.exceptions as pe
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
 from sealedsum.common.config import BrokerSettings, redact_url
 from sealedsum.common.errors import TransportError, Unroutable
-from sealedsum.common import wire
+from sealedsum.common import topology, wire
 
 log = logging.getLogger("sealedsum.amqp")
 
 APP_ID = "sealedsum"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-ATTEST_ROUTING_KEY = "request"
 START_BROKER_HINT = (
     "is RabbitMQ running? start it with `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`, "
     "and point AMQP_URL (or broker.url) at it"
@@ -120,7 +119,7 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
         timeout = settings.attest_timeout_seconds
         # mandatory: if no sidecar has declared the queue, the broker says so at once.
         channel.basic_publish(
-            exchange=settings.topology.attest_exchange, routing_key=ATTEST_ROUTING_KEY,
+            exchange=settings.topology.attest_exchange, routing_key=topology.ATTEST_ROUTING_KEY,
             body=request,
             properties=pika.BasicProperties(
                 reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type=kind,

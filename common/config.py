@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sealedsum.common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
 from sealedsum.common.errors import ConfigError
 from sealedsum.common.policy import EnclavePolicy, Requirements, _number, _take
+from sealedsum.common.topology import Topology  # config.Topology stays importable: the protocol test vectors use it
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TOP_KEYS = {"broker", "trust", "require", "producer", "enclave", "streams", "identities"}
@@ -31,58 +32,6 @@ def redact_url(url: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """Exchange and queue names, all derived from one prefix."""
-
-    prefix: str = "sealedsum"
-
-    @property
-    def records_exchange(self) -> str:
-        return f"{self.prefix}.records"
-
-    @property
-    def records_queue(self) -> str:
-        return f"{self.prefix}.records"
-
-    @property
-    def rejected_exchange(self) -> str:
-        return f"{self.prefix}.rejected"
-
-    @property
-    def rejected_queue(self) -> str:
-        return f"{self.prefix}.rejected"
-
-    @property
-    def attest_exchange(self) -> str:
-        """Requests to the enclave (attestation, budget) go through this exchange, so
-        clients never need to publish to the default exchange."""
-        return f"{self.prefix}.attest"
-
-    @property
-    def attest_queue(self) -> str:
-        return f"{self.prefix}.attest"
-
-    @property
-    def announce_exchange(self) -> str:
-        """Signed notices to producers (key rotations): a fanout exchange each producer binds
-        a server-named exclusive queue of its own to."""
-        return f"{self.prefix}.announce"
-
-    @property
-    def exchanges(self) -> tuple[str, ...]:
-        return (self.records_exchange, self.rejected_exchange, self.attest_exchange, self.results_exchange,
-                self.announce_exchange)
-
-    @property
-    def queues(self) -> tuple[str, ...]:
-        return (self.records_queue, self.rejected_queue, self.attest_queue)
-
-    @property
-    def results_exchange(self) -> str:
-        return f"{self.prefix}.results"
 
 
 @dataclass(frozen=True, slots=True)

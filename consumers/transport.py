@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pika.exceptions as pe
 
-from sealedsum.common import amqp
+from sealedsum.common import amqp, topology
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import TransportError
@@ -44,7 +44,7 @@ class ResultSubscriber:
                 # consumption (a caller that reads one release at a time) does not delete it.
                 self.queue = self.channel.queue_declare("", exclusive=True).method.queue
             for stream in self.streams:
-                self.channel.queue_bind(self.queue, t.results_exchange, routing_key=stream)
+                self.channel.queue_bind(self.queue, t.results_exchange, routing_key=topology.result_routing_key(stream))
         except pe.ChannelClosedByBroker as err:
             self.close()
             raise TransportError(f"cannot subscribe to results: {err.reply_text}", retryable=False,

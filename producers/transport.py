@@ -41,7 +41,7 @@ import pika
 import pika.exceptions as pe
 from pika.adapters.select_connection import IOLoop
 
-from sealedsum.common import amqp, wire
+from sealedsum.common import amqp, topology, wire
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import TransportError, Unroutable
@@ -535,7 +535,8 @@ class RecordPublisher:
         for i, ticket in enumerate(batch):
             try:
                 # No message id or stream in the properties: the broker sees only the sealed box.
-                channel.basic_publish(exchange, "record", ticket.body, props[ticket.kind], mandatory=True)
+                channel.basic_publish(exchange, topology.RECORD_ROUTING_KEY, ticket.body, props[ticket.kind],
+                                      mandatory=True)
             except Exception as err:  # noqa: BLE001 - channel or connection closing under us
                 with self._cond:
                     self._queued.extendleft(reversed(batch[i:]))
@@ -587,7 +588,7 @@ class RecordPublisher:
                     self._returned.discard(ticket.body)
                     exchange = self.settings.topology.records_exchange
                     self._resolve(ticket, Unroutable(
-                        f"no queue takes messages sent to {exchange} with key 'record'",
+                        f"no queue takes messages sent to {exchange} with key {topology.RECORD_ROUTING_KEY!r}",
                         retryable=False, hint=UNROUTABLE_HINT))
                 else:
                     self._resolve(ticket, None)

@@ -1,4 +1,12 @@
-"""``sealedsum broker setup`` and ``sealedsum broker teardown``."""
+"""``sealedsum broker setup`` and ``sealedsum broker teardown``: least-privilege RabbitMQ
+accounts for one deployment (one broker prefix in one virtual host).
+
+The permission patterns, and RabbitMQ's rules behind them, are in
+:func:`sealedsum.common.topology.role_permissions`; the accounts, their passwords and the
+definitions file in :mod:`sealedsum.accounts`; applying them to a running broker in
+:mod:`sealedsum.rabbitmqctl`. docs/broker-accounts.md describes the table and what the
+tests prove.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,13 @@ import json
 import os
 from pathlib import Path
 
-from sealedsum.broker import (RABBITMQCTL_ENV, ROLES, Account, Rabbitmqctl, _write_private, accounts, apply,
-                              choose_passwords, definitions, password_env, remove, vhost_of)
+from sealedsum.accounts import (Account, accounts, choose_passwords, definitions, password_env, vhost_of,
+                                write_private)
 from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common.config import Config, redact_url
 from sealedsum.common.errors import ConfigError, ExitCode
+from sealedsum.common.topology import ROLES
+from sealedsum.rabbitmqctl import RABBITMQCTL_ENV, Rabbitmqctl, apply, remove
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, list[Account], str]:
@@ -48,11 +58,11 @@ def _setup(args: argparse.Namespace) -> int:
 
     if args.definitions:
         doc = definitions(accts, vhost, with_guest=args.with_guest)
-        _write_private(Path(args.definitions), json.dumps(doc, indent=2) + "\n")
+        write_private(Path(args.definitions), json.dumps(doc, indent=2) + "\n")
     done = apply(ctl, accts, vhost) if ctl else {}
     if out_dir:
         for a in accts:
-            _write_private(out_dir / f"{a.role}.url", a.url(cfg.broker.url, vhost) + "\n")
+            write_private(out_dir / f"{a.role}.url", a.url(cfg.broker.url, vhost) + "\n")
 
     _print_table(accts, vhost, cfg.broker.topology.prefix)
     for a in accts:

@@ -15,8 +15,9 @@ from pathlib import Path
 import phe.util
 
 from sealedsum.common import logs
-from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import ExitCode, SealedsumError
+from sealedsum.common.topology import Topology
 from sealedsum.common.policy import EnclavePolicy
 from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel, QuoteReply, \
     QuoteRequest, Ready

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pika
 import pika.exceptions as pe
 
-from sealedsum.common import amqp, wire
+from sealedsum.common import amqp, topology, wire
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
 from sealedsum.sidecar.enclave.release import Publication
@@ -63,10 +63,6 @@ PARALLEL_OPEN_MIN = 8
 DRAW_POLL_S = 0.002
 # How long a delivery may wait for its batch when records trickle in.
 FLUSH_EVERY_S = 0.1
-# Quorum queues count deliveries: a message that crashes the enclave again and again
-# is dead-lettered by the broker after this many attempts instead of looping forever.
-DELIVERY_LIMIT = 20
-ATTEST_REQUEST_TTL_MS = 30_000
 STATS_EVERY_S = 10.0
 MAX_BACKOFF_S = 30.0
 HELD_RETRY_S = 5.0
@@ -78,26 +74,13 @@ def now_ms() -> int:
 
 def declare_topology(channel, settings: BrokerSettings) -> None:
     """Declare every exchange and queue the system uses (the sidecar owns them)."""
-    t = settings.topology
-    durable_args = {"x-queue-type": settings.queue_type}
-    channel.exchange_declare(t.rejected_exchange, exchange_type="fanout", durable=True)
-    channel.queue_declare(t.rejected_queue, durable=True, arguments=durable_args)
-    channel.queue_bind(t.rejected_queue, t.rejected_exchange)
-    channel.exchange_declare(t.records_exchange, exchange_type="direct", durable=True)
-    records_args = dict(durable_args, **{"x-dead-letter-exchange": t.rejected_exchange,
-                                         "x-max-length": settings.max_queued_records,
-                                         "x-overflow": "reject-publish"})
-    if settings.queue_type == "quorum":
-        records_args["x-delivery-limit"] = DELIVERY_LIMIT
-    channel.queue_declare(t.records_queue, durable=True, arguments=records_args)
-    channel.queue_bind(t.records_queue, t.records_exchange, routing_key="record")
-    channel.exchange_declare(t.results_exchange, exchange_type="topic", durable=True)
-    channel.exchange_declare(t.attest_exchange, exchange_type="direct", durable=True)
-    channel.queue_declare(t.attest_queue, durable=False,
-                          arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS})
-    channel.queue_bind(t.attest_queue, t.attest_exchange, routing_key=amqp.ATTEST_ROUTING_KEY)
-    # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
-    channel.exchange_declare(t.announce_exchange, exchange_type="fanout", durable=True)
+    for d in topology.declarations(settings.topology, settings.queue_type, settings.max_queued_records):
+        if isinstance(d, topology.ExchangeDecl):
+            channel.exchange_declare(d.name, exchange_type=d.type, durable=d.durable)
+        elif isinstance(d, topology.QueueDecl):
+            channel.queue_declare(d.name, durable=d.durable, arguments=dict(d.arguments))
+        else:
+            channel.queue_bind(d.queue, d.exchange, routing_key=d.routing_key)
 
 
 def _drawn_now(fn) -> Future:
@@ -370,7 +353,8 @@ class EnclaveRuntime:
         # mandatory: with no consumer queue bound the broker would drop the release and
         # still confirm it; its noise was drawn once, so it must wait here instead.
         try:
-            amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange, release.stream,
+            amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange,
+                                   topology.result_routing_key(release.stream),
                                    release.body, amqp.properties("result"), mandatory=True)
         except Unroutable:
             if release.key not in self._held:

@@ -23,16 +23,17 @@ import pika
 import pika.exceptions as pe
 import pytest
 
+from sealedsum.accounts import account_url, check_password_hash, password_env, vhost_of
 from sealedsum.common import config as config_mod
-from sealedsum.common.config import Topology
+from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, ROLES, Topology, escape, role_permissions
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum import broker
+from sealedsum.rabbitmqctl import BrokerAdminError, Rabbitmqctl
 from tests.integration.conftest import REPO, RunningSidecar, _no_broker
 
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,
           "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 1e6}
-PASSWORD_VARS = [broker.password_env(role) for role in broker.ROLES]
+PASSWORD_VARS = [password_env(role) for role in ROLES]
 
 
 def sealedsum(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,14 +55,14 @@ def new_prefix() -> str:
 
 
 @pytest.fixture
-def ctl(amqp_url) -> broker.Rabbitmqctl:
+def ctl(amqp_url) -> Rabbitmqctl:
     """rabbitmqctl for the broker at amqp_url (skips, or fails in CI, without one)."""
     try:
-        c = broker.Rabbitmqctl()
+        c = Rabbitmqctl()
         vhosts = c.vhosts()
-    except broker.BrokerAdminError as err:
+    except BrokerAdminError as err:
         _no_broker(f"these tests manage users with rabbitmqctl: {err}")
-    if broker.vhost_of(amqp_url) not in vhosts:
+    if vhost_of(amqp_url) not in vhosts:
         _no_broker("rabbitmqctl manages a broker without the vhost of AMQP_URL")
     return c
 
@@ -90,7 +91,7 @@ def accounts(ctl, amqp_url, tmp_path):
     result = sealedsum("broker", "setup", "--config", str(path), "--out", str(out))
     try:
         assert result.returncode == 0, result.stderr
-        urls = {role: (out / f"{role}.url").read_text().strip() for role in broker.ROLES}
+        urls = {role: (out / f"{role}.url").read_text().strip() for role in ROLES}
         try:
             pika.BlockingConnection(pika.URLParameters(urls["producer"])).close()
         except pe.ProbableAuthenticationError:
@@ -143,7 +144,7 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     """Python's re agrees with RabbitMQ's PCRE on these constructs; the broker tests below
     check the same patterns for real."""
     t = Topology("a.b+c")
-    p = broker.role_permissions(t)
+    p = role_permissions(t)
     ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce"):
         assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name) and ok(p["sidecar"].write, name)
@@ -169,11 +170,11 @@ def test_patterns_are_anchored_and_escape_the_prefix():
 
 
 def test_setup_creates_untagged_users_with_the_role_patterns_and_is_idempotent(accounts, ctl, amqp_url):
-    vhost = broker.vhost_of(amqp_url)
-    expected = broker.role_permissions(Topology(accounts.prefix))
+    vhost = vhost_of(amqp_url)
+    expected = role_permissions(Topology(accounts.prefix))
     users = ctl.users()
     granted = ctl.permissions(vhost)
-    for role in broker.ROLES:
+    for role in ROLES:
         user = accounts.user(role)
         assert users[user] == [], "no tags: no management UI, no policies, no administration"
         assert granted[user] == expected[role]
@@ -185,7 +186,7 @@ def test_setup_creates_untagged_users_with_the_role_patterns_and_is_idempotent(a
     # Again: the same passwords (taken from the URL files), the same permissions.
     again = sealedsum("broker", "setup", "--config", str(accounts.config_path), "--out", str(accounts.out))
     assert again.returncode == 0, again.stderr
-    assert {r: (accounts.out / f"{r}.url").read_text().strip() for r in broker.ROLES} == accounts.urls
+    assert {r: (accounts.out / f"{r}.url").read_text().strip() for r in ROLES} == accounts.urls
     assert f"{accounts.user('producer')}: updated" in again.stdout
     assert ctl.permissions(vhost)[accounts.user("producer")] == expected["producer"]
     shown = sealedsum("broker", "setup", "--config", str(accounts.config_path), "--out", str(accounts.out), "--show")
@@ -200,8 +201,8 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
     assert acc.user("sidecar") in {c["user"] for c in connections}, "the sidecar does not run as its account"
     # The producer may read only its own server-named queue and the announce exchange, yet
     # attests: consuming amq.rabbitmq.reply-to needs no permission.
-    assert broker.role_permissions(Topology(acc.prefix))["producer"].read == \
-        rf"^(amq\.gen-.*|{broker.escape(acc.prefix)}\.announce)$"
+    assert role_permissions(Topology(acc.prefix))["producer"].read == \
+        rf"^(amq\.gen-.*|{escape(acc.prefix)}\.announce)$"
     named = f"{acc.prefix}.consumer.acl"
     as_consumer = acc.config("consumer", sc.config_path)
     try:
@@ -243,11 +244,11 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
         refused(url, lambda ch: ch.basic_get(t.records_queue)),
         refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
         refused(url, lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue,
-                                              t.records_exchange, "record")),
+                                              t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, lambda ch: ch.queue_declare(f"{acc.prefix}.not-mine", durable=True)),
         refused(url, lambda ch: ch.queue_purge(t.records_queue)),
         refused(url, lambda ch: ch.queue_delete(t.records_queue)),
-        refused(url, publish(t.records_exchange, "record")),
+        refused(url, publish(t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish(t.results_exchange, "s")),  # forging results
         refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
     ]
@@ -272,7 +273,7 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
     admin = pika.BlockingConnection(pika.URLParameters(sc.config.broker.url))
     victim = f"{acc.prefix}.consumer.victim"
     admin.channel().queue_declare(victim, durable=True)
-    admin.channel().queue_bind(victim, t.results_exchange, "#")
+    admin.channel().queue_bind(victim, t.results_exchange, ALL_RESULTS_KEY)
 
     def own_queue_bound_to(exchange, key):
         return lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue, exchange, key)
@@ -283,12 +284,12 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
             refused(url, lambda ch: ch.queue_declare(t.announce_exchange, exclusive=True)),  # named, not server-named
             refused(url, lambda ch: ch.exchange_declare(f"{acc.prefix}.mine", "fanout")),
             # Its own queue, bound to anything but the announce exchange: results, records, dead letters.
-            refused(url, own_queue_bound_to(t.results_exchange, "#")),
-            refused(url, own_queue_bound_to(t.records_exchange, "record")),
+            refused(url, own_queue_bound_to(t.results_exchange, ALL_RESULTS_KEY)),
+            refused(url, own_queue_bound_to(t.records_exchange, RECORD_ROUTING_KEY)),
             refused(url, own_queue_bound_to(t.rejected_exchange, "")),
             # It may write to the queues named like its exchanges, but read no exchange to bind from.
-            refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, "#")),
-            refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, "#")),
+            refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, ALL_RESULTS_KEY)),
+            refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, ALL_RESULTS_KEY)),
             # (Binding those two queues to PREFIX.announce is not refused: docs/broker-accounts.md.)
             refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
             refused(url, lambda ch: ch.basic_consume(t.attest_queue, lambda *a: None)),
@@ -312,39 +313,39 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
 def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path):
     prefix = new_prefix()
     path = broker_config(tmp_path, amqp_url, prefix)
-    passwords = {role: f"p@ss:{role}/wörd%{uuid.uuid4().hex[:6]}" for role in broker.ROLES}
-    env = {broker.password_env(role): pw for role, pw in passwords.items()}
+    passwords = {role: f"p@ss:{role}/wörd%{uuid.uuid4().hex[:6]}" for role in ROLES}
+    env = {password_env(role): pw for role, pw in passwords.items()}
     defs = tmp_path / "definitions.json"
     result = sealedsum("broker", "setup", "--config", str(path), "--definitions", str(defs), env=env)
     try:
         assert result.returncode == 0, result.stderr
         assert not any(pw in result.stdout for pw in passwords.values())
         assert stat.S_IMODE(defs.stat().st_mode) == 0o600
-        assert not {f"{prefix}-{r}" for r in broker.ROLES} & set(ctl.users()), "--definitions changed the broker"
+        assert not {f"{prefix}-{r}" for r in ROLES} & set(ctl.users()), "--definitions changed the broker"
         doc = json.loads(defs.read_text())
-        vhost = broker.vhost_of(amqp_url)
+        vhost = vhost_of(amqp_url)
         assert doc["vhosts"] == [{"name": vhost}]
         hashes = {u["name"]: u for u in doc["users"]}
         for role, pw in passwords.items():
             u = hashes[f"{prefix}-{role}"]
             assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256" and u["tags"] == []
-            assert broker.check_password_hash(pw, u["password_hash"])
+            assert check_password_hash(pw, u["password_hash"])
 
         # Load it the way a booting broker does (the vhost exists already: leave it alone).
         subprocess.run(ctl.argv + ["-q", "import_definitions", "--format", "json"], check=True, timeout=60,
                        input=json.dumps({"users": doc["users"], "permissions": doc["permissions"]}), text=True)
-        expected = broker.role_permissions(Topology(prefix))
+        expected = role_permissions(Topology(prefix))
         deadline = time.monotonic() + 20
         while True:  # the import is asynchronous
             granted = ctl.permissions(vhost)
-            if all(f"{prefix}-{r}" in granted for r in broker.ROLES) or time.monotonic() > deadline:
+            if all(f"{prefix}-{r}" in granted for r in ROLES) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         for role, pw in passwords.items():
             assert granted[f"{prefix}-{role}"] == expected[role]
             # The hash is RabbitMQ's: the password logs in (quoted into the URL as setup writes it).
             pika.BlockingConnection(pika.URLParameters(
-                broker.account_url(amqp_url, f"{prefix}-{role}", pw))).close()
+                account_url(amqp_url, f"{prefix}-{role}", pw))).close()
     finally:
         sealedsum("broker", "teardown", "--config", str(path))
 
@@ -354,7 +355,7 @@ def test_the_definitions_file_creates_the_same_accounts(ctl, amqp_url, tmp_path)
 def test_errors_have_exit_codes_and_change_nothing(ctl, amqp_url, tmp_path):
     prefix = new_prefix()
     path = broker_config(tmp_path, amqp_url, prefix)
-    ours = {f"{prefix}-{r}" for r in broker.ROLES}
+    ours = {f"{prefix}-{r}" for r in ROLES}
 
     lost = sealedsum("broker", "setup", "--config", str(path))
     assert lost.returncode == 2 and "--out" in lost.stderr and not lost.stdout

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from sealedsum.common import wire
+from sealedsum.common.topology import RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer, SealedRecord
 from tests.integration.test_end_to_end import capture_queue, drain
@@ -25,7 +26,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 def test_batched_records_are_each_counted_once_and_a_bad_one_is_dead_lettered_alone(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     t = sc.config.broker.topology
-    records_conn, records_q = capture_queue(sc, t.records_exchange, "record")  # what the broker carries
+    records_conn, records_q = capture_queue(sc, t.records_exchange, RECORD_ROUTING_KEY)  # what the broker carries
     rejected_conn, rejected_q = capture_queue(sc, t.rejected_exchange, "")
     values = [float(i % 10) for i in range(300)]
     with Consumer(sc.config, "s") as consumer:
@@ -56,7 +57,7 @@ def test_batched_records_are_each_counted_once_and_a_bad_one_is_dead_lettered_al
 def test_produce_per_message_publishes_batches(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     t = sc.config.broker.topology
-    records_conn, records_q = capture_queue(sc, t.records_exchange, "record")
+    records_conn, records_q = capture_queue(sc, t.records_exchange, RECORD_ROUTING_KEY)
     with Consumer(sc.config, "s") as consumer:
         lines = "\n".join(str(i % 10) for i in range(200)) + "\n"
         out = subprocess.run([sys.executable, "-m", "sealedsum", "produce", "--config", str(sc.config_path),

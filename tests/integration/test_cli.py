@@ -139,6 +139,7 @@ def test_produce_counts_what_the_broker_refused(sidecar_factory):
     import time
 
     from sealedsum.common import amqp
+    from sealedsum.common.topology import RECORD_ROUTING_KEY
 
     sc = sidecar_factory({"s": STREAM}, broker_extra="max_queued_records = 5\nreconnect_seconds = 1")
     proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "produce", "--config", str(sc.config_path),
@@ -155,7 +156,7 @@ def test_produce_counts_what_the_broker_refused(sidecar_factory):
     ch.confirm_delivery()
     for _ in range(10):
         try:
-            amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, "record", b"filler" * 20,
+            amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY, b"filler" * 20,
                                    amqp.properties("record"))
         except Exception:  # noqa: BLE001 - the nack we are waiting for
             break
@@ -184,11 +185,12 @@ def test_produce_refuses_a_broken_attestation_and_publishes_nothing(sidecar_fact
     on the records exchange and none counted by the enclave. The same command with the
     genuine config then does publish, so the capture below would have seen a record."""
     from sealedsum.common.attestation import encode_platform_key
+    from sealedsum.common.topology import RECORD_ROUTING_KEY
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
     from tests.integration.test_end_to_end import capture_queue, drain
 
     sc = sidecar_factory({"s": STREAM})
-    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, "record")
+    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY)
     genuine = sc.config_path.read_text()
     real_key = encode_platform_key(sc.platform.public_key())
     assert genuine.count(sc.measurement.hex()) == 1 and genuine.count(real_key) == 1

@@ -15,6 +15,7 @@ from nacl.public import SealedBox
 
 from sealedsum.common import amqp, wire
 from sealedsum.common.fixedpoint import encode
+from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys
@@ -149,7 +150,7 @@ def test_enclave_is_a_separate_hardened_process(sidecar_factory):
 def test_no_private_key_in_state_or_on_the_broker(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     t = sc.config.broker.topology
-    captures = [capture_queue(sc, t.records_exchange, "record"), capture_queue(sc, t.results_exchange, "#"),
+    captures = [capture_queue(sc, t.records_exchange, RECORD_ROUTING_KEY), capture_queue(sc, t.results_exchange, ALL_RESULTS_KEY),
                 capture_queue(sc, t.rejected_exchange, "")]
     with Producer(sc.config) as producer:
         for i in range(20):
@@ -183,7 +184,7 @@ def test_no_private_key_in_state_or_on_the_broker(sidecar_factory):
 
 def test_records_queue_carries_only_sealed_boxes(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
-    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, "record")
+    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY)
     value = 73.25  # distinctive, so any encoding of it would be found
     with Producer(sc.config) as producer:
         for _ in range(5):

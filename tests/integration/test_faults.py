@@ -16,7 +16,6 @@ import pytest
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from sealedsum.common import amqp, wire
-from sealedsum.common.config import BrokerSettings, Topology
 from sealedsum.common.errors import (
     NonceMismatch,
     ReportDataMismatch,
@@ -24,6 +23,7 @@ from sealedsum.common.errors import (
     UnknownMeasurement,
     UntrustedPlatform,
 )
+from sealedsum.common.topology import ATTEST_ROUTING_KEY, RECORD_ROUTING_KEY, Topology
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
@@ -100,10 +100,10 @@ class AttestationRelay:
         t = self.settings.topology
         ch.queue_declare(t.attest_queue, auto_delete=True)
         ch.exchange_declare(t.attest_exchange, "direct", auto_delete=True)
-        ch.queue_bind(t.attest_queue, t.attest_exchange, amqp.ATTEST_ROUTING_KEY)
+        ch.queue_bind(t.attest_queue, t.attest_exchange, ATTEST_ROUTING_KEY)
         ch.exchange_declare(self.settings.topology.records_exchange, "direct", auto_delete=True)
         self.capture = ch.queue_declare("", exclusive=True).method.queue
-        ch.queue_bind(self.capture, self.settings.topology.records_exchange, "record")
+        ch.queue_bind(self.capture, self.settings.topology.records_exchange, RECORD_ROUTING_KEY)
         self.stop = False
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -166,7 +166,7 @@ def test_producer_refuses_a_tampered_attestation(sidecar_factory, mode, error, m
                                          ("stale", StaleQuote)])
 def test_producer_refuses_an_untrusted_enclave_and_sends_nothing(sidecar_factory, case, error):
     sc = sidecar_factory({"s": STREAM})
-    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, "record")
+    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY)
     trust = sc.config.trust
     if case == "platform":
         trust = dataclasses.replace(trust, platform_key=EmulatedPlatform.generate().public_key())

@@ -22,6 +22,7 @@ from phe import PaillierPublicKey
 
 from sealedsum.common import amqp, wire
 from sealedsum.common.errors import InvalidMessage, RejectReason
+from sealedsum.common.topology import RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.enclave.records import ENVELOPE_OVERHEAD
@@ -66,7 +67,7 @@ def test_thousands_of_hostile_records_are_dead_lettered_and_the_enclave_carries_
         ch = conn.channel()
         ch.confirm_delivery()
         for body in bad:
-            amqp.publish_confirmed(ch, t.records_exchange, "record", body, amqp.properties("record"))
+            amqp.publish_confirmed(ch, t.records_exchange, RECORD_ROUTING_KEY, body, amqp.properties("record"))
         published_at = time.monotonic()
         # Then valid records: they close window 1, which is released with its exact count.
         for i in range(WINDOW):

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealedsum.common.errors import PolicyTooWeak
 from sealedsum.common.policy import Requirements
+from sealedsum.common.topology import RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer, RecordSealer
 from tests.integration.test_cli import run
@@ -51,7 +52,7 @@ def test_unknown_and_revoked_producers_are_dead_lettered_enrolled_ones_count(sid
 
 def test_a_producer_refuses_a_weaker_attested_policy_and_sends_nothing(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})  # epsilon 1.0 per release, budget 1e6, min_batch 5
-    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, "record")
+    conn, q = capture_queue(sc, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY)
     demanding = dataclasses.replace(sc.config, require=Requirements(max_epsilon=0.5, max_budget_epsilon=100.0))
     with Producer(demanding) as producer:
         with pytest.raises(PolicyTooWeak, match="epsilon per release 1 > 0.5; budget_epsilon 1e\\+06 > 100"):

@@ -14,9 +14,10 @@ import uuid
 import pytest
 
 from sealedsum.common import amqp
-from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import TransportError, Unroutable
 from sealedsum.common.results import Release
+from sealedsum.common.topology import RECORD_ROUTING_KEY, Topology
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.producers.transport import RecordPublisher
@@ -71,7 +72,7 @@ def test_a_nack_surfaces_on_its_record_after_back_pressure(sidecar_factory):
         filled = 0
         for _ in range(12):
             try:
-                amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, "record",
+                amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY,
                                        producer.seal("s", [1.0]).body, amqp.properties("record"))
                 filled += 1
             except TransportError:

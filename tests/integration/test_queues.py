@@ -1,6 +1,6 @@
 """The queues the sidecar declares, as the broker holds them: the records queue and the
 dead-letter queue are quorum queues (replicated, durable), and the records queue's
-delivery limit (``sealedsum.sidecar.enclave_process.runtime.DELIVERY_LIMIT``) takes a message that keeps coming back
+delivery limit (``sealedsum.common.topology.DELIVERY_LIMIT``) takes a message that keeps coming back
 unacknowledged, as one that kills the enclave each time it is read would, off the queue
 and into ``PREFIX.rejected`` instead of letting it loop forever."""
 
@@ -13,7 +13,8 @@ import pika.exceptions as pe
 import pytest
 
 from sealedsum.common import amqp
-from sealedsum.sidecar.enclave_process.runtime import DELIVERY_LIMIT, declare_topology
+from sealedsum.common.topology import DELIVERY_LIMIT, RECORD_ROUTING_KEY
+from sealedsum.sidecar.enclave_process.runtime import declare_topology
 from tests.integration.test_end_to_end import STREAM, drain
 
 pytestmark = [pytest.mark.integration]
@@ -65,7 +66,7 @@ def test_records_go_to_quorum_queues_whose_delivery_limit_stops_a_poison_message
         assert sc.stop() == 0  # nobody else reads the records queue now
         ch = conn.channel()
         ch.confirm_delivery()
-        ch.basic_publish(t.records_exchange, "record", b"poison",
+        ch.basic_publish(t.records_exchange, RECORD_ROUTING_KEY, b"poison",
                          pika.BasicProperties(delivery_mode=2), mandatory=True)
         # Read it without acknowledging and drop the connection, as an enclave that dies
         # on it does: the broker takes it back and counts one more delivery each time.

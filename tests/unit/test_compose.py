@@ -24,8 +24,9 @@ import yaml  # PyYAML: a test-only dependency
 
 from sealedsum.common import config as config_mod
 from sealedsum.common.attestation import encode_platform_key
+from sealedsum.common.topology import ROLES, Permissions, role_permissions
 from sealedsum.producers.inputs import read_records
-from sealedsum import broker
+from sealedsum.accounts import check_password_hash, default_user, vhost_of
 from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 
@@ -218,12 +219,12 @@ def definitions(compose) -> dict:
 def test_rabbitmq_loads_the_accounts_and_keeps_guest_for_the_host(definitions):
     users = {u["name"]: u for u in definitions["users"]}
     topology = config_mod.load(BASE_CONFIG, env={}).broker.topology
-    assert set(users) == {broker.default_user(topology, r) for r in broker.ROLES} | {"guest"}
+    assert set(users) == {default_user(topology, r) for r in ROLES} | {"guest"}
     # A broker that loads definitions creates neither its default vhost nor guest: the
     # file must, or the README's tests and the management UI lose their login.
     assert {"name": "/"} in definitions["vhosts"]
     assert users["guest"]["tags"] == ["administrator"]
-    assert broker.check_password_hash("guest", users["guest"]["password_hash"])
+    assert check_password_hash("guest", users["guest"]["password_hash"])
     for u in users.values():
         assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256"
     assert {p["user"] for p in definitions["permissions"]} == set(users)
@@ -234,15 +235,15 @@ def test_app_service_connects_as_its_own_least_privilege_user(compose, definitio
     url = urlsplit(environment(service(compose, name))["AMQP_URL"])
     user, password = unquote(url.username or ""), unquote(url.password or "")
     topology = config_mod.load(BASE_CONFIG, env={}).broker.topology
-    assert user == broker.default_user(topology, name), f"{name} connects as {user!r}"
+    assert user == default_user(topology, name), f"{name} connects as {user!r}"
     (entry,) = [u for u in definitions["users"] if u["name"] == user]
     assert entry["tags"] == [], f"{user} must have no tags"
-    assert broker.check_password_hash(password, entry["password_hash"]), f"{name}'s password is not {user}'s"
-    vhost = broker.vhost_of(url.geturl())
+    assert check_password_hash(password, entry["password_hash"]), f"{name}'s password is not {user}'s"
+    vhost = vhost_of(url.geturl())
     (perm,) = [p for p in definitions["permissions"] if p["user"] == user]
     assert perm["vhost"] == vhost
-    granted = broker.Permissions(perm["configure"], perm["write"], perm["read"])
-    assert granted == broker.role_permissions(topology)[name], f"{user} has other permissions than its role's"
+    granted = Permissions(perm["configure"], perm["write"], perm["read"])
+    assert granted == role_permissions(topology)[name], f"{user} has other permissions than its role's"
 
 
 def test_app_services_use_three_different_users_none_of_them_guest(compose):
@@ -254,7 +255,7 @@ def test_consumer_named_queue_is_one_the_consumer_account_may_use(compose):
     argv = sealedsum_call(shell_script(service(compose, "consumer")), "consume")
     if "--queue" in argv:
         queue = option(argv, "--queue")
-        p = broker.role_permissions(config_mod.load(BASE_CONFIG, env={}).broker.topology)["consumer"]
+        p = role_permissions(config_mod.load(BASE_CONFIG, env={}).broker.topology)["consumer"]
         # configure to declare it, write to bind it, read to consume it (RabbitMQ's regexes are PCRE;
         # Python's re reads these the same way).
         assert all(re.search(pattern, queue) for pattern in p.as_tuple()), queue

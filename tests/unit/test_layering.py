@@ -150,7 +150,8 @@ def test_producers_and_consumers_never_import_the_sidecar():
 def test_common_imports_no_role_package():
     trees = sources("common")
     for role in ("sealedsum.sidecar", "sealedsum.producers", "sealedsum.consumers", "sealedsum.commands",
-                 "sealedsum.demos", "sealedsum.testbed", "sealedsum.broker"):
+                 "sealedsum.demos", "sealedsum.testbed", "sealedsum.broker", "sealedsum.accounts",
+                 "sealedsum.rabbitmqctl"):
         offenders = sorted(rel for rel, tree in trees.items() if imports(tree, role, package_of(rel)))
         assert offenders == [], role
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import re
-import types
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,233 @@
+"""The broker layout of one deployment, as data: exchange and queue names, routing keys,
+what the sidecar declares, and what each role's account may touch.
+
+Pure (no pika, no I/O), so every role, the enclave included, reads the same layout;
+``sidecar/enclave_process/runtime.py`` turns :func:`declarations` into pika calls and ``sealedsum broker
+setup`` grants :func:`role_permissions`, which are derived from the same names.
+
+The rejected and announce exchanges are fanout, so their routing keys are ignored
+(publishers use ``""``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# Records: records exchange (direct) -> records queue.
+RECORD_ROUTING_KEY = "record"
+# Attestation and budget requests: attest exchange (direct) -> attest queue.
+ATTEST_ROUTING_KEY = "request"
+# Binding key for every stream's results on the results exchange (topic).
+ALL_RESULTS_KEY = "#"
+
+
+def result_routing_key(stream: str) -> str:
+    """Releases are published to the results exchange under their stream's name, so a
+    consumer binds once per stream it wants."""
+    return stream
+
+
+# Where a consumer's named queues must live: PREFIX.consumer.NAME.
+CONSUMER_QUEUE_INFIX = "consumer"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Exchange and queue names, all derived from one prefix."""
+
+    prefix: str = "sealedsum"
+
+    @property
+    def records_exchange(self) -> str:
+        return f"{self.prefix}.records"
+
+    @property
+    def records_queue(self) -> str:
+        return f"{self.prefix}.records"
+
+    @property
+    def rejected_exchange(self) -> str:
+        return f"{self.prefix}.rejected"
+
+    @property
+    def rejected_queue(self) -> str:
+        return f"{self.prefix}.rejected"
+
+    @property
+    def attest_exchange(self) -> str:
+        """Requests to the enclave (attestation, budget) go through this exchange, so
+        clients never need to publish to the default exchange."""
+        return f"{self.prefix}.attest"
+
+    @property
+    def attest_queue(self) -> str:
+        return f"{self.prefix}.attest"
+
+    @property
+    def announce_exchange(self) -> str:
+        """Signed notices to producers (key rotations): a fanout exchange each producer binds
+        a server-named exclusive queue of its own to."""
+        return f"{self.prefix}.announce"
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        return (self.records_exchange, self.rejected_exchange, self.attest_exchange, self.results_exchange,
+                self.announce_exchange)
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return (self.records_queue, self.rejected_queue, self.attest_queue)
+
+    @property
+    def results_exchange(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def consumer_queue_prefix(self) -> str:
+        """Named consumer queues (``sealedsum consume --queue``) must start with this."""
+        return f"{self.prefix}.{CONSUMER_QUEUE_INFIX}."
+
+
+# --- what the sidecar declares ------------------------------------------------------------
+
+# Quorum queues count deliveries: a message that crashes the enclave again and again
+# is dead-lettered by the broker after this many attempts instead of looping forever.
+DELIVERY_LIMIT = 20
+ATTEST_REQUEST_TTL_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeDecl:
+    name: str
+    type: str  # "direct", "fanout" or "topic"
+    durable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDecl:
+    name: str
+    durable: bool
+    arguments: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str | None = None  # None: pika binds with the queue's name (fanout ignores it)
+
+
+Declaration = ExchangeDecl | QueueDecl | Binding
+
+
+def declarations(topology: Topology, queue_type: str, max_queued_records: int) -> tuple[Declaration, ...]:
+    """Every exchange, queue and binding the sidecar declares, in declaration order: the
+    dead-letter exchange before the queue that names it, each exchange before its bindings.
+
+    :param queue_type: ``"quorum"`` or ``"classic"`` (``broker.queue_type``).
+    :param max_queued_records: past this the records queue refuses new records
+        (reject-publish), which producers see as a nack.
+    """
+    t = topology
+    durable_args = {"x-queue-type": queue_type}
+    records_args = dict(durable_args, **{"x-dead-letter-exchange": t.rejected_exchange,
+                                         "x-max-length": max_queued_records,
+                                         "x-overflow": "reject-publish"})
+    if queue_type == "quorum":
+        records_args["x-delivery-limit"] = DELIVERY_LIMIT
+    return (
+        ExchangeDecl(t.rejected_exchange, "fanout"),
+        QueueDecl(t.rejected_queue, durable=True, arguments=durable_args),
+        Binding(t.rejected_queue, t.rejected_exchange),
+        ExchangeDecl(t.records_exchange, "direct"),
+        QueueDecl(t.records_queue, durable=True, arguments=records_args),
+        Binding(t.records_queue, t.records_exchange, RECORD_ROUTING_KEY),
+        ExchangeDecl(t.results_exchange, "topic"),
+        ExchangeDecl(t.attest_exchange, "direct"),
+        QueueDecl(t.attest_queue, durable=False, arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS}),
+        Binding(t.attest_queue, t.attest_exchange, ATTEST_ROUTING_KEY),
+        # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
+        ExchangeDecl(t.announce_exchange, "fanout"),
+    )
+
+
+# --- what each role's account may do -------------------------------------------------------
+#
+# RabbitMQ's rules (checked against a real broker by ``tests/integration/test_acl.py``):
+# ``queue.declare`` needs *configure* on the queue; ``queue.bind`` needs *write* on the queue
+# and *read* on the exchange; ``basic.publish`` needs *write* on the exchange (the default
+# exchange is called ``amq.default`` for this); ``basic.consume`` and ``basic.get`` need
+# *read* on the queue. Consuming from the ``amq.rabbitmq.reply-to`` pseudo-queue needs no
+# permission at all, and a passive declare needs none either. Permissions are regular
+# expressions over names, matched unanchored, so every pattern here is anchored with ``^``
+# and ``$``; they cannot tell an exchange from a queue of the same name.
+
+ROLES = ("sidecar", "producer", "consumer")
+DEFAULT_EXCHANGE = "amq.default"  # what RabbitMQ calls the default exchange ("") in permission checks
+SERVER_NAMED_QUEUES = r"amq\.gen-.*"  # queue.declare with an empty name; clients cannot choose amq.* names
+NOTHING = "^$"  # matches no exchange or queue name
+# PCRE metacharacters outside a character class (RabbitMQ uses Erlang's re, which is PCRE).
+_REGEX_SPECIAL = set("\\^$.|?*+()[]{}")
+
+
+def escape(name: str) -> str:
+    """``name`` as a PCRE literal (only the characters that are special outside a class)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in name)
+
+
+def _names(prefix: str, names) -> str:
+    """An unanchored alternation matching exactly ``names``; shared ``PREFIX.`` factored out."""
+    names = sorted(set(names))
+    head = prefix + "."
+    if len(names) > 1 and all(n.startswith(head) and len(n) > len(head) for n in names):
+        return escape(head) + "(" + "|".join(escape(n[len(head):]) for n in names) + ")"
+    if len(names) == 1:
+        return escape(names[0])
+    return "(" + "|".join(escape(n) for n in names) + ")"
+
+
+def _anchored(*alternatives: str) -> str:
+    if not alternatives:
+        return NOTHING
+    if len(alternatives) == 1:
+        return f"^{alternatives[0]}$"
+    return "^(" + "|".join(alternatives) + ")$"
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    configure: str
+    write: str
+    read: str
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return (self.configure, self.write, self.read)
+
+
+def role_permissions(topology: Topology) -> dict[str, Permissions]:
+    """The configure/write/read patterns of each role, for one prefix."""
+    p = topology.prefix
+    own = _names(p, set(topology.exchanges) | set(topology.queues))
+    mine = escape(topology.consumer_queue_prefix) + ".*"
+    return {
+        # Declares and binds its objects (configure; write on the queues, read on the
+        # exchanges), consumes records and requests (read), publishes dead letters and
+        # results (write), answers RPCs on the default exchange (write amq.default). Declaring
+        # PREFIX.records with a dead-letter exchange also needs read on it and write on
+        # PREFIX.rejected, which "own" covers.
+        "sidecar": Permissions(_anchored(own), _anchored(own, escape(DEFAULT_EXCHANGE)), _anchored(own)),
+        # Publishes records and RPC requests; the reply comes through direct reply-to,
+        # which needs no permission. Its one queue is server-named (configure; write on it
+        # to bind, read to consume) and bound to PREFIX.announce (read on that exchange),
+        # for key-rotation notices; it may read no other exchange, so it binds to nothing else.
+        "producer": Permissions(_anchored(SERVER_NAMED_QUEUES),
+                                _anchored(_names(p, (topology.records_exchange, topology.attest_exchange)),
+                                          SERVER_NAMED_QUEUES),
+                                _anchored(SERVER_NAMED_QUEUES, escape(topology.announce_exchange))),
+        # Its own queues: declare (configure), bind (write on the queue, read on
+        # PREFIX.results), consume (read). RPC requests: write on PREFIX.attest.
+        "consumer": Permissions(_anchored(SERVER_NAMED_QUEUES, mine),
+                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.attest_exchange)),
+                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.results_exchange))),
+    }
