@@ -164,6 +164,23 @@ class FrameError(ChannelClosed):
     """A frame on the private channel is not one of the protocol's (malformed, unknown, oversized)."""
 
 
+class BrokerAdminError(SealedsumError):
+    """rabbitmqctl is missing, cannot reach the node, or refused a change (``sealedsum broker``)."""
+
+    exit_code = ExitCode.TRANSPORT
+
+
+class CalibrationError(SealedsumError):
+    """OpenDP says a noise measurement spends more than the plan allows: a bug, never input.
+    The window is withheld rather than released with too little noise."""
+
+
+class LayoutError(SealedsumError, ValueError):
+    """No packing layout fits the policy (the policy parser turns it into a ``ConfigError``)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class RejectReason(str, enum.Enum):
     """Why the enclave dead-lettered a record. The value is the ``x-sealedsum-reason`` header."""
 

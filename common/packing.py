@@ -38,14 +38,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from sealedsum.common.errors import LayoutError
+
 # Bits of the modulus a packed plaintext leaves unused (see the module docstring).
 MARGIN_BITS = 3
 
 MAPPING_KEYS = ("slot_bits", "slots_per_ciphertext", "ciphertexts_per_record")
-
-
-class LayoutError(ValueError):
-    """No packing layout fits (the caller turns it into a configuration error)."""
 
 
 @dataclass(frozen=True, slots=True)

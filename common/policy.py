@@ -19,7 +19,8 @@ import nacl.bindings
 
 from sealedsum.common import fixedpoint, privacy
 from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
-from sealedsum.common.packing import LayoutError, PackingLayout
+from sealedsum.common.errors import LayoutError
+from sealedsum.common.packing import PackingLayout
 from sealedsum.common.wire import STREAM_NAME
 
 # A window closes at this many records even when only window_seconds is set, so a

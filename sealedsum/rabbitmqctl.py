@@ -14,7 +14,7 @@ import shutil
 import subprocess
 
 from sealedsum.accounts import Account
-from sealedsum.common.errors import ConfigError, SealedsumError
+from sealedsum.common.errors import BrokerAdminError, ConfigError
 from sealedsum.common.topology import Permissions
 
 RABBITMQCTL_ENV = "SEALEDSUM_RABBITMQCTL"
@@ -23,12 +23,6 @@ RABBITMQCTL_HINT = (
     "root or the rabbitmq user), or pass --rabbitmqctl 'docker compose exec -T rabbitmq rabbitmqctl', "
     "or write a definitions file with --definitions FILE for the broker to load at boot"
 )
-
-
-class BrokerAdminError(SealedsumError):
-    """rabbitmqctl is missing, cannot reach the node, or refused a change."""
-
-    exit_code = 3
 
 
 class Rabbitmqctl:

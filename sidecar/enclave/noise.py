@@ -13,16 +13,13 @@ from functools import lru_cache
 
 import opendp.prelude as dp
 
+from sealedsum.common.errors import CalibrationError
 from sealedsum.common.privacy import GAUSSIAN, LAPLACE, NoisePlan
 
 dp.enable_features("contrib")  # OpenDP gates its samplers behind this flag
 
 # OpenDP's maps round up in the last place; a map within this factor of the target is exact.
 MAP_TOLERANCE = 1e-9
-
-
-class CalibrationError(Exception):
-    """OpenDP says a measurement spends more than the plan allows: a bug, never input."""
 
 
 @lru_cache(maxsize=256)

@@ -28,7 +28,8 @@ from sealedsum.common import config as config_mod
 from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, ROLES, Topology, escape, role_permissions
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum.rabbitmqctl import BrokerAdminError, Rabbitmqctl
+from sealedsum.common.errors import BrokerAdminError
+from sealedsum.rabbitmqctl import Rabbitmqctl
 from tests.integration.conftest import REPO, RunningSidecar, _no_broker
 
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_records": 20, "min_batch": 5,

@@ -9,6 +9,7 @@ Each rule is also run against a small bad snippet, so the scanner itself is know
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -340,3 +341,28 @@ def test_the_enclave_core_imports_only_the_shared_package_the_stdlib_and_its_lib
     trees = sources("sidecar/enclave")
     assert "sidecar/enclave/service.py" in trees
     assert core_violations(trees) == []
+
+
+# -- one error tree, one statement of the exit codes ----------------------------------------
+def test_every_error_class_is_defined_in_the_error_tree():
+    """Product errors live in common/errors.py, under SealedsumError, each with its exit code."""
+    from sealedsum.common import errors
+
+    defined_elsewhere = []
+    for rel, tree in sources(*PACKAGES).items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and rel != "common/errors.py" and any(
+                    isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception")) for b in node.bases):
+                defined_elsewhere.append((rel, node.name))
+    assert defined_elsewhere == []
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert classes and all(issubclass(c, errors.SealedsumError) for c in classes)
+    assert all(isinstance(c.exit_code, errors.ExitCode) for c in classes)
+
+
+def test_the_readme_states_the_exit_codes_the_enum_defines():
+    from sealedsum.common.errors import ExitCode
+
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|$", readme, re.M))
+    assert {int(k) for k in rows} == {int(c) for c in ExitCode}

@@ -20,7 +20,8 @@ from sealedsum.common import wire
 from sealedsum.common.attestation import verify_attestation
 from sealedsum.common.errors import ConfigError, InvalidMessage, RejectReason
 from sealedsum.common.fixedpoint import decode
-from sealedsum.common.packing import MARGIN_BITS, LayoutError, PackingLayout
+from sealedsum.common.errors import LayoutError
+from sealedsum.common.packing import MARGIN_BITS, PackingLayout
 from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy
 from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave.aggregate import Window

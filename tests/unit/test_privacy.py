@@ -8,7 +8,7 @@ import math
 import pytest
 
 from sealedsum.common import fixedpoint, privacy
-from sealedsum.common.errors import PolicyMismatch
+from sealedsum.common.errors import CalibrationError, PolicyMismatch
 from sealedsum.sidecar.enclave import noise
 from tests.conftest import make_policy, stream_table
 
@@ -159,9 +159,9 @@ def test_opendp_map_equals_the_planned_budget(name):
 def test_miscalibrated_scale_is_caught(mechanism, extra):
     """The OpenDP check in noise.py can fail: half the scale spends more than the plan allows."""
     plan = make_policy({"s": stream_table(mechanism=mechanism, **extra)}).streams["s"].noise_plan()
-    with pytest.raises(noise.CalibrationError):
+    with pytest.raises(CalibrationError):
         noise.sum_measurement(dataclasses.replace(plan, sum_scale=plan.sum_scale / 2))
-    with pytest.raises(noise.CalibrationError):
+    with pytest.raises(CalibrationError):
         noise.count_measurement(dataclasses.replace(plan, count_scale=plan.count_scale * 0.999))
 
 
