@@ -16,7 +16,7 @@ import phe.util
 
 from sealedsum.common import logs
 from sealedsum.common.config import BrokerSettings
-from sealedsum.common.errors import ExitCode, SealedsumError
+from sealedsum.common.errors import ExitCode, RollbackDetected, SealedsumError, StateIncompatible
 from sealedsum.common.topology import Topology
 from sealedsum.common.policy import EnclavePolicy
 from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel, QuoteReply, \
@@ -31,6 +31,12 @@ from sealedsum.sidecar.enclave_process.store import SealedStateStore
 from sealedsum.sidecar import measurement as measure
 
 log = logging.getLogger("sealedsum.enclave")
+
+# What the log says when the enclave refuses to start (operators search for these).
+REFUSALS = {
+    RollbackDetected: "sealed state rolled back; refusing to start",
+    StateIncompatible: "sealed state does not fit this code; refusing to start",
+}
 
 
 def enclave_dir(state: Path, measurement: bytes) -> Path:
@@ -107,7 +113,7 @@ def main(argv: list[str]) -> int:
     except SealedsumError as err:
         # Rolled back, tampered, other code, or a state this code cannot read: restarting
         # cannot help, and the exit code tells the platform so.
-        log.error("cannot unseal keys or state; refusing to start", extra={"fields": {
+        log.error(REFUSALS.get(type(err), "cannot unseal keys or state"), extra={"fields": {
             "error": type(err).__name__, "detail": str(err)}})
         return err.exit_code
     b = launch.broker
