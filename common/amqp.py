@@ -212,36 +212,6 @@ def budget(connection: pika.BlockingConnection, settings: BrokerSettings, enclav
     return report
 
 
-class Backoff:
-    """Capped exponential backoff within a total time budget (``reconnect_seconds``).
-
-    pika does not reconnect by itself; clients wrap each broker operation in
-    :meth:`retry`, which reconnects on connection loss and gives up with the last
-    ``TransportError`` once the budget is spent.
-    """
-
-    def __init__(self, budget_seconds: float, first: float = 0.5, cap: float = 5.0) -> None:
-        self.budget, self.first, self.cap = budget_seconds, first, cap
-
-    def retry(self, operation, reconnect, what: str):
-        deadline = time.monotonic() + self.budget
-        delay = self.first
-        while True:
-            try:
-                return operation()
-            except TransportError as err:
-                if not err.retryable or isinstance(err, Unroutable) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("broker unavailable; retrying", extra={"fields": {
-                    "operation": what, "error": str(err), "retry_in_s": delay}})
-            time.sleep(delay)
-            delay = min(delay * 2, self.cap)
-            try:
-                reconnect()
-            except TransportError as err:
-                log.info("reconnect failed", extra={"fields": {"operation": what, "error": str(err)}})
-
-
 def delete_topology(settings: BrokerSettings, extra_queues: tuple[str, ...] = (),
                     extra_exchanges: tuple[str, ...] = ()) -> None:
     """Delete every queue and exchange of this prefix (demos and tests clean up with it).

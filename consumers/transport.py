@@ -11,6 +11,7 @@ import pika.exceptions as pe
 
 from sealedsum.common import amqp, topology
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors
+from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import TransportError
 
@@ -26,7 +27,7 @@ class ResultSubscriber:
         self.settings = settings
         self.streams = streams
         self.named_queue = queue
-        self.backoff = amqp.Backoff(settings.reconnect_seconds)
+        self.backoff = Backoff(settings.reconnect_seconds)
         self.connection = None
         self.channel = None
         self._open()

@@ -20,6 +20,7 @@ import pika
 import pika.exceptions as pe
 
 from sealedsum.common import amqp, topology, wire
+from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
 from sealedsum.sidecar.enclave.release import Publication
@@ -145,11 +146,11 @@ class EnclaveRuntime:
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
         """Consume until :meth:`stop`; reconnect with capped backoff on broker loss."""
-        backoff = 1.0
+        backoff = Backoff(first=1.0, cap=MAX_BACKOFF_S)
         while not self.stopping:
             try:
                 self._connect()
-                backoff = 1.0
+                backoff.reset()
                 while not self.stopping:
                     # While a window is being drawn, look back soon: its release waits for us.
                     self._connection.process_data_events(time_limit=DRAW_POLL_S if self._drawing else FLUSH_EVERY_S)
@@ -160,11 +161,11 @@ class EnclaveRuntime:
             except (TransportError, pe.AMQPConnectionError, pe.AMQPChannelError) as err:
                 if self.stopping:
                     break
+                delay = backoff.next_delay()
                 log.warning("broker connection lost; reconnecting", extra={"fields": {
-                    "error": type(err).__name__, "detail": str(err), "retry_in_s": backoff}})
+                    "error": type(err).__name__, "detail": str(err), "retry_in_s": delay}})
                 self._close()
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                time.sleep(delay)
         if self._connection is not None and self._connection.is_open:
             try:
                 self.ingest()

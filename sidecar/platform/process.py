@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import Config
 from sealedsum.common.errors import ChannelClosed, ExitCode, FrameError
 from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel,
@@ -76,7 +77,7 @@ class PlatformProcess:
         for w in self.check_trust():
             log.warning(w)
         (self.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
-        backoff = 1.0
+        backoff = Backoff(first=1.0, cap=MAX_BACKOFF_S)
         while not self.stopping:
             started = time.monotonic()
             code = self._run_once()
@@ -86,12 +87,12 @@ class PlatformProcess:
                 log.error("the enclave refused to start; not restarting", extra={"fields": {"exit_code": code}})
                 return EXIT_CONFIG
             if time.monotonic() - started > 60:
-                backoff = 1.0
+                backoff.reset()  # it ran a good while: this is a new failure, not the same one
             self.restarts += 1
+            delay = backoff.next_delay()
             log.warning("enclave exited; restarting", extra={"fields": {
-                "exit_code": code, "restart_in_s": backoff, "restarts": self.restarts}})
-            time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+                "exit_code": code, "restart_in_s": delay, "restarts": self.restarts}})
+            time.sleep(delay)
         return 0
 
     def _run_once(self) -> int:
