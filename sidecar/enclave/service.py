@@ -10,26 +10,21 @@ The runtime learns what to do from these values only, never from the core's attr
 
 from __future__ import annotations
 
-import base64
 import collections
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 from sealedsum.common import wire
-from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason, StateIncompatible
+from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
 from sealedsum.common.policy import EnclavePolicy, StreamPolicy
-from sealedsum.common.results import PAYLOADS
-from sealedsum.sidecar.enclave.aggregate import StreamState, Window
+from sealedsum.sidecar.enclave.aggregate import Window
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
-from sealedsum.sidecar.enclave.ledger import StreamLedger
+from sealedsum.sidecar.enclave.state import Checkpoint, Closing, EnclaveState
 from sealedsum.sidecar.enclave.records import check_age, max_record_bytes, open_record
 from sealedsum.sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release, rotation_notice
 
 log = logging.getLogger("sealedsum.enclave")
-
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +62,6 @@ NOTHING = Effects()
 
 
 @dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A checkpoint of the sealed state: the whole state (``base``) or the changes since the
-    previous checkpoint (a journal entry). The record ids it adds stay on the core's list of
-    new ids until :meth:`Enclave.checkpointed` says it is durable, so a failed write loses
-    none of them."""
-
-    base: bool
-    state: dict
-    new_ids: int
-
-
-@dataclass(frozen=True, slots=True)
 class OpenedRecord:
     """A record whose sealed box opened and whose envelope fits the keys and the policy;
     not yet checked against the enclave's state (duplicates, windows, budget)."""
@@ -86,24 +69,6 @@ class OpenedRecord:
     envelope: wire.Envelope
     stream: StreamPolicy
     keys: EnclaveKeys
-
-
-@dataclass(frozen=True, slots=True)
-class Closing:
-    """A closed window whose release is charged to the ledger but not drawn yet. Its totals
-    are ciphertexts, safe in the sealed state, until :meth:`Enclave.draw` decrypts,
-    noises and signs them. ``budget`` is the ledger's summary after this release's charge;
-    ``exhausts``: no release of the stream fits the budget after this one."""
-
-    key: str
-    window: Window
-    budget: dict
-    closed_at_ms: int
-    exhausts: bool
-
-    def to_json(self) -> dict:
-        return {"stream": self.window.stream, "window": self.window.to_json(), "budget": self.budget,
-                "closed_at_ms": self.closed_at_ms, "exhausts": self.exhausts}
 
 
 @dataclass(slots=True)
@@ -151,20 +116,18 @@ class Enclave:
         self.code_digest = code_digest
         self.measurement = measurement
         self._quote = quote
-        self.streams = {name: StreamState(p) for name, p in policy.streams.items()}
-        self.ledgers = {name: StreamLedger(p) for name, p in policy.streams.items()}
-        self.exhausted: set[str] = set()
+        # What the sealed state holds (windows, ledgers, pending publications...), and views of it.
+        self.state = EnclaveState.fresh(policy)
+        self.streams, self.ledgers, self.exhausted = self.state.streams, self.state.ledgers, self.state.exhausted
+        # Signed messages not yet confirmed by the broker, by Publication.key.
+        self.pending = self.state.pending
+        # Closed windows charged to the ledger whose draw is not stored yet (see complete()).
+        self._closing = self.state.closing
         self._size_limit = max_record_bytes(policy, self.keys)
         self._draw_inline = draw_inline
         self.stats = Stats()
-        # Signed messages not yet confirmed by the broker, by Publication.key.
-        self.pending: dict[str, Publication] = {}
-        # Closed windows charged to the ledger whose draw is not stored yet (see complete()).
-        self._closing: dict[str, Closing] = {}
-        # Record ids accepted since the last durable checkpoint: (stream, id, forget_at_ms).
-        self._new_seen: list[tuple[str, bytes, int]] = []
         if state is not None:
-            self._restore(state)
+            self.state.restore(state, {e: k.paillier_public for e, k in self.keyring.epochs.items()})
         for name, ledger in self.ledgers.items():
             if name not in self.exhausted and not ledger.allows():
                 self._exhaust(name, now_ms)
@@ -301,7 +264,7 @@ class Enclave:
             check_age(envelope, self.policy, now_ms)
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
             closed = state.accept(envelope, keys.paillier_public, forget_at, now_ms)
-            self._new_seen.append((stream.name, envelope.record_id, forget_at))
+            self.state.new_seen.append((stream.name, envelope.record_id, forget_at))
         except RecordRejected as rejection:
             self.stats.rejected[rejection.reason.value] += 1
             return Effects(rejection=rejection)
@@ -406,73 +369,10 @@ class Enclave:
         return notice
 
     # -- sealed state ------------------------------------------------------------------
-    # What must survive a crash: open windows (ciphertext totals, counts, contributors),
-    # record ids within the replay horizon, ledgers, window numbers, exhaustion, and
-    # signed but unconfirmed publications (so a retry never draws new noise).
-    def _core(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "key_epoch": self.keys.epoch,
-            "streams": {
-                name: {"window": self.streams[name].current.to_json(), "ledger": self.ledgers[name].to_json(),
-                       "exhausted": name in self.exhausted}
-                for name in self.policy.streams
-            },
-            "pending": {key: {"stream": p.stream, "body": base64.b64encode(p.body).decode()}
-                        for key, p in self.pending.items()},
-        } | ({"closing": {key: c.to_json() for key, c in self._closing.items()}} if self._closing else {})
-
     def checkpoint(self, base: bool) -> Checkpoint:
-        """The state to make durable: all of it (``base``, for a fresh base), or the (small)
-        core and the record ids accepted since the last durable checkpoint (a journal entry).
-        Changes nothing: call :meth:`checkpointed` once it is on disk."""
-        if base:
-            seen = {name: [[rid.hex(), t] for rid, t in st.seen.items()] for name, st in self.streams.items()}
-        else:
-            seen = {}
-            for stream, rid, t in self._new_seen:
-                seen.setdefault(stream, []).append([rid.hex(), t])
-        return Checkpoint(base, {"core": self._core(), "seen": seen}, len(self._new_seen))
+        """The state to make durable (:meth:`EnclaveState.checkpoint`); changes nothing."""
+        return self.state.checkpoint(base, self.keys.epoch)
 
     def checkpointed(self, checkpoint: Checkpoint) -> None:
         """``checkpoint`` is durable: the record ids it holds need not go into the next one."""
-        del self._new_seen[:checkpoint.new_ids]
-
-    def _restore(self, checkpoints: list[dict]) -> None:
-        """Apply a base snapshot and the journal entries after it, in order.
-
-        :raises StateIncompatible: not a state this code wrote (an unknown version, or
-            streams or fields this policy does not have).
-        """
-        try:
-            self._apply(checkpoints)
-        except StateIncompatible:
-            raise
-        except (ValueError, KeyError, TypeError) as err:
-            raise StateIncompatible(f"the sealed state does not fit this code: {type(err).__name__}: {err}") from err
-
-    def _apply(self, checkpoints: list[dict]) -> None:
-        for checkpoint in checkpoints:
-            for name, ids in checkpoint["seen"].items():
-                for rid, t in ids:
-                    self.streams[name].remember(bytes.fromhex(rid), int(t))
-        core = checkpoints[-1]["core"]
-        if core.get("version") != STATE_VERSION:
-            raise StateIncompatible(f"the sealed state has version {core.get('version')!r}; this code reads "
-                                    f"version {STATE_VERSION}")
-        public_keys = {e: k.paillier_public for e, k in self.keyring.epochs.items()}
-        for name, raw in core["streams"].items():
-            policy = self.policy.streams[name]
-            self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"])
-            self.streams[name].current = Window.from_json(policy, raw["window"], public_keys)
-            if raw["exhausted"]:
-                self.exhausted.add(name)
-        for key, raw in core.get("closing", {}).items():
-            policy = self.policy.streams[raw["stream"]]
-            window = Window.from_json(policy, raw["window"], public_keys)
-            self._closing[key] = Closing(key, window, raw["budget"], int(raw["closed_at_ms"]), bool(raw["exhausts"]))
-        for key, raw in core["pending"].items():
-            body = base64.b64decode(raw["body"])
-            payload = wire.SignedMessage.from_bytes(body).payload
-            kind = json.loads(payload)["kind"]
-            self.pending[key] = Publication(key, raw["stream"], body, PAYLOADS[kind].from_payload(payload))
+        self.state.checkpointed(checkpoint)

@@ -24,7 +24,8 @@ from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
 from sealedsum.sidecar.enclave.release import Publication
-from sealedsum.sidecar.enclave.service import NOTHING, Closing, Effects, Enclave
+from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave
+from sealedsum.sidecar.enclave.state import Closing
 from sealedsum.sidecar.enclave_process.checkpoint import StateWriter, commit
 
 log = logging.getLogger("sealedsum.runtime")
