@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 from sealedsum.common import privacy, signing, wire
 from sealedsum.common.attestation import AttestedEnclave
@@ -49,6 +49,12 @@ def _budget_ok(b: Any) -> bool:
             and all(c in "0123456789abcdef" for c in b["ledger_head"]))
 
 
+def _ledger_notice_ok(m) -> bool:
+    """The fields a budget notice and a budget report share: a stream, its ledger, when, by whom."""
+    return bool(isinstance(m.stream, str) and wire.STREAM_NAME.fullmatch(m.stream) and _budget_ok(m.budget)
+                and _int(m.key_epoch) and _int(m.at_ms) and isinstance(m.measurement, str))
+
+
 def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
@@ -60,7 +66,7 @@ def _load(payload: bytes, cls, kind: str):
         raise InvalidMessage(f"{kind}: payload is not ASCII JSON") from err
     if not isinstance(raw, dict) or raw.get("kind") != kind:
         raise InvalidMessage(f"not a {kind} payload")
-    if set(raw) != set(cls.__dataclass_fields__):
+    if set(raw) != {f.name for f in fields(cls)}:
         raise InvalidMessage(f"{kind}: unexpected or missing fields")
     obj = cls(**raw)
     if not obj._valid():
@@ -68,8 +74,23 @@ def _load(payload: bytes, cls, kind: str):
     return obj
 
 
+class _Payload:
+    """A signed message's payload: canonical ASCII JSON of its fields, ``kind`` first among
+    equals; parsing checks the kind, the exact set of fields and each field's type."""
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+
+    def to_payload(self) -> bytes:
+        return _canonical(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes):
+        return _load(payload, cls, cls.KIND)
+
+
 @dataclass(frozen=True, slots=True)
-class Release:
+class Release(_Payload):
     """One noised window. ``sum`` and ``mean`` hold one entry per coordinate; for a
     histogram, ``sum`` holds the noised bucket counts and ``count`` is their total.
     ``budget`` is the stream's ledger after this release."""
@@ -94,13 +115,7 @@ class Release:
     closed_at_ms: int
     budget: dict
     kind: str = RESULT_KIND
-
-    def to_payload(self) -> bytes:
-        return _canonical(asdict(self))
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> "Release":
-        return _load(payload, cls, RESULT_KIND)
+    KIND: ClassVar[str] = RESULT_KIND
 
     def _valid(self) -> bool:
         d = self.dimension
@@ -144,7 +159,7 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetExhausted:
+class BudgetExhausted(_Payload):
     """Published once per stream, instead of the release that would exceed its budget.
     After it the enclave accepts nothing more for the stream."""
 
@@ -154,25 +169,17 @@ class BudgetExhausted:
     measurement: str
     at_ms: int
     kind: str = EXHAUSTED_KIND
-
-    def to_payload(self) -> bytes:
-        return _canonical(asdict(self))
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> "BudgetExhausted":
-        return _load(payload, cls, EXHAUSTED_KIND)
+    KIND: ClassVar[str] = EXHAUSTED_KIND
 
     def _valid(self) -> bool:
-        return bool(isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)
-                    and _budget_ok(self.budget) and _int(self.key_epoch) and _int(self.at_ms)
-                    and isinstance(self.measurement, str))
+        return _ledger_notice_ok(self)
 
     def to_json(self) -> dict[str, Any]:
         return {"stream": self.stream, "notice": EXHAUSTED_KIND, "at_ms": self.at_ms, **self.budget}
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetReport:
+class BudgetReport(_Payload):
     """The enclave's answer to ``sealedsum budget``: a stream's ledger, for a client's nonce."""
 
     stream: str
@@ -183,19 +190,10 @@ class BudgetReport:
     measurement: str
     at_ms: int
     kind: str = BUDGET_KIND
-
-    def to_payload(self) -> bytes:
-        return _canonical(asdict(self))
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> "BudgetReport":
-        return _load(payload, cls, BUDGET_KIND)
+    KIND: ClassVar[str] = BUDGET_KIND
 
     def _valid(self) -> bool:
-        return bool(isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)
-                    and isinstance(self.nonce, str) and isinstance(self.exhausted, bool)
-                    and _budget_ok(self.budget) and _int(self.key_epoch) and _int(self.at_ms)
-                    and isinstance(self.measurement, str))
+        return isinstance(self.nonce, str) and isinstance(self.exhausted, bool) and _ledger_notice_ok(self)
 
     def to_json(self) -> dict[str, Any]:
         return {"stream": self.stream, "exhausted": self.exhausted, "at_ms": self.at_ms,
@@ -203,7 +201,7 @@ class BudgetReport:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyRotated:
+class KeyRotated(_Payload):
     """Published on ``PREFIX.announce`` when the enclave rotates its encryption keys:
     ``key_epoch`` is the new current epoch, ``previous_epoch`` drains until
     ``previous_retires_at_ms`` and is refused after. Producers that hear it attest again."""
@@ -214,13 +212,7 @@ class KeyRotated:
     measurement: str
     at_ms: int
     kind: str = ROTATED_KIND
-
-    def to_payload(self) -> bytes:
-        return _canonical(asdict(self))
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> "KeyRotated":
-        return _load(payload, cls, ROTATED_KIND)
+    KIND: ClassVar[str] = ROTATED_KIND
 
     def _valid(self) -> bool:
         return bool(all(_int(v) for v in (self.key_epoch, self.previous_epoch, self.previous_retires_at_ms,

@@ -32,43 +32,29 @@ def result_routing_key(stream: str) -> str:
 CONSUMER_QUEUE_INFIX = "consumer"
 
 
+def _named(suffix: str, doc: str | None = None) -> property:
+    """A name of the topology: the prefix, a dot, ``suffix``."""
+    return property(lambda self: f"{self.prefix}.{suffix}", doc=doc)
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
     """Exchange and queue names, all derived from one prefix."""
 
     prefix: str = "sealedsum"
 
-    @property
-    def records_exchange(self) -> str:
-        return f"{self.prefix}.records"
-
-    @property
-    def records_queue(self) -> str:
-        return f"{self.prefix}.records"
-
-    @property
-    def rejected_exchange(self) -> str:
-        return f"{self.prefix}.rejected"
-
-    @property
-    def rejected_queue(self) -> str:
-        return f"{self.prefix}.rejected"
-
-    @property
-    def attest_exchange(self) -> str:
-        """Requests to the enclave (attestation, budget) go through this exchange, so
-        clients never need to publish to the default exchange."""
-        return f"{self.prefix}.attest"
-
-    @property
-    def attest_queue(self) -> str:
-        return f"{self.prefix}.attest"
-
-    @property
-    def announce_exchange(self) -> str:
-        """Signed notices to producers (key rotations): a fanout exchange each producer binds
-        a server-named exclusive queue of its own to."""
-        return f"{self.prefix}.announce"
+    records_exchange = _named("records")
+    records_queue = _named("records")
+    rejected_exchange = _named("rejected")
+    rejected_queue = _named("rejected")
+    attest_exchange = _named("attest", "Requests to the enclave (attestation, budget) go through this exchange, "
+                                       "so clients never need to publish to the default exchange.")
+    attest_queue = _named("attest")
+    announce_exchange = _named("announce", "Signed notices to producers (key rotations): a fanout exchange each "
+                                           "producer binds a server-named exclusive queue of its own to.")
+    results_exchange = _named("results")
+    consumer_queue_prefix = property(lambda self: f"{self.prefix}.{CONSUMER_QUEUE_INFIX}.",
+                                     doc="Named consumer queues (``sealedsum consume --queue``) start with this.")
 
     @property
     def exchanges(self) -> tuple[str, ...]:
@@ -79,14 +65,6 @@ class Topology:
     def queues(self) -> tuple[str, ...]:
         return (self.records_queue, self.rejected_queue, self.attest_queue)
 
-    @property
-    def results_exchange(self) -> str:
-        return f"{self.prefix}.results"
-
-    @property
-    def consumer_queue_prefix(self) -> str:
-        """Named consumer queues (``sealedsum consume --queue``) must start with this."""
-        return f"{self.prefix}.{CONSUMER_QUEUE_INFIX}."
 
 
 # --- what the sidecar declares ------------------------------------------------------------

@@ -4,6 +4,7 @@ verifies and names a newer epoch, and ignores (with a warning) one that does not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from types import SimpleNamespace
@@ -79,7 +80,7 @@ def test_the_runtime_publishes_the_notice_on_the_tick_that_rotates(world):
 def test_a_notice_payload_is_strict():
     good = KeyRotated(3, 2, 2000, "ab" * 32, 1000)
     assert KeyRotated.from_payload(good.to_payload()) == good and good.kind == ROTATED_KIND
-    fields = {k: getattr(good, k) for k in KeyRotated.__dataclass_fields__}
+    fields = {f.name: getattr(good, f.name) for f in dataclasses.fields(KeyRotated)}
     for bad in (dict(key_epoch=4), dict(previous_epoch=0, key_epoch=1), dict(previous_retires_at_ms=999),
                 dict(at_ms=True)):
         with pytest.raises(InvalidMessage):

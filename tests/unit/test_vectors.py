@@ -9,6 +9,7 @@ last tests keep ``docs/protocol.md`` in step with the constants in the code.
 
 from __future__ import annotations
 
+import dataclasses
 import base64
 import hashlib
 import json
@@ -1261,7 +1262,7 @@ def test_doc_names_every_policy_key_and_payload_field() -> None:
     for key in StreamPolicy.KEYS:
         assert f"`streams.NAME.{key}`" in doc or f"`{key}`" in doc, key
     for cls in (Release, BudgetExhausted, BudgetReport, KeyRotated):
-        for name in cls.__dataclass_fields__:
+        for name in (f.name for f in dataclasses.fields(cls)):
             assert f"| `{name}` |" in doc, (cls.__name__, name)
     for name in BUDGET_FIELDS:
         assert f"| `{name}` |" in doc, name
