@@ -217,25 +217,39 @@ class Backoff:
 
     pika does not reconnect by itself; clients wrap each broker operation in
     :meth:`retry`, which reconnects on connection loss and gives up with the last
-    ``TransportError`` once the budget is spent.
+    ``TransportError`` once the budget is spent. Code that must not block (an I/O loop, a
+    producer sealing on while it cannot attest) schedules its tries from :meth:`delays` and
+    asks :meth:`allows` whether a wait still fits the budget.
     """
 
     def __init__(self, budget_seconds: float, first: float = 0.5, cap: float = 5.0) -> None:
         self.budget, self.first, self.cap = budget_seconds, first, cap
 
-    def retry(self, operation, reconnect, what: str):
-        deadline = time.monotonic() + self.budget
+    def delays(self) -> Iterator[float]:
+        """The waits before each further try, without end: ``first``, doubling up to ``cap``.
+        A new iterator starts again from ``first`` (after a success)."""
         delay = self.first
         while True:
+            yield delay
+            delay = min(delay * 2, self.cap)
+
+    def allows(self, delay: float, since: float, now: float) -> bool:
+        """Whether waiting ``delay`` more seconds at ``now`` stays within the budget of trouble
+        that began at ``since`` (all ``time.monotonic()``)."""
+        return now + delay <= since + self.budget
+
+    def retry(self, operation, reconnect, what: str):
+        started = time.monotonic()
+        for delay in self.delays():
             try:
                 return operation()
             except TransportError as err:
-                if not err.retryable or isinstance(err, Unroutable) or time.monotonic() + delay > deadline:
+                if not err.retryable or isinstance(err, Unroutable) \
+                        or not self.allows(delay, started, time.monotonic()):
                     raise
                 log.warning("broker unavailable; retrying", extra={"fields": {
                     "operation": what, "error": str(err), "retry_in_s": delay}})
             time.sleep(delay)
-            delay = min(delay * 2, self.cap)
             try:
                 reconnect()
             except TransportError as err:
