@@ -176,8 +176,8 @@ class Producer:
             p.send_many("purchases", [[1.0], [2.5], [4.0]])  # pipelined; returns once all are
 
     :meth:`send` waits for each record's confirm: a record it returned is confirmed.
-    :meth:`submit` and :meth:`send_many` pipeline: up to ``window`` records await their
-    confirms at once (one round trip per batch rather than per record), and each
+    :meth:`submit` and :meth:`send_many` pipeline: up to ``max_unconfirmed`` records (default
+    256) await their confirms at once (one round trip per batch rather than per record), and each
     :class:`PendingRecord` says whether its record was confirmed. A record the broker
     refused (nack, after retrying for ``broker.reconnect_seconds``) or could not route
     raises its ``TransportError`` from the next ``submit``/``send``/``flush``. Leaving the
@@ -193,11 +193,13 @@ class Producer:
     trouble, it seals with the keys it attested last and tries again after a backoff.
     """
 
-    def __init__(self, config: Config, *, producer_id: bytes | None = None, window: int | None = None) -> None:
+    def __init__(self, config: Config, *, producer_id: bytes | None = None,
+                 max_unconfirmed: int | None = None) -> None:
         from sealedsum.producers import transport
 
         self.config = config
-        self._transport = transport.RecordPublisher(config.broker, window=window or transport.DEFAULT_WINDOW)
+        self._transport = transport.RecordPublisher(
+            config.broker, max_unconfirmed=max_unconfirmed or transport.DEFAULT_MAX_UNCONFIRMED)
         self.notices_refused = 0  # notices that did not verify
         # A re-attestation is owed (told, reconnected or due) and, after broker trouble, not
         # before _retry_at: records are sealed with the attested keys meanwhile.
@@ -296,7 +298,7 @@ class Producer:
 
     def submit(self, record: SealedRecord) -> PendingRecord:
         """Publish an already sealed record without waiting for its confirm (blocks only while
-        ``window`` records await theirs).
+        ``max_unconfirmed`` records await theirs).
 
         :raises TransportError: an earlier record failed (each failure is raised once).
         """

@@ -1,14 +1,14 @@
 """Producer edge: pika, pipelined publisher confirms, persistence, reconnecting after broker loss.
 
 :class:`RecordPublisher` publishes sealed records on a confirm-mode channel of a
-``pika.SelectConnection`` driven by its own I/O thread, with up to ``window`` records
-awaiting their confirms at once (pika's ``BlockingChannel`` can only wait for one
+``pika.SelectConnection`` driven by its own I/O thread, with up to ``max_unconfirmed``
+records awaiting their confirms at once (pika's ``BlockingChannel`` can only wait for one
 confirm at a time: a round trip per record). Each record gets a :class:`Ticket` that
 resolves once, to *confirmed* (the broker took it) or to a :class:`TransportError`:
 
 - **nack** (the broker refused it, e.g. the records queue is at ``max_queued_records``):
   the record is published again after a capped exponential backoff; it stays
-  outstanding meanwhile, so the window fills and :meth:`RecordPublisher.submit` blocks
+  outstanding meanwhile, so the pipeline fills and :meth:`RecordPublisher.submit` blocks
   (back-pressure). After ``reconnect_seconds`` of nacks it fails.
 - **returned** (``mandatory`` and no queue bound, e.g. no sidecar yet): fails at once with
   :class:`Unroutable`, not retried.
@@ -48,7 +48,7 @@ from sealedsum.common.errors import TransportError, Unroutable
 
 log = logging.getLogger("sealedsum.producer")
 
-DEFAULT_WINDOW = 256  # records awaiting a confirm at once
+DEFAULT_MAX_UNCONFIRMED = 256  # records awaiting a confirm at once
 FIRST_RETRY_S, MAX_RETRY_S = 0.5, 5.0  # as sealedsum.common.amqp.Backoff
 TICK_S = 0.1  # how often the I/O thread looks at deadlines and retries
 
@@ -92,14 +92,15 @@ class Ticket:
 class RecordPublisher:
     """Publishes sealed records with pipelined publisher confirms (see the module docstring).
 
-    :param window: records awaiting a confirm at once; :meth:`submit` blocks while that many are.
+    :param max_unconfirmed: records awaiting a confirm at once (the pipeline's depth); :meth:`submit`
+        blocks while that many are.
     """
 
-    def __init__(self, settings: BrokerSettings, *, window: int = DEFAULT_WINDOW) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
+    def __init__(self, settings: BrokerSettings, *, max_unconfirmed: int = DEFAULT_MAX_UNCONFIRMED) -> None:
+        if max_unconfirmed < 1:
+            raise ValueError("max_unconfirmed must be at least 1")
         self.settings = settings
-        self.window = window
+        self.max_unconfirmed = max_unconfirmed
         self._cond = threading.Condition()
         # Guarded by _cond: every ticket not yet resolved (in submit order), those not yet
         # handed to the I/O thread, and failures the caller has not been told about.
@@ -230,7 +231,7 @@ class RecordPublisher:
         """Hand a record (or, with ``kind`` records, a record batch) to the I/O thread; return
         its ticket without waiting for the confirm.
 
-        Blocks while ``window`` records await confirms.
+        Blocks while ``max_unconfirmed`` records await confirms.
 
         :raises TransportError: an earlier record failed (raised once per failure), or no
             room opened up within ``timeout`` seconds.
@@ -239,10 +240,11 @@ class RecordPublisher:
         with self._cond:
             self._raise_unreported()
             self._start()
-            while len(self._outstanding) >= self.window:
+            while len(self._outstanding) >= self.max_unconfirmed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TransportError(f"no confirms for {self.window} outstanding records within {timeout} s")
+                    raise TransportError(
+                        f"no confirms for {self.max_unconfirmed} outstanding records within {timeout} s")
                 self._cond.wait(remaining if remaining is not None else 1.0)
                 self._raise_unreported()
             if self._closed:

@@ -42,13 +42,13 @@ def test_pipelined_records_are_all_confirmed_and_counted_once(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     values = [float(i % 10) for i in range(300)]
     with Consumer(sc.config, "s") as consumer:
-        with Producer(sc.config, window=32) as producer:
+        with Producer(sc.config, max_unconfirmed=32) as producer:
             pending = []
             most = 0
             for v in values:
                 pending.append(producer.submit(producer.seal("s", [v])))
                 most = max(most, producer.outstanding)
-            assert most <= 32  # the window bounds what awaits a confirm
+            assert most <= 32  # max_unconfirmed bounds what awaits a confirm
             producer.flush()
             assert all(p.confirmed and p.error is None for p in pending)
             more = producer.send_many("s", [[1.0]] * 50)  # one more window, the convenience way
@@ -62,7 +62,7 @@ def test_pipelined_records_are_all_confirmed_and_counted_once(sidecar_factory):
 def test_a_nack_surfaces_on_its_record_after_back_pressure(sidecar_factory):
     sc = sidecar_factory({"s": STREAM}, broker_extra="max_queued_records = 10\nreconnect_seconds = 2")
     records_queue = sc.config.broker.topology.records_queue
-    with Producer(sc.config, window=64) as producer:
+    with Producer(sc.config, max_unconfirmed=64) as producer:
         assert sc.stop() == 0  # nothing consumes the records queue any more
         # Fill the queue to its limit one record at a time (a quorum queue enforces the
         # limit late for a burst in flight, so a pipelined burst could overshoot it).
@@ -143,7 +143,7 @@ def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(si
     values = [float(i % 10) for i in range(400)]
     errors: list[BaseException] = []
     with Consumer(sc.config, "s") as consumer:
-        producer = Producer(sc.config, window=64)
+        producer = Producer(sc.config, max_unconfirmed=64)
         try:
             publisher = producer._transport
             pending = []

@@ -121,7 +121,7 @@ class FakeTransport:
 def producer(monkeypatch):
     world = rotating_world()
     fake = FakeTransport(world)
-    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, window: fake)
+    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, max_unconfirmed: fake)
     p = Producer(Config(BrokerSettings(), world.trust, None, reattest_seconds=1e9))
     assert fake.attestations == 1
     yield p, fake, world
