@@ -1,7 +1,8 @@
 """The producer library.
 
 ``RecordSealer.seal`` is pure (values in, sealed bytes out); :class:`Producer` adds
-the broker: attestation first, then confirmed publishing. Nothing is sent before the
+the broker: attestation first (and again when the keys may be stale, in
+:meth:`Producer.seal_current`), then confirmed publishing. Nothing is sent before the
 enclave passed every attestation check.
 
 .. warning::
@@ -239,10 +240,14 @@ class Producer:
         self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
         return enclave
 
-    def seal(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
-        """Seal one record for the enclave, attesting again first when the enclave announced a
-        newer key epoch, the broker connection was lost since the last attestation, or that
-        is older than ``producer.reattest_seconds`` (see the class docstring)."""
+    def seal_current(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
+        """Seal one record with the enclave's current keys.
+
+        Unlike :meth:`RecordSealer.seal` (the pure step, ``producer.sealer.seal``), this first
+        attests the enclave again, over the broker, when it announced a newer key epoch, the
+        broker connection was lost since the last attestation, or that is older than
+        ``producer.reattest_seconds`` (see the class docstring): it may block on an attestation
+        RPC. It publishes nothing (:meth:`publish` and :meth:`submit` do)."""
         if self._reattest_due():
             try:
                 self.reattest()
@@ -288,7 +293,7 @@ class Producer:
 
     def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
         """Seal and publish one record; return once the broker confirmed it."""
-        record = self.seal(stream, values, window=window)
+        record = self.seal_current(stream, values, window=window)
         self.publish(record)
         return record
 
@@ -338,7 +343,7 @@ class Producer:
         group = MessageGroup(per_message)
         pending: list[PendingRecord] = []
         for values in records:
-            record = self.seal(stream, values, window=window)
+            record = self.seal_current(stream, values, window=window)
             if not group.fits(record):
                 pending += self.submit_batch(group.take())
             group.add(record)

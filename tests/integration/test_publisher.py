@@ -46,7 +46,7 @@ def test_pipelined_records_are_all_confirmed_and_counted_once(sidecar_factory):
             pending = []
             most = 0
             for v in values:
-                pending.append(producer.submit(producer.seal("s", [v])))
+                pending.append(producer.submit(producer.seal_current("s", [v])))
                 most = max(most, producer.outstanding)
             assert most <= 32  # max_unconfirmed bounds what awaits a confirm
             producer.flush()
@@ -73,14 +73,14 @@ def test_a_nack_surfaces_on_its_record_after_back_pressure(sidecar_factory):
         for _ in range(12):
             try:
                 amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY,
-                                       producer.seal("s", [1.0]).body, amqp.properties("record"))
+                                       producer.seal_current("s", [1.0]).body, amqp.properties("record"))
                 filled += 1
             except TransportError:
                 break
         depth = ch.queue_declare(records_queue, passive=True).method.message_count
         assert depth == filled >= 10
         started = time.monotonic()
-        pending = [producer.submit(producer.seal("s", [1.0])) for _ in range(20)]
+        pending = [producer.submit(producer.seal_current("s", [1.0])) for _ in range(20)]
         with pytest.raises(TransportError, match="nack") as info:
             producer.flush()
         waited = time.monotonic() - started
@@ -152,7 +152,7 @@ def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(si
             def produce():
                 try:
                     for i, v in enumerate(values):
-                        pending.append(producer.submit(producer.seal("s", [v])))
+                        pending.append(producer.submit(producer.seal_current("s", [v])))
                         if i == 50:
                             half.set()
                         time.sleep(0.01)  # a steady stream, still going when the connection drops

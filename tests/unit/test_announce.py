@@ -143,7 +143,7 @@ def test_a_forged_notice_does_not_make_the_producer_attest_again(producer, caplo
     other_measurement = wire.SignedMessage(elsewhere, world.enclave.keys.sign(signing.RESULT, elsewhere)).to_bytes()
     fake.notices = [forged_key, bytes(tampered), b"not a signed message", real.body[:-1], other_measurement]
     with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
-        p.seal("s", [1.0])
+        p.seal_current("s", [1.0])
     assert fake.attestations == 1 and p.enclave.keys.epoch == 1
     assert p.notices_refused == 5
     assert len([r for r in caplog.records if "does not verify" in r.getMessage()]) == 5
@@ -154,23 +154,23 @@ def test_a_genuine_notice_makes_the_producer_attest_again_before_the_next_record
     (real,) = world.enclave.rotate(T0).publish
     fake.notices = [real.body]
     with caplog.at_level(logging.INFO, logger="sealedsum.producer"):
-        record = p.seal("s", [1.0])
+        record = p.seal_current("s", [1.0])
     assert fake.attestations == 2 and p.enclave.keys.epoch == 2
     assert any("announced a key rotation" in r.getMessage() for r in caplog.records)
     assert world.enclave.on_record(record.body, now_ms()).rejection is None
     # Heard again (the enclave republishes until confirmed): nothing new, no attestation.
     fake.notices = [real.body]
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2 and p.notices_refused == 0
 
 
 def test_the_producer_attests_again_after_a_reconnect(producer):
     p, fake, _ = producer
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 1
     fake.sessions += 1  # the transport's connection was lost and came back
-    p.seal("s", [1.0])
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2
 
 
@@ -201,14 +201,14 @@ def test_broker_trouble_when_attesting_again_defers_it_and_records_are_still_sea
     fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
     fake.notices, fake.sessions = [real.body], fake.sessions + 1
     with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
-        record = p.seal("s", [1.0])  # not raised: epoch 1 still drains
+        record = p.seal_current("s", [1.0])  # not raised: epoch 1 still drains
     assert p.enclave.keys.epoch == 1 and any("could not attest again" in r.getMessage() for r in caplog.records)
     assert world.enclave.on_record(record.body, now_ms()).rejection is None
     fake.attest = attest
-    p.seal("s", [1.0])  # too soon to try again
+    p.seal_current("s", [1.0])  # too soon to try again
     assert fake.attestations == 1
     p._retry_at = 0.0  # the retry time has come
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2 and p.enclave.keys.epoch == 2
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2  # nothing owed any more
