@@ -30,6 +30,7 @@ from sealedsum.common.config import Config
 from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
 from sealedsum.common.policy import Requirements, StreamPolicy
 from sealedsum.common.results import verify_key_rotated
+from sealedsum.producers.confirms import Ticket
 from sealedsum.producers.encryption import Encryptor
 
 log = logging.getLogger("sealedsum.producer")
@@ -119,7 +120,7 @@ class PendingRecord:
     """A record handed to the broker by :meth:`Producer.submit`; ``confirmed`` once the broker took it."""
 
     record: SealedRecord
-    ticket: object  # producers.transport.Ticket
+    ticket: Ticket
 
     @property
     def done(self) -> bool:
@@ -132,7 +133,7 @@ class PendingRecord:
     @property
     def error(self):
         """The ``TransportError`` it failed with, or ``None``."""
-        return self.ticket.error if self.ticket.state == "failed" else None
+        return self.ticket.error if self.ticket.failed else None
 
 
 class MessageGroup:

@@ -164,13 +164,14 @@ def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(si
             worker = threading.Thread(target=produce, daemon=True)
             worker.start()
             assert half.wait(60)
-            port = publisher._connection._transport._sock.getsockname()[1] if publisher._connection else None
+            connection = publisher.driver._connection
+            port = connection._transport._sock.getsockname()[1] if connection else None
             assert port is not None
             assert _close_connections_from({port}) == 1
             worker.join(120)
             assert not worker.is_alive() and not errors, errors
             assert all(p.confirmed for p in pending) and len(pending) == len(values)
-            assert publisher.reconnects >= 1
+            assert publisher.driver.reconnects >= 1
             assert len(pending) - 50 > 0  # records kept coming after the drop
         finally:
             producer.close()
