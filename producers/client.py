@@ -35,9 +35,6 @@ from sealedsum.producers.encryption import Encryptor
 
 log = logging.getLogger("sealedsum.producer")
 
-# Re-attestation that failed for broker trouble is tried again after this long, doubling.
-REATTEST_FIRST_RETRY_S, REATTEST_MAX_RETRY_S = 0.5, 5.0
-
 
 @dataclass(frozen=True, slots=True)
 class SealedRecord:
@@ -197,6 +194,8 @@ class Producer:
 
     def __init__(self, config: Config, *, producer_id: bytes | None = None,
                  max_unconfirmed: int | None = None) -> None:
+        # Both load pika: the library imports without it until a producer connects.
+        from sealedsum.common.amqp import Backoff
         from sealedsum.producers import transport
 
         self.config = config
@@ -204,9 +203,11 @@ class Producer:
             config.broker, max_unconfirmed=max_unconfirmed or transport.DEFAULT_MAX_UNCONFIRMED)
         self.notices_refused = 0  # notices that did not verify
         # A re-attestation is owed (told, reconnected or due) and, after broker trouble, not
-        # before _retry_at: records are sealed with the attested keys meanwhile.
+        # before _retry_at, later after each failure: records are sealed with the attested keys
+        # meanwhile, so there is no budget to run out.
         self._reattest_wanted = False
-        self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
+        self._reattest_backoff = Backoff(config.broker.reconnect_seconds)
+        self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         try:
             # Listen first: a rotation after the attestation below cannot go unheard.
             self.listening = self._transport.listen(config.broker.attest_timeout_seconds)
@@ -238,7 +239,7 @@ class Producer:
             old.encryptor.close()
         self.enclave, self._attested_at = enclave, time.monotonic()
         self._reattest_wanted = False
-        self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
+        self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         return enclave
 
     def seal_current(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
@@ -258,10 +259,10 @@ class Producer:
                 # last are still good while their epoch drains: seal with them, try again later.
                 if not err.retryable:
                     raise
+                delay = next(self._retry_delays)
                 log.warning("could not attest again yet; sealing with the keys attested last", extra={"fields": {
-                    "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": self._retry_delay}})
-                self._retry_at = time.monotonic() + self._retry_delay
-                self._retry_delay = min(self._retry_delay * 2, REATTEST_MAX_RETRY_S)
+                    "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": delay}})
+                self._retry_at = time.monotonic() + delay
         return self.sealer.seal(stream, values, window=window)
 
     def _reattest_due(self) -> bool:

@@ -212,3 +212,25 @@ def test_broker_trouble_when_attesting_again_defers_it_and_records_are_still_sea
     assert fake.attestations == 2 and p.enclave.keys.epoch == 2
     p.seal_current("s", [1.0])
     assert fake.attestations == 2  # nothing owed any more
+
+
+def test_attesting_again_after_broker_trouble_backs_off_as_the_shared_policy_says(producer, caplog):
+    """0.5 s after the first failure, then twice as long each time (common.amqp.Backoff), and
+    from 0.5 s again once an attestation succeeded."""
+    from sealedsum.common.errors import TransportError
+
+    p, fake, world = producer
+    attest = fake.attest
+    fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
+    fake.sessions += 1
+    with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
+        for _ in range(3):
+            p.seal_current("s", [1.0])
+            p._retry_at = 0.0  # the retry time has come
+        fake.attest = attest
+        p.seal_current("s", [1.0])  # attests
+        fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
+        fake.sessions += 1
+        p.seal_current("s", [1.0])
+    waits = [r.fields["retry_in_s"] for r in caplog.records if "could not attest again" in r.getMessage()]
+    assert waits == [0.5, 1.0, 2.0, 0.5] and fake.attestations == 2
