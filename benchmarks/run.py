@@ -238,7 +238,7 @@ def time_unpacked_record(sealer, dim: int, sample: int, rng: random.Random, encr
     (plain pika)."""
     from phe import PaillierPublicKey
 
-    from sealedsum.producers.encryption import PheEncryptor
+    from sealedsum.producers.encryption.encryptors import PheEncryptor
 
     policy = sealer.stream(VEC_STREAM)
     values = [rng.uniform(0.0, 1.0) for _ in range(dim)]
@@ -322,7 +322,7 @@ def alternate(i: int, *steps) -> None:
 def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
     from sealedsum.common.fixedpoint import encode
     from sealedsum.producers.client import Producer
-    from sealedsum.producers.encryption import FastEncryptor
+    from sealedsum.producers.encryption.encryptors import FastEncryptor
     from sealedsum.sidecar.enclave import noise
     from sealedsum.sidecar.enclave.keyring import EnclaveKeys
     from sealedsum.sidecar.enclave.service import Enclave

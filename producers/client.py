@@ -31,7 +31,7 @@ from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, Poli
 from sealedsum.common.policy import Requirements, StreamPolicy
 from sealedsum.common.results import verify_key_rotated
 from sealedsum.producers.confirms import Ticket
-from sealedsum.producers.encryption import Encryptor
+from sealedsum.producers.encryption import encryptor_from_env
 
 log = logging.getLogger("sealedsum.producer")
 
@@ -74,7 +74,7 @@ class RecordSealer:
             producer_id = wire.producer_id_of(self._identity_public)
         self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)
-        self.encryptor = Encryptor(self._paillier)  # logs once whether gmpy2 is in use
+        self.encryptor = encryptor_from_env(self._paillier)  # logs once whether gmpy2 is in use
         self._box = SealedBox(PublicKey(enclave.keys.x25519))
         self._width = enclave.keys.ciphertext_width
         self._accepted: set[str] = set()
