@@ -175,9 +175,9 @@ class Producer:
             p.send_many("purchases", [[1.0], [2.5], [4.0]])  # pipelined; returns once all are
 
     :meth:`send` waits for each record's confirm: a record it returned is confirmed.
-    :meth:`submit` and :meth:`send_many` pipeline: up to ``max_unconfirmed`` records (default
-    256) await their confirms at once (one round trip per batch rather than per record), and each
-    :class:`PendingRecord` says whether its record was confirmed. A record the broker
+    :meth:`submit` and :meth:`send_many` pipeline: up to ``max_unconfirmed`` records (256 by
+    default) await their confirms at once (one round trip per batch rather than per record),
+    and each :class:`PendingRecord` says whether its record was confirmed. A record the broker
     refused (nack, after retrying for ``broker.reconnect_seconds``) or could not route
     raises its ``TransportError`` from the next ``submit``/``send``/``flush``. Leaving the
     ``with`` block normally flushes.
@@ -194,7 +194,7 @@ class Producer:
 
     def __init__(self, config: Config, *, producer_id: bytes | None = None,
                  max_unconfirmed: int | None = None) -> None:
-        # Both load pika: the library imports without it until a producer connects.
+        # Imported here, not at the top: both load pika, which importing the library must not.
         from sealedsum.common.amqp import Backoff
         from sealedsum.producers import transport
 
