@@ -111,9 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.phe_values = args.phe_values or (min(50, args.vec_dim) if args.quick else args.vec_dim)
     args.encrypt_bits = args.encrypt_bits or (list(args.bits) if args.quick else [2048, 3072])
     if args.publish_window is None:
-        from sealedsum.producers.transport import DEFAULT_WINDOW
+        from sealedsum.producers.transport import DEFAULT_MAX_UNCONFIRMED
 
-        args.publish_window = DEFAULT_WINDOW
+        args.publish_window = DEFAULT_MAX_UNCONFIRMED
     if min(args.records, args.window, args.repeats, args.vec_dim, args.vec_records, args.phe_values,
            args.publish_window) < 1 or args.pool_workers < 0:
         p.error("counts must be positive")
@@ -238,7 +238,7 @@ def time_unpacked_record(sealer, dim: int, sample: int, rng: random.Random, encr
     (plain pika)."""
     from phe import PaillierPublicKey
 
-    from sealedsum.producers.encryption import PheEncryptor
+    from sealedsum.producers.encryption.encryptors import PheEncryptor
 
     policy = sealer.stream(VEC_STREAM)
     values = [rng.uniform(0.0, 1.0) for _ in range(dim)]
@@ -322,7 +322,7 @@ def alternate(i: int, *steps) -> None:
 def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
     from sealedsum.common.fixedpoint import encode
     from sealedsum.producers.client import Producer
-    from sealedsum.producers.encryption import FastEncryptor
+    from sealedsum.producers.encryption.encryptors import FastEncryptor
     from sealedsum.sidecar.enclave import noise
     from sealedsum.sidecar.enclave.keyring import EnclaveKeys
     from sealedsum.sidecar.enclave.service import Enclave
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
         for i in range(k):
             r: dict = {}
             t0 = time.perf_counter()
-            producer = Producer(sc.config, window=args.publish_window)
+            producer = Producer(sc.config, max_unconfirmed=args.publish_window)
             r["attest_ms"] = (time.perf_counter() - t0) * 1000
             try:
                 if size is None:
@@ -480,7 +480,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
             # 7. the same n records again, B per message (record batches): published with the
             #    sidecar stopped, then ingested like step 6. Same baselines as steps 4 and 6.
             if args.per_message > 1:
-                producer = Producer(sc.config, window=args.publish_window)
+                producer = Producer(sc.config, max_unconfirmed=args.publish_window)
                 try:
                     check_stats(sc.stop(), accepted)
                     accepted = 0

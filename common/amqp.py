@@ -172,7 +172,10 @@ def attested(settings: BrokerSettings, trust: TrustAnchors) -> Iterator[tuple[pi
         yield connection, attest(connection, settings, trust)
     finally:
         if connection.is_open:
-            connection.close()
+            # A close that fails (the broker went away meanwhile) must not replace the
+            # attestation's outcome or error.
+            with contextlib.suppress(pe.AMQPError):
+                connection.close()
 
 
 def wait_attestable(settings: BrokerSettings, trust: TrustAnchors, timeout: float, *,

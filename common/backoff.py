@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from sealedsum.common.errors import TransportError, Unroutable
 
@@ -40,18 +40,31 @@ class Backoff:
     def reset(self) -> None:
         self._next = self.first
 
+    def delays(self) -> Iterator[float]:
+        """The same waits, for code that must not block (an I/O loop, a producer sealing on
+        while it cannot attest) and schedules its tries itself; a new iterator starts again."""
+        delay = self.first
+        while True:
+            yield delay
+            delay = min(delay * 2, self.cap)
+
+    def allows(self, delay: float, since: float, now: float) -> bool:
+        """Whether waiting ``delay`` more seconds at ``now`` stays within the budget of trouble
+        that began at ``since`` (all ``time.monotonic()``)."""
+        return self.budget is None or now + delay <= since + self.budget
+
     def retry(self, operation: Callable[[], T], reconnect: Callable[[], None], what: str) -> T:
         """Run ``operation``; on a retryable ``TransportError``, wait, ``reconnect`` and run it
         again, until it succeeds or the budget is spent (then the last error is raised)."""
-        deadline = None if self.budget is None else time.monotonic() + self.budget
+        started = time.monotonic()
         self.reset()
         while True:
             try:
                 return operation()
             except TransportError as err:
                 delay = self.next_delay()
-                if not err.retryable or isinstance(err, Unroutable) or (
-                        deadline is not None and time.monotonic() + delay > deadline):
+                if not err.retryable or isinstance(err, Unroutable) or not self.allows(delay, started,
+                                                                                         time.monotonic()):
                     raise
                 log.warning("broker unavailable; retrying", extra={"fields": {
                     "operation": what, "error": str(err), "retry_in_s": delay}})

@@ -1,7 +1,8 @@
 """The producer library.
 
 ``RecordSealer.seal`` is pure (values in, sealed bytes out); :class:`Producer` adds
-the broker: attestation first, then confirmed publishing. Nothing is sent before the
+the broker: attestation first (and again when the keys may be stale, in
+:meth:`Producer.seal_current`), then confirmed publishing. Nothing is sent before the
 enclave passed every attestation check.
 
 .. warning::
@@ -25,16 +26,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealedsum.common import signing, wire
 from sealedsum.common.attestation import AttestedEnclave
+from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import Config
 from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
 from sealedsum.common.policy import Requirements, StreamPolicy
 from sealedsum.common.results import verify_key_rotated
-from sealedsum.producers.encryption import Encryptor
+from sealedsum.producers.confirms import Ticket
+from sealedsum.producers.encryption import encryptor_from_env
 
 log = logging.getLogger("sealedsum.producer")
-
-# Re-attestation that failed for broker trouble is tried again after this long, doubling.
-REATTEST_FIRST_RETRY_S, REATTEST_MAX_RETRY_S = 0.5, 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class RecordSealer:
             producer_id = wire.producer_id_of(self._identity_public)
         self.producer_id = producer_id if producer_id is not None else os.urandom(wire.PRODUCER_ID_SIZE)
         self._paillier = PaillierPublicKey(enclave.keys.paillier_n)
-        self.encryptor = Encryptor(self._paillier)  # logs once whether gmpy2 is in use
+        self.encryptor = encryptor_from_env(self._paillier)  # logs once whether gmpy2 is in use
         self._box = SealedBox(PublicKey(enclave.keys.x25519))
         self._width = enclave.keys.ciphertext_width
         self._accepted: set[str] = set()
@@ -118,7 +118,7 @@ class PendingRecord:
     """A record handed to the broker by :meth:`Producer.submit`; ``confirmed`` once the broker took it."""
 
     record: SealedRecord
-    ticket: object  # producers.transport.Ticket
+    ticket: Ticket
 
     @property
     def done(self) -> bool:
@@ -131,7 +131,7 @@ class PendingRecord:
     @property
     def error(self):
         """The ``TransportError`` it failed with, or ``None``."""
-        return self.ticket.error if self.ticket.state == "failed" else None
+        return self.ticket.error if self.ticket.failed else None
 
 
 class MessageGroup:
@@ -176,9 +176,9 @@ class Producer:
             p.send_many("purchases", [[1.0], [2.5], [4.0]])  # pipelined; returns once all are
 
     :meth:`send` waits for each record's confirm: a record it returned is confirmed.
-    :meth:`submit` and :meth:`send_many` pipeline: up to ``window`` records await their
-    confirms at once (one round trip per batch rather than per record), and each
-    :class:`PendingRecord` says whether its record was confirmed. A record the broker
+    :meth:`submit` and :meth:`send_many` pipeline: up to ``max_unconfirmed`` records (256 by
+    default) await their confirms at once (one round trip per batch rather than per record),
+    and each :class:`PendingRecord` says whether its record was confirmed. A record the broker
     refused (nack, after retrying for ``broker.reconnect_seconds``) or could not route
     raises its ``TransportError`` from the next ``submit``/``send``/``flush``. Leaving the
     ``with`` block normally flushes.
@@ -193,16 +193,21 @@ class Producer:
     trouble, it seals with the keys it attested last and tries again after a backoff.
     """
 
-    def __init__(self, config: Config, *, producer_id: bytes | None = None, window: int | None = None) -> None:
+    def __init__(self, config: Config, *, producer_id: bytes | None = None,
+                 max_unconfirmed: int | None = None) -> None:
+        # Imported here, not at the top: it loads pika, which importing the library must not.
         from sealedsum.producers import transport
 
         self.config = config
-        self._transport = transport.RecordPublisher(config.broker, window=window or transport.DEFAULT_WINDOW)
+        self._transport = transport.RecordPublisher(
+            config.broker, max_unconfirmed=max_unconfirmed or transport.DEFAULT_MAX_UNCONFIRMED)
         self.notices_refused = 0  # notices that did not verify
         # A re-attestation is owed (told, reconnected or due) and, after broker trouble, not
-        # before _retry_at: records are sealed with the attested keys meanwhile.
+        # before _retry_at, later after each failure: records are sealed with the attested keys
+        # meanwhile, so there is no budget to run out.
         self._reattest_wanted = False
-        self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
+        self._reattest_backoff = Backoff(config.broker.reconnect_seconds)
+        self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         try:
             # Listen first: a rotation after the attestation below cannot go unheard.
             self.listening = self._transport.listen(config.broker.attest_timeout_seconds)
@@ -234,13 +239,17 @@ class Producer:
             old.encryptor.close()
         self.enclave, self._attested_at = enclave, time.monotonic()
         self._reattest_wanted = False
-        self._retry_at, self._retry_delay = 0.0, REATTEST_FIRST_RETRY_S
+        self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         return enclave
 
-    def seal(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
-        """Seal one record for the enclave, attesting again first when the enclave announced a
-        newer key epoch, the broker connection was lost since the last attestation, or that
-        is older than ``producer.reattest_seconds`` (see the class docstring)."""
+    def seal_current(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
+        """Seal one record with the enclave's current keys.
+
+        Unlike :meth:`RecordSealer.seal` (the pure step, ``producer.sealer.seal``), this first
+        attests the enclave again, over the broker, when it announced a newer key epoch, the
+        broker connection was lost since the last attestation, or that is older than
+        ``producer.reattest_seconds`` (see the class docstring): it may block on an attestation
+        RPC. It publishes nothing (:meth:`publish` and :meth:`submit` do)."""
         if self._reattest_due():
             try:
                 self.reattest()
@@ -250,10 +259,10 @@ class Producer:
                 # last are still good while their epoch drains: seal with them, try again later.
                 if not err.retryable:
                     raise
+                delay = next(self._retry_delays)
                 log.warning("could not attest again yet; sealing with the keys attested last", extra={"fields": {
-                    "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": self._retry_delay}})
-                self._retry_at = time.monotonic() + self._retry_delay
-                self._retry_delay = min(self._retry_delay * 2, REATTEST_MAX_RETRY_S)
+                    "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": delay}})
+                self._retry_at = time.monotonic() + delay
         return self.sealer.seal(stream, values, window=window)
 
     def _reattest_due(self) -> bool:
@@ -286,7 +295,7 @@ class Producer:
 
     def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
         """Seal and publish one record; return once the broker confirmed it."""
-        record = self.seal(stream, values, window=window)
+        record = self.seal_current(stream, values, window=window)
         self.publish(record)
         return record
 
@@ -296,7 +305,7 @@ class Producer:
 
     def submit(self, record: SealedRecord) -> PendingRecord:
         """Publish an already sealed record without waiting for its confirm (blocks only while
-        ``window`` records await theirs).
+        ``max_unconfirmed`` records await theirs).
 
         :raises TransportError: an earlier record failed (each failure is raised once).
         """
@@ -336,7 +345,7 @@ class Producer:
         group = MessageGroup(per_message)
         pending: list[PendingRecord] = []
         for values in records:
-            record = self.seal(stream, values, window=window)
+            record = self.seal_current(stream, values, window=window)
             if not group.fits(record):
                 pending += self.submit_batch(group.take())
             group.add(record)

@@ -87,7 +87,7 @@ def _produce(args) -> int:
                     print(f"line {line.number}: rejected: {line.error}", file=sys.stderr)
                     continue
                 try:
-                    record = producer.seal(args.stream, values, window=args.window)
+                    record = producer.seal_current(args.stream, values, window=args.window)
                 except PolicyMismatch as err:
                     summary["rejected_by_validation"] += 1
                     print(f"line {line.number}: rejected: {err}", file=sys.stderr)

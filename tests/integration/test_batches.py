@@ -33,7 +33,7 @@ def test_batched_records_are_each_counted_once_and_a_bad_one_is_dead_lettered_al
         with Producer(sc.config) as producer:
             sent = producer.send_many("s", [[v] for v in values[:250]], per_message=64)
             # A batch with one record the enclave cannot open among good ones.
-            good = [producer.seal("s", [v]) for v in values[250:]]
+            good = [producer.seal_current("s", [v]) for v in values[250:]]
             garbage = SealedRecord(b"\x00" * 200, bytes(16), 0)
             pending = producer.submit_batch(good[:20] + [garbage] + good[20:])
             producer.flush()

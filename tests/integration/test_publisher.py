@@ -42,13 +42,13 @@ def test_pipelined_records_are_all_confirmed_and_counted_once(sidecar_factory):
     sc = sidecar_factory({"s": STREAM})
     values = [float(i % 10) for i in range(300)]
     with Consumer(sc.config, "s") as consumer:
-        with Producer(sc.config, window=32) as producer:
+        with Producer(sc.config, max_unconfirmed=32) as producer:
             pending = []
             most = 0
             for v in values:
-                pending.append(producer.submit(producer.seal("s", [v])))
+                pending.append(producer.submit(producer.seal_current("s", [v])))
                 most = max(most, producer.outstanding)
-            assert most <= 32  # the window bounds what awaits a confirm
+            assert most <= 32  # max_unconfirmed bounds what awaits a confirm
             producer.flush()
             assert all(p.confirmed and p.error is None for p in pending)
             more = producer.send_many("s", [[1.0]] * 50)  # one more window, the convenience way
@@ -62,7 +62,7 @@ def test_pipelined_records_are_all_confirmed_and_counted_once(sidecar_factory):
 def test_a_nack_surfaces_on_its_record_after_back_pressure(sidecar_factory):
     sc = sidecar_factory({"s": STREAM}, broker_extra="max_queued_records = 10\nreconnect_seconds = 2")
     records_queue = sc.config.broker.topology.records_queue
-    with Producer(sc.config, window=64) as producer:
+    with Producer(sc.config, max_unconfirmed=64) as producer:
         assert sc.stop() == 0  # nothing consumes the records queue any more
         # Fill the queue to its limit one record at a time (a quorum queue enforces the
         # limit late for a burst in flight, so a pipelined burst could overshoot it).
@@ -73,14 +73,14 @@ def test_a_nack_surfaces_on_its_record_after_back_pressure(sidecar_factory):
         for _ in range(12):
             try:
                 amqp.publish_confirmed(ch, sc.config.broker.topology.records_exchange, RECORD_ROUTING_KEY,
-                                       producer.seal("s", [1.0]).body, amqp.properties("record"))
+                                       producer.seal_current("s", [1.0]).body, amqp.properties("record"))
                 filled += 1
             except TransportError:
                 break
         depth = ch.queue_declare(records_queue, passive=True).method.message_count
         assert depth == filled >= 10
         started = time.monotonic()
-        pending = [producer.submit(producer.seal("s", [1.0])) for _ in range(20)]
+        pending = [producer.submit(producer.seal_current("s", [1.0])) for _ in range(20)]
         with pytest.raises(TransportError, match="nack") as info:
             producer.flush()
         waited = time.monotonic() - started
@@ -143,7 +143,7 @@ def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(si
     values = [float(i % 10) for i in range(400)]
     errors: list[BaseException] = []
     with Consumer(sc.config, "s") as consumer:
-        producer = Producer(sc.config, window=64)
+        producer = Producer(sc.config, max_unconfirmed=64)
         try:
             publisher = producer._transport
             pending = []
@@ -152,7 +152,7 @@ def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(si
             def produce():
                 try:
                     for i, v in enumerate(values):
-                        pending.append(producer.submit(producer.seal("s", [v])))
+                        pending.append(producer.submit(producer.seal_current("s", [v])))
                         if i == 50:
                             half.set()
                         time.sleep(0.01)  # a steady stream, still going when the connection drops
@@ -164,13 +164,14 @@ def test_a_dropped_connection_is_reopened_and_unconfirmed_records_republished(si
             worker = threading.Thread(target=produce, daemon=True)
             worker.start()
             assert half.wait(60)
-            port = publisher._connection._transport._sock.getsockname()[1] if publisher._connection else None
+            connection = publisher.driver._connection
+            port = connection._transport._sock.getsockname()[1] if connection else None
             assert port is not None
             assert _close_connections_from({port}) == 1
             worker.join(120)
             assert not worker.is_alive() and not errors, errors
             assert all(p.confirmed for p in pending) and len(pending) == len(values)
-            assert publisher.reconnects >= 1
+            assert publisher.driver.reconnects >= 1
             assert len(pending) - 50 > 0  # records kept coming after the drop
         finally:
             producer.close()

@@ -109,7 +109,8 @@ def test_a_producer_told_of_a_rotation_attests_again_and_is_never_refused(sideca
         # listens again on the new one and attests again before the next record.
         publisher = producer._transport
         sessions = publisher.sessions
-        publisher._ioloop.add_callback_threadsafe(lambda: publisher._connection.close())
+        driver = publisher.driver
+        driver._ioloop.add_callback_threadsafe(lambda: driver._connection.close())
         deadline = time.monotonic() + 15
         while publisher.sessions == sessions:
             assert time.monotonic() < deadline, "the producer did not reconnect"

@@ -122,7 +122,7 @@ class FakeTransport:
 def producer(monkeypatch):
     world = rotating_world()
     fake = FakeTransport(world)
-    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, window: fake)
+    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, max_unconfirmed: fake)
     p = Producer(Config(BrokerSettings(), world.trust, None, reattest_seconds=1e9))
     assert fake.attestations == 1
     yield p, fake, world
@@ -144,7 +144,7 @@ def test_a_forged_notice_does_not_make_the_producer_attest_again(producer, caplo
     other_measurement = wire.SignedMessage(elsewhere, world.enclave.keys.sign(signing.RESULT, elsewhere)).to_bytes()
     fake.notices = [forged_key, bytes(tampered), b"not a signed message", real.body[:-1], other_measurement]
     with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
-        p.seal("s", [1.0])
+        p.seal_current("s", [1.0])
     assert fake.attestations == 1 and p.enclave.keys.epoch == 1
     assert p.notices_refused == 5
     assert len([r for r in caplog.records if "does not verify" in r.getMessage()]) == 5
@@ -155,23 +155,23 @@ def test_a_genuine_notice_makes_the_producer_attest_again_before_the_next_record
     (real,) = world.enclave.rotate(T0).publish
     fake.notices = [real.body]
     with caplog.at_level(logging.INFO, logger="sealedsum.producer"):
-        record = p.seal("s", [1.0])
+        record = p.seal_current("s", [1.0])
     assert fake.attestations == 2 and p.enclave.keys.epoch == 2
     assert any("announced a key rotation" in r.getMessage() for r in caplog.records)
     assert world.enclave.on_record(record.body, now_ms()).rejection is None
     # Heard again (the enclave republishes until confirmed): nothing new, no attestation.
     fake.notices = [real.body]
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2 and p.notices_refused == 0
 
 
 def test_the_producer_attests_again_after_a_reconnect(producer):
     p, fake, _ = producer
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 1
     fake.sessions += 1  # the transport's connection was lost and came back
-    p.seal("s", [1.0])
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2
 
 
@@ -202,14 +202,36 @@ def test_broker_trouble_when_attesting_again_defers_it_and_records_are_still_sea
     fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
     fake.notices, fake.sessions = [real.body], fake.sessions + 1
     with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
-        record = p.seal("s", [1.0])  # not raised: epoch 1 still drains
+        record = p.seal_current("s", [1.0])  # not raised: epoch 1 still drains
     assert p.enclave.keys.epoch == 1 and any("could not attest again" in r.getMessage() for r in caplog.records)
     assert world.enclave.on_record(record.body, now_ms()).rejection is None
     fake.attest = attest
-    p.seal("s", [1.0])  # too soon to try again
+    p.seal_current("s", [1.0])  # too soon to try again
     assert fake.attestations == 1
     p._retry_at = 0.0  # the retry time has come
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2 and p.enclave.keys.epoch == 2
-    p.seal("s", [1.0])
+    p.seal_current("s", [1.0])
     assert fake.attestations == 2  # nothing owed any more
+
+
+def test_attesting_again_after_broker_trouble_backs_off_as_the_shared_policy_says(producer, caplog):
+    """0.5 s after the first failure, then twice as long each time (common.backoff.Backoff), and
+    from 0.5 s again once an attestation succeeded."""
+    from sealedsum.common.errors import TransportError
+
+    p, fake, world = producer
+    attest = fake.attest
+    fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
+    fake.sessions += 1
+    with caplog.at_level(logging.WARNING, logger="sealedsum.producer"):
+        for _ in range(3):
+            p.seal_current("s", [1.0])
+            p._retry_at = 0.0  # the retry time has come
+        fake.attest = attest
+        p.seal_current("s", [1.0])  # attests
+        fake.attest = lambda trust: (_ for _ in ()).throw(TransportError("no enclave request queue"))
+        fake.sessions += 1
+        p.seal_current("s", [1.0])
+    waits = [r.fields["retry_in_s"] for r in caplog.records if "could not attest again" in r.getMessage()]
+    assert waits == [0.5, 1.0, 2.0, 0.5] and fake.attestations == 2

@@ -59,3 +59,15 @@ def test_retry_gives_up_past_the_budget_and_never_retries_what_cannot_succeed(mo
         with pytest.raises(type(final)):
             Backoff(60.0).retry(lambda: (_ for _ in ()).throw(final), lambda: None, "publish")
         assert clock.slept == []
+
+
+def test_delays_can_be_scheduled_without_sleeping_and_the_budget_asked():
+    import itertools
+
+    backoff = Backoff(60, first=0.5, cap=5.0)
+    assert list(itertools.islice(backoff.delays(), 7)) == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert next(backoff.delays()) == 0.5  # a new iterator starts again
+    b = Backoff(10)
+    assert b.allows(2.0, since=100.0, now=105.0) and b.allows(5.0, since=100.0, now=105.0)
+    assert not b.allows(5.5, since=100.0, now=105.0) and not Backoff(0).allows(0.5, since=1.0, now=1.0)
+    assert Backoff().allows(1e9, since=0.0, now=0.0)  # no budget: any wait

@@ -16,8 +16,10 @@ import pytest
 from phe import paillier
 
 from sealedsum.producers import encryption
-from sealedsum.producers.encryption import (DEFAULT_EXPONENT_BITS, Encryptor, FastEncryptor, FixedBase, PheEncryptor,
-                                  RandomizerPool)
+from sealedsum.producers.encryption import arithmetic, encryptor_from_env, randomizers
+from sealedsum.producers.encryption.encryptors import Encryptor, FastEncryptor, PheEncryptor
+from sealedsum.producers.encryption.pool import RandomizerPool
+from sealedsum.producers.encryption.randomizers import DEFAULT_EXPONENT_BITS, FixedBase
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,23 +39,38 @@ def test_the_default_encryptor_is_the_fast_one_and_phe_stays_selectable(phe_keys
     pk, _ = phe_keys
     monkeypatch.delenv(encryption.ENV_ENCRYPTOR, raising=False)
     monkeypatch.delenv(encryption.ENV_WORKERS, raising=False)
-    with Encryptor(pk) as e:
+    with encryptor_from_env(pk) as e:
         assert type(e) is FastEncryptor and isinstance(e, Encryptor) and e.pool is None
     monkeypatch.setenv(encryption.ENV_ENCRYPTOR, "phe")
-    assert type(Encryptor(pk)) is PheEncryptor
+    assert type(encryptor_from_env(pk)) is PheEncryptor
     monkeypatch.setenv(encryption.ENV_ENCRYPTOR, "fastest")
     with pytest.raises(ValueError):
+        encryptor_from_env(pk)
+
+
+def test_the_environment_sets_the_default_encryptors_helpers(phe_keys, monkeypatch):
+    pk, _ = phe_keys
+    monkeypatch.delenv(encryption.ENV_ENCRYPTOR, raising=False)
+    monkeypatch.setenv(encryption.ENV_WORKERS, "1")
+    with encryptor_from_env(pk) as e:
+        assert e.pool is not None and e.pool.workers == 1
+    monkeypatch.setenv(encryption.ENV_WORKERS, "two")
+    with pytest.raises(ValueError, match=encryption.ENV_WORKERS):
+        encryptor_from_env(pk)
+    monkeypatch.setenv(encryption.ENV_ENCRYPTOR, "phe")  # helpers are the fast path's only
+    assert type(encryptor_from_env(pk)) is PheEncryptor
+    with pytest.raises(TypeError):  # the interface alone encrypts nothing
         Encryptor(pk)
 
 
 def test_gmpy2_is_in_use_and_said_once(caplog):
     import logging
 
-    assert encryption.arithmetic_backend() == {"gmpy2": True, "phe_gmpy2": True, "version": gmpy2.version()}
-    encryption._logged_backend = False
+    assert arithmetic.arithmetic_backend() == {"gmpy2": True, "phe_gmpy2": True, "version": gmpy2.version()}
+    arithmetic._logged_backend = False
     with caplog.at_level(logging.INFO, logger="sealedsum.producer"):
-        encryption.log_backend_once()
-        encryption.log_backend_once()
+        arithmetic.log_backend_once()
+        arithmetic.log_backend_once()
     assert [r.getMessage() for r in caplog.records] == ["paillier arithmetic on gmpy2"]
 
 
@@ -134,7 +151,7 @@ def test_randomizers_are_n_th_powers_of_the_djn_form(phe_keys):
     standard Paillier one) and the comb agrees with a plain exponentiation."""
     pk, _ = phe_keys
     n, nsq = pk.n, pk.nsquare
-    hs = encryption.djn_base(n)
+    hs = randomizers.djn_base(n)
     base = FixedBase(n, hs, DEFAULT_EXPONENT_BITS, 8)
     for a in (0, 1, 2, 255, 256, 2**DEFAULT_EXPONENT_BITS - 1, int.from_bytes(os.urandom(32), "big")):
         assert int(base.power(a)) == pow(hs, a, nsq)
@@ -144,7 +161,7 @@ def test_randomizers_are_n_th_powers_of_the_djn_form(phe_keys):
         assert int(odd.power(a)) == pow(hs, a, nsq)
     # hs^a is an n-th residue mod n²: raising it to lambda gives 1 (phe's decryption sees m = 0)
     _, sk = paillier.generate_paillier_keypair(n_length=512)
-    hs2 = encryption.djn_base(sk.public_key.n)
+    hs2 = randomizers.djn_base(sk.public_key.n)
     r = int(FixedBase(sk.public_key.n, hs2).random_factor())
     assert sk.raw_decrypt(r) == 0
 
@@ -152,14 +169,14 @@ def test_randomizers_are_n_th_powers_of_the_djn_form(phe_keys):
 def test_exponents_are_fresh_full_length_draws(monkeypatch, phe_keys):
     pk, _ = phe_keys
     drawn = []
-    real = encryption.secrets.randbits
+    real = randomizers.secrets.randbits
 
     def spy(k):
         v = real(k)
         drawn.append((k, v))
         return v
 
-    monkeypatch.setattr(encryption.secrets, "randbits", spy)
+    monkeypatch.setattr(randomizers.secrets, "randbits", spy)
     with FastEncryptor(pk) as e:
         for _ in range(50):
             e.encrypt(1)
@@ -168,8 +185,8 @@ def test_exponents_are_fresh_full_length_draws(monkeypatch, phe_keys):
 
 
 def test_the_default_exponent_follows_the_key_size():
-    assert encryption.default_exponent_bits(2048) == encryption.default_exponent_bits(3072) == 256
-    assert encryption.default_exponent_bits(4096) == 384
+    assert randomizers.default_exponent_bits(2048) == randomizers.default_exponent_bits(3072) == 256
+    assert randomizers.default_exponent_bits(4096) == 384
     pk, _ = paillier.generate_paillier_keypair(n_length=512)
     assert FastEncryptor(pk).exponent_bits == 256
 
@@ -202,7 +219,7 @@ def test_pool_factors_are_valid_and_never_handed_out_twice(phe_keys):
 def test_pool_is_bounded_and_stops_cleanly(phe_keys):
     pk, _ = phe_keys
     n = pk.n
-    hs = encryption.djn_base(n)
+    hs = randomizers.djn_base(n)
     pool = RandomizerPool(n, hs, DEFAULT_EXPONENT_BITS, 8, workers=2, capacity=64)
     procs = list(pool._procs)
     try:
@@ -225,7 +242,7 @@ def test_pool_helpers_die_with_their_parent(tmp_path):
     code = textwrap.dedent("""
         import sys
         from phe import paillier
-        from sealedsum.producers.encryption import FastEncryptor
+        from sealedsum.producers.encryption.encryptors import FastEncryptor
         pk, _ = paillier.generate_paillier_keypair(n_length=512)
         e = FastEncryptor(pk, workers=2)
         print(" ".join(str(p.pid) for p in e.pool._procs), flush=True)
@@ -257,11 +274,12 @@ def test_without_gmpy2_it_says_so_and_still_encrypts_correctly():
         sys.modules["gmpy2"] = None
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
         from phe import paillier
-        from sealedsum.producers.encryption import Encryptor, HAVE_GMPY2
+        from sealedsum.producers.encryption import encryptor_from_env
+        from sealedsum.producers.encryption.arithmetic import HAVE_GMPY2
         pk, sk = paillier.generate_paillier_keypair(n_length=512)
-        e = Encryptor(pk)
+        e = encryptor_from_env(pk)
         assert not HAVE_GMPY2 and sk.raw_decrypt(e.encrypt(-5)) == pk.n - 5
-        Encryptor(pk)
+        encryptor_from_env(pk)
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -189,6 +189,7 @@ def test_client_libraries_load_neither_pika_nor_the_sidecar():
     code = textwrap.dedent("""
         import sys
         import sealedsum.producers.client, sealedsum.producers.inputs, sealedsum.consumers.client, sealedsum.common.attestation, sealedsum.common.results
+        import sealedsum.producers.confirms, sealedsum.producers.encryption
         bad = sorted(m for m in sys.modules if m == "pika" or m.startswith(("pika.", "sealedsum.sidecar")))
         print(",".join(bad))
     """)
