@@ -20,6 +20,7 @@ import nacl.bindings
 from sealedsum.common import fixedpoint, privacy
 from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
 from sealedsum.common.packing import LayoutError, PackingLayout
+from sealedsum.common.tables import integer, number, take
 from sealedsum.common.wire import STREAM_NAME
 
 # A window closes at this many records even when only window_seconds is set, so a
@@ -29,34 +30,6 @@ MAX_DIMENSION = 4096
 SECURE_PAILLIER_BITS = (2048, 3072, 4096)
 
 
-def _take(raw: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}",
-                          hint=f"allowed keys: {', '.join(sorted(allowed))}")
-    return dict(raw)
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a finite number")
-    try:
-        value = float(value)  # an integer beyond float range raises OverflowError
-    except OverflowError:
-        raise ConfigError(f"{where} must be a finite number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{where} must be a finite number")
-    return value
-
-
-def _integer(value: Any, where: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{where} must be an integer in [{lo}, {hi}]")
-    return value
-
-
 KINDS = ("sum", "mean", "histogram", "vector")
 
 
@@ -64,8 +37,8 @@ def _bounds(value: Any, where: str, dimension: int) -> float | tuple[float, ...]
     if isinstance(value, list):
         if len(value) != dimension:
             raise ConfigError(f"{where} has {len(value)} entries; the stream has dimension {dimension}")
-        return tuple(_number(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return _number(value, where)
+        return tuple(number(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return number(value, where)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +91,7 @@ class StreamPolicy:
         where = f"streams.{name}"
         if not STREAM_NAME.fullmatch(name):
             raise ConfigError(f"{where}: stream names are 1-64 characters of A-Z a-z 0-9 _ -")
-        d = _take(raw, cls.KEYS, where)
+        d = take(raw, cls.KEYS, where)
         kind = d.get("kind", "sum")
         if kind not in KINDS:
             raise ConfigError(f"{where}.kind must be one of {', '.join(KINDS)}")
@@ -130,16 +103,16 @@ class StreamPolicy:
         mechanism = d["mechanism"]
         if mechanism not in privacy.MECHANISMS:
             raise ConfigError(f"{where}.mechanism must be one of {', '.join(privacy.MECHANISMS)}")
-        epsilon = _number(d["epsilon"], f"{where}.epsilon")
+        epsilon = number(d["epsilon"], f"{where}.epsilon")
         if epsilon <= 0:
             raise ConfigError(f"{where}.epsilon must be > 0 (smaller is more private)")
-        budget_epsilon = _number(d["budget_epsilon"], f"{where}.budget_epsilon")
+        budget_epsilon = number(d["budget_epsilon"], f"{where}.budget_epsilon")
         if mechanism == privacy.GAUSSIAN:
             for key in ("delta", "budget_delta"):
                 if key not in d:
                     raise ConfigError(f"{where}: the gaussian mechanism needs {key} (e.g. 1e-6)")
-            delta = _number(d["delta"], f"{where}.delta")
-            budget_delta = _number(d["budget_delta"], f"{where}.budget_delta")
+            delta = number(d["delta"], f"{where}.delta")
+            budget_delta = number(d["budget_delta"], f"{where}.budget_delta")
             if not 0 < delta < 1 or not 0 < budget_delta < 1:
                 raise ConfigError(f"{where}: delta and budget_delta must be in (0, 1)")
         else:
@@ -156,7 +129,7 @@ class StreamPolicy:
             edges = d.get("edges")
             if not isinstance(edges, list) or len(edges) < 2:
                 raise ConfigError(f"{where}.edges must list at least two bucket edges")
-            edges = tuple(_number(e, f"{where}.edges") for e in edges)
+            edges = tuple(number(e, f"{where}.edges") for e in edges)
             if any(b <= a for a, b in zip(edges, edges[1:])):
                 raise ConfigError(f"{where}.edges must increase strictly")
             dimension = len(edges) - 1
@@ -166,14 +139,14 @@ class StreamPolicy:
         else:
             if "edges" in d:
                 raise ConfigError(f"{where}: edges apply to histograms only")
-            dimension = _integer(d.get("dimension", 1), f"{where}.dimension", 1, MAX_DIMENSION)
-            fields["fraction_bits"] = _integer(d.get("fraction_bits", 16), f"{where}.fraction_bits", 0, 40)
+            dimension = integer(d.get("dimension", 1), f"{where}.dimension", 1, MAX_DIMENSION)
+            fields["fraction_bits"] = integer(d.get("fraction_bits", 16), f"{where}.fraction_bits", 0, 40)
             if "l2_bound" in d:
                 if kind != "vector":
                     raise ConfigError(f"{where}: l2_bound applies to kind = \"vector\" only")
                 if "lower" in d or "upper" in d:
                     raise ConfigError(f"{where}: give either lower/upper or l2_bound, not both")
-                l2 = _number(d["l2_bound"], f"{where}.l2_bound")
+                l2 = number(d["l2_bound"], f"{where}.l2_bound")
                 if l2 <= 0:
                     raise ConfigError(f"{where}.l2_bound must be > 0")
                 fields["l2_bound"] = l2
@@ -195,22 +168,22 @@ class StreamPolicy:
         if window_records is None and window_seconds is None:
             raise ConfigError(f"{where}: set window_records, window_seconds or both")
         if window_records is not None:
-            window_records = _integer(window_records, f"{where}.window_records", 1, HARD_MAX_WINDOW_RECORDS)
+            window_records = integer(window_records, f"{where}.window_records", 1, HARD_MAX_WINDOW_RECORDS)
         if window_seconds is not None:
-            window_seconds = _number(window_seconds, f"{where}.window_seconds")
+            window_seconds = number(window_seconds, f"{where}.window_seconds")
             if window_seconds <= 0:
                 raise ConfigError(f"{where}.window_seconds must be > 0")
-        min_batch = _integer(d["min_batch"], f"{where}.min_batch", 1, HARD_MAX_WINDOW_RECORDS)
+        min_batch = integer(d["min_batch"], f"{where}.min_batch", 1, HARD_MAX_WINDOW_RECORDS)
         if window_records is not None and min_batch > window_records:
             raise ConfigError(f"{where}: min_batch above window_records: no window could ever be released")
-        count_share = _number(d.get("count_share", 0.5), f"{where}.count_share")
+        count_share = number(d.get("count_share", 0.5), f"{where}.count_share")
         if not 0 < count_share < 1:
             raise ConfigError(f"{where}.count_share must be strictly between 0 and 1")
         if kind == "histogram" and "count_share" in d:
             raise ConfigError(f"{where}: a histogram's count is the sum of its buckets; count_share does not apply")
         per_producer = d.get("max_records_per_producer")
         if per_producer is not None:
-            per_producer = _integer(per_producer, f"{where}.max_records_per_producer", 1, HARD_MAX_WINDOW_RECORDS)
+            per_producer = integer(per_producer, f"{where}.max_records_per_producer", 1, HARD_MAX_WINDOW_RECORDS)
 
         policy = cls(
             name=name, kind=kind, dimension=dimension, min_batch=min_batch, mechanism=mechanism,
@@ -390,7 +363,7 @@ class Identities:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "Identities":
-        d = _take(raw, cls.KEYS, "identities")
+        d = take(raw, cls.KEYS, "identities")
         required = d.get("required", False)
         if not isinstance(required, bool):
             raise ConfigError("identities.required must be true or false")
@@ -445,29 +418,29 @@ class EnclavePolicy:
     @classmethod
     def from_mapping(cls, enclave: Mapping[str, Any], streams: Mapping[str, Any],
                      identities: Mapping[str, Any] | None = None) -> "EnclavePolicy":
-        d = _take(enclave, cls.KEYS, "enclave")
+        d = take(enclave, cls.KEYS, "enclave")
         insecure = d.get("insecure_test_keys", False)
         if not isinstance(insecure, bool):
             raise ConfigError("enclave.insecure_test_keys must be true or false")
-        bits = _integer(d.get("paillier_bits", 3072), "enclave.paillier_bits", 512, 8192)
+        bits = integer(d.get("paillier_bits", 3072), "enclave.paillier_bits", 512, 8192)
         if bits not in SECURE_PAILLIER_BITS and not (insecure and bits % 256 == 0):
             raise ConfigError(
                 f"enclave.paillier_bits must be one of {SECURE_PAILLIER_BITS}",
                 hint="smaller keys are for tests only: set insecure_test_keys = true (it is attested)",
             )
-        age = _number(d.get("max_record_age_seconds", 900.0), "enclave.max_record_age_seconds")
-        skew = _number(d.get("max_clock_skew_seconds", 60.0), "enclave.max_clock_skew_seconds")
+        age = number(d.get("max_record_age_seconds", 900.0), "enclave.max_record_age_seconds")
+        skew = number(d.get("max_clock_skew_seconds", 60.0), "enclave.max_clock_skew_seconds")
         if age <= 0 or skew < 0:
             raise ConfigError("enclave: record age must be > 0 and clock skew >= 0")
         if not isinstance(streams, Mapping) or not streams:
             raise ConfigError("the policy defines no streams", hint="add a [streams.NAME] table")
         parsed = {name: StreamPolicy.from_mapping(name, raw, bits) for name, raw in streams.items()}
-        grace = _number(d.get("key_grace_seconds", 900.0), "enclave.key_grace_seconds")
+        grace = number(d.get("key_grace_seconds", 900.0), "enclave.key_grace_seconds")
         if grace < 0:
             raise ConfigError("enclave.key_grace_seconds must be >= 0")
         every = d.get("rotate_keys_every_seconds")
         if every is not None:
-            every = _number(every, "enclave.rotate_keys_every_seconds")
+            every = number(every, "enclave.rotate_keys_every_seconds")
             if every <= grace:
                 raise ConfigError("enclave.rotate_keys_every_seconds must exceed key_grace_seconds",
                                   hint="otherwise an epoch would retire before producers could move on")
@@ -536,15 +509,15 @@ class Requirements:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], where: str = "require") -> "Requirements":
-        d = _take(raw, cls.KEYS, where)
+        d = take(raw, cls.KEYS, where)
         out: dict[str, Any] = {}
         for key in cls.KEYS - {"min_min_batch"}:
             if key in d:
-                out[key] = _number(d[key], f"{where}.{key}")
+                out[key] = number(d[key], f"{where}.{key}")
                 if out[key] < 0:
                     raise ConfigError(f"{where}.{key} must be >= 0")
         if "min_min_batch" in d:
-            out["min_min_batch"] = _integer(d["min_min_batch"], f"{where}.min_min_batch", 1, HARD_MAX_WINDOW_RECORDS)
+            out["min_min_batch"] = integer(d["min_min_batch"], f"{where}.min_min_batch", 1, HARD_MAX_WINDOW_RECORDS)
         return cls(**out)
 
     def merged(self, override: "Requirements") -> "Requirements":
