@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sealedsum.common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
 from sealedsum.common.errors import ConfigError
-from sealedsum.common.policy import EnclavePolicy, Requirements
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.requirements import Requirements
 from sealedsum.common.tables import number, take
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

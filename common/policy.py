@@ -7,18 +7,15 @@ producers and consumers, so every role reads the same numbers.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import nacl.bindings
-
 from sealedsum.common import fixedpoint, privacy
-from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
+from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch
+from sealedsum.common.identities import Identities
 from sealedsum.common.packing import LayoutError, PackingLayout
 from sealedsum.common.tables import integer, number, take
 from sealedsum.common.wire import STREAM_NAME
@@ -331,74 +328,6 @@ class StreamPolicy:
         return encoded if self.packing is None else self.packing.pack(encoded)
 
 
-def _identity_keys(raw: Any, where: str) -> dict[str, bytes]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must map names to base64 Ed25519 public keys")
-    out = {}
-    for name, text in raw.items():
-        try:
-            key = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError, TypeError) as err:
-            raise ConfigError(f"{where}.{name} is not base64") from err
-        if len(key) != 32:
-            raise ConfigError(f"{where}.{name} must be a 32-byte Ed25519 public key",
-                              hint="as printed by `sealedsum producer keygen`")
-        # Small-order or non-canonical points verify forged signatures under some libraries.
-        if not nacl.bindings.crypto_core_ed25519_is_valid_point(key):
-            raise ConfigError(f"{where}.{name} is not a valid Ed25519 public key (small order or not canonical)")
-        out[str(name)] = key
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Identities:
-    """Producer identity keys: enrolled ones may sign records, revoked ones are refused
-    by name. With ``required`` every record must be signed by an enrolled key."""
-
-    required: bool = False
-    enrolled: dict[str, bytes] = field(default_factory=dict)
-    revoked: dict[str, bytes] = field(default_factory=dict)
-
-    KEYS = {"required", "enrolled", "revoked"}
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> "Identities":
-        d = take(raw, cls.KEYS, "identities")
-        required = d.get("required", False)
-        if not isinstance(required, bool):
-            raise ConfigError("identities.required must be true or false")
-        enrolled = _identity_keys(d.get("enrolled", {}), "identities.enrolled")
-        revoked = _identity_keys(d.get("revoked", {}), "identities.revoked")
-        both = set(enrolled.values()) & set(revoked.values())
-        if both:
-            raise ConfigError("a key is both enrolled and revoked", hint="remove it from identities.enrolled")
-        if required and not enrolled:
-            raise ConfigError("identities.required is set but no key is enrolled")
-        return cls(required, enrolled, revoked)
-
-    def to_mapping(self) -> dict[str, Any]:
-        enc = lambda keys: {n: base64.b64encode(k).decode() for n, k in sorted(keys.items())}  # noqa: E731
-        return {"required": self.required, "enrolled": enc(self.enrolled), "revoked": enc(self.revoked)}
-
-    def __bool__(self) -> bool:
-        return self.required or bool(self.enrolled) or bool(self.revoked)
-
-    @property
-    def producer_ids(self) -> frozenset[bytes]:
-        """The producer ids enrolled keys stand for."""
-        from sealedsum.common.wire import producer_id_of
-
-        return frozenset(producer_id_of(k) for k in self.enrolled.values())
-
-    def name_of(self, key: bytes) -> tuple[str, str]:
-        """``("enrolled" | "revoked" | "unknown", name)`` for an identity key."""
-        for status, keys in (("enrolled", self.enrolled), ("revoked", self.revoked)):
-            for name, k in keys.items():
-                if k == key:
-                    return status, name
-        return "unknown", ""
-
-
 @dataclass(frozen=True, slots=True)
 class EnclavePolicy:
     """Everything the measurement covers besides code."""
@@ -489,56 +418,3 @@ class EnclavePolicy:
             raise ConfigError(
                 f"unknown stream {name!r}", hint=f"the policy defines: {', '.join(sorted(self.streams))}"
             ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Requirements:
-    """The weakest guarantee a client accepts for a stream (``[require]`` in the config).
-
-    Checked against the *attested* policy before anything is sent: a stream that
-    promises less is refused with :class:`~sealedsum.common.errors.PolicyTooWeak`.
-    """
-
-    max_epsilon: float | None = None
-    max_delta: float | None = None
-    max_budget_epsilon: float | None = None
-    max_budget_delta: float | None = None
-    min_min_batch: int | None = None
-
-    KEYS = {"max_epsilon", "max_delta", "max_budget_epsilon", "max_budget_delta", "min_min_batch"}
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "require") -> "Requirements":
-        d = take(raw, cls.KEYS, where)
-        out: dict[str, Any] = {}
-        for key in cls.KEYS - {"min_min_batch"}:
-            if key in d:
-                out[key] = number(d[key], f"{where}.{key}")
-                if out[key] < 0:
-                    raise ConfigError(f"{where}.{key} must be >= 0")
-        if "min_min_batch" in d:
-            out["min_min_batch"] = integer(d["min_min_batch"], f"{where}.min_min_batch", 1, HARD_MAX_WINDOW_RECORDS)
-        return cls(**out)
-
-    def merged(self, override: "Requirements") -> "Requirements":
-        return Requirements(**{k: getattr(override, k) if getattr(override, k) is not None else getattr(self, k)
-                               for k in self.KEYS})
-
-    def check(self, stream: StreamPolicy) -> None:
-        """:raises PolicyTooWeak: naming every requirement the stream's policy misses."""
-        misses = []
-        if self.max_epsilon is not None and stream.epsilon > self.max_epsilon:
-            misses.append(f"epsilon per release {stream.epsilon:g} > {self.max_epsilon:g}")
-        if self.max_delta is not None and stream.delta > self.max_delta:
-            misses.append(f"delta per release {stream.delta:g} > {self.max_delta:g}")
-        if self.max_budget_epsilon is not None and stream.budget_epsilon > self.max_budget_epsilon:
-            misses.append(f"budget_epsilon {stream.budget_epsilon:g} > {self.max_budget_epsilon:g}")
-        if self.max_budget_delta is not None and stream.budget_delta > self.max_budget_delta:
-            misses.append(f"budget_delta {stream.budget_delta:g} > {self.max_budget_delta:g}")
-        if self.min_min_batch is not None and stream.min_batch < self.min_min_batch:
-            misses.append(f"min_batch {stream.min_batch} < {self.min_min_batch}")
-        if misses:
-            raise PolicyTooWeak(
-                f"stream {stream.name!r} promises less privacy than required: {'; '.join(misses)}",
-                hint="nothing was sent; relax [require] only if the weaker guarantee is acceptable",
-            )
