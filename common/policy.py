@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Mapping
 
 from sealedsum.common import fixedpoint, privacy
 from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch
 from sealedsum.common.identities import Identities
 from sealedsum.common.packing import PackingLayout
+from sealedsum.common.privacy import Mechanism
 
 # A window closes at this many records even when only window_seconds is set, so a
 # total always fits OpenDP's 64-bit integers.
@@ -24,7 +26,14 @@ MAX_DIMENSION = 4096
 SECURE_PAILLIER_BITS = (2048, 3072, 4096)
 
 
-KINDS = ("sum", "mean", "histogram", "vector")
+class StreamKind(StrEnum):
+    """What a record of a stream holds (see :class:`StreamPolicy`); the value is the policy's
+    and the wire's spelling."""
+
+    SUM = "sum"
+    MEAN = "mean"
+    HISTOGRAM = "histogram"
+    VECTOR = "vector"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +55,10 @@ class StreamPolicy:
     """
 
     name: str
-    kind: str
+    kind: StreamKind
     dimension: int
     min_batch: int
-    mechanism: str
+    mechanism: Mechanism
     epsilon: float
     budget_epsilon: float
     delta: float = 0.0
@@ -76,9 +85,9 @@ class StreamPolicy:
             "kind": self.kind, "dimension": self.dimension, "min_batch": self.min_batch,
             "mechanism": self.mechanism, "epsilon": self.epsilon, "budget_epsilon": self.budget_epsilon,
         }
-        if self.kind != "histogram":  # a histogram counts whole records: no fixed point, no count share
+        if self.kind != StreamKind.HISTOGRAM:  # a histogram counts whole records: no fixed point, no count share
             out.update(fraction_bits=self.fraction_bits, count_share=self.count_share)
-        if self.mechanism == privacy.GAUSSIAN:
+        if self.mechanism == Mechanism.GAUSSIAN:
             out.update(delta=self.delta, budget_delta=self.budget_delta)
         for key in ("lower", "upper", "edges"):
             value = getattr(self, key)
@@ -103,7 +112,7 @@ class StreamPolicy:
     @property
     def values_per_record(self) -> int:
         """How many numbers a producer supplies for one record."""
-        return 1 if self.kind == "histogram" else self.dimension
+        return 1 if self.kind == StreamKind.HISTOGRAM else self.dimension
 
     @property
     def contributions(self) -> int:
@@ -121,7 +130,7 @@ class StreamPolicy:
         The enclave clamps decrypted totals to it, so a dishonest producer's value cannot
         overflow the noise domain or move a total where honest ones could not.
         """
-        if self.kind == "histogram":
+        if self.kind == StreamKind.HISTOGRAM:
             return [(0, count)] * self.dimension
         if self.l2_bound is not None:
             m = math.floor(self.l2_bound * (1 << self.fraction_bits) + 0.5)
@@ -132,7 +141,7 @@ class StreamPolicy:
     def sensitivities(self) -> tuple[int, float]:
         """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit."""
         k = self.contributions
-        if self.kind == "histogram":
+        if self.kind == StreamKind.HISTOGRAM:
             return k, float(k)
         if self.l2_bound is not None:
             l1, l2 = privacy.l2_ball_sensitivity(self.l2_bound, self.fraction_bits, self.dimension)
@@ -144,7 +153,7 @@ class StreamPolicy:
         l1, l2 = self.sensitivities()
         return privacy.plan(
             self.mechanism, l1, l2, self.epsilon, self.delta, self.count_share,
-            count_sensitivity=None if self.kind == "histogram" else self.contributions,
+            count_sensitivity=None if self.kind == StreamKind.HISTOGRAM else self.contributions,
         )
 
     def encode(self, values: list[float]) -> tuple[list[int], int]:
@@ -156,7 +165,7 @@ class StreamPolicy:
         if len(values) != self.values_per_record:
             raise PolicyMismatch(
                 f"stream {self.name!r} takes {self.values_per_record} value(s) per record, got {len(values)}")
-        if self.kind == "histogram":
+        if self.kind == StreamKind.HISTOGRAM:
             return fixedpoint.one_hot(values[0], self.edges)
         if self.l2_bound is not None:
             clipped, n = fixedpoint.clip_l2(values, self.l2_bound)

@@ -17,9 +17,10 @@ from sealedsum.common.errors import ConfigError
 from sealedsum.common.identities import Identities
 from sealedsum.common.packing import LayoutError, PackingLayout
 from sealedsum.common.policy import (
-    HARD_MAX_WINDOW_RECORDS, KINDS, MAX_DIMENSION, SECURE_PAILLIER_BITS, EnclavePolicy, StreamPolicy,
+    HARD_MAX_WINDOW_RECORDS, MAX_DIMENSION, SECURE_PAILLIER_BITS, EnclavePolicy, StreamKind, StreamPolicy,
 )
-from sealedsum.common.tables import integer, number, take
+from sealedsum.common.privacy import Mechanism
+from sealedsum.common.tables import integer, number, one_of, take
 from sealedsum.common.wire import STREAM_NAME
 
 
@@ -74,7 +75,7 @@ def stream_policy(name: str, raw: Mapping[str, Any], paillier_bits: int | None =
     if not STREAM_NAME.fullmatch(name):
         raise ConfigError(f"{where}: stream names are 1-64 characters of A-Z a-z 0-9 _ -")
     d = take(raw, StreamPolicy.KEYS, where)
-    kind = _kind(d, where)
+    kind = one_of(StreamKind, d.get("kind", StreamKind.SUM), f"{where}.kind")
     for key in ("min_batch", "mechanism", "epsilon", "budget_epsilon"):
         if key not in d:
             hint = ("the total privacy budget of the stream, e.g. budget_epsilon = 10"
@@ -82,7 +83,7 @@ def stream_policy(name: str, raw: Mapping[str, Any], paillier_bits: int | None =
             raise ConfigError(f"{where}: missing required key {key!r}", hint=hint)
     # Each step checks its own keys; the order fixes which error a table with several sees.
     spending = _mechanism_and_budget(d, where)
-    shape = _histogram_shape(d, where) if kind == "histogram" else _value_shape(d, kind, where)
+    shape = _histogram_shape(d, where) if kind == StreamKind.HISTOGRAM else _value_shape(d, kind, where)
     windows = _windows(d, where)
     count_share = _count_share(d, kind, where)
     per_producer = d.get("max_records_per_producer")
@@ -95,23 +96,14 @@ def stream_policy(name: str, raw: Mapping[str, Any], paillier_bits: int | None =
     return _with_packing(policy, d.get("packing", False), paillier_bits, where)
 
 
-def _kind(d: Mapping[str, Any], where: str) -> str:
-    kind = d.get("kind", "sum")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}.kind must be one of {', '.join(KINDS)}")
-    return kind
-
-
 def _mechanism_and_budget(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``mechanism``, the per-release ``epsilon``/``delta`` and the stream's budget."""
-    mechanism = d["mechanism"]
-    if mechanism not in privacy.MECHANISMS:
-        raise ConfigError(f"{where}.mechanism must be one of {', '.join(privacy.MECHANISMS)}")
+    mechanism = one_of(Mechanism, d["mechanism"], f"{where}.mechanism")
     epsilon = number(d["epsilon"], f"{where}.epsilon")
     if epsilon <= 0:
         raise ConfigError(f"{where}.epsilon must be > 0 (smaller is more private)")
     budget_epsilon = number(d["budget_epsilon"], f"{where}.budget_epsilon")
-    if mechanism == privacy.GAUSSIAN:
+    if mechanism == Mechanism.GAUSSIAN:
         for key in ("delta", "budget_delta"):
             if key not in d:
                 raise ConfigError(f"{where}: the gaussian mechanism needs {key} (e.g. 1e-6)")
@@ -145,14 +137,14 @@ def _histogram_shape(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(dimension=dimension, edges=edges, fraction_bits=0)
 
 
-def _value_shape(d: Mapping[str, Any], kind: str, where: str) -> dict[str, Any]:
+def _value_shape(d: Mapping[str, Any], kind: StreamKind, where: str) -> dict[str, Any]:
     """``dimension`` values in fixed point, clipped to a box (``lower``/``upper``) or an L2 ball."""
     if "edges" in d:
         raise ConfigError(f"{where}: edges apply to histograms only")
     dimension = integer(d.get("dimension", 1), f"{where}.dimension", 1, MAX_DIMENSION)
     fraction_bits = integer(d.get("fraction_bits", 16), f"{where}.fraction_bits", 0, 40)
     if "l2_bound" in d:
-        if kind != "vector":
+        if kind != StreamKind.VECTOR:
             raise ConfigError(f"{where}: l2_bound applies to kind = \"vector\" only")
         if "lower" in d or "upper" in d:
             raise ConfigError(f"{where}: give either lower/upper or l2_bound, not both")
@@ -164,7 +156,7 @@ def _value_shape(d: Mapping[str, Any], kind: str, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: missing lower and upper (clipping bounds)")
     lower = _bounds(d["lower"], f"{where}.lower", dimension)
     upper = _bounds(d["upper"], f"{where}.upper", dimension)
-    if kind != "vector" and (isinstance(lower, tuple) or isinstance(upper, tuple)):
+    if kind != StreamKind.VECTOR and (isinstance(lower, tuple) or isinstance(upper, tuple)):
         raise ConfigError(f"{where}: per-coordinate bounds need kind = \"vector\"")
     lo = lower if isinstance(lower, tuple) else (lower,) * dimension
     hi = upper if isinstance(upper, tuple) else (upper,) * dimension
@@ -199,11 +191,11 @@ def _windows(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(window_records=window_records, window_seconds=window_seconds, min_batch=min_batch)
 
 
-def _count_share(d: Mapping[str, Any], kind: str, where: str) -> float:
+def _count_share(d: Mapping[str, Any], kind: StreamKind, where: str) -> float:
     count_share = number(d.get("count_share", 0.5), f"{where}.count_share")
     if not 0 < count_share < 1:
         raise ConfigError(f"{where}.count_share must be strictly between 0 and 1")
-    if kind == "histogram" and "count_share" in d:
+    if kind == StreamKind.HISTOGRAM and "count_share" in d:
         raise ConfigError(f"{where}: a histogram's count is the sum of its buckets; count_share does not apply")
     return count_share
 

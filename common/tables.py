@@ -1,4 +1,5 @@
-"""Checks on the values of one configuration table: known keys, finite numbers, bounded integers.
+"""Checks on the values of one configuration table: known keys, finite numbers, bounded integers,
+one of a set of names.
 
 The configuration (:mod:`sealedsum.common.config`) and the policy, whether read from TOML or
 from attested policy bytes, share them, so every table words a bad value the same way.
@@ -7,9 +8,12 @@ from attested policy bytes, share them, so every table words a bad value the sam
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from enum import StrEnum
+from typing import Any, Mapping, TypeVar
 
 from sealedsum.common.errors import ConfigError
+
+Choice = TypeVar("Choice", bound=StrEnum)
 
 
 def take(raw: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
@@ -44,3 +48,11 @@ def integer(value: Any, where: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"{where} must be an integer in [{lo}, {hi}]")
     return value
+
+
+def one_of(choices: type[Choice], value: Any, where: str) -> Choice:
+    """The member of ``choices`` whose value (its spelling in a table) is ``value``."""
+    try:
+        return choices(value)
+    except ValueError:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}") from None

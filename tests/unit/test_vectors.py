@@ -169,7 +169,7 @@ def check_policy(v: dict, tmp_path, monkeypatch) -> None:
         assert plan.sensitivity_l1 == expected["sensitivity_l1"]
         assert plan.sensitivity_l2 == pytest.approx(expected["sensitivity_l2"], rel=1e-12)
         if expected["rho"] is None:
-            assert plan.rho is None and plan.mechanism == privacy.LAPLACE
+            assert plan.rho is None and plan.mechanism == privacy.Mechanism.LAPLACE
         else:
             assert plan.rho == pytest.approx(expected["rho"], rel=1e-12)
             # ε = ρ + 2·sqrt(ρ·ln(1/δ)) holds for the ρ chosen.
@@ -879,7 +879,8 @@ def check_ledger(v: dict, tmp_path, monkeypatch) -> None:
     assert label == ledger.LEDGER_LABEL == b"sealedsum/v1/ledger\x00"
     policy, _ = vector_policy()
     assert any(len(c["charges"]) >= 2 for c in v["chains"])
-    assert {policy.streams[c["stream"]].mechanism for c in v["chains"]} == {privacy.LAPLACE, privacy.GAUSSIAN}
+    assert ({policy.streams[c["stream"]].mechanism for c in v["chains"]}
+            == {privacy.Mechanism.LAPLACE, privacy.Mechanism.GAUSSIAN})
     for chain in v["chains"]:
         stream = policy.streams[chain["stream"]]
         assert h(chain["genesis_input_hex"]) == label + chain["stream"].encode("ascii")
