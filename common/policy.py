@@ -2,7 +2,8 @@
 
 The policy has canonical bytes (sorted-key compact JSON). Those bytes are hashed
 into the measurement, returned in every attestation, and parsed back here by
-producers and consumers, so every role reads the same numbers.
+producers and consumers, so every role reads the same numbers. The rules a policy
+must meet are checked while it is read, in :mod:`sealedsum.common.policy_parse`.
 """
 
 from __future__ import annotations
