@@ -33,6 +33,7 @@ from sealedsum.common.errors import (
     UntrustedPlatform,
 )
 from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.policy_parse import policy_from_bytes
 
 DEFAULT_MAX_QUOTE_AGE_SECONDS = 300.0
 # A quote dated this far ahead of the client's clock is still accepted (clock skew).
@@ -156,7 +157,7 @@ def verify_attestation(
 
     try:
         keys = wire.KeyBundle.from_bytes(parsed.keys)
-        policy = EnclavePolicy.from_bytes(parsed.policy)
+        policy = policy_from_bytes(parsed.policy)
     except InvalidMessage as err:
         raise AttestationError(f"attested keys or policy do not parse: {err}") from err
     if keys.paillier_n.bit_length() != policy.paillier_bits:

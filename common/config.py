@@ -16,8 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sealedsum.common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
 from sealedsum.common.errors import ConfigError
-from sealedsum.common.policy import EnclavePolicy, Requirements, _number, _take
+from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.requirements import Requirements
+from sealedsum.common.tables import number, take
 from sealedsum.common.topology import Topology  # config.Topology stays importable: the protocol test vectors use it
+from sealedsum.common.policy_parse import enclave_policy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TOP_KEYS = {"broker", "trust", "require", "producer", "enclave", "streams", "identities"}
@@ -83,7 +86,7 @@ class Config:
 
 
 def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
-    d = _take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds",
+    d = take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds",
                     "max_queued_records"}, "broker")
     url = env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL
     if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
@@ -94,10 +97,10 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     queue_type = d.get("queue_type", "quorum")
     if queue_type not in ("quorum", "classic"):
         raise ConfigError("broker.queue_type must be 'quorum' or 'classic'")
-    timeout = _number(d.get("attest_timeout_seconds", 10.0), "broker.attest_timeout_seconds")
+    timeout = number(d.get("attest_timeout_seconds", 10.0), "broker.attest_timeout_seconds")
     if timeout <= 0:
         raise ConfigError("broker.attest_timeout_seconds must be a positive number")
-    reconnect = _number(d.get("reconnect_seconds", 60.0), "broker.reconnect_seconds")
+    reconnect = number(d.get("reconnect_seconds", 60.0), "broker.reconnect_seconds")
     if reconnect < 0:
         raise ConfigError("broker.reconnect_seconds must be >= 0 (0: do not reconnect)")
     max_queued = d.get("max_queued_records", 1_000_000)
@@ -107,13 +110,13 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
 
 
 def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
-    d = _take(raw, {"platform_key", "measurements", "max_quote_age_seconds"}, "trust")
+    d = take(raw, {"platform_key", "measurements", "max_quote_age_seconds"}, "trust")
     if "platform_key" not in d:
         raise ConfigError("trust.platform_key is missing", hint="paste the key printed by `sealedsum platform init`")
     measurements = d.get("measurements", [])
     if not isinstance(measurements, list) or not all(isinstance(m, str) for m in measurements):
         raise ConfigError("trust.measurements must be a list of hex strings")
-    age = _number(d.get("max_quote_age_seconds", DEFAULT_MAX_QUOTE_AGE_SECONDS), "trust.max_quote_age_seconds")
+    age = number(d.get("max_quote_age_seconds", DEFAULT_MAX_QUOTE_AGE_SECONDS), "trust.max_quote_age_seconds")
     return TrustAnchors(
         decode_platform_key(d["platform_key"]),
         frozenset(decode_measurement(m) for m in measurements),
@@ -123,10 +126,10 @@ def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
     env = os.environ if env is None else env
-    d = _take(raw, TOP_KEYS, "config")
+    d = take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
     trust = _trust(d["trust"]) if "trust" in d else None
-    policy = (EnclavePolicy.from_mapping(d.get("enclave", {}), d["streams"], d.get("identities"))
+    policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"))
               if "streams" in d else None)
     if policy is None and ("enclave" in d or "identities" in d):
         raise ConfigError("[enclave] or [identities] is set but no [streams.NAME] table is defined")
@@ -136,8 +139,8 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
         raise ConfigError("require.streams must hold one table per stream")
     require = Requirements.from_mapping(raw_require)
     require_streams = {name: Requirements.from_mapping(r, f"require.streams.{name}") for name, r in per_stream.items()}
-    producer = _take(d.get("producer", {}), {"identity_file", "reattest_seconds"}, "producer")
-    reattest = _number(producer.get("reattest_seconds", 300.0), "producer.reattest_seconds")
+    producer = take(d.get("producer", {}), {"identity_file", "reattest_seconds"}, "producer")
+    reattest = number(producer.get("reattest_seconds", 300.0), "producer.reattest_seconds")
     if reattest <= 0:
         raise ConfigError("producer.reattest_seconds must be > 0")
     identity = env.get("SEALEDSUM_IDENTITY_FILE") or producer.get("identity_file")

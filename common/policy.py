@@ -2,26 +2,23 @@
 
 The policy has canonical bytes (sorted-key compact JSON). Those bytes are hashed
 into the measurement, returned in every attestation, and parsed back here by
-producers and consumers, so every role reads the same numbers.
+producers and consumers, so every role reads the same numbers. The rules a policy
+must meet are checked while it is read, in :mod:`sealedsum.common.policy_parse`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
-
-import nacl.bindings
+from enum import StrEnum
+from typing import Any
 
 from sealedsum.common import fixedpoint, privacy
-from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch, PolicyTooWeak
-from sealedsum.common.errors import LayoutError
+from sealedsum.common.errors import ConfigError, PolicyMismatch
+from sealedsum.common.identities import Identities
 from sealedsum.common.packing import PackingLayout
-from sealedsum.common.wire import STREAM_NAME
+from sealedsum.common.privacy import Mechanism
 
 # A window closes at this many records even when only window_seconds is set, so a
 # total always fits OpenDP's 64-bit integers.
@@ -30,43 +27,14 @@ MAX_DIMENSION = 4096
 SECURE_PAILLIER_BITS = (2048, 3072, 4096)
 
 
-def _take(raw: Mapping[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}",
-                          hint=f"allowed keys: {', '.join(sorted(allowed))}")
-    return dict(raw)
+class StreamKind(StrEnum):
+    """What a record of a stream holds (see :class:`StreamPolicy`); the value is the policy's
+    and the wire's spelling."""
 
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a finite number")
-    try:
-        value = float(value)  # an integer beyond float range raises OverflowError
-    except OverflowError:
-        raise ConfigError(f"{where} must be a finite number") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{where} must be a finite number")
-    return value
-
-
-def _integer(value: Any, where: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{where} must be an integer in [{lo}, {hi}]")
-    return value
-
-
-KINDS = ("sum", "mean", "histogram", "vector")
-
-
-def _bounds(value: Any, where: str, dimension: int) -> float | tuple[float, ...]:
-    if isinstance(value, list):
-        if len(value) != dimension:
-            raise ConfigError(f"{where} has {len(value)} entries; the stream has dimension {dimension}")
-        return tuple(_number(v, f"{where}[{i}]") for i, v in enumerate(value))
-    return _number(value, where)
+    SUM = "sum"
+    MEAN = "mean"
+    HISTOGRAM = "histogram"
+    VECTOR = "vector"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +56,10 @@ class StreamPolicy:
     """
 
     name: str
-    kind: str
+    kind: StreamKind
     dimension: int
     min_batch: int
-    mechanism: str
+    mechanism: Mechanism
     epsilon: float
     budget_epsilon: float
     delta: float = 0.0
@@ -113,162 +81,14 @@ class StreamPolicy:
         "fraction_bits", "count_share", "max_records_per_producer", "packing",
     }
 
-    @classmethod
-    def from_mapping(cls, name: str, raw: Mapping[str, Any], paillier_bits: int | None = None) -> "StreamPolicy":
-        """:param paillier_bits: the enclave's key size; a packed stream's layout depends on it."""
-        where = f"streams.{name}"
-        if not STREAM_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: stream names are 1-64 characters of A-Z a-z 0-9 _ -")
-        d = _take(raw, cls.KEYS, where)
-        kind = d.get("kind", "sum")
-        if kind not in KINDS:
-            raise ConfigError(f"{where}.kind must be one of {', '.join(KINDS)}")
-        for key in ("min_batch", "mechanism", "epsilon", "budget_epsilon"):
-            if key not in d:
-                hint = ("the total privacy budget of the stream, e.g. budget_epsilon = 10"
-                        if key == "budget_epsilon" else None)
-                raise ConfigError(f"{where}: missing required key {key!r}", hint=hint)
-        mechanism = d["mechanism"]
-        if mechanism not in privacy.MECHANISMS:
-            raise ConfigError(f"{where}.mechanism must be one of {', '.join(privacy.MECHANISMS)}")
-        epsilon = _number(d["epsilon"], f"{where}.epsilon")
-        if epsilon <= 0:
-            raise ConfigError(f"{where}.epsilon must be > 0 (smaller is more private)")
-        budget_epsilon = _number(d["budget_epsilon"], f"{where}.budget_epsilon")
-        if mechanism == privacy.GAUSSIAN:
-            for key in ("delta", "budget_delta"):
-                if key not in d:
-                    raise ConfigError(f"{where}: the gaussian mechanism needs {key} (e.g. 1e-6)")
-            delta = _number(d["delta"], f"{where}.delta")
-            budget_delta = _number(d["budget_delta"], f"{where}.budget_delta")
-            if not 0 < delta < 1 or not 0 < budget_delta < 1:
-                raise ConfigError(f"{where}: delta and budget_delta must be in (0, 1)")
-        else:
-            for key in ("delta", "budget_delta"):
-                if d.get(key, 0) not in (0, 0.0):
-                    raise ConfigError(f"{where}: {key} applies to the gaussian mechanism only")
-            delta = budget_delta = 0.0
-
-        fields: dict[str, Any] = {}
-        if kind == "histogram":
-            for key in ("lower", "upper", "l2_bound", "fraction_bits"):
-                if key in d:
-                    raise ConfigError(f"{where}: {key} does not apply to a histogram (its edges bound it)")
-            edges = d.get("edges")
-            if not isinstance(edges, list) or len(edges) < 2:
-                raise ConfigError(f"{where}.edges must list at least two bucket edges")
-            edges = tuple(_number(e, f"{where}.edges") for e in edges)
-            if any(b <= a for a, b in zip(edges, edges[1:])):
-                raise ConfigError(f"{where}.edges must increase strictly")
-            dimension = len(edges) - 1
-            if d.get("dimension", dimension) != dimension:
-                raise ConfigError(f"{where}: a histogram's dimension is its number of buckets ({dimension})")
-            fields.update(edges=edges, fraction_bits=0)
-        else:
-            if "edges" in d:
-                raise ConfigError(f"{where}: edges apply to histograms only")
-            dimension = _integer(d.get("dimension", 1), f"{where}.dimension", 1, MAX_DIMENSION)
-            fields["fraction_bits"] = _integer(d.get("fraction_bits", 16), f"{where}.fraction_bits", 0, 40)
-            if "l2_bound" in d:
-                if kind != "vector":
-                    raise ConfigError(f"{where}: l2_bound applies to kind = \"vector\" only")
-                if "lower" in d or "upper" in d:
-                    raise ConfigError(f"{where}: give either lower/upper or l2_bound, not both")
-                l2 = _number(d["l2_bound"], f"{where}.l2_bound")
-                if l2 <= 0:
-                    raise ConfigError(f"{where}.l2_bound must be > 0")
-                fields["l2_bound"] = l2
-            else:
-                if "lower" not in d or "upper" not in d:
-                    raise ConfigError(f"{where}: missing lower and upper (clipping bounds)")
-                lower = _bounds(d["lower"], f"{where}.lower", dimension)
-                upper = _bounds(d["upper"], f"{where}.upper", dimension)
-                if kind != "vector" and (isinstance(lower, tuple) or isinstance(upper, tuple)):
-                    raise ConfigError(f"{where}: per-coordinate bounds need kind = \"vector\"")
-                lo = lower if isinstance(lower, tuple) else (lower,) * dimension
-                hi = upper if isinstance(upper, tuple) else (upper,) * dimension
-                if any(a >= b for a, b in zip(lo, hi)):
-                    raise ConfigError(f"{where}: lower must be below upper")
-                fields.update(lower=lower, upper=upper)
-
-        window_records = d.get("window_records")
-        window_seconds = d.get("window_seconds")
-        if window_records is None and window_seconds is None:
-            raise ConfigError(f"{where}: set window_records, window_seconds or both")
-        if window_records is not None:
-            window_records = _integer(window_records, f"{where}.window_records", 1, HARD_MAX_WINDOW_RECORDS)
-        if window_seconds is not None:
-            window_seconds = _number(window_seconds, f"{where}.window_seconds")
-            if window_seconds <= 0:
-                raise ConfigError(f"{where}.window_seconds must be > 0")
-        min_batch = _integer(d["min_batch"], f"{where}.min_batch", 1, HARD_MAX_WINDOW_RECORDS)
-        if window_records is not None and min_batch > window_records:
-            raise ConfigError(f"{where}: min_batch above window_records: no window could ever be released")
-        count_share = _number(d.get("count_share", 0.5), f"{where}.count_share")
-        if not 0 < count_share < 1:
-            raise ConfigError(f"{where}.count_share must be strictly between 0 and 1")
-        if kind == "histogram" and "count_share" in d:
-            raise ConfigError(f"{where}: a histogram's count is the sum of its buckets; count_share does not apply")
-        per_producer = d.get("max_records_per_producer")
-        if per_producer is not None:
-            per_producer = _integer(per_producer, f"{where}.max_records_per_producer", 1, HARD_MAX_WINDOW_RECORDS)
-
-        policy = cls(
-            name=name, kind=kind, dimension=dimension, min_batch=min_batch, mechanism=mechanism,
-            epsilon=epsilon, budget_epsilon=budget_epsilon, delta=delta, budget_delta=budget_delta,
-            window_records=window_records, window_seconds=window_seconds, count_share=count_share,
-            max_records_per_producer=per_producer, **fields,
-        )
-        try:
-            widest = max(max(abs(lo), abs(hi)) for lo, hi in policy.coordinate_ranges(1))
-        except OverflowError:  # a bound times 2^fraction_bits is beyond the float range
-            widest = math.inf
-        if widest * policy.max_window_records >= 1 << 62:
-            raise ConfigError(f"{where}: bounds × 2^fraction_bits × window size overflow 62 bits",
-                              hint="lower fraction_bits or window_records")
-        if not privacy.budget_allows(policy.mechanism, policy.epsilon, policy.delta, 1,
-                                     policy.budget_epsilon, policy.budget_delta):
-            raise ConfigError(f"{where}: budget_epsilon is smaller than the cost of one release",
-                              hint="raise budget_epsilon or lower epsilon")
-        try:  # the enclave must be able to noise a release: finite scales (OpenDP refuses others)
-            plan = policy.noise_plan()
-            finite = math.isfinite(plan.sum_scale) and (plan.count_scale is None or math.isfinite(plan.count_scale))
-        except ArithmeticError:  # epsilon × count_share rounds to 0
-            finite = False
-        if not finite:
-            raise ConfigError(f"{where}: epsilon (or count_share) is too small for a finite noise scale",
-                              hint="raise epsilon")
-        return policy._with_packing(d.get("packing", False), paillier_bits, where)
-
-    def _with_packing(self, raw: Any, paillier_bits: int | None, where: str) -> "StreamPolicy":
-        """``packing = true`` in a configuration; in policy bytes, the derived layout table,
-        which must be exactly the one these bounds and this key size give."""
-        declared = None
-        if isinstance(raw, Mapping):
-            declared = raw
-        elif not isinstance(raw, bool):
-            raise ConfigError(f"{where}.packing must be true or false")
-        elif not raw:
-            return self
-        if paillier_bits is None:
-            raise ConfigError(f"{where}: packing needs the enclave's paillier_bits")
-        try:
-            layout = PackingLayout.derive(self.coordinate_ranges(1), self.max_window_records, paillier_bits)
-        except LayoutError as err:
-            raise ConfigError(f"{where}.packing: {err}", hint="lower fraction_bits or window_records") from None
-        if declared is not None and not layout.matches(declared):
-            raise ConfigError(f"{where}.packing does not match the layout these bounds and keys give: "
-                              f"{layout.to_mapping()}", hint="in a configuration, write packing = true")
-        return dataclasses.replace(self, packing=layout)
-
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "kind": self.kind, "dimension": self.dimension, "min_batch": self.min_batch,
             "mechanism": self.mechanism, "epsilon": self.epsilon, "budget_epsilon": self.budget_epsilon,
         }
-        if self.kind != "histogram":  # a histogram counts whole records: no fixed point, no count share
+        if self.kind != StreamKind.HISTOGRAM:  # a histogram counts whole records: no fixed point, no count share
             out.update(fraction_bits=self.fraction_bits, count_share=self.count_share)
-        if self.mechanism == privacy.GAUSSIAN:
+        if self.mechanism == Mechanism.GAUSSIAN:
             out.update(delta=self.delta, budget_delta=self.budget_delta)
         for key in ("lower", "upper", "edges"):
             value = getattr(self, key)
@@ -293,7 +113,7 @@ class StreamPolicy:
     @property
     def values_per_record(self) -> int:
         """How many numbers a producer supplies for one record."""
-        return 1 if self.kind == "histogram" else self.dimension
+        return 1 if self.kind == StreamKind.HISTOGRAM else self.dimension
 
     @property
     def contributions(self) -> int:
@@ -311,7 +131,7 @@ class StreamPolicy:
         The enclave clamps decrypted totals to it, so a dishonest producer's value cannot
         overflow the noise domain or move a total where honest ones could not.
         """
-        if self.kind == "histogram":
+        if self.kind == StreamKind.HISTOGRAM:
             return [(0, count)] * self.dimension
         if self.l2_bound is not None:
             m = math.floor(self.l2_bound * (1 << self.fraction_bits) + 0.5)
@@ -322,7 +142,7 @@ class StreamPolicy:
     def sensitivities(self) -> tuple[int, float]:
         """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit."""
         k = self.contributions
-        if self.kind == "histogram":
+        if self.kind == StreamKind.HISTOGRAM:
             return k, float(k)
         if self.l2_bound is not None:
             l1, l2 = privacy.l2_ball_sensitivity(self.l2_bound, self.fraction_bits, self.dimension)
@@ -334,7 +154,7 @@ class StreamPolicy:
         l1, l2 = self.sensitivities()
         return privacy.plan(
             self.mechanism, l1, l2, self.epsilon, self.delta, self.count_share,
-            count_sensitivity=None if self.kind == "histogram" else self.contributions,
+            count_sensitivity=None if self.kind == StreamKind.HISTOGRAM else self.contributions,
         )
 
     def encode(self, values: list[float]) -> tuple[list[int], int]:
@@ -346,7 +166,7 @@ class StreamPolicy:
         if len(values) != self.values_per_record:
             raise PolicyMismatch(
                 f"stream {self.name!r} takes {self.values_per_record} value(s) per record, got {len(values)}")
-        if self.kind == "histogram":
+        if self.kind == StreamKind.HISTOGRAM:
             return fixedpoint.one_hot(values[0], self.edges)
         if self.l2_bound is not None:
             clipped, n = fixedpoint.clip_l2(values, self.l2_bound)
@@ -357,74 +177,6 @@ class StreamPolicy:
     def plaintexts(self, encoded: list[int]) -> list[int]:
         """The Paillier plaintexts of one encoded record: the values themselves, or packed."""
         return encoded if self.packing is None else self.packing.pack(encoded)
-
-
-def _identity_keys(raw: Any, where: str) -> dict[str, bytes]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must map names to base64 Ed25519 public keys")
-    out = {}
-    for name, text in raw.items():
-        try:
-            key = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError, TypeError) as err:
-            raise ConfigError(f"{where}.{name} is not base64") from err
-        if len(key) != 32:
-            raise ConfigError(f"{where}.{name} must be a 32-byte Ed25519 public key",
-                              hint="as printed by `sealedsum producer keygen`")
-        # Small-order or non-canonical points verify forged signatures under some libraries.
-        if not nacl.bindings.crypto_core_ed25519_is_valid_point(key):
-            raise ConfigError(f"{where}.{name} is not a valid Ed25519 public key (small order or not canonical)")
-        out[str(name)] = key
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Identities:
-    """Producer identity keys: enrolled ones may sign records, revoked ones are refused
-    by name. With ``required`` every record must be signed by an enrolled key."""
-
-    required: bool = False
-    enrolled: dict[str, bytes] = field(default_factory=dict)
-    revoked: dict[str, bytes] = field(default_factory=dict)
-
-    KEYS = {"required", "enrolled", "revoked"}
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> "Identities":
-        d = _take(raw, cls.KEYS, "identities")
-        required = d.get("required", False)
-        if not isinstance(required, bool):
-            raise ConfigError("identities.required must be true or false")
-        enrolled = _identity_keys(d.get("enrolled", {}), "identities.enrolled")
-        revoked = _identity_keys(d.get("revoked", {}), "identities.revoked")
-        both = set(enrolled.values()) & set(revoked.values())
-        if both:
-            raise ConfigError("a key is both enrolled and revoked", hint="remove it from identities.enrolled")
-        if required and not enrolled:
-            raise ConfigError("identities.required is set but no key is enrolled")
-        return cls(required, enrolled, revoked)
-
-    def to_mapping(self) -> dict[str, Any]:
-        enc = lambda keys: {n: base64.b64encode(k).decode() for n, k in sorted(keys.items())}  # noqa: E731
-        return {"required": self.required, "enrolled": enc(self.enrolled), "revoked": enc(self.revoked)}
-
-    def __bool__(self) -> bool:
-        return self.required or bool(self.enrolled) or bool(self.revoked)
-
-    @property
-    def producer_ids(self) -> frozenset[bytes]:
-        """The producer ids enrolled keys stand for."""
-        from sealedsum.common.wire import producer_id_of
-
-        return frozenset(producer_id_of(k) for k in self.enrolled.values())
-
-    def name_of(self, key: bytes) -> tuple[str, str]:
-        """``("enrolled" | "revoked" | "unknown", name)`` for an identity key."""
-        for status, keys in (("enrolled", self.enrolled), ("revoked", self.revoked)):
-            for name, k in keys.items():
-                if k == key:
-                    return status, name
-        return "unknown", ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,37 +194,6 @@ class EnclavePolicy:
 
     KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys",
             "key_grace_seconds", "rotate_keys_every_seconds"}
-
-    @classmethod
-    def from_mapping(cls, enclave: Mapping[str, Any], streams: Mapping[str, Any],
-                     identities: Mapping[str, Any] | None = None) -> "EnclavePolicy":
-        d = _take(enclave, cls.KEYS, "enclave")
-        insecure = d.get("insecure_test_keys", False)
-        if not isinstance(insecure, bool):
-            raise ConfigError("enclave.insecure_test_keys must be true or false")
-        bits = _integer(d.get("paillier_bits", 3072), "enclave.paillier_bits", 512, 8192)
-        if bits not in SECURE_PAILLIER_BITS and not (insecure and bits % 256 == 0):
-            raise ConfigError(
-                f"enclave.paillier_bits must be one of {SECURE_PAILLIER_BITS}",
-                hint="smaller keys are for tests only: set insecure_test_keys = true (it is attested)",
-            )
-        age = _number(d.get("max_record_age_seconds", 900.0), "enclave.max_record_age_seconds")
-        skew = _number(d.get("max_clock_skew_seconds", 60.0), "enclave.max_clock_skew_seconds")
-        if age <= 0 or skew < 0:
-            raise ConfigError("enclave: record age must be > 0 and clock skew >= 0")
-        if not isinstance(streams, Mapping) or not streams:
-            raise ConfigError("the policy defines no streams", hint="add a [streams.NAME] table")
-        parsed = {name: StreamPolicy.from_mapping(name, raw, bits) for name, raw in streams.items()}
-        grace = _number(d.get("key_grace_seconds", 900.0), "enclave.key_grace_seconds")
-        if grace < 0:
-            raise ConfigError("enclave.key_grace_seconds must be >= 0")
-        every = d.get("rotate_keys_every_seconds")
-        if every is not None:
-            every = _number(every, "enclave.rotate_keys_every_seconds")
-            if every <= grace:
-                raise ConfigError("enclave.rotate_keys_every_seconds must exceed key_grace_seconds",
-                                  hint="otherwise an epoch would retire before producers could move on")
-        return cls(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}), grace, every)
 
     def to_mapping(self) -> dict[str, Any]:
         return {
@@ -496,20 +217,6 @@ class EnclavePolicy:
         return json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":"),
                           ensure_ascii=True, allow_nan=False).encode("ascii")
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "EnclavePolicy":
-        """Parse attested policy bytes; any problem is an ``InvalidMessage``."""
-        try:
-            raw = json.loads(data.decode("ascii"))
-            if (not isinstance(raw, dict) or raw.get("version") != 1
-                    or set(raw) - {"identities"} != {"version", "enclave", "streams"}):
-                raise InvalidMessage("policy: not a version 1 policy document")
-            return cls.from_mapping(raw["enclave"], raw["streams"], raw.get("identities"))
-        except (ValueError, RecursionError, ConfigError) as err:
-            # ValueError: not ASCII, not JSON, or an integer of more than 4300 digits;
-            # RecursionError: nesting deeper than the interpreter's recursion limit.
-            raise InvalidMessage(f"policy: {err}") from err
-
     def stream(self, name: str) -> StreamPolicy:
         try:
             return self.streams[name]
@@ -517,56 +224,3 @@ class EnclavePolicy:
             raise ConfigError(
                 f"unknown stream {name!r}", hint=f"the policy defines: {', '.join(sorted(self.streams))}"
             ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Requirements:
-    """The weakest guarantee a client accepts for a stream (``[require]`` in the config).
-
-    Checked against the *attested* policy before anything is sent: a stream that
-    promises less is refused with :class:`~sealedsum.common.errors.PolicyTooWeak`.
-    """
-
-    max_epsilon: float | None = None
-    max_delta: float | None = None
-    max_budget_epsilon: float | None = None
-    max_budget_delta: float | None = None
-    min_min_batch: int | None = None
-
-    KEYS = {"max_epsilon", "max_delta", "max_budget_epsilon", "max_budget_delta", "min_min_batch"}
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], where: str = "require") -> "Requirements":
-        d = _take(raw, cls.KEYS, where)
-        out: dict[str, Any] = {}
-        for key in cls.KEYS - {"min_min_batch"}:
-            if key in d:
-                out[key] = _number(d[key], f"{where}.{key}")
-                if out[key] < 0:
-                    raise ConfigError(f"{where}.{key} must be >= 0")
-        if "min_min_batch" in d:
-            out["min_min_batch"] = _integer(d["min_min_batch"], f"{where}.min_min_batch", 1, HARD_MAX_WINDOW_RECORDS)
-        return cls(**out)
-
-    def merged(self, override: "Requirements") -> "Requirements":
-        return Requirements(**{k: getattr(override, k) if getattr(override, k) is not None else getattr(self, k)
-                               for k in self.KEYS})
-
-    def check(self, stream: StreamPolicy) -> None:
-        """:raises PolicyTooWeak: naming every requirement the stream's policy misses."""
-        misses = []
-        if self.max_epsilon is not None and stream.epsilon > self.max_epsilon:
-            misses.append(f"epsilon per release {stream.epsilon:g} > {self.max_epsilon:g}")
-        if self.max_delta is not None and stream.delta > self.max_delta:
-            misses.append(f"delta per release {stream.delta:g} > {self.max_delta:g}")
-        if self.max_budget_epsilon is not None and stream.budget_epsilon > self.max_budget_epsilon:
-            misses.append(f"budget_epsilon {stream.budget_epsilon:g} > {self.max_budget_epsilon:g}")
-        if self.max_budget_delta is not None and stream.budget_delta > self.max_budget_delta:
-            misses.append(f"budget_delta {stream.budget_delta:g} > {self.max_budget_delta:g}")
-        if self.min_min_batch is not None and stream.min_batch < self.min_min_batch:
-            misses.append(f"min_batch {stream.min_batch} < {self.min_min_batch}")
-        if misses:
-            raise PolicyTooWeak(
-                f"stream {stream.name!r} promises less privacy than required: {'; '.join(misses)}",
-                hint="nothing was sent; relax [require] only if the weaker guarantee is acceptable",
-            )

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 
-LAPLACE = "laplace"
-GAUSSIAN = "gaussian"
-MECHANISMS = (LAPLACE, GAUSSIAN)
+
+class Mechanism(StrEnum):
+    """The noise a stream's releases get; the value is the policy's and the wire's spelling."""
+
+    LAPLACE = "laplace"
+    GAUSSIAN = "gaussian"
 
 
 def rho_from_epsilon_delta(epsilon: float, delta: float) -> float:
@@ -71,7 +75,7 @@ class NoisePlan:
     for the sum and in records for the count. ``count_scale`` is ``None`` when the
     count is derived from the noised sums (histograms), so it costs nothing extra."""
 
-    mechanism: str
+    mechanism: Mechanism
     sum_scale: float
     count_scale: float | None
     sensitivity_l1: int
@@ -86,15 +90,15 @@ class NoisePlan:
     @property
     def sum_budget(self) -> float:
         """The part of ε (Laplace) or ρ (Gaussian) spent on the sum."""
-        return (self.epsilon if self.mechanism == LAPLACE else self.rho) * self.sum_share
+        return (self.epsilon if self.mechanism == Mechanism.LAPLACE else self.rho) * self.sum_share
 
     @property
     def count_budget(self) -> float:
-        return (self.epsilon if self.mechanism == LAPLACE else self.rho) * self.count_share
+        return (self.epsilon if self.mechanism == Mechanism.LAPLACE else self.rho) * self.count_share
 
 
 def plan(
-    mechanism: str,
+    mechanism: Mechanism,
     sensitivity_l1: int,
     sensitivity_l2: float,
     epsilon: float,
@@ -115,11 +119,11 @@ def plan(
     sum_share = 1.0 - count_share
     l1, l2 = sensitivity_l1, sensitivity_l2
     k = count_sensitivity or 0
-    if mechanism == LAPLACE:
+    if mechanism == Mechanism.LAPLACE:
         count_scale = k / (epsilon * count_share) if count_sensitivity else None
         return NoisePlan(mechanism, l1 / (epsilon * sum_share), count_scale, l1, l2, k,
                          epsilon, 0.0, None, sum_share, count_share)
-    if mechanism == GAUSSIAN:
+    if mechanism == Mechanism.GAUSSIAN:
         rho = rho_from_epsilon_delta(epsilon, delta)
         count_scale = k / math.sqrt(2 * rho * count_share) if count_sensitivity else None
         return NoisePlan(mechanism, l2 / math.sqrt(2 * rho * sum_share), count_scale, l1, l2, k,
@@ -131,31 +135,33 @@ def plan(
 BUDGET_TOLERANCE = 1e-9
 
 
-def spent(mechanism: str, epsilon: float, delta: float, releases: int, budget_delta: float) -> tuple[float, float | None]:
+def spent(mechanism: Mechanism, epsilon: float, delta: float, releases: int,
+          budget_delta: float) -> tuple[float, float | None]:
     """Privacy spent by ``releases`` releases of one stream: ``(ε, ρ)``.
 
     Laplace composes purely: ε·n (ρ is ``None``). Gaussian composes in zCDP: ρ·n, and
     the ε is the one that ρ implies at the stream's ``budget_delta``.
     """
-    if mechanism == LAPLACE:
+    if mechanism == Mechanism.LAPLACE:
         return float(Fraction(repr(epsilon)) * releases), None
     rho = rho_from_epsilon_delta(epsilon, delta) * releases
     return (epsilon_from_rho_delta(rho, budget_delta) if releases else 0.0), rho
 
 
-def budget_allows(mechanism: str, epsilon: float, delta: float, releases: int,
+def budget_allows(mechanism: Mechanism, epsilon: float, delta: float, releases: int,
                   budget_epsilon: float, budget_delta: float) -> bool:
     """Whether ``releases`` releases in total stay within (budget_epsilon, budget_delta)."""
-    if mechanism == LAPLACE:
+    if mechanism == Mechanism.LAPLACE:
         # Exact decimal arithmetic: ten releases at ε = 0.1 fit a budget of 1.0.
         return Fraction(repr(epsilon)) * releases <= Fraction(repr(budget_epsilon))
     eps, _ = spent(mechanism, epsilon, delta, releases, budget_delta)
     return eps <= budget_epsilon * (1 + BUDGET_TOLERANCE)
 
 
-def max_releases(mechanism: str, epsilon: float, delta: float, budget_epsilon: float, budget_delta: float) -> int:
+def max_releases(mechanism: Mechanism, epsilon: float, delta: float, budget_epsilon: float,
+                 budget_delta: float) -> int:
     """How many releases of one stream its budget allows in total."""
-    if mechanism == LAPLACE:
+    if mechanism == Mechanism.LAPLACE:
         return int(Fraction(repr(budget_epsilon)) // Fraction(repr(epsilon)))
     n = int(rho_from_epsilon_delta(budget_epsilon, budget_delta) / rho_from_epsilon_delta(epsilon, delta))
     while budget_allows(mechanism, epsilon, delta, n + 1, budget_epsilon, budget_delta):
@@ -165,7 +171,7 @@ def max_releases(mechanism: str, epsilon: float, delta: float, budget_epsilon: f
     return n
 
 
-def noise_std(mechanism: str, scale: float) -> float:
+def noise_std(mechanism: Mechanism, scale: float) -> float:
     """Standard deviation of the continuous mechanism with this scale; the discrete
     samplers match it to within a fraction of one unit for scales above 1."""
-    return math.sqrt(2) * scale if mechanism == LAPLACE else scale
+    return math.sqrt(2) * scale if mechanism == Mechanism.LAPLACE else scale

@@ -13,10 +13,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from sealedsum.common import privacy, signing, wire
+from sealedsum.common import signing, wire
 from sealedsum.common.attestation import AttestedEnclave
 from sealedsum.common.errors import InvalidMessage, InvalidResultSignature
-from sealedsum.common.policy import KINDS
+from sealedsum.common.policy import StreamKind
+from sealedsum.common.privacy import Mechanism
 
 RESULT_KIND = "result"
 EXHAUSTED_KIND = "budget_exhausted"
@@ -119,10 +120,11 @@ class Release(_Payload):
 
     def _valid(self) -> bool:
         d = self.dimension
+        # tuple(...): before Python 3.12, ``in`` on an Enum class raises TypeError for a plain string.
         return bool(
             isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)
             and all(_int(v) for v in (self.window, self.count, d, self.fraction_bits, self.key_epoch, self.closed_at_ms))
-            and self.aggregate in KINDS and self.mechanism in privacy.MECHANISMS
+            and self.aggregate in tuple(StreamKind) and self.mechanism in tuple(Mechanism)
             and isinstance(self.sum, list) and len(self.sum) == d and all(_num(v) for v in self.sum)
             and isinstance(self.sum_fixed, list) and len(self.sum_fixed) == d and all(_int(v) for v in self.sum_fixed)
             and (self.mean is None or (isinstance(self.mean, list) and len(self.mean) == d and all(_num(v) for v in self.mean)))
@@ -133,7 +135,7 @@ class Release(_Payload):
 
     def to_json(self) -> dict[str, Any]:
         """The consumer-facing view: scalars for one-dimensional sums and means."""
-        scalar = self.dimension == 1 and self.aggregate != "histogram"
+        scalar = self.dimension == 1 and self.aggregate != StreamKind.HISTOGRAM
         out = {
             "stream": self.stream,
             "window": self.window,
@@ -151,7 +153,7 @@ class Release(_Payload):
             "budget_spent_epsilon": self.budget["spent_epsilon"],
             "budget_remaining_releases": self.budget["remaining_releases"],
         }
-        if self.aggregate == "histogram":
+        if self.aggregate == StreamKind.HISTOGRAM:
             out["buckets"] = out.pop("sum")
         if self.rho is not None:
             out["rho"] = self.rho

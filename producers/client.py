@@ -29,7 +29,8 @@ from sealedsum.common.attestation import AttestedEnclave
 from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import Config
 from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
-from sealedsum.common.policy import Requirements, StreamPolicy
+from sealedsum.common.policy import StreamPolicy
+from sealedsum.common.requirements import Requirements
 from sealedsum.common.results import verify_key_rotated
 from sealedsum.producers.confirms import Ticket
 from sealedsum.producers.encryption import encryptor_from_env

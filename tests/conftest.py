@@ -15,6 +15,7 @@ import pytest
 from sealedsum.common import wire
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
 from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.policy_parse import enclave_policy
 from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 from sealedsum.sidecar.enclave.service import Enclave
@@ -40,7 +41,7 @@ def stream_table(**overrides) -> dict:
 def make_policy(streams: dict | None = None, **enclave) -> EnclavePolicy:
     enclave_table = {"paillier_bits": TEST_BITS, "insecure_test_keys": True}
     enclave_table.update(enclave)
-    return EnclavePolicy.from_mapping(enclave_table, streams or {"s": stream_table()})
+    return enclave_policy(enclave_table, streams or {"s": stream_table()})
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ import sys
 from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common import amqp
 from sealedsum.common.errors import ExitCode, PolicyMismatch
+from sealedsum.common.policy import StreamKind
+from sealedsum.common.privacy import Mechanism
 from sealedsum.common.results import BudgetExhausted
 from sealedsum.consumers.client import Consumer
 
@@ -23,9 +25,9 @@ def _fmt(v) -> str:
 
 def describe(view: dict) -> str:
     """One human-readable line for a verified release."""
-    privacy = f"eps={view['epsilon']:g}" + (f", delta={view['delta']:g}" if view["mechanism"] == "gaussian" else "")
+    privacy = f"eps={view['epsilon']:g}" + (f", delta={view['delta']:g}" if view["mechanism"] == Mechanism.GAUSSIAN else "")
     privacy += f"; budget spent eps={view['budget_spent_epsilon']:.4g}"
-    if view["aggregate"] == "histogram":
+    if view["aggregate"] == StreamKind.HISTOGRAM:
         values = f"buckets {_fmt(view['buckets'])}"
     else:
         values = f"sum {_fmt(view['sum'])}, mean {_fmt(view['mean'])}"

@@ -140,7 +140,7 @@ def per_round_epsilon(rounds: int) -> float:
     releases in zCDP, stays within TOTAL_EPSILON at TOTAL_DELTA; rounded down."""
     rho = privacy.rho_from_epsilon_delta(TOTAL_EPSILON, TOTAL_DELTA) / rounds
     eps = math.floor(privacy.epsilon_from_rho_delta(rho, TOTAL_DELTA) * 1e6) / 1e6
-    while privacy.max_releases(privacy.GAUSSIAN, eps, TOTAL_DELTA, TOTAL_EPSILON, TOTAL_DELTA) < rounds:
+    while privacy.max_releases(privacy.Mechanism.GAUSSIAN, eps, TOTAL_DELTA, TOTAL_EPSILON, TOTAL_DELTA) < rounds:
         eps = math.floor(eps * 1e6 - 1) / 1e6
     return eps
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 import opendp.prelude as dp
 
 from sealedsum.common.errors import CalibrationError
-from sealedsum.common.privacy import GAUSSIAN, LAPLACE, NoisePlan
+from sealedsum.common.privacy import Mechanism, NoisePlan
 
 dp.enable_features("contrib")  # OpenDP gates its samplers behind this flag
 
@@ -23,12 +23,12 @@ MAP_TOLERANCE = 1e-9
 
 
 @lru_cache(maxsize=256)
-def _vector_measurement(mechanism: str, scale: float, d_in: float, budget: float):
+def _vector_measurement(mechanism: Mechanism, scale: float, d_in: float, budget: float):
     domain = dp.vector_domain(dp.atom_domain(T=dp.i64))
-    if mechanism == LAPLACE:
+    if mechanism == Mechanism.LAPLACE:
         m = dp.m.make_laplace(domain, dp.l1_distance(T=dp.i64), scale=scale)
         spent = m.map(int(d_in))
-    elif mechanism == GAUSSIAN:
+    elif mechanism == Mechanism.GAUSSIAN:
         m = dp.m.make_gaussian(domain, dp.l2_distance(T=float), scale=scale)
         spent = m.map(float(d_in))
     else:
@@ -39,7 +39,7 @@ def _vector_measurement(mechanism: str, scale: float, d_in: float, budget: float
 
 
 def sum_measurement(plan: NoisePlan):
-    d_in = plan.sensitivity_l1 if plan.mechanism == LAPLACE else plan.sensitivity_l2
+    d_in = plan.sensitivity_l1 if plan.mechanism == Mechanism.LAPLACE else plan.sensitivity_l2
     return _vector_measurement(plan.mechanism, plan.sum_scale, d_in, plan.sum_budget)
 
 

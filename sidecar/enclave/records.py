@@ -6,7 +6,8 @@ from nacl.exceptions import CryptoError
 
 from sealedsum.common import signing, wire
 from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
-from sealedsum.common.policy import EnclavePolicy, Identities, StreamPolicy
+from sealedsum.common.identities import Identities
+from sealedsum.common.policy import EnclavePolicy, StreamPolicy
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 
 # Envelope bytes besides the ciphertexts: magic, ids, epoch, time, window, name, counts,

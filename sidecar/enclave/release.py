@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sealedsum.common import signing, wire
 from sealedsum.common.fixedpoint import decode
-from sealedsum.common.policy import StreamPolicy
+from sealedsum.common.policy import StreamKind, StreamPolicy
 from sealedsum.common.results import BudgetExhausted, BudgetReport, KeyRotated, Release
 from sealedsum.sidecar.enclave import noise
 from sealedsum.sidecar.enclave.aggregate import Window
@@ -86,7 +86,7 @@ def noised_release(
     else:
         count = noise.noisy_count(plan, window.count)
     sums = [decode(v, policy.fraction_bits) for v in noised]
-    mean = [s / count for s in sums] if count > 0 and policy.kind != "histogram" else None
+    mean = [s / count for s in sums] if count > 0 and policy.kind != StreamKind.HISTOGRAM else None
     release = Release(
         stream=policy.name, window=window.index, aggregate=policy.kind, count=count, sum=sums,
         sum_fixed=noised, mean=mean, dimension=policy.dimension, fraction_bits=policy.fraction_bits,

@@ -18,7 +18,7 @@ from sealedsum.common import logs
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import ExitCode, RollbackDetected, SealedsumError, StateIncompatible
 from sealedsum.common.topology import Topology
-from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.policy_parse import policy_from_bytes
 from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel, QuoteReply, \
     QuoteRequest, Ready
 from sealedsum.sidecar.durable import write_atomic
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
                   extra={"fields": {"modules": unmeasured}})
         return ExitCode.USAGE
     policy_bytes = launch.policy
-    policy = EnclavePolicy.from_bytes(policy_bytes)
+    policy = policy_from_bytes(policy_bytes)
     measurement, sealing_key = launch.measurement, launch.sealing_key
     directory = enclave_dir(Path(launch.state_dir), measurement)
     store = SealedStateStore(directory, sealing_key, measurement, PlatformCounter(channel))

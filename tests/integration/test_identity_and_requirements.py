@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealedsum.common.errors import PolicyTooWeak
-from sealedsum.common.policy import Requirements
+from sealedsum.common.requirements import Requirements
 from sealedsum.common.topology import RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer, RecordSealer

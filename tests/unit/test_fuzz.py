@@ -64,7 +64,7 @@ from sealedsum.common.errors import (
     RecordRejected,
     RejectReason,
 )
-from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.policy_parse import policy_from_bytes
 from sealedsum.common.results import (
     BUDGET_KIND,
     EXHAUSTED_KIND,
@@ -369,11 +369,11 @@ def decode_strictly(name: str, data: bytes):
 
 def decode_policy(data: bytes):
     try:
-        policy = EnclavePolicy.from_bytes(data)
+        policy = policy_from_bytes(data)
     except InvalidMessage:
         return None
     canonical = policy.to_bytes()
-    again = EnclavePolicy.from_bytes(canonical)
+    again = policy_from_bytes(canonical)
     assert again == policy and again.to_bytes() == canonical, data[:200]
     for stream in policy.streams.values():  # and the enclave can noise its releases
         plan = stream.noise_plan()

@@ -14,7 +14,7 @@ from nacl.public import PublicKey, SealedBox
 
 from sealedsum.common import signing, wire
 from sealedsum.common.errors import ConfigError, PolicyMismatch, RejectReason
-from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
 from sealedsum.producers import identity as identity_mod
 from sealedsum.producers.client import RecordSealer
 from tests.conftest import TEST_BITS, make_world, now_ms, stream_table
@@ -27,7 +27,7 @@ def b64(key: Ed25519PrivateKey) -> str:
 
 
 def policy(required=True, **stream):
-    return EnclavePolicy.from_mapping(
+    return enclave_policy(
         {"paillier_bits": TEST_BITS, "insecure_test_keys": True},
         {"s": stream_table(window_records=50, min_batch=1, **stream)},
         {"required": required, "enrolled": {"alice": b64(ALICE)}, "revoked": {"bob": b64(BOB)}},
@@ -112,15 +112,15 @@ def test_per_producer_bound_uses_the_authenticated_id(small_keys):
 ])
 def test_identity_config_errors(identities, message):
     with pytest.raises(ConfigError, match=message):
-        EnclavePolicy.from_mapping({"paillier_bits": TEST_BITS, "insecure_test_keys": True},
+        enclave_policy({"paillier_bits": TEST_BITS, "insecure_test_keys": True},
                                    {"s": stream_table()}, identities)
 
 
 def test_identities_are_part_of_the_attested_policy():
     p = policy()
-    assert EnclavePolicy.from_bytes(p.to_bytes()) == p
+    assert policy_from_bytes(p.to_bytes()) == p
     assert json.loads(p.to_bytes())["identities"]["revoked"] == {"bob": b64(BOB)}
-    plain = EnclavePolicy.from_mapping({"paillier_bits": TEST_BITS, "insecure_test_keys": True}, {"s": stream_table()})
+    plain = enclave_policy({"paillier_bits": TEST_BITS, "insecure_test_keys": True}, {"s": stream_table()})
     assert "identities" not in json.loads(plain.to_bytes())
 
 
@@ -135,7 +135,7 @@ def test_keygen_writes_a_private_file_once(tmp_path):
 
 def test_small_order_keys_cannot_be_enrolled():
     with pytest.raises(ConfigError, match="not a valid Ed25519 public key"):
-        EnclavePolicy.from_mapping({"paillier_bits": TEST_BITS, "insecure_test_keys": True}, {"s": stream_table()},
+        enclave_policy({"paillier_bits": TEST_BITS, "insecure_test_keys": True}, {"s": stream_table()},
                                    {"enrolled": {"zero": base64.b64encode(bytes([1] + [0] * 31)).decode()}})
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from sealedsum.common import privacy
 from sealedsum.common.errors import PolicyTooWeak, RejectReason, SealingError
-from sealedsum.common.policy import Requirements
+from sealedsum.common.requirements import Requirements
 from sealedsum.common.results import BudgetExhausted, BudgetReport, Release, verify_signed
 from sealedsum.common import wire
 from sealedsum.producers.client import RecordSealer

@@ -22,7 +22,8 @@ from sealedsum.common.errors import ConfigError, InvalidMessage, RejectReason
 from sealedsum.common.fixedpoint import decode
 from sealedsum.common.errors import LayoutError
 from sealedsum.common.packing import MARGIN_BITS, PackingLayout
-from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy
+from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS
+from sealedsum.common.policy_parse import policy_from_bytes
 from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave.aggregate import Window
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
@@ -327,8 +328,8 @@ def test_packing_is_in_the_policy_bytes_only_when_on():
     table = on.to_mapping()["streams"]["s"]["packing"]
     assert table == {"slot_bits": layout.slot_bits, "slots_per_ciphertext": layout.slots_per_ciphertext,
                      "ciphertexts_per_record": layout.ciphertexts_per_record}
-    assert EnclavePolicy.from_bytes(on.to_bytes()) == on
-    assert EnclavePolicy.from_bytes(on.to_bytes()).to_bytes() == on.to_bytes()
+    assert policy_from_bytes(on.to_bytes()) == on
+    assert policy_from_bytes(on.to_bytes()).to_bytes() == on.to_bytes()
 
 
 def test_the_layout_depends_on_the_key_size_and_the_window():
@@ -349,7 +350,7 @@ def test_policy_bytes_with_another_layout_are_refused(change):
     doc = on.to_mapping()
     doc["streams"]["s"]["packing"] = {**doc["streams"]["s"]["packing"], **change}
     with pytest.raises(InvalidMessage, match="packing does not match"):
-        EnclavePolicy.from_bytes(json.dumps(doc).encode())
+        policy_from_bytes(json.dumps(doc).encode())
 
 
 def test_a_layout_table_matches_with_integers_only():

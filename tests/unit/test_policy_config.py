@@ -11,7 +11,8 @@ import pytest
 from sealedsum.common import config as config_mod
 from sealedsum.common.attestation import encode_platform_key
 from sealedsum.common.errors import ConfigError, InvalidMessage
-from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS, EnclavePolicy, StreamPolicy
+from sealedsum.common.policy import HARD_MAX_WINDOW_RECORDS, StreamPolicy
+from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
 from tests.conftest import make_policy, stream_table
 
 PLATFORM_KEY = encode_platform_key(b"\x01" * 32)
@@ -21,13 +22,13 @@ SECURE = {"paillier_bits": 2048}
 
 def policy_error(enclave: dict, streams: dict, match: str) -> ConfigError:
     with pytest.raises(ConfigError, match=match) as exc:
-        EnclavePolicy.from_mapping(enclave, streams)
+        enclave_policy(enclave, streams)
     return exc.value
 
 
 # -- streams -----------------------------------------------------------------------------
 def test_defaults_and_a_valid_stream():
-    p = EnclavePolicy.from_mapping({}, {"s": stream_table()})
+    p = enclave_policy({}, {"s": stream_table()})
     assert p.paillier_bits == 3072 and not p.insecure_test_keys
     s = p.streams["s"]
     assert (s.dimension, s.fraction_bits, s.count_share, s.delta, s.window_seconds) == (1, 16, 0.5, 0.0, None)
@@ -65,14 +66,14 @@ def test_sensitivity_cannot_be_typed_in():
 def test_delta_with_laplace():
     policy_error(SECURE, {"s": stream_table(delta=1e-6)}, "delta applies to the gaussian mechanism only")
     # An explicit zero is harmless.
-    EnclavePolicy.from_mapping(SECURE, {"s": stream_table(delta=0)})
+    enclave_policy(SECURE, {"s": stream_table(delta=0)})
 
 
 def test_gaussian_needs_delta_in_range():
     policy_error(SECURE, {"s": stream_table(mechanism="gaussian")}, "needs delta")
     for bad in (0, 0.0, 1, 1.5, -1e-6):
         policy_error(SECURE, {"s": stream_table(mechanism="gaussian", delta=bad)}, r"delta must be in \(0, 1\)")
-    p = EnclavePolicy.from_mapping(SECURE, {"s": stream_table(mechanism="gaussian", delta=1e-6)})
+    p = enclave_policy(SECURE, {"s": stream_table(mechanism="gaussian", delta=1e-6)})
     assert p.streams["s"].delta == 1e-6
 
 
@@ -98,9 +99,9 @@ def test_lower_below_upper(lower, upper):
 
 def test_min_batch_above_window_records():
     policy_error(SECURE, {"s": stream_table(window_records=5, min_batch=6)}, "min_batch above window_records")
-    EnclavePolicy.from_mapping(SECURE, {"s": stream_table(window_records=5, min_batch=5)})
+    enclave_policy(SECURE, {"s": stream_table(window_records=5, min_batch=5)})
     # Time windows alone admit any min_batch up to the hard cap.
-    EnclavePolicy.from_mapping(SECURE, {"s": stream_table(window_records=None, window_seconds=1, min_batch=1000)})
+    enclave_policy(SECURE, {"s": stream_table(window_records=None, window_seconds=1, min_batch=1000)})
 
 
 def test_min_batch_is_required_and_positive():
@@ -154,24 +155,24 @@ def test_stream_table_must_be_a_table():
 def test_small_paillier_keys_need_the_insecure_flag(bits):
     err = policy_error({"paillier_bits": bits}, {"s": stream_table()}, "paillier_bits must be one of")
     assert "insecure_test_keys" in err.hint
-    assert EnclavePolicy.from_mapping({"paillier_bits": bits, "insecure_test_keys": True},
+    assert enclave_policy({"paillier_bits": bits, "insecure_test_keys": True},
                                       {"s": stream_table()}).paillier_bits == bits
 
 
 @pytest.mark.parametrize("bits", [1000, 256, 16384, "2048", 2048.0, True])
 def test_bad_paillier_bits_even_when_insecure(bits):
     with pytest.raises(ConfigError, match="paillier_bits"):
-        EnclavePolicy.from_mapping({"paillier_bits": bits, "insecure_test_keys": True}, {"s": stream_table()})
+        enclave_policy({"paillier_bits": bits, "insecure_test_keys": True}, {"s": stream_table()})
 
 
 @pytest.mark.parametrize("bits", [2048, 3072, 4096])
 def test_secure_paillier_bits(bits):
-    assert EnclavePolicy.from_mapping({"paillier_bits": bits}, {"s": stream_table()}).paillier_bits == bits
+    assert enclave_policy({"paillier_bits": bits}, {"s": stream_table()}).paillier_bits == bits
 
 
 def test_insecure_flag_is_a_bool():
     with pytest.raises(ConfigError, match="insecure_test_keys must be true or false"):
-        EnclavePolicy.from_mapping({"insecure_test_keys": "yes"}, {"s": stream_table()})
+        enclave_policy({"insecure_test_keys": "yes"}, {"s": stream_table()})
 
 
 def test_huge_integers_in_the_enclave_table():
@@ -191,9 +192,9 @@ def test_canonical_bytes_do_not_depend_on_key_order_or_number_spelling():
                 "count_share": 0.25, "budget_epsilon": 20, "budget_delta": 1e-5}
     b_stream = dict(reversed(list(a_stream.items())))
     b_stream.update(lower=-1.0, upper=3.0, epsilon=2.0, budget_epsilon=20.0)
-    a = EnclavePolicy.from_mapping({"paillier_bits": 2048, "max_clock_skew_seconds": 10},
+    a = enclave_policy({"paillier_bits": 2048, "max_clock_skew_seconds": 10},
                                    {"x": a_stream, "y": stream_table()})
-    b = EnclavePolicy.from_mapping({"max_clock_skew_seconds": 10.0, "paillier_bits": 2048},
+    b = enclave_policy({"max_clock_skew_seconds": 10.0, "paillier_bits": 2048},
                                    {"y": dict(reversed(list(stream_table().items()))), "x": b_stream})
     assert list(a_stream) != list(b_stream)
     assert a.to_bytes() == b.to_bytes()
@@ -202,8 +203,8 @@ def test_canonical_bytes_do_not_depend_on_key_order_or_number_spelling():
 
 def test_defaults_are_written_out():
     """A default spelled out and a default left out measure the same."""
-    implicit = EnclavePolicy.from_mapping({}, {"s": stream_table()})
-    explicit = EnclavePolicy.from_mapping(
+    implicit = enclave_policy({}, {"s": stream_table()})
+    explicit = enclave_policy(
         {"paillier_bits": 3072, "max_record_age_seconds": 900, "max_clock_skew_seconds": 60,
          "insecure_test_keys": False},
         {"s": stream_table(dimension=1, fraction_bits=16, count_share=0.5)})
@@ -223,7 +224,7 @@ def test_round_trip():
     p = make_policy({"a": stream_table(), "b": stream_table(mechanism="gaussian", delta=1e-5, dimension=4,
                                                              window_seconds=2.5)})
     data = p.to_bytes()
-    q = EnclavePolicy.from_bytes(data)
+    q = policy_from_bytes(data)
     assert q == p
     assert q.to_bytes() == data
     assert data.isascii() and b" " not in data
@@ -243,7 +244,7 @@ def test_round_trip():
 ])
 def test_from_bytes_refuses_with_invalid_message(data):
     with pytest.raises(InvalidMessage):
-        EnclavePolicy.from_bytes(data)
+        policy_from_bytes(data)
 
 
 def test_stream_lookup():
@@ -396,5 +397,5 @@ def test_env_defaults_to_os_environ(monkeypatch):
 ])
 def test_every_kind_round_trips_through_its_canonical_bytes(table):
     """What the enclave attests, clients must be able to parse back to the same policy."""
-    p = EnclavePolicy.from_mapping(SECURE, {"s": stream_table(**table)})
-    assert EnclavePolicy.from_bytes(p.to_bytes()) == p
+    p = enclave_policy(SECURE, {"s": stream_table(**table)})
+    assert policy_from_bytes(p.to_bytes()) == p

@@ -32,6 +32,7 @@ from sealedsum.common.errors import (
     UntrustedPlatform,
 )
 from sealedsum.common.policy import EnclavePolicy
+from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
 from sealedsum.common.results import (
     BUDGET_KIND,
     EXHAUSTED_KIND,
@@ -100,9 +101,9 @@ def vector_policy(identities: dict | None = None) -> tuple[EnclavePolicy, bytes]
     """policy.json's policy; with ``identities``, that [identities] table added (and its own bytes)."""
     p = load("policy.json")
     if identities is not None:
-        policy = EnclavePolicy.from_mapping(p["config_enclave"], p["config_streams"], identities)
+        policy = enclave_policy(p["config_enclave"], p["config_streams"], identities)
         return policy, policy.to_bytes()
-    return EnclavePolicy.from_mapping(p["config_enclave"], p["config_streams"]), h(p["canonical_hex"])
+    return enclave_policy(p["config_enclave"], p["config_streams"]), h(p["canonical_hex"])
 
 
 def trust_from(spec: dict) -> attestation.TrustAnchors:
@@ -149,9 +150,9 @@ def check_key_bundle(v: dict, tmp_path, monkeypatch) -> None:
 def check_policy(v: dict, tmp_path, monkeypatch) -> None:
     canonical = h(v["canonical_hex"])
     assert canonical == v["canonical"].encode("ascii")
-    policy = EnclavePolicy.from_mapping(v["config_enclave"], v["config_streams"])
+    policy = enclave_policy(v["config_enclave"], v["config_streams"])
     assert policy.to_bytes() == canonical
-    assert EnclavePolicy.from_bytes(canonical).to_bytes() == canonical
+    assert policy_from_bytes(canonical).to_bytes() == canonical
     assert hashlib.sha256(canonical).hexdigest() == v["sha256"]
     # Canonical form: sorted keys, no whitespace, ASCII only.
     assert json.dumps(json.loads(canonical), sort_keys=True, separators=(",", ":")).encode() == canonical
@@ -173,7 +174,7 @@ def check_policy(v: dict, tmp_path, monkeypatch) -> None:
         assert plan.sensitivity_l1 == expected["sensitivity_l1"]
         assert plan.sensitivity_l2 == pytest.approx(expected["sensitivity_l2"], rel=1e-12)
         if expected["rho"] is None:
-            assert plan.rho is None and plan.mechanism == privacy.LAPLACE
+            assert plan.rho is None and plan.mechanism == privacy.Mechanism.LAPLACE
         else:
             assert plan.rho == pytest.approx(expected["rho"], rel=1e-12)
             # ε = ρ + 2·sqrt(ρ·ln(1/δ)) holds for the ρ chosen.
@@ -412,8 +413,8 @@ def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     from sealedsum.sidecar.enclave.service import Enclave
 
     canonical = v["policy_canonical"].encode("ascii")
-    policy = EnclavePolicy.from_mapping(v["config_enclave"], v["config_streams"])
-    assert policy.to_bytes() == canonical and EnclavePolicy.from_bytes(canonical) == policy
+    policy = enclave_policy(v["config_enclave"], v["config_streams"])
+    assert policy.to_bytes() == canonical and policy_from_bytes(canonical) == policy
     assert hashlib.sha256(canonical).hexdigest() == v["policy_sha256"]
     assert wire.measurement(h(v["code_digest"]), canonical) == h(v["measurement"])
     s = policy.streams[v["stream"]]
@@ -876,7 +877,8 @@ def check_ledger(v: dict, tmp_path, monkeypatch) -> None:
     assert label == ledger.LEDGER_LABEL == b"sealedsum/v1/ledger\x00"
     policy, _ = vector_policy()
     assert any(len(c["charges"]) >= 2 for c in v["chains"])
-    assert {policy.streams[c["stream"]].mechanism for c in v["chains"]} == {privacy.LAPLACE, privacy.GAUSSIAN}
+    assert ({policy.streams[c["stream"]].mechanism for c in v["chains"]}
+            == {privacy.Mechanism.LAPLACE, privacy.Mechanism.GAUSSIAN})
     for chain in v["chains"]:
         stream = policy.streams[chain["stream"]]
         assert h(chain["genesis_input_hex"]) == label + chain["stream"].encode("ascii")
@@ -1060,7 +1062,7 @@ def _check_identity_session(v: dict) -> list[str]:
 
     policy, policy_bytes = vector_policy(v["config_identities"])
     assert policy_bytes == v["policy_canonical"].encode("ascii")
-    assert EnclavePolicy.from_bytes(policy_bytes) == policy
+    assert policy_from_bytes(policy_bytes) == policy
     assert hashlib.sha256(policy_bytes).hexdigest() == v["policy_sha256"]
     # The table is the only difference from policy.json, and it changes the measurement.
     document = json.loads(policy_bytes)

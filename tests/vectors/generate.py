@@ -426,7 +426,7 @@ def build() -> dict[str, dict]:
     from phe import paillier
 
     from sealedsum.common import attestation, privacy, signing, wire
-    from sealedsum.common.policy import EnclavePolicy
+    from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
     from sealedsum.sidecar import measurement as measure
 
     out: dict[str, dict] = {}
@@ -459,9 +459,9 @@ def build() -> dict[str, dict]:
 
     # -- policy -----------------------------------------------------------------------
     policy_bytes = canonical_json(EXPECTED_POLICY_MAPPING)
-    policy = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS)
+    policy = enclave_policy(CONFIG_ENCLAVE, CONFIG_STREAMS)
     assert policy.to_bytes() == policy_bytes, (policy.to_bytes(), policy_bytes)
-    assert EnclavePolicy.from_bytes(policy_bytes).to_bytes() == policy_bytes
+    assert policy_from_bytes(policy_bytes).to_bytes() == policy_bytes
     plans = {}
     for name, s in sorted(policy.streams.items()):
         k = s.max_records_per_producer or 1
@@ -1012,7 +1012,7 @@ def build() -> dict[str, dict]:
 def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
     """A record of alice's (RFC 8032 TEST 3 key): envelope, signature, SSI\\x01 wrapper, sealed box."""
     from sealedsum.common import signing, wire
-    from sealedsum.common.policy import EnclavePolicy
+    from sealedsum.common.policy_parse import enclave_policy
 
     seed = IDENTITY_SEEDS["alice"]
     public_key = ed25519_public(seed)
@@ -1052,7 +1052,7 @@ def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
         {"identities": {"revoked": {"alice": b64(public_key)}}, "expect": "revoked_producer"},
     ]
     for case in outcomes:
-        p = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS, case["identities"])
+        p = enclave_policy(CONFIG_ENCLAVE, CONFIG_STREAMS, case["identities"])
         core = enclave_core(p, p.to_bytes(), code_digest, sha256(p.to_bytes()))
         outcome = core.on_record(sealed, SENT_AT_MS + 1000)
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
@@ -1097,10 +1097,10 @@ def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
 def build_packed_envelope(code_digest, n, width) -> dict:
     """A packed stream: its policy bytes, the layout, two records packed and encrypted, the
     first one's envelope, and the window total of both as the enclave folds and unpacks it."""
-    from phe import EncryptedNumber, paillier
+    from phe import paillier
 
     from sealedsum.common import wire
-    from sealedsum.common.policy import EnclavePolicy
+    from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
     from sealedsum.sidecar.enclave.aggregate import Window
     from sealedsum.sidecar.enclave.keyring import Keyring
     from sealedsum.sidecar.enclave.release import decrypted_totals
@@ -1109,9 +1109,9 @@ def build_packed_envelope(code_digest, n, width) -> dict:
     expected = {"version": 1, "enclave": EXPECTED_POLICY_MAPPING["enclave"],
                 "streams": {"updates": EXPECTED_PACKED_STREAM}}
     policy_bytes = canonical_json(expected)
-    policy = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, PACKED_CONFIG_STREAMS)
+    policy = enclave_policy(CONFIG_ENCLAVE, PACKED_CONFIG_STREAMS)
     assert policy.to_bytes() == policy_bytes, policy.to_bytes()
-    assert EnclavePolicy.from_bytes(policy_bytes).to_bytes() == policy_bytes
+    assert policy_from_bytes(policy_bytes).to_bytes() == policy_bytes
     meas = sha256(b"sealedsum/v1/measurement\x00" + code_digest + sha256(policy_bytes))
     assert wire.measurement(code_digest, policy_bytes) == meas
     s = policy.streams["updates"]
@@ -1556,7 +1556,7 @@ def build_identity_session(x_pub, n, width, code_digest) -> dict:
     """Signed, forged, revoked, unknown and unsigned records under a policy that requires
     enrolled producers: the three identity reasons and where they sit in the order of checks."""
     from sealedsum.common import wire
-    from sealedsum.common.policy import EnclavePolicy
+    from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
 
     keys = {name: ed25519_public(seed) for name, seed in IDENTITY_SEEDS.items()}
     for name, public in RFC8032_PUBLIC.items():
@@ -1570,10 +1570,10 @@ def build_identity_session(x_pub, n, width, code_digest) -> dict:
     expected = {"enrolled": {"alice": b64(keys["alice"]), "carol": b64(keys["carol"])}, "required": True,
                 "revoked": {"bob": b64(keys["bob"])}}
     policy_bytes = canonical_json(dict(EXPECTED_POLICY_MAPPING, identities=expected))
-    policy = EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS, config)
+    policy = enclave_policy(CONFIG_ENCLAVE, CONFIG_STREAMS, config)
     assert policy.to_bytes() == policy_bytes, (policy.to_bytes(), policy_bytes)
-    assert EnclavePolicy.from_bytes(policy_bytes).to_bytes() == policy_bytes
-    assert EnclavePolicy.from_mapping(CONFIG_ENCLAVE, CONFIG_STREAMS).to_bytes() == canonical_json(
+    assert policy_from_bytes(policy_bytes).to_bytes() == policy_bytes
+    assert enclave_policy(CONFIG_ENCLAVE, CONFIG_STREAMS).to_bytes() == canonical_json(
         EXPECTED_POLICY_MAPPING)  # without the table, the bytes of policy.json
     meas = sha256(b"sealedsum/v1/measurement\x00" + code_digest + sha256(policy_bytes))
     assert wire.measurement(code_digest, policy_bytes) == meas
