@@ -6,6 +6,7 @@ starts, stays bounded and stops cleanly."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -224,9 +225,17 @@ def test_pool_is_bounded_and_stops_cleanly(phe_keys):
     procs = list(pool._procs)
     try:
         time.sleep(3.0)  # far longer than filling 64 randomizers takes
-        got = 0
-        while pool.take() is not None:
-            got += 1
+        # Count what is waiting with the helpers stopped: draining while they run would also
+        # count what they compute meanwhile (on a busy machine the drain itself is slow).
+        for p in procs:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            got = 0
+            while pool.take() is not None:
+                got += 1
+        finally:
+            for p in procs:
+                os.kill(p.pid, signal.SIGCONT)
         # each helper's pipe holds at most max(64/2, one page) randomizers, plus one batch in its
         # write buffer: the pool stays bounded instead of computing ahead forever
         page_items = 4096 // pool.width + 1
