@@ -37,7 +37,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks import encryption as enc_bench
 from benchmarks import machine, plain
@@ -318,220 +321,340 @@ def alternate(i: int, *steps) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------
+#
+# One function per measured section, each returning its part of the repeat's dict (or of the
+# run's), in the order ``run_repeat`` calls them; ``Bench`` carries what they share.
 
-def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
-    from sealedsum.common.fixedpoint import encode
-    from sealedsum.producers.client import Producer
-    from sealedsum.producers.encryption.encryptors import FastEncryptor
+@dataclass
+class Bench:
+    """What every section of one run (one ``--bits`` value) shares."""
+
+    args: argparse.Namespace
+    url: str
+    bits: int
+    sc: BenchSidecar
+    rng: random.Random
+    vec_window: int
+    base_exchange: str
+    base_queue: str
+    make_enclave: Callable[[], Any] | None = None  # the enclave's code in-process (start_bench)
+    prefetch: int = 0
+    size: int = 0               # sealed bytes of a 1-value record (record_sizes)
+    vec_size: int = 0           # ... of a vector record
+    vec_unpacked_bytes: int = 0
+    accepted: int = 0           # records the running sidecar accepted since it started
+
+    @property
+    def n(self) -> int:         # 1-value records per figure per repeat
+        return self.args.records
+
+    @property
+    def w(self) -> int:         # the 1-value stream's window
+        return self.args.window
+
+    @property
+    def dim(self) -> int:       # values per vector record
+        return self.args.vec_dim
+
+    @property
+    def nvec(self) -> int:      # vector records per repeat
+        return self.args.vec_records
+
+    @property
+    def records_queue(self) -> str:
+        return self.sc.config.broker.topology.records_queue
+
+    def stop_sidecar(self) -> None:
+        """Stop the sidecar, checking that it accepted exactly the records sent since its start."""
+        check_stats(self.sc.stop(), self.accepted)
+        self.accepted = 0
+
+
+def start_bench(b: Bench) -> dict:
+    """Start the sidecar and the baseline queue, and load the enclave's code in-process.
+    Returns the consumers' prefetch and the sidecar's ack batch."""
     from sealedsum.sidecar.enclave import noise
     from sealedsum.sidecar.enclave.keyring import EnclaveKeys
     from sealedsum.sidecar.enclave.service import Enclave
+    from sealedsum.sidecar.enclave_process.runtime import ack_batch_for, enclave_prefetch
+
+    sc = b.sc
+    log(f"[{b.bits} bits] starting the sidecar (prefix {sc.prefix}; keys are generated on first start)")
+    t0 = time.monotonic()
+    sc.start()
+    sc.wait_consuming()
+    log(f"[{b.bits} bits] sidecar consuming after {time.monotonic() - t0:.1f} s")
+    plain.declare(b.url, b.base_exchange, b.base_queue, b.args.queue_type)
+
+    # The benchmark is the platform owner: it can open the enclave's sealed keys,
+    # which lets it run the enclave's code in-process for the on_record figure.
+    (sealed,) = list((sc.state / "enclave").rglob("keys.sealed"))
+    keys = EnclaveKeys.unseal(sc.platform.sealing_key(sc.measurement), sc.measurement, sealed.read_bytes())
+    plan = sc.policy.streams[STREAM].noise_plan()
+    noise.sum_measurement(plan), noise.count_measurement(plan)  # warm OpenDP's cache, as a running enclave is
+
+    def make_enclave() -> Enclave:
+        return Enclave(keys, sc.policy, sc.policy_bytes, sc.code_digest, sc.measurement, lambda _rd: b"")
+
+    b.make_enclave = make_enclave
+    b.prefetch = enclave_prefetch(make_enclave())  # what the sidecar's runtime asks for
+    return {"prefetch": b.prefetch, "ack_batch": ack_batch_for(b.prefetch)}
+
+
+def record_sizes(b: Bench, producer) -> dict:
+    """Sealed sizes of the records (once per run): the baselines publish messages of these sizes."""
+    b.size = len(producer.sealer.seal(STREAM, [1.0]).body)
+    b.vec_size = len(producer.sealer.seal(VEC_STREAM, [0.5] * b.dim).body)
+    b.vec_unpacked_bytes = unpacked_record_bytes(producer.sealer, b.dim)
+    vec_policy = b.sc.policy.streams[VEC_STREAM]
+    return {"record_bytes": b.size, "vec_record_bytes": b.vec_size,
+            "vec_ciphertexts": getattr(vec_policy, "ciphertexts_per_record", b.dim),
+            "vec_unpacked_bytes": b.vec_unpacked_bytes}
+
+
+def measure_latency(b: Bench, producer) -> dict:
+    """1. Release latency, with the enclave running; then the enclave is stopped."""
+    lat_windows, lat_vec_windows = (2, 1) if b.args.quick else (5, 2)
+    rng = b.rng
+    lat = time_latency(b.sc, producer, STREAM, b.w, lambda: [rng.uniform(LOWER, UPPER)], lat_windows, 0.3)
+    lat_vec = time_latency(b.sc, producer, VEC_STREAM, b.vec_window,
+                           lambda: [rng.uniform(0.0, 1.0) for _ in range(b.dim)], lat_vec_windows,
+                           0.5 if b.sc.packed else 2.0)
+    b.accepted += lat_windows * b.w + lat_vec_windows * b.vec_window
+    # Stop the enclave: records pile up in its queue for the ingest figure, and
+    # nothing else of ours competes for the CPU while we publish.
+    b.stop_sidecar()
+    return {"latency_1_ms": statistics.median(lat), "latency_vec_ms": statistics.median(lat_vec),
+            "latency_1_all_ms": lat, "latency_vec_all_ms": lat_vec}
+
+
+def measure_vectors(b: Bench, producer, i: int) -> dict:
+    """2. Producer, D-value vectors: ``send_many`` (packed) against plain pipelined publishing,
+    the unpacked phe producer, the same unpacked record on the fast path, and (with
+    ``--pool-workers``) ``send_many`` fed by helper processes. Purged later with step 3's."""
+    out: dict = {}
+    vectors = [[b.rng.uniform(0.0, 1.0) for _ in range(b.dim)] for _ in range(b.nvec)]
+    vec_bodies = [os.urandom(b.vec_size) for _ in range(b.nvec)]
+
+    def ours_vec():
+        out["vec_s"] = time_send_many(producer, VEC_STREAM, vectors, b.vec_size)
+
+    def plain_vec():
+        out["plain_vec_s"] = plain.publish_pipelined(b.url, b.base_exchange, vec_bodies, b.args.publish_window)
+
+    alternate(i, ours_vec, plain_vec)
+    # the unpacked phe producer: seal (phe) + one confirmed publish of its size
+    out["phe_vec_seal_s"] = time_unpacked_record(producer.sealer, b.dim, b.args.phe_values, b.rng)
+    out["phe_vec_publish_s"] = plain.publish(b.url, b.base_exchange, [os.urandom(b.vec_unpacked_bytes)])
+    # the same unpacked record on the fast path (what packing adds on top of it)
+    out["fast_vec_seal_s"] = time_unpacked_record(producer.sealer, b.dim, b.dim, b.rng, producer.sealer.encryptor)
+    if b.args.pool_workers:
+        out["vec_pool_s"] = time_send_many_pooled(b, producer, vectors)
+    return out
+
+
+def time_send_many_pooled(b: Bench, producer, vectors: list[list[float]]) -> float:
+    """``send_many`` of the vectors with the encryptor fed by ``--pool-workers`` helper processes
+    (their precomputed backlog drained first)."""
     from phe import PaillierPublicKey
 
-    n, w, k = args.records, args.window, args.repeats
-    dim, nvec, vec_window = args.vec_dim, args.vec_records, 10
-    rng = random.Random(20240501)
-    sc = BenchSidecar(workdir, url, bits=bits, window_records=w, queue_type=args.queue_type,
-                      vec_dim=dim, vec_window=vec_window)
-    base_exchange = base_queue = f"{sc.prefix}.plain"
-    records_queue = sc.config.broker.topology.records_queue
-    runs: list[dict] = []
-    result = {"records": n, "window": w, "repeats": k, "bits": bits, "insecure_test_keys": sc.insecure,
-              "queue_type": args.queue_type, "prefix": sc.prefix, "runs": runs, "vec_dim": dim,
-              "vec_records": nvec, "vec_window": vec_window, "packed": sc.packed,
-              "publish_window": args.publish_window, "phe_values": args.phe_values,
-              "per_message": args.per_message}
-    lat_windows, lat_vec_windows = (2, 1) if args.quick else (5, 2)
+    from sealedsum.producers.encryption.encryptors import FastEncryptor
+
+    pooled = FastEncryptor(PaillierPublicKey(producer.enclave.keys.paillier_n),
+                           workers=b.args.pool_workers, capacity=1024)
+    default_encryptor = producer.sealer.encryptor
     try:
-        log(f"[{bits} bits] starting the sidecar (prefix {sc.prefix}; keys are generated on first start)")
-        t0 = time.monotonic()
-        sc.start()
-        sc.wait_consuming()
-        log(f"[{bits} bits] sidecar consuming after {time.monotonic() - t0:.1f} s")
-        plain.declare(url, base_exchange, base_queue, args.queue_type)
+        producer.sealer.encryptor = pooled
+        time.sleep(1.0)  # helpers start; then drain what they precomputed
+        while pooled.pool.take() is not None:
+            pass
+        return time_send_many(producer, VEC_STREAM, vectors, b.vec_size)
+    finally:
+        producer.sealer.encryptor = default_encryptor
+        pooled.close()
 
-        # The benchmark is the platform owner: it can open the enclave's sealed keys,
-        # which lets it run the enclave's code in-process for the on_record figure.
-        (sealed,) = list((sc.state / "enclave").rglob("keys.sealed"))
-        keys = EnclaveKeys.unseal(sc.platform.sealing_key(sc.measurement), sc.measurement, sealed.read_bytes())
-        plan = sc.policy.streams[STREAM].noise_plan()
-        noise.sum_measurement(plan), noise.count_measurement(plan)  # warm OpenDP's cache, as a running enclave is
 
-        def make_enclave() -> Enclave:
-            return Enclave(keys, sc.policy, sc.policy_bytes, sc.code_digest, sc.measurement, lambda _rd: b"")
+def measure_send(b: Bench, producer, i: int, values: list[float], bodies: list[bytes]) -> dict:
+    """3. Producer, 1 value, a confirm per record (``Producer.send`` over N/2 records, scaled to N)
+    against plain pika waiting for each confirm; then the records queue and the baseline's are purged."""
+    out: dict = {}
+    n_send = max(b.w, b.n // 2)
 
-        from sealedsum.sidecar.enclave_process.runtime import ack_batch_for, enclave_prefetch
+    def ours_send():
+        out["send_s"] = time_send(producer, values[:n_send], b.size) * b.n / n_send
 
-        prefetch = enclave_prefetch(make_enclave())  # what the sidecar's runtime asks for
-        result["prefetch"], result["ack_batch"] = prefetch, ack_batch_for(prefetch)
+    def plain_each_for_send():
+        out["plain_each_s_for_send"] = plain.publish(b.url, b.base_exchange, bodies[:n_send]) * b.n / n_send
 
-        size = vec_size = None
-        accepted = 0  # records the running sidecar accepted since it started
-        for i in range(k):
-            r: dict = {}
-            t0 = time.perf_counter()
-            producer = Producer(sc.config, max_unconfirmed=args.publish_window)
-            r["attest_ms"] = (time.perf_counter() - t0) * 1000
-            try:
-                if size is None:
-                    size = len(producer.sealer.seal(STREAM, [1.0]).body)
-                    vec_size = len(producer.sealer.seal(VEC_STREAM, [0.5] * dim).body)
-                    result["record_bytes"], result["vec_record_bytes"] = size, vec_size
-                    result["vec_ciphertexts"] = sc.policy.streams[VEC_STREAM].ciphertexts_per_record \
-                        if hasattr(sc.policy.streams[VEC_STREAM], "ciphertexts_per_record") else dim
-                    result["vec_unpacked_bytes"] = unpacked_record_bytes(producer.sealer, dim)
+    alternate(i, ours_send, plain_each_for_send)
+    purge(b.url, b.records_queue)
+    purge(b.url, b.base_queue)
+    return out
 
-                # 1. release latency, with the enclave running
-                lat = time_latency(sc, producer, STREAM, w, lambda: [rng.uniform(LOWER, UPPER)], lat_windows, 0.3)
-                lat_vec = time_latency(sc, producer, VEC_STREAM, vec_window,
-                                       lambda: [rng.uniform(0.0, 1.0) for _ in range(dim)], lat_vec_windows,
-                                       0.5 if sc.packed else 2.0)
-                accepted += lat_windows * w + lat_vec_windows * vec_window
-                r["latency_1_ms"], r["latency_vec_ms"] = statistics.median(lat), statistics.median(lat_vec)
-                r["latency_1_all_ms"], r["latency_vec_all_ms"] = lat, lat_vec
 
-                # Stop the enclave: records pile up in its queue for the ingest figure, and
-                # nothing else of ours competes for the CPU while we publish.
-                check_stats(sc.stop(), accepted)
-                accepted = 0
+def measure_send_many(b: Bench, producer, i: int, values: list[float], bodies: list[bytes]) -> dict:
+    """4. Producer, 1 value, pipelined: ``send_many`` of N records against plain pika with a confirm
+    per message and with pipelined confirms. These N records feed the ingest figure."""
+    out: dict = {}
 
-                # 2. producer, 1,000-value vectors (purged afterwards)
-                vectors = [[rng.uniform(0.0, 1.0) for _ in range(dim)] for _ in range(nvec)]
-                vec_bodies = [os.urandom(vec_size) for _ in range(nvec)]
+    def ours_many():
+        out["producer_s"] = time_send_many(producer, STREAM, [[v] for v in values], b.size)
 
-                def ours_vec():
-                    r["vec_s"] = time_send_many(producer, VEC_STREAM, vectors, vec_size)
+    def plain_each():
+        out["plain_publish_s"] = plain.publish(b.url, b.base_exchange, bodies)
 
-                def plain_vec():
-                    r["plain_vec_s"] = plain.publish_pipelined(url, base_exchange, vec_bodies, args.publish_window)
+    def plain_pipelined():
+        out["plain_pipelined_s"] = plain.publish_pipelined(b.url, b.base_exchange, bodies, b.args.publish_window)
 
-                alternate(i, ours_vec, plain_vec)
-                # the unpacked phe producer: seal (phe) + one confirmed publish of its size
-                r["phe_vec_seal_s"] = time_unpacked_record(producer.sealer, dim, args.phe_values, rng)
-                r["phe_vec_publish_s"] = plain.publish(url, base_exchange, [os.urandom(result["vec_unpacked_bytes"])])
-                # the same unpacked record on the fast path (what packing adds on top of it)
-                r["fast_vec_seal_s"] = time_unpacked_record(producer.sealer, dim, dim, rng, producer.sealer.encryptor)
-                if args.pool_workers:
-                    pooled = FastEncryptor(PaillierPublicKey(producer.enclave.keys.paillier_n),
-                                           workers=args.pool_workers, capacity=1024)
-                    default_encryptor = producer.sealer.encryptor
-                    try:
-                        producer.sealer.encryptor = pooled
-                        time.sleep(1.0)  # helpers start; then drain what they precomputed
-                        while pooled.pool.take() is not None:
-                            pass
-                        r["vec_pool_s"] = time_send_many(producer, VEC_STREAM, vectors, vec_size)
-                    finally:
-                        producer.sealer.encryptor = default_encryptor
-                        pooled.close()
+    alternate(i, ours_many, plain_each, plain_pipelined)
+    return out
 
-                # 3. producer, 1 value, a confirm per record (purged afterwards)
-                values = [rng.uniform(LOWER, UPPER) for _ in range(n)]
-                bodies = [os.urandom(size) for _ in range(n)]
-                n_send = max(w, n // 2)
 
-                def ours_send():
-                    r["send_s"] = time_send(producer, values[:n_send], size) * n / n_send
+def measure_in_process(b: Bench, producer) -> dict:
+    """5. In-process costs, while the broker and the enclave are quiet: one value encrypted by phe
+    and by the producer's encryptor, ``RecordSealer.seal``, and ``Enclave.on_record`` on W records."""
+    from phe import PaillierPublicKey
 
-                def plain_each_for_send():
-                    r["plain_each_s_for_send"] = plain.publish(url, base_exchange, bodies[:n_send]) * n / n_send
+    from sealedsum.common.fixedpoint import encode
 
-                alternate(i, ours_send, plain_each_for_send)
-                purge(url, records_queue)
-                purge(url, base_queue)
+    w = b.w
+    micro_values = [b.rng.uniform(LOWER, UPPER) for _ in range(w)]
+    pk = PaillierPublicKey(producer.enclave.keys.paillier_n)
+    fraction_bits = b.sc.policy.streams[STREAM].fraction_bits
+    out = {"encrypt_ms": time_encrypt(pk, encode(micro_values, fraction_bits)) / w * 1000}
+    t0 = time.perf_counter()
+    for q in encode(micro_values, fraction_bits):
+        producer.sealer.encryptor.encrypt(q)
+    out["fast_encrypt_ms"] = (time.perf_counter() - t0) / w * 1000
+    seal_s, sealed_bodies = time_seal(producer.sealer, micro_values)
+    out["seal_ms"] = seal_s / w * 1000
+    out["on_record_ms"] = time_on_record(b.make_enclave, sealed_bodies) / w * 1000
+    return out
 
-                # 4. producer, 1 value, pipelined: these n records feed the ingest figure
-                def ours_many():
-                    r["producer_s"] = time_send_many(producer, STREAM, [[v] for v in values], size)
 
-                def plain_each():
-                    r["plain_publish_s"] = plain.publish(url, base_exchange, bodies)
+def measure_ingest(b: Bench, i: int) -> dict:
+    """6. Enclave ingest of the N records of step 4 (the sidecar started again) against plain
+    pika consuming N same-sized messages with the runtime's prefetch and an ack each."""
+    out: dict = {}
 
-                def plain_pipelined():
-                    r["plain_pipelined_s"] = plain.publish_pipelined(url, base_exchange, bodies, args.publish_window)
+    def ours_consume():
+        out["ingest_s"] = time_ingest(b.sc, b.n, b.n // b.w, timeout=max(120.0, b.n * 0.5))
 
-                alternate(i, ours_many, plain_each, plain_pipelined)
+    def plain_consume():
+        out["plain_consume_s"] = plain.consume(b.url, b.base_queue, b.n, prefetch=b.prefetch)
 
-                # 5. in-process costs, while the broker and the enclave are quiet
-                micro_values = [rng.uniform(LOWER, UPPER) for _ in range(w)]
-                pk = PaillierPublicKey(producer.enclave.keys.paillier_n)
-                fraction_bits = sc.policy.streams[STREAM].fraction_bits
-                r["encrypt_ms"] = time_encrypt(pk, encode(micro_values, fraction_bits)) / w * 1000
-                t0 = time.perf_counter()
-                for q in encode(micro_values, fraction_bits):
-                    producer.sealer.encryptor.encrypt(q)
-                r["fast_encrypt_ms"] = (time.perf_counter() - t0) / w * 1000
-                seal_s, sealed_bodies = time_seal(producer.sealer, micro_values)
-                r["seal_ms"] = seal_s / w * 1000
-                r["on_record_ms"] = time_on_record(make_enclave, sealed_bodies) / w * 1000
-            finally:
-                producer.close()
+    alternate(i, ours_consume, plain_consume)
+    b.accepted += b.n
+    return out
 
-            # 6. enclave ingest of the n records of step 4
-            def ours_consume():
-                r["ingest_s"] = time_ingest(sc, n, n // w, timeout=max(120.0, n * 0.5))
 
-            def plain_consume():
-                r["plain_consume_s"] = plain.consume(url, base_queue, n, prefetch=prefetch)
+def measure_batched(b: Bench, values: list[float], base: dict) -> dict:
+    """7. The same N records again, B per message (record batches): published with the sidecar
+    stopped, then ingested like step 6. Compared with ``base``'s baselines of steps 4 and 6."""
+    from sealedsum.producers.client import Producer
 
-            alternate(i, ours_consume, plain_consume)
-            accepted += n
+    n, per_message = b.n, b.args.per_message
+    producer = Producer(b.sc.config, max_unconfirmed=b.args.publish_window)
+    try:
+        b.stop_sidecar()
+        out = {"producer_batched_s": time_send_many(producer, STREAM, [[v] for v in values], b.size,
+                                                    per_message=per_message)}
+    finally:
+        producer.close()
+    messages = -(-n // per_message)
+    out["ingest_batched_s"] = time_ingest(b.sc, messages, n // b.w, timeout=max(120.0, n * 0.5))
+    b.accepted += n
+    out["producer_batched_rps"] = n / out["producer_batched_s"]
+    out["producer_batched_ratio"] = out["producer_batched_rps"] / (n / base["plain_publish_s"])
+    out["producer_batched_pipelined_ratio"] = out["producer_batched_rps"] / (n / base["plain_pipelined_s"])
+    out["ingest_batched_rps"] = n / out["ingest_batched_s"]
+    out["ingest_batched_ratio"] = out["ingest_batched_rps"] / (n / base["plain_consume_s"])
+    return out
 
-            # 7. the same n records again, B per message (record batches): published with the
-            #    sidecar stopped, then ingested like step 6. Same baselines as steps 4 and 6.
-            if args.per_message > 1:
-                producer = Producer(sc.config, max_unconfirmed=args.publish_window)
-                try:
-                    check_stats(sc.stop(), accepted)
-                    accepted = 0
-                    r["producer_batched_s"] = time_send_many(producer, STREAM, [[v] for v in values], size,
-                                                             per_message=args.per_message)
-                finally:
-                    producer.close()
-                messages = -(-n // args.per_message)
-                r["ingest_batched_s"] = time_ingest(sc, messages, n // w, timeout=max(120.0, n * 0.5))
-                accepted += n
-                r["producer_batched_rps"] = n / r["producer_batched_s"]
-                r["producer_batched_ratio"] = r["producer_batched_rps"] / (n / r["plain_publish_s"])
-                r["producer_batched_pipelined_ratio"] = r["producer_batched_rps"] / (n / r["plain_pipelined_s"])
-                r["ingest_batched_rps"] = n / r["ingest_batched_s"]
-                r["ingest_batched_ratio"] = r["ingest_batched_rps"] / (n / r["plain_consume_s"])
 
-            r["producer_rps"] = n / r["producer_s"]
-            r["plain_publish_rps"] = n / r["plain_publish_s"]
-            r["plain_pipelined_rps"] = n / r["plain_pipelined_s"]
-            r["producer_ratio"] = r["producer_rps"] / r["plain_publish_rps"]
-            r["producer_pipelined_ratio"] = r["producer_rps"] / r["plain_pipelined_rps"]
-            r["send_rps"] = n / r["send_s"]
-            r["plain_each_rps_for_send"] = n / r["plain_each_s_for_send"]
-            r["send_ratio"] = r["send_rps"] / r["plain_each_rps_for_send"]
-            r["vec_rps"] = nvec / r["vec_s"]
-            r["plain_vec_rps"] = nvec / r["plain_vec_s"]
-            r["vec_ratio"] = r["vec_rps"] / r["plain_vec_rps"]
-            r["phe_vec_rps"] = 1 / (r["phe_vec_seal_s"] + r["phe_vec_publish_s"])
-            r["vec_vs_phe"] = r["vec_rps"] / r["phe_vec_rps"]
-            r["fast_vec_rps"] = 1 / (r["fast_vec_seal_s"] + r["phe_vec_publish_s"])
-            r["fast_vec_vs_phe"] = r["fast_vec_rps"] / r["phe_vec_rps"]
-            if "vec_pool_s" in r:
-                r["vec_pool_rps"] = nvec / r["vec_pool_s"]
-                r["vec_pool_vs_phe"] = r["vec_pool_rps"] / r["phe_vec_rps"]
-            r["ingest_rps"] = n / r["ingest_s"]
-            r["plain_consume_rps"] = n / r["plain_consume_s"]
-            r["ingest_ratio"] = r["ingest_rps"] / r["plain_consume_rps"]
-            r["encrypt_share"] = r["fast_encrypt_ms"] / (1000 / r["producer_rps"])
-            runs.append(r)
-            log(f"[{bits} bits] repeat {i + 1}/{k}: producer {r['producer_rps']:.0f} rec/s vs plain "
-                f"{r['plain_publish_rps']:.0f} (confirm each) / {r['plain_pipelined_rps']:.0f} (pipelined); "
-                f"vector {r['vec_rps']:.1f} rec/s vs plain {r['plain_vec_rps']:.0f}, phe unpacked "
-                f"{r['phe_vec_rps']:.3f}; ingest {r['ingest_rps']:.0f} vs {r['plain_consume_rps']:.0f}; "
-                f"latency {r['latency_1_ms']:.1f} / {r['latency_vec_ms']:.1f} ms")
+def derived_rates(r: dict, n: int, nvec: int) -> dict:
+    """Records/s and ratios from a repeat's timings."""
+    d: dict = {}
+    d["producer_rps"] = n / r["producer_s"]
+    d["plain_publish_rps"] = n / r["plain_publish_s"]
+    d["plain_pipelined_rps"] = n / r["plain_pipelined_s"]
+    d["producer_ratio"] = d["producer_rps"] / d["plain_publish_rps"]
+    d["producer_pipelined_ratio"] = d["producer_rps"] / d["plain_pipelined_rps"]
+    d["send_rps"] = n / r["send_s"]
+    d["plain_each_rps_for_send"] = n / r["plain_each_s_for_send"]
+    d["send_ratio"] = d["send_rps"] / d["plain_each_rps_for_send"]
+    d["vec_rps"] = nvec / r["vec_s"]
+    d["plain_vec_rps"] = nvec / r["plain_vec_s"]
+    d["vec_ratio"] = d["vec_rps"] / d["plain_vec_rps"]
+    d["phe_vec_rps"] = 1 / (r["phe_vec_seal_s"] + r["phe_vec_publish_s"])
+    d["vec_vs_phe"] = d["vec_rps"] / d["phe_vec_rps"]
+    d["fast_vec_rps"] = 1 / (r["fast_vec_seal_s"] + r["phe_vec_publish_s"])
+    d["fast_vec_vs_phe"] = d["fast_vec_rps"] / d["phe_vec_rps"]
+    if "vec_pool_s" in r:
+        d["vec_pool_rps"] = nvec / r["vec_pool_s"]
+        d["vec_pool_vs_phe"] = d["vec_pool_rps"] / d["phe_vec_rps"]
+    d["ingest_rps"] = n / r["ingest_s"]
+    d["plain_consume_rps"] = n / r["plain_consume_s"]
+    d["ingest_ratio"] = d["ingest_rps"] / d["plain_consume_rps"]
+    d["encrypt_share"] = r["fast_encrypt_ms"] / (1000 / d["producer_rps"])
+    return d
+
+
+def run_repeat(b: Bench, i: int, result: dict) -> dict:
+    """One repeat: steps 1-7 in order (the sidecar running at the start and at the end)."""
+    from sealedsum.producers.client import Producer
+
+    r: dict = {}
+    t0 = time.perf_counter()
+    producer = Producer(b.sc.config, max_unconfirmed=b.args.publish_window)
+    r["attest_ms"] = (time.perf_counter() - t0) * 1000
+    try:
+        if not b.size:
+            result.update(record_sizes(b, producer))
+        r.update(measure_latency(b, producer))
+        r.update(measure_vectors(b, producer, i))
+        values = [b.rng.uniform(LOWER, UPPER) for _ in range(b.n)]
+        bodies = [os.urandom(b.size) for _ in range(b.n)]
+        r.update(measure_send(b, producer, i, values, bodies))
+        r.update(measure_send_many(b, producer, i, values, bodies))
+        r.update(measure_in_process(b, producer))
+    finally:
+        producer.close()
+    r.update(measure_ingest(b, i))
+    if b.args.per_message > 1:
+        r.update(measure_batched(b, values, r))
+    r.update(derived_rates(r, b.n, b.nvec))
+    log(f"[{b.bits} bits] repeat {i + 1}/{b.args.repeats}: producer {r['producer_rps']:.0f} rec/s vs plain "
+        f"{r['plain_publish_rps']:.0f} (confirm each) / {r['plain_pipelined_rps']:.0f} (pipelined); "
+        f"vector {r['vec_rps']:.1f} rec/s vs plain {r['plain_vec_rps']:.0f}, phe unpacked "
+        f"{r['phe_vec_rps']:.3f}; ingest {r['ingest_rps']:.0f} vs {r['plain_consume_rps']:.0f}; "
+        f"latency {r['latency_1_ms']:.1f} / {r['latency_vec_ms']:.1f} ms")
+    return r
+
+
+def run(args: argparse.Namespace, url: str, workdir: Path, bits: int) -> dict:
+    vec_window = 10
+    sc = BenchSidecar(workdir, url, bits=bits, window_records=args.window, queue_type=args.queue_type,
+                      vec_dim=args.vec_dim, vec_window=vec_window)
+    b = Bench(args=args, url=url, bits=bits, sc=sc, rng=random.Random(20240501), vec_window=vec_window,
+              base_exchange=f"{sc.prefix}.plain", base_queue=f"{sc.prefix}.plain")
+    runs: list[dict] = []
+    result = {"records": args.records, "window": args.window, "repeats": args.repeats, "bits": bits,
+              "insecure_test_keys": sc.insecure, "queue_type": args.queue_type, "prefix": sc.prefix,
+              "runs": runs, "vec_dim": args.vec_dim, "vec_records": args.vec_records, "vec_window": vec_window,
+              "packed": sc.packed, "publish_window": args.publish_window, "phe_values": args.phe_values,
+              "per_message": args.per_message}
+    try:
+        result.update(start_bench(b))
+        for i in range(args.repeats):
+            runs.append(run_repeat(b, i, result))
         sc.wait_consuming()
         time.sleep(0.5)
-        check_stats(sc.stop(), accepted)
+        b.stop_sidecar()
     finally:
         if sc.proc is not None:
             sc.stop()
-        sc.cleanup(extra_queues=(base_queue,), extra_exchanges=(base_exchange,))
+        sc.cleanup(extra_queues=(b.base_queue,), extra_exchanges=(b.base_exchange,))
     return result
 
 
@@ -577,8 +700,8 @@ def spread_rate(runs: list[dict], key: str) -> str:
     return f"{fmt_rate(min(vals))}-{fmt_rate(max(vals))}" if len(vals) > 1 else "-"
 
 
-def report(result: dict, info: dict) -> str:
-    runs = result["runs"]
+def report_setup(result: dict, info: dict) -> list[str]:
+    """The header: the machine, the software and the run's settings."""
     bits = result["bits"]
     lines = ["", f"sealedsum benchmarks ({bits}-bit Paillier)", ""]
     lines.append(f"  machine   {info['cpu']}, {info['cores']} cores, {info['os']}")
@@ -600,8 +723,14 @@ def report(result: dict, info: dict) -> str:
         lines.append(f"  WARNING   {bits}-bit keys are INSECURE (policy sets insecure_test_keys = true): "
                      "not a real deployment's figures")
     lines.append("")
+    return lines
+
+
+def report_rates(result: dict, info: dict) -> list[str]:
+    """The records/s table, ours next to each baseline, and its footnotes."""
+    runs = result["runs"]
     head = f"  {'records/s (median, min-max)':<58}{'sealedsum':>26}{'baseline':>26}{'ours/base':>11}"
-    lines += [head, "  " + "-" * (len(head) - 2)]
+    lines = [head, "  " + "-" * (len(head) - 2)]
     rows = [
         ("producer: send_many vs plain publish+confirm each", "producer_rps", "plain_publish_rps", "producer_ratio"),
         ("producer: send_many vs plain pipelined confirms", "producer_rps", "plain_pipelined_rps",
@@ -642,13 +771,25 @@ def report(result: dict, info: dict) -> str:
     if not result["packed"]:
         lines.append("  (this tree's policy has no packing: the vector records above are unpacked)")
     lines.append("")
-    lines.append("  release latency, publishing the window's closing record -> signed release arrives (median ms)")
+    return lines
+
+
+def report_latency(result: dict) -> list[str]:
+    """Release latency of the 1-value and the vector stream."""
+    runs = result["runs"]
+    lines = ["  release latency, publishing the window's closing record -> signed release arrives (median ms)"]
     lines.append(f"    {'1-value stream (window ' + str(result['window']) + ')':<58}"
                  f"{med(runs, 'latency_1_ms'):>10.1f}   ({spread(runs, 'latency_1_ms', '{:.1f}')})")
     lines.append(f"    {str(result['vec_dim']) + '-value stream (window ' + str(result['vec_window']) + ')':<58}"
                  f"{med(runs, 'latency_vec_ms'):>10.1f}   ({spread(runs, 'latency_vec_ms', '{:.1f}')})")
     lines.append("")
-    lines.append("  per record (median ms)")
+    return lines
+
+
+def report_per_record(result: dict) -> list[str]:
+    """Milliseconds per record: the in-process costs next to the broker-bound figures."""
+    runs, bits = result["runs"], result["bits"]
+    lines = ["  per record (median ms)"]
     per = [
         (f"Paillier encrypt, one value, phe ({bits}-bit n)", med(runs, "encrypt_ms")),
         (f"Paillier encrypt, one value, fast path ({bits}-bit n)", med(runs, "fast_encrypt_ms")),
@@ -667,8 +808,14 @@ def report(result: dict, info: dict) -> str:
     lines.append(f"    fast Paillier encryption is ~{med(runs, 'encrypt_share'):.0%} of the producer's time per "
                  "1-value record")
     lines.append("")
+    return lines
+
+
+def report_ratios(result: dict, info: dict) -> list[str]:
+    """The headline ratios, one per line (``ratio ...:``), for scripts and the integration test."""
+    runs, bits = result["runs"], result["bits"]
     pr, ir = med(runs, "producer_ratio"), med(runs, "ingest_ratio")
-    lines.append(f"ratio producer/plain-publish: {pr:.4f} (send_many vs plain pika with a confirm per message)")
+    lines = [f"ratio producer/plain-publish: {pr:.4f} (send_many vs plain pika with a confirm per message)"]
     lines.append(f"ratio producer/plain-pipelined: {med(runs, 'producer_pipelined_ratio'):.4f}")
     lines.append(f"ratio ingest/plain-consume: {ir:.4f} (plain pika is {1 / ir:.1f}x faster)")
     lines.append(f"ratio vector/unpacked-phe: {med(runs, 'vec_vs_phe'):.1f}")
@@ -677,16 +824,29 @@ def report(result: dict, info: dict) -> str:
     lines.append(f"paillier encrypt ms/value: {med(runs, 'fast_encrypt_ms'):.3f} fast, {med(runs, 'encrypt_ms'):.3f} "
                  f"phe ({bits}-bit, gmpy2 {info['gmpy2']})")
     lines.append("")
-    lines.append("targets")
+    return lines
+
+
+def report_targets(result: dict) -> list[str]:
+    """Each target's value and whether it is met."""
+    runs = result["runs"]
+    lines = ["targets"]
     checks = [
-        ("producer 1-value >= 0.5 x plain publish+confirm each", pr, TARGETS["producer_ratio"], ">="),
-        ("ingest >= 0.5 x plain consume+ack", ir, TARGETS["ingest_ratio"], ">="),
+        ("producer 1-value >= 0.5 x plain publish+confirm each", med(runs, "producer_ratio"),
+         TARGETS["producer_ratio"], ">="),
+        ("ingest >= 0.5 x plain consume+ack", med(runs, "ingest_ratio"), TARGETS["ingest_ratio"], ">="),
         (f"{result['vec_dim']}-value producer >= 30 x unpacked phe", med(runs, "vec_vs_phe"), TARGETS["vec_vs_phe"], ">="),
         ("release latency, 1-value stream < 100 ms", med(runs, "latency_1_ms"), TARGETS["latency_1_ms"], "<"),
     ]
     for label, value, target, op in checks:
         ok = value >= target if op == ">=" else value < target
         lines.append(f"  {label:<58}{value:>10.3f}  {'met' if ok else 'NOT MET'}")
+    return lines
+
+
+def report(result: dict, info: dict) -> str:
+    lines = (report_setup(result, info) + report_rates(result, info) + report_latency(result)
+             + report_per_record(result) + report_ratios(result, info) + report_targets(result))
     return "\n".join(lines)
 
 
