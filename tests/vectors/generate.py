@@ -33,18 +33,23 @@ import struct
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from nacl import bindings
+from nacl.public import PrivateKey, SealedBox
+
+if TYPE_CHECKING:
+    from sealedsum.common.policy import EnclavePolicy
+
+# sealedsum is imported inside the functions below, once the repository root is on the path.
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
-from nacl import bindings  # noqa: E402
-from nacl.public import PrivateKey, SealedBox  # noqa: E402
 
 # ---------------------------------------------------------------------------------
 # Fixed material
@@ -422,98 +427,218 @@ def ledger_chain(s, windows: list[int]) -> dict:
 # Vectors
 # ---------------------------------------------------------------------------------
 
-def build() -> dict[str, dict]:
-    from phe import paillier
+class Shared(NamedTuple):
+    """The fixed material most vectors are built from: the enclave's keys (keys.json), the policy
+    (policy.json), the code digest the measurement takes, and what follows from them, down to the
+    quote. Everything but the policy derives from the constants above.
 
-    from sealedsum.common import attestation, privacy, signing, wire
+    A NamedTuple, not a frozen dataclass: tests/unit/test_vectors.py loads this file without
+    registering it in sys.modules, and dataclasses (Python 3.11) look the module up there to
+    resolve string annotations."""
+
+    policy: EnclavePolicy
+    policy_bytes: bytes
+    code_digest: bytes = INPUT_CODE_DIGEST
+
+    @property
+    def n(self) -> int:
+        return PAILLIER_P * PAILLIER_Q
+
+    @property
+    def width(self) -> int:
+        return byte_len(self.n * self.n)
+
+    @property
+    def x_pub(self) -> bytes:
+        return bindings.crypto_scalarmult_base(ENCLAVE_X25519_PRIVATE)
+
+    @property
+    def ed_pub(self) -> bytes:
+        return ed25519_public(ENCLAVE_ED25519_SEED)
+
+    @property
+    def bundle(self) -> bytes:
+        n_len = byte_len(self.n)
+        return b"SSK\x01" + u32(KEY_EPOCH) + self.x_pub + self.ed_pub + u16(n_len) + self.n.to_bytes(n_len, "big")
+
+    @property
+    def measurement_input(self) -> bytes:
+        return b"sealedsum/v1/measurement\x00" + self.code_digest + sha256(self.policy_bytes)
+
+    @property
+    def meas(self) -> bytes:
+        return sha256(self.measurement_input)
+
+    @property
+    def report_data_input(self) -> bytes:
+        return b"sealedsum/v1/report-data\x00" + framed(self.bundle) + framed(self.policy_bytes) + NONCE
+
+    @property
+    def report_data(self) -> bytes:
+        return sha256(self.report_data_input)
+
+    @property
+    def platform_pub(self) -> bytes:
+        return ed25519_public(PLATFORM_ED25519_SEED)
+
+    @property
+    def quote_signed_part(self) -> bytes:
+        return b"SSQ\x01" + self.meas + self.report_data + u64(QUOTE_ISSUED_AT_MS)
+
+    @property
+    def quote_signature(self) -> tuple[bytes, bytes]:
+        """(signing input, signature) of the platform key over the signed part."""
+        return ed25519_sign(PLATFORM_ED25519_SEED, b"sealedsum/v1/quote", self.quote_signed_part)
+
+    @property
+    def quote(self) -> bytes:
+        return self.quote_signed_part + self.quote_signature[1]
+
+    def reply_bytes(self, *, code: bytes | None = None, pol: bytes | None = None, q: bytes | None = None) -> bytes:
+        """The SSD\\x01 attestation reply to NONCE; ``code``, ``pol`` or ``q`` replace the code digest,
+        policy or quote (the altered copies of the verification cases)."""
+        return (b"SSD\x01" + NONCE + (self.code_digest if code is None else code) + framed(self.bundle)
+                + framed(self.policy_bytes if pol is None else pol) + framed(self.quote if q is None else q))
+
+
+def shared_material() -> Shared:
+    """The policy of policy.json, written out by hand and checked against the real parser."""
     from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
-    from sealedsum.sidecar import measurement as measure
 
-    out: dict[str, dict] = {}
+    policy_bytes = canonical_json(EXPECTED_POLICY_MAPPING)
+    policy = enclave_policy(CONFIG_ENCLAVE, CONFIG_STREAMS)
+    assert policy.to_bytes() == policy_bytes, (policy.to_bytes(), policy_bytes)
+    assert policy_from_bytes(policy_bytes).to_bytes() == policy_bytes
+    return Shared(policy, policy_bytes)
 
-    # -- keys -------------------------------------------------------------------------
-    n = PAILLIER_P * PAILLIER_Q
+
+def build() -> dict[str, dict]:
+    m = shared_material()
+    plans = {name: noise_plan(s) for name, s in sorted(m.policy.streams.items())}
+    out: dict[str, dict] = {
+        "keys": build_keys(m),
+        "policy": build_policy(m, plans),
+        "code_digest": build_code_digest(),
+        "measurement": build_measurement(m),
+        "quote": build_quote(m),
+        "attest_request": build_attest_request(),
+        "attest_reply": build_attest_reply(m),
+        "envelope_dim1": build_envelope(m, "purchases", [42.3], RECORD_ID_1, 0, ["r/purchases/0"]),
+        "envelope_dim3": build_envelope(m, "wellbeing", [3.5, -2.25, 12.0], RECORD_ID_3, 1,
+                                        ["r/wellbeing/0", "r/wellbeing/1", "r/wellbeing/2"], PRODUCER_A),
+        "envelope_histogram": build_envelope(m, "visits", [5.0], RECORD_ID_H, 0,
+                                             ["r/visits/0", "r/visits/1", "r/visits/2"], PRODUCER_B),
+        "envelope_vector": build_envelope(m, "model", [3.0, -4.0, 0.0], RECORD_ID_V, 0,
+                                          ["r/model/0", "r/model/1", "r/model/2"], PRODUCER_A),
+    }
+    env1 = bytes.fromhex(out["envelope_dim1"]["envelope_hex"])
+    env3 = bytes.fromhex(out["envelope_dim3"]["envelope_hex"])
+    out["sealed_record"] = build_sealed_record(m, env1)
+    out["record_batch"] = build_record_batch(m, env1, env3, bytes.fromhex(out["sealed_record"]["sealed_hex"]))
+    out["signed_envelope"] = build_signed_envelope(m.policy, m.code_digest, m.x_pub, m.n, m.width)
+    out["envelope_packed"] = build_packed_envelope(m.code_digest, m.n, m.width)
+    chains = ledger_chains(m.policy)
+    out["ledger"] = build_ledger(chains)
+    out["result_laplace"] = build_result(m, plans, chains, "purchases", 1, [319_815_037], count=103)
+    out["result_gaussian"] = build_result(m, plans, chains, "wellbeing", 4, [276_419, -15_873, 409_600 - 123],
+                                          count=48)
+    out["result_histogram"] = build_result(m, plans, chains, "visits", 3, [7, -1, 12])
+    out["budget_exhausted"] = build_budget_exhausted(m, chains)
+    out["key_rotated"] = build_key_rotated(m)
+    out["budget_request"] = build_budget_request()
+    out["budget_report"] = build_budget_report(m, chains, bytes.fromhex(out["budget_request"]["request_hex"]))
+    out["sealed_state"] = build_sealed_state(m.policy, m.policy_bytes, m.code_digest, m.meas, m.x_pub, m.n,
+                                             m.width)
+    # The rejections: a scripted session against the enclave core.
+    out["rejections"] = build_rejections(m.policy, m.policy_bytes, m.bundle, m.x_pub, m.n, m.width,
+                                         m.code_digest, m.meas, chains)
+    return out
+
+
+def build_keys(m: Shared) -> dict:
+    """The enclave's public key bundle and the private material behind it."""
+    from sealedsum.common import wire
+
+    n = m.n
     assert n.bit_length() == 1024
-    x_pub = bindings.crypto_scalarmult_base(ENCLAVE_X25519_PRIVATE)
-    ed_pub = ed25519_public(ENCLAVE_ED25519_SEED)
-    bundle = b"SSK\x01" + u32(KEY_EPOCH) + x_pub + ed_pub + u16(byte_len(n)) + n.to_bytes(byte_len(n), "big")
-    width = byte_len(n * n)
-    assert wire.KeyBundle(KEY_EPOCH, x_pub, ed_pub, n).to_bytes() == bundle
-    assert wire.KeyBundle.from_bytes(bundle).ciphertext_width == width
-    out["keys"] = {
+    assert wire.KeyBundle(KEY_EPOCH, m.x_pub, m.ed_pub, n).to_bytes() == m.bundle
+    assert wire.KeyBundle.from_bytes(m.bundle).ciphertext_width == m.width
+    return {
         "kind": "key_bundle",
         "description": "The enclave's public key bundle (SSK\\x01) and the fixed private material "
                        "behind it. Every other vector uses these keys.",
         "epoch": KEY_EPOCH,
         "x25519_private": hexs(ENCLAVE_X25519_PRIVATE),
-        "x25519_public": hexs(x_pub),
+        "x25519_public": hexs(m.x_pub),
         "ed25519_seed": hexs(ENCLAVE_ED25519_SEED),
-        "ed25519_public": hexs(ed_pub),
+        "ed25519_public": hexs(m.ed_pub),
         "paillier_p": hex(PAILLIER_P),
         "paillier_q": hex(PAILLIER_Q),
         "paillier_n": hex(n),
         "paillier_n_bits": n.bit_length(),
-        "ciphertext_width": width,
-        "bundle_hex": hexs(bundle),
+        "ciphertext_width": m.width,
+        "bundle_hex": hexs(m.bundle),
     }
 
-    # -- policy -----------------------------------------------------------------------
-    policy_bytes = canonical_json(EXPECTED_POLICY_MAPPING)
-    policy = enclave_policy(CONFIG_ENCLAVE, CONFIG_STREAMS)
-    assert policy.to_bytes() == policy_bytes, (policy.to_bytes(), policy_bytes)
-    assert policy_from_bytes(policy_bytes).to_bytes() == policy_bytes
-    plans = {}
-    for name, s in sorted(policy.streams.items()):
-        k = s.max_records_per_producer or 1
-        f = s.fraction_bits
-        if s.kind == "histogram":
-            bounds, l1, l2 = None, k, float(k)
-        elif s.l2_bound is not None:
-            scaled = s.l2_bound * (1 << f)
-            bounds = None
-            l1 = k * math.ceil(math.sqrt(s.dimension) * scaled + s.dimension / 2)
-            l2 = k * (scaled + math.sqrt(s.dimension) / 2)
-        else:
-            lo = s.lower if isinstance(s.lower, tuple) else (s.lower,) * s.dimension
-            hi = s.upper if isinstance(s.upper, tuple) else (s.upper,) * s.dimension
-            bounds = [max(abs(round(a * (1 << f))), abs(round(b * (1 << f)))) for a, b in zip(lo, hi)]
-            l1 = k * sum(bounds)
-            l2 = k * math.sqrt(sum(b * b for b in bounds))
-        c = 0.0 if s.kind == "histogram" else s.count_share
-        count_k = None if s.kind == "histogram" else k
-        if s.mechanism == "laplace":
-            rho = None
-            sum_scale = l1 / (s.epsilon * (1 - c))
-            count_scale = count_k / (s.epsilon * c) if count_k else None
-        else:
-            rho = rho_of(s.epsilon, s.delta)
-            sum_scale = l2 / math.sqrt(2 * rho * (1 - c))
-            count_scale = count_k / math.sqrt(2 * rho * c) if count_k else None
-        real = s.noise_plan()
-        assert s.sensitivities()[0] == real.sensitivity_l1 == l1, (name, real.sensitivity_l1, l1)
-        assert abs(real.sensitivity_l2 - l2) <= 1e-12 * l2
-        assert abs(real.sum_scale - sum_scale) <= 1e-12 * sum_scale
-        assert (real.count_scale is None) == (count_scale is None)
-        if count_scale is not None:
-            assert abs(real.count_scale - count_scale) <= 1e-12 * count_scale
-        assert real.rho == rho
-        plans[name] = {
-            "kind": s.kind,
-            "contributions": k,
-            "coordinate_bounds_fixed": bounds,
-            "sensitivity_l1": l1,
-            "sensitivity_l2": real.sensitivity_l2,
-            "count_sensitivity": count_k,
-            "rho": real.rho,
-            "sum_scale": real.sum_scale,
-            "count_scale": real.count_scale,
-            "sum_std": privacy.noise_std(s.mechanism, real.sum_scale),
-            "count_std": None if real.count_scale is None else privacy.noise_std(s.mechanism, real.count_scale),
-            "max_releases": total_releases(s),
-        }
-        assert privacy.max_releases(s.mechanism, s.epsilon, s.delta, s.budget_epsilon, s.budget_delta) \
-            == total_releases(s), name
-    out["policy"] = {
+
+def noise_plan(s) -> dict:
+    """The noise calibration stream policy ``s`` implies, by the document, checked against the code."""
+    from sealedsum.common import privacy
+
+    k = s.max_records_per_producer or 1
+    f = s.fraction_bits
+    if s.kind == "histogram":
+        bounds, l1, l2 = None, k, float(k)
+    elif s.l2_bound is not None:
+        scaled = s.l2_bound * (1 << f)
+        bounds = None
+        l1 = k * math.ceil(math.sqrt(s.dimension) * scaled + s.dimension / 2)
+        l2 = k * (scaled + math.sqrt(s.dimension) / 2)
+    else:
+        lo = s.lower if isinstance(s.lower, tuple) else (s.lower,) * s.dimension
+        hi = s.upper if isinstance(s.upper, tuple) else (s.upper,) * s.dimension
+        bounds = [max(abs(round(a * (1 << f))), abs(round(b * (1 << f)))) for a, b in zip(lo, hi)]
+        l1 = k * sum(bounds)
+        l2 = k * math.sqrt(sum(b * b for b in bounds))
+    c = 0.0 if s.kind == "histogram" else s.count_share
+    count_k = None if s.kind == "histogram" else k
+    if s.mechanism == "laplace":
+        rho = None
+        sum_scale = l1 / (s.epsilon * (1 - c))
+        count_scale = count_k / (s.epsilon * c) if count_k else None
+    else:
+        rho = rho_of(s.epsilon, s.delta)
+        sum_scale = l2 / math.sqrt(2 * rho * (1 - c))
+        count_scale = count_k / math.sqrt(2 * rho * c) if count_k else None
+    real = s.noise_plan()
+    assert s.sensitivities()[0] == real.sensitivity_l1 == l1, (s.name, real.sensitivity_l1, l1)
+    assert abs(real.sensitivity_l2 - l2) <= 1e-12 * l2
+    assert abs(real.sum_scale - sum_scale) <= 1e-12 * sum_scale
+    assert (real.count_scale is None) == (count_scale is None)
+    if count_scale is not None:
+        assert abs(real.count_scale - count_scale) <= 1e-12 * count_scale
+    assert real.rho == rho
+    assert privacy.max_releases(s.mechanism, s.epsilon, s.delta, s.budget_epsilon, s.budget_delta) \
+        == total_releases(s), s.name
+    return {
+        "kind": s.kind,
+        "contributions": k,
+        "coordinate_bounds_fixed": bounds,
+        "sensitivity_l1": l1,
+        "sensitivity_l2": real.sensitivity_l2,
+        "count_sensitivity": count_k,
+        "rho": real.rho,
+        "sum_scale": real.sum_scale,
+        "count_scale": real.count_scale,
+        "sum_std": privacy.noise_std(s.mechanism, real.sum_scale),
+        "count_std": None if real.count_scale is None else privacy.noise_std(s.mechanism, real.count_scale),
+        "max_releases": total_releases(s),
+    }
+
+
+def build_policy(m: Shared, plans: dict) -> dict:
+    """The canonical policy bytes and each stream's noise plan (``noise_plan``)."""
+    return {
         "kind": "policy",
         "description": "EnclavePolicy.from_mapping(enclave, streams).to_bytes(): canonical JSON (sorted keys, "
                        "compact separators, ASCII), with defaults filled in and numbers normalised; plus the "
@@ -522,13 +647,17 @@ def build() -> dict[str, dict]:
                        "and how many releases its budget allows.",
         "config_enclave": CONFIG_ENCLAVE,
         "config_streams": CONFIG_STREAMS,
-        "canonical": policy_bytes.decode("ascii"),
-        "canonical_hex": hexs(policy_bytes),
-        "sha256": hexs(sha256(policy_bytes)),
+        "canonical": m.policy_bytes.decode("ascii"),
+        "canonical_hex": hexs(m.policy_bytes),
+        "sha256": hexs(sha256(m.policy_bytes)),
         "noise_plans": plans,
     }
 
-    # -- code digest ------------------------------------------------------------------
+
+def build_code_digest() -> dict:
+    """The code digest of the synthetic CODE_FILES (the other vectors take INPUT_CODE_DIGEST)."""
+    from sealedsum.sidecar import measurement as measure
+
     h = hashlib.sha256(b"sealedsum/v1/code\x00")
     measured = sorted(CODE_FILES)
     digest_input = b"sealedsum/v1/code\x00"
@@ -541,7 +670,7 @@ def build() -> dict[str, dict]:
     h.update(RUNTIME_LINE.encode("ascii"))
     digest_input += RUNTIME_LINE.encode("ascii")
     assert sha256(digest_input) == h.digest()
-    out["code_digest"] = {
+    return {
         "kind": "code_digest",
         "description": "sidecar.measurement.digest_of(modules, runtime_line): the code digest of these "
                        "measured modules (dotted name -> source bytes, sorted by name as strings) and a fixed "
@@ -554,53 +683,54 @@ def build() -> dict[str, dict]:
         "digest_input_hex": hexs(digest_input),
         "code_digest": hexs(h.digest()),
     }
-    code_digest = INPUT_CODE_DIGEST
 
-    # -- measurement and report data --------------------------------------------------
-    meas_input = b"sealedsum/v1/measurement\x00" + code_digest + sha256(policy_bytes)
-    meas = sha256(meas_input)
-    rd_input = b"sealedsum/v1/report-data\x00" + framed(bundle) + framed(policy_bytes) + NONCE
-    rd = sha256(rd_input)
-    assert wire.measurement(code_digest, policy_bytes) == meas
-    assert wire.report_data(bundle, policy_bytes, NONCE) == rd
-    out["measurement"] = {
+
+def build_measurement(m: Shared) -> dict:
+    """The measurement and the report data, with their hash inputs."""
+    from sealedsum.common import wire
+
+    assert wire.measurement(m.code_digest, m.policy_bytes) == m.meas
+    assert wire.report_data(m.bundle, m.policy_bytes, NONCE) == m.report_data
+    return {
         "kind": "measurement",
         "description": "measurement = SHA-256(label || code_digest || SHA-256(policy)); report_data = "
                        "SHA-256(label || u32 len || keys || u32 len || policy || nonce). keys = keys.json "
                        "bundle_hex, policy = policy.json canonical_hex.",
-        "code_digest": hexs(code_digest),
-        "policy_hex": hexs(policy_bytes),
-        "policy_sha256": hexs(sha256(policy_bytes)),
-        "measurement_input_hex": hexs(meas_input),
-        "measurement": hexs(meas),
-        "keys_hex": hexs(bundle),
+        "code_digest": hexs(m.code_digest),
+        "policy_hex": hexs(m.policy_bytes),
+        "policy_sha256": hexs(sha256(m.policy_bytes)),
+        "measurement_input_hex": hexs(m.measurement_input),
+        "measurement": hexs(m.meas),
+        "keys_hex": hexs(m.bundle),
         "nonce": hexs(NONCE),
-        "report_data_input_hex": hexs(rd_input),
-        "report_data": hexs(rd),
+        "report_data_input_hex": hexs(m.report_data_input),
+        "report_data": hexs(m.report_data),
     }
 
-    # -- quote ------------------------------------------------------------------------
-    platform_pub = ed25519_public(PLATFORM_ED25519_SEED)
-    signed_part = b"SSQ\x01" + meas + rd + u64(QUOTE_ISSUED_AT_MS)
-    q_input, q_sig = ed25519_sign(PLATFORM_ED25519_SEED, b"sealedsum/v1/quote", signed_part)
-    quote = signed_part + q_sig
-    assert len(quote) == wire.Quote.SIZE == 140
-    assert wire.Quote(meas, rd, QUOTE_ISSUED_AT_MS, q_sig).to_bytes() == quote
-    assert signing.signing_input(signing.QUOTE, signed_part) == q_input
 
+def build_quote(m: Shared) -> dict:
+    """The platform's SSQ\\x01 quote over the measurement and report data."""
+    from sealedsum.common import signing, wire
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+
+    signed_part = m.quote_signed_part
+    q_input, q_sig = m.quote_signature
+    quote = m.quote
+    assert len(quote) == wire.Quote.SIZE == 140
+    assert wire.Quote(m.meas, m.report_data, QUOTE_ISSUED_AT_MS, q_sig).to_bytes() == quote
+    assert signing.signing_input(signing.QUOTE, signed_part) == q_input
     emulated = EmulatedPlatform(Ed25519PrivateKey.from_private_bytes(PLATFORM_ED25519_SEED), bytes(32),
                                 clock_ms=lambda: QUOTE_ISSUED_AT_MS)
-    assert emulated.quote(meas, rd) == quote
-    out["quote"] = {
+    assert emulated.quote(m.meas, m.report_data) == quote
+    return {
         "kind": "quote",
         "description": "SSQ\\x01 quote: magic || measurement || report_data || u64 issued_at_ms || Ed25519 "
                        "signature by the platform over 'sealedsum/v1/quote' || 0x00 || the first 76 bytes.",
         "platform_ed25519_seed": hexs(PLATFORM_ED25519_SEED),
-        "platform_public_key": hexs(platform_pub),
-        "platform_public_key_base64": b64(platform_pub),
-        "measurement": hexs(meas),
-        "report_data": hexs(rd),
+        "platform_public_key": hexs(m.platform_pub),
+        "platform_public_key_base64": b64(m.platform_pub),
+        "measurement": hexs(m.meas),
+        "report_data": hexs(m.report_data),
         "issued_at_ms": QUOTE_ISSUED_AT_MS,
         "signed_part_hex": hexs(signed_part),
         "signing_input_hex": hexs(q_input),
@@ -608,10 +738,13 @@ def build() -> dict[str, dict]:
         "quote_hex": hexs(quote),
     }
 
-    # -- attestation request and reply ------------------------------------------------
+
+def build_attest_request() -> dict:
+    from sealedsum.common import wire
+
     request = b"SSA\x01" + NONCE
     assert wire.AttestRequest(NONCE).to_bytes() == request
-    out["attest_request"] = {
+    return {
         "kind": "attest_request",
         "description": "SSA\\x01 || 32-byte nonce, published to the default exchange with routing key "
                        "PREFIX.attest and the AMQP properties below (correlation_id is random per request).",
@@ -626,17 +759,20 @@ def build() -> dict[str, dict]:
         },
     }
 
-    def reply_bytes(nonce=NONCE, code=code_digest, keys=bundle, pol=policy_bytes, q=quote) -> bytes:
-        return b"SSD\x01" + nonce + code + framed(keys) + framed(pol) + framed(q)
 
-    reply = reply_bytes()
-    assert wire.AttestReply(NONCE, code_digest, bundle, policy_bytes, quote).to_bytes() == reply
+def build_attest_reply(m: Shared) -> dict:
+    """The SSD\\x01 reply, and the client's checks on altered copies of it."""
+    from sealedsum.common import attestation, wire
+
+    reply = m.reply_bytes()
+    quote, meas, platform_pub = m.quote, m.meas, m.platform_pub
+    assert wire.AttestReply(NONCE, m.code_digest, m.bundle, m.policy_bytes, quote).to_bytes() == reply
     now = SENT_AT_MS
     trust = {"platform_key_base64": b64(platform_pub), "measurements": [hexs(meas)],
              "max_quote_age_seconds": 300.0}
     other_pub = ed25519_public(ENCLAVE_ED25519_SEED)  # any key that is not the platform's
-    tampered_policy = policy_bytes.replace(b'"epsilon":1.0', b'"epsilon":9.0')
-    assert tampered_policy != policy_bytes
+    tampered_policy = m.policy_bytes.replace(b'"epsilon":1.0', b'"epsilon":9.0')
+    assert tampered_policy != m.policy_bytes
     other_code = sha256(b"other code")
     # Each case: the reply, the nonce the client sent, its trust anchors, its clock, and
     # the error class (sealedsum.common.errors) verify_attestation must raise; null = accepted.
@@ -645,14 +781,14 @@ def build() -> dict[str, dict]:
         {"name": "platform key not the pinned one (checked first, before the allow-list)",
          "reply_hex": hexs(reply), "trust": {"platform_key_base64": b64(other_pub), "measurements": [hexs(sha256(b"x"))]},
          "expect": "UntrustedPlatform"},
-        {"name": "quote signature altered", "reply_hex": hexs(reply_bytes(q=quote[:-1] + bytes([quote[-1] ^ 1]))),
+        {"name": "quote signature altered", "reply_hex": hexs(m.reply_bytes(q=quote[:-1] + bytes([quote[-1] ^ 1]))),
          "expect": "UntrustedPlatform"},
         {"name": "measurement not in the allow-list", "reply_hex": hexs(reply),
          "trust": {"measurements": [hexs(sha256(b"some other measurement"))]}, "expect": "UnknownMeasurement"},
-        {"name": "policy altered after quoting", "reply_hex": hexs(reply_bytes(pol=tampered_policy)),
+        {"name": "policy altered after quoting", "reply_hex": hexs(m.reply_bytes(pol=tampered_policy)),
          "expect": "ReportDataMismatch"},
-        {"name": "code digest does not produce the quoted measurement", "reply_hex": hexs(reply_bytes(code=other_code)),
-         "expect": "ReportDataMismatch"},
+        {"name": "code digest does not produce the quoted measurement",
+         "reply_hex": hexs(m.reply_bytes(code=other_code)), "expect": "ReportDataMismatch"},
         {"name": "reply answers another nonce", "reply_hex": hexs(reply), "client_nonce": hexs(bytes(32)),
          "expect": "NonceMismatch"},
         {"name": "quote 301 s old", "reply_hex": hexs(reply), "now_ms": QUOTE_ISSUED_AT_MS + 301_000,
@@ -666,14 +802,14 @@ def build() -> dict[str, dict]:
     ]
     trust_anchors = attestation.TrustAnchors(platform_pub, frozenset({meas}), 300.0)
     assert attestation.verify_attestation(reply, NONCE, trust_anchors, now).measurement == meas
-    out["attest_reply"] = {
+    return {
         "kind": "attest_reply",
         "description": "SSD\\x01 || nonce || code_digest || u32 len || key bundle || u32 len || policy || "
                        "u32 len || quote; then the client's checks, in order, on altered copies.",
         "nonce": hexs(NONCE),
-        "code_digest": hexs(code_digest),
-        "keys_hex": hexs(bundle),
-        "policy_hex": hexs(policy_bytes),
+        "code_digest": hexs(m.code_digest),
+        "keys_hex": hexs(m.bundle),
+        "policy_hex": hexs(m.policy_bytes),
         "quote_hex": hexs(quote),
         "reply_hex": hexs(reply),
         "amqp": {"exchange": "", "routing_key": "<the request's reply_to>",
@@ -681,78 +817,76 @@ def build() -> dict[str, dict]:
         "trust": trust,
         "now_ms": now,
         "expected": {
-            "measurement": hexs(meas), "code_digest": hexs(code_digest), "issued_at_ms": QUOTE_ISSUED_AT_MS,
+            "measurement": hexs(meas), "code_digest": hexs(m.code_digest), "issued_at_ms": QUOTE_ISSUED_AT_MS,
             "key_epoch": KEY_EPOCH, "paillier_n_bits": 1024, "streams": sorted(CONFIG_STREAMS),
         },
         "verification_cases": cases,
     }
 
-    # -- envelopes --------------------------------------------------------------------
-    def make_envelope(key, stream, values, record_id, window, r_labels, producer_id=ANONYMOUS):
-        s = policy.streams[stream]
-        clipped, encoded = encode_values(s, values)
-        assert s.encode(values)[0] == encoded
-        assert len(r_labels) == len(encoded) == s.dimension
-        ms = [v % n for v in encoded]  # negatives as n - |v|
-        rs = [fixed_r(label, n) for label in r_labels]
-        cts = [paillier_encrypt(n, m, r) for m, r in zip(ms, rs)]
-        for m, r, c in zip(ms, rs, cts):
-            assert paillier.PaillierPublicKey(n).raw_encrypt(m, r_value=r) == c
-            assert paillier_decrypt(PAILLIER_P, PAILLIER_Q, c) == m
-        env = envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, cts, producer_id=producer_id)
-        assert wire.Envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, tuple(cts),
-                             producer_id).to_bytes() == env
-        name_len = len(stream)
-        out[key] = {
-            "kind": "envelope",
-            "description": "SSE\\x02 record envelope (the plaintext inside the sealed box). Values are clipped "
-                           "and encoded by the stream's kind (box, L2 ball or one-hot histogram bucket); "
-                           "ciphertexts are Paillier with g = n+1 under keys.json, c = (1 + n*m) * r^n mod n^2, "
-                           "big-endian, ciphertext_width bytes each. producer_id all zeros = anonymous.",
-            "stream": stream,
-            "stream_kind": s.kind,
-            "record_id": hexs(record_id),
-            "producer_id": hexs(producer_id),
-            "key_epoch": KEY_EPOCH,
-            "sent_at_ms": SENT_AT_MS,
-            "window": window,
-            "width": width,
-            "values": values,
-            "clipped": clipped,
-            "clipped_count": s.encode(values)[1],
-            "fraction_bits": s.fraction_bits,
-            "encoded": encoded,
-            "paillier_plaintexts": [hex(m) for m in ms],
-            "r": [hex(r) for r in rs],
-            "ciphertexts": [c.to_bytes(width, "big").hex() for c in cts],
-            "offsets": {
-                "magic": 0, "record_id": 4, "producer_id": 20, "key_epoch": 36, "sent_at_ms": 40, "window": 48,
-                "stream_len": 56, "stream": 57, "count": 57 + name_len, "width": 59 + name_len,
-                "ciphertexts": 61 + name_len,
-            },
-            "envelope_hex": hexs(env),
-        }
-        return env
 
-    env1 = make_envelope("envelope_dim1", "purchases", [42.3], RECORD_ID_1, 0, ["r/purchases/0"])
-    make_envelope("envelope_dim3", "wellbeing", [3.5, -2.25, 12.0], RECORD_ID_3, 1,
-                  ["r/wellbeing/0", "r/wellbeing/1", "r/wellbeing/2"], PRODUCER_A)
-    make_envelope("envelope_histogram", "visits", [5.0], RECORD_ID_H, 0,
-                  ["r/visits/0", "r/visits/1", "r/visits/2"], PRODUCER_B)
-    make_envelope("envelope_vector", "model", [3.0, -4.0, 0.0], RECORD_ID_V, 0,
-                  ["r/model/0", "r/model/1", "r/model/2"], PRODUCER_A)
+def build_envelope(m: Shared, stream, values, record_id, window, r_labels, producer_id=ANONYMOUS) -> dict:
+    """An SSE\\x02 envelope of ``values`` for ``stream``, encrypted with the fixed r of ``r_labels``."""
+    from phe import paillier
+    from sealedsum.common import wire
 
-    # -- sealed record ----------------------------------------------------------------
-    epk, box_nonce, sealed = seal(x_pub, env1)
+    n, width = m.n, m.width
+    s = m.policy.streams[stream]
+    clipped, encoded = encode_values(s, values)
+    assert s.encode(values)[0] == encoded
+    assert len(r_labels) == len(encoded) == s.dimension
+    ms = [v % n for v in encoded]  # negatives as n - |v|
+    rs = [fixed_r(label, n) for label in r_labels]
+    cts = [paillier_encrypt(n, pm, r) for pm, r in zip(ms, rs)]
+    for pm, r, c in zip(ms, rs, cts):
+        assert paillier.PaillierPublicKey(n).raw_encrypt(pm, r_value=r) == c
+        assert paillier_decrypt(PAILLIER_P, PAILLIER_Q, c) == pm
+    env = envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, cts, producer_id=producer_id)
+    assert wire.Envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, tuple(cts),
+                         producer_id).to_bytes() == env
+    name_len = len(stream)
+    return {
+        "kind": "envelope",
+        "description": "SSE\\x02 record envelope (the plaintext inside the sealed box). Values are clipped "
+                       "and encoded by the stream's kind (box, L2 ball or one-hot histogram bucket); "
+                       "ciphertexts are Paillier with g = n+1 under keys.json, c = (1 + n*m) * r^n mod n^2, "
+                       "big-endian, ciphertext_width bytes each. producer_id all zeros = anonymous.",
+        "stream": stream,
+        "stream_kind": s.kind,
+        "record_id": hexs(record_id),
+        "producer_id": hexs(producer_id),
+        "key_epoch": KEY_EPOCH,
+        "sent_at_ms": SENT_AT_MS,
+        "window": window,
+        "width": width,
+        "values": values,
+        "clipped": clipped,
+        "clipped_count": s.encode(values)[1],
+        "fraction_bits": s.fraction_bits,
+        "encoded": encoded,
+        "paillier_plaintexts": [hex(pm) for pm in ms],
+        "r": [hex(r) for r in rs],
+        "ciphertexts": [c.to_bytes(width, "big").hex() for c in cts],
+        "offsets": {
+            "magic": 0, "record_id": 4, "producer_id": 20, "key_epoch": 36, "sent_at_ms": 40, "window": 48,
+            "stream_len": 56, "stream": 57, "count": 57 + name_len, "width": 59 + name_len,
+            "ciphertexts": 61 + name_len,
+        },
+        "envelope_hex": hexs(env),
+    }
+
+
+def build_sealed_record(m: Shared, env1: bytes) -> dict:
+    """envelope_dim1's envelope ``env1`` in a sealed box, with the fixed ephemeral key."""
+    epk, box_nonce, sealed = seal(m.x_pub, env1)
     assert SealedBox(PrivateKey(ENCLAVE_X25519_PRIVATE)).decrypt(sealed) == env1
     assert len(sealed) == len(env1) + 48
-    out["sealed_record"] = {
+    return {
         "kind": "sealed_record",
         "description": "crypto_box_seal(envelope_dim1, enclave X25519 public key). The box was made with a "
                        "fixed ephemeral key so it is reproducible: sealed = epk || crypto_box(envelope, "
                        "nonce = BLAKE2b-192(epk || pk), pk, esk). Any other ephemeral key is as valid.",
         "recipient_private": hexs(ENCLAVE_X25519_PRIVATE),
-        "recipient_public": hexs(x_pub),
+        "recipient_public": hexs(m.x_pub),
         "ephemeral_private": hexs(EPHEMERAL_X25519_PRIVATE),
         "ephemeral_public": hexs(epk),
         "box_nonce": hexs(box_nonce),
@@ -762,13 +896,17 @@ def build() -> dict[str, dict]:
                  "content_type": "application/octet-stream", "type": "record", "app_id": "sealedsum"},
     }
 
-    # -- record batch: two sealed records in one message ----------------------------------
-    env3 = bytes.fromhex(out["envelope_dim3"]["envelope_hex"])
-    _, _, sealed3 = seal(x_pub, env3, BATCH_EPHEMERAL_X25519_PRIVATE)
+
+def build_record_batch(m: Shared, env1: bytes, env3: bytes, sealed: bytes) -> dict:
+    """Two sealed records in one message: sealed_record's box ``sealed`` (of ``env1``) and ``env3``
+    (envelope_dim3's) sealed with a third ephemeral key."""
+    from sealedsum.common import wire
+
+    _, _, sealed3 = seal(m.x_pub, env3, BATCH_EPHEMERAL_X25519_PRIVATE)
     batch = wire.RECORD_BATCH_MAGIC + struct.pack(">H", 2) + b"".join(
         struct.pack(">I", len(r)) + r for r in (sealed, sealed3))
     assert wire.RecordBatch((sealed, sealed3)).to_bytes() == batch
-    out["record_batch"] = {
+    return {
         "kind": "record_batch",
         "description": "SSB\\x01 record batch: several sealed records in one broker message, published with "
                        "AMQP type 'records'. u16 count, then per record u32 length || sealed box. The records "
@@ -786,11 +924,10 @@ def build() -> dict[str, dict]:
                  "content_type": "application/octet-stream", "type": "records", "app_id": "sealedsum"},
     }
 
-    # -- signed envelope (producer identity) -----------------------------------------------
-    out["signed_envelope"] = build_signed_envelope(policy, code_digest, x_pub, n, width)
-    out["envelope_packed"] = build_packed_envelope(code_digest, n, width)
 
-    # -- the privacy budget ledger ----------------------------------------------------------
+def ledger_chains(policy) -> dict[str, dict]:
+    """The privacy ledger of each stream of CHAINS, by stream, each charge with its budget object,
+    checked against the real ledger."""
     from sealedsum.sidecar.enclave import ledger as ledger_mod
 
     chains = {}
@@ -808,8 +945,14 @@ def build() -> dict[str, dict]:
             charge["allows_another"] = budget_fits(s, charge["seq"] + 1)
             assert real.allows() == charge["allows_another"]
         chains[stream] = chain
-    heads = {stream: chain["head"] for stream, chain in chains.items()}
-    out["ledger"] = {
+    assert [len(chains[s]["charges"]) for s in CHAINS] == [1, 2, 3]
+    assert chains["visits"]["charges"][-1]["allows_another"] is False  # 0.1 * 4 > 0.3 (decimal)
+    assert chains["visits"]["charges"][-1]["budget"]["spent_epsilon"] == 0.3  # not 0.30000000000000004
+    return chains
+
+
+def build_ledger(chains: dict[str, dict]) -> dict:
+    return {
         "kind": "ledger",
         "description": "Per-stream privacy ledgers as hash chains: genesis = SHA-256('sealedsum/v1/ledger' 0x00 "
                        "|| stream); head_n = SHA-256('sealedsum/v1/ledger' 0x00 || head_(n-1) || charge_n), "
@@ -819,120 +962,126 @@ def build() -> dict[str, dict]:
         "label_hex": hexs(LEDGER_LABEL),
         "chains": [chains[s] for s in CHAINS],
     }
-    assert [len(c["charges"]) for c in out["ledger"]["chains"]] == [1, 2, 3]
-    assert chains["visits"]["charges"][-1]["allows_another"] is False  # 0.1 * 4 > 0.3 (decimal)
-    assert chains["visits"]["charges"][-1]["budget"]["spent_epsilon"] == 0.3  # not 0.30000000000000004
 
-    def budget_of(stream: str) -> dict:
-        return chains[stream]["charges"][-1]["budget"]
 
-    # -- results ----------------------------------------------------------------------
+def budget_of(chains: dict[str, dict], stream: str) -> dict:
+    """The stream's budget object after its last charge in ``chains``."""
+    return chains[stream]["charges"][-1]["budget"]
+
+
+RESULT_AMQP = {"exchange": f"{PREFIX}.results", "delivery_mode": 2, "mandatory": True,
+               "content_type": "application/octet-stream", "type": "result", "app_id": "sealedsum"}
+
+
+def build_result(m: Shared, plans: dict, chains: dict[str, dict], stream, window, sum_fixed, count=None) -> dict:
+    """A signed release of ``stream``'s ``window``, its last charge in ``chains``."""
+    from sealedsum.common import results, wire
+
+    s = m.policy.streams[stream]
+    plan = plans[stream]
+    sums = [v / (1 << s.fraction_bits) for v in sum_fixed]
+    if s.kind == "histogram":
+        assert count is None
+        count = sum(sum_fixed)  # the buckets add up to the count
+        mean = None
+    else:
+        mean = [v / count for v in sums] if count > 0 else None
+    chain = chains[stream]
+    assert chain["charges"][-1]["window"] == window
+    mapping = {
+        "aggregate": s.kind,
+        "budget": budget_of(chains, stream),
+        "closed_at_ms": CLOSED_AT_MS,
+        "count": count,
+        "count_noise_scale": plan["count_scale"],
+        "delta": s.delta,
+        "dimension": s.dimension,
+        "epsilon": s.epsilon,
+        "fraction_bits": s.fraction_bits,
+        "key_epoch": KEY_EPOCH,
+        "kind": "result",
+        "mean": mean,
+        "measurement": hexs(m.meas),
+        "mechanism": s.mechanism,
+        "rho": plan["rho"],
+        "stream": stream,
+        "sum": sums,
+        "sum_fixed": sum_fixed,
+        "sum_noise_scale": plan["sum_scale"],
+        "window": window,
+    }
+    assert len(mapping) == 20
+    payload = canonical_json(mapping)
+    sig_input, sig, message = signed_message(payload)
+    assert results.Release(**mapping).to_payload() == payload
+    assert wire.SignedMessage(payload, sig).to_bytes() == message
+    return {
+        "kind": "result",
+        "description": "SSS\\x01 || u32 len || JSON payload (kind 'result') || Ed25519 signature by the "
+                       "enclave key over 'sealedsum/v1/result' || 0x00 || payload. Published to PREFIX.results "
+                       "with routing key = stream. The noised numbers are made up (noise is random); the "
+                       "budget object is the stream's ledger after this release (ledger.json).",
+        "enclave_ed25519_public": hexs(m.ed_pub),
+        "release": mapping,
+        "payload": payload.decode("ascii"),
+        "signing_input_hex": hexs(sig_input),
+        "signature": hexs(sig),
+        "message_hex": hexs(message),
+        "amqp": dict(RESULT_AMQP, routing_key=stream),
+    }
+
+
+def build_budget_exhausted(m: Shared, chains: dict[str, dict]) -> dict:
+    """The budget_exhausted notice after visits' third release, and a session that makes the core send it."""
     from sealedsum.common import results
 
-    result_amqp = {"exchange": f"{PREFIX}.results", "delivery_mode": 2, "mandatory": True,
-                   "content_type": "application/octet-stream", "type": "result", "app_id": "sealedsum"}
-
-    def make_result(key, stream, window, sum_fixed, count=None):
-        s = policy.streams[stream]
-        plan = plans[stream]
-        sums = [v / (1 << s.fraction_bits) for v in sum_fixed]
-        if s.kind == "histogram":
-            assert count is None
-            count = sum(sum_fixed)  # the buckets add up to the count
-            mean = None
-        else:
-            mean = [v / count for v in sums] if count > 0 else None
-        chain = chains[stream]
-        assert chain["charges"][-1]["window"] == window
-        mapping = {
-            "aggregate": s.kind,
-            "budget": budget_of(stream),
-            "closed_at_ms": CLOSED_AT_MS,
-            "count": count,
-            "count_noise_scale": plan["count_scale"],
-            "delta": s.delta,
-            "dimension": s.dimension,
-            "epsilon": s.epsilon,
-            "fraction_bits": s.fraction_bits,
-            "key_epoch": KEY_EPOCH,
-            "kind": "result",
-            "mean": mean,
-            "measurement": hexs(meas),
-            "mechanism": s.mechanism,
-            "rho": plan["rho"],
-            "stream": stream,
-            "sum": sums,
-            "sum_fixed": sum_fixed,
-            "sum_noise_scale": plan["sum_scale"],
-            "window": window,
-        }
-        assert len(mapping) == 20
-        payload = canonical_json(mapping)
-        sig_input, sig, message = signed_message(payload)
-        assert results.Release(**mapping).to_payload() == payload
-        assert wire.SignedMessage(payload, sig).to_bytes() == message
-        out[key] = {
-            "kind": "result",
-            "description": "SSS\\x01 || u32 len || JSON payload (kind 'result') || Ed25519 signature by the "
-                           "enclave key over 'sealedsum/v1/result' || 0x00 || payload. Published to PREFIX.results "
-                           "with routing key = stream. The noised numbers are made up (noise is random); the "
-                           "budget object is the stream's ledger after this release (ledger.json).",
-            "enclave_ed25519_public": hexs(ed_pub),
-            "release": mapping,
-            "payload": payload.decode("ascii"),
-            "signing_input_hex": hexs(sig_input),
-            "signature": hexs(sig),
-            "message_hex": hexs(message),
-            "amqp": dict(result_amqp, routing_key=stream),
-        }
-
-    make_result("result_laplace", "purchases", 1, [319_815_037], count=103)
-    make_result("result_gaussian", "wellbeing", 4, [276_419, -15_873, 409_600 - 123], count=48)
-    make_result("result_histogram", "visits", 3, [7, -1, 12])
-
-    # -- budget_exhausted notice ----------------------------------------------------------------
-    notice = {"at_ms": CLOSED_AT_MS, "budget": budget_of("visits"), "key_epoch": KEY_EPOCH,
-              "kind": "budget_exhausted", "measurement": hexs(meas), "stream": "visits"}
+    notice = {"at_ms": CLOSED_AT_MS, "budget": budget_of(chains, "visits"), "key_epoch": KEY_EPOCH,
+              "kind": "budget_exhausted", "measurement": hexs(m.meas), "stream": "visits"}
     payload = canonical_json(notice)
     sig_input, sig, message = signed_message(payload)
     assert results.BudgetExhausted(**notice).to_payload() == payload
     assert notice["budget"]["remaining_releases"] == 0
     # The enclave core publishes exactly this after visits' third release: two records per
     # window from distinct producers, the last one at CLOSED_AT_MS.
-    core = enclave_core(policy, policy_bytes, code_digest, meas)
+    n = m.n
+    core = enclave_core(m.policy, m.policy_bytes, m.code_digest, m.meas)
     session = []
     for i in range(6):
         cts = [paillier_encrypt(n, 1 if b == i % 3 else 0, fixed_r(f"notice/{i}/{b}", n)) for b in range(3)]
-        e = envelope("visits", sha256(b"notice record %d" % i)[:16], KEY_EPOCH, SENT_AT_MS, 0, width, cts,
+        e = envelope("visits", sha256(b"notice record %d" % i)[:16], KEY_EPOCH, SENT_AT_MS, 0, m.width, cts,
                      producer_id=sha256(b"notice producer %d" % (i % 2))[:16])
-        session.append({"body_hex": hexs(seal(x_pub, e)[2]),
+        session.append({"body_hex": hexs(seal(m.x_pub, e)[2]),
                         "now_ms": CLOSED_AT_MS if i == 5 else SENT_AT_MS + 1000 + i})
         outcome = core.on_record(bytes.fromhex(session[-1]["body_hex"]), session[-1]["now_ms"])
         assert outcome.rejection is None
     assert [p.key for p in outcome.publish] == ["visits/3", "visits/budget_exhausted"]
     assert outcome.publish[1].body == message
-    out["budget_exhausted"] = {
+    return {
         "kind": "budget_exhausted",
         "description": "The notice the enclave publishes once, on PREFIX.results with routing key = stream, "
                        "right after the release that leaves no room for another (here: visits' third "
                        "release, result_histogram.json; 0.1 + 0.1 + 0.1 = 0.3 fits budget_epsilon 0.3, a "
                        "fourth would not). Every later record of the stream is dead-lettered budget_exhausted.",
-        "enclave_ed25519_public": hexs(ed_pub),
+        "enclave_ed25519_public": hexs(m.ed_pub),
         "notice": notice,
         "payload": payload.decode("ascii"),
         "signing_input_hex": hexs(sig_input),
         "signature": hexs(sig),
         "message_hex": hexs(message),
-        "amqp": dict(result_amqp, routing_key="visits"),
+        "amqp": dict(RESULT_AMQP, routing_key="visits"),
         "session": session,
         "session_description": "Six sealed visits records, two per window from two producers, fed to a fresh "
                                "enclave core: the last one closes window 3 and the core publishes the third "
                                "release and then exactly this notice.",
     }
 
-    # -- key_rotated notice ---------------------------------------------------------------------
+
+def build_key_rotated(m: Shared) -> dict:
+    """The key_rotated notice of a rotation from epoch 1 to epoch 2 at ROTATED_AT_MS."""
+    from sealedsum.common import results
+
     rotated = {"at_ms": ROTATED_AT_MS, "key_epoch": KEY_EPOCH + 1, "kind": "key_rotated",
-               "measurement": hexs(meas), "previous_epoch": KEY_EPOCH,
+               "measurement": hexs(m.meas), "previous_epoch": KEY_EPOCH,
                "previous_retires_at_ms": ROTATED_AT_MS + DEFAULT_KEY_GRACE_MS}
     payload = canonical_json(rotated)
     sig_input, sig, message = signed_message(payload)
@@ -940,10 +1089,10 @@ def build() -> dict[str, dict]:
     # The enclave core signs exactly this when it rotates at ROTATED_AT_MS (the new epoch's
     # X25519 and Paillier keys are random, but the notice names none of them, and the
     # Ed25519 key, which signs it, is the one of keys.json: rotation keeps it).
-    core = enclave_core(policy, policy_bytes, code_digest, meas)
+    core = enclave_core(m.policy, m.policy_bytes, m.code_digest, m.meas)
     (announced,) = core.rotate(ROTATED_AT_MS).publish
     assert announced.body == message and announced.key == "key_rotated/2" and announced.stream == ""
-    out["key_rotated"] = {
+    return {
         "kind": "key_rotated",
         "description": "The notice the enclave publishes on PREFIX.announce (fanout, routing key empty, "
                        "mandatory false) when it rotates from epoch 1 to epoch 2 at at_ms; epoch 1 drains "
@@ -951,7 +1100,7 @@ def build() -> dict[str, dict]:
                        "Signed like every signed message, with the enclave's Ed25519 key, which rotation "
                        "keeps: a producer verifies it with the key it attested under epoch 1, and attests "
                        "again before its next record.",
-        "enclave_ed25519_public": hexs(ed_pub),
+        "enclave_ed25519_public": hexs(m.ed_pub),
         "notice": rotated,
         "payload": payload.decode("ascii"),
         "signing_input_hex": hexs(sig_input),
@@ -961,10 +1110,13 @@ def build() -> dict[str, dict]:
                  "content_type": "application/octet-stream", "type": "announce", "app_id": "sealedsum"},
     }
 
-    # -- budget RPC -------------------------------------------------------------------------------
+
+def build_budget_request() -> dict:
+    from sealedsum.common import wire
+
     budget_request = b"SSG\x01" + BUDGET_NONCE + bytes([len("wellbeing")]) + b"wellbeing"
     assert wire.BudgetRequest(BUDGET_NONCE, "wellbeing").to_bytes() == budget_request
-    out["budget_request"] = {
+    return {
         "kind": "budget_request",
         "description": "SSG\\x01 || 32-byte nonce || u8 stream-name length || stream name, published like an "
                        "attestation request (default exchange, routing key PREFIX.attest, direct reply-to). "
@@ -975,23 +1127,30 @@ def build() -> dict[str, dict]:
         "amqp": {"exchange": "", "routing_key": f"{PREFIX}.attest", "reply_to": "amq.rabbitmq.reply-to",
                  "type": "budget-request", "app_id": "sealedsum"},
     }
-    report = {"at_ms": BUDGET_AT_MS, "budget": budget_of("wellbeing"), "exhausted": False, "key_epoch": KEY_EPOCH,
-              "kind": "budget", "measurement": hexs(meas), "nonce": hexs(BUDGET_NONCE), "stream": "wellbeing"}
+
+
+def build_budget_report(m: Shared, chains: dict[str, dict], budget_request: bytes) -> dict:
+    """The enclave's answer to ``budget_request`` (budget_request.json) after wellbeing's two releases."""
+    from sealedsum.common import results
+    from sealedsum.sidecar.enclave.ledger import StreamLedger
+
+    report = {"at_ms": BUDGET_AT_MS, "budget": budget_of(chains, "wellbeing"), "exhausted": False,
+              "key_epoch": KEY_EPOCH, "kind": "budget", "measurement": hexs(m.meas), "nonce": hexs(BUDGET_NONCE),
+              "stream": "wellbeing"}
     payload = canonical_json(report)
     sig_input, sig, message = signed_message(payload)
     assert results.BudgetReport(**report).to_payload() == payload
-    from sealedsum.sidecar.enclave.ledger import StreamLedger
-
-    core = enclave_core(policy, policy_bytes, code_digest, meas)
-    core.ledgers["wellbeing"] = StreamLedger(policy.streams["wellbeing"], 2, bytes.fromhex(heads["wellbeing"]))
+    core = enclave_core(m.policy, m.policy_bytes, m.code_digest, m.meas)
+    core.ledgers["wellbeing"] = StreamLedger(m.policy.streams["wellbeing"], 2,
+                                             bytes.fromhex(chains["wellbeing"]["head"]))
     assert core.answer(budget_request, BUDGET_AT_MS) == message
-    out["budget_report"] = {
+    return {
         "kind": "budget_report",
         "description": "The enclave's reply to budget_request.json: a signed message (kind 'budget') with the "
                        "stream's ledger (two releases of wellbeing, ledger.json), the request's nonce in hex, "
                        "and whether the stream is exhausted. Sent to the request's reply_to with its "
                        "correlation_id, type 'reply'.",
-        "enclave_ed25519_public": hexs(ed_pub),
+        "enclave_ed25519_public": hexs(m.ed_pub),
         "report": report,
         "payload": payload.decode("ascii"),
         "signing_input_hex": hexs(sig_input),
@@ -1000,13 +1159,6 @@ def build() -> dict[str, dict]:
         "amqp": {"exchange": "", "routing_key": "<the request's reply_to>",
                  "correlation_id": "<the request's correlation_id>", "type": "reply", "app_id": "sealedsum"},
     }
-
-    # -- sealed state --------------------------------------------------------------------------
-    out["sealed_state"] = build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width)
-
-    # -- rejections: a scripted session against the enclave core -------------------------
-    out["rejections"] = build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest, meas, chains)
-    return out
 
 
 def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
@@ -1098,7 +1250,6 @@ def build_packed_envelope(code_digest, n, width) -> dict:
     """A packed stream: its policy bytes, the layout, two records packed and encrypted, the
     first one's envelope, and the window total of both as the enclave folds and unpacks it."""
     from phe import paillier
-
     from sealedsum.common import wire
     from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
     from sealedsum.sidecar.enclave.aggregate import Window
@@ -1326,8 +1477,7 @@ def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width)
 def run_state_case(case, files, sealing_key, meas, checkpoints):
     import tempfile
 
-    from sealedsum.common.errors import SealingError
-    from sealedsum.common.errors import RollbackDetected
+    from sealedsum.common.errors import RollbackDetected, SealingError
     from sealedsum.sidecar.enclave_process.store import SealedStateStore
 
     class Counter:
@@ -1712,7 +1862,6 @@ def run_identity_session(steps, final, policy, policy_bytes, code_digest, meas):
 
 def enclave_keys():
     from phe import paillier
-
     from sealedsum.sidecar.enclave.keyring import EnclaveKeys
 
     public = paillier.PaillierPublicKey(PAILLIER_P * PAILLIER_Q)
