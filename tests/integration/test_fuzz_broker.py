@@ -4,7 +4,7 @@ documented order of checks gives (docs/protocol.md, section 11.1), nothing bad i
 the enclave never restarts, the valid records that follow are counted and released, and the
 enclave still attests.
 
-The unit fuzz tests (``tests/unit/test_fuzz.py``) explore the enclave core far more widely;
+The unit fuzz tests (``tests/unit/fuzz/``) explore the enclave core far more widely;
 this one checks the same promises through the real process, queues and dead-lettering.
 """
 

@@ -24,19 +24,30 @@ mutations reach the validation behind the sealed box.
 
 Runs are derandomized (the same cases every run, no example database). Each fuzz test declares
 how many cases it runs (``@fuzz_test(N)``, per parametrization) and fails unless Hypothesis ran
-exactly that many; ``test_fuzz_total`` checks that the declared cases of the whole module add up
-to at least 20,000 (whatever ``-k`` selected) and, when every fuzz test ran, that the cases run
-did. A wall-clock guard fails a test whose next case has not started within ``CASE_LIMIT_S``
-(a hang, or a pathologically slow input), and ends the process, with every thread's traceback,
-if a test is still running after ``TEST_LIMIT_S`` (a hang in C code that never returns to Python).
+exactly that many; ``test_fuzz_total`` checks that the declared cases of every fuzz module
+together add up to at least 20,000 (whatever ``-k`` or the command line selected: it imports
+them all) and, when every fuzz test ran in the session, that exactly those cases ran. A wall-clock
+guard fails a test whose next case has not started within ``CASE_LIMIT_S`` (a hang, or a
+pathologically slow input), and ends the process, with every thread's traceback, if a test is
+still running after ``TEST_LIMIT_S`` (a hang in C code that never returns to Python).
+
+This module is the machinery the fuzz tests share: the ``fuzz_test`` / ``fuzz`` decorators, the
+case counters and the guard's state, the mutation programs, where the fields of each layout
+are, the strict decoders, the JSON mutations and ``FuzzWorld`` (an enclave core with an oracle
+for ``on_record``). The tests are in ``tests/unit/fuzz/``, one module per target:
+``test_parsers.py``, ``test_attestation.py``, ``test_signed.py`` (signed results),
+``test_enclave.py`` (the enclave core) and ``test_total.py`` (the total above); the fixtures
+(the wall-clock guard, ``fw``, ``corpus``) are in its ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import faulthandler
 import functools
+import importlib
 import json
 import math
 import os
@@ -49,44 +60,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from nacl.public import PublicKey, SealedBox
 from phe import PaillierPublicKey
-
 from sealedsum.common import signing, wire
-from sealedsum.common.attestation import verify_attestation
 from sealedsum.common.errors import (
-    AttestationError,
     InvalidMessage,
-    InvalidResultSignature,
     RecordRejected,
     RejectReason,
 )
 from sealedsum.common.policy_parse import policy_from_bytes
 from sealedsum.common.results import (
-    BUDGET_KIND,
-    EXHAUSTED_KIND,
-    RESULT_KIND,
     BudgetExhausted,
     BudgetReport,
     Release,
     verify_signed,
 )
-from sealedsum.consumers.client import ResultVerifier
 from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.enclave.aggregate import ANONYMOUS
+
 from tests.conftest import World, make_policy, make_world, now_ms, stream_table
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
+# The fuzz test modules: tests/unit/fuzz/test_*.py.
+FUZZ_PACKAGE = "tests.unit.fuzz"
+FUZZ_DIR = Path(__file__).resolve().parent / "unit" / "fuzz"
 # A plaintext with the signed-envelope magic (producer identities) is never accepted here, as
 # no identity key is enrolled: it is malformed, or its signature or key is refused.
 IDENTITY_REASONS = frozenset({RejectReason.MALFORMED, RejectReason.BAD_SIGNATURE, RejectReason.UNKNOWN_PRODUCER,
                               RejectReason.REVOKED_PRODUCER})
 CASES: collections.Counter = collections.Counter()
-# Cases run per test (node id) in this session, as the ``fuzz`` wrapper measured them.
+# Cases run per test (``module::function``, all its parametrizations) in this session, as the
+# ``fuzz`` wrapper measured them.
 RAN: dict[str, int] = {}
+# Tests started per ``module::function`` in this session (one per parametrization), as the
+# wall-clock guard saw them begin: when every fuzz test started all of its, every one ran.
+STARTED: collections.Counter = collections.Counter()
 MIN_TOTAL_CASES = 20_000
 # No case takes more than a few hundred milliseconds, even on a loaded 2-core machine; a
 # test whose next case has not begun this long after the previous one is hanging.
@@ -102,7 +113,8 @@ class FuzzTimeout(BaseException):
 
 
 class _Guard:
-    nodeid = ""
+    nodeid = ""  # the running test's node id (for messages)
+    test = ""  # and its ``module::function`` (a key of RAN)
     declared: int | None = None
     last = 0.0
     slowest = 0.0
@@ -138,7 +150,7 @@ def fuzz(max_examples: int):
             before = sum(CASES.values())
             test(*args, **kwargs)
             ran = sum(CASES.values()) - before
-            RAN[_Guard.nodeid] = RAN.get(_Guard.nodeid, 0) + ran
+            RAN[_Guard.test] = RAN.get(_Guard.test, 0) + ran
             assert ran == max_examples, f"Hypothesis ran {ran} cases, not the {max_examples} this test declares"
         return run
     return decorate
@@ -165,15 +177,23 @@ def real_stderr(config):
         return sys.stderr
 
 
-@pytest.fixture(autouse=True)
-def wall_clock_guard(request):
-    """Fails the test (FuzzTimeout) when no case began for CASE_LIMIT_S; ends the process
-    (faulthandler, every thread's traceback on stderr) when the test runs past TEST_LIMIT_S."""
+def fuzz_key(module: str, function: str) -> str:
+    """How RAN and ``planned_cases`` name a test: ``module::function`` (all its parametrizations)."""
+    return f"{module}::{function}"
+
+
+@contextlib.contextmanager
+def wall_clock(request):
+    """Around one test (the ``wall_clock_guard`` fixture): fails it (FuzzTimeout) when no case
+    began for CASE_LIMIT_S; ends the process (faulthandler, every thread's traceback on stderr)
+    when the test runs past TEST_LIMIT_S."""
     def on_alarm(_signum, _frame):
         raise FuzzTimeout(f"{request.node.nodeid}: no new fuzz case within {CASE_LIMIT_S:.0f} s "
                           f"(after {sum(CASES.values())} cases in this session): a case hangs or is far too slow")
 
     _Guard.nodeid, _Guard.declared = request.node.nodeid, getattr(request.function, "fuzz_cases", None)
+    _Guard.test = fuzz_key(request.module.__name__, request.function.__name__)
+    STARTED[_Guard.test] += 1
     _Guard.last = time.monotonic()
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, CASE_LIMIT_S)
@@ -584,9 +604,9 @@ class FuzzWorld:
 
     def envelope(self, stream: str, choice: int = 0, **changes) -> bytes:
         """A valid envelope for ``stream`` now, as raw bytes (``changes`` edit fields)."""
-        fields = dict(name=stream.encode(), rid=self.fresh_id(), pid=self.producers[choice % 3], epoch=1,
-                      sent=self.clock, window=0, width=self.width,
-                      cts=list(self.pool[stream][choice % len(self.pool[stream])]))
+        fields = {"name": stream.encode(), "rid": self.fresh_id(), "pid": self.producers[choice % 3], "epoch": 1,
+                  "sent": self.clock, "window": 0, "width": self.width,
+                  "cts": list(self.pool[stream][choice % len(self.pool[stream])])}
         fields.update(changes)
         return raw_envelope(**fields)
 
@@ -750,567 +770,31 @@ def raw_envelope(name: bytes, rid: bytes, pid: bytes, epoch: int, sent: int, win
             + struct.pack(">HH", count, width) + body)
 
 
-@pytest.fixture
-def fw(small_keys) -> FuzzWorld:
-    return FuzzWorld(small_keys)
+# == the total over every fuzz module ===========================================================
+def fuzz_modules() -> list:
+    """Every fuzz test module (``tests/unit/fuzz/test_*.py``), imported whether or not this
+    session collected it (pytest imported the collected ones under the same names)."""
+    return [importlib.import_module(f"{FUZZ_PACKAGE}.{path.stem}") for path in sorted(FUZZ_DIR.glob("test_*.py"))]
 
 
-@pytest.fixture(scope="module")
-def corpus(small_keys) -> dict[str, list[Seed]]:
-    """Valid messages of every kind: from the test vectors and from a live enclave core."""
-    w = FuzzWorld(small_keys)
-    e = w.enclave
-    nonce = os.urandom(32)
-    reply = e.attest(wire.AttestRequest(nonce).to_bytes())
-    parsed = wire.AttestReply.from_bytes(reply)
-    releases = []
-    for name, values in VALUES.items():
-        sealer = RecordSealer(w.attested)
-        for i in range(8):
-            sealer = RecordSealer(w.attested) if i % 2 == 0 else sealer
-            out = e.on_record(sealer.seal(name, values[i % len(values)], now_ms=w.clock).body, w.clock)
-            assert out.rejection is None
-            releases += out.publish
-        releases += e.on_tick(w.clock + 60_000).publish
-    assert {p.stream for p in releases} == set(STREAMS)
-    report = e.answer(wire.BudgetRequest(nonce, "m").to_bytes(), w.clock)
-    signed = [bytes.fromhex(vector(v)["message_hex"]) for v in
-              ("result_laplace", "result_gaussian", "result_histogram", "budget_exhausted", "budget_report")]
-    signed += [p.body for p in releases] + [report]
-    envelopes = [bytes.fromhex(vector(v)["envelope_hex"]) for v in
-                 ("envelope_dim1", "envelope_dim3", "envelope_histogram", "envelope_vector")]
-    envelopes += [w.envelope(name) for name in STREAMS]
-    signed_envelopes = [w.signed_envelope(name) for name in STREAMS]
-    identity = RecordSealer(w.attested, identity=Ed25519PrivateKey.generate(), check_enrollment=False)
-    signed_envelopes.append(w.keys.open_sealed_box(identity.seal("v", VALUES["v"][0], now_ms=w.clock).body))
-    raw = {
-        "envelope": envelopes,
-        "key_bundle": [bytes.fromhex(vector("keys")["bundle_hex"]), parsed.keys],
-        "quote": [bytes.fromhex(vector("quote")["quote_hex"]), parsed.quote],
-        "attest_request": [bytes.fromhex(vector("attest_request")["request_hex"]), wire.AttestRequest(nonce).to_bytes()],
-        "attest_reply": [bytes.fromhex(vector("attest_reply")["reply_hex"]), reply],
-        "budget_request": [bytes.fromhex(vector("budget_request")["request_hex"])]
-                          + [wire.BudgetRequest(nonce, s).to_bytes() for s in ("s", "a" * 64, "A-_9")],
-        "signed_message": signed,
-        "signed_envelope": signed_envelopes,
-    }
-    out = {name: [Seed(name, d, PARSERS[name][2](d)) for d in datas] for name, datas in raw.items()}
-    for name, datas in raw.items():
-        for d in datas:
-            assert decode_strictly(name, d) is not None, name
-    out["policy"] = [Seed("policy", bytes.fromhex(vector("policy")["canonical_hex"])), Seed("policy", e.policy_bytes)]
-    payloads = {"release": [], "budget_exhausted": [], "budget_report": []}
-    kinds = {RESULT_KIND: "release", EXHAUSTED_KIND: "budget_exhausted", BUDGET_KIND: "budget_report"}
-    for body in signed:
-        payload = wire.SignedMessage.from_bytes(body).payload
-        payloads[kinds[json.loads(payload)["kind"]]].append(Seed("payload", payload))
-    out.update(payloads)
-    out["_world"] = w
-    return out
+def fuzz_tests() -> dict[str, object]:
+    """Every test function of the fuzz modules (selected or not), by ``module::function``."""
+    return {fuzz_key(module.__name__, name): test for module in fuzz_modules()
+            for name, test in vars(module).items() if name.startswith("test_") and callable(test)}
 
 
-# == 1. parsers =================================================================================
-ARBITRARY_PER_PARSER = 300
-MUTATIONS_PER_PARSER = 500
-
-
-@fuzz_test(ARBITRARY_PER_PARSER)
-@pytest.mark.parametrize("name", list(PARSERS) + ["policy"] + list(PAYLOADS))
-def test_parsers_on_arbitrary_bytes(name):
-    """300 cases per decoder (12 decoders): random bytes, half of them behind the right magic."""
-    magic = PARSERS[name][1] if name in PARSERS else b"{\"" if name == "policy" else b"{\"kind\":\""
-
-    @fuzz(ARBITRARY_PER_PARSER)
-    @given(st.booleans(), st.binary(max_size=600))
-    def run(prefixed, data):
-        count(f"parser-arbitrary-{name}")
-        data = magic + data if prefixed else data
-        if name in PARSERS:
-            decode_strictly(name, data)
-        elif name == "policy":
-            decode_policy(data)
-        else:
-            decode_payload(PAYLOADS[name], data)
-
-    run()
-
-
-@fuzz_test(MUTATIONS_PER_PARSER)
-@pytest.mark.parametrize("name", list(PARSERS))
-def test_binary_parsers_on_mutated_messages(corpus, name):
-    """500 cases per binary decoder (8 decoders): valid messages after mutations."""
-    seeds = corpus[name]
-    pool = tuple(s.data for s in seeds) + tuple(s.data for s in corpus["signed_message"][:2])
-
-    @fuzz(MUTATIONS_PER_PARSER)
-    @given(st.sampled_from(seeds).flatmap(lambda s: mutated(s, pool)))
-    def run(data):
-        count(f"parser-mutated-{name}")
-        decode_strictly(name, data)
-
-    run()
-    for seed in seeds:  # and the originals still decode
-        assert decode_strictly(name, seed.data) is not None
-
-
-POLICY_MUTATIONS = 1200
-PAYLOAD_MUTATIONS = 500
-
-
-@fuzz_test(POLICY_MUTATIONS)
-def test_policy_parser_on_mutated_policies(corpus):
-    """1,200 cases: policy documents with edited, deleted, added and renamed keys, values of
-    every type, huge numbers, deep nesting and byte-level damage."""
-    docs = [json.loads(s.data) for s in corpus["policy"]]
-
-    @fuzz(POLICY_MUTATIONS)
-    @given(st.sampled_from(docs).flatmap(json_text))
-    def run(data):
-        count("parser-policy-json")
-        decode_policy(data)
-
-    run()
-
-
-@fuzz_test(PAYLOAD_MUTATIONS)
-@pytest.mark.parametrize("name", list(PAYLOADS))
-def test_payload_parsers_on_mutated_payloads(corpus, name):
-    """500 cases per signed-payload decoder (3 decoders)."""
-    docs = [json.loads(s.data) for s in corpus[name]]
-
-    @fuzz(PAYLOAD_MUTATIONS)
-    @given(st.sampled_from(docs).flatmap(json_text))
-    def run(data):
-        count(f"parser-payload-{name}")
-        decode_payload(PAYLOADS[name], data)
-
-    run()
-
-
-# == 2. attestation ============================================================================
-ATTESTATION_CASES = 1500
-
-
-@fuzz_test(ATTESTATION_CASES)
-def test_verify_attestation_on_mutated_replies(small_keys, other_keys):
-    """1,500 cases: a real reply, mutated byte by byte or field by field (other nonce, digest,
-    keys, policy or quote, quotes signed by another platform): only ``AttestationError``s, and
-    success only for the untouched reply."""
-    w = make_world(small_keys, make_policy(STREAMS))
-    other = make_world(other_keys)
-    nonce = os.urandom(32)
-    genuine = w.enclave.attest(wire.AttestRequest(nonce).to_bytes())
-    parsed = wire.AttestReply.from_bytes(genuine)
-    at = wire.Quote.from_bytes(parsed.quote).issued_at_ms + 1_000
-    baseline = verify_attestation(genuine, nonce, w.trust, at)
-    foreign = other.enclave.attest(wire.AttestRequest(nonce).to_bytes())
-    replay = w.enclave.attest(wire.AttestRequest(os.urandom(32)).to_bytes())
-    pool = (genuine, foreign, replay, parsed.keys, parsed.policy, parsed.quote)
-    seed = Seed("attest_reply", genuine, attest_reply_fields(genuine))
-    policy_doc = json.loads(parsed.policy)
-    keys_seed = Seed("key_bundle", parsed.keys, key_bundle_fields(parsed.keys))
-    quote_seed = Seed("quote", parsed.quote, QUOTE_FIELDS)
-    other_quote = wire.AttestReply.from_bytes(foreign).quote
-
-    @st.composite
-    def structured(draw):
-        fields = dict(nonce=parsed.nonce, code_digest=parsed.code_digest, keys=parsed.keys, policy=parsed.policy,
-                      quote=parsed.quote)
-        for part in draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=3, unique=True)):
-            if part == "nonce":
-                fields[part] = draw(st.sampled_from([bytes(32), parsed.code_digest]) | st.binary(min_size=32, max_size=32))
-            elif part == "code_digest":
-                fields[part] = draw(st.binary(min_size=32, max_size=32) | st.just(parsed.nonce))
-            elif part == "keys":
-                fields[part] = draw(mutated(keys_seed, pool) | st.just(other_keys.bundle_bytes))
-            elif part == "policy":
-                fields[part] = draw(json_text(policy_doc) | st.just(other.enclave.policy_bytes))
-            else:
-                fields[part] = draw(mutated(quote_seed, pool) | st.just(other_quote)
-                                    | st.just(other.platform.quote(w.measurement, parsed.quote[36:68])))
-        return wire.AttestReply(**fields).to_bytes()
-
-    @fuzz(ATTESTATION_CASES)
-    @given(mutated(seed, pool) | structured())
-    def run(reply):
-        count("verify-attestation")
-        try:
-            result = verify_attestation(reply, nonce, w.trust, at)
-        except AttestationError:
-            assert reply != genuine
-            return
-        assert reply == genuine and result == baseline
-
-    run()
-    assert verify_attestation(genuine, nonce, w.trust, at) == baseline
-
-
-# == 3. signed results ============================================================================
-SIGNED_CASES = 1500
-RESIGNED_CASES = 1000
-
-
-@fuzz_test(SIGNED_CASES)
-def test_verify_signed_on_mutated_releases(corpus, other_keys):
-    """1,500 cases: real releases, notices and budget reports, mutated byte by byte, with
-    edited payloads under the original signature, or signed by another key: only
-    ``InvalidResultSignature`` / ``InvalidMessage``, success only for the genuine bytes."""
-    w: FuzzWorld = corpus["_world"]
-    mine = w.attested.measurement.hex()
-    genuine = {s.data for s in corpus["signed_message"]
-               if json.loads(wire.SignedMessage.from_bytes(s.data).payload)["measurement"] == mine}
-    seeds = [s for s in corpus["signed_message"] if s.data in genuine]
-    pool = tuple(s.data for s in corpus["signed_message"])
-    verifier = ResultVerifier(w.attested)
-    expected = {body: verify_signed(body, w.attested, (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND)) for body in genuine}
-    assert len(expected) >= 6
-
-    @st.composite
-    def structured(draw):
-        seed = draw(st.sampled_from(seeds))
-        message = wire.SignedMessage.from_bytes(seed.data)
-        how = draw(st.sampled_from(["payload", "other-key", "signature"]))
-        if how == "payload":
-            return wire.SignedMessage(draw(json_text(json.loads(message.payload))), message.signature).to_bytes()
-        if how == "other-key":
-            payload = draw(json_text(json.loads(message.payload)) | st.just(message.payload))
-            return wire.SignedMessage(payload, other_keys.sign(signing.RESULT, payload)).to_bytes()
-        sig = draw(st.binary(min_size=64, max_size=64) | mutated(Seed("sig", message.signature)))
-        return wire.SignedMessage(message.payload, sig[:64].ljust(64, b"\0")).to_bytes()
-
-    @fuzz(SIGNED_CASES)
-    @given(st.sampled_from(seeds).flatmap(lambda s: mutated(s, pool)) | structured())
-    def run(body):
-        count("verify-signed")
-        try:
-            parsed = verify_signed(body, w.attested, (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND))
-        except (InvalidResultSignature, InvalidMessage):
-            assert body not in genuine
-        else:
-            assert expected.get(body) == parsed
-        rejected = verifier.rejected
-        try:
-            parsed = verifier.verify(body)
-        except (InvalidResultSignature, InvalidMessage):
-            assert verifier.rejected == rejected + 1
-            assert body not in genuine or isinstance(expected[body], BudgetReport)
-        else:
-            assert verifier.rejected == rejected and expected.get(body) == parsed
-            assert not isinstance(parsed, BudgetReport)
-
-    run()
-    for body in genuine:
-        assert verify_signed(body, w.attested, (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND)) == expected[body]
-
-
-@fuzz_test(RESIGNED_CASES)
-def test_verify_signed_on_resigned_mutated_payloads(corpus):
-    """1,000 cases: mutated payloads signed with the enclave's own key, so that the checks
-    behind the signature run: only ``InvalidMessage`` / ``InvalidResultSignature``, and a
-    success is a well-formed message of the attested enclave."""
-    w: FuzzWorld = corpus["_world"]
-    docs = [json.loads(wire.SignedMessage.from_bytes(s.data).payload) for s in corpus["signed_message"]]
-    kinds = (RESULT_KIND, EXHAUSTED_KIND, BUDGET_KIND)
-
-    @fuzz(RESIGNED_CASES)
-    @given(st.sampled_from(docs).flatmap(json_text))
-    def run(payload):
-        count("verify-signed-resigned")
-        body = wire.SignedMessage(payload, w.keys.sign(signing.RESULT, payload)).to_bytes()
-        try:
-            parsed = verify_signed(body, w.attested, kinds)
-        except (InvalidResultSignature, InvalidMessage):
-            return
-        assert parsed.kind in kinds
-        assert parsed.measurement == w.attested.measurement.hex()
-        assert type(parsed).from_payload(parsed.to_payload()) == parsed
-
-    run()
-
-
-# == 4. the enclave core ===========================================================================
-ARBITRARY_RECORDS = 1200
-FLIPPED_BOXES = 1200
-RESEALED_ENVELOPES = 3000
-FIELD_EDITS = 3000
-RPC_CASES = 1000
-
-
-@fuzz_test(ARBITRARY_RECORDS)
-def test_on_record_arbitrary_bytes(fw):
-    """1,200 cases: random bodies of every size up to four times the size limit."""
-    limit = fw.enclave.size_limit
-    bodies = (st.binary(max_size=limit + 64)
-              | st.builds(lambda n, b: bytes([b]) * n, st.integers(limit - 2, 4 * limit), st.integers(0, 255))
-              | st.builds(lambda head, n: head + bytes(n), st.binary(max_size=64), st.integers(0, limit + 8)))
-
-    @fuzz(ARBITRARY_RECORDS)
-    @given(bodies, st.integers(0, 2_000))
-    def run(body, advance):
-        count("on-record-arbitrary")
-        fw.tick(advance)
-        fw.deliver(body, fw.expected(len(body), fw.plaintext_of(body), fw.clock))
-
-    run()
-    fw.still_works()
-
-
-@fuzz_test(FLIPPED_BOXES)
-def test_on_record_mutated_sealed_boxes(fw):
-    """1,200 cases: valid sealed records (every stream), mutated: they are undecryptable or
-    too large, unless the mutation gave back a valid body."""
-    names = sorted(STREAMS)
-    pool_plaintexts = [fw.envelope(name) for name in names]
-    pool = tuple(fw.seal(p) for p in pool_plaintexts)
-    known: dict[bytes, bytes] = dict(zip(pool, pool_plaintexts))
-
-    @fuzz(FLIPPED_BOXES)
-    @given(st.sampled_from(names), st.integers(0, 5), programs(), st.integers(0, 2_000))
-    def run(stream, choice, program, advance):
-        count("on-record-flipped-box")
-        fw.tick(advance)
-        plaintext = fw.envelope(stream, choice)
-        original = fw.seal(plaintext)
-        known[original] = plaintext
-        body = apply_program(Seed("box", original, ((0, 32), (32, 16), (48, 4), (len(original) - 16, 16))),
-                             program, pool)
-        plaintext = known.get(body)
-        expected = fw.expected(len(body), plaintext, fw.clock)
-        if plaintext is None:
-            assert expected in (RejectReason.TOO_LARGE, RejectReason.UNDECRYPTABLE)
-        fw.deliver(body, expected)
-
-    run()
-    fw.still_works()
-
-
-@fuzz_test(RESEALED_ENVELOPES)
-def test_on_record_resealed_mutated_envelopes(fw):
-    """3,000 cases: valid envelopes (and arbitrary plaintexts, and envelopes signed by a key
-    the policy does not enroll) mutated at byte and field level, then sealed to the enclave,
-    so that the mutations reach the validation: the reason is the one the documented order of
-    checks gives."""
-    names = sorted(STREAMS)
-    pool = tuple(fw.envelope(name) for name in names)
-    limit = fw.enclave.size_limit
-    envelopes = st.tuples(st.sampled_from(names), st.integers(0, 5), programs(2, in_place=True))
-    signed = st.tuples(st.just("signed"), st.sampled_from(names), st.integers(0, 5), programs(2, in_place=True))
-    inputs = st.one_of(*[envelopes] * 4, signed, st.tuples(st.just("arbitrary"), st.binary(max_size=limit)))
-
-    @fuzz(RESEALED_ENVELOPES)
-    @given(inputs, st.integers(0, 2_000))
-    def run(what, advance):
-        count("on-record-resealed")
-        fw.tick(advance)
-        if what[0] == "arbitrary":
-            plaintext = what[1]
-        elif what[0] == "signed":  # signed by a key the policy does not enroll
-            _, stream, choice, program = what
-            original = fw.signed_envelope(stream, choice)
-            plaintext = apply_program(Seed("signed", original, signed_envelope_fields(original)), program, pool)
-        else:
-            stream, choice, program = what
-            original = fw.envelope(stream, choice)
-            # (the magic is left out of the field edits: the parser tests cover it)
-            plaintext = apply_program(Seed("envelope", original, envelope_fields(original)[1:]), program, pool)
-        body = fw.seal(plaintext)
-        fw.deliver(body, fw.expected(len(body), plaintext, fw.clock))
-
-    run()
-    # Past the parser: mutated records were counted, and rejected for many reasons.
-    assert fw.enclave.stats.accepted >= 200 and len(fw.enclave.stats.rejected) >= 10, fw.enclave.stats
-    fw.still_works()
-
-
-BAD_NAMES = [b"", b"S", b"nope", b"s ", b" s", b"s\n", b"s\x00", b"s.t", b"s*", b"#", b"x" * 64, b"y" * 65,
-             "é".encode(), b"\xff", b"-", b"_", b"s" * 255, b"v" * 2]
-SENT_AT = ["now", "-age", "-age-1", "-age+1", "+skew", "+skew+1", "+skew-1", 0, 1, 2**63, 2**64 - 1]
-WINDOWS = ["current", "current-1", "current+1", "current+2", 0, 1, 2, 2**63, 2**64 - 1]
-PRODUCERS = ["anonymous", "pool0", "pool1", "pool2", "fresh"]
-RECORD_IDS = ["replay", "zeros", "ones", "fresh"]
-WIDTHS = [0, 1, 2, "W-1", "W+1", "2W", 2048, 2049, 65535]
-COUNTS = [0, 1, 2, 3, 4, 5, 65535, "dim-1", "dim+1"]
-CIPHERTEXTS = ["0", "1", "n", "n-1", "n+1", "n2", "n2-1", "n2+1", "p", "q", "2p", "p2", "q3", "top",
-               "enc(-1)", "enc(n/2)", "enc(2^62)"]
-
-FIELD_STRATEGIES = {
-    "stream": st.sampled_from(BAD_NAMES) | st.binary(max_size=70),
-    "record_id": st.sampled_from(RECORD_IDS) | st.binary(min_size=16, max_size=16),
-    "producer_id": st.sampled_from(PRODUCERS) | st.binary(min_size=16, max_size=16),
-    "epoch": st.sampled_from([0, 2, 2**31, 2**32 - 1]) | st.integers(0, 2**32 - 1),
-    "sent_at": st.sampled_from(SENT_AT) | st.integers(-2_000_000, 2_000_000).map(lambda d: ("rel", d))
-               | st.integers(0, 2**64 - 1),
-    "window": st.sampled_from(WINDOWS) | st.integers(0, 6) | st.integers(0, 2**64 - 1),
-    "count": st.sampled_from(COUNTS),
-    "header_count": st.sampled_from([0, 1, 2, 3, 4, 65535]),
-    "width": st.sampled_from(WIDTHS),
-    "ciphertexts": st.lists(st.tuples(st.integers(0, 3), st.sampled_from(CIPHERTEXTS) | st.integers(min_value=0)),
-                            min_size=1, max_size=3),
-}
-# Zero to four fields edited at once (mostly few, so that many records pass and are counted).
-field_edits = st.lists(st.sampled_from(sorted(FIELD_STRATEGIES)), max_size=4, unique=True).flatmap(
-    lambda keys: st.fixed_dictionaries({k: FIELD_STRATEGIES[k] for k in keys}))
-
-
-def apply_edits(fw: FuzzWorld, stream: str, choice: int, edits: dict) -> bytes:
-    """A valid envelope for ``stream`` with ``edits`` (symbolic values resolved against the
-    enclave's current state)."""
-    e = fw.enclave
-    policy = e.policy.streams[stream]
-    age_ms, skew_ms = int(e.policy.max_record_age_seconds * 1000), int(e.policy.max_clock_skew_seconds * 1000)
-    f = dict(name=stream.encode(), rid=fw.fresh_id(), pid=fw.producers[choice % 3], epoch=1, sent=fw.clock,
-             window=0, width=fw.width, cts=list(fw.pool[stream][choice % len(fw.pool[stream])]))
-    if "stream" in edits:
-        f["name"] = edits["stream"][:255]
-    rid = edits.get("record_id")
-    if rid == "replay":
-        if fw.accepted_ids:
-            f["rid"] = fw.accepted_ids[choice % len(fw.accepted_ids)][1]
-    elif rid == "zeros":
-        f["rid"] = bytes(16)
-    elif rid == "ones":
-        f["rid"] = b"\xff" * 16
-    elif isinstance(rid, bytes):
-        f["rid"] = rid
-    pid = edits.get("producer_id")
-    if isinstance(pid, bytes):
-        f["pid"] = pid
-    elif pid == "anonymous":
-        f["pid"] = ANONYMOUS
-    elif pid == "fresh":
-        f["pid"] = fw.fresh_id()
-    elif pid is not None:
-        f["pid"] = fw.producers[int(pid[-1])]
-    if "epoch" in edits:
-        f["epoch"] = edits["epoch"]
-    sent = edits.get("sent_at", "now")
-    offsets = {"now": 0, "-age": -age_ms, "-age-1": -age_ms - 1, "-age+1": -age_ms + 1, "+skew": skew_ms,
-               "+skew+1": skew_ms + 1, "+skew-1": skew_ms - 1}
-    if isinstance(sent, str):
-        f["sent"] = fw.clock + offsets[sent]
-    elif isinstance(sent, tuple):
-        f["sent"] = max(fw.clock + sent[1], 0)
-    else:
-        f["sent"] = sent
-    window = edits.get("window", 0)
-    index = e.streams[stream].current.index
-    f["window"] = {"current": index, "current-1": index - 1, "current+1": index + 1,
-                   "current+2": index + 2}.get(window, window) if isinstance(window, str) else window
-    for i, value in edits.get("ciphertexts", ()):
-        value = fw.special[value] if isinstance(value, str) else value
-        f["cts"][i % len(f["cts"])] = value
-    width = edits.get("width", fw.width)
-    f["width"] = {"W-1": fw.width - 1, "W+1": fw.width + 1, "2W": 2 * fw.width}.get(width, width) \
-        if isinstance(width, str) else width
-    n = edits.get("count")
-    if n is not None:
-        n = {"dim-1": policy.dimension - 1, "dim+1": policy.dimension + 1}.get(n, n) if isinstance(n, str) else n
-        if n * max(f["width"], 1) <= 16 * fw.width:
-            f["cts"] = (f["cts"] * (n // len(f["cts"]) + 1))[:n]
-        else:  # a header that claims more than is there
-            f["cts"], f["count"] = f["cts"][:1], n
-    if "header_count" in edits:
-        f["count"] = edits["header_count"]
-    return raw_envelope(**f)
-
-
-@fuzz_test(FIELD_EDITS)
-def test_on_record_valid_records_with_edge_field_values(fw):
-    """3,000 cases: valid records of every stream with zero to all fields set to edge values
-    (stream names, record and producer ids, epochs, times, windows, counts, widths, and
-    ciphertexts such as 0, 1, n, n², multiples of p, encryptions of huge values): each is
-    accepted and counted once, or rejected for the reason the order of checks gives."""
-    names = sorted(STREAMS)
-
-    @fuzz(FIELD_EDITS)
-    @given(st.sampled_from(names), st.integers(0, 5), field_edits, st.integers(0, 2_000))
-    def run(stream, choice, edits, advance):
-        count("on-record-field-edits")
-        fw.tick(advance)
-        plaintext = apply_edits(fw, stream, choice, edits)
-        body = fw.seal(plaintext)
-        fw.deliver(body, fw.expected(len(body), plaintext, fw.clock))
-
-    run()
-    # The fuzzing reached every outcome: accepted, and every reason of an unsigned envelope
-    # sealed properly (so neither ``undecryptable`` nor, being small, ``too_large``).
-    reasons = set(fw.enclave.stats.rejected)
-    assert fw.enclave.stats.accepted > 100
-    assert reasons >= {"malformed", "unknown_stream", "wrong_epoch", "wrong_dimension", "bad_ciphertext",
-                       "duplicate", "expired", "from_future", "late_window", "future_window", "budget_exhausted",
-                       "contribution_limit"}, reasons
-    fw.still_works()
-
-
-@fuzz_test(RPC_CASES)
-def test_answer_on_hostile_requests(fw):
-    """1,000 cases: arbitrary bytes and mutated attestation and budget requests: the enclave
-    answers valid requests (and the answers verify) and raises ``InvalidMessage`` otherwise."""
-    e = fw.enclave
-    nonce = bytes(range(32))
-    seeds = [Seed("attest", wire.AttestRequest(nonce).to_bytes(), ATTEST_REQUEST_FIELDS)]
-    for name in ("s", "v", "h", "m", "nope", "a" * 64):
-        data = wire.BudgetRequest(nonce, name).to_bytes()
-        seeds.append(Seed("budget", data, budget_request_fields(data)))
-    pool = tuple(s.data for s in seeds)
-    requests = (st.sampled_from(seeds).flatmap(lambda s: mutated(s, pool))
-                | st.binary(max_size=200)
-                | st.builds(lambda m, b: m + b, st.sampled_from([wire.ATTEST_REQUEST_MAGIC, wire.BUDGET_REQUEST_MAGIC]),
-                            st.binary(max_size=120)))
-    answered = collections.Counter()
-
-    @fuzz(RPC_CASES)
-    @given(requests)
-    def run(request):
-        count("enclave-answer")
-        attestations = e.stats.attestations
-        try:
-            reply = e.answer(request, fw.clock)
-        except InvalidMessage:
-            assert e.stats.attestations == attestations
-            return
-        if request[:4] == wire.BUDGET_REQUEST_MAGIC:
-            req = wire.BudgetRequest.from_bytes(request)
-            report = verify_signed(reply, fw.attested, (BUDGET_KIND,))
-            assert (report.stream, report.nonce) == (req.stream, req.nonce.hex())
-            assert req.stream in STREAMS
-            answered["budget"] += 1
-        else:
-            req = wire.AttestRequest.from_bytes(request)
-            verify_attestation(reply, req.nonce, fw.world.trust, now_ms())
-            assert e.stats.attestations == attestations + 1
-            answered["attest"] += 1
-
-    run()
-    assert answered["budget"] and answered["attest"]
+def parametrizations(test) -> int:
+    """How many tests pytest makes of ``test`` (the product of its ``parametrize`` marks)."""
+    return math.prod(len(m.args[1]) for m in getattr(test, "pytestmark", []) if m.name == "parametrize")
 
 
 def planned_cases() -> dict[str, int]:
-    """Every fuzz test of this module (selected or not) and the cases it declares in all."""
-    out = {}
-    for name, test in globals().items():
-        if name.startswith("test_") and hasattr(test, "fuzz_cases"):
-            instances = math.prod(len(m.args[1]) for m in getattr(test, "pytestmark", []) if m.name == "parametrize")
-            out[name] = test.fuzz_cases * instances
-    return out
+    """Every fuzz test (selected or not) and the cases it declares in all (``@fuzz_test(N)``
+    times its parametrizations)."""
+    return {key: test.fuzz_cases * parametrizations(test) for key, test in fuzz_tests().items()
+            if hasattr(test, "fuzz_cases")}
 
 
-def test_fuzz_total():
-    """The module declares at least 20,000 cases; every fuzz test that ran ran all of its own
-    (also checked in each test); and when every one of them ran, they ran at least 20,000."""
-    planned = planned_cases()
-    undeclared = [n for n in globals() if n.startswith("test_") and n != "test_fuzz_total" and n not in planned]
-    assert not undeclared, f"fuzz tests without @fuzz_test(N) are not counted: {undeclared}"
-    assert sum(planned.values()) >= MIN_TOTAL_CASES, planned
-    ran: collections.Counter = collections.Counter()
-    for nodeid, n in RAN.items():
-        ran[nodeid.split("::")[-1].split("[")[0]] += n
-    partial = {name: (ran[name], n) for name, n in planned.items() if ran[name] != n}
-    print(f"\nfuzz cases: {sum(ran.values())} run, {sum(planned.values())} declared by the module; "
-          f"slowest gap between cases {_Guard.slowest * 1000:.0f} ms ({_Guard.slowest_where})")
-    for name, n in sorted(CASES.items()):
-        print(f"  {name:45s} {n:6d}")
-    # A test that ran only some of its parametrizations, or none (-k): nothing to add up.
-    assert all(r <= n for r, n in partial.values()), partial
-    if not partial:
-        assert sum(ran.values()) == sum(planned.values()) >= MIN_TOTAL_CASES, dict(CASES)
+def slowest_gap() -> str:
+    """The longest wait for a next case in this session, and in which test."""
+    return f"slowest gap between cases {_Guard.slowest * 1000:.0f} ms ({_Guard.slowest_where})"
