@@ -269,7 +269,8 @@ def unpacked_record_bytes(sealer, dim: int) -> int:
 
     width = sealer.enclave.keys.ciphertext_width
     env = wire.Envelope(stream=VEC_STREAM, record_id=os.urandom(wire.RECORD_ID_SIZE), key_epoch=1, sent_at_ms=0,
-                        window=0, width=width, ciphertexts=tuple([1] * dim), producer_id=sealer.producer_id)
+                        window=0, width=width, ciphertexts=tuple([1] * dim), producer_id=sealer.producer_id,
+                        plaintexts=tuple([0] * dim))
     return len(env.to_bytes()) + crypto_box_SEALBYTES
 
 

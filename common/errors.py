@@ -201,6 +201,9 @@ class RejectReason(str, enum.Enum):
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_PRODUCER = "unknown_producer"
     REVOKED_PRODUCER = "revoked_producer"
+    # A plaintext no honest producer could send, or a ciphertext that does not encrypt
+    # the plaintext the record states.
+    OUT_OF_RANGE = "out_of_range"
 
 
 class RecordRejected(SealedsumError):

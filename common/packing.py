@@ -23,14 +23,14 @@ apart, so a record of dimension ``d`` costs ``ceil(d / k)`` encryptions instead 
 The enclave folds packed ciphertexts exactly like unpacked ones, decrypts each packed
 total once, reads the slots back and adds ``count · lo_i`` (the offsets are linear, so
 the window's record count is all it needs, also when the totals of two key epochs are
-added around a rotation). The clamp and the noise of the release follow unchanged, per
-coordinate.
+added around a rotation). The noise of the release follows unchanged, per coordinate.
 
-A dishonest producer can encrypt any plaintext: slot values above the honest range carry
-into the neighbouring slots of *its window's* totals. That corrupts only totals it could
-already bias (by sending extreme values); the per-coordinate clamp after unpacking keeps
-the release inside the range honest records can produce, and no packed total is ever
-decrypted for fewer than ``min_batch`` records. It reveals nothing about other records.
+A dishonest producer can encrypt any plaintext, and a slot value above the honest range
+would carry into the neighbouring slot of the window's total (bits above the last slot
+would wrap it). That is why the enclave checks every record before it counts
+(``sealedsum.sidecar.enclave.validity``): each slot within ``[0, hi_i - lo_i]``, nothing above
+the last slot, and the ciphertexts encrypting exactly the stated plaintexts. A record that
+fails is dead-lettered ``out_of_range``; the width above then holds for every total.
 """
 
 from __future__ import annotations

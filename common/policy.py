@@ -126,11 +126,8 @@ class StreamPolicy:
         return list(zip(lo, hi))
 
     def coordinate_ranges(self, count: int) -> list[tuple[int, int]]:
-        """The range each fixed-point total can take for ``count`` honest records.
-
-        The enclave clamps decrypted totals to it, so a dishonest producer's value cannot
-        overflow the noise domain or move a total where honest ones could not.
-        """
+        """The range each fixed-point total can take for ``count`` records; for ``count = 1``,
+        what one record may hold, which the enclave checks every record against."""
         if self.kind == StreamKind.HISTOGRAM:
             return [(0, count)] * self.dimension
         if self.l2_bound is not None:

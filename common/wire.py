@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sealedsum.common import signing
 from sealedsum.common.errors import InvalidMessage
 
-ENVELOPE_MAGIC = b"SSE\x02"  # 2: producer_id after record_id
+ENVELOPE_MAGIC = b"SSE\x03"  # 2: producer_id after record_id; 3: each ciphertext's plaintext
 KEYS_MAGIC = b"SSK\x01"
 QUOTE_MAGIC = b"SSQ\x01"
 ATTEST_REQUEST_MAGIC = b"SSA\x01"
@@ -93,6 +93,11 @@ class _Reader:
             raise InvalidMessage(f"{self._what}: {len(self._data) - self._pos} trailing bytes")
 
 
+def plaintext_width(ciphertext_width: int) -> int:
+    """Bytes of one plaintext in an envelope: the byte length of n, half that of n² rounded up."""
+    return (ciphertext_width + 1) // 2
+
+
 def check_stream_name(name: str) -> str:
     if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
         raise InvalidMessage("stream name must be 1-64 characters of A-Z a-z 0-9 _ -")
@@ -104,9 +109,13 @@ class Envelope:
     """One record, as the producer builds it and the enclave reads it inside the sealed box.
 
     ``window`` 0 means "the stream's currently open window". ``ciphertexts`` are
-    Paillier ciphertexts (integers in [1, n²)), one per value, each ``width`` bytes.
-    ``producer_id`` names the contributor for per-producer contribution bounds (all
-    zeros: anonymous). It is asserted by the producer, not authenticated.
+    Paillier ciphertexts (integers in [1, n²)), one per value (or per packed plaintext),
+    each ``width`` bytes. ``plaintexts`` are what they encrypt, one per ciphertext, in
+    [0, n), each :func:`plaintext_width` bytes: the enclave checks them against the
+    stream's bounds, and that the ciphertexts it adds up encrypt exactly them, before a
+    record touches any total. ``producer_id`` names the contributor for per-producer
+    contribution bounds (all zeros: anonymous). It is asserted by the producer, not
+    authenticated.
     """
 
     stream: str
@@ -117,6 +126,7 @@ class Envelope:
     width: int
     ciphertexts: tuple[int, ...]
     producer_id: bytes = bytes(PRODUCER_ID_SIZE)
+    plaintexts: tuple[int, ...] = ()
 
     def to_bytes(self) -> bytes:
         check_stream_name(self.stream)
@@ -130,6 +140,9 @@ class Envelope:
             raise ValueError("epoch, time or window does not fit its field")
         if any(not 0 <= c < 1 << (8 * self.width) for c in self.ciphertexts):
             raise ValueError("a ciphertext does not fit the width")
+        pw = plaintext_width(self.width)
+        if len(self.plaintexts) != len(self.ciphertexts) or any(not 0 <= m < 1 << (8 * pw) for m in self.plaintexts):
+            raise ValueError(f"one plaintext per ciphertext, each fitting {pw} bytes")
         name = self.stream.encode("ascii")
         head = (
             ENVELOPE_MAGIC
@@ -139,7 +152,8 @@ class Envelope:
             + name
             + struct.pack(">HH", len(self.ciphertexts), self.width)
         )
-        return head + b"".join(c.to_bytes(self.width, "big") for c in self.ciphertexts)
+        return (head + b"".join(c.to_bytes(self.width, "big") for c in self.ciphertexts)
+                + b"".join(m.to_bytes(pw, "big") for m in self.plaintexts))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Envelope":
@@ -161,11 +175,15 @@ class Envelope:
         pos += 4
         if count == 0 or width == 0 or width > 2 * MAX_PAILLIER_MODULUS_BYTES:
             raise InvalidMessage("envelope: bad ciphertext count or width")
-        if len(data) != pos + count * width:
-            raise InvalidMessage("envelope: truncated" if len(data) < pos + count * width else
-                                 f"envelope: {len(data) - pos - count * width} trailing bytes")
+        pw = plaintext_width(width)
+        end = pos + count * (width + pw)
+        if len(data) != end:
+            raise InvalidMessage("envelope: truncated" if len(data) < end else
+                                 f"envelope: {len(data) - end} trailing bytes")
         cts = tuple(int.from_bytes(data[pos + i * width:pos + (i + 1) * width], "big") for i in range(count))
-        return cls(stream, bytes(record_id), key_epoch, sent_at_ms, window, width, cts, bytes(producer_id))
+        pos += count * width
+        ms = tuple(int.from_bytes(data[pos + i * pw:pos + (i + 1) * pw], "big") for i in range(count))
+        return cls(stream, bytes(record_id), key_epoch, sent_at_ms, window, width, cts, bytes(producer_id), ms)
 
 
 @dataclass(frozen=True, slots=True)

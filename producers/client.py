@@ -100,12 +100,16 @@ class RecordSealer:
         policy = self.stream(stream)
         encoded, n_clipped = policy.encode(list(values))
         # One encryption per plaintext: per value, or per ciphertexts_per_record packed ones.
-        cts = tuple(self.encryptor.encrypt(q) for q in policy.plaintexts(encoded))
+        # The enclave checks each plaintext against the stream's bounds, so it travels
+        # (sealed) beside its ciphertext, read in [0, n) as Paillier reads it.
+        plaintexts = tuple(q % self._paillier.n for q in policy.plaintexts(encoded))
+        cts = tuple(self.encryptor.encrypt(q) for q in plaintexts)
         rid = record_id if record_id is not None else os.urandom(wire.RECORD_ID_SIZE)
         envelope = wire.Envelope(
             stream=stream, record_id=rid, key_epoch=self.enclave.keys.epoch,
             sent_at_ms=now_ms if now_ms is not None else int(time.time() * 1000),
             window=window, width=self._width, ciphertexts=cts, producer_id=self.producer_id,
+            plaintexts=plaintexts,
         )
         plaintext = envelope.to_bytes()
         if self._identity is not None:

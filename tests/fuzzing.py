@@ -327,8 +327,10 @@ def envelope_fields(data: bytes) -> tuple[tuple[int, int], ...]:
     name_len = data[56]
     count, width = struct.unpack(">HH", data[57 + name_len: 61 + name_len])
     cts = tuple((61 + name_len + i * width, width) for i in range(min(count, 4)))
+    pw, after = wire.plaintext_width(width), 61 + name_len + count * width
+    plaintexts = tuple((after + i * pw, pw) for i in range(min(count, 4)))
     return ((0, 4), (4, 16), (20, 16), (36, 4), (40, 8), (48, 8), (56, 1), (57, name_len),
-            (57 + name_len, 2), (59 + name_len, 2)) + cts
+            (57 + name_len, 2), (59 + name_len, 2)) + cts + plaintexts
 
 
 def key_bundle_fields(data: bytes) -> tuple[tuple[int, int], ...]:
@@ -575,12 +577,14 @@ class FuzzWorld:
         self.publications: list = []
         self.accepted_ids: list[tuple[str, bytes]] = []
         self.producers = [bytes([i + 1]) * 16 for i in range(3)]
-        # Valid ciphertexts to reuse (one Paillier encryption costs milliseconds).
+        # Valid ciphertexts to reuse (one Paillier encryption costs milliseconds), and the
+        # plaintexts they encrypt, as an envelope states them.
         self.pool: dict[str, list[tuple[int, ...]]] = {}
+        self.plain: dict[str, list[tuple[int, ...]]] = {}
         for name, values in VALUES.items():
             policy = self.enclave.policy.streams[name]
-            self.pool[name] = [tuple(paillier.encrypt(q).ciphertext(be_secure=False) for q in policy.encode(v)[0])
-                               for v in values]
+            self.plain[name] = [tuple(q % self.n for q in policy.encode(v)[0]) for v in values]
+            self.pool[name] = [tuple(paillier.raw_encrypt(m) for m in ms) for ms in self.plain[name]]
         self.special = {
             "0": 0, "1": 1, "n": self.n, "n-1": self.n - 1, "n+1": self.n + 1, "n2": self.nsquare,
             "n2-1": self.nsquare - 1, "n2+1": self.nsquare + 1, "p": self.p, "q": self.q, "2p": 2 * self.p,
@@ -604,9 +608,10 @@ class FuzzWorld:
 
     def envelope(self, stream: str, choice: int = 0, **changes) -> bytes:
         """A valid envelope for ``stream`` now, as raw bytes (``changes`` edit fields)."""
+        pick = choice % len(self.pool[stream])
         fields = {"name": stream.encode(), "rid": self.fresh_id(), "pid": self.producers[choice % 3], "epoch": 1,
                   "sent": self.clock, "window": 0, "width": self.width,
-                  "cts": list(self.pool[stream][choice % len(self.pool[stream])])}
+                  "cts": list(self.pool[stream][pick]), "ms": list(self.plain[stream][pick])}
         fields.update(changes)
         return raw_envelope(**fields)
 
@@ -634,6 +639,8 @@ class FuzzWorld:
         if env.width != self.width or any(not 0 < c < self.nsquare or math.gcd(c, self.n) != 1
                                           for c in env.ciphertexts):
             return RejectReason.BAD_CIPHERTEXT
+        if not self.honest_plaintexts(policy, env.plaintexts):
+            return RejectReason.OUT_OF_RANGE
         state = e.streams[env.stream]
         if env.record_id in state.seen:
             return RejectReason.DUPLICATE
@@ -651,7 +658,25 @@ class FuzzWorld:
         if limit is not None and (env.producer_id == ANONYMOUS
                                   or state.current.contributors.get(env.producer_id, 0) >= limit):
             return RejectReason.CONTRIBUTION_LIMIT
+        if any(self.keys._paillier.raw_decrypt(c) != m for c, m in zip(env.ciphertexts, env.plaintexts)):
+            return RejectReason.OUT_OF_RANGE  # found by the check of the counted records
         return None
+
+    def honest_plaintexts(self, policy, plaintexts) -> bool:
+        """Whether an honest producer of ``policy`` could state these (protocol section 11.5),
+        written out here apart from the enclave's code."""
+        if any(not 0 <= m < self.n for m in plaintexts):
+            return False
+        values = [m - self.n if m > self.n // 2 else m for m in plaintexts]
+        if any(not lo <= v <= hi for v, (lo, hi) in zip(values, policy.coordinate_ranges(1))):
+            return False
+        if policy.kind == "histogram":
+            return sum(values) == 1
+        if policy.l2_bound is not None:
+            scaled, d = policy.l2_bound * (1 << policy.fraction_bits), policy.dimension
+            return (sum(v * v for v in values) <= (scaled + math.sqrt(d) / 2) ** 2
+                    and sum(abs(v) for v in values) <= math.ceil(math.sqrt(d) * scaled + d / 2))
+        return True
 
     # -- delivering one record and checking every invariant ---------------------------------------------
     def snapshot(self) -> dict:
@@ -762,10 +787,15 @@ def window_totals(window) -> tuple[int, ...]:
 
 
 def raw_envelope(name: bytes, rid: bytes, pid: bytes, epoch: int, sent: int, window: int, width: int,
-                 cts: list[int], count: int | None = None) -> bytes:
-    """Envelope bytes with no checks, so that any field can hold any value its size allows."""
+                 cts: list[int], count: int | None = None, ms: list[int] | None = None) -> bytes:
+    """Envelope bytes with no checks, so that any field can hold any value its size allows.
+    ``ms`` (the stated plaintexts, zeros by default) follow ``cts`` in length, repeated or cut."""
     count = len(cts) if count is None else count
+    ms = [0] if not ms else ms
+    ms = (ms * (len(cts) // len(ms) + 1))[:len(cts)]
+    pw = wire.plaintext_width(width)
     body = b"".join((c % (1 << (8 * width))).to_bytes(width, "big") for c in cts) if width else b""
+    body += b"".join((m % (1 << (8 * pw))).to_bytes(pw, "big") for m in ms) if pw else b""
     return (wire.ENVELOPE_MAGIC + rid + pid + struct.pack(">IQQB", epoch, sent, window, len(name)) + name
             + struct.pack(">HH", count, width) + body)
 

@@ -78,6 +78,18 @@ class Window:
         if self.opened_at_ms is None:
             self.opened_at_ms = now_ms
 
+    def unfold(self, epoch: int, public_key: PaillierPublicKey, ciphertexts: tuple[int, ...]) -> None:
+        """Take a folded record out again (its ciphertexts turned out not to encrypt what
+        it stated): multiply by their inverses, which exist since each is a unit mod n²."""
+        nsquare = public_key.nsquare
+        self.totals[epoch] = [gmpy2.f_mod(t * gmpy2.invert(c, nsquare), nsquare)
+                              for t, c in zip(self.totals[epoch], ciphertexts)]
+        if all(t == 1 for t in self.totals[epoch]):  # the identity: as if the epoch had added nothing
+            del self.totals[epoch]
+        self.count -= 1
+        if self.count == 0:
+            self.opened_at_ms = None
+
 
 @dataclass(slots=True)
 class StreamState:
@@ -101,10 +113,10 @@ class StreamState:
             raise RecordRejected(RejectReason.DUPLICATE, f"record id {envelope.record_id.hex()} seen already")
 
     def accept(self, envelope: wire.Envelope, public_key: PaillierPublicKey, forget_at_ms: int,
-               now_ms: int) -> Window | None:
-        """Fold one validated envelope in; return the window if this record closed it.
-
-        Call :meth:`check_duplicate` first.
+               now_ms: int) -> None:
+        """Fold one validated envelope into the open window. Call :meth:`check_duplicate`
+        first; when the window is :attr:`full`, :meth:`close` it (the enclave checks the
+        records it holds first, and may :meth:`withdraw` some).
 
         :raises RecordRejected: a window other than the open one, or a producer over its bound.
         """
@@ -126,9 +138,21 @@ class StreamState:
             self.current.contributors[envelope.producer_id] = already + 1
         self.remember(envelope.record_id, forget_at_ms)
         self.current.fold(envelope.key_epoch, public_key, envelope.ciphertexts, now_ms)
-        if self.current.count >= self.policy.max_window_records:
-            return self._close()
-        return None
+
+    def withdraw(self, envelope: wire.Envelope, public_key: PaillierPublicKey) -> None:
+        """Undo :meth:`accept` of a record of the open window: as if it had never come."""
+        self.current.unfold(envelope.key_epoch, public_key, envelope.ciphertexts)
+        self.seen.pop(envelope.record_id, None)  # its expiry entry finds nothing to drop later
+        if self.policy.max_records_per_producer is not None:
+            left = self.current.contributors[envelope.producer_id] - 1
+            if left:
+                self.current.contributors[envelope.producer_id] = left
+            else:
+                del self.current.contributors[envelope.producer_id]
+
+    @property
+    def full(self) -> bool:
+        return self.current.count >= self.policy.max_window_records
 
     def remember(self, record_id: bytes, forget_at_ms: int) -> None:
         """Count ``record_id`` as seen until ``forget_at_ms`` (also used to restore a checkpoint)."""
@@ -140,16 +164,17 @@ class StreamState:
         w = self.current
         if (self.policy.window_seconds is not None and w.opened_at_ms is not None
                 and now_ms - w.opened_at_ms >= self.policy.window_seconds * 1000):
-            return self._close()
+            return self.close()
         return None
 
     def forget_expired(self, now_ms: int) -> None:
         """Drop ids whose records would now be rejected as expired anyway."""
         while self._expiry and self._expiry[0][0] <= now_ms:
-            _, rid = heapq.heappop(self._expiry)
-            self.seen.pop(rid, None)
+            at, rid = heapq.heappop(self._expiry)
+            if self.seen.get(rid) == at:  # not a withdrawn record's entry for an id seen again since
+                del self.seen[rid]
 
-    def _close(self) -> Window:
+    def close(self) -> Window:
         closed = self.current
         self.current = Window.empty(self.policy, closed.index + 1)
         return closed

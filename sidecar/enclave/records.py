@@ -19,7 +19,8 @@ def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
     # Every epoch uses the policy's key size, so one width serves all of them.
     """The largest sealed record any stream of this policy can produce."""
     widest = max(s.ciphertexts_per_record for s in policy.streams.values())
-    return wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD + widest * keys.ciphertext_width
+    per_ciphertext = keys.ciphertext_width + wire.plaintext_width(keys.ciphertext_width)  # and its plaintext
+    return wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD + widest * per_ciphertext
 
 
 def open_record(

@@ -15,6 +15,7 @@ from sealedsum.common.results import BudgetExhausted, BudgetReport, KeyRotated, 
 from sealedsum.sidecar.enclave import noise
 from sealedsum.sidecar.enclave.aggregate import Window
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.validity import fits_noise_domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,7 @@ def sign(keys: EnclaveKeys, payload: bytes) -> bytes:
 
 
 def decrypted_totals(window: Window, policy: StreamPolicy, keyring: Keyring) -> list[int]:
-    """The window's fixed-point total per coordinate, before the clamp and the noise.
+    """The window's fixed-point total per coordinate, before the noise.
 
     One decryption per ciphertext slot and key epoch (two epochs only around a rotation):
     ``dimension`` of them, or ``ciphertexts_per_record`` for a packed stream, whose slots
@@ -75,10 +76,12 @@ def noised_release(
     """Decrypt the window's totals once, add noise, sign. Call only when ``count >= min_batch``
     and after the ledger has been charged (``budget`` is its state after this release)."""
     plan = policy.noise_plan()
-    plain = decrypted_totals(window, policy, keyring)
-    # Honest producers cannot leave this range; a dishonest one cannot push the total
-    # outside it either, nor overflow the 64-bit noise domain.
-    totals = [min(max(t, lo), hi) for t, (lo, hi) in zip(plain, policy.coordinate_ranges(window.count))]
+    totals = decrypted_totals(window, policy, keyring)
+    # Every counted record was checked (validity), so the totals lie where checked records
+    # can put them; this carries no privacy argument, it only refuses to noise a total
+    # outside the 64-bit noise domain should the enclave itself be wrong.
+    if not fits_noise_domain(totals, policy.coordinate_ranges(window.count)):
+        raise ArithmeticError(f"window {window.index} of {policy.name!r} decrypted outside the checked range")
     keys = keyring.current
     noised = noise.noisy_sum(plan, totals)
     if plan.count_scale is None:

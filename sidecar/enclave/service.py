@@ -11,13 +11,15 @@ The runtime learns what to do from these values only, never from the core's attr
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from sealedsum.common import wire
 from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
 from sealedsum.common.policy import EnclavePolicy, StreamPolicy
+from sealedsum.sidecar.enclave import validity
 from sealedsum.sidecar.enclave.aggregate import Window
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sealedsum.sidecar.enclave.state import Checkpoint, Closing, EnclaveState
@@ -124,6 +126,7 @@ class Enclave:
         # Closed windows charged to the ledger whose draw is not stored yet (see complete()).
         self._closing = self.state.closing
         self._size_limit = max_record_bytes(policy, self.keys)
+        self._checks = {name: validity.RecordCheck.of(stream) for name, stream in policy.streams.items()}
         self._draw_inline = draw_inline
         self.stats = Stats()
         if state is not None:
@@ -239,7 +242,9 @@ class Enclave:
         Returns the rejection instead of raising it, so batches can be opened at once.
         """
         try:
-            return OpenedRecord(*open_record(body, self.keyring, self.policy, self._size_limit))
+            envelope, stream, keys = open_record(body, self.keyring, self.policy, self._size_limit)
+            self._checks[stream.name].values(envelope.plaintexts, keys.paillier_public.n)
+            return OpenedRecord(envelope, stream, keys)
         except RecordRejected as rejection:
             return rejection
         except Exception as err:  # noqa: BLE001 - the enclave must never die on input
@@ -247,11 +252,42 @@ class Enclave:
             return RecordRejected(RejectReason.MALFORMED, f"internal error: {type(err).__name__}")
 
     def accept(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> Effects:
-        """Count an opened record into its window (or refuse it); what ``open`` returned.
+        """Count one opened record into its window (or refuse it): :meth:`accept_batch` of one."""
+        return self.accept_batch([opened], now_ms)[0]
+
+    def accept_batch(self, opened: Sequence[OpenedRecord | RecordRejected], now_ms: int) -> list[Effects]:
+        """Count opened records (what ``open`` returned) into their windows in order, or
+        refuse them; one :class:`Effects` per record.
 
         A counted record's effects ask for a checkpoint (its id and contribution must be
-        durable before its delivery is acknowledged); a refused one's carry the rejection.
+        durable before its delivery is acknowledged); a refused one's carry the rejection
+        (and may carry other effects too, such as a window another record closed). Records
+        are counted, then checked together (:func:`validity.mismatched`: their ciphertexts
+        must encrypt the plaintexts ``open`` checked) before a window closes and at the end
+        of the batch; a record that lies is taken out again and refused ``out_of_range``,
+        as if it had never come.
         """
+        results: list[Effects] = []
+        unchecked: list[tuple[int, OpenedRecord, int]] = []  # (index, record, forget_at)
+        for item in opened:
+            i = len(results)
+            counted = self._count(item, now_ms)
+            if isinstance(counted, Effects):
+                results.append(counted)
+                continue
+            results.append(Effects(checkpoint=True))
+            unchecked.append((i, item, counted))
+            state = self.streams[item.stream.name]
+            if state.full:
+                self._settle(unchecked, results)
+                if state.full:  # record i was not the liar, or the window would not be full
+                    results[i] |= self._close([state.close()], now_ms)
+        self._settle(unchecked, results)
+        return results
+
+    def _count(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> Effects | int:
+        """Count a record into its window unchecked: its replay horizon (``forget_at``), or
+        the effects of its refusal."""
         try:
             if isinstance(opened, RecordRejected):
                 raise opened
@@ -263,7 +299,7 @@ class Enclave:
                                      f"stream {stream.name!r} has spent its privacy budget")
             check_age(envelope, self.policy, now_ms)
             forget_at = envelope.sent_at_ms + int((self.policy.max_record_age_seconds + 1) * 1000)
-            closed = state.accept(envelope, keys.paillier_public, forget_at, now_ms)
+            state.accept(envelope, keys.paillier_public, forget_at, now_ms)
             self.state.new_seen.append((stream.name, envelope.record_id, forget_at))
         except RecordRejected as rejection:
             self.stats.rejected[rejection.reason.value] += 1
@@ -274,7 +310,38 @@ class Enclave:
             self.stats.rejected[rejection.reason.value] += 1
             return Effects(rejection=rejection)
         self.stats.accepted += 1
-        return Effects(checkpoint=True) | (self._close([closed], now_ms) if closed else NOTHING)
+        return forget_at
+
+    def _settle(self, unchecked: list[tuple[int, OpenedRecord, int]], results: list[Effects]) -> None:
+        """Check the records counted since the last check, per stream and key epoch (their
+        ciphertexts against their plaintexts, coordinate by coordinate), and take out the
+        ones that lie."""
+        groups: dict[tuple[str, int], list[tuple[int, OpenedRecord, int]]] = {}
+        for member in unchecked:
+            groups.setdefault((member[1].stream.name, member[1].keys.epoch), []).append(member)
+        unchecked.clear()
+        for members in groups.values():
+            keys = members[0][1].keys
+            liars = validity.mismatched(
+                [validity.Member(m.envelope.ciphertexts, m.envelope.plaintexts, m.envelope.record_id)
+                 for _, m, _ in members], keys.paillier_public.n, keys.nsquare, keys.decrypt_product)
+            for k in liars:
+                i, record, forget_at = members[k]
+                self._withdraw(record, forget_at)
+                rejection = RecordRejected(RejectReason.OUT_OF_RANGE,
+                                           "its ciphertexts do not encrypt the plaintexts it states")
+                results[i] = dataclasses.replace(results[i], rejection=rejection)
+
+    def _withdraw(self, record: OpenedRecord, forget_at: int) -> None:
+        envelope = record.envelope
+        self.streams[record.stream.name].withdraw(envelope, record.keys.paillier_public)
+        entry = (record.stream.name, envelope.record_id, forget_at)
+        for k in range(len(self.state.new_seen) - 1, -1, -1):  # it is near the end: this batch's
+            if self.state.new_seen[k] == entry:
+                del self.state.new_seen[k]
+                break
+        self.stats.accepted -= 1
+        self.stats.rejected[RejectReason.OUT_OF_RANGE.value] += 1
 
     def on_tick(self, now_ms: int) -> Effects:
         """Close windows whose time is up; forget record ids past the replay horizon; retire

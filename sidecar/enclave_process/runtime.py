@@ -258,28 +258,29 @@ class EnclaveRuntime:
             later = self._opener.submit(lambda: [self.enclave.open(part) for part in bodies[half:]])
             opened = [self.enclave.open(part) for part in bodies[:half]]
             opened += later.result()
-        records = iter(opened)
+        results = iter(self.enclave.accept_batch(opened, now))
         for method, kind, body, parts in deliveries:
             if isinstance(parts, RecordRejected):  # a batch that does not parse: dead-lettered whole
                 self._dead_letter(body, parts)
             else:
                 batched = kind == wire.RECORD_BATCH_TYPE
                 for i, part in enumerate(parts):
-                    self._account(method, part, self.enclave.accept(next(records), now), i if batched else None)
+                    self._account(method, part, next(results), i if batched else None)
             self._unacked.append(method.delivery_tag)
             if len(self._unacked) >= self.ack_batch:
                 self.flush()
 
     def _account(self, method, body: bytes, effects: Effects, index: int | None) -> None:
         """Carry out one record's refusal at once; owe the rest to the next flush."""
+        self._owe(effects)  # a refused record's effects may still hold a window another one closed
         r = effects.rejection
         if r is None:
-            self._owe(effects)
-        elif r.reason.value == "duplicate" and method.redelivered:
+            return
+        if r.reason.value == "duplicate" and method.redelivered:
             # Our own ack was lost: this record is already counted.
             log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
-        else:
-            self._dead_letter(body, r, index)
+            return
+        self._dead_letter(body, r, index)
 
     def _dead_letter(self, body: bytes, r: RecordRejected, index: int | None = None) -> None:
         """Publish a rejected record with its reason, confirmed before its delivery is acked."""

@@ -77,7 +77,7 @@ def test_forged_signatures_and_borrowed_ids_are_refused(signed_world):
     w = signed_world
     alice_pk = ALICE.public_key().public_bytes_raw()
     env = wire.Envelope("s", os.urandom(16), w.attested.keys.epoch, now_ms(), 0, w.attested.keys.ciphertext_width,
-                        (1,), wire.producer_id_of(alice_pk)).to_bytes()
+                        (1,), wire.producer_id_of(alice_pk), (0,)).to_bytes()
     # Mallory signs but claims Alice's key.
     forged = wire.SignedEnvelope(alice_pk, signing.sign(MALLORY, signing.ENVELOPE, env), env).to_bytes()
     # Alice's genuine signature, over an envelope altered afterwards.

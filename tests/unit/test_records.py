@@ -28,6 +28,8 @@ def envelope(world: World, **fields) -> wire.Envelope:
     base = dict(stream="s", record_id=os.urandom(wire.RECORD_ID_SIZE), key_epoch=keys.epoch,
                 sent_at_ms=NOW, window=0, width=keys.ciphertext_width, ciphertexts=(valid_ct(world),))
     base.update(fields)
+    # What valid_ct encrypts, one per ciphertext: tests of other checks state the truth.
+    base.setdefault("plaintexts", (7,) * len(base["ciphertexts"]))
     return wire.Envelope(**base)
 
 
@@ -215,9 +217,9 @@ def test_bad_ciphertexts(world):
     assert_rejected(world, seal_env(world, width=width + 1), RejectReason.BAD_CIPHERTEXT)
     assert_rejected(world, seal_env(world, width=width + 1, ciphertexts=(1,)), RejectReason.BAD_CIPHERTEXT)
     assert_rejected(world, seal_env(world, width=width - 1, ciphertexts=(1,)), RejectReason.BAD_CIPHERTEXT)
-    # The edges of the valid range are accepted: 1 (an encryption of 0) and n²-1 (a unit).
-    accept(world, seal_env(world, ciphertexts=(1,)))
-    accept(world, seal_env(world, ciphertexts=(nsq - 1,)))
+    # The edges of the valid range are accepted: 1 and n²-1 = (-1)^n, both encryptions of 0.
+    accept(world, seal_env(world, ciphertexts=(1,), plaintexts=(0,)))
+    accept(world, seal_env(world, ciphertexts=(nsq - 1,), plaintexts=(0,)))
 
 
 def test_one_bad_coordinate_rejects_the_whole_record(small_keys):
@@ -354,7 +356,10 @@ ENVELOPE_FIELDS = {
     "name": ((57, 58), {RejectReason.MALFORMED, RejectReason.UNKNOWN_STREAM}),
     "count": ((58, 60), {RejectReason.MALFORMED}),
     "width": ((60, 62), {RejectReason.MALFORMED}),
-    "ciphertext": ((62, None), {ACCEPTED, RejectReason.BAD_CIPHERTEXT}),
+    # A changed ciphertext no longer encrypts the plaintext the record states (or is no unit).
+    "ciphertext": ((62, 62 + 256), {RejectReason.OUT_OF_RANGE, RejectReason.BAD_CIPHERTEXT}),
+    # A changed plaintext is out of the stream's range, or not what the ciphertext encrypts.
+    "plaintext": ((62 + 256, None), {RejectReason.OUT_OF_RANGE}),
 }
 
 
@@ -390,7 +395,7 @@ def test_tamper_matrix_resealed_specific_flips(big_window):
     w = big_window
 
     def flipped(i, mask):
-        t = bytearray(envelope(w, ciphertexts=(1,)).to_bytes())  # fresh id; ciphertext 1 = Enc(0)
+        t = bytearray(envelope(w, ciphertexts=(1,), plaintexts=(0,)).to_bytes())  # fresh id; 1 = Enc(0)
         t[i] ^= mask
         return w.enclave.on_record(seal_bytes(w, bytes(t)), NOW)
 
@@ -400,8 +405,13 @@ def test_tamper_matrix_resealed_specific_flips(big_window):
     assert flipped(55, 0x01).rejection is None  # window 1 is the open one
     assert flipped(40, 0x80).rejection.reason is RejectReason.FROM_FUTURE
     assert flipped(39, 0x04).rejection.reason is RejectReason.WRONG_EPOCH
-    assert flipped(len(envelope(w).to_bytes()) - 1, 0x01).rejection.reason is RejectReason.BAD_CIPHERTEXT  # 1 -> 0
-    assert flipped(len(envelope(w).to_bytes()) - 1, 0x02).rejection is None  # 1 -> 3, a unit mod n²
+    last_ct = 62 + w.attested.keys.ciphertext_width - 1
+    assert flipped(last_ct, 0x01).rejection.reason is RejectReason.BAD_CIPHERTEXT  # 1 -> 0
+    # 1 -> 3: a unit mod n², but not an encryption of the stated 0.
+    assert flipped(last_ct, 0x02).rejection.reason is RejectReason.OUT_OF_RANGE
+    assert flipped(len(envelope(w).to_bytes()) - 1, 0x01).rejection.reason is RejectReason.OUT_OF_RANGE  # states 1
+    assert flipped(62 + w.attested.keys.ciphertext_width, 0x80).rejection.reason is RejectReason.OUT_OF_RANGE  # far out
+    assert w.enclave.streams["s"].current.count == 1  # only the window-1 flip above
 
 
 # -- windows and releases ----------------------------------------------------------------

@@ -92,7 +92,8 @@ def test_an_envelope_naming_another_epoch_than_its_box_is_refused():
     record = sealer.seal("s", [1.0, 1.0], now_ms=T0)
     from nacl.public import PublicKey, SealedBox
 
-    inner = wire.Envelope("s", os.urandom(16), 1, T0, 0, new.keys.ciphertext_width, (1, 1), sealer.producer_id)
+    inner = wire.Envelope("s", os.urandom(16), 1, T0, 0, new.keys.ciphertext_width, (1, 1), sealer.producer_id,
+                         (0, 0))
     box = SealedBox(PublicKey(new.keys.x25519)).encrypt(inner.to_bytes())  # new key, old epoch number
     assert e.on_record(box, T0).rejection.reason is RejectReason.WRONG_EPOCH
     assert e.on_record(record.body, T0).rejection is None

@@ -60,8 +60,11 @@ REQUIRED_KINDS = {
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
     "too_large", "undecryptable", "malformed", "bad_signature", "revoked_producer", "unknown_producer",
-    "unknown_stream", "wrong_epoch", "wrong_dimension", "bad_ciphertext", "duplicate", "budget_exhausted",
-    "expired", "from_future", "late_window", "future_window", "contribution_limit",
+    # out_of_range twice: the plaintexts against the stream after bad_ciphertext, and last, for
+    # the records counted together, that their ciphertexts encrypt them (protocol section 11.5).
+    "unknown_stream", "wrong_epoch", "wrong_dimension", "bad_ciphertext", "out_of_range", "duplicate",
+    "budget_exhausted",
+    "expired", "from_future", "late_window", "future_window", "contribution_limit", "out_of_range",
 ]
 
 
@@ -364,7 +367,13 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
     assert raw[off["stream_len"]] == len(name) and raw[off["stream"]:off["stream"] + len(name)] == name
     assert int.from_bytes(raw[off["count"]:off["count"] + 2], "big") == len(env.ciphertexts)
     assert int.from_bytes(raw[off["width"]:off["width"] + 2], "big") == env.width
-    assert len(raw) == off["ciphertexts"] + len(env.ciphertexts) * env.width
+    pw = (env.width + 1) // 2  # a plaintext's bytes: those of n
+    assert pw == (keys_vector()["paillier_n_bits"] + 7) // 8 == wire.plaintext_width(env.width)
+    assert off["plaintexts"] == off["ciphertexts"] + len(env.ciphertexts) * env.width
+    assert len(raw) == off["plaintexts"] + len(env.ciphertexts) * pw
+    assert env.plaintexts == tuple(int(m, 16) for m in v["paillier_plaintexts"]) == tuple(
+        int.from_bytes(raw[off["plaintexts"] + i * pw:off["plaintexts"] + (i + 1) * pw], "big")
+        for i in range(len(env.ciphertexts)))
 
     # Clipping and encoding, as the producer does it for the stream's kind.
     policy, _ = vector_policy()
@@ -400,7 +409,8 @@ def check_envelope(v: dict, tmp_path, monkeypatch) -> None:
         assert keys.decrypt_total(c) == value
         assert private.public_key.raw_encrypt(m, r_value=r) == c
         assert (1 + n * m) * pow(r, n, n * n) % (n * n) == c
-    for bad in (raw[:-1], raw + b"\x00", b"SSE\x01" + raw[4:], b"SSE\x03" + raw[4:]):
+    for bad in (raw[:-1], raw + b"\x00", b"SSE\x02" + raw[4:], b"SSE\x04" + raw[4:],
+                raw[:off["plaintexts"]]):  # the layout of version 2: no plaintexts
         with pytest.raises(InvalidMessage):
             wire.Envelope.from_bytes(bad)
 
@@ -451,7 +461,8 @@ def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     assert env.record_id == h(e["record_id"]) and env.window == e["window"] and env.width == e["width"]
     assert env.ciphertexts == tuple(int(ct, 16) for ct in v["records"][0]["ciphertexts"])
     assert int.from_bytes(raw[e["offsets"]["count"]:e["offsets"]["count"] + 2], "big") == c
-    assert len(raw) == e["offsets"]["ciphertexts"] + c * e["width"]
+    assert env.plaintexts == tuple(int(m, 16) for m in v["records"][0]["paillier_plaintexts"])
+    assert len(raw) == e["offsets"]["ciphertexts"] + c * (e["width"] + wire.plaintext_width(e["width"]))
 
     # The window: folded by the enclave's own code, decrypted once per ciphertext, unpacked.
     t = v["window_total"]
@@ -472,12 +483,12 @@ def check_packed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     box = SealedBox(PrivateKey(h(keys_vector()["x25519_private"])).public_key)
     assert core.on_record(box.encrypt(raw), e["sent_at_ms"]).rejection is None
     unpacked = wire.Envelope(env.stream, bytes(16), env.key_epoch, env.sent_at_ms, 0, env.width,
-                             env.ciphertexts[:1] * s.dimension, env.producer_id)
+                             env.ciphertexts[:1] * s.dimension, env.producer_id, env.plaintexts[:1] * s.dimension)
     out = core.on_record(box.encrypt(unpacked.to_bytes()), e["sent_at_ms"])
     assert out.rejection is not None and out.rejection.reason is RejectReason.TOO_LARGE  # 40 > 2 ciphertexts
     for count, reason in ((c + 1, RejectReason.TOO_LARGE), (1, RejectReason.WRONG_DIMENSION)):
         other = wire.Envelope(env.stream, bytes(16), env.key_epoch, env.sent_at_ms, 0, env.width,
-                              (env.ciphertexts[0],) * count, env.producer_id)
+                              (env.ciphertexts[0],) * count, env.producer_id, (env.plaintexts[0],) * count)
         out = core.on_record(box.encrypt(other.to_bytes()), e["sent_at_ms"])
         assert out.rejection.reason is reason, count
 
@@ -568,7 +579,7 @@ def check_signed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     producer_id = hashlib.sha256(h(v["producer_id_input_hex"])).digest()[:wire.PRODUCER_ID_SIZE]
     assert producer_id == h(v["producer_id"]) == wire.producer_id_of(public_key)
 
-    # The envelope inside: an ordinary SSE\x02 envelope carrying that producer id.
+    # The envelope inside: an ordinary SSE\x03 envelope carrying that producer id.
     env_bytes = h(v["envelope_hex"])
     env = wire.Envelope.from_bytes(env_bytes)
     assert env.to_bytes() == env_bytes
@@ -633,8 +644,10 @@ def check_signed_envelope(v: dict, tmp_path, monkeypatch) -> None:
     mine = wire.SignedEnvelope.from_bytes(SealedBox(PrivateKey(sk)).decrypt(record.body))
     assert mine.public_key == public_key
     signing.verify(public_key, signing.ENVELOPE, mine.envelope, mine.signature, error=InvalidMessage, what="envelope")
-    header = len(env_bytes) - env.width * len(env.ciphertexts)
+    header = len(env_bytes) - (env.width + wire.plaintext_width(env.width)) * len(env.ciphertexts)
     assert mine.envelope[:header] == env_bytes[:header]
+    assert mine.envelope[-len(env.plaintexts) * wire.plaintext_width(env.width):] == \
+        env_bytes[-len(env.plaintexts) * wire.plaintext_width(env.width):]  # the same plaintext, stated
     assert private.raw_decrypt(wire.Envelope.from_bytes(mine.envelope).ciphertexts[0]) == v["encoded"][0]
 
 

@@ -327,10 +327,14 @@ def fixed_r(label: str, n: int) -> int:
 
 
 def envelope(stream: str, record_id: bytes, epoch: int, sent_at_ms: int, window: int, width: int,
-             cts: list[int], magic: bytes = b"SSE\x02", producer_id: bytes = ANONYMOUS) -> bytes:
+             cts: list[int], magic: bytes = b"SSE\x03", producer_id: bytes = ANONYMOUS, *,
+             ms: list[int]) -> bytes:
+    """SSE\\x03: the head, the ciphertexts, then the plaintext of each, ceil(width / 2) bytes."""
     name = stream.encode("ascii")
+    pw = (width + 1) // 2
     return (magic + record_id + producer_id + u32(epoch) + u64(sent_at_ms) + u64(window) + bytes([len(name)])
-            + name + u16(len(cts)) + u16(width) + b"".join(c.to_bytes(width, "big") for c in cts))
+            + name + u16(len(cts)) + u16(width) + b"".join(c.to_bytes(width, "big") for c in cts)
+            + b"".join(m.to_bytes(pw, "big") for m in ms))
 
 
 def seal(recipient_pk: bytes, message: bytes, ephemeral_sk: bytes = EPHEMERAL_X25519_PRIVATE):
@@ -825,7 +829,7 @@ def build_attest_reply(m: Shared) -> dict:
 
 
 def build_envelope(m: Shared, stream, values, record_id, window, r_labels, producer_id=ANONYMOUS) -> dict:
-    """An SSE\\x02 envelope of ``values`` for ``stream``, encrypted with the fixed r of ``r_labels``."""
+    """An SSE\\x03 envelope of ``values`` for ``stream``, encrypted with the fixed r of ``r_labels``."""
     from phe import paillier
     from sealedsum.common import wire
 
@@ -840,16 +844,18 @@ def build_envelope(m: Shared, stream, values, record_id, window, r_labels, produ
     for pm, r, c in zip(ms, rs, cts):
         assert paillier.PaillierPublicKey(n).raw_encrypt(pm, r_value=r) == c
         assert paillier_decrypt(PAILLIER_P, PAILLIER_Q, c) == pm
-    env = envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, cts, producer_id=producer_id)
+    env = envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, cts, producer_id=producer_id, ms=ms)
     assert wire.Envelope(stream, record_id, KEY_EPOCH, SENT_AT_MS, window, width, tuple(cts),
-                         producer_id).to_bytes() == env
+                         producer_id, tuple(ms)).to_bytes() == env
     name_len = len(stream)
     return {
         "kind": "envelope",
-        "description": "SSE\\x02 record envelope (the plaintext inside the sealed box). Values are clipped "
+        "description": "SSE\\x03 record envelope (the plaintext inside the sealed box). Values are clipped "
                        "and encoded by the stream's kind (box, L2 ball or one-hot histogram bucket); "
                        "ciphertexts are Paillier with g = n+1 under keys.json, c = (1 + n*m) * r^n mod n^2, "
-                       "big-endian, ciphertext_width bytes each. producer_id all zeros = anonymous.",
+                       "big-endian, ciphertext_width bytes each; then each ciphertext's plaintext m in [0, n) "
+                       "(negative values as n - |v|), big-endian, ceil(ciphertext_width / 2) bytes each. "
+                       "producer_id all zeros = anonymous.",
         "stream": stream,
         "stream_kind": s.kind,
         "record_id": hexs(record_id),
@@ -869,7 +875,7 @@ def build_envelope(m: Shared, stream, values, record_id, window, r_labels, produ
         "offsets": {
             "magic": 0, "record_id": 4, "producer_id": 20, "key_epoch": 36, "sent_at_ms": 40, "window": 48,
             "stream_len": 56, "stream": 57, "count": 57 + name_len, "width": 59 + name_len,
-            "ciphertexts": 61 + name_len,
+            "ciphertexts": 61 + name_len, "plaintexts": 61 + name_len + len(cts) * width,
         },
         "envelope_hex": hexs(env),
     }
@@ -1047,9 +1053,10 @@ def build_budget_exhausted(m: Shared, chains: dict[str, dict]) -> dict:
     core = enclave_core(m.policy, m.policy_bytes, m.code_digest, m.meas)
     session = []
     for i in range(6):
-        cts = [paillier_encrypt(n, 1 if b == i % 3 else 0, fixed_r(f"notice/{i}/{b}", n)) for b in range(3)]
+        ms = [1 if b == i % 3 else 0 for b in range(3)]
+        cts = [paillier_encrypt(n, pm, fixed_r(f"notice/{i}/{b}", n)) for b, pm in enumerate(ms)]
         e = envelope("visits", sha256(b"notice record %d" % i)[:16], KEY_EPOCH, SENT_AT_MS, 0, m.width, cts,
-                     producer_id=sha256(b"notice producer %d" % (i % 2))[:16])
+                     producer_id=sha256(b"notice producer %d" % (i % 2))[:16], ms=ms)
         session.append({"body_hex": hexs(seal(m.x_pub, e)[2]),
                         "now_ms": CLOSED_AT_MS if i == 5 else SENT_AT_MS + 1000 + i})
         outcome = core.on_record(bytes.fromhex(session[-1]["body_hex"]), session[-1]["now_ms"])
@@ -1182,9 +1189,10 @@ def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
     assert encoded == [1_130_496] and s.encode(values)[0] == encoded
     r = fixed_r("r/signed/0", n)
     cts = [paillier_encrypt(n, encoded[0], r)]
-    env = envelope("purchases", RECORD_ID_S, KEY_EPOCH, SENT_AT_MS, 0, width, cts, producer_id=producer_id)
+    env = envelope("purchases", RECORD_ID_S, KEY_EPOCH, SENT_AT_MS, 0, width, cts, producer_id=producer_id,
+                   ms=encoded)
     assert wire.Envelope("purchases", RECORD_ID_S, KEY_EPOCH, SENT_AT_MS, 0, width, tuple(cts),
-                         producer_id).to_bytes() == env
+                         producer_id, tuple(encoded)).to_bytes() == env
     sig_input, sig = ed25519_sign(seed, ENVELOPE_SIGNATURE_LABEL, env)
     wrapped = b"SSI\x01" + public_key + sig + env
     assert wrapped == signed_envelope(seed, env) and len(wrapped) == 100 + len(env)
@@ -1213,7 +1221,7 @@ def build_signed_envelope(policy, code_digest, x_pub, n, width) -> dict:
             assert core.streams["purchases"].current.count == 1
     return {
         "kind": "signed_envelope",
-        "description": "A record signed with a producer identity key (RFC 8032 TEST 3): the envelope (SSE\\x02, "
+        "description": "A record signed with a producer identity key (RFC 8032 TEST 3): the envelope (SSE\\x03, "
                        "producer_id = SHA-256('sealedsum/v1/producer-id' 0x00 || public key)[0:16]), the "
                        "Ed25519 signature over 'sealedsum/v1/envelope' 0x00 || envelope, the wrapper SSI\\x01 || "
                        "public key || signature || envelope, and crypto_box_seal(wrapper) made with a fixed "
@@ -1301,9 +1309,10 @@ def build_packed_envelope(code_digest, n, width) -> dict:
 
     # The first record's envelope: two ciphertexts for forty values.
     cts0 = [int(ct, 16) for ct in records[0]["ciphertexts"]]
-    env = envelope("updates", RECORD_ID_P, KEY_EPOCH, SENT_AT_MS, 0, width, cts0, producer_id=PRODUCER_A)
+    ms0 = [int(pm, 16) for pm in records[0]["paillier_plaintexts"]]
+    env = envelope("updates", RECORD_ID_P, KEY_EPOCH, SENT_AT_MS, 0, width, cts0, producer_id=PRODUCER_A, ms=ms0)
     assert wire.Envelope("updates", RECORD_ID_P, KEY_EPOCH, SENT_AT_MS, 0, width, tuple(cts0),
-                         PRODUCER_A).to_bytes() == env
+                         PRODUCER_A, tuple(ms0)).to_bytes() == env
 
     # The window of both records: ciphertexts multiplied mod n^2, each total decrypted once,
     # the slots read back, count · lo added.
@@ -1346,7 +1355,8 @@ def build_packed_envelope(code_digest, n, width) -> dict:
         "envelope": {
             "record_id": hexs(RECORD_ID_P), "producer_id": hexs(PRODUCER_A), "key_epoch": KEY_EPOCH,
             "sent_at_ms": SENT_AT_MS, "window": 0, "width": width,
-            "offsets": {"count": 57 + name_len, "width": 59 + name_len, "ciphertexts": 61 + name_len},
+            "offsets": {"count": 57 + name_len, "width": 59 + name_len, "ciphertexts": 61 + name_len,
+                        "plaintexts": 61 + name_len + len(cts0) * width},
             "envelope_hex": hexs(env),
         },
         "window_total": {
@@ -1389,7 +1399,7 @@ def build_sealed_state(policy, policy_bytes, code_digest, meas, x_pub, n, width)
 
     def record(i):
         e = envelope("purchases", sha256(b"state record %d" % i)[:16], KEY_EPOCH, SENT_AT_MS, 0, width,
-                     [paillier_encrypt(n, 1000 * (i + 1), fixed_r(f"state/{i}", n))])
+                     [paillier_encrypt(n, 1000 * (i + 1), fixed_r(f"state/{i}", n))], ms=[1000 * (i + 1)])
         return seal(x_pub, e)[2]
 
     for i in range(2):
@@ -1522,8 +1532,9 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     """Records and ticks fed in order to sealedsum.sidecar.enclave.service.Enclave, with the outcome
     each must have. Pins the reasons, the order of the checks, and what gets published."""
     purchases = policy.streams["purchases"]
-    size_limit = 48 + 100 + (4 + 16 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + max(s.dimension for s in policy.streams.values()) * width
-    assert size_limit == 1041
+    widest = max(s.dimension for s in policy.streams.values())
+    size_limit = 48 + 100 + (4 + 16 + 16 + 4 + 8 + 8 + 1 + 64 + 2 + 2) + widest * (width + (width + 1) // 2)
+    assert size_limit == 1425
 
     def ct(label: str, m: int = 1_000_000) -> int:
         return paillier_encrypt(n, m, fixed_r(label, n))
@@ -1531,11 +1542,14 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     def rid(i) -> bytes:
         return hashlib.sha256(f"record {i}".encode()).digest()[:16]
 
-    def env(i, *, stream="purchases", epoch=KEY_EPOCH, sent=SENT_AT_MS, window=0, w=width, cts=None,
-            magic=b"SSE\x02", trailer=b"", producer=ANONYMOUS):
+    def env(i, *, stream="purchases", epoch=KEY_EPOCH, sent=SENT_AT_MS, window=0, w=width, cts=None, ms=None,
+            magic=b"SSE\x03", trailer=b"", producer=ANONYMOUS):
+        """Record ``i``: by default one ciphertext of 1,000,000 stating it; with ``cts`` and no
+        ``ms``, plaintexts 0 (for records refused before their plaintexts are looked at)."""
         if cts is None:
-            cts = [ct(f"rej/{i}")]
-        return envelope(stream, rid(i), epoch, sent, window, w, cts, magic, producer) + trailer
+            cts, ms = [ct(f"rej/{i}")], [1_000_000]
+        ms = [0] * len(cts) if ms is None else ms
+        return envelope(stream, rid(i), epoch, sent, window, w, cts, magic, producer, ms=ms) + trailer
 
     def sealed(e: bytes, pk: bytes = x_pub) -> str:
         return seal(pk, e)[2].hex()
@@ -1545,8 +1559,9 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
 
     def visit(i, who, bucket, **kw):
         """A visits record: one-hot in ``bucket`` of three, from producer ``who``."""
-        cts = [ct(f"rej/{i}/{b}", 1 if b == bucket else 0) for b in range(3)]
-        return env(i, stream="visits", cts=cts, producer=producer(who), **kw)
+        ms = [1 if b == bucket else 0 for b in range(3)]
+        cts = [ct(f"rej/{i}/{b}", pm) for b, pm in enumerate(ms)]
+        return env(i, stream="visits", cts=cts, ms=ms, producer=producer(who), **kw)
 
     other_pk = bindings.crypto_scalarmult_base(hashlib.sha256(b"another enclave").digest())
     good = sealed(env(1))
@@ -1554,7 +1569,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     flipped[60] ^= 0x01
     t0 = SENT_AT_MS + 1000
     steps = [
-        {"note": "larger than 48 + 225 + widest dimension * width = 1041 bytes: refused before opening",
+        {"note": "larger than 48 + 225 + widest dimension * (width + ceil(width / 2)) = 1425 bytes: refused "
+                 "before opening",
          "body_hex": "00" * (size_limit + 1), "now_ms": t0, "expect": "too_large"},
         {"note": "exactly the size limit, but not a sealed box", "body_hex": "00" * size_limit,
          "now_ms": t0, "expect": "undecryptable"},
@@ -1562,8 +1578,8 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
          "expect": "undecryptable"},
         {"note": "sealed to another X25519 key", "body_hex": sealed(env(2), other_pk), "now_ms": t0,
          "expect": "undecryptable"},
-        {"note": "envelope with version byte 1 (the layout before producer_id)",
-         "body_hex": sealed(env(3, magic=b"SSE\x01")), "now_ms": t0, "expect": "malformed"},
+        {"note": "envelope with version byte 2 (the layout before plaintexts)",
+         "body_hex": sealed(env(3, magic=b"SSE\x02")), "now_ms": t0, "expect": "malformed"},
         {"note": "envelope with a trailing byte", "body_hex": sealed(env(4, trailer=b"\x00")), "now_ms": t0,
          "expect": "malformed"},
         {"note": "envelope in the old layout, without producer_id (16 bytes short)",
@@ -1587,6 +1603,23 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
          "now_ms": t0, "expect": "bad_ciphertext"},
         {"note": "bad ciphertext and expired: ciphertexts are checked before age",
          "body_hex": sealed(env(13, cts=[0])), "now_ms": SENT_AT_MS + 10_000_000, "expect": "bad_ciphertext"},
+        {"note": "plaintext 6,553,601 = 100 + 2^-16 in fixed point, stated as it is: above purchases' upper "
+                 "bound 100 (6,553,600)", "body_hex": sealed(env(40, cts=[ct("rej/40", 6_553_601)], ms=[6_553_601])),
+         "now_ms": t0, "expect": "out_of_range"},
+        {"note": "plaintext n - 1, read as -1: below purchases' lower bound 0",
+         "body_hex": sealed(env(41, cts=[ct("rej/41", n - 1)], ms=[n - 1])), "now_ms": t0, "expect": "out_of_range"},
+        {"note": "plaintext floor(n / 2): where the signed reading of a total would wrap",
+         "body_hex": sealed(env(42, cts=[ct("rej/42", n // 2)], ms=[n // 2])), "now_ms": t0, "expect": "out_of_range"},
+        {"note": "out of range and expired: the plaintexts are checked before age",
+         "body_hex": sealed(env(43, cts=[ct("rej/43", 6_553_601)], ms=[6_553_601])),
+         "now_ms": SENT_AT_MS + 10_000_000, "expect": "out_of_range"},
+        {"note": "states 1,000,000 (in range) but its ciphertext encrypts 6,553,601: refused by the check of "
+                 "the counted records (their ciphertexts' product must decrypt to the sum of what they state)",
+         "body_hex": sealed(env(44, cts=[ct("rej/44", 6_553_601)], ms=[1_000_000])), "now_ms": t0,
+         "expect": "out_of_range"},
+        {"note": "the same lie, expired: age is checked before ciphertexts are compared with plaintexts",
+         "body_hex": sealed(env(45, cts=[ct("rej/45", 6_553_601)], ms=[1_000_000])),
+         "now_ms": SENT_AT_MS + 10_000_000, "expect": "expired"},
         {"note": "sent 900.001 s ago (max_record_age_seconds = 900)", "body_hex": sealed(env(14)),
          "now_ms": SENT_AT_MS + 900_001, "expect": "expired"},
         {"note": "sent 60.001 s in the future (max_clock_skew_seconds = 60)", "body_hex": sealed(env(15)),
@@ -1627,6 +1660,12 @@ def build_rejections(policy, policy_bytes, bundle, x_pub, n, width, code_digest,
     steps += [
         {"note": "visits window 1: first record of producer p1", "body_hex": v1, "now_ms": t1,
          "expect": "accepted"},
+        {"note": "two buckets set: not one-hot", "body_hex": sealed(env(
+            118, stream="visits", cts=[ct("rej/118/0", 1), ct("rej/118/1", 1), ct("rej/118/2", 0)], ms=[1, 1, 0],
+            producer=producer("p9"))), "now_ms": t1, "expect": "out_of_range"},
+        {"note": "no bucket set: not one-hot", "body_hex": sealed(env(
+            119, stream="visits", cts=[ct(f"rej/119/{b}", 0) for b in range(3)], ms=[0, 0, 0],
+            producer=producer("p9"))), "now_ms": t1, "expect": "out_of_range"},
         {"note": "p1 again in the same window (max_records_per_producer = 1)",
          "body_hex": sealed(visit(102, "p1", 1)), "now_ms": t1 + 1, "expect": "contribution_limit"},
         {"note": "p1 again, explicit window 2: the window checks come before the contribution limit",
@@ -1731,13 +1770,13 @@ def build_identity_session(x_pub, n, width, code_digest) -> dict:
     def rid(i) -> bytes:
         return hashlib.sha256(f"identity record {i}".encode()).digest()[:16]
 
-    def env(i, who=None, *, stream="purchases", epoch=KEY_EPOCH, producer=None, magic=b"SSE\x02", trailer=b"",
-            cts=None) -> bytes:
+    def env(i, who=None, *, stream="purchases", epoch=KEY_EPOCH, producer=None, magic=b"SSE\x03", trailer=b"",
+            cts=None, ms=None) -> bytes:
         """Record ``i`` with ``who``'s producer id (anonymous if None, or ``producer``)."""
         if cts is None:
-            cts = [paillier_encrypt(n, 1_000_000, fixed_r(f"id/{i}", n))]
+            cts, ms = [paillier_encrypt(n, 1_000_000, fixed_r(f"id/{i}", n))], [1_000_000]
         pid = producer if producer is not None else ids[who] if who else ANONYMOUS
-        return envelope(stream, rid(i), epoch, SENT_AT_MS, 0, width, cts, magic, pid) + trailer
+        return envelope(stream, rid(i), epoch, SENT_AT_MS, 0, width, cts, magic, pid, ms=ms) + trailer
 
     def signed(e: bytes, signer: str, key_of: str | None = None, label: bytes = ENVELOPE_SIGNATURE_LABEL) -> bytes:
         """``e`` signed by ``signer``; ``key_of`` puts another producer's public key in the wrapper."""
@@ -1747,8 +1786,9 @@ def build_identity_session(x_pub, n, width, code_digest) -> dict:
         return seal(x_pub, plaintext)[2].hex()
 
     def visit(i, who) -> bytes:
-        cts = [paillier_encrypt(n, 1 if b == 0 else 0, fixed_r(f"id/{i}/{b}", n)) for b in range(3)]
-        return env(i, who, stream="visits", cts=cts)
+        ms = [1 if b == 0 else 0 for b in range(3)]
+        cts = [paillier_encrypt(n, pm, fixed_r(f"id/{i}/{b}", n)) for b, pm in enumerate(ms)]
+        return env(i, who, stream="visits", cts=cts, ms=ms)
 
     alice_1 = signed(env(20, "alice"), "alice")
     altered = bytearray(alice_1)
@@ -1762,7 +1802,7 @@ def build_identity_session(x_pub, n, width, code_digest) -> dict:
         {"note": "alice's valid signature over an envelope with a trailing byte: the envelope is decoded "
                  "before the signature is checked", "body_hex": sealed(signed(env(1, "alice", trailer=b"\x00"),
                                                                             "alice")), "expect": "malformed"},
-        {"note": "a signed envelope inside a signed envelope: the signed bytes must be an SSE\\x02 envelope",
+        {"note": "a signed envelope inside a signed envelope: the signed bytes must be an SSE\\x03 envelope",
          "body_hex": sealed(signed(signed(env(2, "alice"), "alice"), "alice")), "expect": "malformed"},
         {"note": "magic SSI\\x02 (another wrapper version): neither a signed envelope nor an envelope",
          "body_hex": sealed(b"SSI\x02" + signed(env(3, "alice"), "alice")[4:]), "expect": "malformed"},
