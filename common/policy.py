@@ -136,15 +136,47 @@ class StreamPolicy:
         scale = 1 << self.fraction_bits
         return [(count * round(lo * scale), count * round(hi * scale)) for lo, hi in self._box()]
 
+    @property
+    def count_closed(self) -> bool:
+        """Whether windows close at ``window_records`` records. Their count is then public by
+        construction (every full window holds exactly that many), so their guarantee is for
+        neighbouring datasets that *replace* one privacy unit's records (replace-one), and the
+        sensitivities are those of a replacement. Windows closed by the clock alone give
+        add/remove DP: one unit's records present or absent."""
+        return self.window_records is not None
+
+    @property
+    def neighbouring(self) -> str:
+        """The neighbouring relation of the stream's guarantee: ``replace-one`` or ``add/remove``."""
+        return "replace-one" if self.count_closed else "add/remove"
+
     def sensitivities(self) -> tuple[int, float]:
-        """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit."""
+        """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit of ``k``
+        records, under the stream's neighbouring relation (:attr:`neighbouring`):
+
+        ========== ======================================== =========================================
+        kind       add/remove (one unit's records in or out) replace-one (one unit's records changed)
+        ========== ======================================== =========================================
+        box bounds ``k·Σ max(|l_i|, |u_i|)``, L2 alike       ``k·Σ (u_i − l_i)``, L2 alike
+        L2 ball    ``k·L1(C)``, ``k·L2(C)``                   ``2k·L1(C)``, ``2k·L2(C)``
+        histogram  ``k``, ``k``                               ``2k``, ``k·sqrt(2)``
+        ========== ======================================== =========================================
+
+        (``l_i``, ``u_i`` the fixed-point bounds; ``L1(C)``, ``L2(C)`` of
+        :func:`privacy.l2_ball_sensitivity`; a histogram unit moving its ``k`` records from
+        one bucket to another changes two buckets by ``k`` each.)
+        """
         k = self.contributions
+        replace = self.count_closed
         if self.kind == StreamKind.HISTOGRAM:
-            return k, float(k)
+            return (2 * k, k * math.sqrt(2)) if replace else (k, float(k))
         if self.l2_bound is not None:
             l1, l2 = privacy.l2_ball_sensitivity(self.l2_bound, self.fraction_bits, self.dimension)
-            return k * l1, k * l2
-        bounds = [privacy.fixed_bound(lo, hi, self.fraction_bits) for lo, hi in self._box()]
+            return (2 * k * l1, 2 * k * l2) if replace else (k * l1, k * l2)
+        if replace:
+            bounds = [hi - lo for lo, hi in self.coordinate_ranges(1)]
+        else:
+            bounds = [privacy.fixed_bound(lo, hi, self.fraction_bits) for lo, hi in self._box()]
         return k * privacy.sensitivity_l1(bounds), k * privacy.sensitivity_l2(bounds)
 
     def noise_plan(self) -> privacy.NoisePlan:

@@ -81,7 +81,7 @@ class Stats:
     windows_withheld: int = 0
     attestations: int = 0
 
-    def to_json(self, decryptions: int) -> dict:
+    def to_json(self, decryptions: int, checks: int) -> dict:
         return {
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
@@ -89,6 +89,7 @@ class Stats:
             "windows_withheld": self.windows_withheld,
             "attestations": self.attestations,
             "decryptions": decryptions,
+            "check_decryptions": checks,
         }
 
 
@@ -165,7 +166,7 @@ class Enclave:
         return self.keyring.seal(sealing_key, self.measurement)
 
     def stats_json(self) -> dict:
-        return self.stats.to_json(self.decryptions)
+        return self.stats.to_json(self.decryptions, self.keyring.checks)
 
     def rotate(self, now_ms: int) -> Effects:
         """New encryption keys; the old epoch drains for ``key_grace_seconds``.

@@ -168,10 +168,14 @@ def check_policy(v: dict, tmp_path, monkeypatch) -> None:
         k = expected["contributions"]
         assert stream.kind == expected["kind"] and stream.contributions == k
         if expected["coordinate_bounds_fixed"] is not None:
-            # Box bounds: per coordinate max(|round(lower·2^f)|, |round(upper·2^f)|).
+            # Box bounds, per coordinate: add/remove (time-closed windows) max(|round(lower·2^f)|,
+            # |round(upper·2^f)|); replace-one (count-closed) round(upper·2^f) - round(lower·2^f).
             box = zip(*(b if isinstance(b, tuple) else (b,) * stream.dimension for b in (stream.lower, stream.upper)))
-            assert [privacy.fixed_bound(lo, hi, stream.fraction_bits) for lo, hi in box] \
-                == expected["coordinate_bounds_fixed"]
+            scale = 1 << stream.fraction_bits
+            bound = ((lambda lo, hi: round(hi * scale) - round(lo * scale)) if stream.count_closed
+                     else (lambda lo, hi: privacy.fixed_bound(lo, hi, stream.fraction_bits)))
+            assert expected["neighbouring"] == stream.neighbouring
+            assert [bound(lo, hi) for lo, hi in box] == expected["coordinate_bounds_fixed"]
             assert expected["sensitivity_l1"] == k * sum(expected["coordinate_bounds_fixed"])
         assert stream.sensitivities() == (plan.sensitivity_l1, plan.sensitivity_l2)
         assert plan.sensitivity_l1 == expected["sensitivity_l1"]

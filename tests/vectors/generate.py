@@ -591,17 +591,23 @@ def noise_plan(s) -> dict:
 
     k = s.max_records_per_producer or 1
     f = s.fraction_bits
+    # Count-closed windows (window_records set): replace-one; time-closed: add/remove.
+    replace = s.window_records is not None
+    r = 2 if replace else 1
     if s.kind == "histogram":
-        bounds, l1, l2 = None, k, float(k)
+        bounds, l1, l2 = None, r * k, k * (math.sqrt(2) if replace else 1.0)
     elif s.l2_bound is not None:
         scaled = s.l2_bound * (1 << f)
         bounds = None
-        l1 = k * math.ceil(math.sqrt(s.dimension) * scaled + s.dimension / 2)
-        l2 = k * (scaled + math.sqrt(s.dimension) / 2)
+        l1 = r * k * math.ceil(math.sqrt(s.dimension) * scaled + s.dimension / 2)
+        l2 = r * k * (scaled + math.sqrt(s.dimension) / 2)
     else:
         lo = s.lower if isinstance(s.lower, tuple) else (s.lower,) * s.dimension
         hi = s.upper if isinstance(s.upper, tuple) else (s.upper,) * s.dimension
-        bounds = [max(abs(round(a * (1 << f))), abs(round(b * (1 << f)))) for a, b in zip(lo, hi)]
+        if replace:  # a unit's values replaced: each coordinate moves by at most its span
+            bounds = [round(b * (1 << f)) - round(a * (1 << f)) for a, b in zip(lo, hi)]
+        else:
+            bounds = [max(abs(round(a * (1 << f))), abs(round(b * (1 << f)))) for a, b in zip(lo, hi)]
         l1 = k * sum(bounds)
         l2 = k * math.sqrt(sum(b * b for b in bounds))
     c = 0.0 if s.kind == "histogram" else s.count_share
@@ -626,6 +632,7 @@ def noise_plan(s) -> dict:
         == total_releases(s), s.name
     return {
         "kind": s.kind,
+        "neighbouring": "replace-one" if replace else "add/remove",
         "contributions": k,
         "coordinate_bounds_fixed": bounds,
         "sensitivity_l1": l1,
