@@ -65,6 +65,7 @@ class ResultSubscriber:
         after broker loss within ``reconnect_seconds``."""
         last = time.monotonic()
         unacked = None
+        self._refused = False
         try:
             while True:
                 try:

@@ -15,11 +15,11 @@ import sys
 import time
 
 import pytest
-
 from sealedsum.common.errors import ChainContradiction, ChainRestarted, WindowRepeated
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.platform.emulated import COUNTER_FILE, KEY_FILE
+
 from tests.integration.conftest import REPO, relaunch
 from tests.integration.test_budget import collect
 

@@ -14,16 +14,30 @@ import json
 import os
 
 import pytest
-
 from sealedsum.common import wire
 from sealedsum.common.config import from_mapping
-from sealedsum.common.errors import (ChainContradiction, ChainForked, ChainRestarted, ChainStateError, ConfigError,
-                                     ExitCode, LedgerChainError, WindowRepeated)
+from sealedsum.common.errors import (
+    ChainContradiction,
+    ChainForked,
+    ChainRestarted,
+    ChainStateError,
+    ConfigError,
+    ExitCode,
+    LedgerChainError,
+    WindowRepeated,
+)
 from sealedsum.common.results import BudgetExhausted
 from sealedsum.consumers import chain_state
-from sealedsum.consumers.chain_state import Admission, ChainKey, StreamChain, payload_digest, vhost_of
+from sealedsum.consumers.chain_state import (
+    Admission,
+    ChainKey,
+    StreamChain,
+    payload_digest,
+    vhost_of,
+)
 from sealedsum.consumers.chain_store import FORMAT, VERSION, ChainStore
 from sealedsum.consumers.client import ResultVerifier
+
 from tests.conftest import make_policy, make_world, now_ms, stream_table
 
 RELEASES = 6
@@ -125,7 +139,7 @@ def test_every_contradiction_is_a_ledger_chain_error_that_exits_1():
 
 
 def test_gaps_and_late_releases_are_allowed_and_checked(chains):
-    first, restarted = chains
+    first, _ = chains
     c = StreamChain("s")
     assert c.admit(*first[0]) is Admission.EXTENDS
     assert c.admit(*first[3]) is Admission.GAP and c.gaps == [(2, 3)]
@@ -171,7 +185,7 @@ def test_a_position_that_left_memory_is_refused_whatever_it_is(chains, monkeypat
 
 
 def test_the_notice_closes_the_chain(chains):
-    first, restarted = chains
+    first, _ = chains
     notice, digest = first[-1]
     assert isinstance(notice, BudgetExhausted)
     c = followed(first, RELEASES)
