@@ -22,6 +22,7 @@ from sealedsum.sidecar.platform.emulated import COUNTER_FILE, KEY_FILE
 
 from tests.integration.conftest import REPO, relaunch
 from tests.integration.test_budget import collect
+from tests.integration.test_cli import run
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +111,18 @@ def test_a_rolled_back_state_and_counter_is_refused(sidecar_factory, tmp_path):
                                                  "again with a different body") as err:
             collect(consumer, 1)
     assert isinstance(err.value, ChainContradiction)
+
+
+def test_a_damaged_chain_state_file_stops_the_command_before_it_connects(sidecar_factory, tmp_path):
+    sc = sidecar_factory({"s": STREAM})
+    chains = tmp_path / "chains.json"
+    chains.write_text('{"format": "sealedsum/consumer-chains", "version": 1, "chains": [')
+    # A broker that cannot be reached: the file is read, and refused, first (else this is exit 3).
+    out = run("consume", "--config", str(sc.config_path), "--stream", "s", "--chain-state", str(chains),
+              env={"AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"})
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: the chain-state file {chains} is not JSON") and "delete it to start over" in line
+    assert chains.read_text().endswith('"chains": [')  # left as it was
+    # And the testbed's own config names a file beside it, which a plain run uses.
+    assert sc.config.chain_state == sc.workdir / "consumer-chains.json"
