@@ -20,8 +20,8 @@ from sealedsum.common.identities import Identities
 from sealedsum.common.packing import PackingLayout
 from sealedsum.common.privacy import Mechanism
 
-# A window closes at this many records even when only window_seconds is set, so a
-# total always fits OpenDP's 64-bit integers.
+# A window holds at most this many records, so a total always fits OpenDP's 64-bit integers:
+# a count-closed window closes at it, a time-closed one refuses more (future_window).
 HARD_MAX_WINDOW_RECORDS = 1_000_000
 MAX_DIMENSION = 4096
 SECURE_PAILLIER_BITS = (2048, 3072, 4096)
@@ -144,6 +144,15 @@ class StreamPolicy:
         sensitivities are those of a replacement. Windows closed by the clock alone give
         add/remove DP: one unit's records present or absent."""
         return self.window_records is not None
+
+    @property
+    def window_ms(self) -> int | None:
+        """A time-closed stream's window length in ms: window ``w`` spans
+        ``[w·window_ms, (w+1)·window_ms)`` of the enclave's clock (ms since the Unix epoch), the
+        same numbers whatever arrived. ``None`` for count-closed streams."""
+        if self.count_closed:
+            return None
+        return max(1, round(self.window_seconds * 1000))
 
     @property
     def neighbouring(self) -> str:

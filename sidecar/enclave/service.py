@@ -270,6 +270,10 @@ class Enclave:
         """
         results: list[Effects] = []
         unchecked: list[tuple[int, OpenedRecord, int]] = []  # (index, record, forget_at)
+        # Time-closed windows whose span is over close first: a record counts in the window of
+        # the enclave's clock when it is counted, never in one whose scheduled end has passed.
+        rolled = self._close([w for st in self.streams.values() if st.policy.window_ms
+                              for w in [st.due(now_ms)] if w is not None], now_ms)
         for item in opened:
             i = len(results)
             counted = self._count(item, now_ms)
@@ -284,6 +288,8 @@ class Enclave:
                 if state.full:  # record i was not the liar, or the window would not be full
                     results[i] |= self._close([state.close()], now_ms)
         self._settle(unchecked, results)
+        if rolled and results:  # owed whatever becomes of the first record
+            results[0] = dataclasses.replace(results[0] | rolled, rejection=results[0].rejection)
         return results
 
     def _count(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> Effects | int:
@@ -367,11 +373,21 @@ class Enclave:
         return NOTHING
 
     def _close(self, windows: list[Window], now_ms: int) -> Effects:
+        """Charge and draw each closed window, or withhold it.
+
+        A count-closed window below ``min_batch`` is withheld uncharged: its count is public by
+        construction (replace-one), so the decision reveals nothing. A time-closed window is
+        charged whatever it holds, even nothing, and whether it is released is decided on the
+        noised count its release draws anyway (:meth:`complete`): post-processing, so the
+        decision costs no budget and no released field is an exact function of the count.
+        """
         effects = NOTHING
         for w in windows:
             effects |= Effects(checkpoint=True)  # the stream's window index moved on
             policy = self.policy.streams[w.stream]
-            if w.count < policy.min_batch:
+            if w.stream in self.exhausted:
+                continue  # its windows still pass; none is drawn (exhaustion is public)
+            if policy.count_closed and w.count < policy.min_batch:
                 self.stats.windows_withheld += 1
                 log.info("window withheld", extra={"fields": {
                     "stream": w.stream, "window": w.index, "reason": "below min_batch",
@@ -379,7 +395,8 @@ class Enclave:
                 continue
             ledger = self.ledgers[w.stream]
             ledger.charge(w.index)  # before the draw: a failure below may waste budget, never overspend it
-            closing = Closing(f"{w.stream}/{w.index}", w, ledger.summary(), now_ms, not ledger.allows())
+            closed_at = self.streams[w.stream].closes_at(w, now_ms)
+            closing = Closing(f"{w.stream}/{w.index}", w, ledger.summary(), closed_at, not ledger.allows())
             if closing.exhausts:
                 self.exhausted.add(w.stream)  # refuse records from now on; the notice follows the release
             self._closing[closing.key] = closing
@@ -412,10 +429,17 @@ class Enclave:
             return NOTHING  # completed already: never store a second draw
         w = closing.window
         out = []
+        policy = self.policy.streams[w.stream]
         if isinstance(outcome, BaseException):
             log.error("release failed; the window is withheld", exc_info=outcome, extra={"fields": {
                 "stream": w.stream, "window": w.index}})
             self.stats.windows_withheld += 1
+        elif not policy.count_closed and outcome.message.count < policy.min_batch:
+            # Decided on the noised count (post-processing); the budget stays charged.
+            self.stats.windows_withheld += 1
+            log.info("window withheld", extra={"fields": {
+                "stream": w.stream, "window": w.index, "reason": "noised count below min_batch",
+                "min_batch": policy.min_batch, "releases": closing.budget.get("releases")}})
         else:
             self.pending[outcome.key] = outcome
             self.stats.windows_released += 1
