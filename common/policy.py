@@ -74,7 +74,7 @@ class StreamPolicy:
     count_share: float = 0.5
     max_records_per_producer: int | None = None
     packing: PackingLayout | None = None
-    # The budget group whose budget this stream spends (section 15.5); its budget_epsilon and
+    # The budget group whose budget this stream spends (section 15.6); its budget_epsilon and
     # budget_delta above are then the group's, stated once in the group's table.
     budget_group: str | None = None
 
@@ -223,7 +223,7 @@ class StreamPolicy:
 
 @dataclass(frozen=True, slots=True)
 class BudgetGroup:
-    """Streams fed by the same data, sharing one budget (docs/protocol.md section 15.5).
+    """Streams fed by the same data, sharing one budget (docs/protocol.md section 15.6).
     ``budget_delta`` is 0 when every stream in it is Laplace."""
 
     name: str

@@ -178,7 +178,7 @@ def noise_std(mechanism: Mechanism, scale: float) -> float:
     return math.sqrt(2) * scale if mechanism == Mechanism.LAPLACE else scale
 
 
-# -- budget groups (docs/protocol.md section 15.5) ------------------------------------------
+# -- budget groups (docs/protocol.md section 15.6) ------------------------------------------
 # Streams fed by the same data share one budget: the group's spend is the composition of
 # every release of every stream in it.
 

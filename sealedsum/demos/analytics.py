@@ -109,7 +109,7 @@ def run(args) -> int:
 
 
 def total_line(b: dict) -> str:
-    """The group's total spend from a signed budget object (docs/protocol.md section 15.5)."""
+    """The group's total spend from a signed budget object (docs/protocol.md section 15.6)."""
     rho = f" (rho {b['spent_rho']:.4f})" if b["spent_rho"] is not None else ""
     delta = f" at delta {b['budget_delta']:g}" if b["budget_delta"] else ""
     return (f"privacy spent eps {b['spent_epsilon']:.4g}{rho} of {b['budget_epsilon']:g}{delta} "

@@ -11,7 +11,7 @@ left out. The chain itself is defined in :mod:`sealedsum.common.ledger_chain`, w
 The ledger lives in the enclave's sealed state, which the platform's monotonic counter
 protects against rollback (see ``sealedsum.sidecar.enclave_process.store``).
 
-Streams in a budget group (docs/protocol.md section 15.5) keep their own chains and release
+Streams in a budget group (docs/protocol.md section 15.6) keep their own chains and release
 counts; a :class:`GroupAccount` composes the counts of all of them, and decides whether any
 of them may release. Nothing about the group is stored: its spend follows from its streams'
 counts, so the sealed state is the same with or without groups.

@@ -1,4 +1,4 @@
-"""Budget groups (docs/protocol.md section 15.5): the composition arithmetic against hand-computed
+"""Budget groups (docs/protocol.md section 15.6): the composition arithmetic against hand-computed
 cases, the policy rules, and the real enclave core spending one budget from two streams."""
 
 from __future__ import annotations

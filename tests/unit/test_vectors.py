@@ -1119,7 +1119,7 @@ def _check_identity_session(v: dict) -> list[str]:
 
 
 def check_budget_group(v: dict, tmp_path, monkeypatch) -> None:
-    """Budget groups (section 15.5): the policy bytes, each group's composition charge by charge
+    """Budget groups (section 15.6): the policy bytes, each group's composition charge by charge
     against the real ledgers, and the signed budget report of a grouped stream."""
     from sealedsum.sidecar.enclave import ledger
     from sealedsum.sidecar.enclave.service import Enclave
@@ -1364,7 +1364,7 @@ def test_doc_worked_examples_match_the_vectors() -> None:
     identities = json.loads(load("rejections.json")["identity_session"]["policy_canonical"])["identities"]
     assert json.dumps({"identities": identities}, sort_keys=True, separators=(",", ":"))[1:-1] in doc
     assert load("budget_exhausted.json")["payload"] in doc
-    grouped = load("budget_group.json")["charges"][-1]["budget"]  # section 15.5's example
+    grouped = load("budget_group.json")["charges"][-1]["budget"]  # section 15.6's example
     assert json.dumps(grouped, sort_keys=True, separators=(",", ":")) in doc
     assert load("key_rotated.json")["payload"] in doc
     assert load("result_histogram.json")["payload"] in doc

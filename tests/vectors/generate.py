@@ -195,7 +195,7 @@ EXPECTED_PACKED_STREAM = {
     "mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-06, "budget_epsilon": 10.0, "budget_delta": 1e-05,
     "window_seconds": 60.0, "packing": {"slot_bits": 37, "slots_per_ciphertext": 27, "ciphertexts_per_record": 2},
 }
-# Budget groups (section 15.5), in a policy of their own so that policy.json keeps its bytes:
+# Budget groups (section 15.6), in a policy of their own so that policy.json keeps its bytes:
 # "app" composes two Laplace streams (exact decimal: 0.1 + 0.2 + 0.2 fills 0.5), "vitals" two
 # Gaussian ones (zCDP), "purchases" a Laplace and a Gaussian one (the Laplace release as
 # eps^2/2-zCDP); "solo" is in no group and keeps a budget of its own.
@@ -473,7 +473,7 @@ def group_members(policy, group: str) -> list[str]:
 
 
 def zcdp_rho_of(s) -> float:
-    """One release as zCDP: a Gaussian's rho_1, a Laplace release's eps^2/2 (section 15.5)."""
+    """One release as zCDP: a Gaussian's rho_1, a Laplace release's eps^2/2 (section 15.6)."""
     return s.epsilon * s.epsilon / 2 if s.mechanism == "laplace" else rho_of(s.epsilon, s.delta)
 
 
@@ -1289,7 +1289,7 @@ def build_budget_report(m: Shared, chains: dict[str, dict], budget_request: byte
 
 
 def build_budget_group(code_digest: bytes) -> dict:
-    """Budget groups (section 15.5): the policy with three groups, each group's charges with the
+    """Budget groups (section 15.6): the policy with three groups, each group's charges with the
     budget object of the charged stream and which streams still have room, and the signed budget
     report of a stream in a mixed group, byte for byte as the enclave core answers it."""
     from sealedsum.common import results, wire
