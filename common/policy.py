@@ -74,11 +74,15 @@ class StreamPolicy:
     count_share: float = 0.5
     max_records_per_producer: int | None = None
     packing: PackingLayout | None = None
+    # The budget group whose budget this stream spends (section 15.6); its budget_epsilon and
+    # budget_delta above are then the group's, stated once in the group's table.
+    budget_group: str | None = None
 
     KEYS = {
         "kind", "dimension", "lower", "upper", "l2_bound", "edges", "min_batch", "mechanism",
         "epsilon", "delta", "budget_epsilon", "budget_delta", "window_records", "window_seconds",
         "fraction_bits", "count_share", "max_records_per_producer", "packing",
+        "budget_group",
     }
 
     def to_mapping(self) -> dict[str, Any]:
@@ -99,7 +103,16 @@ class StreamPolicy:
                 out[key] = getattr(self, key)
         if self.packing is not None:  # only when on, so unpacked streams keep their bytes
             out["packing"] = self.packing.to_mapping()
+        if self.budget_group is not None:  # the budget is the group's: stated once, in its table
+            del out["budget_epsilon"]
+            out.pop("budget_delta", None)
+            out["budget_group"] = self.budget_group
         return out
+
+    @property
+    def cost(self) -> privacy.ReleaseCost:
+        """What one release of this stream costs."""
+        return privacy.ReleaseCost(self.mechanism, self.epsilon, self.delta)
 
     @property
     def max_window_records(self) -> int:
@@ -218,6 +231,24 @@ class StreamPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetGroup:
+    """Streams fed by the same data, sharing one budget (docs/protocol.md section 15.6).
+    ``budget_delta`` is 0 when every stream in it is Laplace."""
+
+    name: str
+    budget_epsilon: float
+    budget_delta: float
+    streams: tuple[str, ...]  # sorted
+
+    KEYS = {"budget_epsilon", "budget_delta"}
+
+    def to_mapping(self) -> dict[str, Any]:
+        # Membership is stated by the streams (their budget_group), not repeated here.
+        return {"budget_epsilon": self.budget_epsilon,
+                **({"budget_delta": self.budget_delta} if self.budget_delta else {})}
+
+
+@dataclass(frozen=True, slots=True)
 class EnclavePolicy:
     """Everything the measurement covers besides code."""
 
@@ -229,6 +260,7 @@ class EnclavePolicy:
     identities: Identities = Identities()
     key_grace_seconds: float = 900.0
     rotate_keys_every_seconds: float | None = None
+    budget_groups: dict[str, BudgetGroup] = field(default_factory=dict)
 
     KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys",
             "key_grace_seconds", "rotate_keys_every_seconds"}
@@ -249,6 +281,9 @@ class EnclavePolicy:
             "streams": {name: s.to_mapping() for name, s in sorted(self.streams.items())},
             # Only present when configured, so policies without identities keep their bytes.
             **({"identities": self.identities.to_mapping()} if self.identities else {}),
+            # Only present when a group is defined, so policies without groups keep their bytes.
+            **({"budget_groups": {name: g.to_mapping() for name, g in sorted(self.budget_groups.items())}}
+               if self.budget_groups else {}),
         }
 
     def to_bytes(self) -> bytes:

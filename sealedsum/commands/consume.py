@@ -94,8 +94,11 @@ def _budget(args) -> int:
         rho = f", rho {b['spent_rho']:.6g}" if b["spent_rho"] is not None else ""
         delta = f", delta {b['budget_delta']:g}" if b["budget_delta"] else ""
         state = "exhausted: no further releases" if report.exhausted else f"{b['remaining_releases']} release(s) left"
-        print(f"{report.stream}: spent epsilon {b['spent_epsilon']:.6g}{rho} of {b['budget_epsilon']:g}{delta} "
-              f"in {b['releases']} release(s); {state}  [signed by the attested enclave; ledger head "
+        # A grouped stream's spend is the whole group's: say whose releases it adds up.
+        group = ("" if "budget_group" not in b else f" (budget group {b['budget_group']}: "
+                 + ", ".join(f"{s} {n}" for s, n in b["group_releases"].items()) + " releases)")
+        print(f"{report.stream}: spent epsilon {b['spent_epsilon']:.6g}{rho} of {b['budget_epsilon']:g}{delta}"
+              f"{group} in {b['releases']} release(s); {state}  [signed by the attested enclave; ledger head "
               f"{b['ledger_head'][:16]}...]")
     return ExitCode.OK
 

@@ -400,6 +400,7 @@ class Enclave:
             if closing.exhausts:
                 self.exhausted.add(w.stream)  # refuse records from now on; the notice follows the release
             self._closing[closing.key] = closing
+            effects |= self._exhaust_peers(ledger, now_ms)
             if not self._draw_inline:
                 effects |= Effects(draw=(closing,))
                 continue
@@ -425,7 +426,10 @@ class Enclave:
         """Store a closing window's release (or withhold the window if drawing it failed) as
         pending, with the budget notice when this release spent the budget; the effects
         checkpoint them before they are published."""
-        if self._closing.pop(closing.key, None) is None:
+        # The stored closing, not the caller's copy: a charge to a stream of the same budget
+        # group may have marked it exhausting since it was handed out (_exhaust_peers).
+        stored = self._closing.pop(closing.key, None)
+        if stored is None:
             return NOTHING  # completed already: never store a second draw
         w = closing.window
         out = []
@@ -446,9 +450,27 @@ class Enclave:
             log.info("window released", extra={"fields": {
                 "stream": w.stream, "window": w.index, "releases": closing.budget.get("releases")}})
             out.append(outcome)
-        if closing.exhausts:
+        if stored.exhausts:
             out.append(self._exhaust(w.stream, now_ms))
         return Effects(checkpoint=True, publish=tuple(out))
+
+    def _exhaust_peers(self, ledger, now_ms: int) -> Effects:
+        """A charge to a stream of a budget group spends the other streams' budget too: each
+        one that now has no room for a release is exhausted. Its notice comes at once, or,
+        when a window of it is charged but not yet drawn, right after that release (a
+        consumer takes the notice as the stream's last message)."""
+        out = []
+        for peer in ledger.peers:
+            if peer in self.exhausted or self.ledgers[peer].allows():
+                continue
+            drawing = [c for c in self._closing.values() if c.window.stream == peer]
+            if drawing:
+                self.exhausted.add(peer)
+                last = max(drawing, key=lambda c: c.window.index)
+                self._closing[last.key] = dataclasses.replace(last, exhausts=True)
+            else:
+                out.append(self._exhaust(peer, now_ms))
+        return Effects(publish=tuple(out)) if out else NOTHING
 
     def _exhaust(self, stream: str, now_ms: int) -> Publication:
         """The next release would exceed the budget: say so, once, and accept nothing more."""

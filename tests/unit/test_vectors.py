@@ -56,6 +56,7 @@ REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
     "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch", "key_rotated",
+    "budget_group",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -1130,6 +1131,54 @@ def _check_identity_session(v: dict) -> list[str]:
     return reasons
 
 
+def check_budget_group(v: dict, tmp_path, monkeypatch) -> None:
+    """Budget groups (section 15.6): the policy bytes, each group's composition charge by charge
+    against the real ledgers, and the signed budget report of a grouped stream."""
+    from sealedsum.sidecar.enclave import ledger
+    from sealedsum.sidecar.enclave.service import Enclave
+
+    raw_policy = h(v["canonical_hex"])
+    policy = policy_from_bytes(raw_policy)
+    assert policy.to_bytes() == raw_policy == v["canonical"].encode("ascii")
+    configured = enclave_policy(v["config_enclave"], v["config_streams"], None, v["config_budget_groups"])
+    assert configured.to_bytes() == raw_policy
+    assert wire.measurement(h(v["code_digest"]), raw_policy).hex() == v["measurement"]
+    mechanisms = {name: {policy.streams[s].mechanism for s in g.streams} for name, g in policy.budget_groups.items()}
+    assert sorted(len(m) for m in mechanisms.values()) == [1, 1, 2]  # Laplace only, Gaussian only, mixed
+    assert any(privacy.Mechanism.GAUSSIAN in m and len(m) == 1 for m in mechanisms.values())
+    solo = json.loads(v["canonical"])["streams"]["solo"]  # in no group: a budget of its own, as always
+    assert policy.streams["solo"].budget_group is None and "budget_group" not in solo and "budget_epsilon" in solo
+    real = ledger.ledgers(policy)
+    for charge in v["charges"]:
+        stream = policy.streams[charge["stream"]]
+        assert real[stream.name].releases + 1 == charge["seq"]
+        assert ledger.charge_bytes(stream, charge["window"], charge["seq"]).decode() == charge["charge"]
+        real[stream.name].charge(charge["window"])
+        budget = real[stream.name].summary()
+        assert budget == charge["budget"] and budget["ledger_head"] == charge["head"]
+        assert {s: real[s].allows() for s in charge["room_for_another"]} == charge["room_for_another"]
+        group = policy.budget_groups[stream.budget_group]
+        members = {s: (policy.streams[s].cost, real[s].releases) for s in group.streams}
+        assert (budget["spent_epsilon"], budget["spent_rho"]) == privacy.group_spent(members, group.budget_delta)
+    r = v["budget_report"]
+    raw, payload = _check_signed(r, "report")
+    report = BudgetReport.from_payload(payload)
+    assert report == BudgetReport(**r["report"]) and report.budget == v["charges"][-1]["budget"]
+    assert set(report.budget) == {"releases", "spent_epsilon", "spent_rho", "budget_epsilon", "budget_delta",
+                                  "remaining_releases", "ledger_head", "budget_group", "group_releases"}
+    # A grouped budget object must list its own stream with its own count, and both group keys.
+    for bad in (dict(report.budget, group_releases={"amounts": 1}),
+                dict(report.budget, group_releases={"amounts": 1, "baskets": 3}),
+                {k: x for k, x in report.budget.items() if k != "budget_group"}):
+        with pytest.raises(InvalidMessage):
+            BudgetReport.from_payload(json.dumps(dict(r["report"], budget=bad), sort_keys=True,
+                                                 separators=(",", ":")).encode("ascii"))
+    core = Enclave(enclave_keys(), policy, raw_policy, h(v["code_digest"]), h(v["measurement"]), lambda rd: b"")
+    for name, led in real.items():
+        core.ledgers[name].releases, core.ledgers[name].head = led.releases, led.head
+    assert core.answer(h(r["request_hex"]), report.at_ms) == raw
+
+
 CHECKERS = {
     "key_bundle": check_key_bundle,
     "policy": check_policy,
@@ -1151,6 +1200,7 @@ CHECKERS = {
     "sealed_state": check_sealed_state,
     "packed_envelope": check_packed_envelope,
     "record_batch": check_record_batch,
+    "budget_group": check_budget_group,
 }
 
 
@@ -1327,6 +1377,8 @@ def test_doc_worked_examples_match_the_vectors() -> None:
     identities = json.loads(load("rejections.json")["identity_session"]["policy_canonical"])["identities"]
     assert json.dumps({"identities": identities}, sort_keys=True, separators=(",", ":"))[1:-1] in doc
     assert load("budget_exhausted.json")["payload"] in doc
+    grouped = load("budget_group.json")["charges"][-1]["budget"]  # section 15.6's example
+    assert json.dumps(grouped, sort_keys=True, separators=(",", ":")) in doc
     assert load("key_rotated.json")["payload"] in doc
     assert load("result_histogram.json")["payload"] in doc
     packed = load("envelope_packed.json")
