@@ -39,16 +39,19 @@ STREAMS = {
 
 # By hand. Gaussian, eps = 1 at delta = 1e-6: rho = (sqrt(ln(1e6) + 1) - sqrt(ln(1e6)))^2 = 0.017469...
 RHO = (math.sqrt(math.log(1e6) + 1) - math.sqrt(math.log(1e6))) ** 2
-# h: L2 = 1 (one record, one bucket), the whole rho on the buckets: sigma = 1 / sqrt(2 rho) = 5.35.
-HIST_SIGMA = 1 / math.sqrt(2 * RHO)
-# m: L1 = 100 * 2^16, half of eps on the sum and half on the count (count_share 0.5).
+# The windows close by count, so the noise covers replacing one record (protocol section 14).
+# h: L2 = sqrt(2) (one record moved to another bucket), the whole rho on the buckets:
+# sigma = sqrt(2) / sqrt(2 rho) = 7.566.
+HIST_SIGMA = math.sqrt(2) / math.sqrt(2 * RHO)
+# m: L1 = (100 - 0) * 2^16, half of eps on the sum and half on the count (count_share 0.5).
 MEAN_SUM_B, MEAN_COUNT_B = 100 * F / 0.5, 1 / 0.5
-# v: L2 = C * 2^f + sqrt(d) / 2 = 65536 + 1 (rounding), rho / 2 each: sigma = L2 / sqrt(2 * rho / 2).
-VEC_SUM_SIGMA, VEC_COUNT_SIGMA = (F + 1) / math.sqrt(RHO), 1 / math.sqrt(RHO)
+# v: L2 = 2 (C * 2^f + sqrt(d) / 2) = 2 (65536 + 1) (a vector replaced by its opposite, with the
+# rounding), rho / 2 each: sigma = L2 / sqrt(2 * rho / 2).
+VEC_SUM_SIGMA, VEC_COUNT_SIGMA = 2 * (F + 1) / math.sqrt(RHO), 1 / math.sqrt(RHO)
 
 
 def test_histogram_mean_and_vector_releases_over_the_broker(sidecar_factory):
-    assert HIST_SIGMA == pytest.approx(5.35, abs=5e-3) and VEC_SUM_SIGMA / F == pytest.approx(7.566, abs=1e-3)
+    assert HIST_SIGMA == pytest.approx(7.566, abs=5e-3) and VEC_SUM_SIGMA / F == pytest.approx(15.13, abs=1e-2)
     started = time.monotonic()
     sc = sidecar_factory(STREAMS)
     with Consumer(sc.config, list(STREAMS)) as consumer:

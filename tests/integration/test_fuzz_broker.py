@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import math
 import random
-import struct
 import time
 
 import pytest
@@ -26,6 +25,7 @@ from sealedsum.common.topology import RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.enclave.records import ENVELOPE_OVERHEAD
+from tests.fuzzing import raw_envelope as envelope_bytes
 from tests.integration.test_end_to_end import STREAM, _take
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,8 +48,9 @@ def test_thousands_of_hostile_records_are_dead_lettered_and_the_enclave_carries_
         enclave = producer.enclave
         policy = enclave.policy
         # The size limit of section 11.1, from the enclave's own constant.
+        width = enclave.keys.ciphertext_width  # each ciphertext travels with its plaintext
         limit = (wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD
-                 + max(s.dimension for s in policy.streams.values()) * enclave.keys.ciphertext_width)
+                 + max(s.dimension for s in policy.streams.values()) * (width + wire.plaintext_width(width)))
         fuzz = HostileRecords(rng, producer, limit)
         bad: dict[bytes, RejectReason] = {}
         for maker, n in ((fuzz.garbage, GARBAGE), (fuzz.flipped, FLIPPED), (fuzz.resealed, RESEALED),
@@ -123,7 +124,10 @@ class HostileRecords:
         # A few valid records of "s" to mutate, and valid ciphertexts to build envelopes with.
         self.valid = [producer.sealer.seal("s", [float(i)]) for i in range(8)]
         paillier = PaillierPublicKey(self.n)
-        self.valid_cts = [paillier.encrypt(v).ciphertext(be_secure=False) for v in (0, 1, 65536, 6553600)]
+        # Ciphertexts and the plaintexts they encrypt (1 and n² - 1 are encryptions of 0 too).
+        self.pairs = {paillier.raw_encrypt(m): m for m in (0, 1, 65536, 6553600)}
+        self.pairs.update({1: 0, self.n * self.n - 1: 0})
+        self.valid_cts = list(self.pairs)
         self.foreign = SealedBox(PrivateKey.generate().public_key)
 
     # -- the four kinds -----------------------------------------------------------------------------
@@ -193,6 +197,9 @@ class HostileRecords:
                 f["count"] = rng.choice([0, 2, 3, 65535])
             else:
                 f["width"] = rng.choice([0, 1, self.width - 1, self.width + 1, 2048, 2049])
+        # Each ciphertext states what it encrypts where that is known, else a plaintext of
+        # the stream's range (0 or 1,000,000), which it then most likely does not encrypt.
+        f["ms"] = [self.pairs.get(c, rng.choice([0, 1_000_000])) for c in f["cts"]]
         plaintext = envelope_bytes(**f)
         if rng.randrange(4) == 0:  # and sometimes damage the bytes too
             plaintext = bytearray(plaintext)
@@ -230,22 +237,20 @@ class HostileRecords:
         nsquare = self.n * self.n
         if env.width != self.width or any(not 0 < c < nsquare or math.gcd(c, self.n) != 1 for c in env.ciphertexts):
             return RejectReason.BAD_CIPHERTEXT
+        lo, hi = stream.coordinate_ranges(1)[0]
+        if any(not (0 <= m < self.n and lo <= (m - self.n if m > self.n // 2 else m) <= hi) for m in env.plaintexts):
+            return RejectReason.OUT_OF_RANGE
         if (now - env.sent_at_ms) / 1000 > self.policy.max_record_age_seconds:
             return RejectReason.EXPIRED
         if (env.sent_at_ms - now) / 1000 > self.policy.max_clock_skew_seconds:
             return RejectReason.FROM_FUTURE
         if env.window > 1:
             return RejectReason.FUTURE_WINDOW
+        if any(self.pairs.get(c) != m for c, m in zip(env.ciphertexts, env.plaintexts)):
+            # Not known to encrypt what it states: refused by the batch check (a random
+            # ciphertext that happens to encrypt it is out of reach).
+            return RejectReason.OUT_OF_RANGE
         return None  # it would be accepted: not for this test
-
-
-def envelope_bytes(name: bytes, rid: bytes, pid: bytes, epoch: int, sent: int, window: int, width: int,
-                   cts: list[int], count: int | None) -> bytes:
-    """Envelope bytes with no checks, so that any field can hold any value its size allows."""
-    count = len(cts) if count is None else count
-    body = b"".join((c % (1 << (8 * width))).to_bytes(width, "big") for c in cts) if width else b""
-    return (wire.ENVELOPE_MAGIC + rid + pid + struct.pack(">IQQB", epoch, sent, window, len(name)) + name
-            + struct.pack(">HH", count, width) + body)
 
 
 def drain_all(conn, queue: str, expect: int, timeout: float) -> list[tuple]:

@@ -36,7 +36,7 @@ def test_a_1000_value_vector_stream_is_packed_end_to_end(sidecar_factory):
             releases.append(release)
             break
     # Every record carried exactly ceil(1000 / k) ciphertexts (sealed box + envelope header + them).
-    envelope_bytes = 61 + len("v") + per_record * width
+    envelope_bytes = 61 + len("v") + per_record * (width + wire.plaintext_width(width))  # and plaintexts
     assert all(len(s.body) == wire.SEALED_BOX_OVERHEAD + envelope_bytes for s in sealed)
     assert all(s.clipped == 1 for s in sealed)
     (r,) = releases
