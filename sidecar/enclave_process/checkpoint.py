@@ -25,7 +25,8 @@ def commit(effects: Effects, deliveries: Sequence[int], *, seal_keys: Callable[[
     """Carry out what the core asked for, for a batch of deliveries, in the only safe order:
 
     1. seal the keys, if the keyring changed (state may name a new key epoch);
-    2. take the checkpoint, if the state changed, and return only once it is durable;
+    2. take the checkpoint, if the state changed, and return only once it is durable (the
+       sealed state, then the sealed ledger if it changed: a charge outlives a policy change);
     3. acknowledge the deliveries (one ack for all, up to the last delivery tag);
     4. publish the releases and notices (their noise and ledger charge are in the checkpoint).
 
