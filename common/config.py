@@ -23,7 +23,16 @@ from sealedsum.common.topology import Topology  # config.Topology stays importab
 from sealedsum.common.policy_parse import enclave_policy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-TOP_KEYS = {"broker", "trust", "require", "producer", "enclave", "streams", "identities"}
+TOP_KEYS = {"broker", "trust", "require", "producer", "consumer", "enclave", "streams", "identities", "budget_groups"}
+CHAIN_STATE_FILE = "consumer-chains.json"
+
+
+def default_chain_state(env: Mapping[str, str]) -> Path | None:
+    """Where a consumer keeps the ledger chains it verified unless told otherwise:
+    ``$XDG_STATE_HOME/sealedsum/consumer-chains.json``, ``XDG_STATE_HOME`` defaulting to
+    ``~/.local/state`` (the XDG base directory rules); ``None`` when neither is set."""
+    base = env.get("XDG_STATE_HOME") or (str(Path(env["HOME"]) / ".local" / "state") if env.get("HOME") else "")
+    return Path(base) / "sealedsum" / CHAIN_STATE_FILE if base else None
 
 
 def redact_url(url: str) -> str:
@@ -65,6 +74,9 @@ class Config:
     # Producers attest again this often, so they pick up rotated keys before the old
     # epoch retires (keep it well below the enclave's key_grace_seconds).
     reattest_seconds: float = 300.0
+    # Where a consumer remembers each stream's verified ledger chain between runs (``None``: it
+    # does not, and a restarted consumer accepts a ledger that started over; docs/protocol.md 15.5).
+    chain_state: Path | None = None
 
     def requirements(self, stream: str) -> Requirements:
         """What this client demands of ``stream``: ``[require]`` with ``[require.streams.NAME]`` on top."""
@@ -129,10 +141,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
     d = take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
     trust = _trust(d["trust"]) if "trust" in d else None
-    policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"))
+    policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"), d.get("budget_groups"))
               if "streams" in d else None)
-    if policy is None and ("enclave" in d or "identities" in d):
-        raise ConfigError("[enclave] or [identities] is set but no [streams.NAME] table is defined")
+    if policy is None and ("enclave" in d or "identities" in d or "budget_groups" in d):
+        raise ConfigError("[enclave], [identities] or [budget_groups] is set but no [streams.NAME] table is defined")
     raw_require = dict(d.get("require", {}))
     per_stream = raw_require.pop("streams", {})
     if not isinstance(per_stream, Mapping):
@@ -151,7 +163,25 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
         identity_path = Path(identity)
         if not identity_path.is_absolute() and path is not None:
             identity_path = path.parent / identity_path  # relative to the config file
-    return Config(broker, trust, policy, path, require, require_streams, identity_path, reattest)
+    return Config(broker, trust, policy, path, require, require_streams, identity_path, reattest,
+                  _chain_state(d.get("consumer", {}), env, path))
+
+
+def _chain_state(raw: Mapping[str, Any], env: Mapping[str, str], path: Path | None) -> Path | None:
+    """``[consumer] chain_state``: a path (relative to the config file), ``false`` for none;
+    unset, :func:`default_chain_state`."""
+    d = take(raw, {"chain_state"}, "consumer")
+    value = d.get("chain_state", True)
+    if value is False:
+        return None
+    if value is True:
+        return default_chain_state(env)
+    if not isinstance(value, str) or not value:
+        raise ConfigError("consumer.chain_state must be a path, or false to keep no chain state")
+    chain_path = Path(value).expanduser()
+    if not chain_path.is_absolute() and path is not None:
+        chain_path = path.parent / chain_path  # relative to the config file
+    return chain_path
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

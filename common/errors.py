@@ -119,6 +119,39 @@ class LedgerHeadMismatch(LedgerChainError):
     enclave signed two ledgers that disagree, or a release is not the one charged."""
 
 
+class ChainContradiction(LedgerChainError):
+    """A verified release contradicts the chain this consumer verified before, and kept in its
+    chain-state file (docs/protocol.md section 15.5). Each release is signed by the attested
+    enclave, so this is no forgery: the sidecar's ledger went back or started over. A consumer
+    stops on it, since averaging two draws of one window reveals the total."""
+
+    hint = ("the sidecar's sealed state was rolled back, or replaced by a fresh one started with a copy of "
+            "platform.key; do not use releases of this stream until the operator has investigated. To "
+            "accept a new chain deliberately (e.g. after approving a new measurement), delete the "
+            "consumer's chain-state file")
+
+
+class ChainRestarted(ChainContradiction):
+    """Release 1 of a chain again, after other releases were verified: the ledger started over
+    from genesis (a fresh state directory, and with it a fresh budget)."""
+
+
+class ChainForked(ChainContradiction):
+    """A release that names another ledger than the one verified: a different head at a position
+    already verified, a position passed long ago, or a next release that does not link."""
+
+
+class WindowRepeated(ChainContradiction):
+    """A window released before, released again with a different body: a second noise draw
+    of one total (the sealed state was rolled back)."""
+
+
+class ChainStateError(SealedsumError):
+    """The consumer's chain-state file cannot be read (damaged, or not one) or written."""
+
+    exit_code = ExitCode.USAGE
+
+
 class PolicyMismatch(SealedsumError):
     """A value does not fit the stream's policy (dimension, bounds, stream name)."""
 

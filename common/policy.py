@@ -20,8 +20,8 @@ from sealedsum.common.identities import Identities
 from sealedsum.common.packing import PackingLayout
 from sealedsum.common.privacy import Mechanism
 
-# A window closes at this many records even when only window_seconds is set, so a
-# total always fits OpenDP's 64-bit integers.
+# A window holds at most this many records, so a total always fits OpenDP's 64-bit integers:
+# a count-closed window closes at it, a time-closed one refuses more (future_window).
 HARD_MAX_WINDOW_RECORDS = 1_000_000
 MAX_DIMENSION = 4096
 SECURE_PAILLIER_BITS = (2048, 3072, 4096)
@@ -74,11 +74,15 @@ class StreamPolicy:
     count_share: float = 0.5
     max_records_per_producer: int | None = None
     packing: PackingLayout | None = None
+    # The budget group whose budget this stream spends (section 15.6); its budget_epsilon and
+    # budget_delta above are then the group's, stated once in the group's table.
+    budget_group: str | None = None
 
     KEYS = {
         "kind", "dimension", "lower", "upper", "l2_bound", "edges", "min_batch", "mechanism",
         "epsilon", "delta", "budget_epsilon", "budget_delta", "window_records", "window_seconds",
         "fraction_bits", "count_share", "max_records_per_producer", "packing",
+        "budget_group",
     }
 
     def to_mapping(self) -> dict[str, Any]:
@@ -99,7 +103,16 @@ class StreamPolicy:
                 out[key] = getattr(self, key)
         if self.packing is not None:  # only when on, so unpacked streams keep their bytes
             out["packing"] = self.packing.to_mapping()
+        if self.budget_group is not None:  # the budget is the group's: stated once, in its table
+            del out["budget_epsilon"]
+            out.pop("budget_delta", None)
+            out["budget_group"] = self.budget_group
         return out
+
+    @property
+    def cost(self) -> privacy.ReleaseCost:
+        """What one release of this stream costs."""
+        return privacy.ReleaseCost(self.mechanism, self.epsilon, self.delta)
 
     @property
     def max_window_records(self) -> int:
@@ -136,15 +149,56 @@ class StreamPolicy:
         scale = 1 << self.fraction_bits
         return [(count * round(lo * scale), count * round(hi * scale)) for lo, hi in self._box()]
 
+    @property
+    def count_closed(self) -> bool:
+        """Whether windows close at ``window_records`` records. Their count is then public by
+        construction (every full window holds exactly that many), so their guarantee is for
+        neighbouring datasets that *replace* one privacy unit's records (replace-one), and the
+        sensitivities are those of a replacement. Windows closed by the clock alone give
+        add/remove DP: one unit's records present or absent."""
+        return self.window_records is not None
+
+    @property
+    def window_ms(self) -> int | None:
+        """A time-closed stream's window length in ms: window ``w`` spans
+        ``[w·window_ms, (w+1)·window_ms)`` of the enclave's clock (ms since the Unix epoch), the
+        same numbers whatever arrived. ``None`` for count-closed streams."""
+        if self.count_closed:
+            return None
+        return max(1, round(self.window_seconds * 1000))
+
+    @property
+    def neighbouring(self) -> str:
+        """The neighbouring relation of the stream's guarantee: ``replace-one`` or ``add/remove``."""
+        return "replace-one" if self.count_closed else "add/remove"
+
     def sensitivities(self) -> tuple[int, float]:
-        """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit."""
+        """(L1, L2) sensitivity of the window's fixed-point sums, per privacy unit of ``k``
+        records, under the stream's neighbouring relation (:attr:`neighbouring`):
+
+        ========== ======================================== =========================================
+        kind       add/remove (one unit's records in or out) replace-one (one unit's records changed)
+        ========== ======================================== =========================================
+        box bounds ``k·Σ max(|l_i|, |u_i|)``, L2 alike       ``k·Σ (u_i − l_i)``, L2 alike
+        L2 ball    ``k·L1(C)``, ``k·L2(C)``                   ``2k·L1(C)``, ``2k·L2(C)``
+        histogram  ``k``, ``k``                               ``2k``, ``k·sqrt(2)``
+        ========== ======================================== =========================================
+
+        (``l_i``, ``u_i`` the fixed-point bounds; ``L1(C)``, ``L2(C)`` of
+        :func:`privacy.l2_ball_sensitivity`; a histogram unit moving its ``k`` records from
+        one bucket to another changes two buckets by ``k`` each.)
+        """
         k = self.contributions
+        replace = self.count_closed
         if self.kind == StreamKind.HISTOGRAM:
-            return k, float(k)
+            return (2 * k, k * math.sqrt(2)) if replace else (k, float(k))
         if self.l2_bound is not None:
             l1, l2 = privacy.l2_ball_sensitivity(self.l2_bound, self.fraction_bits, self.dimension)
-            return k * l1, k * l2
-        bounds = [privacy.fixed_bound(lo, hi, self.fraction_bits) for lo, hi in self._box()]
+            return (2 * k * l1, 2 * k * l2) if replace else (k * l1, k * l2)
+        if replace:
+            bounds = [hi - lo for lo, hi in self.coordinate_ranges(1)]
+        else:
+            bounds = [privacy.fixed_bound(lo, hi, self.fraction_bits) for lo, hi in self._box()]
         return k * privacy.sensitivity_l1(bounds), k * privacy.sensitivity_l2(bounds)
 
     def noise_plan(self) -> privacy.NoisePlan:
@@ -177,6 +231,24 @@ class StreamPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetGroup:
+    """Streams fed by the same data, sharing one budget (docs/protocol.md section 15.6).
+    ``budget_delta`` is 0 when every stream in it is Laplace."""
+
+    name: str
+    budget_epsilon: float
+    budget_delta: float
+    streams: tuple[str, ...]  # sorted
+
+    KEYS = {"budget_epsilon", "budget_delta"}
+
+    def to_mapping(self) -> dict[str, Any]:
+        # Membership is stated by the streams (their budget_group), not repeated here.
+        return {"budget_epsilon": self.budget_epsilon,
+                **({"budget_delta": self.budget_delta} if self.budget_delta else {})}
+
+
+@dataclass(frozen=True, slots=True)
 class EnclavePolicy:
     """Everything the measurement covers besides code."""
 
@@ -188,6 +260,7 @@ class EnclavePolicy:
     identities: Identities = Identities()
     key_grace_seconds: float = 900.0
     rotate_keys_every_seconds: float | None = None
+    budget_groups: dict[str, BudgetGroup] = field(default_factory=dict)
 
     KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys",
             "key_grace_seconds", "rotate_keys_every_seconds"}
@@ -208,6 +281,9 @@ class EnclavePolicy:
             "streams": {name: s.to_mapping() for name, s in sorted(self.streams.items())},
             # Only present when configured, so policies without identities keep their bytes.
             **({"identities": self.identities.to_mapping()} if self.identities else {}),
+            # Only present when a group is defined, so policies without groups keep their bytes.
+            **({"budget_groups": {name: g.to_mapping() for name, g in sorted(self.budget_groups.items())}}
+               if self.budget_groups else {}),
         }
 
     def to_bytes(self) -> bytes:

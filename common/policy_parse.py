@@ -18,7 +18,8 @@ from sealedsum.common.errors import ConfigError, InvalidMessage, LayoutError
 from sealedsum.common.identities import Identities
 from sealedsum.common.packing import PackingLayout
 from sealedsum.common.policy import (
-    HARD_MAX_WINDOW_RECORDS, MAX_DIMENSION, SECURE_PAILLIER_BITS, EnclavePolicy, StreamKind, StreamPolicy,
+    HARD_MAX_WINDOW_RECORDS, MAX_DIMENSION, SECURE_PAILLIER_BITS, BudgetGroup, EnclavePolicy, StreamKind,
+    StreamPolicy,
 )
 from sealedsum.common.privacy import Mechanism
 from sealedsum.common.tables import integer, number, one_of, take
@@ -31,9 +32,11 @@ def policy_from_bytes(data: bytes) -> EnclavePolicy:
     try:
         raw = json.loads(data.decode("ascii"))
         if (not isinstance(raw, dict) or raw.get("version") != 1
-                or set(raw) - {"identities"} != {"version", "enclave", "streams"}):
+                or set(raw) - {"identities", "budget_groups"} != {"version", "enclave", "streams"}):
             raise InvalidMessage("policy: not a version 1 policy document")
-        return enclave_policy(raw["enclave"], raw["streams"], raw.get("identities"))
+        if raw.get("budget_groups", True) == {}:  # the canonical form omits an empty table
+            raise InvalidMessage("policy: an empty budget_groups table is not canonical")
+        return enclave_policy(raw["enclave"], raw["streams"], raw.get("identities"), raw.get("budget_groups"))
     except (ValueError, RecursionError, ConfigError) as err:
         # ValueError: not ASCII, not JSON, or an integer of more than 4300 digits;
         # RecursionError: nesting deeper than the interpreter's recursion limit.
@@ -41,8 +44,10 @@ def policy_from_bytes(data: bytes) -> EnclavePolicy:
 
 
 def enclave_policy(enclave: Mapping[str, Any], streams: Mapping[str, Any],
-                   identities: Mapping[str, Any] | None = None) -> EnclavePolicy:
-    """The policy of an ``[enclave]`` table, its ``[streams.NAME]`` tables and ``[identities]``."""
+                   identities: Mapping[str, Any] | None = None,
+                   budget_groups: Mapping[str, Any] | None = None) -> EnclavePolicy:
+    """The policy of an ``[enclave]`` table, its ``[streams.NAME]`` tables, ``[identities]``
+    and its ``[budget_groups.NAME]`` tables."""
     d = take(enclave, EnclavePolicy.KEYS, "enclave")
     bits, insecure = _key_size(d)
     age = number(d.get("max_record_age_seconds", 900.0), "enclave.max_record_age_seconds")
@@ -51,9 +56,60 @@ def enclave_policy(enclave: Mapping[str, Any], streams: Mapping[str, Any],
         raise ConfigError("enclave: record age must be > 0 and clock skew >= 0")
     if not isinstance(streams, Mapping) or not streams:
         raise ConfigError("the policy defines no streams", hint="add a [streams.NAME] table")
-    parsed = {name: stream_policy(name, raw, bits) for name, raw in streams.items()}
+    budgets = _group_budgets(budget_groups)
+    parsed = {name: stream_policy(name, raw, bits, budgets) for name, raw in streams.items()}
+    groups = _budget_groups(budgets, parsed)
     grace, every = _key_rotation(d)
-    return EnclavePolicy(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}), grace, every)
+    return EnclavePolicy(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}), grace, every,
+                         groups)
+
+
+def _group_budgets(raw: Mapping[str, Any] | None) -> dict[str, tuple[float, float | None]]:
+    """Each ``[budget_groups.NAME]`` table's budget: (budget_epsilon, budget_delta or None)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("budget_groups must hold one table per group")
+    out = {}
+    for name, table in raw.items():
+        where = f"budget_groups.{name}"
+        if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: group names are 1-64 characters of A-Z a-z 0-9 _ -")
+        g = take(table, BudgetGroup.KEYS, where)
+        if "budget_epsilon" not in g:
+            raise ConfigError(f"{where}: missing required key 'budget_epsilon'",
+                              hint="the total privacy budget the group's streams share, e.g. budget_epsilon = 10")
+        delta = number(g["budget_delta"], f"{where}.budget_delta") if "budget_delta" in g else None
+        out[name] = (number(g["budget_epsilon"], f"{where}.budget_epsilon"), delta)
+    return out
+
+
+def _budget_groups(budgets: Mapping[str, tuple[float, float | None]],
+                   streams: Mapping[str, StreamPolicy]) -> dict[str, BudgetGroup]:
+    """The groups, once their streams are known: a group must have a stream, a budget_delta
+    exactly when a stream in it is Gaussian, and room for one release of each stream."""
+    groups = {}
+    for name, (budget_epsilon, budget_delta) in budgets.items():
+        where = f"budget_groups.{name}"
+        members = sorted(s for s, p in streams.items() if p.budget_group == name)
+        if not members:
+            raise ConfigError(f"{where}: no stream is in this group",
+                              hint=f'add budget_group = "{name}" to the streams that share it, or remove the table')
+        gaussian = any(streams[s].mechanism == Mechanism.GAUSSIAN for s in members)
+        if gaussian and budget_delta is None:
+            raise ConfigError(f"{where}: a group with a gaussian stream needs budget_delta (e.g. 1e-6)")
+        if gaussian and not 0 < budget_delta < 1:
+            raise ConfigError(f"{where}.budget_delta must be in (0, 1)")
+        if not gaussian and budget_delta not in (None, 0, 0.0):
+            raise ConfigError(f"{where}.budget_delta applies only to a group with a gaussian stream")
+        group = BudgetGroup(name, budget_epsilon, budget_delta or 0.0, tuple(members))
+        for s in members:  # each stream alone must fit: otherwise it could never release
+            alone = {m: (streams[m].cost, 1 if m == s else 0) for m in members}
+            if not privacy.group_allows(alone, group.budget_epsilon, group.budget_delta):
+                raise ConfigError(f"streams.{s}: budget group {name!r}'s budget_epsilon is smaller than the cost "
+                                  "of one release of this stream", hint=f"raise {where}.budget_epsilon or lower epsilon")
+        groups[name] = group
+    return groups
 
 
 def _key_size(d: Mapping[str, Any]) -> tuple[int, bool]:
@@ -82,23 +138,27 @@ def _key_rotation(d: Mapping[str, Any]) -> tuple[float, float | None]:
     return grace, every
 
 
-def stream_policy(name: str, raw: Mapping[str, Any], paillier_bits: int | None = None) -> StreamPolicy:
+def stream_policy(name: str, raw: Mapping[str, Any], paillier_bits: int | None = None,
+                  group_budgets: Mapping[str, tuple[float, float | None]] | None = None) -> StreamPolicy:
     """The policy of one ``[streams.NAME]`` table.
 
     :param paillier_bits: the enclave's key size; a packed stream's layout depends on it.
+    :param group_budgets: the budget groups' (budget_epsilon, budget_delta or None), by name;
+        a stream in a group spends the group's budget and states none of its own.
     """
     where = f"streams.{name}"
     if not STREAM_NAME.fullmatch(name):
         raise ConfigError(f"{where}: stream names are 1-64 characters of A-Z a-z 0-9 _ -")
     d = take(raw, StreamPolicy.KEYS, where)
     kind = one_of(StreamKind, d.get("kind", StreamKind.SUM), f"{where}.kind")
-    for key in ("min_batch", "mechanism", "epsilon", "budget_epsilon"):
+    group = _group_of(d, group_budgets or {}, where)
+    for key in ("min_batch", "mechanism", "epsilon") + (() if group else ("budget_epsilon",)):
         if key not in d:
             hint = ("the total privacy budget of the stream, e.g. budget_epsilon = 10"
                     if key == "budget_epsilon" else None)
             raise ConfigError(f"{where}: missing required key {key!r}", hint=hint)
     # Each step checks its own keys; the order fixes which error a table with several sees.
-    spending = _mechanism_and_budget(d, where)
+    spending = _mechanism_and_budget(d, where, None if group is None else (group_budgets or {})[group])
     shape = _histogram_shape(d, where) if kind == StreamKind.HISTOGRAM else _value_shape(d, kind, where)
     windows = _windows(d, where)
     count_share = _count_share(d, kind, where)
@@ -106,18 +166,48 @@ def stream_policy(name: str, raw: Mapping[str, Any], paillier_bits: int | None =
     if per_producer is not None:
         per_producer = integer(per_producer, f"{where}.max_records_per_producer", 1, HARD_MAX_WINDOW_RECORDS)
     policy = StreamPolicy(name=name, kind=kind, count_share=count_share, max_records_per_producer=per_producer,
-                          **spending, **shape, **windows)
+                          budget_group=group, **spending, **shape, **windows)
     _check_totals_fit(policy, where)
-    _check_releasable(policy, where)
+    _check_releasable(policy, where)  # a grouped stream's budget is checked with its group
     return _with_packing(policy, d.get("packing", False), paillier_bits, where)
 
 
-def _mechanism_and_budget(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``mechanism``, the per-release ``epsilon``/``delta`` and the stream's budget."""
+def _group_of(d: Mapping[str, Any], group_budgets: Mapping[str, Any], where: str) -> str | None:
+    """The stream's ``budget_group``; a stream in a group may not state a budget of its own
+    (one budget, stated once: two copies could only disagree)."""
+    group = d.get("budget_group")
+    if group is None:
+        return None
+    if not isinstance(group, str) or group not in group_budgets:
+        raise ConfigError(f"{where}.budget_group: no budget group {group!r} is defined",
+                          hint=f"add a [budget_groups.{group}] table with budget_epsilon" if isinstance(group, str)
+                          else "budget_group is the name of a [budget_groups.NAME] table")
+    for key in ("budget_epsilon", "budget_delta"):
+        if key in d:
+            raise ConfigError(f"{where}.{key}: the stream spends budget group {group!r}'s budget",
+                              hint=f"state the budget once, in [budget_groups.{group}], and remove it here")
+    return group
+
+
+def _mechanism_and_budget(d: Mapping[str, Any], where: str,
+                          group_budget: tuple[float, float | None] | None = None) -> dict[str, Any]:
+    """``mechanism``, the per-release ``epsilon``/``delta`` and the stream's budget (its
+    group's, when ``group_budget`` is given)."""
     mechanism = one_of(Mechanism, d["mechanism"], f"{where}.mechanism")
     epsilon = number(d["epsilon"], f"{where}.epsilon")
     if epsilon <= 0:
         raise ConfigError(f"{where}.epsilon must be > 0 (smaller is more private)")
+    if group_budget is not None:
+        if mechanism == Mechanism.GAUSSIAN and "delta" not in d:
+            raise ConfigError(f"{where}: the gaussian mechanism needs delta (e.g. 1e-6)")
+        if mechanism == Mechanism.LAPLACE and d.get("delta", 0) not in (0, 0.0):
+            raise ConfigError(f"{where}: delta applies to the gaussian mechanism only")
+        delta = number(d["delta"], f"{where}.delta") if mechanism == Mechanism.GAUSSIAN else 0.0
+        if mechanism == Mechanism.GAUSSIAN and not 0 < delta < 1:
+            raise ConfigError(f"{where}: delta must be in (0, 1)")
+        # budget_delta is checked with the group (it is needed once a stream in it is Gaussian).
+        return dict(mechanism=mechanism, epsilon=epsilon, budget_epsilon=group_budget[0],
+                    delta=delta, budget_delta=group_budget[1] or 0.0)
     budget_epsilon = number(d["budget_epsilon"], f"{where}.budget_epsilon")
     if mechanism == Mechanism.GAUSSIAN:
         for key in ("delta", "budget_delta"):
@@ -229,7 +319,7 @@ def _check_totals_fit(policy: StreamPolicy, where: str) -> None:
 
 def _check_releasable(policy: StreamPolicy, where: str) -> None:
     """The budget must pay for one release, and the enclave must be able to noise it."""
-    if not privacy.budget_allows(policy.mechanism, policy.epsilon, policy.delta, 1,
+    if policy.budget_group is None and not privacy.budget_allows(policy.mechanism, policy.epsilon, policy.delta, 1,
                                  policy.budget_epsilon, policy.budget_delta):
         raise ConfigError(f"{where}: budget_epsilon is smaller than the cost of one release",
                           hint="raise budget_epsilon or lower epsilon")

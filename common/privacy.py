@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
+from typing import Mapping
 
 
 class Mechanism(StrEnum):
@@ -175,3 +176,78 @@ def noise_std(mechanism: Mechanism, scale: float) -> float:
     """Standard deviation of the continuous mechanism with this scale; the discrete
     samplers match it to within a fraction of one unit for scales above 1."""
     return math.sqrt(2) * scale if mechanism == Mechanism.LAPLACE else scale
+
+
+# -- budget groups (docs/protocol.md section 15.6) ------------------------------------------
+# Streams fed by the same data share one budget: the group's spend is the composition of
+# every release of every stream in it.
+
+@dataclass(frozen=True, slots=True)
+class ReleaseCost:
+    """What one release of a stream costs: its mechanism and per-release ε (and δ)."""
+
+    mechanism: Mechanism
+    epsilon: float
+    delta: float = 0.0
+
+    @property
+    def zcdp_rho(self) -> float:
+        """This release as ρ-zCDP: the Gaussian's ρ₁, or ε²/2 for a pure ε-DP (Laplace)
+        release, which is (ε²/2)-zCDP (Bun & Steinke 2016, Proposition 1.4)."""
+        if self.mechanism == Mechanism.LAPLACE:
+            return self.epsilon * self.epsilon / 2
+        return rho_from_epsilon_delta(self.epsilon, self.delta)
+
+
+GroupReleases = Mapping[str, tuple[ReleaseCost, int]]
+"""A budget group's members: stream name → (cost of one release, releases charged)."""
+
+
+def _pure(members: GroupReleases) -> bool:
+    return all(cost.mechanism == Mechanism.LAPLACE for cost, _ in members.values())
+
+
+def group_spent(members: GroupReleases, budget_delta: float) -> tuple[float, float | None]:
+    """Privacy spent by all releases of a budget group: ``(ε, ρ)``.
+
+    All Laplace: pure composition, Σ ε_s·n_s in exact decimal (ρ is ``None``). Otherwise
+    zCDP: ρ = Σ n_s·ρ_s accumulated in doubles in sorted stream-name order (each Laplace
+    release converted to ε²/2), and the ε it implies at the group's ``budget_delta``.
+    """
+    if _pure(members):
+        return float(sum((Fraction(repr(cost.epsilon)) * n for cost, n in members.values()), Fraction(0))), None
+    rho = 0.0
+    for name in sorted(members):
+        cost, n = members[name]
+        rho += n * cost.zcdp_rho
+    releases = sum(n for _, n in members.values())
+    return (epsilon_from_rho_delta(rho, budget_delta) if releases else 0.0), rho
+
+
+def group_allows(members: GroupReleases, budget_epsilon: float, budget_delta: float) -> bool:
+    """Whether the group's releases in total stay within (budget_epsilon, budget_delta)."""
+    if _pure(members):
+        used = sum((Fraction(repr(cost.epsilon)) * n for cost, n in members.values()), Fraction(0))
+        return used <= Fraction(repr(budget_epsilon))
+    eps, _ = group_spent(members, budget_delta)
+    return eps <= budget_epsilon * (1 + BUDGET_TOLERANCE)
+
+
+def group_remaining(members: GroupReleases, stream: str, budget_epsilon: float, budget_delta: float) -> int:
+    """How many more releases of ``stream`` the group's budget allows, the other streams'
+    releases staying as they are (the largest k with ``stream`` at n + k allowed)."""
+    cost, n = members[stream]
+
+    def allows(k: int) -> bool:
+        return group_allows({**members, stream: (cost, n + k)}, budget_epsilon, budget_delta)
+
+    if _pure(members):
+        used = sum((Fraction(repr(c.epsilon)) * m for c, m in members.values()), Fraction(0))
+        return max(int((Fraction(repr(budget_epsilon)) - used) // Fraction(repr(cost.epsilon))), 0)
+    _, rho = group_spent(members, budget_delta)
+    k = max(int((rho_from_epsilon_delta(budget_epsilon, budget_delta) - rho) / cost.zcdp_rho), 0)
+    while allows(k + 1):
+        k += 1
+    while k > 0 and not allows(k):
+        k -= 1
+    return k

@@ -26,6 +26,9 @@ ROTATED_KIND = "key_rotated"
 
 BUDGET_FIELDS = {"releases", "spent_epsilon", "spent_rho", "budget_epsilon", "budget_delta",
                  "remaining_releases", "ledger_head"}
+# Present, both, only for a stream in a budget group (docs/protocol.md section 13.3), so an
+# ungrouped stream's budget object is what it always was.
+GROUP_BUDGET_FIELDS = {"budget_group", "group_releases"}
 
 
 def _num(v: Any) -> bool:
@@ -41,8 +44,17 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _group_ok(b: dict) -> bool:
+    g = b["group_releases"]
+    return bool(isinstance(b["budget_group"], str) and wire.STREAM_NAME.fullmatch(b["budget_group"])
+                and isinstance(g, dict) and g
+                and all(isinstance(s, str) and wire.STREAM_NAME.fullmatch(s) and _int(n) and n >= 0
+                        for s, n in g.items()))
+
+
 def _budget_ok(b: Any) -> bool:
-    return (isinstance(b, dict) and set(b) == BUDGET_FIELDS
+    return (isinstance(b, dict) and (set(b) == BUDGET_FIELDS or (set(b) == BUDGET_FIELDS | GROUP_BUDGET_FIELDS
+                                                                 and _group_ok(b)))
             and _int(b["releases"]) and _int(b["remaining_releases"])
             and _num(b["spent_epsilon"]) and (b["spent_rho"] is None or _num(b["spent_rho"]))
             and _num(b["budget_epsilon"]) and _num(b["budget_delta"])
@@ -50,9 +62,15 @@ def _budget_ok(b: Any) -> bool:
             and all(c in "0123456789abcdef" for c in b["ledger_head"]))
 
 
+def _own_releases_ok(stream: str, b: dict) -> bool:
+    """A grouped stream's budget object lists the stream itself, with its own release count."""
+    return "group_releases" not in b or b["group_releases"].get(stream) == b["releases"]
+
+
 def _ledger_notice_ok(m) -> bool:
     """The fields a budget notice and a budget report share: a stream, its ledger, when, by whom."""
     return bool(isinstance(m.stream, str) and wire.STREAM_NAME.fullmatch(m.stream) and _budget_ok(m.budget)
+                and _own_releases_ok(m.stream, m.budget)
                 and _int(m.key_epoch) and _int(m.at_ms) and isinstance(m.measurement, str))
 
 
@@ -131,6 +149,7 @@ class Release(_Payload):
             and all(_num(v) for v in (self.epsilon, self.delta, self.sum_noise_scale))
             and (self.rho is None or _num(self.rho)) and (self.count_noise_scale is None or _num(self.count_noise_scale))
             and isinstance(self.measurement, str) and _budget_ok(self.budget)
+            and _own_releases_ok(self.stream, self.budget)
         )
 
     def to_json(self) -> dict[str, Any]:

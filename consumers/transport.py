@@ -30,6 +30,7 @@ class ResultSubscriber:
         self.backoff = Backoff(settings.reconnect_seconds)
         self.connection = None
         self.channel = None
+        self._refused = False
         self._open()
 
     def _open(self) -> None:
@@ -64,6 +65,7 @@ class ResultSubscriber:
         after broker loss within ``reconnect_seconds``."""
         last = time.monotonic()
         unacked = None
+        self._refused = False
         try:
             while True:
                 try:
@@ -86,12 +88,18 @@ class ResultSubscriber:
         finally:
             # A caller that stops after a message has taken it: acknowledge it, or a
             # consumer that reads one release at a time would stall at the prefetch limit.
-            if unacked is not None and self.channel is not None and self.channel.is_open:
+            if unacked is not None and not self._refused and self.channel is not None and self.channel.is_open:
                 try:
                     self.channel.basic_ack(unacked)
                     self.channel.cancel()
                 except pe.AMQPError:
                     pass
+
+    def refuse_last(self) -> None:
+        """The caller refuses the body it was given last and stops: leave it unacknowledged, so
+        that the broker gives it back when the connection closes (a durable queue keeps it for
+        the next run, which refuses it again) instead of taking it as read."""
+        self._refused = True
 
     def _reopen(self) -> None:
         try:

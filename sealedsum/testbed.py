@@ -39,6 +39,9 @@ url = "{url}"
 prefix = "{prefix}"
 queue_type = "{queue_type}"
 {broker_extra}
+[consumer]
+chain_state = "{chain_state}"
+
 [enclave]
 paillier_bits = {bits}
 {enclave_extra}
@@ -119,7 +122,10 @@ class Testbed:
         self.state = Path(state) if state is not None else self.workdir / "state"
         self.platform = EmulatedPlatform.init(self.state)
         insecure = "insecure_test_keys = true\n" if bits not in SECURE_PAILLIER_BITS else ""
+        # The consumers of a testbed remember its chains beside it, not in the user's state
+        # directory, which would collect the chains of every test and demo run ever made.
         text = CONFIG.format(url=url, prefix=self.prefix, queue_type=queue_type, broker_extra=broker_extra,
+                             chain_state=config_mod.CHAIN_STATE_FILE,
                              bits=bits, enclave_extra=insecure + enclave_extra, streams=streams)
         self.code_digest, self.measurement = measurement_of(text)
         pinned = bytes.fromhex(measurement) if measurement else self.measurement

@@ -8,7 +8,7 @@ import sys
 
 from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common import amqp
-from sealedsum.common.errors import ExitCode, PolicyMismatch
+from sealedsum.common.errors import ChainContradiction, ExitCode, PolicyMismatch
 from sealedsum.common.policy import StreamKind
 from sealedsum.common.privacy import Mechanism
 from sealedsum.common.results import BudgetExhausted
@@ -37,9 +37,10 @@ def describe(view: dict) -> str:
 
 def _consume(args) -> int:
     cfg = load_config(args)
+    chain_state = None if args.no_chain_state else (args.chain_state or cfg.chain_state)
     received = 0
     interrupted = False
-    with Consumer(cfg, args.stream, queue=args.queue) as consumer:
+    with Consumer(cfg, args.stream, queue=args.queue, chain_state=chain_state) as consumer:
         print(f"attested enclave {consumer.enclave.measurement.hex()[:16]}...; waiting for releases "
               f"of {', '.join(args.stream)}", file=sys.stderr)
         open_streams = set(args.stream)
@@ -63,6 +64,11 @@ def _consume(args) -> int:
                     break
         except KeyboardInterrupt:
             interrupted = True
+        except ChainContradiction:
+            # The releases printed before it stay verified; the main loop prints the error
+            # and its hint, and exits 1.
+            print(f"received {received} verified release(s) before the one refused", file=sys.stderr)
+            raise
         rejected = consumer.verifier.rejected
     print(f"{'interrupted; ' if interrupted else ''}received {received} verified release(s), rejected {rejected}",
           file=sys.stderr)
@@ -88,8 +94,11 @@ def _budget(args) -> int:
         rho = f", rho {b['spent_rho']:.6g}" if b["spent_rho"] is not None else ""
         delta = f", delta {b['budget_delta']:g}" if b["budget_delta"] else ""
         state = "exhausted: no further releases" if report.exhausted else f"{b['remaining_releases']} release(s) left"
-        print(f"{report.stream}: spent epsilon {b['spent_epsilon']:.6g}{rho} of {b['budget_epsilon']:g}{delta} "
-              f"in {b['releases']} release(s); {state}  [signed by the attested enclave; ledger head "
+        # A grouped stream's spend is the whole group's: say whose releases it adds up.
+        group = ("" if "budget_group" not in b else f" (budget group {b['budget_group']}: "
+                 + ", ".join(f"{s} {n}" for s, n in b["group_releases"].items()) + " releases)")
+        print(f"{report.stream}: spent epsilon {b['spent_epsilon']:.6g}{rho} of {b['budget_epsilon']:g}{delta}"
+              f"{group} in {b['releases']} release(s); {state}  [signed by the attested enclave; ledger head "
               f"{b['ledger_head'][:16]}...]")
     return ExitCode.OK
 
@@ -99,7 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "consume", help="attest the enclave and print its verified releases for a stream",
         description="Attest the enclave, bind a private queue to the results exchange for STREAM, "
                     "verify every result's signature against the attested key and print it. Forged or "
-                    "altered results are reported on stderr and skipped; the exit code is then 1.",
+                    "altered results are reported on stderr and skipped; the exit code is then 1. Each "
+                    "stream's ledger chain is remembered between runs (--chain-state); a release that "
+                    "contradicts it (the sidecar's ledger forked, started over, or released a window "
+                    "again with other noise) stops the command with exit code 1.",
     )
     add_config_argument(c)
     c.add_argument("--stream", required=True, action="append", help="stream name (repeat for several)")
@@ -108,6 +120,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop after S seconds without a release")
     c.add_argument("--queue", help="a durable queue name to use instead of a private temporary one")
     c.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    chain = c.add_mutually_exclusive_group()
+    chain.add_argument("--chain-state", metavar="PATH",
+                       help="remember each stream's verified ledger chain in this file (default: [consumer] "
+                            "chain_state, else $XDG_STATE_HOME/sealedsum/consumer-chains.json)")
+    chain.add_argument("--no-chain-state", action="store_true",
+                       help="remember nothing between runs (a ledger that started over is not noticed)")
     c.set_defaults(func=_consume, role="consumer", default_log_level="WARNING")
 
     b = sub.add_parser(

@@ -20,6 +20,10 @@ from sealedsum.testbed import Testbed
 EDGES = [0, 10, 25, 50, 100, 200, 500]
 
 ANALYTICS_STREAMS = """\
+[budget_groups.purchases]    # both streams see every purchase: one budget for the two of them
+budget_epsilon = 20.0        # composed in zCDP (the Laplace releases converted): about 8 rounds
+budget_delta = 1e-6
+
 [streams.purchases]          # one purchase amount per record: noisy sum, count and mean
 kind = "mean"
 lower = 0.0
@@ -29,7 +33,7 @@ window_seconds = 60
 min_batch = 10
 mechanism = "laplace"
 epsilon = 1.0
-budget_epsilon = 50.0
+budget_group = "purchases"
 
 [streams.basket_sizes]       # the same purchases, counted per size bucket
 kind = "histogram"
@@ -40,8 +44,7 @@ min_batch = 10
 mechanism = "gaussian"
 epsilon = 1.0
 delta = 1e-6
-budget_epsilon = 8.0
-budget_delta = 1e-6
+budget_group = "purchases"
 """
 
 
@@ -92,16 +95,25 @@ def run(args) -> int:
                 failures += _print_purchases(got.get("purchases"), flat, policy.streams["purchases"], plans["purchases"])
                 failures += _print_histogram(got.get("basket_sizes"), flat, plans["basket_sizes"])
                 print()
+            report = consumer.budget("purchases")  # signed by the enclave: the group's total
     if failures:
         print(f"demo finished with {failures} failure(s); see the sidecar log in the state directory", file=sys.stderr)
         return 1
-    rho = plans["basket_sizes"].rho
     print("Every number above was released by the enclave with noise; the true values are known here only "
           "because the demo made the data. The broker carried nothing but sealed boxes and signed results.\n"
-          f"Each purchase went to both streams, so each window's pair of releases spends eps = "
-          f"{plans['purchases'].epsilon:g} (Laplace) plus rho = {rho:.4f} (Gaussian, zCDP) on it; "
-          "`sealedsum budget --stream NAME` shows each stream's total.")
+          "Each purchase went to both streams, so both spend one budget: each window's pair of releases costs "
+          f"rho = {plans['purchases'].epsilon ** 2 / 2:g} (the Laplace eps = {plans['purchases'].epsilon:g}, "
+          f"converted) plus rho = {plans['basket_sizes'].rho:.4f} (Gaussian), composed in zCDP.")
+    print(total_line(report.budget))
     return 0
+
+
+def total_line(b: dict) -> str:
+    """The group's total spend from a signed budget object (docs/protocol.md section 15.6)."""
+    rho = f" (rho {b['spent_rho']:.4f})" if b["spent_rho"] is not None else ""
+    delta = f" at delta {b['budget_delta']:g}" if b["budget_delta"] else ""
+    return (f"privacy spent eps {b['spent_epsilon']:.4g}{rho} of {b['budget_epsilon']:g}{delta} "
+            f"(budget group {b['budget_group']}: streams {', '.join(b['group_releases'])})")
 
 
 def _print_purchases(release, amounts, stream, plan) -> int:
@@ -112,8 +124,8 @@ def _print_purchases(release, amounts, stream, plan) -> int:
     sum_sd = privacy.noise_std(plan.mechanism, plan.sum_scale) / (1 << stream.fraction_bits)
     count_sd = privacy.noise_std(plan.mechanism, plan.count_scale)
     b = release.budget
-    print(f"  purchases    window {release.window} (laplace, eps={plan.epsilon:g}; spent {b['spent_epsilon']:g} "
-          f"of {b['budget_epsilon']:g})")
+    print(f"  purchases    window {release.window} (laplace, eps={plan.epsilon:g}; group spent eps "
+          f"{b['spent_epsilon']:.3g} of {b['budget_epsilon']:g})")
     print(f"    count  released {release.count:>10}   true {len(amounts):>10}   noise sd {count_sd:8.2f}")
     print(f"    sum    released {release.sum[0]:>10.1f}   true {sum(clipped):>10.1f}   noise sd {sum_sd:8.2f}")
     mean = f"{release.mean[0]:.2f}" if release.mean else "n/a"
@@ -133,7 +145,7 @@ def _print_histogram(release, amounts, plan) -> int:
         true[i] += 1
     b = release.budget
     print(f"  basket_sizes window {release.window} (gaussian, eps={plan.epsilon:g}, delta={plan.delta:g}; "
-          f"spent eps {b['spent_epsilon']:.3g} of {b['budget_epsilon']:g} in zCDP; noise sd {sd:.2f} per bucket)")
+          f"group spent eps {b['spent_epsilon']:.3g} of {b['budget_epsilon']:g}; noise sd {sd:.2f} per bucket)")
     for i, (got, t) in enumerate(zip(release.sum, true)):
         label = f"[{EDGES[i]}, {EDGES[i + 1]})"
         print(f"    {label:<11} released {got:>6.0f}   true {t:>6}")

@@ -101,7 +101,9 @@ class StreamState:
     _expiry: list[tuple[int, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.current = Window.empty(self.policy, 1)
+        # Count-closed windows are numbered 1, 2, ... as they close; time-closed ones by the
+        # clock, from the first time the enclave has one (index 0 until then: not started).
+        self.current = Window.empty(self.policy, 0 if self.policy.window_ms else 1)
 
     def check_duplicate(self, envelope: wire.Envelope) -> None:
         """Checked before age and window: a counted record that comes back (a lost ack,
@@ -120,12 +122,19 @@ class StreamState:
 
         :raises RecordRejected: a window other than the open one, or a producer over its bound.
         """
+        if not self.current.index:
+            raise RecordRejected(RejectReason.FUTURE_WINDOW, "no window of this stream is open yet")
         if envelope.window and envelope.window < self.current.index:
             raise RecordRejected(RejectReason.LATE_WINDOW,
                                  f"window {envelope.window} is closed; open window is {self.current.index}")
         if envelope.window > self.current.index:
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
                                  f"window {envelope.window} is not open yet; open window is {self.current.index}")
+        if not self.policy.count_closed and self.current.count >= self.policy.max_window_records:
+            # Closing early would make the close time a function of the count.
+            raise RecordRejected(RejectReason.FUTURE_WINDOW,
+                                 f"window {self.current.index} holds {self.current.count} records, the most a "
+                                 "window can; the next window opens on schedule")
         limit = self.policy.max_records_per_producer
         if limit is not None:
             if envelope.producer_id == ANONYMOUS:
@@ -152,7 +161,9 @@ class StreamState:
 
     @property
     def full(self) -> bool:
-        return self.current.count >= self.policy.max_window_records
+        """A count-closed window that must close now. (A time-closed one closes only by the
+        clock: at the record cap it refuses further records instead, see :meth:`accept`.)"""
+        return self.policy.count_closed and self.current.count >= self.policy.max_window_records
 
     def remember(self, record_id: bytes, forget_at_ms: int) -> None:
         """Count ``record_id`` as seen until ``forget_at_ms`` (also used to restore a checkpoint)."""
@@ -160,12 +171,37 @@ class StreamState:
         heapq.heappush(self._expiry, (forget_at_ms, record_id))
 
     def due(self, now_ms: int) -> Window | None:
-        """Close the open window if its time span has passed."""
+        """Close the open window if its time is up: a count-closed window ``window_seconds``
+        after its first record (if set), a time-closed one at the end of its clock span."""
         w = self.current
+        span = self.policy.window_ms
+        if span is not None:
+            return self.roll(now_ms, span)
         if (self.policy.window_seconds is not None and w.opened_at_ms is not None
                 and now_ms - w.opened_at_ms >= self.policy.window_seconds * 1000):
             return self.close()
         return None
+
+    def roll(self, now_ms: int, span: int) -> Window | None:
+        """A time-closed stream at ``now_ms``: the open window, closed, if the clock has passed
+        its end (whatever it holds, even nothing); the next open window is the clock's own, so
+        windows whose whole span passed while the enclave was not running are skipped (that
+        depends on the enclave's uptime, never on the records)."""
+        clock = now_ms // span
+        if self.current.index == 0:  # not started: open the clock's window
+            self.current.index = clock
+            return None
+        if clock <= self.current.index:
+            return None
+        closed = self.current
+        self.current = Window.empty(self.policy, clock)
+        return closed
+
+    def closes_at(self, window: Window, now_ms: int) -> int:
+        """When ``window`` closed, as releases state it: a time-closed window's scheduled end
+        (the same whatever arrived), a count-closed window's actual close."""
+        span = self.policy.window_ms
+        return (window.index + 1) * span if span is not None else now_ms
 
     def forget_expired(self, now_ms: int) -> None:
         """Drop ids whose records would now be rejected as expired anyway."""

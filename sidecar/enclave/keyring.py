@@ -190,6 +190,11 @@ class Keyring:
     def decryptions(self) -> int:
         return sum(k.decryptions for k in self.epochs.values())
 
+    @property
+    def checks(self) -> int:
+        """Decryptions of batch products checking records against their stated plaintexts."""
+        return sum(k.checks for k in self.epochs.values())
+
     def rotate(self, paillier_bits: int, now_ms: int, grace_ms: int) -> EnclaveKeys:
         """Make a new current epoch; the old one drains until ``now + grace``."""
         old = self.current

@@ -1,4 +1,4 @@
-"""The spend a stream carries from one measurement to the next (docs/protocol.md, 15.5).
+"""The spend a stream carries from one measurement to the next (docs/protocol.md, 15.7).
 
 Any policy change (enrolling one producer key, say) is a new measurement, with a new
 sealing key that cannot open the old sealed state. The budget belongs to the stream, not
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from sealedsum.common import privacy
 from sealedsum.common.errors import InheritedSpendMismatch
-from sealedsum.common.policy import StreamPolicy
+from sealedsum.common.policy import BudgetGroup, StreamPolicy
 from sealedsum.sidecar.enclave.ledger import StreamLedger
 from sealedsum.sidecar.enclave.state import EnclaveState
 
@@ -55,13 +55,18 @@ PARAMETER_KEYS = ("kind", "dimension", "lower", "upper", "l2_bound", "edges", "m
 MAX_HANDOFFS = 16
 
 
-def parameters(policy: StreamPolicy) -> dict:
+def parameters(policy: StreamPolicy, group: BudgetGroup | None = None) -> dict:
     """The privacy parameters of a stream, as the sealed ledger records them: the keys of
     :data:`PARAMETER_KEYS` as the canonical policy writes them (``None`` where it leaves
-    one out), and ``rho``, the per-release zCDP cost (``None`` for Laplace)."""
+    one out: a grouped stream's budget is its group's), ``rho``, the per-release zCDP cost
+    (``None`` for Laplace), and ``budget_group``: ``None``, or the group's name, budget and
+    member streams (a stream leaving the group would take its spend out of the group's total)."""
     mapping = policy.to_mapping()
     out = {key: mapping.get(key) for key in PARAMETER_KEYS}
     out["rho"] = policy.noise_plan().rho
+    out["budget_group"] = None if group is None else {
+        "name": group.name, "budget_epsilon": group.budget_epsilon, "budget_delta": group.budget_delta,
+        "streams": sorted(group.streams)}
     return json.loads(json.dumps(out))  # the form it has once read back: lists, not tuples
 
 
@@ -74,7 +79,7 @@ class Entry:
     next_window: int
     parameters: dict
     holder: bytes  # the measurement that wrote this entry last
-    budget_group: str | None = None  # room for budget groups; not interpreted yet
+    budget_group: str | None = None  # the stream's group, if any (its spend counts in the group's)
     # measurement hex -> the stream's releases when that measurement last handed it over
     handoffs: dict[str, int] = field(default_factory=dict)
 
@@ -87,7 +92,7 @@ class Entry:
     def from_json(cls, raw: dict) -> "Entry":
         releases, next_window = int(raw["releases"]), int(raw["next_window"])
         head, holder = bytes.fromhex(raw["head"]), bytes.fromhex(raw["holder"])
-        if releases < 0 or next_window < 1 or len(head) != 32 or len(holder) != 32:
+        if releases < 0 or next_window < 0 or len(head) != 32 or len(holder) != 32:
             raise ValueError("a ledger entry is out of range")
         if not isinstance(raw["parameters"], dict) or not isinstance(raw["handoffs"], dict):
             raise TypeError("a ledger entry's parameters and handoffs are objects")
@@ -126,6 +131,7 @@ class Lineage:
         self.measurement = measurement
         self.entries: dict[str, Entry] = {}
         self._parameters: dict[str, dict] = {}  # per stream, computed once: to_json runs at every checkpoint
+        self._groups: dict[str, BudgetGroup] = {}
         if doc is not None:
             if doc.get("format") != LINEAGE_FORMAT:
                 raise ValueError(f"the sealed ledger has format {doc.get('format')!r}; this code reads "
@@ -139,6 +145,7 @@ class Lineage:
         :raises InheritedSpendMismatch: a stream of the policy was charged under other
             privacy parameters.
         """
+        self._groups = state.policy.budget_groups
         me = self.measurement.hex()
         taken = []
         for name, policy in state.policy.streams.items():
@@ -155,9 +162,11 @@ class Lineage:
             kept = entry.handoffs.get(me, 0) if restored else 0
             if restored:
                 self._drop_superseded(state, name, kept)
-            state.ledgers[name] = StreamLedger(policy, entry.releases, entry.head)
+            state.ledgers[name] = StreamLedger(policy, entry.releases, entry.head, state.ledgers[name].group)
             window = state.streams[name].current
-            window.index = max(window.index, entry.next_window)  # no window number is used twice
+            if policy.window_ms is None:  # count-closed: no window number is used twice
+                window.index = max(window.index, entry.next_window)
+            # (time-closed windows are numbered by the clock, which never gives a number twice)
             if entry.holder != self.measurement:
                 entry.handoffs.pop(entry.holder.hex(), None)  # re-inserted last: the latest handoff
                 entry.handoffs[entry.holder.hex()] = entry.releases
@@ -171,7 +180,7 @@ class Lineage:
 
     def _params(self, policy: StreamPolicy) -> dict:
         if policy.name not in self._parameters:
-            self._parameters[policy.name] = parameters(policy)
+            self._parameters[policy.name] = parameters(policy, self._groups.get(policy.budget_group))
         return self._parameters[policy.name]
 
     @staticmethod
@@ -193,12 +202,13 @@ class Lineage:
     def to_json(self, state: EnclaveState) -> dict:
         """The sealed ledger to write now: every stream of the policy that has spent anything
         (or was in the ledger), held by this measurement, and every other stream as it was."""
+        self._groups = state.policy.budget_groups
         streams = {name: e.to_json() for name, e in self.entries.items() if name not in state.policy.streams}
         for name, policy in state.policy.streams.items():
             ledger, old = state.ledgers[name], self.entries.get(name)
             if ledger.releases == 0 and old is None:
                 continue  # nothing spent: its parameters are not pinned yet
             streams[name] = Entry(ledger.releases, ledger.head, state.streams[name].current.index, self._params(policy),
-                                  self.measurement, getattr(policy, "budget_group", None),
+                                  self.measurement, policy.budget_group,
                                   dict(old.handoffs) if old else {}).to_json()
         return {"format": LINEAGE_FORMAT, "streams": dict(sorted(streams.items()))}

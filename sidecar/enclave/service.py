@@ -82,7 +82,7 @@ class Stats:
     windows_withheld: int = 0
     attestations: int = 0
 
-    def to_json(self, decryptions: int) -> dict:
+    def to_json(self, decryptions: int, checks: int) -> dict:
         return {
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
@@ -90,6 +90,7 @@ class Stats:
             "windows_withheld": self.windows_withheld,
             "attestations": self.attestations,
             "decryptions": decryptions,
+            "check_decryptions": checks,
         }
 
 
@@ -183,7 +184,7 @@ class Enclave:
         return self.keyring.seal(sealing_key, self.measurement)
 
     def stats_json(self) -> dict:
-        return self.stats.to_json(self.decryptions)
+        return self.stats.to_json(self.decryptions, self.keyring.checks)
 
     def rotate(self, now_ms: int) -> Effects:
         """New encryption keys; the old epoch drains for ``key_grace_seconds``.
@@ -287,6 +288,10 @@ class Enclave:
         """
         results: list[Effects] = []
         unchecked: list[tuple[int, OpenedRecord, int]] = []  # (index, record, forget_at)
+        # Time-closed windows whose span is over close first: a record counts in the window of
+        # the enclave's clock when it is counted, never in one whose scheduled end has passed.
+        rolled = self._close([w for st in self.streams.values() if st.policy.window_ms
+                              for w in [st.due(now_ms)] if w is not None], now_ms)
         for item in opened:
             i = len(results)
             counted = self._count(item, now_ms)
@@ -301,6 +306,8 @@ class Enclave:
                 if state.full:  # record i was not the liar, or the window would not be full
                     results[i] |= self._close([state.close()], now_ms)
         self._settle(unchecked, results)
+        if rolled and results:  # owed whatever becomes of the first record
+            results[0] = dataclasses.replace(results[0] | rolled, rejection=results[0].rejection)
         return results
 
     def _count(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> Effects | int:
@@ -384,11 +391,21 @@ class Enclave:
         return NOTHING
 
     def _close(self, windows: list[Window], now_ms: int) -> Effects:
+        """Charge and draw each closed window, or withhold it.
+
+        A count-closed window below ``min_batch`` is withheld uncharged: its count is public by
+        construction (replace-one), so the decision reveals nothing. A time-closed window is
+        charged whatever it holds, even nothing, and whether it is released is decided on the
+        noised count its release draws anyway (:meth:`complete`): post-processing, so the
+        decision costs no budget and no released field is an exact function of the count.
+        """
         effects = NOTHING
         for w in windows:
             effects |= Effects(checkpoint=True)  # the stream's window index moved on
             policy = self.policy.streams[w.stream]
-            if w.count < policy.min_batch:
+            if w.stream in self.exhausted:
+                continue  # its windows still pass; none is drawn (exhaustion is public)
+            if policy.count_closed and w.count < policy.min_batch:
                 self.stats.windows_withheld += 1
                 log.info("window withheld", extra={"fields": {
                     "stream": w.stream, "window": w.index, "reason": "below min_batch",
@@ -396,10 +413,12 @@ class Enclave:
                 continue
             ledger = self.ledgers[w.stream]
             ledger.charge(w.index)  # before the draw: a failure below may waste budget, never overspend it
-            closing = Closing(f"{w.stream}/{w.index}", w, ledger.summary(), now_ms, not ledger.allows())
+            closed_at = self.streams[w.stream].closes_at(w, now_ms)
+            closing = Closing(f"{w.stream}/{w.index}", w, ledger.summary(), closed_at, not ledger.allows())
             if closing.exhausts:
                 self.exhausted.add(w.stream)  # refuse records from now on; the notice follows the release
             self._closing[closing.key] = closing
+            effects |= self._exhaust_peers(ledger, now_ms)
             if not self._draw_inline:
                 effects |= Effects(draw=(closing,))
                 continue
@@ -425,23 +444,51 @@ class Enclave:
         """Store a closing window's release (or withhold the window if drawing it failed) as
         pending, with the budget notice when this release spent the budget; the effects
         checkpoint them before they are published."""
-        if self._closing.pop(closing.key, None) is None:
+        # The stored closing, not the caller's copy: a charge to a stream of the same budget
+        # group may have marked it exhausting since it was handed out (_exhaust_peers).
+        stored = self._closing.pop(closing.key, None)
+        if stored is None:
             return NOTHING  # completed already: never store a second draw
         w = closing.window
         out = []
+        policy = self.policy.streams[w.stream]
         if isinstance(outcome, BaseException):
             log.error("release failed; the window is withheld", exc_info=outcome, extra={"fields": {
                 "stream": w.stream, "window": w.index}})
             self.stats.windows_withheld += 1
+        elif not policy.count_closed and outcome.message.count < policy.min_batch:
+            # Decided on the noised count (post-processing); the budget stays charged.
+            self.stats.windows_withheld += 1
+            log.info("window withheld", extra={"fields": {
+                "stream": w.stream, "window": w.index, "reason": "noised count below min_batch",
+                "min_batch": policy.min_batch, "releases": closing.budget.get("releases")}})
         else:
             self.pending[outcome.key] = outcome
             self.stats.windows_released += 1
             log.info("window released", extra={"fields": {
                 "stream": w.stream, "window": w.index, "releases": closing.budget.get("releases")}})
             out.append(outcome)
-        if closing.exhausts:
+        if stored.exhausts:
             out.append(self._exhaust(w.stream, now_ms))
         return Effects(checkpoint=True, publish=tuple(out))
+
+    def _exhaust_peers(self, ledger, now_ms: int) -> Effects:
+        """A charge to a stream of a budget group spends the other streams' budget too: each
+        one that now has no room for a release is exhausted. Its notice comes at once, or,
+        when a window of it is charged but not yet drawn, right after that release (a
+        consumer takes the notice as the stream's last message)."""
+        out = []
+        for peer in ledger.peers:
+            if peer in self.exhausted or self.ledgers[peer].allows():
+                continue
+            drawing = [c for c in self._closing.values() if c.window.stream == peer]
+            if drawing:
+                self.exhausted.add(peer)
+                last = max(drawing, key=lambda c: c.window.index)
+                self._closing[last.key] = dataclasses.replace(last, exhausts=True)
+            else:
+                out.append(self._exhaust(peer, now_ms))
+        return Effects(publish=tuple(out)) if out else NOTHING
 
     def _exhaust(self, stream: str, now_ms: int) -> Publication:
         """The next release would exceed the budget: say so, once, and accept nothing more."""

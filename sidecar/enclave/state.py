@@ -21,7 +21,7 @@ from sealedsum.common.errors import StateIncompatible
 from sealedsum.common.policy import EnclavePolicy
 from sealedsum.common.results import PAYLOADS
 from sealedsum.sidecar.enclave.aggregate import StreamState, Window
-from sealedsum.sidecar.enclave.ledger import StreamLedger
+from sealedsum.sidecar.enclave.ledger import StreamLedger, ledgers
 from sealedsum.sidecar.enclave.release import Publication
 
 STATE_VERSION = 1
@@ -71,8 +71,7 @@ class EnclaveState:
 
     @classmethod
     def fresh(cls, policy: EnclavePolicy) -> "EnclaveState":
-        return cls(policy, {name: StreamState(p) for name, p in policy.streams.items()},
-                   {name: StreamLedger(p) for name, p in policy.streams.items()})
+        return cls(policy, {name: StreamState(p) for name, p in policy.streams.items()}, ledgers(policy))
 
     def _core(self, key_epoch: int) -> dict:
         return {
@@ -126,7 +125,7 @@ class EnclaveState:
                                     f"version {STATE_VERSION}")
         for name, raw in core["streams"].items():
             policy = self.policy.streams[name]
-            self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"])
+            self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"], self.ledgers[name].group)
             self.streams[name].current = Window.from_json(policy, raw["window"], public_keys)
             if raw["exhausted"]:
                 self.exhausted.add(name)

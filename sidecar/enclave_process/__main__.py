@@ -77,7 +77,7 @@ class PlatformLedgerCounter(PlatformCounter):
 def warn_of_other_code(path: Path) -> None:
     """A sealed ledger of other code cannot be opened by this code (its key is that code's):
     the spend it holds is not carried over. Said once at start, so an operator who upgraded
-    the code learns that the streams' chains start again (docs/protocol.md, 15.5)."""
+    the code learns that the streams' chains start again (docs/protocol.md, 15.7)."""
     others = sorted(p.name for p in path.parent.glob("*.sealed") if p != path)
     if others:
         log.warning("sealed ledgers of other enclave code exist; this code cannot read them, so their "

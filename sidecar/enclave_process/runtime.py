@@ -65,6 +65,10 @@ PARALLEL_OPEN_MIN = 8
 DRAW_POLL_S = 0.002
 # How long a delivery may wait for its batch when records trickle in.
 FLUSH_EVERY_S = 0.1
+# How long a delivery may wait for others to share its batch: each batch's records are
+# checked together with one decryption per ciphertext slot (validity.mismatched), so a batch
+# of one would cost a decryption per record. At most ack_batch records wait.
+INGEST_WAIT_S = 0.02
 STATS_EVERY_S = 10.0
 MAX_BACKOFF_S = 30.0
 HELD_RETRY_S = 5.0
@@ -125,6 +129,7 @@ class EnclaveRuntime:
         self._held: set[str] = set()
         # Deliveries received but not yet opened: (delivery method, AMQP type, body), in order.
         self._inbox: list[tuple[object, str | None, bytes]] = []
+        self._inbox_since = 0.0  # when the oldest delivery in the inbox arrived
         # A second thread opens half of each batch where there is a second core.
         two_cores = (os.cpu_count() or 1) > 1
         self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open") if two_cores else None
@@ -154,8 +159,9 @@ class EnclaveRuntime:
                 backoff.reset()
                 while not self.stopping:
                     # While a window is being drawn, look back soon: its release waits for us.
-                    self._connection.process_data_events(time_limit=DRAW_POLL_S if self._drawing else FLUSH_EVERY_S)
-                    self.ingest()
+                    self._connection.process_data_events(time_limit=self._wait())
+                    if self._ingest_due():
+                        self.ingest()
                     self.release_closed()
                     self.flush()
                     self._tick()
@@ -179,6 +185,16 @@ class EnclaveRuntime:
             if pool is not None:
                 pool.shutdown(wait=True)
         self.log_stats()
+
+    def _wait(self) -> float:
+        wait = DRAW_POLL_S if self._drawing else FLUSH_EVERY_S
+        if self._inbox:
+            wait = min(wait, max(0.0, self._inbox_since + INGEST_WAIT_S - time.monotonic()))
+        return wait
+
+    def _ingest_due(self) -> bool:
+        return bool(self._inbox) and (len(self._inbox) >= self.ack_batch
+                                      or time.monotonic() - self._inbox_since >= INGEST_WAIT_S)
 
     def _connect(self) -> None:
         self._unacked.clear()  # the broker redelivers them on the new channel
@@ -239,6 +255,8 @@ class EnclaveRuntime:
         # pika hands over every delivery that has arrived before process_data_events
         # returns; ingest() then takes them as one batch.
         self._channel = channel
+        if not self._inbox:
+            self._inbox_since = time.monotonic()
         self._inbox.append((method, getattr(props, "type", None), body))
 
     def ingest(self) -> None:

@@ -100,3 +100,40 @@ def test_a_rolled_back_ledger_is_detected(sidecar_factory, tmp_path):
     assert proc.wait(timeout=60) == 2  # the platform does not restart an enclave that refused
     (event,) = sc.events("sealed state rolled back; refusing to start")
     assert "older copy" in event["detail"]
+
+
+GROUPED = {k: v for k, v in STREAM.items() if k != "budget_epsilon"} | {"budget_group": "shared"}
+
+
+def test_a_budget_group_spends_once_for_both_streams(sidecar_factory):
+    """Two streams fed by the same data: their releases draw on one budget of 3, so three
+    releases in all (not three each) and then both streams are exhausted, each with its notice."""
+    sc = sidecar_factory({"a": GROUPED, "b": GROUPED}, extra_toml="[budget_groups.shared]\nbudget_epsilon = 3.0\n")
+    t = sc.config.broker.topology
+    dead_conn, dead_q = capture_queue(sc, t.rejected_exchange, "")
+    with Consumer(sc.config, ["a", "b"]) as consumer:
+        with Producer(sc.config) as producer:
+            for stream in ("a", "a", "b", "b"):  # a window of a, then one of b
+                producer.send(stream, [1.0])
+        first = collect(consumer, 2)
+        with Producer(sc.config) as producer:
+            for _ in range(2):
+                producer.send("a", [1.0])  # a's second window: the group's third release
+        rest = collect(consumer, 3)
+        with Producer(sc.config) as producer:
+            producer.send("b", [1.0])  # b has no room left although it released only once
+        report = consumer.budget("b")
+    releases = [m for m in first + rest if isinstance(m, Release)]
+    assert [(m.stream, m.budget["releases"], m.budget["spent_epsilon"]) for m in releases] == [
+        ("a", 1, 1.0), ("b", 1, 2.0), ("a", 2, 3.0)]
+    assert all(m.budget["budget_group"] == "shared" and m.budget["budget_epsilon"] == 3.0 for m in releases)
+    assert releases[-1].budget["group_releases"] == {"a": 2, "b": 1}
+    notices = {m.stream: m for m in rest if isinstance(m, BudgetExhausted)}
+    assert set(notices) == {"a", "b"}
+    assert notices["b"].budget["releases"] == 1 and notices["b"].budget["spent_epsilon"] == 3.0
+    assert report.exhausted and report.budget["spent_epsilon"] == 3.0 and report.budget["remaining_releases"] == 0
+    (dead,) = drain(dead_conn, dead_q, expect=1)
+    assert dead[0].headers["x-sealedsum-reason"] == "budget_exhausted"
+    out = run("budget", "--config", str(sc.config_path), "--stream", "b")
+    assert out.returncode == 0, out.stderr
+    assert "spent epsilon 3 of 3 (budget group shared: a 2, b 1 releases) in 1 release(s)" in out.stdout

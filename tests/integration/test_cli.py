@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -121,6 +122,13 @@ def test_the_readmes_demo_command_prints_releases_and_exits_0_within_a_minute(am
     rows = [line for line in stdout.splitlines() if re.search(r"\breleased +-?[\d.]+ +true +[\d.]+", line)]
     assert len(rows) == 3 * (3 + 6), stdout
     assert "no release arrived" not in stdout and "failure" not in stderr
+    # Both streams spend the one budget of group purchases: three windows of each, composed in
+    # zCDP (docs/protocol.md section 15.6), the total printed from the signed budget report.
+    rho = 3 * (0.5 + (math.sqrt(math.log(1e6) + 1) - math.sqrt(math.log(1e6))) ** 2)
+    eps = rho + 2 * math.sqrt(rho * math.log(1e6))
+    total = f"privacy spent eps {eps:.4g} (rho {rho:.4f}) of 20 at delta 1e-06 " \
+            "(budget group purchases: streams basket_sizes, purchases)"
+    assert total in stdout, stdout
     (config,) = glob.glob(str(tmp_path / "sealedsum-demo-*" / "sealedsum.toml"))
     cfg = tomllib.loads(open(config).read())
     assert len(cfg["trust"]["measurements"][0]) == 64 and cfg["enclave"]["paillier_bits"] == 2048

@@ -1,7 +1,7 @@
 """Over the real broker and real processes: a policy change (enrolling a producer key) is a
 new measurement, and the stream's spend, chain and window numbers carry over to it through
 the sealed ledger; a change of the stream's privacy parameters makes the enclave refuse to
-start, and a rolled-back sealed ledger too (docs/protocol.md, 15.5 and 17)."""
+start, and a rolled-back sealed ledger too (docs/protocol.md, 15.7 and 17)."""
 
 from __future__ import annotations
 

@@ -18,37 +18,63 @@ def policy_of(**table):
     return make_policy({"s": stream_table(**table)}).streams["s"]
 
 
+# Time-closed windows (window_seconds alone) protect add/remove of one unit's records;
+# count-closed ones (window_records, the default of stream_table) make the count public and
+# protect a replacement of them, so their sensitivities are those of a replacement.
+BY_TIME = dict(window_records=None, window_seconds=60.0)
+
+
 # -- sensitivity, by hand ------------------------------------------------------------------
 def test_sum_sensitivity_by_hand():
-    # bounds [-3, 5], f = 0, d = 3: max(|l|, |u|) = 5 per coordinate.
-    p = policy_of(dimension=3, lower=-3.0, upper=5.0, fraction_bits=0)
-    assert p.sensitivities() == (15, pytest.approx(math.sqrt(75)))
+    # bounds [-3, 5], f = 0, d = 3. Add/remove: max(|l|, |u|) = 5 per coordinate.
+    p = policy_of(dimension=3, lower=-3.0, upper=5.0, fraction_bits=0, **BY_TIME)
+    assert p.neighbouring == "add/remove" and p.sensitivities() == (15, pytest.approx(math.sqrt(75)))
     plan = p.noise_plan()
     assert plan.sum_scale == pytest.approx(15 / (1.0 * 0.5)) and plan.count_scale == pytest.approx(2.0)
+    # Replace-one: a value can move from -3 to 5, u - l = 8 per coordinate: L1 24, L2 sqrt(3·64).
+    p = policy_of(dimension=3, lower=-3.0, upper=5.0, fraction_bits=0)
+    assert p.neighbouring == "replace-one" and p.sensitivities() == (24, pytest.approx(math.sqrt(192)))
+    assert p.noise_plan().sum_scale == pytest.approx(24 / (1.0 * 0.5))
+    # Bounds on one side of 0 give the same either way: [0, 100] moves by at most 100.
+    assert policy_of(lower=0.0, upper=100.0, fraction_bits=0).sensitivities()[0] == 100
+    assert policy_of(lower=0.0, upper=100.0, fraction_bits=0, **BY_TIME).sensitivities()[0] == 100
 
 
 def test_per_coordinate_vector_sensitivity_by_hand():
-    # f = 2: bounds become [-4, 4], [0, 16], [-8, 4] -> 4, 16, 8.
-    p = policy_of(kind="vector", dimension=3, lower=[-1.0, 0.0, -2.0], upper=[1.0, 4.0, 1.0], fraction_bits=2)
+    # f = 2: bounds become [-4, 4], [0, 16], [-8, 4]. Add/remove: 4, 16, 8.
+    table = dict(kind="vector", dimension=3, lower=[-1.0, 0.0, -2.0], upper=[1.0, 4.0, 1.0], fraction_bits=2)
+    p = policy_of(**table, **BY_TIME)
     assert p.sensitivities() == (28, pytest.approx(math.sqrt(16 + 256 + 64)))
     assert p.coordinate_ranges(10) == [(-40, 40), (0, 160), (-80, 40)]
+    # Replace-one: spans 8, 16, 12.
+    assert policy_of(**table).sensitivities() == (36, pytest.approx(math.sqrt(64 + 256 + 144)))
 
 
 def test_l2_vector_sensitivity_by_hand():
     # C = 1.5, f = 4, d = 4: C·2^f = 24; rounding adds sqrt(d)/2 = 1 to L2 and d/2 = 2 to L1.
-    p = policy_of(kind="vector", dimension=4, l2_bound=1.5, fraction_bits=4, lower=None, upper=None,
-                  mechanism="gaussian", delta=1e-6)
+    table = dict(kind="vector", dimension=4, l2_bound=1.5, fraction_bits=4, lower=None, upper=None,
+                 mechanism="gaussian", delta=1e-6)
+    p = policy_of(**table, **BY_TIME)
     assert p.sensitivities() == (50, 25.0)
     rho = (math.sqrt(math.log(1e6) + 1.0) - math.sqrt(math.log(1e6))) ** 2
     assert p.noise_plan().sum_scale == pytest.approx(25.0 / math.sqrt(2 * rho * 0.5))
+    # Replace-one: a vector replaced by its opposite moves by twice its norm: 2C (with slack).
+    p = policy_of(**table)
+    assert p.sensitivities() == (100, 50.0)
+    assert p.noise_plan().sum_scale == pytest.approx(50.0 / math.sqrt(2 * rho * 0.5))
 
 
 def test_histogram_sensitivity_and_count_by_hand():
-    p = policy_of(kind="histogram", dimension=None, edges=[0, 10, 20, 50, 100], lower=None, upper=None)
+    table = dict(kind="histogram", dimension=None, edges=[0, 10, 20, 50, 100], lower=None, upper=None)
+    p = policy_of(**table, **BY_TIME)
     assert p.dimension == 4 and p.values_per_record == 1 and p.fraction_bits == 0
     assert p.sensitivities() == (1, 1.0)
     plan = p.noise_plan()
     assert plan.count_scale is None and plan.sum_scale == pytest.approx(1 / 1.0)  # whole ε on the buckets
+    # Replace-one: the record leaves one bucket for another: L1 2, L2 sqrt(2).
+    p = policy_of(**table)
+    assert p.sensitivities() == (2, pytest.approx(math.sqrt(2)))
+    assert p.noise_plan().sum_scale == pytest.approx(2 / 1.0)
 
 
 # One producer adds up to k one-hot records, each to any bucket. Under add/remove of those k
@@ -56,6 +82,8 @@ def test_histogram_sensitivity_and_count_by_hand():
 # L2 = k in the worst case, all k in one bucket (sqrt(k) would be k records in k different
 # buckets, the best case). The whole release budget goes to the buckets.
 # Gaussian: rho = (sqrt(ln(1e6) + 1) - sqrt(ln(1e6)))^2 = 0.0174689..., sigma = k / sqrt(2 rho).
+# (Time-closed windows: add/remove. Replace-one doubles L1 and multiplies L2 by sqrt(2): all k
+# records leave one bucket for another.)
 @pytest.mark.parametrize("mechanism, epsilon, k, scale", [
     ("laplace", 0.5, 1, 2.0),                  # b = 1 / 0.5
     ("laplace", 0.5, 3, 6.0),                  # b = 3 / 0.5
@@ -65,7 +93,7 @@ def test_histogram_sensitivity_and_count_by_hand():
 def test_histogram_sensitivity_with_a_contribution_bound_by_hand(mechanism, epsilon, k, scale):
     p = policy_of(kind="histogram", dimension=None, edges=[0, 10, 20, 50, 100], lower=None, upper=None,
                   mechanism=mechanism, epsilon=epsilon, delta=1e-6 if mechanism == "gaussian" else None,
-                  max_records_per_producer=k if k > 1 else None)
+                  max_records_per_producer=k if k > 1 else None, **BY_TIME)
     assert p.sensitivities() == (k, float(k))
     plan = p.noise_plan()
     assert plan.sum_scale == pytest.approx(scale, rel=1e-12)
@@ -79,7 +107,8 @@ def test_histogram_release_is_noised_for_k_records_per_producer(small_keys):
     alice = RecordSealer(world.attested, producer_id=b"A" * 16)
     outs = [world.enclave.on_record(alice.seal("s", [5.0]).body, now_ms()) for _ in range(3)]
     (pub,) = outs[-1].publish
-    assert pub.message.sum_noise_scale == 6.0 and pub.message.count_noise_scale is None
+    # Count-closed: replace-one, L1 = 2k = 6, b = 6 / 0.5.
+    assert pub.message.sum_noise_scale == 12.0 and pub.message.count_noise_scale is None
 
 
 def test_contribution_bound_multiplies_sensitivity():

@@ -344,6 +344,25 @@ def test_the_enclave_core_imports_only_the_shared_package_the_stdlib_and_its_lib
     assert core_violations(trees) == []
 
 
+def io_imports(tree: ast.Module, package: str) -> list[str]:
+    """What a pure module must not import: the disk, the OS, the network, a broker edge."""
+    return sorted(name for name in imported_modules(tree, package)
+                  if name.split(".")[0] in CORE_MUST_NOT_IMPORT or name.split(".")[0] == "pika"
+                  or name.startswith(("sealedsum.consumers.chain_store", "sealedsum.consumers.transport",
+                                      "sealedsum.common.amqp")))
+
+
+def test_the_consumers_chain_checks_do_no_io():
+    """What a consumer remembers of a ledger chain and checks against it is pure; chain_store.py
+    is its file and client.py the one that calls both."""
+    assert io_imports(ast.parse("import os\nfrom sealedsum.consumers import chain_store"), "sealedsum.consumers") == \
+        ["os", "sealedsum.consumers.chain_store"]
+    trees = sources("consumers")
+    for rel in ("consumers/chain_state.py", "consumers/chain_audit.py"):
+        assert io_imports(trees[rel], package_of(rel)) == [], rel
+    assert io_imports(trees["consumers/chain_store.py"], "sealedsum.consumers")  # not vacuous: the edge does
+
+
 # -- one error tree, one statement of the exit codes ----------------------------------------
 def test_every_error_class_is_defined_in_the_error_tree():
     """Product errors live in common/errors.py, under SealedsumError, each with its exit code."""

@@ -1,6 +1,6 @@
 """A budget that outlives a policy change: the platform's ledger key (bound to the code, not
 the policy), the sealed ledger file and its rollback protection, and the rules by which a
-new measurement inherits the spend of the one it replaces (docs/protocol.md, 15.5). No
+new measurement inherits the spend of the one it replaces (docs/protocol.md, 15.7). No
 broker: the real enclave core, keys and samplers."""
 
 from __future__ import annotations
@@ -322,3 +322,37 @@ def test_a_ledger_this_code_did_not_write_is_refused(small_keys):
         Enclave(small_keys, policy, policy.to_bytes(), digest, m, lambda rd: b"", None, 0,
                 ledger={"format": 1, "streams": {"s": {"releases": 1}}})
     assert Lineage(m, None).entries == {}
+
+
+# -- budget groups and time-closed windows --------------------------------------------------
+def grouped_policy(budget=6.0, members=("s", "t"), **enclave):
+    from sealedsum.common.policy_parse import enclave_policy
+    table = {k: v for k, v in S.items() if k != "budget_epsilon"}
+    streams = {name: dict(table, budget_group="g") for name in members}
+    return enclave_policy({"paillier_bits": 1024, "insecure_test_keys": True, **enclave}, streams, None,
+                          {"g": {"budget_epsilon": budget}})
+
+
+def test_a_grouped_stream_inherits_into_its_group_and_the_group_is_part_of_its_parameters(dep):
+    a, wa, _ = dep.start(grouped_policy())
+    dep.send(a, wa, 2, "s")
+    dep.send(a, wa, 4, "t")
+    b, wb, _ = dep.start(grouped_policy(max_record_age_seconds=700))
+    assert b.ledgers["s"].releases == 1 and b.ledgers["t"].releases == 2
+    assert b.ledgers["s"].group is not None  # the group's account counts the inherited releases
+    assert b.ledgers["s"].summary()["spent_epsilon"] == 3.0 and b.ledgers["s"].summary()["remaining_releases"] == 3
+    for changed in (grouped_policy(budget=12.0), grouped_policy(members=("s", "t", "u"))):
+        with pytest.raises(InheritedSpendMismatch, match="budget_group"):
+            dep.start(changed)
+
+
+def test_time_closed_windows_keep_their_clock_numbers_when_inherited(dep):
+    timed = {k: v for k, v in S.items() if k != "window_records"} | {"window_seconds": 3600}
+    a, _, _ = dep.start(make_policy({"s": timed}))
+    a.ledgers["s"].charge(7)  # as if window 7 had been released
+    w = dep.ledger_store(a.code_digest)
+    w.version = dep.platform.ledger_counter_read(a.code_digest)
+    w.save(a.sealed_ledger())
+    b, _, _ = dep.start(make_policy({"s": timed}, max_record_age_seconds=700))
+    assert b.ledgers["s"].releases == 1
+    assert b.streams["s"].current.index == 0  # not started: the clock numbers it, never the ledger

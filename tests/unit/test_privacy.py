@@ -56,7 +56,8 @@ def test_laplace_plan_by_hand(f, bound, share):
     """Bounds [-3, 5], dimension 3: Δ1 = 3·5·2^f; b_sum = Δ1/(ε(1-share)), b_count = 1/(ε·share)."""
     eps = 0.8
     p = make_policy({"s": stream_table(lower=-3, upper=5, fraction_bits=f, dimension=3, epsilon=eps,
-                                       count_share=share)}).streams["s"].noise_plan()
+                                       count_share=share, window_records=None, window_seconds=60.0)}
+                    ).streams["s"].noise_plan()  # time-closed: add/remove
     assert p.mechanism == "laplace" and p.rho is None and p.delta == 0.0
     assert p.sensitivity_l1 == 3 * bound
     assert p.sum_scale == pytest.approx(3 * bound / (eps * (1 - share)), rel=1e-12)
@@ -96,7 +97,8 @@ def test_epsilon_round_trips_through_rho(eps, delta):
 def test_gaussian_plan_by_hand():
     """Bounds [-3, 5], f=0, dimension 3: Δ2 = sqrt(3)·5; σ = Δ2/sqrt(2ρ(1-share)); ρ_sum = Δ2²/(2σ²)."""
     p = make_policy({"s": stream_table(lower=-3, upper=5, fraction_bits=0, dimension=3, mechanism="gaussian",
-                                       epsilon=1.0, delta=1e-6)}).streams["s"].noise_plan()
+                                       epsilon=1.0, delta=1e-6, window_records=None, window_seconds=60.0)}
+                    ).streams["s"].noise_plan()  # time-closed: add/remove
     l2 = math.sqrt(3) * 5
     assert p.sensitivity_l2 == pytest.approx(l2, rel=1e-15)
     assert p.rho == pytest.approx(RHO_EPS1_DELTA1E6, rel=1e-12)

@@ -471,29 +471,37 @@ def test_decryptions_go_up_by_dimension_per_window(small_keys):
 
 
 def test_time_window_below_min_batch_is_withheld(small_keys):
-    policy = make_policy({"s": stream_table(window_records=None, window_seconds=10, min_batch=3)})
+    """Time-closed windows follow the clock: window w spans [w·10 s, (w+1)·10 s). Each is
+    charged, and released only if its noised count reaches min_batch (here the noise is
+    negligible, so the noised count is the true one)."""
+    policy = make_policy({"s": stream_table(window_records=None, window_seconds=10, min_batch=3, epsilon=1e9)})
     w = make_world(small_keys, policy)
     e = w.enclave
-    start = e.keys.decryptions
-    assert e.on_tick(NOW).publish == ()  # an empty window never closes
-    accept(w, valid_body(w))
-    accept(w, valid_body(w))
-    assert e.on_tick(NOW + 9_999).publish == ()
-    assert e.streams["s"].current.index == 1
-    assert e.on_tick(NOW + 10_000).publish == ()
+    t0 = (NOW // 10_000) * 10_000 + 1_000  # one second into a window
+    first = t0 // 10_000
+    assert e.on_tick(t0).publish == () and e.streams["s"].current.index == first
+    accept(w, valid_body(w, now_ms=t0), t0)
+    accept(w, valid_body(w, now_ms=t0), t0)
+    assert e.on_tick(t0 + 8_999).publish == ()
+    assert e.on_tick(t0 + 9_000).publish == ()  # the window's end: 2 < 3, withheld
     assert e.stats.windows_withheld == 1 and e.stats.windows_released == 0
-    assert e.keys.decryptions == start  # a withheld window is never decrypted
+    assert e.ledgers["s"].releases == 1  # charged all the same
     assert e.pending == {}
-    assert e.streams["s"].current.index == 2 and e.streams["s"].current.count == 0
+    assert e.streams["s"].current.index == first + 1 and e.streams["s"].current.count == 0
     # Its records are not carried over; late ones for it are rejected.
-    assert e.on_record(valid_body(w, window=1), NOW + 10_000).rejection.reason is RejectReason.LATE_WINDOW
-    t = NOW + 20_000
+    late = e.on_record(valid_body(w, window=first, now_ms=t0 + 9_000), t0 + 9_000)
+    assert late.rejection.reason is RejectReason.LATE_WINDOW
+    t = t0 + 10_000
     for _ in range(3):
         accept(w, valid_body(w, now_ms=t), t)
-    assert e.on_tick(t + 9_999).publish == ()
-    (rel,) = e.on_tick(t + 10_000).publish
-    assert rel.window == 2 and e.stats.windows_released == 1
-    assert e.keys.decryptions == start + 1
+    assert e.on_tick(t + 8_999).publish == ()
+    (rel,) = e.on_tick(t + 9_000).publish
+    assert rel.window == first + 2 - 1 == e.streams["s"].current.index - 1
+    assert rel.message.closed_at_ms == (first + 2) * 10_000  # the scheduled end, not the tick's time
+    assert e.stats.windows_released == 1 and e.ledgers["s"].releases == 2
+    # An empty window is charged and drawn too: whether anything arrived must not show.
+    assert e.on_tick(t + 19_000).publish == ()
+    assert e.ledgers["s"].releases == 3 and e.stats.windows_withheld == 2
 
 
 def test_count_window_below_min_batch_is_withheld(small_keys):
