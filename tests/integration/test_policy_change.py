@@ -54,9 +54,11 @@ def enrol_a_producer() -> str:
     return f'\n[identities.enrolled]\nalice = "{base64.b64encode(key).decode()}"\n'
 
 
-def test_enrolling_a_producer_keeps_the_spend_the_chain_and_the_window_numbers(sidecar_factory):
+def test_enrolling_a_producer_keeps_the_spend_the_chain_and_the_window_numbers(sidecar_factory, tmp_path):
     sc = sidecar_factory({"s": STREAM})
-    with Consumer(sc.config, "s") as consumer:
+    # A consumer that remembers the chain between runs (it would refuse a chain that starts again).
+    chains = tmp_path / "chains.json"
+    with Consumer(sc.config, "s", chain_state=chains) as consumer:
         with Producer(sc.config) as producer:
             for _ in range(4):
                 producer.send("s", [1.0])
@@ -76,7 +78,7 @@ def test_enrolling_a_producer_keeps_the_spend_the_chain_and_the_window_numbers(s
     assert (after["releases"], after["spent_epsilon"], after["ledger_head"]) == (2, 2.0, spent["ledger_head"])
     assert after["measurement"] == sc.measurement.hex()
 
-    with Consumer(sc.config, "s") as consumer:
+    with Consumer(sc.config, "s", chain_state=chains) as consumer:
         with Producer(sc.config) as producer:
             for _ in range(2):
                 producer.send("s", [1.0])
