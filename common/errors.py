@@ -189,6 +189,15 @@ class StateIncompatible(SealingError):
     """The sealed state opens but is not one this code can read (an unknown version)."""
 
 
+class InheritedSpendMismatch(ConfigError):
+    """The sealed ledger holds a stream's spend charged under other privacy parameters than
+    the policy now gives it: carrying the spend over would mix two accountings, starting
+    afresh would reset a budget. The enclave refuses to start (exit 2, not retried)."""
+
+    hint = ("keep the stream's privacy parameters as they were, or give the new parameters a new "
+            "stream name (the old name's spend stays in the ledger)")
+
+
 class ChannelClosed(SealedsumError):
     """The private channel between the platform and the enclave is closed or broken."""
 

@@ -3,9 +3,12 @@ that nothing else in the system can read, carrying typed frames.
 
 A frame is u32 length + JSON object with an ``op`` naming its type; every field is
 checked on the way in, and anything else is a :class:`FrameError`. The enclave sends
-requests (:class:`QuoteRequest`, :class:`CounterRead`, :class:`CounterAdvance`) and one
-:class:`Ready`; the platform sends one :class:`Launch` and a reply to each request
-(:class:`QuoteReply`, :class:`CounterValue`).
+requests (:class:`QuoteRequest`, :class:`CounterRead`, :class:`CounterAdvance`,
+:class:`LedgerCounterRead`, :class:`LedgerCounterAdvance`) and one :class:`Ready`; the
+platform sends one :class:`Launch` and a reply to each request (:class:`QuoteReply`,
+:class:`CounterValue`). No frame names a measurement or a code digest: the platform answers
+every request for the enclave it launched, so the enclave can reach no other counter, and
+gets the keys of its own measurement and code only.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class BrokerLink(_Frame):
 
 @dataclass(frozen=True, slots=True)
 class Launch(_Frame):
-    """Platform to enclave, once, first: what the platform measured, and the sealing key."""
+    """Platform to enclave, once, first: what the platform measured, the sealing key (this
+    measurement's) and the ledger key (this code digest's, whatever the policy)."""
 
     OP: ClassVar[str] = "launch"
     sealing_key: bytes
@@ -85,6 +89,7 @@ class Launch(_Frame):
     state_dir: str
     broker: BrokerLink
     log_level: str
+    ledger_key: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,21 @@ class CounterAdvance(_Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerCounterRead(_Frame):
+    """Read the monotonic counter of the sealed ledger (the launched code digest's)."""
+
+    OP: ClassVar[str] = "ledger_counter_read"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCounterAdvance(_Frame):
+    """Raise the sealed ledger's counter to ``value`` (never lower it)."""
+
+    OP: ClassVar[str] = "ledger_counter_advance"
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
 class CounterValue(_Frame):
     OP: ClassVar[str] = "counter_value"
     value: int
@@ -128,9 +148,10 @@ class Ready(_Frame):
     key_epoch: int
 
 
-Frame = Launch | QuoteRequest | QuoteReply | CounterRead | CounterAdvance | CounterValue | Ready
+Frame = (Launch | QuoteRequest | QuoteReply | CounterRead | CounterAdvance | LedgerCounterRead | LedgerCounterAdvance
+         | CounterValue | Ready)
 FRAMES: dict[str, type] = {cls.OP: cls for cls in (Launch, QuoteRequest, QuoteReply, CounterRead, CounterAdvance,
-                                                    CounterValue, Ready)}
+                                                    LedgerCounterRead, LedgerCounterAdvance, CounterValue, Ready)}
 
 
 def encode(frame: Frame) -> bytes:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from sealedsum.common import wire
-from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason
+from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason, StateIncompatible
 from sealedsum.common.policy import EnclavePolicy, StreamPolicy
 from sealedsum.sidecar.enclave import validity
 from sealedsum.sidecar.enclave.aggregate import Window
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.lineage import Lineage
 from sealedsum.sidecar.enclave.state import Checkpoint, Closing, EnclaveState
 from sealedsum.sidecar.enclave.records import check_age, max_record_bytes, open_record
 from sealedsum.sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release, rotation_notice
@@ -106,12 +107,18 @@ class Enclave:
         now_ms: int = 0,
         *,
         draw_inline: bool = True,
+        ledger: dict | None = None,
     ) -> None:
         """:param state: a base checkpoint and the journal entries after it (:meth:`checkpoint`).
+        :param ledger: the sealed ledger's contents (:meth:`sealed_ledger` of an enclave of
+            the same code, under this policy or another), if there is one: the spend it
+            holds outlives the measurement that charged it (:mod:`.lineage`).
         :param draw_inline: draw a window's release as soon as it closes (one thread); with
             ``False`` closed windows come back as :attr:`Effects.draw` for the runtime to draw
             on a thread of its own.
-        :raises StateIncompatible: ``state`` is not one this code can read.
+        :raises StateIncompatible: ``state`` or ``ledger`` is not one this code can read.
+        :raises InheritedSpendMismatch: ``ledger`` holds spend of a stream of this policy
+            charged under other privacy parameters.
         """
         self.keyring = keys if isinstance(keys, Keyring) else Keyring.single(keys)
         self.policy = policy
@@ -132,6 +139,12 @@ class Enclave:
         self.stats = Stats()
         if state is not None:
             self.state.restore(state, {e: k.paillier_public for e, k in self.keyring.epochs.items()})
+        try:
+            self.lineage = Lineage(measurement, ledger)
+        except (ValueError, KeyError, TypeError) as err:
+            raise StateIncompatible(f"the sealed ledger does not fit this code: {type(err).__name__}: {err}") from err
+        # Before the exhaustion check below: an inherited spend may have used up a budget.
+        self.lineage.apply(self.state, restored=state is not None)
         for name, ledger in self.ledgers.items():
             if name not in self.exhausted and not ledger.allows():
                 self._exhaust(name, now_ms)
@@ -160,6 +173,11 @@ class Enclave:
     def max_delivery_bytes(self) -> int:
         """The largest delivery worth taking: one sealed record, or a record batch."""
         return max(self._size_limit, wire.MAX_BATCH_BYTES)
+
+    def sealed_ledger(self) -> dict:
+        """What the sealed ledger must hold now (for the runtime to seal and write with every
+        checkpoint that changed it, after the state and before anything is published)."""
+        return self.lineage.to_json(self.state)
 
     def sealed_keys(self, sealing_key: bytes) -> bytes:
         """The keyring sealed for this measurement (for the runtime to write, on ``seal_keys``)."""

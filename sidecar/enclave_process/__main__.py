@@ -16,18 +16,19 @@ import phe.util
 
 from sealedsum.common import logs
 from sealedsum.common.config import BrokerSettings
-from sealedsum.common.errors import ExitCode, RollbackDetected, SealedsumError, StateIncompatible
+from sealedsum.common.errors import ExitCode, InheritedSpendMismatch, RollbackDetected, SealedsumError, \
+    StateIncompatible
 from sealedsum.common.topology import Topology
 from sealedsum.common.policy_parse import policy_from_bytes
-from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel, QuoteReply, \
-    QuoteRequest, Ready
+from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, LedgerCounterAdvance, \
+    LedgerCounterRead, PipeChannel, QuoteReply, QuoteRequest, Ready
 from sealedsum.sidecar.durable import write_atomic
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sealedsum.sidecar.enclave.service import Enclave
 from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
 from sealedsum.sidecar.enclave_process.hardening import harden
 from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime, draws_on_a_thread
-from sealedsum.sidecar.enclave_process.store import SealedStateStore
+from sealedsum.sidecar.enclave_process.store import SealedLedgerStore, SealedStateStore
 from sealedsum.sidecar import measurement as measure
 
 log = logging.getLogger("sealedsum.enclave")
@@ -36,6 +37,7 @@ log = logging.getLogger("sealedsum.enclave")
 REFUSALS = {
     RollbackDetected: "sealed state rolled back; refusing to start",
     StateIncompatible: "sealed state does not fit this code; refusing to start",
+    InheritedSpendMismatch: "a stream's spend was charged under other privacy parameters; refusing to start",
 }
 
 
@@ -45,8 +47,12 @@ def enclave_dir(state: Path, measurement: bytes) -> Path:
     return directory
 
 
+def ledger_path(state: Path, code_digest: bytes) -> Path:
+    return state / "ledger" / f"{code_digest.hex()[:32]}.sealed"
+
+
 class PlatformCounter:
-    """The platform's monotonic counter, over the private channel."""
+    """The platform's monotonic counter of this measurement's state, over the private channel."""
 
     def __init__(self, channel: PipeChannel) -> None:
         self._channel = channel
@@ -56,6 +62,26 @@ class PlatformCounter:
 
     def advance(self, value: int) -> int:
         return self._channel.request(CounterAdvance(value), CounterValue).value
+
+
+class PlatformLedgerCounter(PlatformCounter):
+    """The platform's monotonic counter of this code's sealed ledger."""
+
+    def read(self) -> int:
+        return self._channel.request(LedgerCounterRead(), CounterValue).value
+
+    def advance(self, value: int) -> int:
+        return self._channel.request(LedgerCounterAdvance(value), CounterValue).value
+
+
+def warn_of_other_code(path: Path) -> None:
+    """A sealed ledger of other code cannot be opened by this code (its key is that code's):
+    the spend it holds is not carried over. Said once at start, so an operator who upgraded
+    the code learns that the streams' chains start again (docs/protocol.md, 15.7)."""
+    others = sorted(p.name for p in path.parent.glob("*.sealed") if p != path)
+    if others:
+        log.warning("sealed ledgers of other enclave code exist; this code cannot read them, so their "
+                    "streams' spend is not inherited", extra={"fields": {"ledgers": others}})
 
 
 def load_or_create_keys(directory: Path, sealing_key: bytes, measurement: bytes, paillier_bits: int) -> Keyring:
@@ -98,6 +124,9 @@ def main(argv: list[str]) -> int:
     measurement, sealing_key = launch.measurement, launch.sealing_key
     directory = enclave_dir(Path(launch.state_dir), measurement)
     store = SealedStateStore(directory, sealing_key, measurement, PlatformCounter(channel))
+    ledger_store = SealedLedgerStore(ledger_path(Path(launch.state_dir), code_digest), launch.ledger_key, code_digest,
+                                     PlatformLedgerCounter(channel))
+    warn_of_other_code(ledger_store.path)
 
     def quote(report_data: bytes) -> bytes:
         return channel.request(QuoteRequest(report_data), QuoteReply).quote
@@ -108,17 +137,18 @@ def main(argv: list[str]) -> int:
         if state is not None:
             log.info("state unsealed", extra={"fields": {"version": store.version,
                                                          "journal_entries": len(state) - 1}})
+        ledger = ledger_store.load()
         enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote, state,
-                          int(time.time() * 1000), draw_inline=not draws_on_a_thread())
+                          int(time.time() * 1000), draw_inline=not draws_on_a_thread(), ledger=ledger)
     except SealedsumError as err:
         # Rolled back, tampered, other code, or a state this code cannot read: restarting
         # cannot help, and the exit code tells the platform so.
         log.error(REFUSALS.get(type(err), "cannot unseal keys or state"), extra={"fields": {
-            "error": type(err).__name__, "detail": str(err)}})
+            "error": type(err).__name__, "detail": str(err), "hint": err.hint}})
         return err.exit_code
     b = launch.broker
     settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
-    writer = StateWriter(enclave, store, directory / "keys.sealed", sealing_key)
+    writer = StateWriter(enclave, store, directory / "keys.sealed", sealing_key, ledger_store)
     runtime = EnclaveRuntime(enclave, settings, writer, start=enclave.start())
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     signal.signal(signal.SIGINT, lambda *_: runtime.stop())

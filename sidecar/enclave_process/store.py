@@ -31,6 +31,7 @@ from sealedsum.sidecar.enclave import sealing
 
 STATE_AAD = b"sealedsum/v1/sealed-state\x00"
 JOURNAL_AAD = b"sealedsum/v1/sealed-journal\x00"
+LEDGER_AAD = b"sealedsum/v1/sealed-ledger\x00"
 CHUNK_HEAD = struct.Struct(">QI")  # version, sealed length
 
 
@@ -142,3 +143,58 @@ class SealedStateStore:
         self._counter.advance(version)
         self.version = version
         self.journal_bytes += len(chunk)
+
+
+class SealedLedgerStore:
+    """The sealed ledger (``sealedsum.sidecar.enclave.lineage``): one file per code digest,
+    sealed under the platform's ledger key with the code digest as associated data, so every
+    policy of the same code opens it and nothing else does. Small (one entry per stream), so
+    it is rewritten whole, write-then-rename, and versioned against the platform's ledger
+    counter exactly like the state's base: a copy older than the counter, or none when the
+    counter says one was written, is a rollback.
+
+    :param path: ``STATE/ledger/<first 32 hex digits of the code digest>.sealed``.
+    """
+
+    def __init__(self, path: Path, ledger_key: bytes, code_digest: bytes, counter: MonotonicCounter) -> None:
+        self.path = path
+        self._key = ledger_key
+        self._code_digest = code_digest
+        self._counter = counter
+        self.version = 0
+
+    def load(self) -> dict | None:
+        """The ledger's contents, or ``None`` when this code never wrote one.
+
+        :raises RollbackDetected: the file is older than the counter, or gone.
+        :raises SealingError: it does not open (tampered, other platform), or does not parse.
+        """
+        expected = self._counter.read()
+        if not self.path.exists():
+            if expected:
+                raise RollbackDetected(f"sealed ledger {self.path} is missing but version {expected} was written")
+            return None
+        try:
+            doc = json.loads(sealing.unseal(self._key, self._code_digest, self.path.read_bytes(), LEDGER_AAD))
+            version, ledger = int(doc["version"]), doc["ledger"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SealingError(f"the sealed ledger does not parse: {type(err).__name__}") from err
+        if version < expected:
+            raise RollbackDetected(f"sealed ledger is version {version}; the platform's ledger counter says "
+                                   f"{expected}: an older copy was put back")
+        if version > expected + 1:
+            raise RollbackDetected(f"sealed ledger version {version} is ahead of the platform's ledger counter "
+                                   f"{expected}")
+        if version == expected + 1:
+            self._counter.advance(version)  # the last write crashed before its counter step
+        self.version = version
+        return ledger
+
+    def save(self, ledger: dict) -> None:
+        """Write the next version durably, then advance the counter."""
+        version = self.version + 1
+        doc = json.dumps({"version": version, "ledger": ledger}).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.path, sealing.seal(self._key, self._code_digest, doc, LEDGER_AAD))
+        self._counter.advance(version)
+        self.version = version

@@ -20,3 +20,15 @@ class Platform(Protocol):
 
     def counter_advance(self, measurement: bytes, value: int) -> int:
         """Raise the counter to ``value`` (never lower); durable before it returns."""
+
+    # The ledger that outlives a policy change (docs/protocol.md, section 17): bound to the
+    # code digest, which a policy change leaves as it is (SGX's MRSIGNER policy is the model:
+    # a key for "this code, whatever its policy" rather than for one measurement).
+    def ledger_key(self, code_digest: bytes) -> bytes:
+        """A 32-byte key only an enclave running this code receives, under any policy."""
+
+    def ledger_counter_read(self, code_digest: bytes) -> int:
+        """A monotonic counter per code digest, for rollback protection of the sealed ledger."""
+
+    def ledger_counter_advance(self, code_digest: bytes, value: int) -> int:
+        """Raise the ledger counter to ``value`` (never lower); durable before it returns."""

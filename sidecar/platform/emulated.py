@@ -27,6 +27,10 @@ from sealedsum.sidecar.durable import write_atomic
 KEY_FILE = "platform.key"
 COUNTER_FILE = "platform.counters"
 SEALING_INFO = b"sealedsum/v1/sealing-key\x00"
+LEDGER_KEY_INFO = b"sealedsum/v1/ledger-key\x00"
+# Ledger counters share the counter file with the measurements' counters; the prefix keeps
+# a code digest from ever naming the same counter as a measurement.
+LEDGER_COUNTER_PREFIX = "ledger:"
 
 
 def _now_ms() -> int:
@@ -104,7 +108,16 @@ class EmulatedPlatform:
 
     def counter_advance(self, measurement: bytes, value: int) -> int:
         """Raise the counter to ``value`` (never lower it); persisted before returning."""
-        key = measurement.hex()
+        return self._advance(measurement.hex(), value)
+
+    def ledger_counter_read(self, code_digest: bytes) -> int:
+        """The monotonic counter of this code's sealed ledger (0 if never advanced)."""
+        return self._counters.get(LEDGER_COUNTER_PREFIX + code_digest.hex(), 0)
+
+    def ledger_counter_advance(self, code_digest: bytes, value: int) -> int:
+        return self._advance(LEDGER_COUNTER_PREFIX + code_digest.hex(), value)
+
+    def _advance(self, key: str, value: int) -> int:
         if value > self._counters.get(key, 0):
             self._counters[key] = value
             if self._state_dir is not None:
@@ -114,3 +127,12 @@ class EmulatedPlatform:
     def sealing_key(self, measurement: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                     info=SEALING_INFO + measurement).derive(self._root_secret)
+
+    def ledger_key(self, code_digest: bytes) -> bytes:
+        """Derived from the code digest alone, so every policy of the same code gets it and
+        no other code does. Its own label: it can never equal a sealing key, even if a code
+        digest happened to equal some measurement."""
+        if len(code_digest) != wire.DIGEST_SIZE:
+            raise ValueError("a code digest is 32 bytes")
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=LEDGER_KEY_INFO + code_digest).derive(self._root_secret)

@@ -15,8 +15,9 @@ from pathlib import Path
 from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import Config
 from sealedsum.common.errors import ChannelClosed, ExitCode, FrameError
-from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, CounterValue, Launch, PipeChannel,
-                                       QuoteReply, QuoteRequest, Ready)
+from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, CounterValue, Launch,
+                                       LedgerCounterAdvance, LedgerCounterRead, PipeChannel, QuoteReply, QuoteRequest,
+                                       Ready)
 from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.base import Platform
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
@@ -110,7 +111,7 @@ class PlatformProcess:
             channel.send(Launch(self.platform.sealing_key(self.measurement), self.measurement, self.code_digest,
                                 self.policy_bytes, str(self.state_dir.resolve()),
                                 BrokerLink(b.url, b.topology.prefix, b.queue_type, b.max_queued_records),
-                                self.log_level))
+                                self.log_level, self.platform.ledger_key(self.code_digest)))
             while True:
                 self._answer(channel, channel.recv())
         except FrameError as err:
@@ -132,6 +133,10 @@ class PlatformProcess:
             channel.send(CounterValue(self.platform.counter_read(self.measurement)))
         elif isinstance(frame, CounterAdvance):
             channel.send(CounterValue(self.platform.counter_advance(self.measurement, frame.value)))
+        elif isinstance(frame, LedgerCounterRead):
+            channel.send(CounterValue(self.platform.ledger_counter_read(self.code_digest)))
+        elif isinstance(frame, LedgerCounterAdvance):
+            channel.send(CounterValue(self.platform.ledger_counter_advance(self.code_digest, frame.value)))
         elif isinstance(frame, Ready):
             log.info("enclave running", extra={"fields": {
                 "pid": frame.pid, "platform_pid": os.getpid(), "hardening": frame.hardening}})
