@@ -48,7 +48,8 @@ log = logging.getLogger("sealedsum.enclave")
 LINEAGE_FORMAT = 1
 # What a release's cost, the budget, or what a release protects depends on: a change to
 # any of these makes the old releases' spend not comparable to the new ones'. Window
-# length, min_batch, fraction bits and packing do not change what one release spends.
+# length, min_batch, fraction bits and packing do not change what one release spends; the
+# neighbouring relation (whether windows close by count or by time) does, see parameters().
 PARAMETER_KEYS = ("kind", "dimension", "lower", "upper", "l2_bound", "edges", "max_records_per_producer",
                   "count_share", "mechanism", "epsilon", "delta", "budget_epsilon", "budget_delta")
 # How many earlier holders an entry remembers (the releases at which each handed over).
@@ -64,6 +65,9 @@ def parameters(policy: StreamPolicy, group: BudgetGroup | None = None) -> dict:
     mapping = policy.to_mapping()
     out = {key: mapping.get(key) for key in PARAMETER_KEYS}
     out["rho"] = policy.noise_plan().rho
+    # Count-closed and time-closed windows protect different neighbours (replace-one or
+    # add/remove): spends under the two do not add up to one guarantee.
+    out["neighbouring"] = policy.neighbouring
     out["budget_group"] = None if group is None else {
         "name": group.name, "budget_epsilon": group.budget_epsilon, "budget_delta": group.budget_delta,
         "streams": sorted(group.streams)}

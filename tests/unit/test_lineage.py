@@ -210,7 +210,8 @@ def test_changed_privacy_parameters_refuse_to_start(dep):
         dep.start(make_policy({"s": dict(S, budget_epsilon=20.0)}))
     assert err.value.exit_code == ExitCode.USAGE and "new stream name" in err.value.hint
     for changed in (dict(S, epsilon=0.5), dict(S, upper=50.0), dict(S, mechanism="gaussian", delta=1e-6, budget_delta=1e-5),
-                    dict(S, max_records_per_producer=2)):
+                    dict(S, max_records_per_producer=2),
+                    dict(S, window_records=None, window_seconds=60.0)):  # replace-one to add/remove
         with pytest.raises(InheritedSpendMismatch):
             dep.start(make_policy({"s": changed}))
     # What a release spends does not depend on these: the spend carries over.
