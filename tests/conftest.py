@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 
+# tests.fuzzing asserts too (the decoders, FuzzWorld's oracle) and is imported by unit and
+# integration tests alike: registered here, before any of them, its failures get pytest's
+# detailed messages wherever it is imported first.
+pytest.register_assert_rewrite("tests.fuzzing")
+
 from sealedsum.common import wire
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
 from sealedsum.common.policy import EnclavePolicy

@@ -10,10 +10,6 @@ import os
 
 import pytest
 
-# The shared machinery asserts too (the decoders, FuzzWorld's oracle): give its failures
-# pytest's detailed messages, as when it lived in the test module.
-pytest.register_assert_rewrite("tests.fuzzing")
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sealedsum.common import wire
 from sealedsum.common.results import BUDGET_KIND, EXHAUSTED_KIND, RESULT_KIND
