@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from sealedsum.common import wire
-from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason, StateIncompatible
+from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason, RollbackDetected, StateIncompatible
 from sealedsum.common.policy import EnclavePolicy, StreamPolicy
 from sealedsum.sidecar.enclave import validity
 from sealedsum.sidecar.enclave.aggregate import Window
@@ -117,6 +117,7 @@ class Enclave:
             ``False`` closed windows come back as :attr:`Effects.draw` for the runtime to draw
             on a thread of its own.
         :raises StateIncompatible: ``state`` or ``ledger`` is not one this code can read.
+        :raises RollbackDetected: ``keys`` are older than the epoch ``state`` was written under.
         :raises InheritedSpendMismatch: ``ledger`` holds spend of a stream of this policy
             charged under other privacy parameters.
         """
@@ -138,6 +139,12 @@ class Enclave:
         self._draw_inline = draw_inline
         self.stats = Stats()
         if state is not None:
+            recorded = state[-1].get("core", {}).get("key_epoch", 0)
+            if recorded > self.keyring.current_epoch:
+                # The keys are sealed before any state that names their epoch (checkpoint.commit),
+                # so an older key file than the state is one put back: it would undo a rotation.
+                raise RollbackDetected(f"the sealed keys are at epoch {self.keyring.current_epoch} but the sealed "
+                                       f"state was written under epoch {recorded}: an older key file was put back")
             self.state.restore(state, {e: k.paillier_public for e, k in self.keyring.epochs.items()})
         try:
             self.lineage = Lineage(measurement, ledger)

@@ -14,6 +14,7 @@ import pytest
 from sealedsum.common import amqp
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
+from tests.integration.conftest import launch
 from tests.integration.test_cli import run
 from tests.integration.test_end_to_end import capture_queue, drain
 
@@ -128,3 +129,24 @@ def test_a_producer_told_of_a_rotation_attests_again_and_is_never_refused(sideca
     assert messages.count("enclave announced a key rotation; attesting again before the next record") == 1
     assert messages.count("attesting again after a broker reconnect") == 1
     assert messages.count("enclave attested") == 3
+
+
+def test_a_rolled_back_key_file_is_refused(sidecar_factory):
+    """The operator holds the state directory: putting back the key file of before a rotation
+    would bring the enclave back on the old epoch, undoing the rotation. The state names the
+    epoch it was written under, so the enclave refuses it like any other rollback (exit 2)."""
+    sc = sidecar_factory({"s": STREAM})
+    (keys,) = list(sc.state.rglob("keys.sealed"))
+    before_rotation = keys.read_bytes()
+    assert run("sidecar", "rotate", "--state", str(sc.state)).returncode == 0
+    wait_for(sc, "keys rotated")
+    with Producer(sc.config) as producer:  # the new epoch is in the checkpointed state
+        assert producer.enclave.keys.epoch == 2
+        producer.send("s", [1.0])
+    assert sc.stop() == 0
+    keys.write_bytes(before_rotation)
+    proc = launch(sc)
+    assert proc.wait(timeout=60) == 2
+    (refused,) = sc.events("sealed state rolled back; refusing to start")
+    assert "older key file" in refused["detail"]
+    assert not sc.events("enclave exited; restarting")
