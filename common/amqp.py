@@ -6,9 +6,11 @@ this is the only code that imports pika. Pika exceptions become ``TransportError
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Iterator
@@ -31,11 +33,16 @@ START_BROKER_HINT = (
 )
 
 
-def parameters(settings: BrokerSettings, *, heartbeat: int = 30) -> pika.URLParameters:
-    """Connection parameters for ``settings.url``, with our heartbeat and blocked-connection timeout."""
+def parameters(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> pika.URLParameters:
+    """Connection parameters for ``settings.url``, with our heartbeat and blocked-connection timeout.
+
+    :param name: shown by the broker as the connection's ``connection_name`` (operators tell
+        the enclave's connections apart by it)."""
     params = pika.URLParameters(settings.url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 60
+    if name is not None:
+        params.client_properties = {"connection_name": name}
     return params
 
 
@@ -57,11 +64,38 @@ def connection_error(err: BaseException, settings: BrokerSettings) -> TransportE
     return TransportError(f"cannot reach the broker at {redact_url(settings.url)}", hint=START_BROKER_HINT)
 
 
-def connect(settings: BrokerSettings, *, heartbeat: int = 30) -> pika.BlockingConnection:
+def connect(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> pika.BlockingConnection:
     try:
-        return pika.BlockingConnection(parameters(settings, heartbeat=heartbeat))
+        return pika.BlockingConnection(parameters(settings, heartbeat=heartbeat, name=name))
     except pe.AMQPConnectionError as err:
         raise connection_error(err, settings) from err
+
+
+# A direct reply-to name as RabbitMQ hands it out: the prefix, the base64 of an Erlang
+# external-term pid, a dot, the base64 of a 16-byte key. A name that only starts like one
+# makes the broker close the publishing connection (541 INTERNAL_ERROR).
+_REPLY_TO = re.compile(r"amq\.rabbitmq\.reply-to\.([A-Za-z0-9+/]{4,340}={0,2})\.([A-Za-z0-9+/]{22}==)")
+_ATOM_HEADS = {100: 2, 115: 1, 118: 2, 119: 1}  # ATOM_EXT, SMALL_ATOM_EXT, ATOM_UTF8_EXT, SMALL_ATOM_UTF8_EXT
+_PID_TAILS = {103: 9, 88: 12}  # PID_EXT (id, serial, 1-byte creation), NEW_PID_EXT (4-byte creation)
+
+
+def is_direct_reply_to(name: str | None) -> bool:
+    """Whether ``name`` is a well-formed direct reply-to name: the only kind of ``reply_to``
+    the enclave answers (never a named queue, on a client's say-so)."""
+    match = _REPLY_TO.fullmatch(name or "")
+    if match is None:
+        return False
+    try:
+        pid, key = base64.b64decode(match.group(1), validate=True), base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        return False
+    if len(key) != 16 or len(pid) < 4 or pid[0] != 131 or pid[1] not in _PID_TAILS or pid[2] not in _ATOM_HEADS:
+        return False
+    width = _ATOM_HEADS[pid[2]]
+    atom_len = int.from_bytes(pid[3:3 + width], "big")
+    node = pid[3 + width:3 + width + atom_len]
+    return (0 < atom_len and b"@" in node
+            and len(pid) == 3 + width + atom_len + _PID_TAILS[pid[1]])
 
 
 def properties(kind: str, **extra) -> pika.BasicProperties:

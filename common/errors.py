@@ -172,6 +172,10 @@ class Unroutable(TransportError):
     """The broker took the message but no queue is bound to receive it."""
 
 
+class AnotherReleaser(TransportError):
+    """Another enclave's connection holds the prefix's release lock: this one stands by."""
+
+
 class SealingError(SealedsumError):
     """Sealed state could not be opened: other code, other platform, or tampering.
 

@@ -53,6 +53,9 @@ class Topology:
     announce_exchange = _named("announce", "Signed notices to producers (key rotations): a fanout exchange each "
                                            "producer binds a server-named exclusive queue of its own to.")
     results_exchange = _named("results")
+    release_lock = _named("lock", "An exclusive queue the releasing enclave declares on its connection before it "
+                                  "consumes anything: the broker lets one connection hold it, so one enclave per "
+                                  "prefix counts and releases, and a second one stands by.")
     consumer_queue_prefix = property(lambda self: f"{self.prefix}.{CONSUMER_QUEUE_INFIX}.",
                                      doc="Named consumer queues (``sealedsum consume --queue``) start with this.")
 
@@ -63,7 +66,7 @@ class Topology:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return (self.records_queue, self.rejected_queue, self.attest_queue)
+        return (self.records_queue, self.rejected_queue, self.attest_queue, self.release_lock)
 
 
 
@@ -73,6 +76,16 @@ class Topology:
 # is dead-lettered by the broker after this many attempts instead of looping forever.
 DELIVERY_LIMIT = 20
 ATTEST_REQUEST_TTL_MS = 30_000
+# Requests waiting for the enclave: past these the broker drops the oldest, so a flood of
+# requests costs the broker a bounded queue and the enclave nothing (it answers at its own
+# pace, records first: runtime.py).
+ATTEST_QUEUE_MAX_LENGTH = 1_000
+ATTEST_QUEUE_MAX_BYTES = 4 << 20
+# Dead letters kept for the operator: past these the broker drops the oldest, so junk
+# records cannot fill the broker's disk, and the enclave never waits for the operator to
+# drain the queue (reject-publish would stop it acknowledging records).
+REJECTED_QUEUE_MAX_LENGTH = 100_000
+REJECTED_QUEUE_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +100,7 @@ class QueueDecl:
     name: str
     durable: bool
     arguments: Mapping[str, object] = field(default_factory=dict, hash=False)
+    exclusive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +111,12 @@ class Binding:
 
 
 Declaration = ExchangeDecl | QueueDecl | Binding
+
+
+def release_lock(topology: Topology) -> QueueDecl:
+    """The lock the releasing enclave holds for as long as its connection lives (exclusive:
+    no other connection may declare, consume or delete it; it goes with the connection)."""
+    return QueueDecl(topology.release_lock, durable=False, exclusive=True)
 
 
 def declarations(topology: Topology, queue_type: str, max_queued_records: int) -> tuple[Declaration, ...]:
@@ -116,14 +136,18 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int) -
         records_args["x-delivery-limit"] = DELIVERY_LIMIT
     return (
         ExchangeDecl(t.rejected_exchange, "fanout"),
-        QueueDecl(t.rejected_queue, durable=True, arguments=durable_args),
+        QueueDecl(t.rejected_queue, durable=True, arguments=dict(durable_args, **{
+            "x-max-length": REJECTED_QUEUE_MAX_LENGTH, "x-max-length-bytes": REJECTED_QUEUE_MAX_BYTES,
+            "x-overflow": "drop-head"})),
         Binding(t.rejected_queue, t.rejected_exchange),
         ExchangeDecl(t.records_exchange, "direct"),
         QueueDecl(t.records_queue, durable=True, arguments=records_args),
         Binding(t.records_queue, t.records_exchange, RECORD_ROUTING_KEY),
         ExchangeDecl(t.results_exchange, "topic"),
         ExchangeDecl(t.attest_exchange, "direct"),
-        QueueDecl(t.attest_queue, durable=False, arguments={"x-message-ttl": ATTEST_REQUEST_TTL_MS}),
+        QueueDecl(t.attest_queue, durable=False, arguments={
+            "x-message-ttl": ATTEST_REQUEST_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
+            "x-max-length-bytes": ATTEST_QUEUE_MAX_BYTES, "x-overflow": "drop-head"}),
         Binding(t.attest_queue, t.attest_exchange, ATTEST_ROUTING_KEY),
         # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
         ExchangeDecl(t.announce_exchange, "fanout"),

@@ -261,6 +261,12 @@ class Enclave:
             self.stats.rejected[reason.value] += 1
             return RecordRejected(reason, str(err))
 
+    def oversized(self, size: int) -> RecordRejected:
+        """The refusal of a delivery of ``size`` bytes, more than :meth:`max_delivery_bytes`: it
+        is refused unread (the runtime keeps only a prefix of it)."""
+        self.stats.rejected[RejectReason.TOO_LARGE.value] += 1
+        return RecordRejected(RejectReason.TOO_LARGE, f"{size} bytes > {self.max_delivery_bytes()}")
+
     def open(self, body: bytes) -> OpenedRecord | RecordRejected:
         """Open the sealed box and validate the record against keys and policy.
 

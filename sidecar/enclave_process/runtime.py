@@ -11,6 +11,7 @@ confirms them.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ import pika.exceptions as pe
 from sealedsum.common import amqp, topology, wire
 from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
-from sealedsum.common.errors import InvalidMessage, RecordRejected, TransportError, Unroutable
+from sealedsum.common.errors import AnotherReleaser, InvalidMessage, RecordRejected, TransportError, Unroutable
 from sealedsum.sidecar.enclave.release import Publication
 from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave
 from sealedsum.sidecar.enclave.state import Closing
@@ -69,24 +70,80 @@ FLUSH_EVERY_S = 0.1
 # checked together with one decryption per ciphertext slot (validity.mismatched), so a batch
 # of one would cost a decryption per record. At most ack_batch records wait.
 INGEST_WAIT_S = 0.02
+# How long the loop waits on the records connection before it looks at the requests.
+RPC_POLL_S = 0.01
 STATS_EVERY_S = 10.0
 MAX_BACKOFF_S = 30.0
 HELD_RETRY_S = 5.0
+# While another enclave holds the prefix's release lock, look again this often.
+LOCK_RETRY_S = 2.0
+# Requests (attestation, budget) are answered on a connection of their own, records first:
+# at most RPC_PER_PASS per pass of the loop and RPC_RATE_PER_S on average (bursts of
+# RPC_BURST), however many arrive; the rest wait in the broker's bounded request queue
+# (topology.ATTEST_QUEUE_MAX_LENGTH, oldest dropped). RPC_PREFETCH bounds what the enclave
+# holds of them.
+RPC_PREFETCH = 16
+RPC_PER_PASS = 16
+RPC_RATE_PER_S = 200.0
+RPC_BURST = 50
+RPC_MAX_REQUEST_BYTES = 4096
+RPC_REOPEN_S = 1.0
+# A dead letter of a delivery larger than any record the policy allows keeps this much of it
+# (and its size in a header), so junk cannot fill the broker's disk through the rejected queue.
+DEAD_LETTER_PREFIX_BYTES = 4096
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def declare_topology(channel, settings: BrokerSettings) -> None:
-    """Declare every exchange and queue the system uses (the sidecar owns them)."""
-    for d in topology.declarations(settings.topology, settings.queue_type, settings.max_queued_records):
+def declare_topology(channel, settings: BrokerSettings, reopen=None):
+    """Declare every exchange and queue the system uses (the sidecar owns them); return the
+    channel to go on with.
+
+    The request queue and the dead-letter queue gained length bounds: one declared by an
+    earlier version without them makes the broker refuse the declaration (406), which closes
+    the channel. The request queue only holds requests seconds old: it is deleted and declared
+    again. The dead-letter queue holds what the operator has not read yet: it is kept as it is,
+    with a warning. ``reopen()`` gives a fresh channel after such a refusal."""
+    t = settings.topology
+    for d in topology.declarations(t, settings.queue_type, settings.max_queued_records):
         if isinstance(d, topology.ExchangeDecl):
             channel.exchange_declare(d.name, exchange_type=d.type, durable=d.durable)
         elif isinstance(d, topology.QueueDecl):
-            channel.queue_declare(d.name, durable=d.durable, arguments=dict(d.arguments))
+            try:
+                channel.queue_declare(d.name, durable=d.durable, arguments=dict(d.arguments))
+            except pe.ChannelClosedByBroker as err:
+                if reopen is None or err.reply_code != 406 or d.name not in (t.attest_queue, t.rejected_queue):
+                    raise
+                channel = reopen()
+                if d.name == t.attest_queue:
+                    channel.queue_delete(d.name)
+                    channel.queue_declare(d.name, durable=d.durable, arguments=dict(d.arguments))
+                else:
+                    channel.queue_declare(d.name, passive=True)
+                    log.warning("the dead-letter queue was declared by an earlier version without a length bound; "
+                                "drain and delete it to bound it", extra={"fields": {"queue": d.name}})
         else:
             channel.queue_bind(d.queue, d.exchange, routing_key=d.routing_key)
+    return channel
+
+
+class RequestBucket:
+    """A token bucket: ``rate`` requests a second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._at = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 def _drawn_now(fn) -> Future:
@@ -128,7 +185,7 @@ class EnclaveRuntime:
         self._outbox: dict[str, Publication] = {}
         self._held: set[str] = set()
         # Deliveries received but not yet opened: (delivery method, AMQP type, body), in order.
-        self._inbox: list[tuple[object, str | None, bytes]] = []
+        self._inbox: list[tuple[object, str | None, bytes, int]] = []  # ... and the body's full size
         self._inbox_since = 0.0  # when the oldest delivery in the inbox arrived
         # A second thread opens half of each batch where there is a second core.
         two_cores = (os.cpu_count() or 1) > 1
@@ -140,6 +197,20 @@ class EnclaveRuntime:
         self.stopping = False
         self._connection = None
         self._publish = None
+        # Dead letters of this batch, published in one transaction before its ack.
+        self._dead_letters: list[tuple[bytes, dict]] = []
+        self._dead = None
+        self._standing_by = False
+        # The request connection: its own, so that a broker error on a reply never touches
+        # the connection that consumes records.
+        self._rpc = None
+        self._rpc_channel = None
+        self._rpc_retry_at = 0.0
+        self._requests: collections.deque = collections.deque()
+        self._bucket = RequestBucket(RPC_RATE_PER_S, RPC_BURST)
+        self.ignored_requests: collections.Counter = collections.Counter()
+        self.rpc_reopens = 0
+        self.max_delivery = enclave.max_delivery_bytes()
         self._last_stats = time.monotonic()
         self._last_held_retry = time.monotonic()
         self.prefetch = enclave_prefetch(enclave)
@@ -165,6 +236,15 @@ class EnclaveRuntime:
                     self.release_closed()
                     self.flush()
                     self._tick()
+                    self.serve_requests()
+            except AnotherReleaser as err:
+                if not self._standing_by:
+                    self._standing_by = True
+                    log.warning("another enclave holds this prefix's release lock; standing by", extra={"fields": {
+                        "lock": self.settings.topology.release_lock, "detail": str(err),
+                        "retry_every_s": LOCK_RETRY_S}})
+                self._close()
+                time.sleep(LOCK_RETRY_S)
             except (TransportError, pe.AMQPConnectionError, pe.AMQPChannelError) as err:
                 if self.stopping:
                     break
@@ -188,6 +268,8 @@ class EnclaveRuntime:
 
     def _wait(self) -> float:
         wait = DRAW_POLL_S if self._drawing else FLUSH_EVERY_S
+        if self._rpc is not None:
+            wait = min(wait, 0.0 if self._requests else RPC_POLL_S)
         if self._inbox:
             wait = min(wait, max(0.0, self._inbox_since + INGEST_WAIT_S - time.monotonic()))
         return wait
@@ -199,21 +281,36 @@ class EnclaveRuntime:
     def _connect(self) -> None:
         self._unacked.clear()  # the broker redelivers them on the new channel
         self._inbox.clear()
-        self._connection = amqp.connect(self.settings)
-        channel = self._connection.channel()
-        declare_topology(channel, self.settings)
+        self._dead_letters.clear()  # their records are redelivered, and refused again
+        t = self.settings.topology
+        self._connection = amqp.connect(self.settings, name=f"sealedsum-enclave {t.prefix}")
+        # Before anything is consumed or published: every release goes out on a connection
+        # that holds the lock, so two enclaves can never both count and release for a prefix.
+        lock = topology.release_lock(t)
+        try:
+            self._connection.channel().queue_declare(lock.name, durable=lock.durable, exclusive=lock.exclusive)
+        except pe.ChannelClosedByBroker as err:
+            if err.reply_code == 405:  # RESOURCE_LOCKED
+                raise AnotherReleaser(err.reply_text) from err
+            raise
+        if self._standing_by:
+            self._standing_by = False
+            log.info("release lock taken", extra={"fields": {"lock": lock.name}})
+        channel = declare_topology(self._connection.channel(), self.settings, reopen=self._connection.channel)
         self._publish = self._connection.channel()
         self._publish.confirm_delivery()
+        self._dead = self._connection.channel()
+        self._dead.tx_select()
         self._channel = channel
         self.republish_unconfirmed()
         channel.basic_qos(prefetch_count=self.prefetch)
-        t = self.settings.topology
         channel.basic_consume(t.records_queue, self._on_record, auto_ack=False)
-        channel.basic_consume(t.attest_queue, self._on_attest, auto_ack=True)
+        self._open_requests()
         log.info("consuming", extra={"fields": {"records_queue": t.records_queue, "attest_queue": t.attest_queue,
                                                 "prefetch": self.prefetch, "ack_batch": self.ack_batch}})
 
     def _close(self) -> None:
+        self._close_requests()
         conn, self._connection = self._connection, None
         if conn is not None and conn.is_open:
             try:
@@ -240,6 +337,7 @@ class EnclaveRuntime:
     def flush(self) -> None:
         """Checkpoint what changed, then acknowledge every delivery the checkpoint covers (in
         one ack), then publish what the checkpoint holds."""
+        self._send_dead_letters()
         owed, self._owed = self._owed, NOTHING
         deliveries, self._unacked = self._unacked, []
         for publication in owed.publish:  # unconfirmed until the broker takes it, even if this fails
@@ -257,7 +355,13 @@ class EnclaveRuntime:
         self._channel = channel
         if not self._inbox:
             self._inbox_since = time.monotonic()
-        self._inbox.append((method, getattr(props, "type", None), body))
+        size = len(body)
+        if size > self.max_delivery:
+            # Refused without being read; only a prefix is kept (for the dead letter), and it is
+            # handled at once, so an oversized message is held no longer than its delivery.
+            body = body[:DEAD_LETTER_PREFIX_BYTES]
+            self._inbox_since = 0.0
+        self._inbox.append((method, getattr(props, "type", None), body, size))
 
     def ingest(self) -> None:
         """Open the records received so far, on two threads where that helps, then count or
@@ -267,7 +371,8 @@ class EnclaveRuntime:
         if not batch:
             return
         now = now_ms()
-        deliveries = [(method, kind, body, self.enclave.records_in(body, kind)) for method, kind, body in batch]
+        deliveries = [(method, kind, body, self.enclave.oversized(size) if size > self.max_delivery
+                       else self.enclave.records_in(body, kind)) for method, kind, body, size in batch]
         bodies = [part for *_, parts in deliveries if not isinstance(parts, RecordRejected) for part in parts]
         if self._opener is None or len(bodies) < PARALLEL_OPEN_MIN:
             opened = [self.enclave.open(part) for part in bodies]
@@ -277,9 +382,9 @@ class EnclaveRuntime:
             opened = [self.enclave.open(part) for part in bodies[:half]]
             opened += later.result()
         results = iter(self.enclave.accept_batch(opened, now))
-        for method, kind, body, parts in deliveries:
-            if isinstance(parts, RecordRejected):  # a batch that does not parse: dead-lettered whole
-                self._dead_letter(body, parts)
+        for (method, kind, body, parts), (*_, size) in zip(deliveries, batch):
+            if isinstance(parts, RecordRejected):  # oversized, or a batch that does not parse: refused whole
+                self._dead_letter(body, parts, original_bytes=size if size > len(body) else None)
             else:
                 batched = kind == wire.RECORD_BATCH_TYPE
                 for i, part in enumerate(parts):
@@ -300,15 +405,34 @@ class EnclaveRuntime:
             return
         self._dead_letter(body, r, index)
 
-    def _dead_letter(self, body: bytes, r: RecordRejected, index: int | None = None) -> None:
-        """Publish a rejected record with its reason, confirmed before its delivery is acked."""
+    def _dead_letter(self, body: bytes, r: RecordRejected, index: int | None = None,
+                     original_bytes: int | None = None) -> None:
+        """Owe a rejected record's dead letter, with its reason: published (:meth:`_send_dead_letters`)
+        before the flush that acknowledges its delivery.
+
+        :param original_bytes: the delivery's size, when ``body`` is only its prefix."""
         headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
                    "x-sealedsum-rejected-at": now_ms()}
         if index is not None:
             headers["x-sealedsum-batch-index"] = index  # which record of a batch this was
-        amqp.publish_confirmed(self._publish, self.settings.topology.rejected_exchange, "", body,
-                               amqp.properties("rejected-record", headers=headers), mandatory=False)
+        if original_bytes is not None:
+            headers["x-sealedsum-original-bytes"] = original_bytes
+        self._dead_letters.append((body, headers))
         log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
+
+    def _send_dead_letters(self) -> None:
+        """The batch's dead letters in one transaction: the broker has taken them all once the
+        commit returns (a confirm per dead letter let a stream of junk stall honest ingest)."""
+        if not self._dead_letters:
+            return
+        exchange = self.settings.topology.rejected_exchange
+        try:
+            for body, headers in self._dead_letters:
+                self._dead.basic_publish(exchange, "", body, amqp.properties("rejected-record", headers=headers))
+            self._dead.tx_commit()
+        except pe.AMQPError as err:  # their records stay unacknowledged, so they are redelivered
+            raise TransportError(f"dead letters not taken by the broker: {type(err).__name__}: {err}") from err
+        self._dead_letters.clear()
 
     # -- releases ---------------------------------------------------------------------
     def _start_draw(self, closing: Closing) -> None:
@@ -333,17 +457,81 @@ class EnclaveRuntime:
                 outcome = err
             self._owe(self.enclave.complete(closing, outcome, now_ms()))
 
-    def _on_attest(self, channel, _method, props, body: bytes) -> None:
-        if not props.reply_to:
-            log.warning("attestation request without reply_to ignored")
+    # -- requests -------------------------------------------------------------------
+    def _open_requests(self) -> None:
+        """Consume the request queue on a connection of its own (acknowledged, RPC_PREFETCH at a
+        time); if it cannot be opened, records go on and it is tried again in RPC_REOPEN_S."""
+        t = self.settings.topology
+        try:
+            self._rpc = amqp.connect(self.settings, name=f"sealedsum-enclave {t.prefix} requests")
+            self._rpc_channel = self._rpc.channel()
+            self._rpc_channel.basic_qos(prefetch_count=RPC_PREFETCH)
+            self._rpc_channel.basic_consume(t.attest_queue, self._on_request, auto_ack=False)
+        except (TransportError, pe.AMQPError) as err:
+            self._close_requests()
+            self._rpc_retry_at = time.monotonic() + RPC_REOPEN_S
+            log.warning("cannot open the request connection; retrying", extra={"fields": {
+                "error": type(err).__name__, "detail": str(err), "retry_in_s": RPC_REOPEN_S}})
+
+    def _close_requests(self) -> None:
+        conn, self._rpc, self._rpc_channel = self._rpc, None, None
+        self._requests.clear()  # unacknowledged: the broker hands them out again
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except pe.AMQPError:
+                pass
+
+    def _on_request(self, _channel, method, props, body: bytes) -> None:
+        self._requests.append((method, props, body))
+
+    def serve_requests(self) -> None:
+        """Answer the requests that arrived, as many as this pass and the rate allow."""
+        if self._rpc is None:
+            if self._connection is not None and time.monotonic() >= self._rpc_retry_at:
+                self._open_requests()
+            return
+        try:
+            self._rpc.process_data_events(time_limit=0)
+            last = None
+            for _ in range(RPC_PER_PASS):
+                if not self._requests or not self._bucket.take():
+                    break
+                method, props, body = self._requests.popleft()
+                self._answer(props, body)
+                last = method.delivery_tag
+            if last is not None:
+                self._rpc_channel.basic_ack(last, multiple=True)
+        except (pe.AMQPError, TransportError) as err:
+            # E.g. a reply the broker chokes on: only this connection is lost, and reopened.
+            self.rpc_reopens += 1
+            log.warning("request connection lost; reopening it", extra={"fields": {
+                "error": type(err).__name__, "detail": str(err), "reopens": self.rpc_reopens}})
+            self._close_requests()
+            self._rpc_retry_at = time.monotonic() + RPC_REOPEN_S
+
+    def _answer(self, props, body: bytes) -> None:
+        if not amqp.is_direct_reply_to(props.reply_to):
+            # Never a named queue on a client's say-so: the enclave would be a confused deputy,
+            # delivering signed replies into queues the client may not write to.
+            self._ignore("reply_to is not a direct reply-to name")
+            return
+        if len(body) > RPC_MAX_REQUEST_BYTES:
+            self._ignore("request too large")
             return
         try:
             reply = self.enclave.answer(body, now_ms())
-        except InvalidMessage as err:
-            log.warning("malformed request ignored", extra={"fields": {"detail": str(err)}})
+        except InvalidMessage:
+            self._ignore("malformed request")
             return
-        channel.basic_publish("", props.reply_to, reply, pika.BasicProperties(
+        self._rpc_channel.basic_publish("", props.reply_to, reply, pika.BasicProperties(
             correlation_id=props.correlation_id, type="reply", app_id=amqp.APP_ID))
+
+    def _ignore(self, reason: str) -> None:
+        """Counted, and logged the first time for each reason (a flood would flood the log)."""
+        self.ignored_requests[reason] += 1
+        if self.ignored_requests[reason] == 1:
+            log.warning("request ignored", extra={"fields": {"reason": reason}})
 
     def _tick(self) -> None:
         if self._rotation_requested or self.enclave.rotation_due(now_ms()):
@@ -392,4 +580,5 @@ class EnclaveRuntime:
 
     def log_stats(self) -> None:
         self._last_stats = time.monotonic()
-        log.info("stats", extra={"fields": self.enclave.stats_json()})
+        log.info("stats", extra={"fields": self.enclave.stats_json() | {
+            "ignored_requests": dict(self.ignored_requests), "request_reopens": self.rpc_reopens}})

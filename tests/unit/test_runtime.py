@@ -10,7 +10,7 @@ import pytest
 
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import TransportError
-from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime
+from sealedsum.sidecar.enclave_process.runtime import DEAD_LETTER_PREFIX_BYTES, EnclaveRuntime
 
 
 class RecordingChannel:
@@ -29,6 +29,9 @@ class RecordingChannel:
         self.published.append((exchange, routing_key, body, dict(properties.headers or {})))
         self.log.append(f"publish {exchange}")
 
+    def tx_commit(self):
+        self.log.append("commit")
+
     def basic_ack(self, tag, multiple=False):
         new = [t for t in range(1, tag + 1) if t not in self.acked] if multiple else [tag]
         self.acked.extend(new)
@@ -46,6 +49,7 @@ def test_a_failed_release_is_republished_with_the_same_noise(world):
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume = RecordingChannel()
     runtime._publish = RecordingChannel(fail=1)
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     bodies = [world.sealer.seal("s", [10.0]).body for _ in range(5)]  # window_records = 5
     for tag, body in enumerate(bodies[:4], start=1):
         deliver(runtime, consume, body, tag)
@@ -72,8 +76,9 @@ def test_dead_letter_is_confirmed_before_the_ack(world):
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
     runtime._publish.log = consume.log  # one timeline for both channels
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     deliver(runtime, consume, b"not a sealed box" * 4, 7)
-    assert consume.log == ["publish sealedsum.rejected", "ack 7 multiple"]
+    assert consume.log == ["publish sealedsum.rejected", "commit", "ack 7 multiple"]
     (_, _, body, headers) = runtime._publish.published[0]
     assert body == b"not a sealed box" * 4 and headers["x-sealedsum-reason"] == "undecryptable"
 
@@ -81,6 +86,7 @@ def test_dead_letter_is_confirmed_before_the_ack(world):
 def test_a_lost_dead_letter_leaves_the_record_unacknowledged(world):
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel(fail=1)
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     with pytest.raises(TransportError):
         deliver(runtime, consume, b"garbage" * 10, 3)
     assert consume.acked == []  # the broker will redeliver it
@@ -103,6 +109,7 @@ class UnboundChannel(RecordingChannel):
 def test_a_release_nobody_is_bound_to_receive_is_held_not_dropped(world, monkeypatch):
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), UnboundChannel(unroutable=2)
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     for tag in range(1, 6):
         deliver(runtime, consume, world.sealer.seal("s", [10.0]).body, tag)
     assert consume.acked == [1, 2, 3, 4, 5]  # the record is counted either way
@@ -135,6 +142,7 @@ def test_a_batch_counts_each_record_and_dead_letters_only_the_bad_one(world):
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
     runtime._publish.log = consume.log
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     good = [world.sealer.seal("s", [float(v)]).body for v in (1, 2, 3)]
     bad = b"not a sealed box" * 4
     deliver_batch(runtime, consume, [good[0], bad, good[1], good[2]], 9)
@@ -142,12 +150,13 @@ def test_a_batch_counts_each_record_and_dead_letters_only_the_bad_one(world):
     (dead,) = runtime._publish.published
     assert dead[2] == bad  # the one record, not the batch
     assert dead[3]["x-sealedsum-reason"] == "undecryptable" and dead[3]["x-sealedsum-batch-index"] == 1
-    assert consume.log == ["publish sealedsum.rejected", "ack 9 multiple"]  # one ack, after the dead letter
+    assert consume.log == ["publish sealedsum.rejected", "commit", "ack 9 multiple"]  # one ack, after the dead letter
 
 
 def test_a_batch_that_closes_a_window_releases_it_and_a_redelivery_counts_nothing_twice(world):
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     records = [world.sealer.seal("s", [10.0]).body for _ in range(7)]  # window_records = 5
     deliver_batch(runtime, consume, records, 1)
     assert world.enclave.stats.windows_released == 1 and world.enclave.streams["s"].current.count == 2
@@ -169,12 +178,17 @@ def test_a_batch_that_does_not_parse_is_dead_lettered_whole(world, body, reason)
 
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     runtime._on_record(consume, SimpleNamespace(delivery_tag=4, redelivered=False),
                        SimpleNamespace(type=wire.RECORD_BATCH_TYPE), body)
     runtime.ingest()
     runtime.flush()
     (dead,) = runtime._publish.published
-    assert dead[2] == body and dead[3]["x-sealedsum-reason"] == reason and "x-sealedsum-batch-index" not in dead[3]
+    assert dead[3]["x-sealedsum-reason"] == reason and "x-sealedsum-batch-index" not in dead[3]
+    if len(body) > world.enclave.max_delivery_bytes():  # refused unread: only a prefix is kept, and the size
+        assert dead[2] == body[:DEAD_LETTER_PREFIX_BYTES] and dead[3]["x-sealedsum-original-bytes"] == len(body)
+    else:
+        assert dead[2] == body and "x-sealedsum-original-bytes" not in dead[3]
     assert consume.log == ["ack 4 multiple"] and world.enclave.stats.accepted == 0
     assert dict(world.enclave.stats.rejected) == {reason: 1}
 
@@ -186,6 +200,7 @@ def test_a_sealed_record_is_never_read_as_a_batch(world):
 
     runtime = EnclaveRuntime(world.enclave, BrokerSettings())
     consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._dead = runtime._publish  # dead letters on the same timeline
     body = world.sealer.seal("s", [1.0]).body
     runtime._on_record(consume, SimpleNamespace(delivery_tag=1, redelivered=False),
                        SimpleNamespace(type=wire.RECORD_TYPE), body)

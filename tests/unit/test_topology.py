@@ -17,6 +17,7 @@ from sealedsum.common.topology import (
     QueueDecl,
     Topology,
     declarations,
+    release_lock,
 )
 from sealedsum.sidecar.enclave_process.runtime import declare_topology
 from tests.unit.test_layering import imported_modules
@@ -43,7 +44,9 @@ def test_the_sidecar_declares_exactly_the_topology_names(queue_type):
     t = Topology("p.x")
     decls = declarations(t, queue_type, 10)
     assert {d.name for d in decls if isinstance(d, ExchangeDecl)} == set(t.exchanges)
-    assert {d.name for d in decls if isinstance(d, QueueDecl)} == set(t.queues)
+    # The release lock is declared on its own, first, by the connection that holds it.
+    assert {d.name for d in decls if isinstance(d, QueueDecl)} == set(t.queues) - {t.release_lock}
+    assert release_lock(t) == QueueDecl(t.release_lock, durable=False, exclusive=True)
 
 
 def test_everything_a_declaration_refers_to_is_declared_before_it():
@@ -69,7 +72,9 @@ def test_only_quorum_queues_get_a_delivery_limit():
 
 def test_declare_topology_makes_the_same_pika_calls_as_before_the_layout_was_data():
     """Pinned call for call: the broker refuses a redeclaration with other arguments, so
-    any change here would stop a new sidecar from starting on an existing deployment."""
+    any change here would stop a new sidecar from starting on an existing deployment (the
+    request and dead-letter queues gained bounds: declare_topology handles their refusal,
+    tests/integration/test_queues.py)."""
     t = Topology("p")
     channel = CallLog()
     declare_topology(channel, BrokerSettings(topology=t, queue_type="quorum", max_queued_records=99))
@@ -77,14 +82,17 @@ def test_declare_topology_makes_the_same_pika_calls_as_before_the_layout_was_dat
                     "x-overflow": "reject-publish", "x-delivery-limit": 20}
     assert channel.calls == [
         ("exchange_declare", ("p.rejected",), {"exchange_type": "fanout", "durable": True}),
-        ("queue_declare", ("p.rejected",), {"durable": True, "arguments": {"x-queue-type": "quorum"}}),
+        ("queue_declare", ("p.rejected",), {"durable": True, "arguments": {
+            "x-queue-type": "quorum", "x-max-length": 100_000, "x-max-length-bytes": 256 << 20,
+            "x-overflow": "drop-head"}}),
         ("queue_bind", ("p.rejected", "p.rejected"), {"routing_key": None}),
         ("exchange_declare", ("p.records",), {"exchange_type": "direct", "durable": True}),
         ("queue_declare", ("p.records",), {"durable": True, "arguments": records_args}),
         ("queue_bind", ("p.records", "p.records"), {"routing_key": "record"}),
         ("exchange_declare", ("p.results",), {"exchange_type": "topic", "durable": True}),
         ("exchange_declare", ("p.attest",), {"exchange_type": "direct", "durable": True}),
-        ("queue_declare", ("p.attest",), {"durable": False, "arguments": {"x-message-ttl": 30_000}}),
+        ("queue_declare", ("p.attest",), {"durable": False, "arguments": {
+            "x-message-ttl": 30_000, "x-max-length": 1_000, "x-max-length-bytes": 4 << 20, "x-overflow": "drop-head"}}),
         ("queue_bind", ("p.attest", "p.attest"), {"routing_key": "request"}),
         ("exchange_declare", ("p.announce",), {"exchange_type": "fanout", "durable": True}),
     ]

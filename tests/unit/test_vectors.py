@@ -1320,7 +1320,8 @@ def test_doc_mentions_every_label_and_header() -> None:
         assert label.rstrip(b"\x00").decode("ascii") in doc, label
     runtime_source = (ROOT / "sidecar" / "enclave_process" / "runtime.py").read_text()
     headers = set(re.findall(r'"(x-sealedsum-[a-z-]+)"', runtime_source))
-    assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at", "x-sealedsum-batch-index"}
+    assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at", "x-sealedsum-batch-index",
+                       "x-sealedsum-original-bytes"}
     for header in headers:
         assert header in doc, header
     for dist in measure.RUNTIME_DISTRIBUTIONS:
