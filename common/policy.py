@@ -21,7 +21,8 @@ from sealedsum.common.packing import PackingLayout
 from sealedsum.common.privacy import Mechanism
 
 # A window holds at most this many records, so a total always fits OpenDP's 64-bit integers:
-# a count-closed window closes at it, a time-closed one refuses more (future_window).
+# a count-closed window closes at it, a time-closed one (or a count-closed one waiting for its
+# release interval) refuses more (future_window).
 HARD_MAX_WINDOW_RECORDS = 1_000_000
 MAX_DIMENSION = 4096
 SECURE_PAILLIER_BITS = (2048, 3072, 4096)
@@ -77,12 +78,15 @@ class StreamPolicy:
     # The budget group whose budget this stream spends (section 15.6); its budget_epsilon and
     # budget_delta above are then the group's, stated once in the group's table.
     budget_group: str | None = None
+    # Count-closed streams only: no window closes sooner than this after the stream's previous
+    # close, so records alone (one producer's flood) cannot spend the budget faster than the clock.
+    min_release_interval_seconds: float | None = None
 
     KEYS = {
         "kind", "dimension", "lower", "upper", "l2_bound", "edges", "min_batch", "mechanism",
         "epsilon", "delta", "budget_epsilon", "budget_delta", "window_records", "window_seconds",
         "fraction_bits", "count_share", "max_records_per_producer", "packing",
-        "budget_group",
+        "budget_group", "min_release_interval_seconds",
     }
 
     def to_mapping(self) -> dict[str, Any]:
@@ -98,7 +102,8 @@ class StreamPolicy:
             value = getattr(self, key)
             if value is not None:
                 out[key] = list(value) if isinstance(value, tuple) else value
-        for key in ("l2_bound", "window_records", "window_seconds", "max_records_per_producer"):
+        for key in ("l2_bound", "window_records", "window_seconds", "max_records_per_producer",
+                    "min_release_interval_seconds"):  # each absent when not set: older policies keep their bytes
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.packing is not None:  # only when on, so unpacked streams keep their bytes
@@ -116,7 +121,19 @@ class StreamPolicy:
 
     @property
     def max_window_records(self) -> int:
-        return self.window_records or HARD_MAX_WINDOW_RECORDS
+        """The most records one window can hold: what totals and packed slots must fit. A
+        count-closed window that must wait for its release interval keeps taking records past
+        ``window_records`` (nothing honest is refused while a flood waits), up to the hard cap."""
+        if self.window_records is None or self.min_release_interval_seconds is not None:
+            return HARD_MAX_WINDOW_RECORDS
+        return self.window_records
+
+    @property
+    def min_release_interval_ms(self) -> int | None:
+        """The release interval in ms (at least 1), or ``None`` when the stream sets none."""
+        if self.min_release_interval_seconds is None:
+            return None
+        return max(1, round(self.min_release_interval_seconds * 1000))
 
     @property
     def ciphertexts_per_record(self) -> int:
@@ -152,10 +169,12 @@ class StreamPolicy:
     @property
     def count_closed(self) -> bool:
         """Whether windows close at ``window_records`` records. Their count is then public by
-        construction (every full window holds exactly that many), so their guarantee is for
+        construction: it follows from how many records arrived and when (every window holds
+        exactly ``window_records``, or, with a release interval, as many as arrived before the
+        interval let it close), never from what the records hold. So their guarantee is for
         neighbouring datasets that *replace* one privacy unit's records (replace-one), and the
-        sensitivities are those of a replacement. Windows closed by the clock alone give
-        add/remove DP: one unit's records present or absent."""
+        sensitivities are those of a replacement, whatever the window's size. Windows closed by
+        the clock alone give add/remove DP: one unit's records present or absent."""
         return self.window_records is not None
 
     @property
@@ -285,6 +304,20 @@ class EnclavePolicy:
             **({"budget_groups": {name: g.to_mapping() for name, g in sorted(self.budget_groups.items())}}
                if self.budget_groups else {}),
         }
+
+    def burnable_streams(self) -> list[str]:
+        """Count-closed streams whose budget one producer can spend as fast as it sends: no
+        release interval, and not every producer held to fewer records per window than close
+        one (an enrolled identity and a bound below ``window_records``); sorted."""
+        out = []
+        for name, s in sorted(self.streams.items()):
+            if not s.count_closed or s.min_release_interval_seconds is not None:
+                continue
+            bounded = (self.identities.required and s.max_records_per_producer is not None
+                       and s.max_records_per_producer < s.window_records)
+            if not bounded:
+                out.append(name)
+        return out
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":"),

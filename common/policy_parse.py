@@ -294,7 +294,17 @@ def _windows(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     min_batch = integer(d["min_batch"], f"{where}.min_batch", 1, HARD_MAX_WINDOW_RECORDS)
     if window_records is not None and min_batch > window_records:
         raise ConfigError(f"{where}: min_batch above window_records: no window could ever be released")
-    return dict(window_records=window_records, window_seconds=window_seconds, min_batch=min_batch)
+    interval = d.get("min_release_interval_seconds")
+    if interval is not None:
+        interval = number(interval, f"{where}.min_release_interval_seconds")
+        if window_records is None:
+            raise ConfigError(f"{where}.min_release_interval_seconds applies to count-closed streams only",
+                              hint="a time-closed stream releases at most one window per window_seconds already")
+        if interval <= 0:
+            raise ConfigError(f"{where}.min_release_interval_seconds must be > 0",
+                              hint="leave it out for no interval")
+    return dict(window_records=window_records, window_seconds=window_seconds, min_batch=min_batch,
+                min_release_interval_seconds=interval)
 
 
 def _count_share(d: Mapping[str, Any], kind: StreamKind, where: str) -> float:
@@ -314,7 +324,8 @@ def _check_totals_fit(policy: StreamPolicy, where: str) -> None:
         widest = math.inf
     if widest * policy.max_window_records >= 1 << 62:
         raise ConfigError(f"{where}: bounds × 2^fraction_bits × window size overflow 62 bits",
-                          hint="lower fraction_bits or window_records")
+                          hint="lower fraction_bits or window_records" if policy.max_window_records == policy.window_records
+                          else "lower fraction_bits (a window can hold 1 000 000 records)")
 
 
 def _check_releasable(policy: StreamPolicy, where: str) -> None:

@@ -93,12 +93,14 @@ class Window:
 
 @dataclass(slots=True)
 class StreamState:
-    """The open window of one stream and the record ids seen within the replay horizon."""
+    """The open window of one stream, the record ids seen within the replay horizon, and
+    when the stream's previous window closed (what its release interval counts from)."""
 
     policy: StreamPolicy
     current: Window = field(init=False)
     seen: dict[bytes, int] = field(default_factory=dict)
     _expiry: list[tuple[int, bytes]] = field(default_factory=list)
+    last_close_ms: int | None = None
 
     def __post_init__(self) -> None:
         # Count-closed windows are numbered 1, 2, ... as they close; time-closed ones by the
@@ -130,11 +132,13 @@ class StreamState:
         if envelope.window > self.current.index:
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
                                  f"window {envelope.window} is not open yet; open window is {self.current.index}")
-        if not self.policy.count_closed and self.current.count >= self.policy.max_window_records:
-            # Closing early would make the close time a function of the count.
+        if self.current.count >= self.policy.max_window_records:
+            # Closing early would make the close time a function of the count (time-closed), or
+            # spend the budget before the release interval allows (count-closed).
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
                                  f"window {self.current.index} holds {self.current.count} records, the most a "
-                                 "window can; the next window opens on schedule")
+                                 "window can; the next window opens "
+                                 + ("on schedule" if not self.policy.count_closed else "when the release interval ends"))
         limit = self.policy.max_records_per_producer
         if limit is not None:
             if envelope.producer_id == ANONYMOUS:
@@ -159,11 +163,18 @@ class StreamState:
             else:
                 del self.current.contributors[envelope.producer_id]
 
-    @property
-    def full(self) -> bool:
-        """A count-closed window that must close now. (A time-closed one closes only by the
-        clock: at the record cap it refuses further records instead, see :meth:`accept`.)"""
-        return self.policy.count_closed and self.current.count >= self.policy.max_window_records
+    def ready(self, now_ms: int) -> bool:
+        """A count-closed window that must close now: it holds ``window_records`` records and
+        the release interval has passed. (A time-closed one closes only by the clock: at the
+        record cap it refuses further records instead, see :meth:`accept`.)"""
+        return (self.policy.count_closed and self.current.count >= self.policy.window_records
+                and self.interval_passed(now_ms))
+
+    def interval_passed(self, now_ms: int) -> bool:
+        """Whether the stream's release interval (if it has one) has passed since its previous
+        close. The first close of a stream needs no wait: one release is what any interval allows."""
+        gap = self.policy.min_release_interval_ms
+        return gap is None or self.last_close_ms is None or now_ms - self.last_close_ms >= gap
 
     def remember(self, record_id: bytes, forget_at_ms: int) -> None:
         """Count ``record_id`` as seen until ``forget_at_ms`` (also used to restore a checkpoint)."""
@@ -171,15 +182,19 @@ class StreamState:
         heapq.heappush(self._expiry, (forget_at_ms, record_id))
 
     def due(self, now_ms: int) -> Window | None:
-        """Close the open window if its time is up: a count-closed window ``window_seconds``
-        after its first record (if set), a time-closed one at the end of its clock span."""
+        """Close the open window if its time is up: a time-closed one at the end of its clock
+        span; a count-closed one once its release interval has passed, if it holds its count
+        by then (records stop coming: a trickle must not wait for the next one) or if
+        ``window_seconds`` (when set) have passed since its first record."""
         w = self.current
         span = self.policy.window_ms
         if span is not None:
             return self.roll(now_ms, span)
+        if self.ready(now_ms):
+            return self.close(now_ms)
         if (self.policy.window_seconds is not None and w.opened_at_ms is not None
-                and now_ms - w.opened_at_ms >= self.policy.window_seconds * 1000):
-            return self.close()
+                and now_ms - w.opened_at_ms >= self.policy.window_seconds * 1000 and self.interval_passed(now_ms)):
+            return self.close(now_ms)
         return None
 
     def roll(self, now_ms: int, span: int) -> Window | None:
@@ -210,7 +225,9 @@ class StreamState:
             if self.seen.get(rid) == at:  # not a withdrawn record's entry for an id seen again since
                 del self.seen[rid]
 
-    def close(self) -> Window:
+    def close(self, now_ms: int) -> Window:
+        """Close a count-closed stream's open window at ``now_ms`` and open the next."""
         closed = self.current
         self.current = Window.empty(self.policy, closed.index + 1)
+        self.last_close_ms = now_ms
         return closed

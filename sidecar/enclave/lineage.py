@@ -86,11 +86,15 @@ class Entry:
     budget_group: str | None = None  # the stream's group, if any (its spend counts in the group's)
     # measurement hex -> the stream's releases when that measurement last handed it over
     handoffs: dict[str, int] = field(default_factory=dict)
+    # When the stream's last window closed, for a stream with a release interval: a policy
+    # change (the operator's lever, like a restart) must not start the interval again.
+    last_close_ms: int | None = None
 
     def to_json(self) -> dict:
         return {"releases": self.releases, "head": self.head.hex(), "next_window": self.next_window,
                 "parameters": self.parameters, "budget_group": self.budget_group, "holder": self.holder.hex(),
-                "handoffs": dict(self.handoffs)}
+                "handoffs": dict(self.handoffs)} | (
+                    {} if self.last_close_ms is None else {"last_close_ms": self.last_close_ms})
 
     @classmethod
     def from_json(cls, raw: dict) -> "Entry":
@@ -103,8 +107,10 @@ class Entry:
         group = raw["budget_group"]
         if group is not None and not isinstance(group, str):
             raise TypeError("a ledger entry's budget_group is a string or null")
+        last_close = raw.get("last_close_ms")
         return cls(releases, head, next_window, raw["parameters"], holder, group,
-                   {str(m): int(n) for m, n in raw["handoffs"].items()})
+                   {str(m): int(n) for m, n in raw["handoffs"].items()},
+                   None if last_close is None else int(last_close))
 
 
 def _changed(old: dict, new: dict) -> str:
@@ -170,6 +176,9 @@ class Lineage:
             window = state.streams[name].current
             if policy.window_ms is None:  # count-closed: no window number is used twice
                 window.index = max(window.index, entry.next_window)
+            if entry.last_close_ms is not None:  # the later close: the interval never starts earlier
+                st = state.streams[name]
+                st.last_close_ms = max(st.last_close_ms or entry.last_close_ms, entry.last_close_ms)
             # (time-closed windows are numbered by the clock, which never gives a number twice)
             if entry.holder != self.measurement:
                 entry.handoffs.pop(entry.holder.hex(), None)  # re-inserted last: the latest handoff
@@ -212,7 +221,9 @@ class Lineage:
             ledger, old = state.ledgers[name], self.entries.get(name)
             if ledger.releases == 0 and old is None:
                 continue  # nothing spent: its parameters are not pinned yet
-            streams[name] = Entry(ledger.releases, ledger.head, state.streams[name].current.index, self._params(policy),
+            st = state.streams[name]
+            last_close = st.last_close_ms if policy.min_release_interval_ms is not None else None
+            streams[name] = Entry(ledger.releases, ledger.head, st.current.index, self._params(policy),
                                   self.measurement, policy.budget_group,
-                                  dict(old.handoffs) if old else {}).to_json()
+                                  dict(old.handoffs) if old else {}, last_close).to_json()
         return {"format": LINEAGE_FORMAT, "streams": dict(sorted(streams.items()))}

@@ -155,6 +155,12 @@ class Enclave:
         for name, ledger in self.ledgers.items():
             if name not in self.exhausted and not ledger.allows():
                 self._exhaust(name, now_ms)
+        for name in policy.burnable_streams():
+            log.warning("one producer can spend this stream's whole privacy budget as fast as it sends records",
+                        extra={"fields": {
+                            "stream": name, "window_records": policy.streams[name].window_records,
+                            "hint": "set min_release_interval_seconds on the stream, or require identities "
+                                    "([identities] required = true) with max_records_per_producer below window_records"}})
 
     @property
     def keys(self) -> EnclaveKeys:
@@ -314,10 +320,10 @@ class Enclave:
             results.append(Effects(checkpoint=True))
             unchecked.append((i, item, counted))
             state = self.streams[item.stream.name]
-            if state.full:
+            if state.ready(now_ms):
                 self._settle(unchecked, results)
-                if state.full:  # record i was not the liar, or the window would not be full
-                    results[i] |= self._close([state.close()], now_ms)
+                if state.ready(now_ms):  # record i was not the liar, or the window would not be full
+                    results[i] |= self._close([state.close(now_ms)], now_ms)
         self._settle(unchecked, results)
         if rolled and results:  # owed whatever becomes of the first record
             results[0] = dataclasses.replace(results[0] | rolled, rejection=results[0].rejection)

@@ -77,14 +77,19 @@ class EnclaveState:
         return {
             "version": STATE_VERSION,
             "key_epoch": key_epoch,
-            "streams": {
-                name: {"window": self.streams[name].current.to_json(), "ledger": self.ledgers[name].to_json(),
-                       "exhausted": name in self.exhausted}
-                for name in self.policy.streams
-            },
+            "streams": {name: self._stream_json(name) for name in self.policy.streams},
             "pending": {key: {"stream": p.stream, "body": base64.b64encode(p.body).decode()}
                         for key, p in self.pending.items()},
         } | ({"closing": {key: c.to_json() for key, c in self.closing.items()}} if self.closing else {})
+
+    def _stream_json(self, name: str) -> dict:
+        st = self.streams[name]
+        out = {"window": st.current.to_json(), "ledger": self.ledgers[name].to_json(), "exhausted": name in self.exhausted}
+        # Only for a stream with a release interval (the only one it matters to), so the state of
+        # streams without one is what it was before intervals existed.
+        if st.policy.min_release_interval_ms is not None and st.last_close_ms is not None:
+            out["last_close_ms"] = st.last_close_ms
+        return out
 
     def checkpoint(self, base: bool, key_epoch: int) -> Checkpoint:
         """The state to make durable: all of it (``base``, for a fresh base), or the (small)
@@ -127,6 +132,10 @@ class EnclaveState:
             policy = self.policy.streams[name]
             self.ledgers[name] = StreamLedger.from_json(policy, raw["ledger"], self.ledgers[name].group)
             self.streams[name].current = Window.from_json(policy, raw["window"], public_keys)
+            # Absent: no window has closed since the stream had an interval (a state written
+            # before intervals existed reads the same way).
+            last_close = raw.get("last_close_ms")
+            self.streams[name].last_close_ms = None if last_close is None else int(last_close)
             if raw["exhausted"]:
                 self.exhausted.add(name)
         for key, raw in core.get("closing", {}).items():

@@ -56,7 +56,7 @@ REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
     "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch", "key_rotated",
-    "budget_group",
+    "budget_group", "release_interval",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -1179,6 +1179,49 @@ def check_budget_group(v: dict, tmp_path, monkeypatch) -> None:
     assert core.answer(h(r["request_hex"]), report.at_ms) == raw
 
 
+def check_release_interval(v: dict, tmp_path, monkeypatch) -> None:
+    """A release interval (section 12): the policy bytes with min_release_interval_seconds, and
+    the schedule of closes the real enclave core gives those records and ticks."""
+    from sealedsum.sidecar.enclave.service import Enclave
+
+    raw_policy = h(v["canonical_hex"])
+    policy = policy_from_bytes(raw_policy)
+    assert policy.to_bytes() == raw_policy == v["canonical"].encode("ascii")
+    assert enclave_policy(v["config_enclave"], v["config_streams"]).to_bytes() == raw_policy
+    assert wire.measurement(h(v["code_digest"]), raw_policy).hex() == v["measurement"]
+    stream = policy.streams["taps"]
+    interval = stream.min_release_interval_ms
+    assert interval == round(json.loads(v["canonical"])["streams"]["taps"]["min_release_interval_seconds"] * 1000)
+    core = Enclave(enclave_keys(), policy, raw_policy, h(v["code_digest"]), h(v["measurement"]), lambda rd: b"")
+    last_close, closes = None, []
+    for i, step in enumerate(v["steps"]):
+        if step["action"] == "record":
+            effects = core.on_record(h(step["body_hex"]), step["at_ms"])
+            got = "accepted" if effects.rejection is None else effects.rejection.reason.value
+            assert got == step["expect"], (i, got)
+        else:
+            effects = core.on_tick(step["at_ms"])
+        assert [p.message.kind for p in effects.publish] == step["publishes"], i
+        released = [p.message for p in effects.publish if isinstance(p.message, Release)]
+        c = step["closes"]
+        if c is None:
+            assert released == [], i
+            continue
+        (r,) = released
+        assert (r.window, r.count, r.closed_at_ms, r.budget["releases"]) == (
+            c["window"], c["records"], c["closed_at_ms"], c["releases"]), i
+        # The rule itself: full, and the interval passed since the previous close.
+        assert c["records"] >= stream.window_records and c["closed_at_ms"] == step["at_ms"]
+        assert last_close is None or c["closed_at_ms"] - last_close >= interval
+        last_close = c["closed_at_ms"]
+        closes.append(c)
+    assert any(c["records"] > stream.window_records for c in closes)  # a waiting window kept counting
+    assert [c["releases"] for c in closes] == list(range(1, len(closes) + 1))
+    assert core.exhausted == {"taps"} and v["steps"][-1]["expect"] == "budget_exhausted"
+    cp = core.checkpoint(True)
+    assert cp.state["core"]["streams"]["taps"]["last_close_ms"] == v["last_close_ms"] == last_close
+
+
 CHECKERS = {
     "key_bundle": check_key_bundle,
     "policy": check_policy,
@@ -1201,6 +1244,7 @@ CHECKERS = {
     "packed_envelope": check_packed_envelope,
     "record_batch": check_record_batch,
     "budget_group": check_budget_group,
+    "release_interval": check_release_interval,
 }
 
 

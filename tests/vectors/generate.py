@@ -252,6 +252,122 @@ EXPECTED_GROUP_POLICY_MAPPING = {
     },
 }
 # The releases charged, in order, as (stream, window).
+# release_interval.json: one count-closed stream with min_release_interval_seconds (section 12).
+# epsilon 1e9 so that the noise is 0 and each release's count is the window's true count; the
+# budget allows 4 releases.
+INTERVAL_CONFIG_STREAMS = {
+    "taps": {"lower": 0, "upper": 1, "window_records": 3, "min_batch": 2, "mechanism": "laplace",
+             "epsilon": 1e9, "budget_epsilon": 4e9, "min_release_interval_seconds": 2.5},
+}
+EXPECTED_INTERVAL_POLICY_MAPPING = {
+    "version": 1,
+    "enclave": EXPECTED_POLICY_MAPPING["enclave"],
+    "streams": {"taps": {"budget_epsilon": 4e9, "count_share": 0.5, "dimension": 1, "epsilon": 1e9,
+                         "fraction_bits": 16, "kind": "sum", "lower": 0.0, "mechanism": "laplace", "min_batch": 2,
+                         "min_release_interval_seconds": 2.5, "upper": 1.0, "window_records": 3}},
+}
+# (ms after SENT_AT_MS, "record" or "tick"): the enclave's clock at each step.
+INTERVAL_EVENTS = [(0, "record"), (10, "record"), (20, "record"),          # window 1: the first close waits for nothing
+                   (100, "record"), (110, "record"), (120, "record"),      # window 2 full, 100 ms after the close
+                   (1000, "record"), (2519, "tick"), (2520, "tick"),       # ... and closes at 20 + 2500, with 4
+                   (2600, "record"), (2700, "record"), (6000, "tick"),     # window 3: 2 records, not full
+                   (6100, "record"),                                       # full, interval long past: closes now
+                   (6200, "record"), (6300, "record"), (6400, "record"),   # window 4 full, waits ...
+                   (8599, "tick"), (8600, "tick"),                         # ... until 6100 + 2500: the 4th release
+                   (8700, "record")]                                       # budget spent
+
+
+def interval_schedule(events: list[tuple[int, str]], window_records: int, interval_ms: int, releases: int) -> list:
+    """Section 12's rule, by hand: what each step closes (window, records, closed_at_ms) and
+    the record's outcome."""
+    index, count, last_close, charged, out = 1, 0, None, 0, []
+    for at, what in events:
+        now = SENT_AT_MS + at
+        if charged == releases and what == "record":
+            out.append({"outcome": "budget_exhausted", "closes": None})
+            continue
+        if what == "record":
+            count += 1
+        closes = None
+        if count >= window_records and (last_close is None or now - last_close >= interval_ms):
+            charged += 1
+            closes = {"window": index, "records": count, "closed_at_ms": now, "releases": charged}
+            index, count, last_close = index + 1, 0, now
+        out.append({"outcome": "accepted" if what == "record" else None, "closes": closes})
+    return out
+
+
+def build_release_interval(m: "Shared") -> dict:
+    """A count-closed stream with a release interval: its policy bytes, and a schedule of
+    records and ticks with what each closes, run through the real enclave core."""
+    from sealedsum.common import results, wire
+    from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
+
+    policy_bytes = canonical_json(EXPECTED_INTERVAL_POLICY_MAPPING)
+    policy = enclave_policy(CONFIG_ENCLAVE, INTERVAL_CONFIG_STREAMS)
+    assert policy.to_bytes() == policy_bytes, policy.to_bytes()
+    assert policy_from_bytes(policy_bytes).to_bytes() == policy_bytes
+    meas = sha256(b"sealedsum/v1/measurement\x00" + m.code_digest + sha256(policy_bytes))
+    assert wire.measurement(m.code_digest, policy_bytes) == meas
+    s = policy.streams["taps"]
+    assert s.min_release_interval_ms == 2500 and s.max_window_records == 1_000_000
+    expected = interval_schedule(INTERVAL_EVENTS, 3, 2500, 4)
+    core = enclave_core(policy, policy_bytes, m.code_digest, meas)
+    steps = []
+    for i, ((at, what), exp) in enumerate(zip(INTERVAL_EVENTS, expected)):
+        now = SENT_AT_MS + at
+        step = {"at_ms": now, "action": what}
+        if what == "record":
+            rid = hashlib.sha256(f"interval record {i}".encode()).digest()[:16]
+            value = 1 << 16  # 1.0 in fixed point
+            cts = [paillier_encrypt(m.n, value, fixed_r(f"interval/{i}", m.n))]
+            body = seal(m.x_pub, envelope("taps", rid, KEY_EPOCH, now, 0, m.width, cts, ms=[value]))[2]
+            effects = core.on_record(body, now)
+            got = "accepted" if effects.rejection is None else effects.rejection.reason.value
+            assert got == exp["outcome"], (i, got)
+            step.update(body_hex=hexs(body), expect=got)
+        else:
+            effects = core.on_tick(now)
+        kinds = [p.message.kind for p in effects.publish]
+        released = [p.message for p in effects.publish if isinstance(p.message, results.Release)]
+        closes = exp["closes"]
+        if closes is None:
+            assert released == [], (i, released)
+        else:
+            (r,) = released
+            assert (r.window, r.count, r.closed_at_ms, r.budget["releases"]) == (
+                closes["window"], closes["records"], closes["closed_at_ms"], closes["releases"]), (i, r)
+            assert r.sum_fixed == [closes["records"] << 16]
+        step.update(closes=closes, publishes=kinds)
+        steps.append(step)
+    last_close = checkpoint(core, base=True)["core"]["streams"]["taps"]["last_close_ms"]
+    assert last_close == SENT_AT_MS + 8600 and core.exhausted == {"taps"}
+    closes = [st["closes"] for st in steps if st["closes"]]
+    assert [c["records"] for c in closes] == [3, 4, 3, 3]
+    assert closes[-1]["closed_at_ms"] - closes[0]["closed_at_ms"] >= (4 - 1) * 2500
+    return {
+        "kind": "release_interval",
+        "description": "A count-closed stream with min_release_interval_seconds = 2.5 (section 12): a window "
+                       "closes once it holds window_records = 3 records and 2500 ms have passed on the enclave's "
+                       "clock since the stream's previous close (the first close waits for nothing), right "
+                       "after a record is folded in or at a tick; records keep being counted into a window "
+                       "that waits. Each step is a record (sealed under keys.json's keys, value 1.0, sent at "
+                       "at_ms) or a tick at at_ms; 'closes' is the window it closes (its index, how many "
+                       "records it holds, closed_at_ms and the stream's releases after its charge) or null; "
+                       "'publishes' the kinds of what the step publishes. epsilon = 1e9: the noise is 0, so "
+                       "each release's count is the window's true count. The budget allows 4 releases, the "
+                       "4th exhausts the stream; last_close_ms is the sealed state's field after the run.",
+        "config_enclave": CONFIG_ENCLAVE,
+        "config_streams": INTERVAL_CONFIG_STREAMS,
+        "canonical": policy_bytes.decode("ascii"),
+        "canonical_hex": hexs(policy_bytes),
+        "code_digest": hexs(m.code_digest),
+        "measurement": hexs(meas),
+        "steps": steps,
+        "last_close_ms": last_close,
+    }
+
+
 GROUP_CHARGES = [("taps", 1), ("swipes", 1), ("swipes", 2),
                  ("pulse", 1), ("steps", 1), ("pulse", 2),
                  ("amounts", 1), ("baskets", 1), ("baskets", 2)]
@@ -664,6 +780,7 @@ def build() -> dict[str, dict]:
     out["budget_request"] = build_budget_request()
     out["budget_report"] = build_budget_report(m, chains, bytes.fromhex(out["budget_request"]["request_hex"]))
     out["budget_group"] = build_budget_group(m.code_digest)
+    out["release_interval"] = build_release_interval(m)
     out["sealed_state"] = build_sealed_state(m.policy, m.policy_bytes, m.code_digest, m.meas, m.x_pub, m.n,
                                              m.width)
     # The rejections: a scripted session against the enclave core.
