@@ -86,7 +86,7 @@ def _setup(args: argparse.Namespace) -> int:
 
 def _limit_message_size(cfg: Config, ctl: Rabbitmqctl | None, *, keep: bool) -> None:
     """Lower the node's max_message_size to what the policy needs, and say so: it is node-wide
-    (RabbitMQ has no per-vhost or per-user limit before 4.0), so it limits every application on
+    (RabbitMQ 3.x has no per-vhost or per-user limit), so it limits every application on
     the node, and it lasts only until the node restarts."""
     if cfg.policy is None:
         print("max_message_size: left alone (the config has no [streams], so the largest message is unknown)")
