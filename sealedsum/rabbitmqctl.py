@@ -21,8 +21,8 @@ from sealedsum.message_limits import RABBITMQ_DEFAULT
 
 RABBITMQCTL_ENV = "SEALEDSUM_RABBITMQCTL"
 
-# Both places a node may keep it: the rabbit application's environment (3.12 and earlier read
-# it there when a channel opens) and, from 3.13, a persistent term copied from it at boot.
+# Both places a node may keep it: the rabbit application's environment, which 3.10 reads when
+# a channel opens (the version tested), and a persistent term newer releases copy it into at boot.
 READ_MAX_MESSAGE_SIZE = ("{application:get_env(rabbit, max_message_size), "
                          "persistent_term:get(max_message_size, undefined)}.")
 _READ_ANSWER = re.compile(r"\{(?:\{ok,(?P<env>\d+)\}|undefined),(?:(?P<term>\d+)|undefined)\}")
@@ -121,7 +121,7 @@ class Rabbitmqctl:
             raise BrokerAdminError(f"`rabbitmqctl eval` printed {out[:200]!r} for max_message_size",
                                    hint="RabbitMQ 3.8 or newer is needed")
         env, term = m.group("env"), m.group("term")
-        # RabbitMQ 3.13 and later copy it into a persistent term at boot and read it there.
+        # Where a node has the persistent term, that is what its channels read.
         return int(term) if term is not None else int(env) if env is not None else RABBITMQ_DEFAULT
 
     def set_max_message_size(self, value: int) -> None:
