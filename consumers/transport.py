@@ -59,10 +59,11 @@ class ResultSubscriber:
     def budget(self, enclave: AttestedEnclave, stream: str):
         return amqp.budget(self.connection, self.settings, enclave, stream)
 
-    def bodies(self, *, idle_timeout: float | None = None) -> Iterator[bytes]:
-        """Yield result bodies (acknowledged once the caller asks for the next one).
-        Stops after ``idle_timeout`` seconds without a message, if given. Reconnects
-        after broker loss within ``reconnect_seconds``."""
+    def bodies(self, *, idle_timeout: float | None = None) -> Iterator[tuple[bytes, bool]]:
+        """Yield result bodies, each with the broker's ``redelivered`` flag (it gave the message
+        to a consumer of this queue before, which did not acknowledge it), acknowledged once the
+        caller asks for the next one. Stops after ``idle_timeout`` seconds without a message, if
+        given. Reconnects after broker loss within ``reconnect_seconds``."""
         last = time.monotonic()
         unacked = None
         self._refused = False
@@ -76,7 +77,7 @@ class ResultSubscriber:
                             continue
                         last = time.monotonic()
                         unacked = method.delivery_tag
-                        yield body
+                        yield body, bool(method.redelivered)
                         self.channel.basic_ack(unacked)
                         unacked = None
                     return

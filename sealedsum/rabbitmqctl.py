@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,8 +17,23 @@ import subprocess
 from sealedsum.accounts import Account
 from sealedsum.common.errors import BrokerAdminError, ConfigError
 from sealedsum.common.topology import Permissions
+from sealedsum.message_limits import RABBITMQ_DEFAULT
 
 RABBITMQCTL_ENV = "SEALEDSUM_RABBITMQCTL"
+
+# Both places a node may keep it: the rabbit application's environment, which 3.10 reads when
+# a channel opens (the version tested), and a persistent term newer releases copy it into at boot.
+READ_MAX_MESSAGE_SIZE = ("{application:get_env(rabbit, max_message_size), "
+                         "persistent_term:get(max_message_size, undefined)}.")
+_READ_ANSWER = re.compile(r"\{(?:\{ok,(?P<env>\d+)\}|undefined),(?:(?P<term>\d+)|undefined)\}")
+
+
+def set_max_message_size_expr(value: int) -> str:
+    """The Erlang expression ``rabbitmqctl eval`` runs to set the node's max_message_size."""
+    value = int(value)
+    return (f"ok = application:set_env(rabbit, max_message_size, {value}), "
+            f"case persistent_term:get(max_message_size, undefined) of undefined -> ok; "
+            f"_ -> persistent_term:put(max_message_size, {value}) end.")
 RABBITMQCTL_HINT = (
     "run this on the broker's host (rabbitmqctl ships with RabbitMQ and needs its Erlang cookie, so usually "
     "root or the rabbitmq user), or pass --rabbitmqctl 'docker compose exec -T rabbitmq rabbitmqctl', "
@@ -96,6 +112,30 @@ class Rabbitmqctl:
 
     def delete_user(self, user: str) -> None:
         self.run("delete_user", user)
+
+    def max_message_size(self) -> int:
+        """The node's ``max_message_size`` in bytes, as its channels apply it."""
+        out = self.run("eval", READ_MAX_MESSAGE_SIZE).stdout.strip()
+        m = _READ_ANSWER.fullmatch(out)
+        if m is None:
+            raise BrokerAdminError(f"`rabbitmqctl eval` printed {out[:200]!r} for max_message_size",
+                                   hint="RabbitMQ 3.8 or newer is needed")
+        env, term = m.group("env"), m.group("term")
+        # Where a node has the persistent term, that is what its channels read.
+        return int(term) if term is not None else int(env) if env is not None else RABBITMQ_DEFAULT
+
+    def set_max_message_size(self, value: int) -> None:
+        """Set the node's ``max_message_size`` until it restarts; channels opened afterwards apply it.
+
+        :raises BrokerAdminError: the node reports another value afterwards.
+        """
+        if not isinstance(value, int) or not 0 < value <= RABBITMQ_DEFAULT:
+            raise ValueError(f"max_message_size must be 1..{RABBITMQ_DEFAULT} bytes, not {value!r}")
+        self.run("eval", set_max_message_size_expr(value))
+        now = self.max_message_size()
+        if now != value:
+            raise BrokerAdminError(f"max_message_size is {now} bytes after setting it to {value}",
+                                   hint=f"put `max_message_size = {value}` in rabbitmq.conf and restart the node")
 
 
 def _refuse_tagged(existing: dict[str, list[str]], accts: list[Account], action: str) -> None:

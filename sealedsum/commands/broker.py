@@ -21,6 +21,7 @@ from sealedsum.commands.options import add_config_argument, load_config
 from sealedsum.common.config import Config, redact_url
 from sealedsum.common.errors import ConfigError, ExitCode
 from sealedsum.common.topology import ROLES
+from sealedsum.message_limits import MessageLimit, conf_line, message_limit
 from sealedsum.rabbitmqctl import RABBITMQCTL_ENV, Rabbitmqctl, apply, remove
 
 
@@ -79,7 +80,39 @@ def _setup(args: argparse.Namespace) -> int:
     else:
         print("URLs without passwords: " + ", ".join(
             redact_url(a.url(cfg.broker.url, vhost)) for a in accts))
+    _limit_message_size(cfg, ctl, keep=args.keep_max_message_size)
     return ExitCode.OK
+
+
+def _limit_message_size(cfg: Config, ctl: Rabbitmqctl | None, *, keep: bool) -> None:
+    """Lower the node's max_message_size to what the policy needs, and say so: it is node-wide
+    (RabbitMQ 3.x has no per-vhost or per-user limit), so it limits every application on
+    the node, and it lasts only until the node restarts."""
+    if cfg.policy is None:
+        print("max_message_size: left alone (the config has no [streams], so the largest message is unknown)")
+        return
+    limit = message_limit(cfg.policy)
+    print(_explain(limit))
+    keep_it = f"put this line in rabbitmq.conf (a restart forgets anything else):\n  {conf_line(limit.value)}"
+    if ctl is None:
+        print(f"max_message_size: a definitions file cannot set it; {keep_it}")
+        return
+    if keep:
+        print(f"max_message_size: left alone (--keep-max-message-size); to limit it, {keep_it}")
+        return
+    current = ctl.max_message_size()
+    if current <= limit.value:
+        print(f"max_message_size: the node's is {current} bytes, not above {limit.value}: left alone")
+        return
+    ctl.set_max_message_size(limit.value)
+    print(f"max_message_size: set from {current} to {limit.value} bytes NODE-WIDE, for every vhost, user and "
+          "application on this RabbitMQ node, for channels opened from now on (channels already open may keep "
+          f"the old limit until they are reopened). It is lost when the node restarts: {keep_it}")
+
+
+def _explain(limit: MessageLimit) -> str:
+    return (f"largest legitimate message: {limit.largest} bytes ({limit.largest_kind}); "
+            f"max_message_size for this deployment: {limit.value} bytes")
 
 
 def _teardown(args: argparse.Namespace) -> int:
@@ -114,7 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "rabbitmqctl. Passwords come from $SEALEDSUM_SIDECAR_PASSWORD,\n"
                     "$SEALEDSUM_PRODUCER_PASSWORD and $SEALEDSUM_CONSUMER_PASSWORD, else from the URL\n"
                     "files of an earlier run in --out DIR, else they are generated. They are never\n"
-                    "printed unless --show is given.",
+                    "printed unless --show is given. It also lowers the node's max_message_size (node-wide,\n"
+                    "until the node restarts) to the largest message the config's policy produces, with\n"
+                    "headroom, and prints the rabbitmq.conf line that keeps it (--keep-max-message-size: not).",
         epilog="examples:\n"
                "  sealedsum broker setup --config sealedsum.toml --out ./secrets   # ./secrets/producer.url ...\n"
                "  SEALEDSUM_SIDECAR_PASSWORD=... SEALEDSUM_PRODUCER_PASSWORD=... SEALEDSUM_CONSUMER_PASSWORD=... \\\n"
@@ -128,6 +163,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write a RabbitMQ definitions file (vhost, users with password hashes, permissions) "
                         "for load_definitions at broker boot, instead of changing the running broker")
     s.add_argument("--apply", action="store_true", help="with --definitions: also apply with rabbitmqctl")
+    s.add_argument("--keep-max-message-size", action="store_true",
+                   help="leave the broker's node-wide max_message_size alone (for a node shared with other "
+                        "applications); by default setup lowers it to what the config's policy needs, until the "
+                        "node restarts, and prints the rabbitmq.conf line that keeps it")
     s.add_argument("--with-guest", action="store_true",
                    help="with --definitions: also define guest/guest as an administrator, as a fresh broker "
                         "would have it (a broker loading definitions creates no default user). Demo only")

@@ -70,8 +70,10 @@ def _consume(args) -> int:
             print(f"received {received} verified release(s) before the one refused", file=sys.stderr)
             raise
         rejected = consumer.verifier.rejected
-    print(f"{'interrupted; ' if interrupted else ''}received {received} verified release(s), rejected {rejected}",
-          file=sys.stderr)
+        repeats = consumer.repeats
+    # Repeats are dropped quietly: the enclave republishes after reconnects, so they are no error.
+    print(f"{'interrupted; ' if interrupted else ''}received {received} verified release(s), rejected {rejected}"
+          + (f", dropped {repeats} received again" if repeats else ""), file=sys.stderr)
     if rejected:
         print(f"error: {rejected} result(s) failed verification (forged, altered, or contradicting the stream's "
               "ledger) and were rejected; only the releases printed above are verified", file=sys.stderr)

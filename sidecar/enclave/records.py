@@ -18,8 +18,24 @@ ENVELOPE_OVERHEAD = 4 + 16 + 16 + 4 + 8 + 8 + 1 + wire.MAX_STREAM_NAME + 2 + 2 +
 def max_record_bytes(policy: EnclavePolicy, keys: EnclaveKeys) -> int:
     # Every epoch uses the policy's key size, so one width serves all of them.
     """The largest sealed record any stream of this policy can produce."""
+    return _record_bytes(policy, keys.ciphertext_width)
+
+
+def ciphertext_width_bound(paillier_bits: int) -> int:
+    """The most bytes a Paillier ciphertext takes under a ``paillier_bits``-bit modulus, known
+    without the key: n < 2**bits, so a ciphertext, below n², is below 2**(2 * bits)."""
+    return (2 * paillier_bits + 7) // 8
+
+
+def record_bytes_bound(policy: EnclavePolicy) -> int:
+    """:func:`max_record_bytes` for any key of the policy's ``paillier_bits``, never below it:
+    what a broker must carry before the enclave has generated its keys."""
+    return _record_bytes(policy, ciphertext_width_bound(policy.paillier_bits))
+
+
+def _record_bytes(policy: EnclavePolicy, ciphertext_width: int) -> int:
     widest = max(s.ciphertexts_per_record for s in policy.streams.values())
-    per_ciphertext = keys.ciphertext_width + wire.plaintext_width(keys.ciphertext_width)  # and its plaintext
+    per_ciphertext = ciphertext_width + wire.plaintext_width(ciphertext_width)  # and its plaintext
     return wire.SEALED_BOX_OVERHEAD + ENVELOPE_OVERHEAD + widest * per_ciphertext
 
 
