@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sealedsum.common import signing, wire
 from sealedsum.common.errors import ConfigError
 from sealedsum.sidecar.durable import write_atomic
+
+log = logging.getLogger("sealedsum.platform")
 
 KEY_FILE = "platform.key"
 COUNTER_FILE = "platform.counters"
@@ -47,6 +50,7 @@ class EmulatedPlatform:
         self._clock_ms = clock_ms
         self._state_dir = state_dir
         self._counters: dict[str, int] = {}
+        self._persist_failing = False
         if state_dir is not None and (state_dir / COUNTER_FILE).exists():
             self._counters = json.loads((state_dir / COUNTER_FILE).read_text())
 
@@ -118,10 +122,24 @@ class EmulatedPlatform:
         return self._advance(LEDGER_COUNTER_PREFIX + code_digest.hex(), value)
 
     def _advance(self, key: str, value: int) -> int:
-        if value > self._counters.get(key, 0):
-            self._counters[key] = value
+        """The counter's value afterwards: ``value``, or the old value when the step could not
+        be persisted (a full disk), which the enclave takes as a failed checkpoint to retry."""
+        old = self._counters.get(key, 0)
+        if value > old:
+            counters = self._counters | {key: value}
             if self._state_dir is not None:
-                write_atomic(self._state_dir / COUNTER_FILE, json.dumps(self._counters).encode())
+                try:
+                    write_atomic(self._state_dir / COUNTER_FILE, json.dumps(counters).encode())
+                except OSError as err:
+                    if not self._persist_failing:
+                        self._persist_failing = True
+                        log.warning("cannot persist the platform counters; answering not advanced", extra={
+                            "fields": {"error": type(err).__name__, "detail": str(err)}})
+                    return old
+                if self._persist_failing:
+                    self._persist_failing = False
+                    log.info("platform counters persisted again")
+            self._counters = counters
         return self._counters.get(key, 0)
 
     def sealing_key(self, measurement: bytes) -> bytes:
