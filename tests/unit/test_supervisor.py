@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sealedsum.common.errors import ExitCode
 from sealedsum.sidecar.platform import process as supervisor
 from sealedsum.sidecar.platform.process import EXIT_CONFIG, MAX_BACKOFF_S, PlatformProcess
 
@@ -91,6 +92,14 @@ def test_other_exit_codes_are_crashes_and_are_restarted(tmp_path, monkeypatch):
     sc, script = platform(tmp_path, monkeypatch, [(0.1, 1), (0.1, -11), (0.1, 0), (0.1, 3), (0.1, EXIT_CONFIG)])
     assert sc.run() == EXIT_CONFIG
     assert script.sleeps == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_an_enclave_that_could_not_write_its_state_directory_is_restarted(tmp_path, monkeypatch):
+    """Exit 5 (a full disk at start-up, say) is no refusal: space may come back."""
+    assert ExitCode.STORAGE != EXIT_CONFIG
+    sc, script = platform(tmp_path, monkeypatch, [(0.1, ExitCode.STORAGE)] * 3 + [(0.1, EXIT_CONFIG)])
+    assert sc.run() == EXIT_CONFIG
+    assert script.started == 4 and script.sleeps == [1.0, 2.0, 4.0]
 
 
 def test_a_stop_while_it_waits_to_restart_ends_the_platform_cleanly(tmp_path, monkeypatch):
