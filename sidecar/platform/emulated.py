@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sealedsum.common import signing, wire
 from sealedsum.common.errors import ConfigError
 from sealedsum.sidecar.durable import write_atomic
+from sealedsum.sidecar.platform.statelock import StateLock
 
 log = logging.getLogger("sealedsum.platform")
 
@@ -64,7 +65,11 @@ class EmulatedPlatform:
     @classmethod
     def init(cls, state_dir: Path) -> "EmulatedPlatform":
         """Create the platform key in ``state_dir`` (refuses to overwrite one)."""
-        state_dir.mkdir(parents=True, exist_ok=True)
+        with StateLock(state_dir).acquire():  # not under a running sidecar's feet
+            return cls._init(state_dir)
+
+    @classmethod
+    def _init(cls, state_dir: Path) -> "EmulatedPlatform":
         path = state_dir / KEY_FILE
         if path.exists():
             raise ConfigError(f"{path} exists already; the platform key is created once",

@@ -112,3 +112,20 @@ def test_a_stop_while_it_waits_to_restart_ends_the_platform_cleanly(tmp_path, mo
     monkeypatch.setattr(supervisor, "time", SimpleNamespace(monotonic=script.monotonic, sleep=sleep_then_stop))
     assert sc.run() == 0
     assert script.started == 1 and script.sleeps == [1.0]
+
+
+def test_an_enclave_that_cannot_even_be_started_is_tried_again(tmp_path, monkeypatch):
+    """An OSError starting the child (no memory, no pipes) is a failed start, not the
+    platform's end."""
+    sc, script = platform(tmp_path, monkeypatch, [(0.1, EXIT_CONFIG)])
+    calls = []
+
+    def run_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(12, "Cannot allocate memory")
+        return script.run_once()
+
+    monkeypatch.setattr(sc, "_run_once", run_once)
+    assert sc.run() == EXIT_CONFIG
+    assert len(calls) == 2 and script.sleeps == [1.0]
