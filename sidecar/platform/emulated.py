@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sealedsum.common import signing, wire
-from sealedsum.common.errors import ConfigError
+from sealedsum.common.errors import ConfigError, StorageError
 from sealedsum.sidecar.durable import write_atomic
 from sealedsum.sidecar.platform.statelock import StateLock
 
@@ -82,10 +82,14 @@ class EmulatedPlatform:
             "root_secret": base64.b64encode(platform._root_secret).decode(),
         }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            path.unlink(missing_ok=True)  # a torn key would make every later init refuse
+            raise StorageError(f"cannot write {path}: {err.strerror or err}") from err
         return platform
 
     @classmethod

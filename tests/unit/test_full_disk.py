@@ -168,3 +168,10 @@ def test_the_platform_answers_a_counter_step_it_cannot_persist_as_not_advanced(t
     events = [r.getMessage() for r in caplog.records]
     assert events == ["cannot persist the platform counters; answering not advanced",
                       "platform counters persisted again"]
+
+
+def test_a_platform_key_the_disk_refuses_is_not_left_torn(tmp_path):
+    with file_size_limit(10), pytest.raises(StorageError, match="cannot write"):
+        EmulatedPlatform.init(tmp_path)
+    assert not (tmp_path / "platform.key").exists()
+    EmulatedPlatform.load(EmulatedPlatform.init(tmp_path)._state_dir)  # once there is space
