@@ -85,13 +85,16 @@ class PlatformProcess:
             "measurement": self.measurement.hex(), "code_digest": self.code_digest.hex()}})
         for w in self.check_trust():
             log.warning(w)
-        try:
-            lock.record_pid()
-        except OSError as err:  # `sidecar rotate` cannot find this one; it runs all the same
-            log.warning("cannot record the pid in the lock file", extra={"fields": {
-                "path": str(lock.path), "error": type(err).__name__, "detail": str(err)}})
+        recorded = False
         backoff = Backoff(first=1.0, cap=MAX_BACKOFF_S)
         while not self.stopping:
+            if not recorded:
+                try:
+                    lock.record_pid()
+                    recorded = True
+                except OSError as err:  # `sidecar rotate` cannot find it yet; tried again at the next start
+                    log.warning("cannot record the pid in the lock file", extra={"fields": {
+                        "path": str(lock.path), "error": type(err).__name__, "detail": str(err)}})
             started = time.monotonic()
             try:
                 code = self._run_once()

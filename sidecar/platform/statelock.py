@@ -16,6 +16,7 @@ LOCK_FILE = "sidecar.lock"
 # A command that only looks (``sidecar rotate``) holds the lock for a moment: whoever wants it
 # for good tries for this long before deciding that another sidecar holds it.
 ACQUIRE_FOR_S = 1.0
+PID_WIDTH = 16
 
 
 class StateLock:
@@ -47,6 +48,11 @@ class StateLock:
                         f"{self.state_dir} (lock {self.path})") from None
                 time.sleep(0.05)
         self._fd = fd
+        if os.fstat(fd).st_size < PID_WIDTH:
+            try:  # room for the pid, taken while there is space (see record_pid)
+                os.pwrite(fd, b" " * (PID_WIDTH - 1) + b"\n", 0)
+            except OSError:
+                pass
         return self
 
     def record_pid(self) -> None:
@@ -55,8 +61,10 @@ class StateLock:
         :raises OSError: not written (a full disk); the lock is held all the same."""
         if self._fd is None:
             raise RuntimeError("the pid is recorded only under the lock")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        # Always the same length, and left in the file on release: rewritten in place, it
+        # needs no free space, so a sidecar started on a full disk can still be found.
+        os.pwrite(self._fd, f"{os.getpid():<{PID_WIDTH - 1}}\n".encode(), 0)
+        os.ftruncate(self._fd, PID_WIDTH)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -16,6 +16,7 @@ import pytest
 
 from sealedsum.common import wire
 from sealedsum.producers.client import Producer
+from sealedsum.sidecar.platform.statelock import running_sidecar
 from tests.integration.conftest import relaunch, start_sidecar
 from tests.integration.test_crash import wait_for
 from tests.integration.test_end_to_end import capture_queue, drain
@@ -148,5 +149,40 @@ def test_a_full_state_disk_holds_acks_and_releases_and_resumes_by_itself(tmp_pat
         for conn in (results, dead):
             if conn is not None and conn.is_open:
                 conn.close()
+        sc.stop()
+        sc.delete_topology()
+
+
+def test_an_enclave_that_cannot_start_for_a_full_disk_is_restarted_until_it_can(tmp_path, amqp_url, small_fs):
+    """Full before the enclave ever wrote its keys: it exits 5, which is no refusal; the
+    platform starts it again with backoff, and once there is space it runs and counts."""
+    from sealedsum.testbed import Testbed
+    from tests.integration.conftest import launch, streams_toml
+
+    sc = Testbed(tmp_path, amqp_url, streams_toml({"s": STREAM}), state=small_fs, bits=1024,
+                 enclave_extra="max_record_age_seconds = 600\n")
+    results = None
+    try:
+        filler = small_fs / "filler"
+        fill(filler)
+        launch(sc)
+        wait_for("the platform to restart the enclave", lambda: sc.events("enclave exited; restarting"), 60)
+        (exited, *_) = sc.events("enclave exited; restarting")
+        assert exited["exit_code"] == 5
+        assert sc.events("cannot write the state directory; exiting for the platform to restart the enclave")
+        assert sc.alive() and not sc.events("the enclave refused to start; not restarting")
+        filler.unlink()
+        sc.wait_attestable(60)
+        assert running_sidecar(small_fs) == sc.process.pid  # `sidecar rotate` finds it
+        results, results_q = capture_queue(sc, sc.config.broker.topology.results_exchange, "s")
+        with Producer(sc.config) as producer:
+            for i in range(WINDOW):
+                producer.send("s", [float(i)])
+        (release,) = payloads(drain(results, results_q, expect=1, timeout=30))
+        assert (release["window"], release["count"]) == (1, WINDOW)
+        assert release["sum"][0] == pytest.approx(sum(range(WINDOW)), abs=1e-3)
+    finally:
+        if results is not None and results.is_open:
+            results.close()
         sc.stop()
         sc.delete_topology()
