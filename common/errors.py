@@ -19,6 +19,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     TRANSPORT = 3
     PARTIAL = 4
+    STORAGE = 5
     INTERRUPTED = 130
 
     @property
@@ -32,6 +33,7 @@ _MEANINGS = {
     ExitCode.USAGE: "usage or configuration error",
     ExitCode.TRANSPORT: "broker unreachable or refusing",
     ExitCode.PARTIAL: "finished, but some input lines were rejected (`produce`)",
+    ExitCode.STORAGE: "the state directory could not be written (disk full or failing)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -200,6 +202,23 @@ class InheritedSpendMismatch(ConfigError):
 
     hint = ("keep the stream's privacy parameters as they were, or give the new parameters a new "
             "stream name (the old name's spend stays in the ledger)")
+
+
+class StateDirectoryLocked(ConfigError):
+    """Another sidecar holds the state directory's lock (``STATE/sidecar.lock``): two
+    sidecars on one state would release windows twice with different noise."""
+
+    hint = "stop the other sidecar first, or give this one a state directory of its own"
+
+
+class StorageError(SealedsumError):
+    """The state directory could not be written (disk full, an I/O error), or the platform
+    could not persist a counter step. Nothing that waits on the write is acknowledged or
+    published; the running enclave tries again, and an enclave that meets it at start-up
+    exits for the platform to restart it (not a refusal: space may come back)."""
+
+    exit_code = ExitCode.STORAGE
+    hint = "free space on the state directory's filesystem; the sidecar goes on by itself"
 
 
 class ChannelClosed(SealedsumError):

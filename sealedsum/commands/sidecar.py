@@ -14,7 +14,8 @@ from sealedsum.common.attestation import encode_platform_key
 from sealedsum.common.errors import ConfigError, ExitCode
 from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
-from sealedsum.sidecar.platform.process import PID_FILE, PlatformProcess
+from sealedsum.sidecar.platform.process import PlatformProcess
+from sealedsum.sidecar.platform.statelock import running_sidecar
 from sealedsum.testbed import write_client_config
 
 
@@ -32,15 +33,11 @@ def _sidecar(args) -> int:
 
 
 def _rotate(args) -> int:
-    path = Path(args.state) / PID_FILE
+    pid = running_sidecar(Path(args.state))
     try:
-        pid = int(path.read_text())
         os.kill(pid, signal.SIGUSR1)
-    except (FileNotFoundError, ValueError):
-        raise ConfigError(f"no running sidecar recorded in {path}",
-                          hint="start it with `sealedsum sidecar --config FILE --state DIR`") from None
-    except ProcessLookupError:
-        raise ConfigError(f"the sidecar recorded in {path} (pid {pid}) is not running") from None
+    except ProcessLookupError:  # it died since we looked
+        raise ConfigError(f"the sidecar on {args.state} (pid {pid}) is not running") from None
     print(f"asked the sidecar (pid {pid}) to rotate its keys; producers pick up the new epoch when they "
           "next attest", file=sys.stderr)
     return ExitCode.OK
@@ -90,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sidecar, role="platform", default_log_level="INFO")
     ssub = s.add_subparsers(dest="sidecar_command", metavar="ACTION")
     r = ssub.add_parser("rotate", help="rotate the running enclave's encryption keys",
-                        description="Ask the running sidecar (found through STATE/sidecar.pid) to rotate the "
+                        description="Ask the running sidecar (the one holding STATE/sidecar.lock) to rotate the "
                                     "enclave's encryption keys: a new key epoch is attested from now on; records "
                                     "sealed to the old epoch are still counted for enclave.key_grace_seconds, "
                                     "then refused with reason wrong_epoch. The result-signing key is kept.")

@@ -17,7 +17,7 @@ import phe.util
 from sealedsum.common import logs
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import ExitCode, InheritedSpendMismatch, RollbackDetected, SealedsumError, \
-    StateIncompatible
+    StateIncompatible, StorageError
 from sealedsum.common.topology import Topology
 from sealedsum.common.policy_parse import policy_from_bytes
 from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue, Launch, LedgerCounterAdvance, \
@@ -25,7 +25,7 @@ from sealedsum.sidecar.channel import CounterAdvance, CounterRead, CounterValue,
 from sealedsum.sidecar.durable import write_atomic
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sealedsum.sidecar.enclave.service import Enclave
-from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
+from sealedsum.sidecar.enclave_process.checkpoint import StateWriter, storage
 from sealedsum.sidecar.enclave_process.hardening import harden
 from sealedsum.sidecar.enclave_process.runtime import EnclaveRuntime, draws_on_a_thread
 from sealedsum.sidecar.enclave_process.store import SealedLedgerStore, SealedStateStore
@@ -122,24 +122,33 @@ def main(argv: list[str]) -> int:
     policy_bytes = launch.policy
     policy = policy_from_bytes(policy_bytes)
     measurement, sealing_key = launch.measurement, launch.sealing_key
-    directory = enclave_dir(Path(launch.state_dir), measurement)
-    store = SealedStateStore(directory, sealing_key, measurement, PlatformCounter(channel))
-    ledger_store = SealedLedgerStore(ledger_path(Path(launch.state_dir), code_digest), launch.ledger_key, code_digest,
-                                     PlatformLedgerCounter(channel))
-    warn_of_other_code(ledger_store.path)
 
     def quote(report_data: bytes) -> bytes:
         return channel.request(QuoteRequest(report_data), QuoteReply).quote
 
     try:
-        keys = load_or_create_keys(directory, sealing_key, measurement, policy.paillier_bits)
-        state = store.load()
+        with storage("opening the state directory"):
+            directory = enclave_dir(Path(launch.state_dir), measurement)
+            store = SealedStateStore(directory, sealing_key, measurement, PlatformCounter(channel))
+            ledger_store = SealedLedgerStore(ledger_path(Path(launch.state_dir), code_digest), launch.ledger_key,
+                                             code_digest, PlatformLedgerCounter(channel))
+            warn_of_other_code(ledger_store.path)
+            keys = load_or_create_keys(directory, sealing_key, measurement, policy.paillier_bits)
+            state = store.load()
         if state is not None:
             log.info("state unsealed", extra={"fields": {"version": store.version,
                                                          "journal_entries": len(state) - 1}})
-        ledger = ledger_store.load()
+        with storage("opening the sealed ledger"):
+            ledger = ledger_store.load()
         enclave = Enclave(keys, policy, policy_bytes, code_digest, measurement, quote, state,
                           int(time.time() * 1000), draw_inline=not draws_on_a_thread(), ledger=ledger)
+    except StorageError as err:
+        # A full or failing disk is no refusal: the platform starts the enclave again (with
+        # backoff) and it comes back once there is space.
+        log.error("cannot write the state directory; exiting for the platform to restart the enclave",
+                  extra={"fields": {"error": type(err.__cause__ or err).__name__, "detail": str(err),
+                                    "hint": err.hint}})
+        return err.exit_code
     except SealedsumError as err:
         # Rolled back, tampered, other code, or a state this code cannot read: restarting
         # cannot help, and the exit code tells the platform so.

@@ -5,18 +5,29 @@ durable checkpoint holds it. Both are the order of one small function, :func:`co
 
 from __future__ import annotations
 
+import errno
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+from sealedsum.common.backoff import Backoff
+from sealedsum.common.errors import StorageError
 from sealedsum.sidecar.durable import write_atomic
 from sealedsum.sidecar.enclave.release import Publication
 from sealedsum.sidecar.enclave.service import Effects, Enclave
 from sealedsum.sidecar.enclave_process.store import SealedLedgerStore, SealedStateStore
 
+log = logging.getLogger("sealedsum.checkpoint")
+
 # A journal this large, or a base this old, is folded into a fresh base.
 JOURNAL_MAX_BYTES = 8 << 20
 BASE_EVERY_S = 60.0
+# While the disk refuses checkpoints they are tried again after these waits, doubling: space
+# that comes back is used within STORAGE_RETRY_MAX_S.
+STORAGE_RETRY_FIRST_S = 0.2
+STORAGE_RETRY_MAX_S = 5.0
 
 
 def commit(effects: Effects, deliveries: Sequence[int], *, seal_keys: Callable[[], None],
@@ -31,7 +42,9 @@ def commit(effects: Effects, deliveries: Sequence[int], *, seal_keys: Callable[[
     4. publish the releases and notices (their noise and ledger charge are in the checkpoint).
 
     If a step raises, nothing after it happens: the broker redelivers what was not
-    acknowledged, and a release not yet published is still pending in the core.
+    acknowledged, and a release not yet published is still pending in the core. Steps 1
+    and 2 raise :class:`StorageError` when the disk is full or failing; they change nothing
+    then, so the caller may run the same commit again later.
     Dead letters are not here: each is published (and confirmed) as its record is refused,
     before that record's delivery can be acknowledged by step 3.
     """
@@ -65,10 +78,18 @@ class StateWriter:
         self._last_base: float | None = None  # every start begins a fresh base
 
     def seal_keys(self) -> None:
+        """:raises StorageError: not written (the old sealed keys stay); try again later."""
         if self._keys_path is not None:
-            write_atomic(self._keys_path, self._enclave.sealed_keys(self._sealing_key))
+            with storage("sealing the keys"):
+                write_atomic(self._keys_path, self._enclave.sealed_keys(self._sealing_key))
 
     def checkpoint(self) -> None:
+        """:raises StorageError: not durable; nothing is marked checkpointed, so the next
+        try writes all of it again."""
+        with storage("writing the sealed state"):
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         store = self._store
         base = store is not None and (self._last_base is None or store.version == 0
                                       or store.journal_bytes > JOURNAL_MAX_BYTES
@@ -94,3 +115,54 @@ class StateWriter:
         if ledger != self._last_ledger:  # most checkpoints only acknowledge records: no change
             self._ledger_store.save(ledger)
             self._last_ledger = ledger
+
+
+@contextmanager
+def storage(what: str) -> Iterator[None]:
+    """OSErrors of the state directory as :class:`StorageError` (a pika socket error, say,
+    is no concern of this)."""
+    try:
+        yield
+    except OSError as err:
+        name = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+        raise StorageError(f"{what}: {name or type(err).__name__}: {err.strerror or err}") from err
+
+
+class StorageStall:
+    """While commits fail for the disk: when to try again (capped backoff), and a log line
+    when it begins and one when it ends, not one per try."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._backoff = Backoff(first=STORAGE_RETRY_FIRST_S, cap=STORAGE_RETRY_MAX_S)
+        self.since: float | None = None
+        self.failures = 0
+        self._next_try = 0.0
+
+    @property
+    def stalled(self) -> bool:
+        return self.since is not None
+
+    def due(self) -> bool:
+        return self.since is None or self._clock() >= self._next_try
+
+    def failed(self, err: StorageError, waiting: int) -> None:
+        now = self._clock()
+        self.failures += 1
+        delay = self._backoff.next_delay()
+        self._next_try = now + delay
+        fields = {"error": type(err.__cause__ or err).__name__, "detail": str(err), "waiting_deliveries": waiting}
+        if self.since is None:
+            self.since = now
+            log.warning("cannot write the sealed state; holding acknowledgements and releases until it can",
+                        extra={"fields": fields | {"retry_max_s": STORAGE_RETRY_MAX_S, "hint": err.hint}})
+        else:
+            log.debug("sealed state still not written", extra={"fields": fields | {"retry_in_s": delay}})
+
+    def succeeded(self) -> None:
+        if self.since is None:
+            return
+        log.info("sealed state written again; resuming", extra={"fields": {
+            "stalled_s": round(self._clock() - self.since, 3), "failed_tries": self.failures}})
+        self.since, self.failures = None, 0
+        self._backoff.reset()

@@ -23,11 +23,12 @@ import pika.exceptions as pe
 from sealedsum.common import amqp, topology, wire
 from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
-from sealedsum.common.errors import AnotherReleaser, InvalidMessage, RecordRejected, TransportError, Unroutable
+from sealedsum.common.errors import AnotherReleaser, InvalidMessage, RecordRejected, StorageError, TransportError, \
+    Unroutable
 from sealedsum.sidecar.enclave.release import Publication
 from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave
 from sealedsum.sidecar.enclave.state import Closing
-from sealedsum.sidecar.enclave_process.checkpoint import StateWriter, commit
+from sealedsum.sidecar.enclave_process.checkpoint import StateWriter, StorageStall, commit
 
 log = logging.getLogger("sealedsum.runtime")
 
@@ -180,6 +181,7 @@ class EnclaveRuntime:
         # the deliveries they came in (acknowledged once a checkpoint holds them).
         self._owed = NOTHING
         self._unacked: list[int] = []
+        self._storage = StorageStall()  # while the disk refuses checkpoints, both wait for it
         # Publications not yet confirmed by the broker, by key: republished after a
         # reconnect, and every HELD_RETRY_S while no queue is bound for their stream.
         self._outbox: dict[str, Publication] = {}
@@ -336,14 +338,26 @@ class EnclaveRuntime:
 
     def flush(self) -> None:
         """Checkpoint what changed, then acknowledge every delivery the checkpoint covers (in
-        one ack), then publish what the checkpoint holds."""
+        one ack), then publish what the checkpoint holds. The batch's dead letters go first.
+
+        While the disk refuses the checkpoint nothing is acknowledged or published: what is
+        owed and the deliveries wait (the broker sends no more than the prefetch meanwhile)
+        and the commit is tried again, after a capped backoff, until it succeeds."""
+        if not self._storage.due():
+            return
         self._send_dead_letters()
         owed, self._owed = self._owed, NOTHING
         deliveries, self._unacked = self._unacked, []
         for publication in owed.publish:  # unconfirmed until the broker takes it, even if this fails
             self._outbox.setdefault(publication.key, publication)
-        commit(owed, deliveries, seal_keys=self._writer.seal_keys, checkpoint=self._writer.checkpoint,
-               ack=self._ack, publish=self._publish_release)
+        try:
+            commit(owed, deliveries, seal_keys=self._writer.seal_keys, checkpoint=self._writer.checkpoint,
+                   ack=self._ack, publish=self._publish_release)
+        except StorageError as err:  # raised before the ack: nothing went out
+            self._owed, self._unacked = owed | self._owed, deliveries + self._unacked
+            self._storage.failed(err, len(self._unacked))
+            return
+        self._storage.succeeded()
 
     def _ack(self, last_delivery_tag: int) -> None:
         self._channel.basic_ack(last_delivery_tag, multiple=True)
@@ -535,9 +549,10 @@ class EnclaveRuntime:
 
     def _tick(self) -> None:
         if self._rotation_requested or self.enclave.rotation_due(now_ms()):
-            self._rotation_requested = False
             self.flush()  # records folded so far are checkpointed under the epoch they came in
-            self._owe(self.enclave.rotate(now_ms()))
+            if not self._storage.stalled:  # else not yet: they are not checkpointed
+                self._rotation_requested = False
+                self._owe(self.enclave.rotate(now_ms()))
         self._owe(self.enclave.on_tick(now_ms()))
         self.flush()
         if self._held and time.monotonic() - self._last_held_retry >= HELD_RETRY_S:

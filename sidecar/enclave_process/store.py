@@ -15,6 +15,12 @@ measurement:
   after which the counter catches up). Anything older, or no state when the counter
   says some was written, is a rollback: the enclave refuses to start rather than
   trust it. A torn last chunk (a crash mid-append, before its counter step) is cut off.
+
+A checkpoint that fails (a full disk; a counter step the platform could not persist) is
+tried again by the caller, and the store keeps that safe: a torn chunk a failed append
+left is cut off before the next one, and a version written durably whose counter step
+failed has its counter step retried before anything else is written, so the files are
+never two versions ahead of the counter.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from sealedsum.common.errors import RollbackDetected, SealingError
-from sealedsum.sidecar.durable import write_all, write_atomic
+from sealedsum.common.errors import RollbackDetected, SealingError, StorageError
+from sealedsum.sidecar.durable import truncate, write_all, write_atomic
 from sealedsum.sidecar.enclave import sealing
 
 STATE_AAD = b"sealedsum/v1/sealed-state\x00"
@@ -41,6 +47,17 @@ class MonotonicCounter(Protocol):
     def advance(self, value: int) -> int: ...
 
 
+def advance(counter: MonotonicCounter, version: int, what: str) -> None:
+    """Advance ``counter`` to ``version``; the platform answers with the value it holds, which
+    stays lower when it could not persist the step.
+
+    :raises StorageError: the counter did not reach ``version``.
+    """
+    value = counter.advance(version)
+    if value < version:
+        raise StorageError(f"the platform could not advance the {what} counter to {version} (it holds {value})")
+
+
 class SealedStateStore:
     def __init__(self, directory: Path, sealing_key: bytes, measurement: bytes, counter: MonotonicCounter) -> None:
         self.base_path = directory / "state.sealed"
@@ -50,6 +67,10 @@ class SealedStateStore:
         self._counter = counter
         self.version = 0
         self.journal_bytes = 0
+        # A version on disk whose counter step failed, and the journal bytes it added (None:
+        # a base); its counter step is retried before anything else is written.
+        self._unadvanced: tuple[int, int | None] | None = None
+        self._torn_from: int | None = None  # where a failed append began (its bytes are cut off)
 
     # -- reading ---------------------------------------------------------------------------
     def load(self) -> list[dict] | None:
@@ -97,7 +118,7 @@ class SealedStateStore:
         if version > expected + 1:
             raise RollbackDetected(f"sealed state version {version} is ahead of the platform counter {expected}")
         if version == expected + 1:
-            self._counter.advance(version)  # the last checkpoint crashed before its counter step
+            advance(self._counter, version, "state")  # the last checkpoint crashed before its counter step
         self.version, self.journal_bytes = version, good_end
         return checkpoints
 
@@ -118,17 +139,16 @@ class SealedStateStore:
     # -- writing ---------------------------------------------------------------------------
     def save(self, snapshot: dict) -> None:
         """A new base with the whole state; the journal starts again empty."""
+        self._catch_up()
         version = self.version + 1
         doc = json.dumps({"version": version, "state": snapshot}).encode()
         write_atomic(self.base_path, sealing.seal(self._key, self._measurement, doc, STATE_AAD))
-        self._counter.advance(version)
-        self.version = version
-        if self.journal_path.exists():
-            write_atomic(self.journal_path, b"")
-        self.journal_bytes = 0
+        self._unadvanced = (version, None)
+        self._catch_up()
 
     def append(self, entry: dict) -> None:
         """One journal chunk with the changes since the last checkpoint."""
+        self._catch_up()
         version = self.version + 1
         blob = sealing.seal(self._key, self._measurement, json.dumps(entry).encode(),
                             JOURNAL_AAD + struct.pack(">Q", version))
@@ -137,12 +157,45 @@ class SealedStateStore:
             write_atomic(self.journal_path, b"")  # a durable directory entry before the first append
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
         try:
-            write_all(fd, chunk)
+            if self._torn_from is not None:
+                truncate(fd, self._torn_from)
+                self._torn_from = None
+            start = os.fstat(fd).st_size
+            try:
+                write_all(fd, chunk)
+            except OSError:
+                # Part of the chunk may be on disk: cut it off now, or the next chunk would
+                # follow a damaged one (which the loader refuses).
+                self._torn_from = start
+                truncate(fd, start)
+                self._torn_from = None
+                raise
         finally:
             os.close(fd)
-        self._counter.advance(version)
+        self._unadvanced = (version, len(chunk))
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """The counter step of a version written durably, if it failed before."""
+        if self._unadvanced is None:
+            return
+        version, added = self._unadvanced
+        advance(self._counter, version, "state")
+        self._unadvanced = None
         self.version = version
-        self.journal_bytes += len(chunk)
+        if added is not None:
+            self.journal_bytes += added
+        elif self.journal_path.exists():
+            # The journal's chunks are older than the new base now (the loader skips them
+            # if this fails); cutting them off needs no free space.
+            fd = os.open(self.journal_path, os.O_WRONLY)
+            try:
+                truncate(fd, 0)
+            finally:
+                os.close(fd)
+            self.journal_bytes = 0
+        else:
+            self.journal_bytes = 0
 
 
 class SealedLedgerStore:
@@ -162,6 +215,7 @@ class SealedLedgerStore:
         self._code_digest = code_digest
         self._counter = counter
         self.version = 0
+        self._unadvanced: int | None = None  # a version on disk whose counter step failed
 
     def load(self) -> dict | None:
         """The ledger's contents, or ``None`` when this code never wrote one.
@@ -186,15 +240,20 @@ class SealedLedgerStore:
             raise RollbackDetected(f"sealed ledger version {version} is ahead of the platform's ledger counter "
                                    f"{expected}")
         if version == expected + 1:
-            self._counter.advance(version)  # the last write crashed before its counter step
+            advance(self._counter, version, "ledger")  # the last write crashed before its counter step
         self.version = version
         return ledger
 
     def save(self, ledger: dict) -> None:
-        """Write the next version durably, then advance the counter."""
+        """Write the next version durably, then advance the counter (first the counter step
+        of a version written before, if that failed)."""
+        if self._unadvanced is not None:
+            advance(self._counter, self._unadvanced, "ledger")
+            self.version, self._unadvanced = self._unadvanced, None
         version = self.version + 1
         doc = json.dumps({"version": version, "ledger": ledger}).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(self.path, sealing.seal(self._key, self._code_digest, doc, LEDGER_AAD))
-        self._counter.advance(version)
-        self.version = version
+        self._unadvanced = version
+        advance(self._counter, version, "ledger")
+        self.version, self._unadvanced = version, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,8 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sealedsum.common import signing, wire
-from sealedsum.common.errors import ConfigError
+from sealedsum.common.errors import ConfigError, StorageError
 from sealedsum.sidecar.durable import write_atomic
+from sealedsum.sidecar.platform.statelock import StateLock
+
+log = logging.getLogger("sealedsum.platform")
 
 KEY_FILE = "platform.key"
 COUNTER_FILE = "platform.counters"
@@ -47,6 +51,7 @@ class EmulatedPlatform:
         self._clock_ms = clock_ms
         self._state_dir = state_dir
         self._counters: dict[str, int] = {}
+        self._persist_failing = False
         if state_dir is not None and (state_dir / COUNTER_FILE).exists():
             self._counters = json.loads((state_dir / COUNTER_FILE).read_text())
 
@@ -60,7 +65,11 @@ class EmulatedPlatform:
     @classmethod
     def init(cls, state_dir: Path) -> "EmulatedPlatform":
         """Create the platform key in ``state_dir`` (refuses to overwrite one)."""
-        state_dir.mkdir(parents=True, exist_ok=True)
+        with StateLock(state_dir).acquire():  # not under a running sidecar's feet
+            return cls._init(state_dir)
+
+    @classmethod
+    def _init(cls, state_dir: Path) -> "EmulatedPlatform":
         path = state_dir / KEY_FILE
         if path.exists():
             raise ConfigError(f"{path} exists already; the platform key is created once",
@@ -73,10 +82,14 @@ class EmulatedPlatform:
             "root_secret": base64.b64encode(platform._root_secret).decode(),
         }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            path.unlink(missing_ok=True)  # a torn key would make every later init refuse
+            raise StorageError(f"cannot write {path}: {err.strerror or err}") from err
         return platform
 
     @classmethod
@@ -118,10 +131,24 @@ class EmulatedPlatform:
         return self._advance(LEDGER_COUNTER_PREFIX + code_digest.hex(), value)
 
     def _advance(self, key: str, value: int) -> int:
-        if value > self._counters.get(key, 0):
-            self._counters[key] = value
+        """The counter's value afterwards: ``value``, or the old value when the step could not
+        be persisted (a full disk), which the enclave takes as a failed checkpoint to retry."""
+        old = self._counters.get(key, 0)
+        if value > old:
+            counters = self._counters | {key: value}
             if self._state_dir is not None:
-                write_atomic(self._state_dir / COUNTER_FILE, json.dumps(self._counters).encode())
+                try:
+                    write_atomic(self._state_dir / COUNTER_FILE, json.dumps(counters).encode())
+                except OSError as err:
+                    if not self._persist_failing:
+                        self._persist_failing = True
+                        log.warning("cannot persist the platform counters; answering not advanced", extra={
+                            "fields": {"error": type(err).__name__, "detail": str(err)}})
+                    return old
+                if self._persist_failing:
+                    self._persist_failing = False
+                    log.info("platform counters persisted again")
+            self._counters = counters
         return self._counters.get(key, 0)
 
     def sealing_key(self, measurement: bytes) -> bytes:

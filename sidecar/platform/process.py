@@ -21,6 +21,7 @@ from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, 
 from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.base import Platform
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+from sealedsum.sidecar.platform.statelock import StateLock
 
 log = logging.getLogger("sealedsum.platform")
 
@@ -31,7 +32,6 @@ MAX_BACKOFF_S = 30.0
 # The enclave exits with this when restarting cannot help (its sealed state or keys do
 # not open, or do not fit the code): the platform gives up with it too.
 EXIT_CONFIG = ExitCode.USAGE
-PID_FILE = "sidecar.pid"
 
 
 class PlatformProcess:
@@ -72,16 +72,39 @@ class PlatformProcess:
             self.child.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
-        """Run until stopped; return the exit code."""
+        """Run until stopped; return the exit code.
+
+        :raises StateDirectoryLocked: another sidecar runs on this state directory (before
+            anything is logged or written).
+        """
+        with StateLock(self.state_dir) as lock:
+            return self._run(lock)
+
+    def _run(self, lock: StateLock) -> int:
         log.info("enclave measured", extra={"fields": {
             "measurement": self.measurement.hex(), "code_digest": self.code_digest.hex()}})
         for w in self.check_trust():
             log.warning(w)
-        (self.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+        recorded = False
         backoff = Backoff(first=1.0, cap=MAX_BACKOFF_S)
         while not self.stopping:
+            if not recorded:
+                try:
+                    lock.record_pid()
+                    recorded = True
+                except OSError as err:  # `sidecar rotate` cannot find it yet; tried again at the next start
+                    log.warning("cannot record the pid in the lock file", extra={"fields": {
+                        "path": str(lock.path), "error": type(err).__name__, "detail": str(err)}})
             started = time.monotonic()
-            code = self._run_once()
+            try:
+                code = self._run_once()
+            except OSError as err:  # the enclave could not even be started (no memory, no pipes)
+                log.error("cannot start the enclave", extra={"fields": {
+                    "error": type(err).__name__, "detail": str(err)}})
+                if self.child is not None and self.child.poll() is None:
+                    self.child.kill()  # never two enclaves on one state
+                    self.child.wait()
+                code = None
             if self.stopping:
                 return 0
             if code == EXIT_CONFIG:

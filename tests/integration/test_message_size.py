@@ -20,7 +20,7 @@ import pytest
 from sealedsum.message_limits import FLOOR
 from sealedsum.rabbitmqctl import READ_MAX_MESSAGE_SIZE, Rabbitmqctl, set_max_message_size_expr
 
-from tests.integration.test_acl import broker_config, ctl, new_prefix, sealedsum  # noqa: F401 - ctl is a fixture
+from tests.integration.test_acl import broker_config, ctl, new_prefix, sealedsum  # noqa: F401 - ctl is a fixture  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ WRAPPER = textwrap.dedent("""
     """)
 
 
-def test_setup_lowers_the_node_wide_limit_says_so_and_can_leave_it_alone(ctl, amqp_url, tmp_path):
+def test_setup_lowers_the_node_wide_limit_says_so_and_can_leave_it_alone(ctl, amqp_url, tmp_path):  # noqa: F811
     prefix = new_prefix()
     path = broker_config(tmp_path, amqp_url, prefix)
     path.write_text(path.read_text() + POLICY)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import types
 from types import SimpleNamespace
 
@@ -152,12 +153,7 @@ def failing_fsync(monkeypatch):
     monkeypatch.setattr(sealedsum.sidecar.durable, "os", fake_os)
 
 
-@pytest.mark.parametrize("checkpoint", ["base", "journal"])
-@pytest.mark.parametrize("trigger", ["batch", "release"])
-def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_once(disk, monkeypatch,
-                                                                                     checkpoint, trigger):
-    """The failure propagates (the enclave process dies and the platform restarts it); the
-    broker redelivers what was not acknowledged, and the restarted enclave counts each once."""
+def start_with_records(disk, checkpoint):
     if checkpoint == "base":  # a first checkpoint is a base; later ones are journal appends
         runtime = EnclaveRuntime(disk.world.enclave, BrokerSettings(), StateWriter(disk.world.enclave, disk.store()))
     else:
@@ -168,14 +164,28 @@ def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_on
     for tag, body in enumerate(bodies[:-1], start=1):
         deliver(runtime, consume, body, tag)  # counted, waiting for the next flush
     assert consume.acked == []
+    return runtime, consume, bodies
+
+
+def fail_flush(runtime, consume, bodies, trigger, monkeypatch):
     with monkeypatch.context() as m:
         failing_fsync(m)
-        with pytest.raises(OSError):
-            if trigger == "release":
-                deliver(runtime, consume, bodies[-1], WINDOW)  # closes the window: its release waits
-            runtime.flush()
+        if trigger == "release":
+            deliver(runtime, consume, bodies[-1], WINDOW)  # closes the window: its release waits
+        runtime.flush()  # fails, and holds on
     assert consume.acked == []
     assert runtime._publish.published == []  # no release left before its checkpoint
+    assert runtime._storage.stalled
+
+
+@pytest.mark.parametrize("checkpoint", ["base", "journal"])
+@pytest.mark.parametrize("trigger", ["batch", "release"])
+def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_once(disk, monkeypatch,
+                                                                                     checkpoint, trigger):
+    """Nothing is acknowledged or published. If the enclave then dies, the broker redelivers
+    what was not acknowledged and the restarted enclave counts each once."""
+    runtime, consume, bodies = start_with_records(disk, checkpoint)
+    fail_flush(runtime, consume, bodies, trigger, monkeypatch)
 
     restarted = disk.restart()
     consume, restarted._publish = Channel(), Channel()
@@ -192,6 +202,46 @@ def test_a_failed_checkpoint_leaves_the_records_unacknowledged_and_they_count_on
     restarted.flush()  # the next checkpoint records that the broker took the release
     on_disk = disk.on_disk()
     assert on_disk.streams["s"].current.index == 2 and on_disk.pending == {}
+
+
+def retry_now(runtime):
+    runtime._storage._next_try = 0.0  # the backoff's wait is over
+
+
+@pytest.mark.parametrize("checkpoint", ["base", "journal"])
+@pytest.mark.parametrize("trigger", ["batch", "release"])
+def test_a_failed_checkpoint_is_retried_and_then_acknowledges_and_publishes_once(disk, monkeypatch, caplog,
+                                                                                checkpoint, trigger):
+    """The same enclave goes on once the disk takes writes again: the deliveries that waited
+    are acknowledged, the release published once, and a restart from disk finds each record
+    counted once."""
+    caplog.set_level("DEBUG", logger="sealedsum.checkpoint")
+    runtime, consume, bodies = start_with_records(disk, checkpoint)
+    fail_flush(runtime, consume, bodies, trigger, monkeypatch)
+    with monkeypatch.context() as m:
+        failing_fsync(m)
+        runtime.flush()  # within the backoff's wait: not even tried
+        retry_now(runtime)
+        runtime.flush()  # tried again, fails again
+        assert consume.acked == [] and runtime._publish.published == []
+    assert runtime._storage.failures == 2
+    if trigger == "batch":
+        deliver(runtime, consume, bodies[-1], WINDOW)  # deliveries keep coming while it waits
+    runtime.flush()  # still within the wait
+    assert consume.acked == []
+    retry_now(runtime)
+    runtime.flush()
+    assert sorted(consume.acked) == list(range(1, WINDOW + 1))
+    (release,) = [b for ex, _, b in runtime._publish.published if ex == "sealedsum.results"]
+    assert json.loads(wire.SignedMessage.from_bytes(release).payload)["count"] == WINDOW
+    assert not runtime._storage.stalled
+    events = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert events.count("cannot write the sealed state; holding acknowledgements and releases until it can") == 1
+    assert events.count("sealed state written again; resuming") == 1
+    runtime.flush()
+    on_disk = disk.on_disk()
+    assert on_disk.streams["s"].current.index == 2 and on_disk.pending == {}
+    assert on_disk.ledgers["s"].releases == 1 and len(on_disk.streams["s"].seen) == WINDOW
 
 
 def test_a_window_closed_but_not_yet_drawn_survives_a_crash_and_is_released_once(disk):

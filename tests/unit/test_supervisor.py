@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sealedsum.common.errors import ExitCode
 from sealedsum.sidecar.platform import process as supervisor
 from sealedsum.sidecar.platform.process import EXIT_CONFIG, MAX_BACKOFF_S, PlatformProcess
 
@@ -93,6 +94,14 @@ def test_other_exit_codes_are_crashes_and_are_restarted(tmp_path, monkeypatch):
     assert script.sleeps == [1.0, 2.0, 4.0, 8.0]
 
 
+def test_an_enclave_that_could_not_write_its_state_directory_is_restarted(tmp_path, monkeypatch):
+    """Exit 5 (a full disk at start-up, say) is no refusal: space may come back."""
+    assert ExitCode.STORAGE != EXIT_CONFIG
+    sc, script = platform(tmp_path, monkeypatch, [(0.1, ExitCode.STORAGE)] * 3 + [(0.1, EXIT_CONFIG)])
+    assert sc.run() == EXIT_CONFIG
+    assert script.started == 4 and script.sleeps == [1.0, 2.0, 4.0]
+
+
 def test_a_stop_while_it_waits_to_restart_ends_the_platform_cleanly(tmp_path, monkeypatch):
     sc, script = platform(tmp_path, monkeypatch, [(0.1, -9)])
 
@@ -103,3 +112,20 @@ def test_a_stop_while_it_waits_to_restart_ends_the_platform_cleanly(tmp_path, mo
     monkeypatch.setattr(supervisor, "time", SimpleNamespace(monotonic=script.monotonic, sleep=sleep_then_stop))
     assert sc.run() == 0
     assert script.started == 1 and script.sleeps == [1.0]
+
+
+def test_an_enclave_that_cannot_even_be_started_is_tried_again(tmp_path, monkeypatch):
+    """An OSError starting the child (no memory, no pipes) is a failed start, not the
+    platform's end."""
+    sc, script = platform(tmp_path, monkeypatch, [(0.1, EXIT_CONFIG)])
+    calls = []
+
+    def run_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(12, "Cannot allocate memory")
+        return script.run_once()
+
+    monkeypatch.setattr(sc, "_run_once", run_once)
+    assert sc.run() == EXIT_CONFIG
+    assert len(calls) == 2 and script.sleeps == [1.0]
