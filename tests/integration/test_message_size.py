@@ -20,7 +20,7 @@ import pytest
 from sealedsum.message_limits import FLOOR
 from sealedsum.rabbitmqctl import READ_MAX_MESSAGE_SIZE, Rabbitmqctl, set_max_message_size_expr
 
-from tests.integration.test_acl import broker_config, ctl, new_prefix, sealedsum  # noqa: F401 - ctl is a fixture  # noqa: F401 - fixtures
+from tests.integration.test_acl import broker_config, ctl, new_prefix, sealedsum  # noqa: F401 - ctl is a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def test_setup_lowers_the_node_wide_limit_says_so_and_can_leave_it_alone(ctl, am
         sealedsum("broker", "teardown", "--config", str(path))
 
 
-def test_a_publish_above_the_limit_is_refused_by_the_broker(ctl: Rabbitmqctl, amqp_url):
+def test_a_publish_above_the_limit_is_refused_by_the_broker(ctl: Rabbitmqctl, amqp_url):  # noqa: F811
     limit = 96 << 20  # above the 64 MiB other tests on this node publish
     params = pika.URLParameters(amqp_url)
     body = b"x" * (limit + 1)
