@@ -79,23 +79,29 @@ _ATOM_HEADS = {100: 2, 115: 1, 118: 2, 119: 1}  # ATOM_EXT, SMALL_ATOM_EXT, ATOM
 _PID_TAILS = {103: 9, 88: 12}  # PID_EXT (id, serial, 1-byte creation), NEW_PID_EXT (4-byte creation)
 
 
-def is_direct_reply_to(name: str | None) -> bool:
-    """Whether ``name`` is a well-formed direct reply-to name: the only kind of ``reply_to``
-    the enclave answers (never a named queue, on a client's say-so)."""
+def reply_to_node(name: str | None) -> bytes | None:
+    """The broker node a well-formed direct reply-to name points at (as the broker encodes it),
+    or ``None`` if ``name`` is not one: the enclave answers no other ``reply_to`` (never a named
+    queue, on a client's say-so)."""
     match = _REPLY_TO.fullmatch(name or "")
     if match is None:
-        return False
+        return None
     try:
         pid, key = base64.b64decode(match.group(1), validate=True), base64.b64decode(match.group(2), validate=True)
     except ValueError:
-        return False
+        return None
     if len(key) != 16 or len(pid) < 4 or pid[0] != 131 or pid[1] not in _PID_TAILS or pid[2] not in _ATOM_HEADS:
-        return False
+        return None
     width = _ATOM_HEADS[pid[2]]
     atom_len = int.from_bytes(pid[3:3 + width], "big")
     node = pid[3 + width:3 + width + atom_len]
-    return (0 < atom_len and b"@" in node
-            and len(pid) == 3 + width + atom_len + _PID_TAILS[pid[1]])
+    if atom_len == 0 or b"@" not in node or len(pid) != 3 + width + atom_len + _PID_TAILS[pid[1]]:
+        return None
+    return node
+
+
+def is_direct_reply_to(name: str | None) -> bool:
+    return reply_to_node(name) is not None
 
 
 def properties(kind: str, **extra) -> pika.BasicProperties:
@@ -128,6 +134,12 @@ def publish_confirmed(channel, exchange: str, routing_key: str, body: bytes,
         raise TransportError("lost the broker connection while publishing") from err
 
 
+def connection_user(connection: pika.BlockingConnection) -> str | None:
+    """The user name this connection logged in with."""
+    params = getattr(getattr(connection, "_impl", None), "params", None)
+    return getattr(getattr(params, "credentials", None), "username", None)
+
+
 def request_attestation(connection: pika.BlockingConnection, settings: BrokerSettings, nonce: bytes) -> bytes:
     """Send an attestation request over direct reply-to; return the raw reply bytes."""
     return call_enclave(connection, settings, wire.AttestRequest(nonce).to_bytes(), "attest-request")
@@ -158,6 +170,9 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
             properties=pika.BasicProperties(
                 reply_to=DIRECT_REPLY_TO, correlation_id=correlation, type=kind,
                 app_id=APP_ID, expiration=str(int(timeout * 1000)),
+                # Checked by the broker against the login: the enclave rate-limits requests per
+                # account, so another account's flood cannot crowd this one out.
+                user_id=connection_user(connection),
             ),
             mandatory=True,
         )

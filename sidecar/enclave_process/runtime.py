@@ -78,15 +78,21 @@ MAX_BACKOFF_S = 30.0
 HELD_RETRY_S = 5.0
 # While another enclave holds the prefix's release lock, look again this often.
 LOCK_RETRY_S = 2.0
-# Requests (attestation, budget) are answered on a connection of their own, records first:
-# at most RPC_PER_PASS per pass of the loop and RPC_RATE_PER_S on average (bursts of
-# RPC_BURST), however many arrive; the rest wait in the broker's bounded request queue
-# (topology.ATTEST_QUEUE_MAX_LENGTH, oldest dropped). RPC_PREFETCH bounds what the enclave
-# holds of them.
-RPC_PREFETCH = 16
-RPC_PER_PASS = 16
+# Requests (attestation, budget) are handled on a connection of their own, after records:
+# up to RPC_PER_PASS looked at per pass of the loop. Each broker account (the user_id the
+# broker checks; none set: one shared account) gets RPC_ACCOUNT_RATE_PER_S answers a second
+# (bursts of RPC_ACCOUNT_BURST), all together RPC_RATE_PER_S (bursts of RPC_BURST). A request
+# over its account's rate is dropped unanswered, which costs next to nothing, so one
+# account's flood drains fast and other accounts are still answered; past the total rate
+# requests wait in the broker's bounded queue (topology.ATTEST_QUEUE_MAX_LENGTH, oldest
+# dropped). RPC_PREFETCH bounds what the enclave holds of them.
+RPC_PREFETCH = 64
+RPC_PER_PASS = 64
 RPC_RATE_PER_S = 200.0
 RPC_BURST = 50
+RPC_ACCOUNT_RATE_PER_S = 20.0
+RPC_ACCOUNT_BURST = 20
+RPC_ACCOUNTS_MAX = 10_000
 RPC_MAX_REQUEST_BYTES = 4096
 RPC_REOPEN_S = 1.0
 # A dead letter of a delivery larger than any record the policy allows keeps this much of it
@@ -145,6 +151,9 @@ class RequestBucket:
             return False
         self._tokens -= 1.0
         return True
+
+    def refund(self) -> None:
+        self._tokens = min(self.burst, self._tokens + 1.0)
 
 
 def _drawn_now(fn) -> Future:
@@ -209,7 +218,12 @@ class EnclaveRuntime:
         self._rpc_channel = None
         self._rpc_retry_at = 0.0
         self._requests: collections.deque = collections.deque()
+        # Broker nodes whose direct reply-to names this enclave has seen the broker hand out:
+        # a well-formed name naming any other node makes the broker close the publishing
+        # connection (541), so a reply goes only to a node in here.
+        self.reply_nodes: set[bytes] = set()
         self._bucket = RequestBucket(RPC_RATE_PER_S, RPC_BURST)
+        self._accounts: dict[str, RequestBucket] = {}
         self.ignored_requests: collections.Counter = collections.Counter()
         self.rpc_reopens = 0
         self.max_delivery = enclave.max_delivery_bytes()
@@ -271,7 +285,7 @@ class EnclaveRuntime:
     def _wait(self) -> float:
         wait = DRAW_POLL_S if self._drawing else FLUSH_EVERY_S
         if self._rpc is not None:
-            wait = min(wait, 0.0 if self._requests else RPC_POLL_S)
+            wait = min(wait, RPC_POLL_S)
         if self._inbox:
             wait = min(wait, max(0.0, self._inbox_since + INGEST_WAIT_S - time.monotonic()))
         return wait
@@ -481,11 +495,40 @@ class EnclaveRuntime:
             self._rpc_channel = self._rpc.channel()
             self._rpc_channel.basic_qos(prefetch_count=RPC_PREFETCH)
             self._rpc_channel.basic_consume(t.attest_queue, self._on_request, auto_ack=False)
+            self._learn_reply_node()
         except (TransportError, pe.AMQPError) as err:
             self._close_requests()
             self._rpc_retry_at = time.monotonic() + RPC_REOPEN_S
             log.warning("cannot open the request connection; retrying", extra={"fields": {
                 "error": type(err).__name__, "detail": str(err), "retry_in_s": RPC_REOPEN_S}})
+
+    def _learn_reply_node(self) -> None:
+        """Learn how the broker names the node of the request connection in direct reply-to
+        names: a probe from that connection, with direct reply-to, into the release lock (which
+        only this enclave can read), read back on the records connection."""
+        if self._connection is None:
+            return
+        probe = self._rpc.channel()
+        try:
+            probe.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
+            probe.basic_publish("", self.settings.topology.release_lock, b"", pika.BasicProperties(
+                reply_to=amqp.DIRECT_REPLY_TO, type="reply-to-probe", app_id=amqp.APP_ID))
+            lock = self._connection.channel()
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                method, props, _ = lock.basic_get(self.settings.topology.release_lock, auto_ack=True)
+                if method is not None:
+                    node = amqp.reply_to_node(props.reply_to)
+                    if node is not None and node not in self.reply_nodes:
+                        self.reply_nodes.add(node)
+                        log.info("broker node for replies learned", extra={"fields": {"node": node.decode(
+                            "utf-8", "replace")}})
+                    break
+                self._rpc.process_data_events(time_limit=0.01)
+            lock.close()
+        finally:
+            if probe.is_open:
+                probe.close()
 
     def _close_requests(self) -> None:
         conn, self._rpc, self._rpc_channel = self._rpc, None, None
@@ -509,10 +552,17 @@ class EnclaveRuntime:
             self._rpc.process_data_events(time_limit=0)
             last = None
             for _ in range(RPC_PER_PASS):
-                if not self._requests or not self._bucket.take():
+                if not self._requests:
                     break
-                method, props, body = self._requests.popleft()
-                self._answer(props, body)
+                method, props, body = self._requests[0]
+                if not self._account_bucket(props.user_id).take():
+                    self._ignore("over its account's request rate")
+                elif self._bucket.take():
+                    self._answer(props, body)
+                else:
+                    self._account_bucket(props.user_id).refund()
+                    break  # the total rate is reached: the rest wait
+                self._requests.popleft()
                 last = method.delivery_tag
             if last is not None:
                 self._rpc_channel.basic_ack(last, multiple=True)
@@ -524,11 +574,24 @@ class EnclaveRuntime:
             self._close_requests()
             self._rpc_retry_at = time.monotonic() + RPC_REOPEN_S
 
+    def _account_bucket(self, user_id: str | None) -> RequestBucket:
+        key = user_id or ""
+        bucket = self._accounts.get(key)
+        if bucket is None:
+            if len(self._accounts) >= RPC_ACCOUNTS_MAX:
+                self._accounts.clear()
+            bucket = self._accounts[key] = RequestBucket(RPC_ACCOUNT_RATE_PER_S, RPC_ACCOUNT_BURST)
+        return bucket
+
     def _answer(self, props, body: bytes) -> None:
-        if not amqp.is_direct_reply_to(props.reply_to):
+        node = amqp.reply_to_node(props.reply_to)
+        if node is None:
             # Never a named queue on a client's say-so: the enclave would be a confused deputy,
             # delivering signed replies into queues the client may not write to.
             self._ignore("reply_to is not a direct reply-to name")
+            return
+        if node not in self.reply_nodes:
+            self._ignore("reply_to names a broker node this enclave has not seen")
             return
         if len(body) > RPC_MAX_REQUEST_BYTES:
             self._ignore("request too large")
