@@ -549,6 +549,9 @@ class EnclaveRuntime:
                 self._open_requests()
             return
         try:
+            if not self.reply_nodes and time.monotonic() >= self._rpc_retry_at:
+                self._rpc_retry_at = time.monotonic() + RPC_REOPEN_S
+                self._learn_reply_node()  # the probe at connect did not come back: nothing can be answered
             self._rpc.process_data_events(time_limit=0)
             last = None
             for _ in range(RPC_PER_PASS):
