@@ -21,7 +21,7 @@ from sealedsum.common import amqp, topology, wire
 from sealedsum.common.errors import TransportError
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum.testbed import Testbed
+from sealedsum import testbed
 from tests.integration.conftest import launch, streams_toml
 from tests.integration.test_acl import accounts, ctl  # noqa: F401 - fixtures
 
@@ -137,7 +137,7 @@ def test_a_second_enclave_on_the_prefix_stands_by_and_releases_nothing(sidecar_f
     consumes and answers nothing, and every window is released once, by the first. When the
     first stops, the second takes the lock."""
     first = sidecar_factory({"s": STREAM})
-    second = Testbed(tmp_path / "second", amqp_url, streams_toml({"s": STREAM}), prefix=first.prefix, bits=1024,
+    second = testbed.Testbed(tmp_path / "second", amqp_url, streams_toml({"s": STREAM}), prefix=first.prefix, bits=1024,
                      enclave_extra="max_record_age_seconds = 600\n")
     try:
         launch(second)
@@ -161,6 +161,20 @@ def test_a_second_enclave_on_the_prefix_stands_by_and_releases_nothing(sidecar_f
         assert second.wait_attestable(30).keys.epoch == 1  # its own keys: the second deployment now
     finally:
         second.stop()
+
+
+def test_no_client_account_can_take_the_release_lock(accounts):  # noqa: F811
+    """Were a producer or consumer able to declare PREFIX.lock first, the enclave would stand by
+    for as long as that connection lived: neither account may."""
+    lock = topology.Topology(accounts.prefix).release_lock
+    for role in ("producer", "consumer"):
+        conn = pika.BlockingConnection(pika.URLParameters(accounts.urls[role]))
+        try:
+            with pytest.raises(pe.ChannelClosedByBroker) as refused:
+                conn.channel().queue_declare(lock, exclusive=True)
+            assert refused.value.reply_code == 403, role
+        finally:
+            conn.close()
 
 
 # --- 2. reply_to hygiene ------------------------------------------------------------------
