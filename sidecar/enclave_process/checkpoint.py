@@ -45,8 +45,8 @@ def commit(effects: Effects, deliveries: Sequence[int], *, seal_keys: Callable[[
     acknowledged, and a release not yet published is still pending in the core. Steps 1
     and 2 raise :class:`StorageError` when the disk is full or failing; they change nothing
     then, so the caller may run the same commit again later.
-    Dead letters are not here: each is published (and confirmed) as its record is refused,
-    before that record's delivery can be acknowledged by step 3.
+    Dead letters are not here: the runtime commits a batch's dead letters in one broker
+    transaction before it calls this, so before their deliveries can be acknowledged by step 3.
     """
     if effects.seal_keys:
         seal_keys()

@@ -3,10 +3,14 @@
 with, through :func:`sealedsum.sidecar.enclave_process.checkpoint.commit`.
 
 Order per record: a rejected record is published to the dead-letter exchange with
-its reason and confirmed *before* the original is acknowledged, so a record is never
-lost between the two. Releases are checkpointed in the enclave's sealed state before
-they are published and republished unchanged after a reconnect until the broker
-confirms them.
+its reason, in one broker transaction per batch committed *before* the batch is
+acknowledged, so a record is never lost between the two. Releases are checkpointed in the
+enclave's sealed state before they are published and republished unchanged after a
+reconnect until the broker confirms them.
+
+The records connection holds the prefix's release lock; requests (attestation, budget)
+are consumed and answered on a second connection, after records and rate-limited per
+broker account, so no client can cut or starve the first (docs/protocol.md, sections 2 and 8).
 """
 
 from __future__ import annotations
