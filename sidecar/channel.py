@@ -74,6 +74,7 @@ class BrokerLink(_Frame):
     prefix: str
     queue_type: str
     max_queued_records: int
+    start_timeout_ms: int  # how long the enclave waits for the broker at start (broker.reconnect_seconds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,14 +158,15 @@ def main(argv: list[str]) -> int:
     b = launch.broker
     settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
     writer = StateWriter(enclave, store, directory / "keys.sealed", sealing_key, ledger_store)
-    runtime = EnclaveRuntime(enclave, settings, writer, start=enclave.start())
+    runtime = EnclaveRuntime(enclave, settings, writer, start=enclave.start(),
+                             start_timeout_s=b.start_timeout_ms / 1000)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     signal.signal(signal.SIGINT, lambda *_: runtime.stop())
     signal.signal(signal.SIGUSR1, lambda *_: runtime.request_rotation())  # `sealedsum sidecar rotate`
     channel.send(Ready(os.getpid(), report, keys.current_epoch))
     runtime.run()
     log.info("enclave stopped")
-    return 0
+    return runtime.exit_code
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import pika.exceptions as pe
 from sealedsum.common import amqp, topology, wire
 from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
-from sealedsum.common.errors import AnotherReleaser, InvalidMessage, RecordRejected, StorageError, TransportError, \
+from sealedsum.common.errors import AnotherReleaser, ExitCode, InvalidMessage, RecordRejected, StorageError, TransportError, \
     Unroutable
 from sealedsum.sidecar.enclave.release import Publication
 from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave
@@ -185,7 +185,7 @@ class EnclaveRuntime:
     """
 
     def __init__(self, enclave: Enclave, settings: BrokerSettings, writer: StateWriter | None = None,
-                 start: Effects = NOTHING) -> None:
+                 start: Effects = NOTHING, start_timeout_s: float | None = None) -> None:
         self.enclave = enclave
         self.settings = settings
         self._writer = writer or StateWriter(enclave)
@@ -231,6 +231,11 @@ class EnclaveRuntime:
         self.ignored_requests: collections.Counter = collections.Counter()
         self.rpc_reopens = 0
         self.max_delivery = enclave.max_delivery_bytes()
+        # With no broker at start, give up after this long (None: never); once connected, a
+        # lost broker is waited for however long it takes.
+        self.start_timeout_s = start_timeout_s
+        self.exit_code = 0
+        self._connected_once = False
         self._last_stats = time.monotonic()
         self._last_held_retry = time.monotonic()
         self.prefetch = enclave_prefetch(enclave)
@@ -242,11 +247,14 @@ class EnclaveRuntime:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
-        """Consume until :meth:`stop`; reconnect with capped backoff on broker loss."""
+        """Consume until :meth:`stop`; reconnect with capped backoff on broker loss. With no
+        broker within ``start_timeout_s`` of the start, stop with ``exit_code`` 3."""
         backoff = Backoff(first=1.0, cap=MAX_BACKOFF_S)
+        started = time.monotonic()
         while not self.stopping:
             try:
                 self._connect()
+                self._connected_once = True
                 backoff.reset()
                 while not self.stopping:
                     # While a window is being drawn, look back soon: its release waits for us.
@@ -264,15 +272,24 @@ class EnclaveRuntime:
                         "lock": self.settings.topology.release_lock, "detail": str(err),
                         "retry_every_s": LOCK_RETRY_S}})
                 self._close()
-                time.sleep(LOCK_RETRY_S)
+                self._pause(LOCK_RETRY_S)
             except (TransportError, pe.AMQPConnectionError, pe.AMQPChannelError) as err:
                 if self.stopping:
                     break
+                self._close()
+                waited = time.monotonic() - started
+                if not self._connected_once and self.start_timeout_s is not None and waited >= self.start_timeout_s:
+                    log.error("no broker since the start; giving up", extra={"fields": {
+                        "error": type(err).__name__, "detail": str(err), "waited_s": round(waited, 1),
+                        "hint": "start RabbitMQ, or check broker.url; broker.reconnect_seconds sets this wait"}})
+                    self.exit_code = ExitCode.TRANSPORT
+                    break
                 delay = backoff.next_delay()
+                if not self._connected_once and self.start_timeout_s is not None:
+                    delay = min(delay, max(0.1, self.start_timeout_s - waited))
                 log.warning("broker connection lost; reconnecting", extra={"fields": {
                     "error": type(err).__name__, "detail": str(err), "retry_in_s": delay}})
-                self._close()
-                time.sleep(delay)
+                self._pause(delay)
         if self._connection is not None and self._connection.is_open:
             try:
                 self.ingest()
@@ -285,6 +302,13 @@ class EnclaveRuntime:
             if pool is not None:
                 pool.shutdown(wait=True)
         self.log_stats()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on :meth:`stop` (SIGTERM must stop the sidecar within seconds
+        even while it waits for a lost broker)."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _wait(self) -> float:
         wait = DRAW_POLL_S if self._drawing else FLUSH_EVERY_S

@@ -110,14 +110,24 @@ class PlatformProcess:
             if code == EXIT_CONFIG:
                 log.error("the enclave refused to start; not restarting", extra={"fields": {"exit_code": code}})
                 return EXIT_CONFIG
+            if code == ExitCode.TRANSPORT:  # it found no broker since it started (it retries one lost later)
+                log.error("the enclave reached no broker; not restarting", extra={"fields": {"exit_code": code}})
+                return ExitCode.TRANSPORT
             if time.monotonic() - started > 60:
                 backoff.reset()  # it ran a good while: this is a new failure, not the same one
             self.restarts += 1
             delay = backoff.next_delay()
             log.warning("enclave exited; restarting", extra={"fields": {
                 "exit_code": code, "restart_in_s": delay, "restarts": self.restarts}})
-            time.sleep(delay)
+            self._pause(delay)
         return 0
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake within 0.1 s of :meth:`stop`: SIGTERM must end the platform within
+        seconds, even during a 30 s backoff."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _run_once(self) -> int:
         to_child_r, to_child_w = os.pipe()
@@ -133,7 +143,8 @@ class PlatformProcess:
         try:
             channel.send(Launch(self.platform.sealing_key(self.measurement), self.measurement, self.code_digest,
                                 self.policy_bytes, str(self.state_dir.resolve()),
-                                BrokerLink(b.url, b.topology.prefix, b.queue_type, b.max_queued_records),
+                                BrokerLink(b.url, b.topology.prefix, b.queue_type, b.max_queued_records,
+                                           int(b.reconnect_seconds * 1000)),
                                 self.log_level, self.platform.ledger_key(self.code_digest)))
             while True:
                 self._answer(channel, channel.recv())

@@ -14,7 +14,7 @@ from sealedsum.sidecar import channel as ch
 
 FRAMES = [
     ch.Launch(b"k" * 32, b"m" * 32, b"d" * 32, b'{"streams":{}}', "/state",
-              ch.BrokerLink("amqp://u:p@h/%2F", "pfx", "quorum", 10), "INFO", b"l" * 32),
+              ch.BrokerLink("amqp://u:p@h/%2F", "pfx", "quorum", 10, 60_000), "INFO", b"l" * 32),
     ch.QuoteRequest(b"r" * 32), ch.QuoteReply(b"quote bytes"), ch.CounterRead(), ch.CounterAdvance(7),
     ch.LedgerCounterRead(), ch.LedgerCounterAdvance(3),
     ch.CounterValue(7), ch.Ready(1234, {"dumpable": False}, 2),

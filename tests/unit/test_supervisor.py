@@ -50,6 +50,7 @@ def platform(tmp_path, monkeypatch, runs) -> tuple[PlatformProcess, Script]:
     sc.measurement = sc.code_digest = b"\x00" * 32
     sc.stopping, sc.child, sc.restarts = False, None, 0
     monkeypatch.setattr(sc, "_run_once", script.run_once)
+    monkeypatch.setattr(sc, "_pause", script.sleep)
     monkeypatch.setattr(supervisor, "time", SimpleNamespace(monotonic=script.monotonic, sleep=script.sleep))
     return sc, script
 
@@ -87,9 +88,9 @@ def test_an_enclave_that_refuses_to_start_is_not_restarted(tmp_path, monkeypatch
 
 
 def test_other_exit_codes_are_crashes_and_are_restarted(tmp_path, monkeypatch):
-    """Only 2 means "do not retry": an enclave that died of an uncaught error (exit 1), a
+    """Only 2 and 3 mean "do not retry": an enclave that died of an uncaught error (exit 1), a
     signal or a clean exit it was not asked for comes back."""
-    sc, script = platform(tmp_path, monkeypatch, [(0.1, 1), (0.1, -11), (0.1, 0), (0.1, 3), (0.1, EXIT_CONFIG)])
+    sc, script = platform(tmp_path, monkeypatch, [(0.1, 1), (0.1, -11), (0.1, 0), (0.1, 4), (0.1, EXIT_CONFIG)])
     assert sc.run() == EXIT_CONFIG
     assert script.sleeps == [1.0, 2.0, 4.0, 8.0]
 
@@ -109,9 +110,29 @@ def test_a_stop_while_it_waits_to_restart_ends_the_platform_cleanly(tmp_path, mo
         script.sleeps.append(seconds)
         sc.stop()  # SIGTERM arrives during the backoff
 
-    monkeypatch.setattr(supervisor, "time", SimpleNamespace(monotonic=script.monotonic, sleep=sleep_then_stop))
+    monkeypatch.setattr(sc, "_pause", sleep_then_stop)
     assert sc.run() == 0
     assert script.started == 1 and script.sleeps == [1.0]
+
+
+def test_the_backoff_wait_ends_within_a_tenth_of_a_second_of_a_stop(tmp_path):
+    import threading
+    import time
+
+    sc = PlatformProcess.__new__(PlatformProcess)
+    sc.stopping, sc.child = False, None
+    threading.Timer(0.2, sc.stop).start()
+    started = time.monotonic()
+    sc._pause(30.0)
+    assert 0.15 < time.monotonic() - started < 0.5
+
+
+def test_an_enclave_that_reached_no_broker_at_start_is_not_restarted(tmp_path, monkeypatch):
+    """Exit 3: the enclave gave up waiting for the broker at start (broker.reconnect_seconds);
+    restarting it would only wait again, so the platform exits 3 too."""
+    sc, script = platform(tmp_path, monkeypatch, [(0.1, ExitCode.TRANSPORT)])
+    assert sc.run() == ExitCode.TRANSPORT
+    assert script.started == 1 and script.sleeps == []
 
 
 def test_an_enclave_that_cannot_even_be_started_is_tried_again(tmp_path, monkeypatch):
