@@ -1,0 +1,176 @@
+"""What a stream's releases will look like, from its policy alone (``sealedsum plan``).
+
+Every scale comes from :meth:`StreamPolicy.noise_plan`, the call the enclave makes before it
+draws a release's noise (sidecar/enclave/release.py), and every budget figure from the
+functions its ledger charges with (:mod:`sealedsum.common.privacy`), so a plan cannot drift
+from what is released. What is added here is only the reading of those figures: standard
+deviations in value units and the relative errors they mean for a window of a given size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from sealedsum.common import privacy
+from sealedsum.common.errors import ConfigError
+from sealedsum.common.policy import EnclavePolicy, StreamKind, StreamPolicy
+from sealedsum.common.privacy import Mechanism
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """The noise, accuracy and budget of one stream. Scales named ``*_fixed`` are in the
+    fixed-point units of the release's ``sum_noise_scale``; everything else is in the units of
+    the values (records for counts and histogram buckets). Relative errors are one standard
+    deviation over the expected true figure; ``None`` where that figure is 0 or unknown."""
+
+    stream: str
+    kind: str
+    mechanism: str
+    neighbouring: str
+    privacy_unit_records: int
+    epsilon: float
+    delta: float
+    rho: float | None
+    count_share: float
+    fraction_bits: int
+    dimension: int
+    sensitivity_l1_fixed: int
+    sensitivity_l2_fixed: float
+    sum_noise_scale_fixed: float
+    sum_noise_scale: float
+    sum_std: float
+    count_noise_scale: float | None
+    count_std: float
+    records_per_window: int | None
+    typical_value: list[float] | None
+    assumption: str
+    sum_relative_error: list[float | None] | None
+    count_relative_error: float | None
+    mean_std: list[float] | None
+    mean_relative_error: list[float | None] | None
+    releases: int
+    budget_epsilon: float
+    budget_delta: float
+    budget_group: str | None
+    window_seconds: float | None
+    budget_lasts_seconds: float | None
+    min_release_interval_seconds: float | None
+    budget_lasts_at_least_seconds: float | None
+    one_producer_can_spend_budget: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _typical(s: StreamPolicy, typical: Sequence[float] | None) -> tuple[list[float] | None, str]:
+    """Each coordinate's assumed true value, and the words saying where it came from."""
+    if s.kind == StreamKind.HISTOGRAM:
+        if typical is not None:
+            raise ConfigError(f"stream {s.name!r} is a histogram: --typical-value does not apply",
+                              hint="its buckets' errors assume records spread evenly over the buckets")
+        return None, "records spread evenly over the buckets"
+    if typical is not None:
+        values = list(typical) * s.dimension if len(typical) == 1 else list(typical)
+        if len(values) != s.dimension:
+            raise ConfigError(f"--typical-value takes 1 or {s.dimension} value(s) for stream {s.name!r}, "
+                              f"got {len(typical)}")
+        if s.l2_bound is not None:
+            outside = math.sqrt(sum(v * v for v in values)) > s.l2_bound
+        else:
+            outside = any(not lo <= v <= hi for v, (lo, hi) in zip(values, s.box))
+        if outside:
+            raise ConfigError(f"--typical-value {values} is outside stream {s.name!r}'s bounds: "
+                              "producers would clip it", hint="give a value the bounds keep as it is")
+        return values, "every record holds the --typical-value"
+    if s.l2_bound is not None:
+        return None, "no typical value (an L2 ball's midpoint is 0): pass --typical-value"
+    return [(lo + hi) / 2 for lo, hi in s.box], "every record holds the midpoint of [lower, upper]"
+
+
+def _releases(policy: EnclavePolicy, s: StreamPolicy) -> int:
+    """The releases the budget allows in all, as the enclave's ledger counts them; for a stream
+    of a budget group, when it alone spends the group's budget."""
+    if s.budget_group is None:
+        return privacy.max_releases(s.mechanism, s.epsilon, s.delta, s.budget_epsilon, s.budget_delta)
+    group = policy.budget_groups[s.budget_group]
+    members = {name: (policy.streams[name].cost, 0) for name in group.streams}
+    return privacy.group_remaining(members, s.name, group.budget_epsilon, group.budget_delta)
+
+
+def _relative(std: float, expected: float) -> float | None:
+    return None if expected == 0 else std / abs(expected)
+
+
+def stream_plan(policy: EnclavePolicy, name: str, records_per_window: int | None = None,
+                typical_value: Sequence[float] | None = None) -> StreamPlan:
+    """The plan of stream ``name``: ``records_per_window`` defaults to a count-closed stream's
+    ``window_records``; a time-closed stream has no relative errors without it."""
+    s = policy.stream(name)
+    if records_per_window is not None and records_per_window < 1:
+        raise ConfigError("--records-per-window must be at least 1")
+    noise = s.noise_plan()
+    unit = 2.0 ** -s.fraction_bits
+    sum_std = privacy.noise_std(s.mechanism, noise.sum_scale) * unit
+    notes: list[str] = []
+    if noise.count_scale is None:
+        # The count is the sum of the d noised buckets: d independent noises add up.
+        count_std = math.sqrt(s.dimension) * sum_std
+        notes.append("the count is the sum of the noised buckets (no count noise of its own)")
+    else:
+        count_std = privacy.noise_std(s.mechanism, noise.count_scale)
+    n = records_per_window if records_per_window is not None else s.window_records
+    if n is None:
+        notes.append("time-closed: pass --records-per-window for the relative errors")
+    elif s.count_closed and s.min_release_interval_seconds is not None and records_per_window is None:
+        notes.append("a window waiting for its release interval may hold more records than window_records")
+    typical, assumption = _typical(s, typical_value)
+    sum_rel = count_rel = mean_std = mean_rel = None
+    if n is not None:
+        count_rel = count_std / n
+        if s.kind == StreamKind.HISTOGRAM:
+            sum_rel = [_relative(sum_std, n / s.dimension)] * s.dimension
+        elif typical is not None:
+            sum_rel = [_relative(sum_std, n * v) for v in typical]
+            mean_std = [privacy.ratio_std(sum_std, count_std, n * v, n) for v in typical]
+            mean_rel = [_relative(m, v) for m, v in zip(mean_std, typical)]
+        else:
+            mean_std = None
+    releases = _releases(policy, s)
+    lasts = at_least = None
+    if not s.count_closed:
+        lasts = releases * s.window_ms / 1000
+    elif s.min_release_interval_seconds is not None:
+        at_least = max(releases - 1, 0) * s.min_release_interval_ms / 1000
+    if s.budget_group is not None:
+        notes.append(f"budget group {s.budget_group!r}: the releases are this stream's if it alone spends "
+                     "the group's budget; the other streams' releases take from the same budget")
+    burnable = s.name in policy.burnable_streams()
+    if burnable:
+        notes.append("count-closed with no min_release_interval_seconds: one producer can spend the whole "
+                     "budget as fast as it sends records")
+    return StreamPlan(
+        stream=s.name, kind=s.kind.value, mechanism=s.mechanism.value, neighbouring=s.neighbouring,
+        privacy_unit_records=s.contributions, epsilon=s.epsilon,
+        delta=s.delta if s.mechanism == Mechanism.GAUSSIAN else 0.0, rho=noise.rho,
+        count_share=noise.count_share, fraction_bits=s.fraction_bits, dimension=s.dimension,
+        sensitivity_l1_fixed=noise.sensitivity_l1, sensitivity_l2_fixed=noise.sensitivity_l2,
+        sum_noise_scale_fixed=noise.sum_scale, sum_noise_scale=noise.sum_scale * unit, sum_std=sum_std,
+        count_noise_scale=noise.count_scale, count_std=count_std, records_per_window=n,
+        typical_value=typical, assumption=assumption, sum_relative_error=sum_rel,
+        count_relative_error=count_rel, mean_std=mean_std, mean_relative_error=mean_rel,
+        releases=releases, budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
+        budget_group=s.budget_group, window_seconds=None if s.count_closed else s.window_seconds,
+        budget_lasts_seconds=lasts, min_release_interval_seconds=s.min_release_interval_seconds,
+        budget_lasts_at_least_seconds=at_least, one_producer_can_spend_budget=burnable, notes=notes,
+    )
+
+
+def plans(policy: EnclavePolicy, stream: str | None = None, records_per_window: int | None = None,
+          typical_value: Sequence[float] | None = None) -> list[StreamPlan]:
+    """The plan of one stream, or of every stream in name order."""
+    names = [stream] if stream is not None else sorted(policy.streams)
+    return [stream_plan(policy, n, records_per_window, typical_value) for n in names]
