@@ -66,6 +66,16 @@ class StreamPlan:
         return asdict(self)
 
 
+def ratio_std(numerator_std: float, denominator_std: float, numerator: float, denominator: float) -> float:
+    """Approximate standard deviation of (x + X)/(n + N) for independent zero-mean noises X, N
+    (first-order delta method): sqrt(σ_X² + (x/n)²·σ_N²)/n. How far a release's mean (noised sum
+    over noised count) strays, good while the count's noise is small against ``denominator``."""
+    if denominator <= 0:
+        raise ValueError("need a positive denominator")
+    ratio = numerator / denominator
+    return math.sqrt(numerator_std ** 2 + (ratio * denominator_std) ** 2) / denominator
+
+
 def _typical(s: StreamPolicy, typical: Sequence[float] | None) -> tuple[list[float] | None, str]:
     """Each coordinate's assumed true value, and the words saying where it came from."""
     if s.kind == StreamKind.HISTOGRAM:
@@ -135,7 +145,7 @@ def stream_plan(policy: EnclavePolicy, name: str, records_per_window: int | None
             sum_rel = [_relative(sum_std, n / s.dimension)] * s.dimension
         elif typical is not None:
             sum_rel = [_relative(sum_std, n * v) for v in typical]
-            mean_std = [privacy.ratio_std(sum_std, count_std, n * v, n) for v in typical]
+            mean_std = [ratio_std(sum_std, count_std, n * v, n) for v in typical]
             mean_rel = [_relative(m, v) for m, v in zip(mean_std, typical)]
         else:
             mean_std = None

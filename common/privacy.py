@@ -178,16 +178,6 @@ def noise_std(mechanism: Mechanism, scale: float) -> float:
     return math.sqrt(2) * scale if mechanism == Mechanism.LAPLACE else scale
 
 
-def ratio_std(numerator_std: float, denominator_std: float, numerator: float, denominator: float) -> float:
-    """Approximate standard deviation of (x + X)/(n + N) for independent zero-mean noises X, N
-    (first-order delta method): sqrt(σ_X² + (x/n)²·σ_N²)/n. How far a release's mean (noised sum
-    over noised count) strays, good while the count's noise is small against ``denominator``."""
-    if denominator <= 0:
-        raise ValueError("need a positive denominator")
-    ratio = numerator / denominator
-    return math.sqrt(numerator_std ** 2 + (ratio * denominator_std) ** 2) / denominator
-
-
 # -- budget groups (docs/protocol.md section 15.6) ------------------------------------------
 # Streams fed by the same data share one budget: the group's spend is the composition of
 # every release of every stream in it.
