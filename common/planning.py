@@ -97,7 +97,7 @@ def _typical(s: StreamPolicy, typical: Sequence[float] | None) -> tuple[list[flo
                               "producers would clip it", hint="give a value the bounds keep as it is")
         return values, "every record holds the --typical-value"
     if s.l2_bound is not None:
-        return None, "no typical value (an L2 ball's midpoint is 0): pass --typical-value"
+        return None, "an L2 ball's midpoint is 0: pass --typical-value"
     return [(lo + hi) / 2 for lo, hi in s.box], "every record holds the midpoint of [lower, upper]"
 
 
@@ -149,6 +149,8 @@ def stream_plan(policy: EnclavePolicy, name: str, records_per_window: int | None
             mean_rel = [_relative(m, v) for m, v in zip(mean_std, typical)]
         else:
             mean_std = None
+    if typical is not None and n is not None and 0 in typical:
+        notes.append("a relative error is n/a where the assumed value is 0: pass --typical-value")
     releases = _releases(policy, s)
     lasts = at_least = None
     if not s.count_closed:

@@ -21,6 +21,8 @@ def _pct(v: float | None) -> str:
 def _list(values: list | None, fmt) -> str:
     if values is None:
         return "n/a"
+    if all(v is None for v in values):
+        return "n/a"
     if len(set(values)) == 1:
         return fmt(values[0]) + (" (each)" if len(values) > 1 else "")
     return "[" + ", ".join(fmt(v) for v in values[:6]) + (", ..." if len(values) > 6 else "") + "]"
@@ -48,6 +50,9 @@ def describe(p: planning.StreamPlan) -> str:
         lines.append(f"  count: noise scale {_g(p.count_noise_scale)}, std {_g(p.count_std)}")
     if p.records_per_window is None:
         lines.append("  relative error: pass --records-per-window (time-closed windows hold what arrives)")
+    elif p.typical_value is None and p.kind != "histogram":
+        lines.append(f"  with {p.records_per_window} records per window: count relative error "
+                     f"{_pct(p.count_relative_error)}; sum and mean errors need a typical value ({p.assumption})")
     else:
         lines.append(f"  with {p.records_per_window} records per window, assuming {p.assumption}:")
         if p.kind == "histogram":

@@ -11,6 +11,7 @@ import statistics
 import pytest
 
 from sealedsum.commands import main
+from sealedsum.commands.plan import describe
 from sealedsum.common import planning, privacy
 from sealedsum.common.errors import ConfigError, ExitCode
 from sealedsum.producers.client import RecordSealer
@@ -94,6 +95,10 @@ def test_plan_states_relation_budget_duration_and_relative_errors():
     assert model.typical_value is None and model.mean_std is None  # an L2 ball's midpoint is 0
     typical = planning.stream_plan(policy, "model", typical_value=[0.5])
     assert typical.typical_value == [0.5] * 3 and typical.mean_relative_error is not None
+
+    assert "need a typical value" in describe(model)
+    centred = planning.stream_plan(policy, "gaussian_mean")  # [-10, 10]: the midpoint 0 has no relative error
+    assert centred.sum_relative_error == [None] * 3 and any("assumed value is 0" in n for n in centred.notes)
 
     hist = planning.stream_plan(policy, "histogram", records_per_window=30)
     assert hist.count_noise_scale is None and hist.count_std == pytest.approx(math.sqrt(3) * hist.sum_std)
