@@ -60,6 +60,8 @@ class StreamPlan:
     min_release_interval_seconds: float | None
     budget_lasts_at_least_seconds: float | None
     one_producer_can_spend_budget: bool
+    min_batch: int
+    publish_probability: float | None
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -111,6 +113,44 @@ def _releases(policy: EnclavePolicy, s: StreamPolicy) -> int:
     return privacy.group_remaining(members, s.name, group.budget_epsilon, group.budget_delta)
 
 
+# Beyond this many values of a negative binomial the exact sum of Laplace noises is slow to add up,
+# and its normal approximation as good as exact.
+_EXACT_SPAN = 2_000_000
+
+
+def laplace_sum_at_least(scale: float, terms: int, k: int) -> float | None:
+    """P(Z_1 + ... + Z_terms >= k) for independent discrete Laplace Z_i of ``scale``
+    (P(z) ∝ exp(-|z|/scale), OpenDP's), exactly; ``None`` when too long to add up. Each Z_i is
+    the difference of two geometric variables, so the sum is the difference of two independent
+    negative binomials A - B: P(A - B >= k) = Σ_j P(B = j)·P(A >= k + j)."""
+    t = math.exp(-1 / scale)
+    if terms == 1:  # docs/protocol.md section 12
+        return t ** k / (1 + t) if k >= 1 else 1 - t ** (1 - k) / (1 + t)
+    mean, sd = terms * t / (1 - t), math.sqrt(terms * t) / (1 - t)
+    top = math.ceil(mean + 40 * sd + 50)
+    if top > _EXACT_SPAN:
+        return None
+    base = terms * math.log1p(-t) - math.lgamma(terms)
+    pmf = [math.exp(base + math.lgamma(j + terms) - math.lgamma(j + 1) + j * math.log(t)) for j in range(top + 1)]
+    tail = [0.0] * (top + 2)  # tail[m] = P(A >= m)
+    for m in range(top, -1, -1):
+        tail[m] = tail[m + 1] + pmf[m]
+    return min(1.0, math.fsum(p * (1.0 if k + j <= 0 else tail[k + j] if k + j <= top else 0.0)
+                              for j, p in enumerate(pmf)))
+
+
+def _at_least(s: StreamPolicy, count_scale: float | None, count_std: float, k: int) -> tuple[float, bool]:
+    """P(Z >= k) for the noise Z on a release's count, and whether that is exact: exact for
+    discrete Laplace noise (one count noise, or a histogram's sum of bucket noises), else the
+    normal approximation with continuity correction (discrete Gaussian noise)."""
+    if s.mechanism == Mechanism.LAPLACE:
+        scale, terms = (count_scale, 1) if count_scale is not None else (s.noise_plan().sum_scale, s.dimension)
+        exact = laplace_sum_at_least(scale, terms, k)
+        if exact is not None:
+            return exact, True
+    return 0.5 * math.erfc((k - 0.5) / (count_std * math.sqrt(2))), False
+
+
 def _relative(std: float, expected: float) -> float | None:
     return None if expected == 0 else std / abs(expected)
 
@@ -151,6 +191,11 @@ def stream_plan(policy: EnclavePolicy, name: str, records_per_window: int | None
             mean_std = None
     if typical is not None and n is not None and 0 in typical:
         notes.append("a relative error is n/a where the assumed value is 0: pass --typical-value")
+    publish = None
+    if not s.count_closed and n is not None:
+        publish, exact = _at_least(s, noise.count_scale, count_std, s.min_batch - n)
+        if not exact:
+            notes.append("the probability of publishing a window is a normal approximation")
     releases = _releases(policy, s)
     lasts = at_least = None
     if not s.count_closed:
@@ -177,7 +222,8 @@ def stream_plan(policy: EnclavePolicy, name: str, records_per_window: int | None
         releases=releases, budget_epsilon=s.budget_epsilon, budget_delta=s.budget_delta,
         budget_group=s.budget_group, window_seconds=None if s.count_closed else s.window_seconds,
         budget_lasts_seconds=lasts, min_release_interval_seconds=s.min_release_interval_seconds,
-        budget_lasts_at_least_seconds=at_least, one_producer_can_spend_budget=burnable, notes=notes,
+        budget_lasts_at_least_seconds=at_least, one_producer_can_spend_budget=burnable,
+        min_batch=s.min_batch, publish_probability=publish, notes=notes,
     )
 
 

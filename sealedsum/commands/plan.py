@@ -63,6 +63,10 @@ def describe(p: planning.StreamPlan) -> str:
                          f"count {_pct(p.count_relative_error)}")
             lines.append(f"    mean: approx. std {_list(p.mean_std, _g)}, "
                          f"relative error {_list(p.mean_relative_error, _pct)}")
+    if p.publish_probability is not None:
+        lines.append(f"  a window of {p.records_per_window} records is published with probability "
+                     f"{p.publish_probability:.4g} (noised count >= min_batch {p.min_batch}); withheld ones are "
+                     "charged too")
     budget = f"epsilon {p.budget_epsilon:g}" + (f", delta {p.budget_delta:g}" if p.budget_delta else "")
     group = f" (budget group {p.budget_group})" if p.budget_group else ""
     line = f"  budget{group} {budget}: {p.releases} release(s)"

@@ -211,3 +211,34 @@ def test_released_spread_matches_the_planned_std(small_keys, mechanism):
         counts.append(pub.message.count - 1)
     assert SD_RANGE[0] < statistics.pstdev(sums) / plan.sum_std < SD_RANGE[1]
     assert SD_RANGE[0] < statistics.pstdev(counts) / plan.count_std < SD_RANGE[1]
+
+
+@pytest.mark.parametrize("scale, terms, k", [(1.0, 2, 0), (1.0, 3, 5), (2.0, 3, -2), (0.5, 4, 1), (3.0, 1, 2),
+                                             (3.0, 1, -4), (5.0, 5, 10)])
+def test_publish_probability_is_the_documented_one(scale, terms, k):
+    """Against docs/protocol.md section 12's formula and tests/unit/test_windows.py's convolution
+    (which that module checks against real releases)."""
+    from tests.unit.test_windows import discrete_laplace_at_least, sum_of_laplace_at_least
+
+    expected = discrete_laplace_at_least(scale, k) if terms == 1 else sum_of_laplace_at_least(scale, terms, k)
+    assert planning.laplace_sum_at_least(scale, terms, k) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_time_closed_plan_gives_the_chance_a_window_is_published():
+    from tests.unit.test_windows import discrete_laplace_at_least, sum_of_laplace_at_least
+
+    policy = make_policy({
+        "s": stream_table(window_records=None, window_seconds=60, min_batch=5, epsilon=1.0),
+        "h": stream_table(kind="histogram", dimension=None, edges=[0, 1, 10, 100], lower=None, upper=None,
+                          window_records=None, window_seconds=60, min_batch=5, epsilon=1.0),
+        "g": stream_table(window_records=None, window_seconds=60, min_batch=5, mechanism="gaussian",
+                          epsilon=1.0, delta=1e-6),
+    })
+    s = planning.stream_plan(policy, "s", records_per_window=3)
+    assert s.publish_probability == pytest.approx(discrete_laplace_at_least(2.0, 2))
+    h = planning.stream_plan(policy, "h", records_per_window=3)
+    assert h.publish_probability == pytest.approx(sum_of_laplace_at_least(1.0, 3, 2))
+    g = planning.stream_plan(policy, "g", records_per_window=5)
+    assert g.publish_probability == pytest.approx(0.5 + 0.5 * math.erf(0.5 / (g.count_std * math.sqrt(2))))
+    assert any("normal approximation" in n for n in g.notes)
+    assert planning.stream_plan(make_policy(), "s").publish_probability is None  # count-closed
