@@ -68,6 +68,23 @@ class StreamPlan:
         return asdict(self)
 
 
+def sampler_std(mechanism: Mechanism, scale: float) -> float:
+    """Standard deviation of the noise the enclave draws at this scale: OpenDP's discrete
+    Laplace (P(z) ∝ exp(-|z|/scale), variance 2q/(1 - q)² with q = exp(-1/scale)) or discrete
+    Gaussian (P(z) ∝ exp(-z²/(2·scale²))). For scales well above 1 it is
+    :func:`privacy.noise_std`, the continuous one; below, the discrete noise is narrower."""
+    if scale <= 0:
+        return 0.0
+    if mechanism == Mechanism.LAPLACE:
+        q = math.exp(-1 / scale)
+        return math.sqrt(2 * q) / -math.expm1(-1 / scale)
+    if scale >= 10:  # the discrete Gaussian's variance is scale² to within a factor exp(-2π²·scale²)
+        return scale
+    span = math.ceil(40 * scale) + 2
+    weights = [math.exp(-z * z / (2 * scale * scale)) for z in range(1, span)]
+    return math.sqrt(2 * math.fsum(z * z * w for z, w in zip(range(1, span), weights)) / (1 + 2 * math.fsum(weights)))
+
+
 def ratio_std(numerator_std: float, denominator_std: float, numerator: float, denominator: float) -> float:
     """Approximate standard deviation of (x + X)/(n + N) for independent zero-mean noises X, N
     (first-order delta method): sqrt(σ_X² + (x/n)²·σ_N²)/n. How far a release's mean (noised sum
@@ -164,14 +181,14 @@ def stream_plan(policy: EnclavePolicy, name: str, records_per_window: int | None
         raise ConfigError("--records-per-window must be at least 1")
     noise = s.noise_plan()
     unit = 2.0 ** -s.fraction_bits
-    sum_std = privacy.noise_std(s.mechanism, noise.sum_scale) * unit
+    sum_std = sampler_std(s.mechanism, noise.sum_scale) * unit
     notes: list[str] = []
     if noise.count_scale is None:
         # The count is the sum of the d noised buckets: d independent noises add up.
         count_std = math.sqrt(s.dimension) * sum_std
         notes.append("the count is the sum of the noised buckets (no count noise of its own)")
     else:
-        count_std = privacy.noise_std(s.mechanism, noise.count_scale)
+        count_std = sampler_std(s.mechanism, noise.count_scale)
     n = records_per_window if records_per_window is not None else s.window_records
     if n is None:
         notes.append("time-closed: pass --records-per-window for the relative errors")

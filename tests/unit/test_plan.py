@@ -75,8 +75,10 @@ def test_plan_scales_are_the_released_scales(released, name):
     assert plan.mechanism == release.mechanism and plan.epsilon == release.epsilon
     # The budget the plan counts is the enclave's (a time-closed stream was charged an empty window too).
     assert plan.releases == release.budget["remaining_releases"] + release.budget["releases"]
-    std = privacy.noise_std(release.mechanism, release.sum_noise_scale) * 2.0 ** -release.fraction_bits
+    std = planning.sampler_std(release.mechanism, release.sum_noise_scale) * 2.0 ** -release.fraction_bits
     assert plan.sum_std == std
+    assert plan.sum_std == pytest.approx(privacy.noise_std(release.mechanism, release.sum_noise_scale)
+                                         * 2.0 ** -release.fraction_bits, rel=1e-3)
 
 
 def test_plan_states_relation_budget_duration_and_relative_errors():
@@ -86,8 +88,9 @@ def test_plan_states_relation_budget_duration_and_relative_errors():
     assert by_time.budget_lasts_seconds == 40.0 and by_time.budget_lasts_at_least_seconds is None
     # Midpoint 50 of [0, 100]: the sum is about 200·50, its noise scale 100/(0.25·0.5).
     assert by_time.typical_value == [50.0]
-    assert by_time.sum_relative_error == [pytest.approx(math.sqrt(2) * 800 / (200 * 50))]
-    assert by_time.count_relative_error == pytest.approx(math.sqrt(2) * 8 / 200)
+    assert by_time.sum_relative_error == [pytest.approx(planning.sampler_std("laplace", 800 * 2**16) / 2**16 / (200 * 50))]
+    assert by_time.count_relative_error == pytest.approx(planning.sampler_std("laplace", 8) / 200)
+    assert by_time.count_relative_error == pytest.approx(math.sqrt(2) * 8 / 200, rel=1e-2)
     assert planning.stream_plan(policy, "by_time").sum_relative_error is None  # no N: no guess
 
     model = planning.stream_plan(policy, "model")
@@ -242,3 +245,18 @@ def test_time_closed_plan_gives_the_chance_a_window_is_published():
     assert g.publish_probability == pytest.approx(0.5 + 0.5 * math.erf(0.5 / (g.count_std * math.sqrt(2))))
     assert any("normal approximation" in n for n in g.notes)
     assert planning.stream_plan(make_policy(), "s").publish_probability is None  # count-closed
+
+
+@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+@pytest.mark.parametrize("scale", [0.2, 0.7, 2.0, 9.0, 30.0])
+def test_sampler_std_is_that_of_the_discrete_noise(mechanism, scale):
+    """Summed over the discrete distribution's mass directly; the continuous std would say
+    sqrt(2)·0.2 for a Laplace scale of 0.2, whose discrete noise has std 0.117."""
+    span = int(60 * scale) + 10
+    if mechanism == "laplace":
+        weights = {z: math.exp(-abs(z) / scale) for z in range(-span, span + 1)}
+    else:
+        weights = {z: math.exp(-z * z / (2 * scale * scale)) for z in range(-span, span + 1)}
+    total = math.fsum(weights.values())
+    expected = math.sqrt(math.fsum(z * z * w for z, w in weights.items()) / total)
+    assert planning.sampler_std(mechanism, scale) == pytest.approx(expected, rel=1e-9)
