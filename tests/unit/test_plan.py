@@ -196,23 +196,30 @@ SD_RANGE = (0.8, 1.25)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
-def test_released_spread_matches_the_planned_std(small_keys, mechanism):
+@pytest.mark.parametrize("mechanism, kind", [("laplace", "sum"), ("gaussian", "sum"), ("laplace", "histogram"),
+                                             ("gaussian", "histogram")])
+def test_released_spread_matches_the_planned_std(small_keys, mechanism, kind):
     """Residuals of many one-record releases have the standard deviation the plan prints, for
-    the sum (in value units) and the count."""
+    the sum (in value units) or every histogram bucket, and for the count."""
     table = stream_table(mechanism=mechanism, epsilon=0.5, window_records=1, min_batch=1, lower=0.0, upper=10.0,
                          count_share=0.4, delta=1e-6 if mechanism == "gaussian" else None)
+    truth = [3.0]
+    if kind == "histogram":
+        table = stream_table(**{**table, "kind": "histogram", "dimension": None, "edges": [0, 1, 5, 10], "lower": None,
+                                "upper": None, "count_share": None})
+        truth = [0.0, 1.0, 0.0]
     policy = make_policy({"s": table})
     world = make_world(small_keys, policy)
     plan = planning.stream_plan(policy, "s")
-    # A correct sampler fails the check below with at most this probability (tests/stats.py).
+    # A correct sampler fails one of the checks below with at most this probability (tests/stats.py).
     assert sd_check_failure(mechanism, N, *SD_RANGE) < 1e-6
     sums, counts = [], []
     for _ in range(N):
         (pub,) = world.enclave.on_record(world.sealer.seal("s", [3.0]).body, now_ms()).publish
-        sums.append(pub.message.sum[0] - 3.0)
+        sums.append([v - t for v, t in zip(pub.message.sum, truth)])
         counts.append(pub.message.count - 1)
-    assert SD_RANGE[0] < statistics.pstdev(sums) / plan.sum_std < SD_RANGE[1]
+    for i in range(len(truth)):
+        assert SD_RANGE[0] < statistics.pstdev([r[i] for r in sums]) / plan.sum_std < SD_RANGE[1]
     assert SD_RANGE[0] < statistics.pstdev(counts) / plan.count_std < SD_RANGE[1]
 
 
