@@ -28,7 +28,7 @@ from sealedsum.common.results import Release
 
 @dataclass(frozen=True, slots=True)
 class PostProcessed:
-    """A release's figures made feasible. ``sum`` holds the buckets of a histogram."""
+    """A release's figures made feasible. ``sum`` holds the buckets of a histogram (integers)."""
 
     stream: str
     window: int
@@ -61,8 +61,8 @@ def post_process(release: Release, policy: StreamPolicy) -> PostProcessed:
     if release.stream != policy.name or release.aggregate != policy.kind or release.dimension != policy.dimension:
         raise ValueError(f"release of {release.stream!r} does not match the policy of {policy.name!r}")
     if policy.kind == StreamKind.HISTOGRAM:
-        buckets = tuple(float(max(round(b), 0)) for b in release.sum)
-        return PostProcessed(release.stream, release.window, release.aggregate, int(sum(buckets)), buckets, None)
+        buckets = tuple(max(round(b), 0) for b in release.sum)
+        return PostProcessed(release.stream, release.window, release.aggregate, sum(buckets), buckets, None)
     count = max(round(release.count), 0)
     if policy.l2_bound is not None:
         radius = count * policy.l2_bound
