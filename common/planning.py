@@ -248,4 +248,6 @@ def plans(policy: EnclavePolicy, stream: str | None = None, records_per_window: 
           typical_value: Sequence[float] | None = None) -> list[StreamPlan]:
     """The plan of one stream, or of every stream in name order."""
     names = [stream] if stream is not None else sorted(policy.streams)
+    if typical_value is not None and len(names) > 1:
+        raise ConfigError("--typical-value is one stream's typical record", hint="name the stream with --stream")
     return [stream_plan(policy, n, records_per_window, typical_value) for n in names]

@@ -189,6 +189,10 @@ def test_cli_errors_are_usage_errors(config_file, capsys):
     assert main(["plan", "--config", str(config_file), "--stream", "nope"]) == ExitCode.USAGE
     assert "unknown stream" in capsys.readouterr().err
     assert main(["plan", "--config", str(config_file), "--typical-value", "x"]) == ExitCode.USAGE
+    capsys.readouterr()
+    assert main(["plan", "--config", str(config_file), "--typical-value", "3"]) == ExitCode.USAGE
+    assert "--stream" in capsys.readouterr().err
+    assert main(["plan", "--config", str(config_file), "--stream", "hourly", "--typical-value", "3"]) == ExitCode.OK
 
 
 N = 1200
