@@ -155,6 +155,11 @@ class StreamPolicy:
         hi = self.upper if isinstance(self.upper, tuple) else (self.upper,) * self.dimension
         return list(zip(lo, hi))
 
+    @property
+    def box(self) -> list[tuple[float, float]]:
+        """Each coordinate's clipping bounds ``(lower, upper)``; box-bounded streams only."""
+        return self._box()
+
     def coordinate_ranges(self, count: int) -> list[tuple[int, int]]:
         """The range each fixed-point total can take for ``count`` records; for ``count = 1``,
         what one record may hold, which the enclave checks every record against."""

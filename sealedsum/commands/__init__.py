@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from sealedsum.commands import attest, broker, consume, demo, produce, sidecar
+from sealedsum.commands import attest, broker, consume, demo, plan, produce, sidecar
 from sealedsum.commands.options import add_logging_options, add_logging_options_everywhere
 from sealedsum.common import logs
 from sealedsum.common.errors import ExitCode, SealedsumError
@@ -16,6 +16,7 @@ from sealedsum.common.errors import ExitCode, SealedsumError
 EPILOG = """\
 typical session:
   sealedsum platform init --state ./state          # once: prints the platform key to pin
+  sealedsum plan --config sealedsum.toml           # preview the noise and budget of each stream
   sealedsum measure --config sealedsum.toml        # the enclave measurement to allow
   sealedsum sidecar --config sealedsum.toml --state ./state
   sealedsum attest  --config sealedsum.toml
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_logging_options(parser, os.environ.get("SEALEDSUM_LOG_LEVEL"), False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (sidecar, attest, produce, consume, demo, broker):
+    for module in (sidecar, attest, produce, consume, plan, demo, broker):
         module.register(sub)
     add_logging_options_everywhere(sub)
     return parser

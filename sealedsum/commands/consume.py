@@ -13,6 +13,7 @@ from sealedsum.common.policy import StreamKind
 from sealedsum.common.privacy import Mechanism
 from sealedsum.common.results import BudgetExhausted
 from sealedsum.consumers.client import Consumer
+from sealedsum.consumers.postprocess import post_process
 
 
 def _fmt(v) -> str:
@@ -31,8 +32,9 @@ def describe(view: dict) -> str:
         values = f"buckets {_fmt(view['buckets'])}"
     else:
         values = f"sum {_fmt(view['sum'])}, mean {_fmt(view['mean'])}"
+    verified = "post-processed from the verified release" if view.get("post_processed") else "verified"
     return (f"{view['stream']} window {view['window']}: count {view['count']}, {values}  "
-            f"[{view['mechanism']}, {privacy}; verified]")
+            f"[{view['mechanism']}, {privacy}; {verified}]")
 
 
 def _consume(args) -> int:
@@ -58,6 +60,8 @@ def _consume(args) -> int:
                     if not open_streams:
                         break
                     continue
+                if args.post_process:  # only what is printed: the verified release stays as signed
+                    view = post_process(message, consumer.enclave.policy.stream(message.stream)).to_json(message)
                 print(json.dumps(view) if args.json else describe(view), flush=True)
                 received += 1
                 if args.count and received >= args.count:
@@ -122,6 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop after S seconds without a release")
     c.add_argument("--queue", help="a durable queue name to use instead of a private temporary one")
     c.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    c.add_argument("--post-process", action="store_true",
+                   help="print feasible figures: counts and histogram buckets rounded to integers >= 0, sums "
+                        "and means clamped to what count records within the bounds allow (costs no budget; "
+                        "the signed release is verified as received)")
     chain = c.add_mutually_exclusive_group()
     chain.add_argument("--chain-state", metavar="PATH",
                        help="remember each stream's verified ledger chain in this file (default: [consumer] "
