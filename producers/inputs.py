@@ -176,12 +176,15 @@ class RecordReader:
                                  f"{', '.join(self.header)})")
         self._indexes = out
 
+    def _could_be_header(self, first: str) -> bool:
+        names = _cells(first)
+        return not _is_json(first, self.fmt) and all(c.strip() for c in names) and not any(map(_is_number, names))
+
     def _looks_like_header(self, first: str, second: str | None) -> bool:
-        if _is_json(first, self.fmt) or second is None or _is_json(second, self.fmt):
+        if second is None or _is_json(second, self.fmt):
             return False
-        names, row = _cells(first), _cells(second)
-        return (len(names) == len(row) and not any(_is_number(c) for c in names)
-                and all(c.strip() for c in names) and any(_is_number(c) for c in row))
+        row = _cells(second)
+        return len(_cells(first)) == len(row) and any(_is_number(c) for c in row)
 
     def _parse(self, number: int, text: str) -> InputLine:
         try:
@@ -199,7 +202,9 @@ class RecordReader:
                 self._resolve_columns_or_missing()
             return
         second = None
-        if self.want_header is None and self.fmt != "jsonl" and not _is_json(first[1].strip(), self.fmt):
+        # Only a first line that could be a header waits for the next: a record on a pipe
+        # goes out before the line after it is written.
+        if self.want_header is None and self.fmt != "jsonl" and self._could_be_header(first[1].strip()):
             second = next(numbered, None)
             is_header = self._looks_like_header(first[1].strip(), second[1].strip() if second else None)
         else:

@@ -92,13 +92,16 @@ class ResumeState:
 class TrackedInput:
     """The input's lines as read, hashed up to where the run got (:meth:`advance`), with the
     bytes read so far for progress. With ``skip_through`` > 0 (a rerun) the hash of those
-    first lines is checked against ``expected`` as soon as they are read.
+    first lines is checked against ``expected`` as soon as they are read. With ``hashing``
+    off it only counts (a run without a state file keeps no lines).
 
     :raises ResumeError: (while iterating) those lines are not the ones the state covers.
     """
 
-    def __init__(self, lines: Iterable[str], skip_through: int = 0, expected: str | None = None) -> None:
+    def __init__(self, lines: Iterable[str], skip_through: int = 0, expected: str | None = None,
+                 *, hashing: bool = True) -> None:
         self._lines = lines
+        self.hashing = hashing
         self.skip_through, self._expected = skip_through, expected
         self._hash = hashlib.sha256()
         self.hashed_through = 0
@@ -115,7 +118,7 @@ class TrackedInput:
                 self.hashed_through = number
                 if number == self.skip_through:
                     self._check()
-            else:
+            elif self.hashing:
                 self._unhashed.append((number, raw))
             yield line
         if self.lines_read < self.skip_through:

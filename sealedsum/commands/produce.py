@@ -105,6 +105,9 @@ def _interruptible(items, interrupt: _Interrupt):
 
 def _open_input(path: str | None):
     if path in (None, "-"):
+        # Bytes that are not UTF-8 make a bad line, not a crash.
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")
         return sys.stdin, "-", None
     try:
         source = open(path, encoding="utf-8", errors="surrogateescape", newline="")
@@ -129,7 +132,8 @@ def _produce(args) -> int:
             run = {"input": input_name, "size": input_size, "stream": args.stream, "window": args.window,
                    "format": args.format, "column": args.column, "field": args.field, "header": args.header}
             resume = ResumeState.open(args.resume, run)
-        tracked = TrackedInput(source, resume.lines_done if resume else 0, resume.prefix_sha256 if resume else None)
+        tracked = TrackedInput(source, resume.lines_done if resume else 0, resume.prefix_sha256 if resume else None,
+                               hashing=resume is not None)
         return _produce_from(args, cfg, reader, tracked, resume, input_size)
     finally:
         if source is not sys.stdin:
@@ -195,9 +199,13 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
         return settle()
 
     def rejected(number: int, why) -> None:
+        nonlocal frontier
         summary["rejected_by_validation"] += 1
         print(f"line {number}: rejected: {why}", file=sys.stderr)
-        pending.append((number, None))
+        if pending:
+            pending.append((number, None))  # done, but the frontier waits for the records before it
+        elif not broken:
+            frontier = number
 
     interrupt = _Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt)

@@ -93,6 +93,14 @@ def test_ctrl_c_prints_the_summary_and_resume_counts_every_line_once(sidecar_fac
         out = produce(sc, "--input", str(other), "--resume", str(state))
         assert out.returncode == 2 and "another run" in out.stderr, out.stderr
 
+        # The same file changed within the lines sent (same size): refused too.
+        original = data.read_text()
+        data.write_text(original.replace("\n5\n", "\n6\n", 1))
+        out = produce(sc, "--input", str(data), "--resume", str(state))
+        assert out.returncode == 2 and "the input changed" in out.stderr, out.stderr
+        assert json.loads(state.read_text()) == saved
+        data.write_text(original)
+
         second = produce(sc, "--input", str(data), "--resume", str(state), timeout=300)
         assert second.returncode == 0, second.stderr
         rest = json.loads(second.stdout)

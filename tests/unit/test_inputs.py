@@ -209,3 +209,11 @@ def test_csv_header_and_jsonl_objects_read_as_plain_numbers():
     jsonl = [r.values for r in read_records([f'{{"id": {i}, "amount": {v}}}' for i, v in enumerate((1.5, 2, 3.25))],
                                             field="amount")]
     assert plain == csv == jsonl
+
+
+def test_a_first_line_of_numbers_goes_out_before_the_next_is_read():
+    def lines():
+        yield "1.5\n"
+        raise AssertionError("read ahead")
+
+    assert next(read_records(lines())) == InputLine(1, [1.5])

@@ -75,3 +75,9 @@ def test_a_changed_prefix_is_refused_before_the_next_line_is_read():
 def test_a_shorter_input_is_refused():
     with pytest.raises(ResumeError, match="has 1 lines"):
         list(TrackedInput(["a\n"], skip_through=3, expected="00"))
+
+
+def test_without_hashing_no_line_is_kept():
+    tracked = TrackedInput([f"{i}\n" for i in range(1000)], hashing=False)
+    assert sum(1 for _ in tracked) == 1000
+    assert not tracked._unhashed and tracked.lines_read == 1000 and tracked.bytes_read == 3890
