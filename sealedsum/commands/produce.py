@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -296,7 +297,8 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
     if interrupted:
         print(f"interrupted: {summary['confirmed']} of {summary['sent']} records sent were confirmed"
               + (f", {unconfirmed} not within {INTERRUPT_WAIT_S:g} s (they may count or not)" if unconfirmed else "")
-              + (f"; rerun with --resume {args.resume} to go on after line {frontier}" if resume else ""),
+              + (f"; rerun with --resume {args.resume} to go on after line {frontier}" if resume
+                 else "; without --resume FILE a rerun sends every line again"),
               file=sys.stderr)
         return ExitCode.INTERRUPTED
     if code == ExitCode.OK and summary["rejected_by_validation"]:
@@ -330,17 +332,22 @@ def _keygen(args) -> int:
     return 0
 
 
+def _paragraphs(text: str) -> str:
+    return "\n\n".join(textwrap.fill(p, 88) for p in text.split("\n\n"))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "produce", help="attest the enclave, then encrypt, seal and publish records",
-        description="Read one record per line, attest the enclave, clip each value to the stream's "
+        description=_paragraphs("Read one record per line, attest the enclave, clip each value to the stream's "
                     "bounds, encrypt it under the enclave's Paillier key, seal the record to the "
                     "enclave and publish it with a publisher confirm (pipelined: up to 256 records "
                     "await their confirms at once). Nothing is sent if attestation fails.\n\n"
                     "input: CSV (`1.5,2.0`: one value per column) or JSON lines (`1.5`, `[1.5, 2.0]`, "
                     '`{"values": [...]}`, or any object with --field). Blank lines and # comments are '
-                    "skipped. A CSV header row is skipped too: the first row when none of its cells is a "
-                    "number and the next row's are (or always, with --header). Numbers are plain decimals "
+                    "skipped. A CSV header row is skipped too: the first row, when none of its cells is a "
+                    "number and the next row has as many cells, some of them numbers (or always, with "
+                    "--header). Numbers are plain decimals "
                     "(`-1.5`, `2e3`): `1_000`, `nan` and `inf` are refused. A line that cannot be read, or "
                     "does not fit the stream (its dimension), is reported on stderr as `line N: rejected: "
                     "why` and skipped; the rest is sent.\n\n"
@@ -348,7 +355,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "were rejected, 3 if some were not confirmed.\n\n"
                     "Ctrl-C: stops reading, waits up to 5 s for the records sent to be confirmed, prints "
                     "the summary and exits 130 (a second Ctrl-C stops at once). With --resume FILE a "
-                    "rerun goes on where the interrupted run stopped: every line is sent once over both.",
+                    "rerun goes on where the interrupted run stopped: every line is sent once over both."),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_argument(p)
@@ -367,7 +374,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="FILE",
                    help="record in FILE how far the input was confirmed (written atomically every "
                         f"{RESUME_EVERY} lines and at exit); a rerun with the same FILE, input and options "
-                        "skips those lines. Refused if the input or options changed. Lines the broker did "
+                        "skips those lines (confirmed, or rejected: those are not tried again). Refused if the "
+                        "input or options changed. Lines the broker did "
                         "not confirm are sent again; the enclave drops a line it already counted as a "
                         "duplicate (within its replay horizon)")
     p.add_argument("--window", type=int, default=0,
