@@ -172,19 +172,22 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
             elif p.confirmed:
                 summary["confirmed"] += 1
                 summary["clipped"] += p.record.clipped
-                if resume:
+                if resume and not broken:
                     resume.confirmed += 1
             else:
                 print(f"line {number}: not confirmed: {p.error}", file=sys.stderr)
                 ok, broken = False, True
             if not broken:
-                frontier = number
+                frontier = max(frontier, number)
         if frontier - saved_at >= RESUME_EVERY:
             save()
         return ok
 
     group = MessageGroup(args.per_message)  # the records that go in the next message
     numbers: list[int] = []  # their line numbers
+    # Lines rejected while the group was filling: done, but only once the group's records
+    # before them are, so they follow it into `pending`.
+    held_rejects: list[int] = []
 
     def submit_group() -> bool:
         """Publish the grouped records, one message for all (pipelined: up to the producer's
@@ -196,6 +199,8 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
         except TransportError:
             return False  # an earlier record failed: its line is reported below
         pending.extend(zip(lines, submitted))
+        pending.extend((n, None) for n in held_rejects)
+        held_rejects.clear()
         summary["sent"] += len(records)
         return settle()
 
@@ -203,10 +208,12 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
         nonlocal frontier
         summary["rejected_by_validation"] += 1
         print(f"line {number}: rejected: {why}", file=sys.stderr)
-        if pending:
-            pending.append((number, None))  # done, but the frontier waits for the records before it
+        if group:
+            held_rejects.append(number)
+        elif pending:
+            pending.append((number, None))
         elif not broken:
-            frontier = number
+            frontier = max(frontier, number)
 
     interrupt = _Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt)
@@ -263,9 +270,15 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
                 if interrupt.count < 2:
                     _wait_briefly(producer, interrupt)
                 settle()
-            # Not counted and left for a rerun: what is still unconfirmed, and the records
-            # sealed for the next message.
-            unconfirmed = sum(1 for _, p in pending if p is not None)
+            # Left for a rerun: the lines from the first one still unconfirmed on (the confirmed
+            # among them are sent again, and the enclave drops them as duplicates), and the
+            # records sealed for the next message.
+            for _, p in pending:
+                if p is not None and p.confirmed:
+                    summary["confirmed"] += 1
+                    summary["clipped"] += p.record.clipped
+                elif p is not None:
+                    unconfirmed += 1
             pending.clear()
         finally:
             if producer is not None:
