@@ -145,7 +145,7 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
                   input_size: int | None) -> int:
     summary = {"stream": args.stream, "sent": 0, "confirmed": 0, "rejected_by_validation": 0, "clipped": 0}
     if resume:
-        summary["resumed_after_line"] = resume.lines_done
+        summary["resumed_after_line"], summary["skipped"] = resume.lines_done, 0
     started = time.monotonic()
     code = ExitCode.OK
     # (line number, PendingRecord), oldest first; None for a line rejected by validation
@@ -234,7 +234,7 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
                     header_told = True
                     print(f"line {reader.header_line}: header: {', '.join(reader.header)}", file=sys.stderr)
                 if line.number <= tracked.skip_through:
-                    summary["skipped"] = summary.get("skipped", 0) + 1
+                    summary["skipped"] += 1
                     continue
                 values = line.values
                 if values is None:
