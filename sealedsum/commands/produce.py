@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import sys
 import textwrap
 import time
@@ -105,16 +106,24 @@ def _interruptible(items, interrupt: _Interrupt):
 
 
 def _open_input(path: str | None):
+    """The input, its name and size for --resume, and its size for progress (also known for
+    stdin redirected from a file)."""
     if path in (None, "-"):
         # Bytes that are not UTF-8 make a bad line, not a crash.
         if hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="surrogateescape")
-        return sys.stdin, "-", None
+        try:
+            st = os.fstat(sys.stdin.fileno())
+            total = st.st_size if stat.S_ISREG(st.st_mode) else None
+        except (OSError, ValueError, AttributeError):  # no descriptor (stdin replaced, closed)
+            total = None
+        return sys.stdin, "-", None, total
     try:
         source = open(path, encoding="utf-8", errors="surrogateescape", newline="")
     except OSError as err:
         raise InputError(f"cannot read --input {path}: {err.strerror}") from None
-    return source, os.path.abspath(path), os.fstat(source.fileno()).st_size
+    size = os.fstat(source.fileno()).st_size
+    return source, os.path.abspath(path), size, size
 
 
 def _produce(args) -> int:
@@ -126,7 +135,7 @@ def _produce(args) -> int:
     cfg = load_config(args)
     if args.encrypt_workers is not None:
         os.environ[encryption.ENV_WORKERS] = str(args.encrypt_workers)
-    source, input_name, input_size = _open_input(args.input)
+    source, input_name, input_size, total_bytes = _open_input(args.input)
     try:
         resume = None
         if args.resume:
@@ -135,14 +144,14 @@ def _produce(args) -> int:
             resume = ResumeState.open(args.resume, run)
         tracked = TrackedInput(source, resume.lines_done if resume else 0, resume.prefix_sha256 if resume else None,
                                hashing=resume is not None)
-        return _produce_from(args, cfg, reader, tracked, resume, input_size)
+        return _produce_from(args, cfg, reader, tracked, resume, total_bytes)
     finally:
         if source is not sys.stdin:
             source.close()
 
 
 def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume: ResumeState | None,
-                  input_size: int | None) -> int:
+                  total_bytes: int | None) -> int:
     summary = {"stream": args.stream, "sent": 0, "confirmed": 0, "rejected_by_validation": 0, "clipped": 0}
     if resume:
         summary["resumed_after_line"], summary["skipped"] = resume.lines_done, 0
@@ -227,7 +236,7 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
             with interrupt.allowed():
                 producer = Producer(cfg)
                 producer.sealer.stream(args.stream)  # fail before reading input if the stream is unknown
-            progress = Progress(args.progress or sys.stderr.isatty(), total_bytes=input_size)
+            progress = Progress(args.progress or sys.stderr.isatty(), total_bytes=total_bytes)
             header_told = False
             for line in _interruptible(reader.read(tracked), interrupt):
                 if reader.header is not None and not header_told:
