@@ -64,7 +64,8 @@ RESUME_STREAM = dict(STREAM, window_records=1000, upper=10.0)
 LINES = 10_000
 
 
-def test_ctrl_c_prints_the_summary_and_resume_counts_every_line_once(sidecar_factory, tmp_path):
+@pytest.mark.parametrize("per_message", ["1", "25"])
+def test_ctrl_c_prints_the_summary_and_resume_counts_every_line_once(sidecar_factory, tmp_path, per_message):
     sc = sidecar_factory({"s": RESUME_STREAM})
     values = [i % 10 for i in range(LINES)]
     data = tmp_path / "data.csv"
@@ -72,7 +73,8 @@ def test_ctrl_c_prints_the_summary_and_resume_counts_every_line_once(sidecar_fac
     state = tmp_path / "resume.json"
     with Consumer(sc.config, "s") as consumer:
         proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "produce", "--config", str(sc.config_path),
-                                 "--stream", "s", "--json", "--progress", "--input", str(data), "--resume", str(state)],
+                                 "--stream", "s", "--json", "--progress", "--input", str(data), "--resume", str(state),
+                                 "--per-message", per_message],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         told = proc.stderr.readline()  # once attested and reading
         assert "line 1: header: amount" in told, told + proc.stderr.read()
@@ -91,18 +93,18 @@ def test_ctrl_c_prints_the_summary_and_resume_counts_every_line_once(sidecar_fac
         # Another input under the same state file is refused, and sends nothing.
         other = tmp_path / "other.csv"
         other.write_text(data.read_text().replace("amount\n0\n", "amount\n1\n", 1))
-        out = produce(sc, "--input", str(other), "--resume", str(state))
+        out = produce(sc, "--input", str(other), "--resume", str(state), "--per-message", per_message)
         assert out.returncode == 2 and "another run" in out.stderr, out.stderr
 
         # The same file changed within the lines sent (same size): refused too.
         original = data.read_text()
         data.write_text(original.replace("\n5\n", "\n6\n", 1))
-        out = produce(sc, "--input", str(data), "--resume", str(state))
+        out = produce(sc, "--input", str(data), "--resume", str(state), "--per-message", per_message)
         assert out.returncode == 2 and "the input changed" in out.stderr, out.stderr
         assert json.loads(state.read_text()) == saved
         data.write_text(original)
 
-        second = produce(sc, "--input", str(data), "--resume", str(state), timeout=300)
+        second = produce(sc, "--input", str(data), "--resume", str(state), "--per-message", per_message, timeout=300)
         assert second.returncode == 0, second.stderr
         rest = json.loads(second.stdout)
         assert rest["resumed_after_line"] == first["resume_line"]

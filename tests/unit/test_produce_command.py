@@ -152,7 +152,8 @@ def test_an_interrupted_run_and_its_rerun_send_each_line_once(fake, tmp_path, pe
     path, good = write_input(tmp_path)
     state = tmp_path / "r.json"
     fake.interrupt_at = interrupt_at
-    code, first = run_produce("--input", str(path), "--column", "2", "--per-message", per_message, "--resume", str(state))
+    code, first = run_produce("--input", str(path), "--column", "2", "--per-message", per_message,
+                              "--resume", str(state))
     assert code == produce.ExitCode.INTERRUPTED and first["interrupted"] is True
     # Lines still in the group when Ctrl-C came were never sent: the frontier stays before them.
     assert first["resume_line"] < interrupt_at and all(n < interrupt_at for n in confirmed_lines())
