@@ -98,7 +98,10 @@ def _json_values(raw, field: str | None) -> list[float]:
 
 def _cells(text: str) -> list[str]:
     # The csv module for quoted header names ("amount"); an empty line is one empty cell.
-    rows = list(csv.reader([text]))
+    try:
+        rows = list(csv.reader([text]))
+    except csv.Error as err:  # a cell over csv.field_size_limit()
+        raise ValueError(f"not a CSV row: {err}") from None
     return rows[0] if rows and rows[0] else [""]
 
 
@@ -177,13 +180,19 @@ class RecordReader:
         self._indexes = out
 
     def _could_be_header(self, first: str) -> bool:
-        names = _cells(first)
+        try:
+            names = _cells(first)
+        except ValueError:
+            return False
         return not _is_json(first, self.fmt) and all(c.strip() for c in names) and not any(map(_is_number, names))
 
     def _looks_like_header(self, first: str, second: str | None) -> bool:
         if second is None or _is_json(second, self.fmt):
             return False
-        row = _cells(second)
+        try:
+            row = _cells(second)
+        except ValueError:
+            return False
         return len(_cells(first)) == len(row) and any(_is_number(c) for c in row)
 
     def _parse(self, number: int, text: str) -> InputLine:
@@ -210,7 +219,10 @@ class RecordReader:
         else:
             is_header = bool(self.want_header)
         if is_header:
-            self.header = [c.strip() for c in _cells(first[1].strip())]
+            try:
+                self.header = [c.strip() for c in _cells(first[1].strip())]
+            except ValueError as err:
+                raise InputError(f"line {first[0]}: the header is {err}") from None
             self.header_line = first[0]
         self._resolve_columns()
         if not is_header:

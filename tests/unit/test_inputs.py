@@ -61,8 +61,10 @@ def test_malformed_lines_raise_value_error(text):
         parse_line(text)
 
 
-@pytest.mark.parametrize("text", ["[" * 100_000, "[1" + "0" * 400 + "]", '{"value": 1' + "0" * 400 + "}"],
-                         ids=["deep-nesting", "huge-int-list", "huge-int-value"])
+@pytest.mark.parametrize("text", ["[" * 100_000, "[1" + "0" * 400 + "]", '{"value": 1' + "0" * 400 + "}",
+                                  "1" * 200_000, '"' + "1" * 200_000, "1,\x00"],
+                         ids=["deep-nesting", "huge-int-list", "huge-int-value", "huge-cell", "huge-quoted-cell",
+                              "nul"])
 def test_hostile_json_is_a_value_error(text):
     """Deeply nested JSON and integers beyond float range are bad lines, not crashes."""
     with pytest.raises(ValueError):
@@ -217,3 +219,10 @@ def test_a_first_line_of_numbers_goes_out_before_the_next_is_read():
         raise AssertionError("read ahead")
 
     assert next(read_records(lines())) == InputLine(1, [1.5])
+
+
+def test_a_huge_first_line_is_a_bad_line_or_a_bad_header():
+    assert [r.number for r in read_records(["a" * 200_000, "1"])] == [1, 2]
+    assert [r.values for r in read_records(["a", "1" * 200_000])][0] is None
+    with pytest.raises(InputError, match="line 1: the header is not a CSV row"):
+        list(read_records(["a" * 200_000, "1"], header=True))
