@@ -226,3 +226,20 @@ def test_a_huge_first_line_is_a_bad_line_or_a_bad_header():
     assert [r.values for r in read_records(["a", "1" * 200_000])][0] is None
     with pytest.raises(InputError, match="line 1: the header is not a CSV row"):
         list(read_records(["a" * 200_000, "1"], header=True))
+
+
+@pytest.mark.parametrize("options", [{}, {"columns": ["2"]}, {"field": "a"}, {"fmt": "csv"}, {"fmt": "jsonl"}])
+def test_any_text_is_records_or_bad_lines_never_an_exception(options):
+    from hypothesis import given, settings, strategies as st
+
+    alphabet = st.sampled_from(list('0123456789.,-+eE_ "[]{}:#anNifx\\\t') + ["\x00", "é", "١"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.text(alphabet, max_size=30), max_size=6))
+    def check(lines):
+        out = list(read_records(lines, **options))
+        assert all((r.values is None) == (r.error is not None) for r in out)
+        assert all(all(type(v) is float and v == v and abs(v) != float("inf") for v in r.values)
+                   for r in out if r.values is not None)
+
+    check()
