@@ -85,6 +85,12 @@ class ResumeState:
             except BaseException:
                 os.unlink(tmp)
                 raise
+            # The rename itself survives a power cut only once its directory is on disk.
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as err:
             raise ResumeError(f"cannot write the resume file {self.path}: {err.strerror}") from None
 

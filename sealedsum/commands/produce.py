@@ -142,6 +142,8 @@ def _produce(args) -> int:
             run = {"input": input_name, "size": input_size, "stream": args.stream, "window": args.window,
                    "format": args.format, "column": args.column, "field": args.field, "header": args.header}
             resume = ResumeState.open(args.resume, run)
+            if not resume.path.exists():
+                resume.save()  # an unwritable place fails now, before anything is sent
         tracked = TrackedInput(source, resume.lines_done if resume else 0, resume.prefix_sha256 if resume else None,
                                hashing=resume is not None)
         return _produce_from(args, cfg, reader, tracked, resume, total_bytes)

@@ -191,3 +191,12 @@ def test_ctrl_c_summary_counts_what_was_confirmed(fake, tmp_path):
     assert code == produce.ExitCode.INTERRUPTED
     assert summary["sent"] == summary["confirmed"] == len([n for n in good if n < 12])
     assert summary["unconfirmed"] == 0 and "resume_line" not in summary
+
+
+def test_an_unwritable_resume_file_is_refused_before_connecting(fake, tmp_path):
+    from sealedsum.common.errors import ResumeError
+
+    path, _ = write_input(tmp_path, 5)
+    with pytest.raises(ResumeError, match="cannot write"):
+        run_produce("--input", str(path), "--resume", str(tmp_path / "no" / "such" / "dir.json"))
+    assert FakeProducer.runs == []
