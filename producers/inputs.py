@@ -208,7 +208,7 @@ class RecordReader:
         first = next(numbered, None)
         if first is None:
             if self.want_header:
-                self._resolve_columns_or_missing()
+                self._no_header_for_names()
             return
         second = None
         # Only a first line that could be a header waits for the next: a record on a pipe
@@ -232,7 +232,7 @@ class RecordReader:
         for number, text in numbered:
             yield self._parse(number, text)
 
-    def _resolve_columns_or_missing(self) -> None:
+    def _no_header_for_names(self) -> None:
         if self.columns and any(not c.isdigit() for c in self.columns):
             raise InputError("the input is empty: no header to find --column in")
 
