@@ -154,6 +154,19 @@ class ChainStateError(SealedsumError):
     exit_code = ExitCode.USAGE
 
 
+class InputError(ConfigError):
+    """The producer's input does not fit its options as a whole (``--column amount`` and no
+    such column in the header). A single bad line is no error: it is reported and skipped."""
+
+
+class ResumeError(ConfigError):
+    """A ``produce --resume`` state file does not fit this run (another input, stream or
+    options, or the input changed), or cannot be read or written. Nothing was sent."""
+
+    hint = ("resume with the same input and options as the interrupted run; to start over, "
+            "delete the state file (records it counted would then be counted again)")
+
+
 class PolicyMismatch(SealedsumError):
     """A value does not fit the stream's policy (dimension, bounds, stream name)."""
 

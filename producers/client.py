@@ -247,14 +247,16 @@ class Producer:
         self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         return enclave
 
-    def seal_current(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
+    def seal_current(self, stream: str, values: Iterable[float], *, window: int = 0,
+                     record_id: bytes | None = None) -> SealedRecord:
         """Seal one record with the enclave's current keys.
 
         Unlike :meth:`RecordSealer.seal` (the pure step, ``producer.sealer.seal``), this first
         attests the enclave again, over the broker, when it announced a newer key epoch, the
         broker connection was lost since the last attestation, or that is older than
         ``producer.reattest_seconds`` (see the class docstring): it may block on an attestation
-        RPC. It publishes nothing (:meth:`publish` and :meth:`submit` do)."""
+        RPC. It publishes nothing (:meth:`publish` and :meth:`submit` do). ``record_id``
+        (default random): the enclave counts a record id once within its replay horizon."""
         if self._reattest_due():
             try:
                 self.reattest()
@@ -268,7 +270,7 @@ class Producer:
                 log.warning("could not attest again yet; sealing with the keys attested last", extra={"fields": {
                     "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": delay}})
                 self._retry_at = time.monotonic() + delay
-        return self.sealer.seal(stream, values, window=window)
+        return self.sealer.seal(stream, values, window=window, record_id=record_id)
 
     def _reattest_due(self) -> bool:
         for body in self._transport.take_notices():
