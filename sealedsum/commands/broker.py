@@ -22,7 +22,7 @@ from sealedsum.common.config import Config, redact_url
 from sealedsum.common.errors import ConfigError, ExitCode
 from sealedsum.common.topology import ROLES
 from sealedsum.message_limits import MessageLimit, conf_line, message_limit
-from sealedsum.rabbitmqctl import RABBITMQCTL_ENV, Rabbitmqctl, apply, remove
+from sealedsum.rabbitmqctl import RABBITMQCTL_ENV, Rabbitmqctl, apply, check_same_broker, remove
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, list[Account], str]:
@@ -56,6 +56,8 @@ def _setup(args: argparse.Namespace) -> int:
                  f"or set {', '.join('$' + password_env(r) for r in generated)}")
     live = not args.definitions or args.apply
     ctl = Rabbitmqctl(args.rabbitmqctl) if live else None  # fail early if it is missing
+    if ctl:
+        check_same_broker(ctl, cfg.broker)
 
     if args.definitions:
         doc = definitions(accts, vhost, with_guest=args.with_guest)
@@ -116,8 +118,10 @@ def _explain(limit: MessageLimit) -> str:
 
 
 def _teardown(args: argparse.Namespace) -> int:
-    _, accts, _ = _load(args)
-    done = remove(Rabbitmqctl(args.rabbitmqctl), accts)
+    cfg, accts, _ = _load(args)
+    ctl = Rabbitmqctl(args.rabbitmqctl)
+    check_same_broker(ctl, cfg.broker)
+    done = remove(ctl, accts)
     for user, state in done.items():
         print(f"{user}: {state}")
     return ExitCode.OK
