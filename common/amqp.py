@@ -321,3 +321,16 @@ def marker_queue(settings: BrokerSettings, name: str) -> Iterator[str]:
         if conn.is_open:
             with contextlib.suppress(pe.AMQPError):
                 conn.close()
+
+
+ACCESS_REFUSED_HINT = ("the broker account in AMQP_URL (or broker.url) lacks this permission: use the URL "
+                       "`sealedsum broker setup` wrote for this role (sidecar, producer or consumer), and see "
+                       "docs/broker-accounts.md for what each role may do")
+
+
+def channel_refused(err: pe.ChannelClosedByBroker, what: str, *, hint: str | None = None) -> TransportError:
+    """The error for a channel the broker closed on ``what``. A 403 is the account's
+    permissions, whatever ``hint`` (for a missing object, say) suggests."""
+    code = getattr(err, "reply_code", None)
+    text = getattr(err, "reply_text", "") or str(err)
+    return TransportError(f"{what}: {text}", retryable=False, hint=ACCESS_REFUSED_HINT if code == 403 else hint)
