@@ -150,11 +150,14 @@ def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
     )
 
 
-def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
+def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None, *,
+                 read_trust: bool = True) -> Config:
+    """The config in ``raw``; ``read_trust=False`` leaves ``[trust]`` unread (``trust`` is
+    ``None``): `sealedsum measure` prints what goes into it, so a placeholder there must not stop it."""
     env = os.environ if env is None else env
     d = take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
-    trust = _trust(d["trust"]) if "trust" in d else None
+    trust = _trust(d["trust"]) if "trust" in d and read_trust else None
     policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"), d.get("budget_groups"))
               if "streams" in d else None)
     if policy is None and ("enclave" in d or "identities" in d or "budget_groups" in d):
@@ -198,13 +201,14 @@ def _chain_state(raw: Mapping[str, Any], env: Mapping[str, str], path: Path | No
     return chain_path
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str | Path, env: Mapping[str, str] | None = None, *, read_trust: bool = True) -> Config:
     """Read the config file at ``path``.
 
     :param env: the environment variables to apply (``AMQP_URL``, ``SEALEDSUM_IDENTITY_FILE``,
         and ``XDG_STATE_HOME``/``HOME`` for the default chain state); ``None``, the process's
         (as the ``sealedsum`` command does), ``{}`` for none. To connect one process with two
         accounts, see :meth:`Config.with_broker_url`.
+    :param read_trust: as in :func:`from_mapping`.
     :raises ConfigError: no such file, not a file, not valid TOML, or not a valid config.
     """
     p = Path(path)
@@ -219,4 +223,4 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"cannot read config file {p}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from err
-    return from_mapping(raw, env, p)
+    return from_mapping(raw, env, p, read_trust=read_trust)
