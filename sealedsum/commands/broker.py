@@ -153,7 +153,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "files of an earlier run in --out DIR, else they are generated. They are never\n"
                     "printed unless --show is given. It also lowers the node's max_message_size (node-wide,\n"
                     "until the node restarts) to the largest message the config's policy produces, with\n"
-                    "headroom, and prints the rabbitmq.conf line that keeps it (--keep-max-message-size: not).",
+                    "headroom, and prints the rabbitmq.conf line that keeps it (--keep-max-message-size: not).\n"
+                    "Before changing anything it checks that rabbitmqctl's node is the broker the URL names\n"
+                    "(a marker queue declared over AMQP must show in `rabbitmqctl list_queues`), and exits 2\n"
+                    "if not.",
         epilog="examples:\n"
                "  sealedsum broker setup --config sealedsum.toml --out ./secrets   # ./secrets/producer.url ...\n"
                "  SEALEDSUM_SIDECAR_PASSWORD=... SEALEDSUM_PRODUCER_PASSWORD=... SEALEDSUM_CONSUMER_PASSWORD=... \\\n"
@@ -178,6 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = bsub.add_parser("teardown", help="delete the sidecar, producer and consumer users",
                         description="Delete the three users setup created (missing ones are fine). Users "
-                                    "with tags are never deleted. Exchanges and queues are left alone.")
+                                    "with tags are never deleted. Exchanges and queues are left alone. Like "
+                                    "setup, it refuses (exit 2) unless rabbitmqctl's node is the URL's broker.")
     common(t)
     t.set_defaults(func=_teardown, role="admin", default_log_level="WARNING")

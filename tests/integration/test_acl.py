@@ -31,7 +31,7 @@ from sealedsum.common import config as config_mod
 from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, ROLES, Topology, escape, role_permissions
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum.common.errors import BrokerAdminError
+from sealedsum.common.errors import BrokerAdminError, TransportError
 from sealedsum.rabbitmqctl import Rabbitmqctl
 from tests.integration.conftest import REPO, RunningSidecar, _no_broker
 
@@ -312,6 +312,12 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
         admin.close()
     assert all(f"refused for user '{user}'" in text for text in texts), texts
     assert "access to exchange 'amq.default'" in texts[-1]
+    # The consumer library, on the producer's account, says so: the sidecar is running.
+    with pytest.raises(TransportError) as info:
+        Consumer(sc.config.with_broker_url(url), "s", chain_state=None).close()
+    text = info.value.diagnostics()
+    assert "ACCESS_REFUSED" in text and "lacks this permission" in text and "broker setup" in text, text
+    assert "sidecar running" not in text
 
 
 # --- definitions for a broker to load at boot ------------------------------------------------
