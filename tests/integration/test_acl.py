@@ -260,6 +260,12 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
     ]
     assert all(f"refused for user '{user}'" in text for text in texts), texts
     assert "access to exchange 'amq.default'" in texts[-1]
+    # The producer library, on the consumer's account, says it lacks the permission.
+    with pytest.raises(TransportError) as info:
+        with Producer(sc.config.with_broker_url(url)) as producer:
+            producer.send("s", 5.0)
+    text = info.value.diagnostics()
+    assert "ACCESS_REFUSED" in text and "lacks this permission" in text and "sidecar running" not in text, text
 
 
 def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
