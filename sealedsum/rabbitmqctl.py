@@ -169,9 +169,13 @@ def check_same_broker(ctl: Rabbitmqctl, settings: BrokerSettings) -> None:
             seen = vhost in ctl.vhosts() and marker in ctl.queues(vhost)
     except TransportError as err:
         reason = str(err).replace(f" at {url}", "")
+        hint = SAME_BROKER_HINT
+        if vhost not in ctl.vhosts():  # the login is refused for a vhost that does not exist
+            hint = (f"{node} has no virtual host {vhost!r}: if it is the URL's broker, create it with "
+                    f"`rabbitmqctl add_vhost {shlex.quote(vhost)}`; otherwise {SAME_BROKER_HINT}")
         raise ConfigError(f"rabbitmqctl manages node {node}, but broker.url (or AMQP_URL) names {url}, where "
                           f"setup cannot check it is that node ({reason}); nothing was changed",
-                          hint=SAME_BROKER_HINT) from err
+                          hint=hint) from err
     if not seen:
         raise ConfigError(f"rabbitmqctl manages node {node}, but broker.url (or AMQP_URL) names {url}, another "
                           f"broker (cluster {cluster or '?'}): a queue declared there is not on {node}; "

@@ -74,3 +74,14 @@ def test_an_unreachable_url_is_refused(monkeypatch):
     text = info.value.diagnostics()
     assert "rabbit@here" in text and "elsewhere:5673" in text and "cannot reach the broker" in text
     assert "s3cret" not in text and text.count("elsewhere") == 1
+
+
+def test_a_missing_vhost_says_how_to_create_it(monkeypatch):
+    @contextlib.contextmanager
+    def no_access(settings, name):
+        raise TransportError(f"no access to the vhost at {rabbitmqctl.redact_url(settings.url)}")
+        yield  # pragma: no cover
+    monkeypatch.setattr(rabbitmqctl.amqp, "marker_queue", no_access)
+    with pytest.raises(ConfigError) as info:
+        rabbitmqctl.check_same_broker(FakeCtl(vhosts={"/"}), BrokerSettings("amqp://admin:s3cret@here/team-a"))
+    assert "rabbitmqctl add_vhost team-a" in info.value.hint and "no access to the vhost" in str(info.value)
