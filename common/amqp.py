@@ -65,10 +65,14 @@ def connection_error(err: BaseException, settings: BrokerSettings) -> TransportE
     return TransportError(f"cannot reach the broker at {redact_url(settings.url)}", hint=START_BROKER_HINT)
 
 
+# A listener that never speaks AMQP ends in a stack timeout, which is no AMQPConnectionError.
+CONNECT_ERRORS = (pe.AMQPConnectionError, AMQPConnectorException)
+
+
 def connect(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(parameters(settings, heartbeat=heartbeat, name=name))
-    except pe.AMQPConnectionError as err:
+    except CONNECT_ERRORS as err:
         raise connection_error(err, settings) from err
 
 
@@ -304,8 +308,7 @@ def marker_queue(settings: BrokerSettings, name: str) -> Iterator[str]:
     params.stack_timeout = 10
     try:
         conn = pika.BlockingConnection(params)
-    # A listener that never speaks AMQP ends in a stack timeout, which is no AMQPConnectionError.
-    except (pe.AMQPConnectionError, AMQPConnectorException) as err:
+    except CONNECT_ERRORS as err:
         raise connection_error(err, settings) from err
     try:
         props = getattr(conn._impl, "server_properties", None) or {}
