@@ -17,6 +17,7 @@ from typing import Iterator
 
 import pika
 import pika.exceptions as pe
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
 from sealedsum.common.config import BrokerSettings, redact_url
@@ -64,10 +65,14 @@ def connection_error(err: BaseException, settings: BrokerSettings) -> TransportE
     return TransportError(f"cannot reach the broker at {redact_url(settings.url)}", hint=START_BROKER_HINT)
 
 
+# A listener that never speaks AMQP ends in a stack timeout, which is no AMQPConnectionError.
+CONNECT_ERRORS = (pe.AMQPConnectionError, AMQPConnectorException)
+
+
 def connect(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(parameters(settings, heartbeat=heartbeat, name=name))
-    except pe.AMQPConnectionError as err:
+    except CONNECT_ERRORS as err:
         raise connection_error(err, settings) from err
 
 
@@ -285,3 +290,50 @@ def delete_topology(settings: BrokerSettings, extra_queues: tuple[str, ...] = ()
     finally:
         if conn.is_open:
             conn.close()
+
+
+@contextlib.contextmanager
+def marker_queue(settings: BrokerSettings, name: str) -> Iterator[str]:
+    """Hold an exclusive queue called ``name`` on the broker of ``settings.url`` while the
+    block runs (the broker deletes it when the connection closes); yield the broker's
+    ``cluster_name`` from its connection.start, for messages only.
+
+    ``sealedsum broker setup`` looks for it with rabbitmqctl: the cluster name alone cannot
+    tell two nodes apart (it is configurable, and need not be the node's name).
+
+    :raises TransportError: the broker cannot be reached, refuses the login, or refuses the queue."""
+    params = parameters(settings)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.stack_timeout = 10
+    try:
+        conn = pika.BlockingConnection(params)
+    except CONNECT_ERRORS as err:
+        raise connection_error(err, settings) from err
+    try:
+        props = getattr(conn._impl, "server_properties", None) or {}
+        cluster = props.get("cluster_name", b"")
+        cluster = cluster.decode("utf-8", "replace") if isinstance(cluster, bytes) else str(cluster)
+        try:
+            conn.channel().queue_declare(name, exclusive=True, auto_delete=True)
+        except pe.AMQPChannelError as err:
+            raise TransportError(f"the broker at {redact_url(settings.url)} refused to declare a queue: {err}",
+                                 retryable=False, hint="the URL must be an administrator's") from err
+        yield cluster
+    finally:
+        if conn.is_open:
+            with contextlib.suppress(pe.AMQPError):
+                conn.close()
+
+
+ACCESS_REFUSED_HINT = ("the broker account in AMQP_URL (or broker.url) lacks this permission: use the URL "
+                       "`sealedsum broker setup` wrote for this role (sidecar, producer or consumer), and see "
+                       "docs/broker-accounts.md for what each role may do")
+
+
+def channel_refused(err: pe.ChannelClosedByBroker, what: str, *, hint: str | None = None) -> TransportError:
+    """The error for a channel the broker closed on ``what``. A 403 is the account's
+    permissions, whatever ``hint`` (for a missing object, say) suggests."""
+    code = getattr(err, "reply_code", None)
+    text = getattr(err, "reply_text", "") or str(err)
+    return TransportError(f"{what}: {text}", retryable=False, hint=ACCESS_REFUSED_HINT if code == 403 else hint)

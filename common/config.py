@@ -7,6 +7,7 @@ in the environment overrides ``broker.url``. Unknown keys are errors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -78,6 +79,15 @@ class Config:
     # does not, and a restarted consumer accepts a ledger that started over; docs/protocol.md 15.5).
     chain_state: Path | None = None
 
+    def with_broker_url(self, url: str) -> "Config":
+        """This config, connecting to ``url`` instead: one process that produces and consumes
+        with two broker accounts loads the file once and derives one config per account
+        (``AMQP_URL`` would set the URL of every config the process loads).
+
+        :raises ConfigError: ``url`` is not an amqp:// or amqps:// URL.
+        """
+        return dataclasses.replace(self, broker=dataclasses.replace(self.broker, url=_checked_url(url)))
+
     def requirements(self, stream: str) -> Requirements:
         """What this client demands of ``stream``: ``[require]`` with ``[require.streams.NAME]`` on top."""
         override = self.require_streams.get(stream)
@@ -97,12 +107,16 @@ class Config:
         return self.policy
 
 
+def _checked_url(url: object) -> str:
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
+        raise ConfigError("broker.url (or AMQP_URL) must be an amqp:// or amqps:// URL")
+    return url
+
+
 def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     d = take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds",
                     "max_queued_records"}, "broker")
-    url = env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("amqp", "amqps"):
-        raise ConfigError("broker.url (or AMQP_URL) must be an amqp:// or amqps:// URL")
+    url = _checked_url(env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL)
     prefix = d.get("prefix", "sealedsum")
     if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " #*"):
         raise ConfigError("broker.prefix must be a non-empty name without spaces, # or *")
@@ -136,11 +150,14 @@ def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
     )
 
 
-def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
+def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None, *,
+                 read_trust: bool = True) -> Config:
+    """The config in ``raw``; ``read_trust=False`` leaves ``[trust]`` unread (``trust`` is
+    ``None``): `sealedsum measure` prints what goes into it, so a placeholder there must not stop it."""
     env = os.environ if env is None else env
     d = take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
-    trust = _trust(d["trust"]) if "trust" in d else None
+    trust = _trust(d["trust"]) if "trust" in d and read_trust else None
     policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"), d.get("budget_groups"))
               if "streams" in d else None)
     if policy is None and ("enclave" in d or "identities" in d or "budget_groups" in d):
@@ -184,13 +201,26 @@ def _chain_state(raw: Mapping[str, Any], env: Mapping[str, str], path: Path | No
     return chain_path
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str | Path, env: Mapping[str, str] | None = None, *, read_trust: bool = True) -> Config:
+    """Read the config file at ``path``.
+
+    :param env: the environment variables to apply (``AMQP_URL``, ``SEALEDSUM_IDENTITY_FILE``,
+        and ``XDG_STATE_HOME``/``HOME`` for the default chain state); ``None``, the process's
+        (as the ``sealedsum`` command does), ``{}`` for none. To connect one process with two
+        accounts, see :meth:`Config.with_broker_url`.
+    :param read_trust: as in :func:`from_mapping`.
+    :raises ConfigError: no such file, not a file, not valid TOML, or not a valid config.
+    """
     p = Path(path)
     try:
         with p.open("rb") as f:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist", hint="see the README for an example") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a directory", hint="pass the TOML file itself to --config") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {p}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from err
-    return from_mapping(raw, env, p)
+    return from_mapping(raw, env, p, read_trust=read_trust)

@@ -49,8 +49,8 @@ class ResultSubscriber:
                 self.channel.queue_bind(self.queue, t.results_exchange, routing_key=topology.result_routing_key(stream))
         except pe.ChannelClosedByBroker as err:
             self.close()
-            raise TransportError(f"cannot subscribe to results: {err.reply_text}", retryable=False,
-                                 hint="is the sidecar running? it declares the results exchange") from err
+            raise amqp.channel_refused(err, "cannot subscribe to results",
+                                       hint="is the sidecar running? it declares the results exchange") from err
         self.channel.basic_qos(prefetch_count=16)
 
     def attest(self, trust: TrustAnchors) -> AttestedEnclave:

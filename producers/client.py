@@ -14,10 +14,11 @@ enclave passed every attestation check.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 from nacl.public import PublicKey, SealedBox
 from phe import PaillierPublicKey
@@ -43,6 +44,25 @@ class SealedRecord:
     body: bytes
     record_id: bytes
     clipped: int
+
+
+# One record's values: a sequence, or a plain number for a 1-value stream (a sum, a histogram).
+Values = Union[float, Iterable[float]]
+
+
+def as_values(values: Values, stream: str) -> list[float]:
+    """``values`` as the list :meth:`StreamPolicy.encode` takes.
+
+    :raises PolicyMismatch: neither a number nor an iterable of them (a string is neither)."""
+    if isinstance(values, numbers.Real):
+        return [values]
+    if isinstance(values, (str, bytes)):
+        raise PolicyMismatch(f"stream {stream!r}: a record's values are numbers, not the text {values!r}")
+    try:
+        return list(values)
+    except TypeError:
+        raise PolicyMismatch(f"stream {stream!r}: a record's values are a number or a sequence of numbers, "
+                             f"not {type(values).__name__}") from None
 
 
 class RecordSealer:
@@ -95,10 +115,10 @@ class RecordSealer:
             self._accepted.add(name)
         return policy
 
-    def seal(self, stream: str, values: Iterable[float], *, now_ms: int | None = None,
+    def seal(self, stream: str, values: Values, *, now_ms: int | None = None,
              window: int = 0, record_id: bytes | None = None) -> SealedRecord:
         policy = self.stream(stream)
-        encoded, n_clipped = policy.encode(list(values))
+        encoded, n_clipped = policy.encode(as_values(values, policy.name))
         # One encryption per plaintext: per value, or per ciphertexts_per_record packed ones.
         # The enclave checks each plaintext against the stream's bounds, so it travels
         # (sealed) beside its ciphertext, read in [0, n) as Paillier reads it.
@@ -247,7 +267,7 @@ class Producer:
         self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         return enclave
 
-    def seal_current(self, stream: str, values: Iterable[float], *, window: int = 0,
+    def seal_current(self, stream: str, values: Values, *, window: int = 0,
                      record_id: bytes | None = None) -> SealedRecord:
         """Seal one record with the enclave's current keys.
 
@@ -300,8 +320,9 @@ class Producer:
             "previous_retires_at_ms": notice.previous_retires_at_ms}})
         return True
 
-    def send(self, stream: str, values: Iterable[float], *, window: int = 0) -> SealedRecord:
-        """Seal and publish one record; return once the broker confirmed it."""
+    def send(self, stream: str, values: Values, *, window: int = 0) -> SealedRecord:
+        """Seal and publish one record (``values``: a sequence, or a number for a 1-value stream);
+        return once the broker confirmed it."""
         record = self.seal_current(stream, values, window=window)
         self.publish(record)
         return record
@@ -332,7 +353,7 @@ class Producer:
         ticket = self._transport.submit(body, kind=wire.RECORD_BATCH_TYPE)
         return [PendingRecord(r, ticket) for r in records]
 
-    def send_many(self, stream: str, records: Iterable[Iterable[float]], *, window: int = 0,
+    def send_many(self, stream: str, records: Iterable[Values], *, window: int = 0,
                   per_message: int = 1) -> list[SealedRecord]:
         """Seal and publish many records, pipelined; return them once the broker confirmed all.
 
@@ -346,7 +367,7 @@ class Producer:
         self.flush()
         return [p.record for p in pending]
 
-    def submit_many(self, stream: str, records: Iterable[Iterable[float]], *, window: int = 0,
+    def submit_many(self, stream: str, records: Iterable[Values], *, window: int = 0,
                     per_message: int = 1) -> list[PendingRecord]:
         """Seal and submit many records (see :meth:`send_many`) without waiting for the confirms."""
         group = MessageGroup(per_message)

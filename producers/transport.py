@@ -276,7 +276,7 @@ class ConnectionDriver:
             return
         conn = self._connection
         if isinstance(err, pe.ChannelClosedByBroker):
-            self._pipeline.on_channel_failed(TransportError(f"channel error: {err}", retryable=False))
+            self._pipeline.on_channel_failed(amqp.channel_refused(err, "channel error"))
         if conn is not None and not (conn.is_closed or conn.is_closing):
             conn.close()  # _on_closed reconnects and publishes the rest again
 

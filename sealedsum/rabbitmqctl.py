@@ -13,9 +13,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import uuid
 
-from sealedsum.accounts import Account
-from sealedsum.common.errors import BrokerAdminError, ConfigError
+from sealedsum.accounts import Account, vhost_of
+from sealedsum.common import amqp
+from sealedsum.common.config import BrokerSettings, redact_url
+from sealedsum.common.errors import BrokerAdminError, ConfigError, TransportError
 from sealedsum.common.topology import Permissions
 from sealedsum.message_limits import RABBITMQ_DEFAULT
 
@@ -101,6 +104,13 @@ class Rabbitmqctl:
         return {row["user"]: Permissions(row["configure"], row["write"], row["read"])
                 for row in self._json("list_permissions", "-p", vhost)}
 
+    def queues(self, vhost: str) -> set[str]:
+        return {row["name"] for row in self._json("list_queues", "-p", vhost, "name")}
+
+    def node(self) -> str:
+        """The name of the node rabbitmqctl talks to, e.g. ``rabbit@host``."""
+        return self.run("eval", "node().").stdout.strip()
+
     def add_user(self, user: str, password: str) -> None:
         self.run("add_user", user, stdin=password + "\n")  # read from stdin: never on a command line
 
@@ -136,6 +146,40 @@ class Rabbitmqctl:
         if now != value:
             raise BrokerAdminError(f"max_message_size is {now} bytes after setting it to {value}",
                                    hint=f"put `max_message_size = {value}` in rabbitmq.conf and restart the node")
+
+
+SAME_BROKER_HINT = ("point --rabbitmqctl (or $" + RABBITMQCTL_ENV + ") at the URL's node, e.g. "
+                    "'docker compose exec -T rabbitmq rabbitmqctl', or fix broker.url / AMQP_URL")
+
+
+def check_same_broker(ctl: Rabbitmqctl, settings: BrokerSettings) -> None:
+    """Refuse unless the node ``ctl`` manages is the broker ``settings.url`` names: a queue
+    declared over AMQP must show up in ``rabbitmqctl list_queues``. Otherwise setup would
+    print URLs for one broker after creating the users on another.
+
+    :raises ConfigError: the URL's broker cannot be reached, or is another one.
+    :raises BrokerAdminError: rabbitmqctl itself fails.
+    """
+    node = ctl.node()
+    url = redact_url(settings.url)
+    vhost = vhost_of(settings.url)
+    marker = f"sealedsum.setup-probe.{uuid.uuid4().hex}"
+    try:
+        with amqp.marker_queue(settings, marker) as cluster:
+            seen = vhost in ctl.vhosts() and marker in ctl.queues(vhost)
+    except TransportError as err:
+        reason = str(err).replace(f" at {url}", "")
+        hint = SAME_BROKER_HINT
+        if vhost not in ctl.vhosts():  # the login is refused for a vhost that does not exist
+            hint = (f"{node} has no virtual host {vhost!r}: if it is the URL's broker, create it with "
+                    f"`rabbitmqctl add_vhost {shlex.quote(vhost)}`; otherwise {SAME_BROKER_HINT}")
+        raise ConfigError(f"rabbitmqctl manages node {node}, but broker.url (or AMQP_URL) names {url}, where "
+                          f"setup cannot check it is that node ({reason}); nothing was changed",
+                          hint=hint) from err
+    if not seen:
+        raise ConfigError(f"rabbitmqctl manages node {node}, but broker.url (or AMQP_URL) names {url}, another "
+                          f"broker (cluster {cluster or '?'}): a queue declared there is not on {node}; "
+                          "nothing was changed", hint=SAME_BROKER_HINT)
 
 
 def _refuse_tagged(existing: dict[str, list[str]], accts: list[Account], action: str) -> None:

@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from sealedsum import __version__
 from sealedsum.commands import attest, broker, consume, demo, plan, produce, sidecar
 from sealedsum.commands.options import add_logging_options, add_logging_options_everywhere
 from sealedsum.common import logs
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "private totals.",
         epilog=EPILOG.format(codes=codes), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_logging_options(parser, os.environ.get("SEALEDSUM_LOG_LEVEL"), False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (sidecar, attest, produce, consume, plan, demo, broker):

@@ -22,7 +22,7 @@ from sealedsum.common.config import Config, redact_url
 from sealedsum.common.errors import ConfigError, ExitCode
 from sealedsum.common.topology import ROLES
 from sealedsum.message_limits import MessageLimit, conf_line, message_limit
-from sealedsum.rabbitmqctl import RABBITMQCTL_ENV, Rabbitmqctl, apply, remove
+from sealedsum.rabbitmqctl import RABBITMQCTL_ENV, Rabbitmqctl, apply, check_same_broker, remove
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, list[Account], str]:
@@ -56,6 +56,8 @@ def _setup(args: argparse.Namespace) -> int:
                  f"or set {', '.join('$' + password_env(r) for r in generated)}")
     live = not args.definitions or args.apply
     ctl = Rabbitmqctl(args.rabbitmqctl) if live else None  # fail early if it is missing
+    if ctl:
+        check_same_broker(ctl, cfg.broker)
 
     if args.definitions:
         doc = definitions(accts, vhost, with_guest=args.with_guest)
@@ -116,8 +118,10 @@ def _explain(limit: MessageLimit) -> str:
 
 
 def _teardown(args: argparse.Namespace) -> int:
-    _, accts, _ = _load(args)
-    done = remove(Rabbitmqctl(args.rabbitmqctl), accts)
+    cfg, accts, _ = _load(args)
+    ctl = Rabbitmqctl(args.rabbitmqctl)
+    check_same_broker(ctl, cfg.broker)
+    done = remove(ctl, accts)
     for user, state in done.items():
         print(f"{user}: {state}")
     return ExitCode.OK
@@ -149,7 +153,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "files of an earlier run in --out DIR, else they are generated. They are never\n"
                     "printed unless --show is given. It also lowers the node's max_message_size (node-wide,\n"
                     "until the node restarts) to the largest message the config's policy produces, with\n"
-                    "headroom, and prints the rabbitmq.conf line that keeps it (--keep-max-message-size: not).",
+                    "headroom, and prints the rabbitmq.conf line that keeps it (--keep-max-message-size: not).\n"
+                    "Before changing anything it checks that rabbitmqctl's node is the broker the URL names\n"
+                    "(a marker queue declared over AMQP must show in `rabbitmqctl list_queues`), and exits 2\n"
+                    "if not.",
         epilog="examples:\n"
                "  sealedsum broker setup --config sealedsum.toml --out ./secrets   # ./secrets/producer.url ...\n"
                "  SEALEDSUM_SIDECAR_PASSWORD=... SEALEDSUM_PRODUCER_PASSWORD=... SEALEDSUM_CONSUMER_PASSWORD=... \\\n"
@@ -174,6 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = bsub.add_parser("teardown", help="delete the sidecar, producer and consumer users",
                         description="Delete the three users setup created (missing ones are fine). Users "
-                                    "with tags are never deleted. Exchanges and queues are left alone.")
+                                    "with tags are never deleted. Exchanges and queues are left alone. Like "
+                                    "setup, it refuses (exit 2) unless rabbitmqctl's node is the URL's broker.")
     common(t)
     t.set_defaults(func=_teardown, role="admin", default_log_level="WARNING")

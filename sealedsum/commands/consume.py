@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from sealedsum.commands.options import add_config_argument, load_config
@@ -22,6 +23,29 @@ def _fmt(v) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(f"{x:.4g}" for x in v[:6]) + (", ..." if len(v) > 6 else "") + "]"
     return f"{v:.6g}"
+
+
+# The enclave signs float sums (0.1 spent ten times is 1.0000000000000016 epsilon) and noised
+# histogram counts as floats. Printing rounds them; the signed values are left as they are.
+# A release's sum and mean keep every digit: their precision is the stream's fixed point.
+KEEP_DIGITS = {"sum", "mean"}
+
+
+def _tidy(v, key: str = ""):
+    if isinstance(v, dict):
+        return {k: x if k in KEEP_DIGITS else _tidy(x, k) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_tidy(x, key) for x in v]
+    if isinstance(v, float) and math.isfinite(v):
+        if key == "buckets" and v.is_integer():
+            return int(v)
+        return float(f"{v:.15g}")
+    return v
+
+
+def to_display_json(view: dict) -> str:
+    """One line of ``--json`` output for a verified message's view."""
+    return json.dumps(_tidy(view))
 
 
 def describe(view: dict) -> str:
@@ -52,7 +76,7 @@ def _consume(args) -> int:
             for message in consumer.releases(idle_timeout=args.idle_timeout):
                 view = message.to_json()
                 if isinstance(message, BudgetExhausted):
-                    print(json.dumps(view) if args.json else
+                    print(to_display_json(view) if args.json else
                           f"{message.stream}: privacy budget exhausted after {view['releases']} release(s) "
                           f"(epsilon spent {view['spent_epsilon']:.6g} of {view['budget_epsilon']:g}); "
                           "no further releases  [verified]", flush=True)
@@ -62,7 +86,7 @@ def _consume(args) -> int:
                     continue
                 if args.post_process:  # only what is printed: the verified release stays as signed
                     view = post_process(message, consumer.enclave.policy.stream(message.stream)).to_json(message)
-                print(json.dumps(view) if args.json else describe(view), flush=True)
+                print(to_display_json(view) if args.json else describe(view), flush=True)
                 received += 1
                 if args.count and received >= args.count:
                     break
@@ -94,7 +118,7 @@ def _budget(args) -> int:
         report = amqp.budget(connection, cfg.broker, enclave, args.stream)
     view = report.to_json()
     if args.json:
-        print(json.dumps(view))
+        print(to_display_json(view))
     else:
         b = report.budget
         rho = f", rho {b['spent_rho']:.6g}" if b["spent_rho"] is not None else ""

@@ -14,8 +14,8 @@ def add_config_argument(parser: argparse.ArgumentParser, required: bool = True) 
                         help="the TOML config file (default: $SEALEDSUM_CONFIG)")
 
 
-def load_config(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.load(args.config)
+def load_config(args: argparse.Namespace, *, read_trust: bool = True) -> config_mod.Config:
+    return config_mod.load(args.config, read_trust=read_trust)
 
 
 def add_logging_options(parser: argparse.ArgumentParser, level_default, verbose_default) -> None:

@@ -65,7 +65,7 @@ def _client_config(args) -> int:
 
 
 def _measure(args) -> int:
-    policy_bytes = load_config(args).require_policy().to_bytes()
+    policy_bytes = load_config(args, read_trust=False).require_policy().to_bytes()
     digest, measurement = measure.measure(policy_bytes)
     if args.json:
         print(json.dumps({"measurement": measurement.hex(), "code_digest": digest.hex(),

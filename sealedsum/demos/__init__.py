@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -46,11 +47,29 @@ def broker_url() -> str:
 def demo_testbed(streams: str, state: str | None) -> Iterator[Testbed]:
     """A testbed for a demo, in ``state`` (default: a new temporary directory), which holds
     the platform key, the config and the sidecar's log; running until the block ends."""
+    url = broker_url()  # before a temporary directory exists that a missing broker would leave behind
     directory = Path(state) if state else Path(tempfile.mkdtemp(prefix="sealedsum-demo-"))
-    system = Testbed(directory, broker_url(), streams, state=directory, prefix=f"sealedsum-demo-{os.getpid()}")
-    print(f"state directory {system.state} (config: {system.config_path})")
-    print(f"platform key    {encode_platform_key(system.platform.public_key())}")
-    print(f"measurement     {system.measurement.hex()}")
+    finished = False
+    try:
+        system = Testbed(directory, url, streams, state=directory, prefix=f"sealedsum-demo-{os.getpid()}")
+        print(f"state directory {system.state} (config: {system.config_path})")
+        print(f"platform key    {encode_platform_key(system.platform.public_key())}")
+        print(f"measurement     {system.measurement.hex()} ({system.config.policy.paillier_bits}-bit "
+              "Paillier keys)")
+        with _running(system):
+            yield system
+        finished = True
+    finally:
+        if not state:
+            if finished:
+                shutil.rmtree(directory, ignore_errors=True)
+                print(f"removed the temporary state directory {directory} (--state DIR keeps one)")
+            else:  # its sidecar.log says what went wrong
+                print(f"kept the state directory {directory} (sidecar.log)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _running(system: Testbed) -> Iterator[Testbed]:
     system.start(log_level="info")
     try:
         try:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pe
@@ -28,7 +31,7 @@ from sealedsum.common import config as config_mod
 from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY, ROLES, Topology, escape, role_permissions
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
-from sealedsum.common.errors import BrokerAdminError
+from sealedsum.common.errors import BrokerAdminError, TransportError
 from sealedsum.rabbitmqctl import Rabbitmqctl
 from tests.integration.conftest import REPO, RunningSidecar, _no_broker
 
@@ -91,6 +94,8 @@ def accounts(ctl, amqp_url, tmp_path):
     out = tmp_path / "secrets"
     result = sealedsum("broker", "setup", "--config", str(path), "--out", str(out))
     try:
+        if result.returncode == 2 and "another broker" in result.stderr:
+            _no_broker("rabbitmqctl manages a different broker than AMQP_URL")
         assert result.returncode == 0, result.stderr
         urls = {role: (out / f"{role}.url").read_text().strip() for role in ROLES}
         try:
@@ -255,6 +260,12 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
     ]
     assert all(f"refused for user '{user}'" in text for text in texts), texts
     assert "access to exchange 'amq.default'" in texts[-1]
+    # The producer library, on the consumer's account, says it lacks the permission.
+    with pytest.raises(TransportError) as info:
+        with Producer(sc.config.with_broker_url(url)) as producer:
+            producer.send("s", 5.0)
+    text = info.value.diagnostics()
+    assert "ACCESS_REFUSED" in text and "lacks this permission" in text and "sidecar running" not in text, text
 
 
 def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
@@ -307,6 +318,12 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
         admin.close()
     assert all(f"refused for user '{user}'" in text for text in texts), texts
     assert "access to exchange 'amq.default'" in texts[-1]
+    # The consumer library, on the producer's account, says so: the sidecar is running.
+    with pytest.raises(TransportError) as info:
+        Consumer(sc.config.with_broker_url(url), "s", chain_state=None).close()
+    text = info.value.diagnostics()
+    assert "ACCESS_REFUSED" in text and "lacks this permission" in text and "broker setup" in text, text
+    assert "sidecar running" not in text
 
 
 # --- definitions for a broker to load at boot ------------------------------------------------
@@ -388,3 +405,63 @@ def test_errors_have_exit_codes_and_change_nothing(ctl, amqp_url, tmp_path):
     # teardown is idempotent.
     gone = sealedsum("broker", "teardown", "--config", str(path))
     assert gone.returncode == 0 and gone.stdout.count(": absent") == 3
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+@pytest.fixture
+def not_a_broker():
+    """A port that accepts connections and hangs up at once: something, but not RabbitMQ."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    server.close()
+
+
+def test_setup_refuses_a_url_whose_broker_rabbitmqctl_does_not_manage(ctl, amqp_url, tmp_path, not_a_broker):
+    """Acceptance 4: the users would land on rabbitmqctl's node while the URLs printed name
+    another broker. Setup and teardown refuse with exit 2, one line naming both, and change nothing."""
+    real = urlsplit(amqp_url)
+    node = ctl.node()
+    for port in (_closed_port(), not_a_broker):
+        prefix = new_prefix()
+        elsewhere = urlunsplit(real._replace(netloc=f"{real.username}:{real.password}@127.0.0.1:{port}"))
+        path = broker_config(tmp_path, elsewhere, prefix)
+        out = tmp_path / f"{prefix}-secrets"
+        env = {"AMQP_URL": elsewhere}  # else this process's AMQP_URL would name the real broker
+        result = sealedsum("broker", "setup", "--config", str(path), "--out", str(out), env=env)
+        assert result.returncode == 2, result.stderr
+        line, = result.stderr.strip().splitlines()
+        assert node in line and f"127.0.0.1:{port}" in line and f":{real.password}@" not in line, line
+        assert not out.exists() and not result.stdout
+        assert not {f"{prefix}-{r}" for r in ROLES} & set(ctl.users())
+        assert not [q for q in ctl.queues(vhost_of(amqp_url)) if q.startswith("sealedsum.setup-probe.")]
+        teardown = sealedsum("broker", "teardown", "--config", str(path), env=env)
+        assert teardown.returncode == 2 and node in teardown.stderr
+
+    # The real URL still works.
+    prefix = new_prefix()
+    path = broker_config(tmp_path, amqp_url, prefix)
+    env = {"AMQP_URL": amqp_url}
+    try:
+        ok = sealedsum("broker", "setup", "--config", str(path), "--show", "--keep-max-message-size", env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert {f"{prefix}-{r}" for r in ROLES} <= set(ctl.users())
+    finally:
+        assert sealedsum("broker", "teardown", "--config", str(path), env=env).returncode == 0

@@ -24,7 +24,7 @@ FOLDERS = ("common", "sidecar", "producers", "consumers", "sealedsum")
 def wheel(tmp_path_factory) -> Path:
     # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     for folder in FOLDERS:
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -47,6 +47,10 @@ def test_the_wheel_installs_only_the_sealedsum_package(wheel):
     (info,) = dist_info
     entry_points = zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode()
     assert "sealedsum = sealedsum." in entry_points
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    assert "License: Apache-2.0" in metadata or "License-Expression: Apache-2.0" in metadata
+    assert any(n.startswith(info) and n.endswith("/LICENSE") for n in names), "LICENSE is not in the wheel"
+    assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
     # Every source file of the user's folders is in the wheel, under the namespace.
     for folder in ("common", "sidecar", "producers", "consumers"):
         for path in (REPO / folder).rglob("*.py"):
@@ -75,3 +79,15 @@ def test_the_installed_wheel_imports_under_the_namespace(wheel, tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_version_is_the_packages(wheel):
+    """``sealedsum --version``, the package's ``__version__`` and the wheel's metadata agree."""
+    import tomllib
+
+    from sealedsum import __version__
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == declared and wheel.name.startswith(f"sealedsum-{declared}-")
+    out = subprocess.run([sys.executable, "-m", "sealedsum", "--version"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"sealedsum {declared}", out

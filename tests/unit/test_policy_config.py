@@ -389,6 +389,26 @@ def test_env_defaults_to_os_environ(monkeypatch):
     assert config_mod.from_mapping(full()).broker.url == "amqp://from-env/"
 
 
+def test_a_directory_is_no_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory") as info:
+        config_mod.load(tmp_path, env={})
+    assert info.value.exit_code == 2
+
+
+def test_one_process_connects_with_two_accounts(monkeypatch):
+    """AMQP_URL sets every config a process loads; with_broker_url derives one per account."""
+    monkeypatch.setitem(os.environ, "AMQP_URL", "amqp://admin@from-env/")
+    base = config_mod.from_mapping(full())
+    producer = base.with_broker_url("amqp://producer:p@broker/%2F")
+    consumer = base.with_broker_url("amqps://consumer:c@broker/%2F")
+    assert (producer.broker.url, consumer.broker.url, base.broker.url) == (
+        "amqp://producer:p@broker/%2F", "amqps://consumer:c@broker/%2F", "amqp://admin@from-env/")
+    assert producer.broker.topology == base.broker.topology and producer.policy is base.policy
+    assert producer.trust == base.trust and producer.chain_state == base.chain_state
+    with pytest.raises(ConfigError, match="amqp:// or amqps://"):
+        base.with_broker_url("http://broker/")
+
+
 @pytest.mark.parametrize("table", [
     dict(kind="histogram", dimension=None, lower=None, upper=None, edges=[0, 1, 5]),
     dict(kind="vector", dimension=3, lower=[0.0, -1.0, 2.0], upper=[1.0, 1.0, 3.0]),
