@@ -23,7 +23,7 @@ from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum import testbed
 from tests.integration.conftest import launch, streams_toml
-from tests.integration.test_acl import accounts, ctl  # noqa: F401 - fixtures
+from tests.integration.test_acl import accounts, ctl, take  # noqa: F401 - accounts and ctl are fixtures
 
 pytestmark = pytest.mark.integration
 
@@ -53,15 +53,6 @@ def memory_mib(sc) -> tuple[float, float]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) / 1024
     return fields["VmRSS"], fields["VmHWM"]
-
-
-def take(consumer: Consumer, n: int, timeout: float = 60) -> list:
-    out = []
-    for release in consumer.releases(idle_timeout=timeout):
-        out.append(release)
-        if len(out) >= n:
-            break
-    return out
 
 
 def timed_windows(sc, consumer: Consumer, windows: int, producer: Producer | None = None) -> float:
