@@ -4,11 +4,14 @@ sends every input line exactly once.
 The state file records ``lines_done``: every input line up to it was confirmed by the broker
 or rejected by validation (a line unconfirmed in between stops it, even if later ones were
 confirmed: confirms may resolve out of submit order after a reconnect). It also records what
-the run was (input path and size, stream, reading options) and a SHA-256 of those lines, which
+the run was (input path, stream, reading options) and a SHA-256 of those lines, which
 a rerun checks before it sends anything. And a random salt: with it each line's record id is
 derived from the line number, so a line sent again (after a ``kill -9`` between two writes of
 the file) is dead-lettered by the enclave as a ``duplicate`` within its replay horizon rather
 than counted twice.
+
+An input that grew since (lines appended) resumes: the lines the file covers are checked by
+their hash, and the new ones are sent.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class ResumeState:
             doc = json.loads(text)
             if doc.get("version") != VERSION:
                 raise ValueError(f"version {doc.get('version')!r}")
+            doc["run"].pop("size", None)  # files before grown inputs could resume named the size
             state = cls(path, doc["run"], int(doc["lines_done"]), str(doc["prefix_sha256"]),
                         int(doc["confirmed"]), str(doc["salt"]))
             bytes.fromhex(state.salt)

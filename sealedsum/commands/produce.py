@@ -106,8 +106,8 @@ def _interruptible(items, interrupt: _Interrupt):
 
 
 def _open_input(path: str | None):
-    """The input, its name and size for --resume, and its size for progress (also known for
-    stdin redirected from a file)."""
+    """The input, its name for --resume, and its size for progress (also known for stdin
+    redirected from a file)."""
     if path in (None, "-"):
         # Bytes that are not UTF-8 make a bad line, not a crash.
         if hasattr(sys.stdin, "reconfigure"):
@@ -117,13 +117,12 @@ def _open_input(path: str | None):
             total = st.st_size if stat.S_ISREG(st.st_mode) else None
         except (OSError, ValueError, AttributeError):  # no descriptor (stdin replaced, closed)
             total = None
-        return sys.stdin, "-", None, total
+        return sys.stdin, "-", total
     try:
         source = open(path, encoding="utf-8", errors="surrogateescape", newline="")
     except OSError as err:
         raise InputError(f"cannot read --input {path}: {err.strerror}") from None
-    size = os.fstat(source.fileno()).st_size
-    return source, os.path.abspath(path), size, size
+    return source, os.path.abspath(path), os.fstat(source.fileno()).st_size
 
 
 def _produce(args) -> int:
@@ -131,16 +130,20 @@ def _produce(args) -> int:
         print(f"sealedsum produce: --per-message must be 1..{wire.MAX_BATCH_RECORDS}", file=sys.stderr)
         return ExitCode.USAGE
     reader = RecordReader(args.format, columns=args.column, field=args.field,
-                          header=True if args.header else None)
+                          header=args.header)
     cfg = load_config(args)
     if args.encrypt_workers is not None:
         os.environ[encryption.ENV_WORKERS] = str(args.encrypt_workers)
-    source, input_name, input_size, total_bytes = _open_input(args.input)
+    source, input_name, total_bytes = _open_input(args.input)
     try:
         resume = None
         if args.resume:
-            run = {"input": input_name, "size": input_size, "stream": args.stream, "window": args.window,
-                   "format": args.format, "column": args.column, "field": args.field, "header": args.header}
+            # No size: an input that grew since (a log appended to) resumes and sends what is new;
+            # the hash of the lines already sent still proves they are the same lines.
+            run = {"input": input_name, "stream": args.stream, "window": args.window,
+                   "format": args.format, "column": args.column, "field": args.field,
+                   # as files before --no-header wrote it: false was the automatic choice
+                   "header": {None: False, True: True, False: "never"}[args.header]}
             resume = ResumeState.open(args.resume, run)
             if not resume.path.exists():
                 resume.save()  # an unwritable place fails now, before anything is sent
@@ -370,8 +373,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "input: CSV (`1.5,2.0`: one value per column) or JSON lines (`1.5`, `[1.5, 2.0]`, "
                     '`{"values": [...]}`, or any object with --field). Blank lines and # comments are '
                     "skipped. A CSV header row is skipped too: the first row, when none of its cells is a "
-                    "number and the next row has as many cells, some of them numbers (or always, with "
-                    "--header). Numbers are plain decimals "
+                    "number and the next row has as many cells, some of them numbers (always with "
+                    "--header, never with --no-header). Numbers are plain decimals "
                     "(`-1.5`, `2e3`): `1_000`, `nan` and `inf` are refused. A line that cannot be read, or "
                     "does not fit the stream (its dimension), is reported on stderr as `line N: rejected: "
                     "why` and skipped; the rest is sent.\n\n"
@@ -393,8 +396,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--field", metavar="NAME",
                    help='JSON lines: read this field of each object (`{"order_id": 7, "amount": 12.5}` '
                         "with --field amount); a list of numbers for a multi-value stream")
-    p.add_argument("--header", action="store_true",
-                   help="CSV: the first line is a header, whatever it looks like")
+    header = p.add_mutually_exclusive_group()
+    header.add_argument("--header", action="store_true", default=None,
+                        help="CSV: the first line is a header, whatever it looks like")
+    header.add_argument("--no-header", dest="header", action="store_false",
+                        help="CSV: the first line is a record, even when it looks like a header (then it "
+                             "is reported as rejected rather than skipped)")
     p.add_argument("--resume", metavar="FILE",
                    help="record in FILE how far the input was confirmed (written atomically every "
                         f"{RESUME_EVERY} lines and at exit); a rerun with the same FILE, input and options "

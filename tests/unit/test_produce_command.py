@@ -184,6 +184,34 @@ def test_a_line_left_unconfirmed_stops_the_frontier_and_its_rerun_sends_it_again
     assert all(r.record_id == first_ids[r.line] for r in again if r.line in first_ids)
 
 
+def test_an_input_that_grew_resumes_and_sends_only_the_new_lines(fake, tmp_path):
+    path, good = write_input(tmp_path, 20)
+    state = tmp_path / "r.json"
+    code, first = run_produce("--input", str(path), "--column", "amount", "--resume", str(state))
+    assert code == produce.ExitCode.PARTIAL and confirmed_lines() == good
+    with path.open("a") as f:  # a log appended to: two records after the blank line and the comment
+        f.write("23,23\n24,24\n")
+    code, second = run_produce("--input", str(path), "--column", "amount", "--resume", str(state))
+    assert code == produce.ExitCode.OK and second["sent"] == 2
+    assert confirmed_lines() == good + [23, 24]
+    # Lines already sent that changed are still refused.
+    path.write_text(path.read_text().replace("\n3,3\n", "\n3,4\n"))
+    from sealedsum.common.errors import ResumeError
+
+    with pytest.raises(ResumeError, match="the input changed"):
+        run_produce("--input", str(path), "--column", "amount", "--resume", str(state))
+
+
+def test_no_header_reads_the_first_line_as_a_record(fake, tmp_path):
+    path, good = write_input(tmp_path, 10)
+    code, summary = run_produce("--input", str(path), "--column", "2", "--no-header")
+    assert code == produce.ExitCode.PARTIAL
+    assert summary["rejected_by_validation"] == 2  # the header line and line 7
+    assert confirmed_lines() == good
+    code, summary = run_produce("--input", str(path), "--column", "2")
+    assert summary["rejected_by_validation"] == 1
+
+
 def test_ctrl_c_summary_counts_what_was_confirmed(fake, tmp_path):
     path, good = write_input(tmp_path, 20)
     fake.interrupt_at = 12
