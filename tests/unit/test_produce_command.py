@@ -187,7 +187,7 @@ def test_a_line_left_unconfirmed_stops_the_frontier_and_its_rerun_sends_it_again
 def test_an_input_that_grew_resumes_and_sends_only_the_new_lines(fake, tmp_path):
     path, good = write_input(tmp_path, 20)
     state = tmp_path / "r.json"
-    code, first = run_produce("--input", str(path), "--column", "amount", "--resume", str(state))
+    code, _ = run_produce("--input", str(path), "--column", "amount", "--resume", str(state))
     assert code == produce.ExitCode.PARTIAL and confirmed_lines() == good
     with path.open("a") as f:  # a log appended to: two records after the blank line and the comment
         f.write("23,23\n24,24\n")
