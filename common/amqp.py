@@ -182,8 +182,20 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
             mandatory=True,
         )
         deadline = time.monotonic() + timeout
-        while not replies and not returned and time.monotonic() < deadline:
+        while not replies and not returned and channel.is_open and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.25, max(0.0, deadline - time.monotonic())))
+        if channel.is_closed:
+            # pika keeps why the broker closed the channel only here; raising it gives the hint below.
+            raise getattr(channel, "_closing_reason", None) or pe.ChannelClosed(0, "closed")
+    except pe.ChannelClosedByBroker as err:
+        if err.reply_code == 404:
+            raise TransportError(
+                f"{kind} refused: the broker has no exchange {settings.topology.attest_exchange!r} on this vhost "
+                f"({err.reply_text})",
+                hint=f"no sidecar has run with broker.prefix = {settings.topology.prefix!r} on this vhost: check "
+                     "broker.prefix and the URL's vhost against the sidecar's, or start the sidecar "
+                     "(`sealedsum sidecar --config FILE --state DIR`); it declares the exchange") from err
+        raise TransportError(f"{kind} refused: {err}", retryable=False) from err
     except pe.AMQPChannelError as err:
         raise TransportError(f"{kind} refused: {err}", retryable=False) from err
     except pe.AMQPConnectionError as err:

@@ -75,6 +75,9 @@ class AttestationError(SealedsumError):
 class UntrustedPlatform(AttestationError):
     """The quote is not signed by the pinned platform key."""
 
+    hint = ("the quote is not signed by trust.platform_key: pin the key `sealedsum platform show --state DIR` "
+            "prints on the sidecar's machine (or this is not the enclave you meant to reach)")
+
 
 class UnknownMeasurement(AttestationError):
     """The quote vouches for code or policy that is not in the allow-list."""

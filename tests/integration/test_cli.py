@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -294,3 +295,29 @@ def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_f
     (view,) = [json.loads(line) for line in stdout.splitlines()]
     assert view["stream"] == "s" and view["window"] == 1  # the genuine release, once
     assert proc.returncode == 1
+
+
+def test_a_prefix_no_sidecar_ever_used_fails_at_once_and_names_broker_prefix(sidecar_factory, tmp_path):
+    sc = sidecar_factory({"s": STREAM})
+    text = sc.config_path.read_text().replace(f'prefix = "{sc.prefix}"', 'prefix = "never-declared"')
+    assert "never-declared" in text
+    other = tmp_path / "other.toml"
+    other.write_text(text)
+    started = time.monotonic()
+    out = run("attest", "--config", str(other), env={"AMQP_URL": sc.config.broker.url})
+    assert out.returncode == 3, out.stderr
+    assert "no exchange 'never-declared.attest'" in out.stderr and "broker.prefix = 'never-declared'" in out.stderr
+    assert time.monotonic() - started < 8  # not the 10 s reply timeout
+
+
+def test_a_wrong_platform_key_says_which_key_to_pin(sidecar_factory, tmp_path):
+    from sealedsum.common.attestation import encode_platform_key
+
+    sc = sidecar_factory({"s": STREAM})
+    text = re.sub(r'platform_key = "[^"]*"', f'platform_key = "{encode_platform_key(bytes(range(32)))}"',
+                  sc.config_path.read_text())
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    out = run("attest", "--config", str(bad), env={"AMQP_URL": sc.config.broker.url})
+    assert out.returncode == 1
+    assert "signature does not verify" in out.stderr and "sealedsum platform show --state DIR" in out.stderr
