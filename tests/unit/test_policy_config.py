@@ -247,6 +247,22 @@ def test_from_bytes_refuses_with_invalid_message(data):
         policy_from_bytes(data)
 
 
+@pytest.mark.parametrize("change", [
+    lambda b: b.replace(b'{"enclave":', b'{"version":1,"enclave":', 1),
+    lambda b: b.replace(b'"min_batch":', b'"min_batch":1,"min_batch":', 1),
+    lambda b: b.replace(b'"epsilon":1.0', b'"epsilon":NaN', 1),
+    lambda b: b.replace(b'"epsilon":1.0', b'"epsilon":-Infinity', 1),
+    lambda b: b.replace(b'"epsilon":1.0', b'"epsilon":1e999', 1),
+], ids=["duplicate top-level key", "duplicate stream key", "NaN", "-Infinity", "1e999"])
+def test_attested_policy_bytes_are_strict_json(change):
+    good = make_policy().to_bytes()
+    assert b'"epsilon":1.0' in good and policy_from_bytes(good).to_bytes() == good
+    bad = change(good)
+    assert bad != good
+    with pytest.raises(InvalidMessage, match="policy: "):
+        policy_from_bytes(bad)
+
+
 def test_stream_lookup():
     p = make_policy()
     assert isinstance(p.stream("s"), StreamPolicy)
