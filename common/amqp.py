@@ -182,8 +182,15 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
             mandatory=True,
         )
         deadline = time.monotonic() + timeout
-        while not replies and not returned and time.monotonic() < deadline:
+        while not replies and not returned and channel.is_open and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.25, max(0.0, deadline - time.monotonic())))
+        # A publish to an exchange nobody declared (no sidecar ever started on this prefix) makes
+        # the broker close the channel (404): say so now, not as a timeout.
+        closed = None if channel.is_open else getattr(channel, "_closing_reason", None)
+        if isinstance(closed, pe.ChannelClosedByBroker) and not replies:
+            raise channel_refused(closed, f"{kind} refused",
+                                  hint="start the sidecar (`sealedsum sidecar --config FILE --state DIR`): it "
+                                       "declares the request exchange; same broker.prefix?")
     except pe.AMQPChannelError as err:
         raise TransportError(f"{kind} refused: {err}", retryable=False) from err
     except pe.AMQPConnectionError as err:

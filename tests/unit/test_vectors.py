@@ -275,10 +275,57 @@ def check_quote(v: dict, tmp_path, monkeypatch) -> None:
             wire.Quote.from_bytes(bad)
 
 
-def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
-    from sealedsum.common import amqp
-    from sealedsum.common.config import Topology
+class _RpcChannel:
+    """A channel that records the request the client publishes and answers it at once."""
 
+    def __init__(self) -> None:
+        self.published: list[dict] = []
+        self.is_open = True
+        self._on_reply = None
+
+    def add_on_return_callback(self, callback) -> None:
+        pass
+
+    def basic_consume(self, queue, callback, auto_ack=False):
+        from sealedsum.common import amqp
+        assert queue == amqp.DIRECT_REPLY_TO and auto_ack
+        self._on_reply = callback
+
+    def basic_publish(self, exchange, routing_key, body, properties, mandatory=False):
+        self.published.append({"exchange": exchange, "routing_key": routing_key, "body": body,
+                               "properties": properties, "mandatory": mandatory})
+        self._on_reply(self, None, type("P", (), {"correlation_id": properties.correlation_id})(), b"reply")
+
+    def close(self) -> None:
+        self.is_open = False
+
+
+def check_rpc_publication(spec: dict, request: bytes, monkeypatch) -> None:
+    """Section 8: where a request goes, as the vector states it and as the reference client
+    publishes it; the default-exchange path reaches the same queue (the enclave answers both)."""
+    from sealedsum.common import amqp, topology
+    from sealedsum.common.config import BrokerSettings, Topology
+
+    t = Topology("sealedsum")
+    assert (spec["exchange"], spec["routing_key"]) == (t.attest_exchange, topology.ATTEST_ROUTING_KEY)
+    assert spec["also_answered"] == {"exchange": "", "routing_key": t.attest_queue}
+    assert (spec["reply_to"], spec["app_id"], spec["mandatory"]) == (amqp.DIRECT_REPLY_TO, amqp.APP_ID, True)
+    declared = topology.declarations(t, "quorum", 1)
+    assert topology.Binding(t.attest_queue, t.attest_exchange, spec["routing_key"]) in declared
+    channel = _RpcChannel()
+    connection = type("C", (), {"channel": lambda self: channel, "process_data_events": lambda self, **_: None})()
+    monkeypatch.setattr(amqp, "connection_user", lambda _connection: "alice")
+    assert amqp.call_enclave(connection, BrokerSettings(), request, spec["type"]) == b"reply"
+    (sent,) = channel.published
+    assert (sent["exchange"], sent["routing_key"], sent["body"], sent["mandatory"]) == \
+        (spec["exchange"], spec["routing_key"], request, spec["mandatory"])
+    props = sent["properties"]
+    assert (props.reply_to, props.type, props.app_id, props.user_id, props.expiration) == \
+        (spec["reply_to"], spec["type"], spec["app_id"], "alice", "10000")
+    assert props.delivery_mode is None and len(props.correlation_id) == 32
+
+
+def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
     raw = h(v["request_hex"])
     assert wire.AttestRequest.from_bytes(raw).nonce == h(v["nonce"])
     assert wire.AttestRequest(h(v["nonce"])).to_bytes() == raw
@@ -286,10 +333,7 @@ def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
     for bad in (raw[:-1], raw + b"\x00", b"SSA\x02" + raw[4:]):
         with pytest.raises(InvalidMessage):
             wire.AttestRequest.from_bytes(bad)
-    props = v["amqp"]
-    assert props["reply_to"] == amqp.DIRECT_REPLY_TO
-    assert props["routing_key"] == Topology("sealedsum").attest_queue
-    assert props["app_id"] == amqp.APP_ID
+    check_rpc_publication(v["amqp"], raw, monkeypatch)
     # The enclave core answers this request with exactly the reply vector.
     from sealedsum.sidecar.enclave.service import Enclave
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
@@ -332,7 +376,7 @@ def check_attest_reply(v: dict, tmp_path, monkeypatch) -> None:
     assert len(names) == len(set(names))
     expected_errors = {c["expect"] for c in v["verification_cases"]} - {None}
     assert {"UntrustedPlatform", "UnknownMeasurement", "ReportDataMismatch", "NonceMismatch",
-            "StaleQuote", "AttestationError"} <= expected_errors
+            "StaleQuote", "AttestationError", "KeySizeMismatch"} <= expected_errors
     for case in v["verification_cases"]:
         trust_spec = dict(v["trust"], **case.get("trust", {}))
         args = (h(case["reply_hex"]), h(case.get("client_nonce", v["nonce"])), trust_from(trust_spec),
@@ -842,8 +886,6 @@ def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
-    from sealedsum.common.config import Topology
-
     raw = h(v["request_hex"])
     req = wire.BudgetRequest.from_bytes(raw)
     assert req.nonce == h(v["nonce"]) and req.stream == v["stream"]
@@ -855,8 +897,8 @@ def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
                 raw[:36] + b"\x03a.b"):
         with pytest.raises(InvalidMessage):
             wire.BudgetRequest.from_bytes(bad)
-    props = v["amqp"]
-    assert props["routing_key"] == Topology("sealedsum").attest_queue and props["type"] == "budget-request"
+    assert v["amqp"]["type"] == "budget-request"
+    check_rpc_publication(v["amqp"], raw, monkeypatch)
 
 
 def check_budget_report(v: dict, tmp_path, monkeypatch) -> None:
