@@ -9,8 +9,11 @@ last tests keep ``docs/protocol.md`` in step with the constants in the code.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import base64
+import functools
+import itertools
 import hashlib
 import json
 import math
@@ -1099,6 +1102,7 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step.get("note"), got)
+        assert_detail_documented(outcome.rejection)
         expected = step.get("publishes", [])
         publications = pinned(outcome.publish)
         assert len(publications) == len(expected), (i, step.get("note"))
@@ -1160,6 +1164,7 @@ def _check_identity_session(v: dict) -> list[str]:
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step["note"], got)
+        assert_detail_documented(outcome.rejection)
         assert outcome.publish == ()
         reasons.append(got)
     assert {"bad_signature", "revoked_producer", "unknown_producer", "accepted"} <= set(reasons)
@@ -1413,6 +1418,101 @@ def test_doc_mentions_every_label_and_header() -> None:
     for dist in measure.RUNTIME_DISTRIBUTIONS:
         assert dist.lower() in doc, dist
     assert emulated.COUNTER_FILE in doc
+
+
+@functools.cache
+def _detail_templates() -> dict[str, tuple[re.Pattern, ...]]:
+    """Section 11.4's table of x-sealedsum-detail strings: every backticked string of a reason's
+    row, with each ``<field>`` standing for any text."""
+    section = _doc().split("### 11.4", 1)[1].split("\n### ", 1)[0]
+    table = section.split("The detail strings the reference enclave writes:", 1)[1]
+    rows = re.findall(r"^\| `([a-z_]+)` \| (.*) \|$", table, re.MULTILINE)
+    assert [reason for reason, _ in rows] == sorted({r.value for r in RejectReason}, key=CHECK_ORDER.index)
+    return {reason: tuple(re.compile("".join(".+" if part.startswith("<") else re.escape(part)
+                                             for part in re.split(r"(<[A-Za-z_]+>)", text)))
+                          for text in re.findall(r"`([^`]+)`", cell) if text != reason)
+            for reason, cell in rows}
+
+
+def assert_detail_documented(rejection) -> None:
+    """A rejection's detail is one section 11.4 lists for its reason (``unknown_stream``: the
+    stream name, which the row states in words)."""
+    if rejection is None:
+        return
+    templates = _detail_templates()[rejection.reason.value]
+    if rejection.reason is RejectReason.UNKNOWN_STREAM:
+        assert not templates and wire.STREAM_NAME.fullmatch(rejection.detail), rejection.detail
+        return
+    assert any(t.fullmatch(rejection.detail) for t in templates), (rejection.reason.value, rejection.detail)
+
+
+def _rendered(node: ast.expr) -> list[str] | None:
+    """The strings an f-string expression can give, each field shown as ``7`` (``'7'`` with
+    ``!r``; a wire constant as its value; a decoder's ``self._what`` as each thing a record
+    decoder reads); None when it is not a string built in place."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for value in node.values:
+            if isinstance(value, ast.FormattedValue):
+                field = ast.unparse(value.value)
+                if field == "self._what":
+                    parts.append(["envelope", "signed envelope", "record batch"])
+                elif field.isupper() and hasattr(wire, field):  # a wire constant: its value
+                    parts.append([str(getattr(wire, field))])
+                else:
+                    parts.append(["'7'" if value.conversion == ord("r") else "7"])
+            else:
+                parts.append(_rendered(value))
+        return ["".join(combo) for combo in itertools.product(*parts)]
+    if isinstance(node, ast.IfExp):
+        body, orelse = _rendered(node.body), _rendered(node.orelse)
+        return None if body is None or orelse is None else body + orelse
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _rendered(node.left), _rendered(node.right)
+        return None if left is None or right is None else [a + b for a in left for b in right]
+    return None
+
+
+def _written_details() -> tuple[list[tuple[str, str]], list[str]]:
+    """(reason, detail) for every RecordRejected the enclave code builds with a detail written in
+    place (``_reject`` is validity.py's out_of_range), and every InvalidMessage text of the wire
+    decoders (the malformed details)."""
+    written = []
+    for path in sorted((ROOT / "sidecar").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name == "RecordRejected" and isinstance(node.args[0], ast.Attribute) \
+                    and ast.unparse(node.args[0].value) == "RejectReason":
+                reason, detail = RejectReason[node.args[0].attr].value, node.args[1]
+            elif name == "_reject" and path.name == "validity.py":
+                reason, detail = RejectReason.OUT_OF_RANGE.value, node.args[0]
+            else:
+                continue
+            written += [(reason, text) for text in _rendered(detail) or ()]
+    decoder = [text for node in ast.walk(ast.parse((ROOT / "common" / "wire.py").read_text(encoding="utf-8")))
+               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "InvalidMessage" and node.args
+               for text in _rendered(node.args[0]) or ()]
+    return written, decoder
+
+
+def test_doc_lists_exactly_the_detail_strings_the_enclave_writes() -> None:
+    """Section 11.4: every detail the enclave code writes is listed for its reason, and every
+    listed one is written (the decoders' messages for malformed and a batch's too_large)."""
+    templates = _detail_templates()
+    written, decoder = _written_details()
+    assert len(written) > 30
+    for reason, text in written:
+        assert any(t.fullmatch(text) for t in templates[reason]), (reason, text)
+    for reason, patterns in templates.items():
+        sources = [text for r, text in written if r == reason]
+        if reason in ("malformed", "too_large"):
+            sources += decoder
+        for pattern in patterns:
+            assert any(pattern.fullmatch(text) for text in sources), (reason, pattern.pattern)
 
 
 def test_doc_check_table_is_in_check_order() -> None:
