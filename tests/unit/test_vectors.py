@@ -1515,6 +1515,63 @@ def test_doc_lists_exactly_the_detail_strings_the_enclave_writes() -> None:
             assert any(pattern.fullmatch(text) for text in sources), (reason, pattern.pattern)
 
 
+def _section(number: str) -> str:
+    """Section ``number`` of docs/protocol.md up to the next section or subsection, whitespace
+    collapsed (so a number's phrase may wrap)."""
+    text = _doc().split(f"\n## {number}. " if "." not in number else f"\n### {number} ", 1)[1]
+    return re.sub(r"\s+", " ", re.split(r"\n##+ ", text, maxsplit=1)[0])
+
+
+def test_doc_numbers_are_the_codes_constants() -> None:
+    """Every operational number sections 2, 8, 11.4, 13.1 and 17 state, from the constant the
+    code uses: a change to one of them fails here until the text follows."""
+    from sealedsum.common import topology as t
+    from sealedsum.common.config import BrokerSettings
+    from sealedsum.sidecar.enclave_process import checkpoint as c, runtime as r
+
+    broker = BrokerSettings()
+    mib = 1 << 20
+    expected = {
+        "2": [f"`broker.max_queued_records` ({broker.max_queued_records:,} by default)".replace(",", " "),
+              f"`x-delivery-limit` = {t.DELIVERY_LIMIT}",
+              f"prefetch {r.PREFETCH_MAX} deliveries, fewer when one record can exceed "
+              f"{r.PREFETCH_BYTES // r.PREFETCH_MAX >> 10} KiB: at most {r.PREFETCH_BYTES // mib} MiB in flight, "
+              f"never below {r.PREFETCH_MIN}",
+              f"`x-max-length` = {t.REJECTED_QUEUE_MAX_LENGTH}, `x-max-length-bytes` = {t.REJECTED_QUEUE_MAX_BYTES} "
+              f"({t.REJECTED_QUEUE_MAX_BYTES // mib} MiB)",
+              f"`x-message-ttl` = {t.ATTEST_REQUEST_TTL_MS}; `x-max-length` = {t.ATTEST_QUEUE_MAX_LENGTH}, "
+              f"`x-max-length-bytes` = {t.ATTEST_QUEUE_MAX_BYTES} ({t.ATTEST_QUEUE_MAX_BYTES // mib} MiB)",
+              f"manual acks and prefetch {r.RPC_PREFETCH} (section 8)",
+              f"tries again every {r.LOCK_RETRY_S:g} s"],
+        "8": [f"(default `{int(broker.attest_timeout_seconds * 1000)}`)",
+              f"`broker.attest_timeout_seconds` (default {broker.attest_timeout_seconds:g} s)",
+              f"a body larger than {r.RPC_MAX_REQUEST_BYTES} bytes",
+              f"Requests not consumed within {t.ATTEST_REQUEST_TTL_MS // 1000} s expire",
+              f"the queue's {t.ATTEST_REQUEST_TTL_MS // 1000} s TTL",
+              f"looks at up to {r.RPC_PER_PASS} per pass",
+              f"at most {r.RPC_ACCOUNT_RATE_PER_S:g} a second per `user_id` (bursts of {r.RPC_ACCOUNT_BURST};",
+              f"at most {r.RPC_RATE_PER_S:g} a second in all (bursts of {r.RPC_BURST})",
+              f"the enclave reopens it after {r.RPC_REOPEN_S:g} s"],
+        "11.4": [f"only its first {r.DEAD_LETTER_PREFIX_BYTES} bytes"],
+        "13.1": [f"publishes it again every {r.HELD_RETRY_S:g} s until a queue takes it"],
+        "17": [f"`ACK_BATCH_MAX` = {r.ACK_BATCH_MAX} being half the largest prefetch of {r.PREFETCH_MAX}",
+               f"batches go out at least every {r.FLUSH_EVERY_S:g} s",
+               f"after {c.STORAGE_RETRY_FIRST_S:g} s doubling to {c.STORAGE_RETRY_MAX_S:g} s",
+               f"every {c.BASE_EVERY_S:g} s and when the journal passes {c.JOURNAL_MAX_BYTES // mib} MiB"],
+    }
+    for number, phrases in expected.items():
+        text = _section(number)
+        for phrase in phrases:
+            assert phrase in text, (number, phrase)
+    # The rules those numbers come from, as the text states them.
+    assert r.ACK_BATCH_MAX == r.PREFETCH_MAX // 2
+    for prefetch in (r.PREFETCH_MIN, 100, r.PREFETCH_MAX):
+        assert r.ack_batch_for(prefetch) == min(r.ACK_BATCH_MAX, prefetch // 2)
+    assert r.prefetch_for(1) == r.PREFETCH_MAX and r.prefetch_for(r.PREFETCH_BYTES // r.PREFETCH_MAX) == r.PREFETCH_MAX
+    assert r.prefetch_for(r.PREFETCH_BYTES // r.PREFETCH_MAX + 1) < r.PREFETCH_MAX
+    assert r.prefetch_for(r.PREFETCH_BYTES) == r.PREFETCH_MIN
+
+
 def test_doc_check_table_is_in_check_order() -> None:
     """The rows of the table in section 11.1 name the reasons in CHECK_ORDER."""
     section = _doc().split("### 11.1", 1)[1].split("###", 1)[0]
