@@ -184,10 +184,11 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
         deadline = time.monotonic() + timeout
         while not replies and not returned and channel.is_open and time.monotonic() < deadline:
             connection.process_data_events(time_limit=min(0.25, max(0.0, deadline - time.monotonic())))
-        if channel.is_closed:
+        if not channel.is_open:
             # pika keeps why the broker closed the channel only here; raising it gives the hint below.
             raise getattr(channel, "_closing_reason", None) or pe.ChannelClosed(0, "closed")
     except pe.ChannelClosedByBroker as err:
+        # Retryable: a producer started before its sidecar's first start waits for it.
         if err.reply_code == 404:
             raise TransportError(
                 f"{kind} refused: the broker has no exchange {settings.topology.attest_exchange!r} on this vhost "
@@ -195,7 +196,7 @@ def call_enclave(connection: pika.BlockingConnection, settings: BrokerSettings, 
                 hint=f"no sidecar has run with broker.prefix = {settings.topology.prefix!r} on this vhost: check "
                      "broker.prefix and the URL's vhost against the sidecar's, or start the sidecar "
                      "(`sealedsum sidecar --config FILE --state DIR`); it declares the exchange") from err
-        raise TransportError(f"{kind} refused: {err}", retryable=False) from err
+        raise channel_refused(err, f"{kind} refused") from err
     except pe.AMQPChannelError as err:
         raise TransportError(f"{kind} refused: {err}", retryable=False) from err
     except pe.AMQPConnectionError as err:

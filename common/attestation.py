@@ -26,6 +26,7 @@ from sealedsum.common.errors import (
     AttestationError,
     ConfigError,
     InvalidMessage,
+    KeySizeMismatch,
     NonceMismatch,
     ReportDataMismatch,
     StaleQuote,
@@ -161,7 +162,9 @@ def verify_attestation(
     except InvalidMessage as err:
         raise AttestationError(f"attested keys or policy do not parse: {err}") from err
     if keys.paillier_n.bit_length() != policy.paillier_bits:
-        raise AttestationError(f"the Paillier key has {keys.paillier_n.bit_length()} bits; "
-                               f"the attested policy says {policy.paillier_bits}")
+        # A smaller key than the attested policy promises (or a larger one) is refused: the
+        # policy's paillier_bits is what the measurement vouches for, and packing depends on it.
+        raise KeySizeMismatch(f"the Paillier key has {keys.paillier_n.bit_length()} bits; "
+                              f"the attested policy says {policy.paillier_bits}")
     return AttestedEnclave(keys, policy, parsed.policy, quote.measurement, parsed.code_digest,
                            quote.issued_at_ms)

@@ -95,6 +95,10 @@ class StaleQuote(AttestationError):
     """The quote is older than the allowed age, or dated in the future."""
 
 
+class KeySizeMismatch(AttestationError):
+    """The attested Paillier modulus does not have exactly the policy's ``paillier_bits`` bits."""
+
+
 class PolicyTooWeak(AttestationError):
     """The attested policy promises less privacy than this client requires."""
 

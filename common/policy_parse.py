@@ -9,7 +9,6 @@ refuses an enclave whose policy breaks them (docs/protocol.md section 4). Every 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Mapping
 
@@ -23,14 +22,14 @@ from sealedsum.common.policy import (
 )
 from sealedsum.common.privacy import Mechanism
 from sealedsum.common.tables import integer, number, one_of, take
-from sealedsum.common.wire import STREAM_NAME
+from sealedsum.common.wire import STREAM_NAME, strict_json
 
 
 def policy_from_bytes(data: bytes) -> EnclavePolicy:
     """Parse attested policy bytes (canonical JSON, :meth:`EnclavePolicy.to_bytes`); any
     problem is an ``InvalidMessage``."""
     try:
-        raw = json.loads(data.decode("ascii"))
+        raw = strict_json(data.decode("ascii"))
         if (not isinstance(raw, dict) or raw.get("version") != 1
                 or set(raw) - {"identities", "budget_groups"} != {"version", "enclave", "streams"}):
             raise InvalidMessage("policy: not a version 1 policy document")

@@ -80,7 +80,7 @@ def _canonical(obj: dict) -> bytes:
 
 def _load(payload: bytes, cls, kind: str):
     try:
-        raw = json.loads(payload.decode("ascii"))
+        raw = wire.strict_json(payload.decode("ascii"))
     except (ValueError, RecursionError) as err:  # also integers of over 4300 digits, too deep nesting
         raise InvalidMessage(f"{kind}: payload is not ASCII JSON") from err
     if not isinstance(raw, dict) or raw.get("kind") != kind:
@@ -266,7 +266,7 @@ def verify_signed(body: bytes, enclave: AttestedEnclave, kinds: tuple[str, ...] 
     signing.verify(enclave.keys.ed25519, signing.RESULT, message.payload, message.signature,
                    error=InvalidResultSignature, what="result")
     try:
-        kind = json.loads(message.payload).get("kind")
+        kind = wire.strict_json(message.payload).get("kind")
     except (ValueError, RecursionError, AttributeError) as err:
         raise InvalidMessage("signed payload is not a JSON object") from err
     if kind not in kinds:

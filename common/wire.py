@@ -11,6 +11,8 @@ raises :class:`~sealedsum.common.errors.InvalidMessage` and nothing else.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -96,6 +98,35 @@ class _Reader:
 def plaintext_width(ciphertext_width: int) -> int:
     """Bytes of one plaintext in an envelope: the byte length of n, half that of n² rounded up."""
     return (ciphertext_width + 1) // 2
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {key!r} in a JSON object")
+    return out
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a number beyond the doubles
+        raise ValueError(f"JSON number {text} is beyond the range of a double")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text: str | bytes) -> object:
+    """Parse JSON the way the protocol reads every JSON text (docs/protocol.md section 1): a
+    duplicate key in an object, ``NaN``, ``Infinity``, ``-Infinity`` and a number that
+    overflows a double are errors (``ValueError``, which callers turn into their own error);
+    integers are read exactly, whatever their size."""
+    return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_float=_finite_float,
+                      parse_constant=_no_constant)
 
 
 def check_stream_name(name: str) -> str:

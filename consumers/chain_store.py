@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from sealedsum.common.errors import ChainStateError
+from sealedsum.common.wire import strict_json
 from sealedsum.consumers.chain_state import ChainKey, StreamChain
 
 __all__ = ["FORMAT", "VERSION", "ChainStore"]
@@ -63,7 +64,7 @@ class ChainStore:
         except OSError as err:
             raise ChainStateError(f"cannot read the chain-state file {self.path}: {err.strerror}") from err
         try:
-            doc = json.loads(raw.decode("utf-8"))
+            doc = strict_json(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise ChainStateError(f"the chain-state file {self.path} is not JSON", hint=RESET_HINT) from err
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:

@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealedsum.common.errors import ConfigError
+from sealedsum.common.wire import strict_json
 
 
 def public_key_text(key: Ed25519PrivateKey) -> str:
@@ -34,7 +35,7 @@ def generate(path: Path) -> Ed25519PrivateKey:
 
 def load(path: Path) -> Ed25519PrivateKey:
     try:
-        doc = json.loads(path.read_text())
+        doc = strict_json(path.read_text())
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(doc["ed25519_seed"]))
     except FileNotFoundError:
         raise ConfigError(f"identity file {path} does not exist",

@@ -437,7 +437,7 @@ class Enclave:
             if closing.exhausts:
                 self.exhausted.add(w.stream)  # refuse records from now on; the notice follows the release
             self._closing[closing.key] = closing
-            effects |= self._exhaust_peers(ledger, now_ms)
+            effects |= self._exhaust_peers(ledger, closed_at)
             if not self._draw_inline:
                 effects |= Effects(draw=(closing,))
                 continue
@@ -488,10 +488,12 @@ class Enclave:
                 "stream": w.stream, "window": w.index, "releases": closing.budget.get("releases")}})
             out.append(outcome)
         if stored.exhausts:
-            out.append(self._exhaust(w.stream, now_ms))
+            # Dated by the window, not by when its draw finished (a drawing thread finishes later):
+            # the notice's at_ms is the closed_at_ms of the release it follows (section 13.4).
+            out.append(self._exhaust(w.stream, stored.closed_at_ms))
         return Effects(checkpoint=True, publish=tuple(out))
 
-    def _exhaust_peers(self, ledger, now_ms: int) -> Effects:
+    def _exhaust_peers(self, ledger, closed_at_ms: int) -> Effects:
         """A charge to a stream of a budget group spends the other streams' budget too: each
         one that now has no room for a release is exhausted. Its notice comes at once, or,
         when a window of it is charged but not yet drawn, right after that release (a
@@ -506,14 +508,17 @@ class Enclave:
                 last = max(drawing, key=lambda c: c.window.index)
                 self._closing[last.key] = dataclasses.replace(last, exhausts=True)
             else:
-                out.append(self._exhaust(peer, now_ms))
+                out.append(self._exhaust(peer, closed_at_ms))  # when the window just charged closed
         return Effects(publish=tuple(out)) if out else NOTHING
 
-    def _exhaust(self, stream: str, now_ms: int) -> Publication:
-        """The next release would exceed the budget: say so, once, and accept nothing more."""
+    def _exhaust(self, stream: str, at_ms: int) -> Publication:
+        """The next release would exceed the budget: say so, once, and accept nothing more.
+
+        :param at_ms: the notice's ``at_ms``: the closing time of the window whose charge spent
+            the budget, or the enclave's clock at start for a ledger found spent then."""
         self.exhausted.add(stream)
         ledger = self.ledgers[stream]
-        notice = exhausted_notice(self.policy.streams[stream], self.keys, self.measurement, now_ms, ledger.summary())
+        notice = exhausted_notice(self.policy.streams[stream], self.keys, self.measurement, at_ms, ledger.summary())
         self.pending[notice.key] = notice
         log.warning("privacy budget exhausted; the stream accepts no more records", extra={"fields": {
             "stream": stream, "releases": ledger.releases}})

@@ -45,6 +45,7 @@ def test_releases_stop_at_the_budget_with_one_signed_notice(sidecar_factory):
         assert [m.window for m in messages[:3]] == [1, 2, 3]
         assert [m.budget["spent_epsilon"] for m in messages[:3]] == [1.0, 2.0, 3.0]
         assert messages[3].budget["remaining_releases"] == 0
+        assert messages[3].at_ms == messages[2].closed_at_ms  # dated by its release (section 13.4), live too
         assert collect(consumer, 1, timeout=3) == []  # the notice comes once, nothing after it
         report = consumer.budget("s")
     dead = drain(dead_conn, dead_q, expect=4)
@@ -130,6 +131,7 @@ def test_a_budget_group_spends_once_for_both_streams(sidecar_factory):
     assert releases[-1].budget["group_releases"] == {"a": 2, "b": 1}
     notices = {m.stream: m for m in rest if isinstance(m, BudgetExhausted)}
     assert set(notices) == {"a", "b"}
+    assert notices["a"].at_ms == notices["b"].at_ms == releases[-1].closed_at_ms  # section 15.6
     assert notices["b"].budget["releases"] == 1 and notices["b"].budget["spent_epsilon"] == 3.0
     assert report.exhausted and report.budget["spent_epsilon"] == 3.0 and report.budget["remaining_releases"] == 0
     (dead,) = drain(dead_conn, dead_q, expect=1)

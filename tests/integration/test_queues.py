@@ -6,13 +6,17 @@ and into ``PREFIX.rejected`` instead of letting it loop forever."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import uuid
 
 import pika
 import pika.exceptions as pe
 import pytest
 
 from sealedsum.common import amqp
+from sealedsum.common.config import BrokerSettings, Topology
+from sealedsum.common.errors import TransportError
 from sealedsum.common.topology import DELIVERY_LIMIT, RECORD_ROUTING_KEY
 from sealedsum.sidecar.enclave_process.runtime import declare_topology
 from tests.integration.test_end_to_end import STREAM, drain
@@ -94,4 +98,45 @@ def test_records_go_to_quorum_queues_whose_delivery_limit_stops_a_poison_message
         assert props.headers["x-first-death-queue"] == t.records_queue
         assert conn.channel().queue_declare(t.records_queue, passive=True).method.message_count == 0
     finally:
+        conn.close()
+
+
+def test_an_enclave_request_without_a_running_sidecar(amqp_url):
+    """Section 8's outcomes for a client when no enclave answers, on a prefix of this test's own:
+    no sidecar ever started (no PREFIX.attest exchange: 404 closes the channel at once), the
+    exchange without its queue (as after a broker restart, the queue is not durable: returned
+    at once), and the queue with nobody consuming it (the request waits: a timeout). The
+    default-exchange path, also answered by the enclave, is returned where no queue exists."""
+    settings = dataclasses.replace(BrokerSettings(url=amqp_url), topology=Topology(f"rpc-{uuid.uuid4().hex[:12]}"),
+                                   attest_timeout_seconds=1.5)
+    t = settings.topology
+    conn = amqp.connect(settings)
+    try:
+        def attest() -> tuple[str, float]:
+            start = time.monotonic()
+            with pytest.raises(TransportError) as err:
+                amqp.request_attestation(conn, settings, bytes(32))
+            return str(err.value), time.monotonic() - start
+
+        text, took = attest()
+        assert "refused: the broker has no exchange" in text and "NOT_FOUND" in text and took < 1.0, (text, took)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        with pytest.raises(pe.UnroutableError):  # basic.return (312 NO_ROUTE), then the ack
+            ch.basic_publish("", t.attest_queue, b"SSA\x01" + bytes(32), mandatory=True)
+        ch.close()
+
+        declare_topology(conn.channel(), settings)  # as a sidecar does, which then stops
+        text, took = attest()
+        assert text.startswith("no reply to attest-request") and took >= 1.5, (text, took)
+
+        conn.channel().queue_delete(t.attest_queue)
+        text, took = attest()
+        assert text.startswith("no enclave request queue behind") and took < 1.0, (text, took)
+    finally:
+        ch = conn.channel()
+        for queue in t.queues:
+            ch.queue_delete(queue)
+        for exchange in t.exchanges:
+            ch.exchange_delete(exchange)
         conn.close()

@@ -250,10 +250,26 @@ def test_a_peer_drawing_a_window_gets_its_notice_after_that_release(small_keys):
     assert a_out.publish == () and e.exhausted == {"a", "b"}
     assert send(world, "b", e).rejection.reason is RejectReason.BUDGET_EXHAUSTED
     # b's notice waits for b's release, even though the runtime hands back its old copy.
-    done_b = e.complete(b_closing, e.draw(b_closing), now_ms())
+    done_b = e.complete(b_closing, e.draw(b_closing), now_ms() + 25)
     assert [type(p.message) for p in done_b.publish] == [Release, BudgetExhausted]
-    done_a = e.complete(a_out.draw[0], e.draw(a_out.draw[0]), now_ms())
+    done_a = e.complete(a_out.draw[0], e.draw(a_out.draw[0]), now_ms() + 25)
     assert [type(p.message) for p in done_a.publish] == [Release, BudgetExhausted]
+    # Each notice is dated by the release it follows (section 13.4), not by when the draw ended.
+    for done in (done_b, done_a):
+        release, notice = (p.message for p in done.publish)
+        assert notice.at_ms == release.closed_at_ms
+
+
+def test_a_peer_exhausted_by_another_streams_charge_is_dated_by_that_window(small_keys):
+    one = dict(window_records=1, min_batch=1)
+    world = world_of(small_keys, {"g": {"budget_epsilon": 2}}, grouped(**one), grouped(**one))
+    send(world, "b")
+    t = now_ms()
+    out = world.enclave.on_record(world.sealer.seal("a", [1.0]).body, t)
+    notices = {p.stream: p.message for p in out.publish if isinstance(p.message, BudgetExhausted)}
+    (release,) = [p.message for p in out.publish if isinstance(p.message, Release)]
+    assert set(notices) == {"a", "b"} and release.closed_at_ms == t
+    assert notices["a"].at_ms == notices["b"].at_ms == t  # the closing time of the window just charged
 
 
 def test_a_restarted_enclave_recomputes_the_group_spend(small_keys):

@@ -263,6 +263,8 @@ def test_the_store_round_trips_and_keeps_other_entries(tmp_path, chains):
 
 @pytest.mark.parametrize("text,match", [
     ("{not json", "is not JSON"),
+    ('{"format": "x", "format": "y", "version": 1, "chains": []}', "is not JSON"),  # strict JSON (section 1)
+    ('{"format": "sealedsum/consumer-chains", "version": NaN, "chains": []}', "is not JSON"),
     ('{"version": 1, "chains": []}', "is not a chain-state file"),
     (json.dumps({"format": FORMAT, "version": 2, "chains": []}), "has version 2"),
     (json.dumps({"format": FORMAT, "version": 1, "chains": {}}), "exactly the fields"),

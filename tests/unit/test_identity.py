@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.public import PublicKey, SealedBox
 
 from sealedsum.common import signing, wire
-from sealedsum.common.errors import ConfigError, PolicyMismatch, RejectReason
+from sealedsum.common.errors import ConfigError, InvalidMessage, PolicyMismatch, RejectReason
 from sealedsum.common.policy_parse import enclave_policy, policy_from_bytes
 from sealedsum.producers import identity as identity_mod
 from sealedsum.producers.client import RecordSealer
@@ -133,10 +133,19 @@ def test_keygen_writes_a_private_file_once(tmp_path):
         identity_mod.generate(path)
 
 
-def test_small_order_keys_cannot_be_enrolled():
-    with pytest.raises(ConfigError, match="not a valid Ed25519 public key"):
-        enclave_policy({"paillier_bits": TEST_BITS, "insecure_test_keys": True}, {"s": stream_table()},
-                                   {"enrolled": {"zero": base64.b64encode(bytes([1] + [0] * 31)).decode()}})
+@pytest.mark.parametrize("table", ["enrolled", "revoked"])
+def test_small_order_keys_cannot_be_enrolled(table):
+    """Section 4 (and 10.4): enrolled and revoked keys alike, in a configuration and in attested
+    policy bytes; the identity point (small order) and a non-canonical encoding of it."""
+    enclave = {"paillier_bits": TEST_BITS, "insecure_test_keys": True}
+    good = base64.b64encode(ALICE.public_key().public_bytes_raw()).decode()
+    for bad in (bytes([1] + [0] * 31), bytes([0xee] + [0xff] * 30 + [0x7f])):
+        text = base64.b64encode(bad).decode()
+        with pytest.raises(ConfigError, match="not a valid Ed25519 public key"):
+            enclave_policy(enclave, {"s": stream_table()}, {"required": table == "enrolled", table: {"zero": text}})
+        attested = enclave_policy(enclave, {"s": stream_table()}, {table: {"zero": good}}).to_bytes()
+        with pytest.raises(InvalidMessage, match="not a valid Ed25519 public key"):
+            policy_from_bytes(attested.replace(good.encode(), text.encode()))
 
 
 def test_an_unsigned_record_cannot_claim_an_enrolled_id(small_keys):

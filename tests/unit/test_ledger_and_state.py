@@ -54,6 +54,20 @@ def test_laplace_budget_is_exact_decimal_and_stops_with_one_notice(small_keys):
     assert verify_signed(notices[0].body, world.attested) == notice
 
 
+def test_the_notice_is_dated_by_the_release_it_follows_not_by_when_its_draw_finished(small_keys):
+    """at_ms = the exhausting release's closed_at_ms (sections 13.4 and 15.3), even when the
+    runtime draws the release on a thread of its own and completes it later."""
+    world = make_world(small_keys, make_policy({"s": stream_table(
+        epsilon=1.0, budget_epsilon=1.0, window_records=1, min_batch=1)}))
+    e = Enclave(small_keys, world.enclave.policy, world.enclave.policy_bytes, world.enclave.code_digest,
+                world.measurement, lambda rd: b"", draw_inline=False)
+    t = now_ms()
+    (closing,) = e.on_record(world.sealer.seal("s", [1.0]).body, t).draw
+    release, notice = e.complete(closing, e.draw(closing), t + 25).publish
+    assert isinstance(notice.message, BudgetExhausted) and release.message.closed_at_ms == t
+    assert notice.message.at_ms == release.message.closed_at_ms == t
+
+
 def test_gaussian_budget_composes_in_zcdp(small_keys):
     eps, delta, budget_eps, budget_delta = 0.5, 1e-6, 3.0, 1e-6
     world = make_world(small_keys, make_policy({"s": stream_table(

@@ -136,6 +136,24 @@ def test_fixed_point_overflow_is_refused():
                  "overflow 62 bits")
 
 
+@pytest.mark.parametrize("end", ["lower", "upper"])
+def test_the_62_bit_rule_holds_at_both_ends_of_a_range(end):
+    """Section 4: max(|round(lower·2^f)|, |round(upper·2^f)|) · R < 2^62, a negative lower bound
+    as much as an upper one; every window total then lies strictly within (−2^62, 2^62)."""
+    widest = ((1 << 62) - 1) // 1000  # R = window_records = 1000, f = 16
+    for magnitude, fits in ((widest, True), (widest + 1, False)):
+        bound = magnitude / 2**16  # exact: magnitude < 2^53
+        table = stream_table(fraction_bits=16, window_records=1000, min_batch=3,
+                             **({"lower": -bound, "upper": 0.0} if end == "lower" else {"lower": 0.0, "upper": bound}))
+        if fits:
+            (lo, hi), = enclave_policy(SECURE, {"s": table}).streams["s"].coordinate_ranges(1000)
+            assert -(1 << 62) < lo <= hi < 1 << 62 and max(-lo, hi) == 1000 * widest
+        else:
+            policy_error(SECURE, {"s": table}, "overflow 62 bits")
+    policy_error(SECURE, {"s": stream_table(**{end: (-1e300 if end == "lower" else 1e300)}, fraction_bits=40)},
+                 "overflow 62 bits")  # bound · 2^f beyond what a double holds
+
+
 @pytest.mark.parametrize("name", ["", "a b", "é", "x" * 65, "a.b"])
 def test_bad_stream_names(name):
     policy_error(SECURE, {name: stream_table()}, "stream names are 1-64 characters")
@@ -209,6 +227,8 @@ def test_defaults_are_written_out():
          "insecure_test_keys": False},
         {"s": stream_table(dimension=1, fraction_bits=16, count_share=0.5)})
     assert implicit.to_bytes() == explicit.to_bytes()
+    # Section 4: insecure_test_keys is written out when false too.
+    assert b'"insecure_test_keys":false,' in implicit.to_bytes()
 
 
 def test_any_policy_change_changes_the_bytes():
@@ -245,6 +265,22 @@ def test_round_trip():
 def test_from_bytes_refuses_with_invalid_message(data):
     with pytest.raises(InvalidMessage):
         policy_from_bytes(data)
+
+
+@pytest.mark.parametrize("change", [
+    lambda b: b.replace(b'{"enclave":', b'{"version":1,"enclave":', 1),
+    lambda b: b.replace(b'"min_batch":', b'"min_batch":1,"min_batch":', 1),
+    lambda b: b.replace(b'"epsilon":1.0', b'"epsilon":NaN', 1),
+    lambda b: b.replace(b'"epsilon":1.0', b'"epsilon":-Infinity', 1),
+    lambda b: b.replace(b'"epsilon":1.0', b'"epsilon":1e999', 1),
+], ids=["duplicate top-level key", "duplicate stream key", "NaN", "-Infinity", "1e999"])
+def test_attested_policy_bytes_are_strict_json(change):
+    good = make_policy().to_bytes()
+    assert b'"epsilon":1.0' in good and policy_from_bytes(good).to_bytes() == good
+    bad = change(good)
+    assert bad != good
+    with pytest.raises(InvalidMessage, match="policy: "):
+        policy_from_bytes(bad)
 
 
 def test_stream_lookup():

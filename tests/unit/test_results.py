@@ -179,3 +179,27 @@ def test_payload_round_trip_is_canonical(released):
     rel = released.message
     assert Release.from_payload(rel.to_payload()) == rel
     assert wire.SignedMessage.from_bytes(released.body).payload == rel.to_payload()
+
+
+@pytest.mark.parametrize("change", [
+    lambda text: text.replace('{"aggregate"', '{"kind":"result","aggregate"', 1),  # a duplicate key
+    lambda text: text.replace('"budget":{', '"budget":{"releases":1,', 1),  # inside the budget object
+    lambda text: text.replace('"epsilon":1.0', '"epsilon":NaN', 1),
+    lambda text: text.replace('"epsilon":1.0', '"epsilon":Infinity', 1),
+    lambda text: text.replace('"epsilon":1.0', '"epsilon":1e400', 1),  # overflows a double
+], ids=["duplicate key", "nested duplicate", "NaN", "Infinity", "1e400"])
+def test_signed_payloads_are_strict_json(world, released, change):
+    """Section 1: a duplicate key, NaN, Infinity or a number beyond the doubles is refused,
+    signed or not; the first key of a duplicate pair would otherwise win in some parsers and
+    the last in others."""
+    text = released.message.to_payload().decode("ascii")
+    altered = change(text)
+    assert altered != text
+    with pytest.raises(InvalidMessage):
+        verify_result(resign(world, altered.encode("ascii")), world.attested)
+    assert verify_result(resign(world, text.encode("ascii")), world.attested) == released.message
+
+
+def test_integers_beyond_a_double_are_read_exactly():
+    assert wire.strict_json('{"a":[9007199254740993,-4611686018427387905]}') == \
+        {"a": [2**53 + 1, -(2**62) - 1]}

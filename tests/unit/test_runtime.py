@@ -38,8 +38,8 @@ class RecordingChannel:
         self.log.append(f"ack {tag}" + (" multiple" if multiple else ""))
 
 
-def deliver(runtime, channel, body, tag, redelivered=False):
-    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
+def deliver(runtime, channel, body, tag, redelivered=False, props=None):
+    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), props, body)
     runtime.ingest()
     runtime.release_closed(wait=True)
     runtime.flush()  # as the runtime's loop does after every ingest
@@ -207,3 +207,27 @@ def test_a_sealed_record_is_never_read_as_a_batch(world):
     runtime.ingest()
     assert world.enclave.stats.accepted == 1
     assert world.enclave.records_in(wire.RECORD_BATCH_MAGIC + body, wire.RECORD_TYPE) == (wire.RECORD_BATCH_MAGIC + body,)
+
+
+# What the broker or a stranger adds to a delivery (docs/protocol.md sections 10.6 and 11.4).
+BROKER_HEADERS = {"x-delivery-count": 3, "x-death": [{"reason": "delivery_limit", "count": 1}],
+                  "x-first-death-reason": "delivery_limit", "x-sealedsum-reason": "forged"}
+
+
+@pytest.mark.parametrize("kind", [None, "record", "bogus", "rejected-record"])
+def test_any_type_but_records_is_one_record_and_broker_headers_change_nothing(world, kind):
+    """Only ``type`` = ``records`` makes a batch; every other type (none, unknown) is one sealed
+    record. The enclave reads no header: a record redelivered with x-delivery-count (or
+    anything else in its headers) counts as any other, and a dead letter carries the enclave's
+    headers only, never a copy of the delivery's."""
+    runtime = EnclaveRuntime(world.enclave, BrokerSettings())
+    consume, runtime._publish = RecordingChannel(), RecordingChannel()
+    runtime._dead = runtime._publish  # dead letters on the same timeline
+    props = SimpleNamespace(type=kind, headers=dict(BROKER_HEADERS), message_id="m", app_id="stranger")
+    deliver(runtime, consume, world.sealer.seal("s", [1.0]).body, 1, redelivered=True, props=props)
+    assert world.enclave.stats.accepted == 1 and runtime._publish.published == []
+    deliver(runtime, consume, b"not a sealed box" * 4, 2, redelivered=True, props=props)
+    (dead,) = runtime._publish.published
+    assert dead[3]["x-sealedsum-reason"] == "undecryptable"
+    assert set(dead[3]) == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at"}
+    assert consume.acked == [1, 2]

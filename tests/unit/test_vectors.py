@@ -9,8 +9,11 @@ last tests keep ``docs/protocol.md`` in step with the constants in the code.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import base64
+import functools
+import itertools
 import hashlib
 import json
 import math
@@ -275,10 +278,57 @@ def check_quote(v: dict, tmp_path, monkeypatch) -> None:
             wire.Quote.from_bytes(bad)
 
 
-def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
-    from sealedsum.common import amqp
-    from sealedsum.common.config import Topology
+class _RpcChannel:
+    """A channel that records the request the client publishes and answers it at once."""
 
+    def __init__(self) -> None:
+        self.published: list[dict] = []
+        self.is_open = True
+        self._on_reply = None
+
+    def add_on_return_callback(self, callback) -> None:
+        pass
+
+    def basic_consume(self, queue, callback, auto_ack=False):
+        from sealedsum.common import amqp
+        assert queue == amqp.DIRECT_REPLY_TO and auto_ack
+        self._on_reply = callback
+
+    def basic_publish(self, exchange, routing_key, body, properties, mandatory=False):
+        self.published.append({"exchange": exchange, "routing_key": routing_key, "body": body,
+                               "properties": properties, "mandatory": mandatory})
+        self._on_reply(self, None, type("P", (), {"correlation_id": properties.correlation_id})(), b"reply")
+
+    def close(self) -> None:
+        self.is_open = False
+
+
+def check_rpc_publication(spec: dict, request: bytes, monkeypatch) -> None:
+    """Section 8: where a request goes, as the vector states it and as the reference client
+    publishes it; the default-exchange path reaches the same queue (the enclave answers both)."""
+    from sealedsum.common import amqp, topology
+    from sealedsum.common.config import BrokerSettings, Topology
+
+    t = Topology("sealedsum")
+    assert (spec["exchange"], spec["routing_key"]) == (t.attest_exchange, topology.ATTEST_ROUTING_KEY)
+    assert spec["also_answered"] == {"exchange": "", "routing_key": t.attest_queue}
+    assert (spec["reply_to"], spec["app_id"], spec["mandatory"]) == (amqp.DIRECT_REPLY_TO, amqp.APP_ID, True)
+    declared = topology.declarations(t, "quorum", 1)
+    assert topology.Binding(t.attest_queue, t.attest_exchange, spec["routing_key"]) in declared
+    channel = _RpcChannel()
+    connection = type("C", (), {"channel": lambda self: channel, "process_data_events": lambda self, **_: None})()
+    monkeypatch.setattr(amqp, "connection_user", lambda _connection: "alice")
+    assert amqp.call_enclave(connection, BrokerSettings(), request, spec["type"]) == b"reply"
+    (sent,) = channel.published
+    assert (sent["exchange"], sent["routing_key"], sent["body"], sent["mandatory"]) == \
+        (spec["exchange"], spec["routing_key"], request, spec["mandatory"])
+    props = sent["properties"]
+    assert (props.reply_to, props.type, props.app_id, props.user_id, props.expiration) == \
+        (spec["reply_to"], spec["type"], spec["app_id"], "alice", "10000")
+    assert props.delivery_mode is None and len(props.correlation_id) == 32
+
+
+def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
     raw = h(v["request_hex"])
     assert wire.AttestRequest.from_bytes(raw).nonce == h(v["nonce"])
     assert wire.AttestRequest(h(v["nonce"])).to_bytes() == raw
@@ -286,10 +336,7 @@ def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
     for bad in (raw[:-1], raw + b"\x00", b"SSA\x02" + raw[4:]):
         with pytest.raises(InvalidMessage):
             wire.AttestRequest.from_bytes(bad)
-    props = v["amqp"]
-    assert props["reply_to"] == amqp.DIRECT_REPLY_TO
-    assert props["routing_key"] == Topology("sealedsum").attest_queue
-    assert props["app_id"] == amqp.APP_ID
+    check_rpc_publication(v["amqp"], raw, monkeypatch)
     # The enclave core answers this request with exactly the reply vector.
     from sealedsum.sidecar.enclave.service import Enclave
     from sealedsum.sidecar.platform.emulated import EmulatedPlatform
@@ -332,7 +379,7 @@ def check_attest_reply(v: dict, tmp_path, monkeypatch) -> None:
     assert len(names) == len(set(names))
     expected_errors = {c["expect"] for c in v["verification_cases"]} - {None}
     assert {"UntrustedPlatform", "UnknownMeasurement", "ReportDataMismatch", "NonceMismatch",
-            "StaleQuote", "AttestationError"} <= expected_errors
+            "StaleQuote", "AttestationError", "KeySizeMismatch"} <= expected_errors
     for case in v["verification_cases"]:
         trust_spec = dict(v["trust"], **case.get("trust", {}))
         args = (h(case["reply_hex"]), h(case.get("client_nonce", v["nonce"])), trust_from(trust_spec),
@@ -842,8 +889,6 @@ def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
 
 
 def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
-    from sealedsum.common.config import Topology
-
     raw = h(v["request_hex"])
     req = wire.BudgetRequest.from_bytes(raw)
     assert req.nonce == h(v["nonce"]) and req.stream == v["stream"]
@@ -855,8 +900,8 @@ def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
                 raw[:36] + b"\x03a.b"):
         with pytest.raises(InvalidMessage):
             wire.BudgetRequest.from_bytes(bad)
-    props = v["amqp"]
-    assert props["routing_key"] == Topology("sealedsum").attest_queue and props["type"] == "budget-request"
+    assert v["amqp"]["type"] == "budget-request"
+    check_rpc_publication(v["amqp"], raw, monkeypatch)
 
 
 def check_budget_report(v: dict, tmp_path, monkeypatch) -> None:
@@ -1057,6 +1102,7 @@ def check_rejections(v: dict, tmp_path, monkeypatch) -> None:
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step.get("note"), got)
+        assert_detail_documented(outcome.rejection)
         expected = step.get("publishes", [])
         publications = pinned(outcome.publish)
         assert len(publications) == len(expected), (i, step.get("note"))
@@ -1118,6 +1164,7 @@ def _check_identity_session(v: dict) -> list[str]:
         outcome = enclave.on_record(h(step["body_hex"]), step["now_ms"])
         got = "accepted" if outcome.rejection is None else outcome.rejection.reason.value
         assert got == step["expect"], (i, step["note"], got)
+        assert_detail_documented(outcome.rejection)
         assert outcome.publish == ()
         reasons.append(got)
     assert {"bad_signature", "revoked_producer", "unknown_producer", "accepted"} <= set(reasons)
@@ -1371,6 +1418,158 @@ def test_doc_mentions_every_label_and_header() -> None:
     for dist in measure.RUNTIME_DISTRIBUTIONS:
         assert dist.lower() in doc, dist
     assert emulated.COUNTER_FILE in doc
+
+
+@functools.cache
+def _detail_templates() -> dict[str, tuple[re.Pattern, ...]]:
+    """Section 11.4's table of x-sealedsum-detail strings: every backticked string of a reason's
+    row, with each ``<field>`` standing for any text."""
+    section = _doc().split("### 11.4", 1)[1].split("\n### ", 1)[0]
+    table = section.split("The detail strings the reference enclave writes:", 1)[1]
+    rows = re.findall(r"^\| `([a-z_]+)` \| (.*) \|$", table, re.MULTILINE)
+    assert [reason for reason, _ in rows] == sorted({r.value for r in RejectReason}, key=CHECK_ORDER.index)
+    return {reason: tuple(re.compile("".join(".+" if part.startswith("<") else re.escape(part)
+                                             for part in re.split(r"(<[A-Za-z_]+>)", text)))
+                          for text in re.findall(r"`([^`]+)`", cell) if text != reason)
+            for reason, cell in rows}
+
+
+def assert_detail_documented(rejection) -> None:
+    """A rejection's detail is one section 11.4 lists for its reason (``unknown_stream``: the
+    stream name, which the row states in words)."""
+    if rejection is None:
+        return
+    templates = _detail_templates()[rejection.reason.value]
+    if rejection.reason is RejectReason.UNKNOWN_STREAM:
+        assert not templates and wire.STREAM_NAME.fullmatch(rejection.detail), rejection.detail
+        return
+    assert any(t.fullmatch(rejection.detail) for t in templates), (rejection.reason.value, rejection.detail)
+
+
+def _rendered(node: ast.expr) -> list[str] | None:
+    """The strings an f-string expression can give, each field shown as ``7`` (``'7'`` with
+    ``!r``; a wire constant as its value; a decoder's ``self._what`` as each thing a record
+    decoder reads); None when it is not a string built in place."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for value in node.values:
+            if isinstance(value, ast.FormattedValue):
+                field = ast.unparse(value.value)
+                if field == "self._what":
+                    parts.append(["envelope", "signed envelope", "record batch"])
+                elif field.isupper() and hasattr(wire, field):  # a wire constant: its value
+                    parts.append([str(getattr(wire, field))])
+                else:
+                    parts.append(["'7'" if value.conversion == ord("r") else "7"])
+            else:
+                parts.append(_rendered(value))
+        return ["".join(combo) for combo in itertools.product(*parts)]
+    if isinstance(node, ast.IfExp):
+        body, orelse = _rendered(node.body), _rendered(node.orelse)
+        return None if body is None or orelse is None else body + orelse
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _rendered(node.left), _rendered(node.right)
+        return None if left is None or right is None else [a + b for a in left for b in right]
+    return None
+
+
+def _written_details() -> tuple[list[tuple[str, str]], list[str]]:
+    """(reason, detail) for every RecordRejected the enclave code builds with a detail written in
+    place (``_reject`` is validity.py's out_of_range), and every InvalidMessage text of the wire
+    decoders (the malformed details)."""
+    written = []
+    for path in sorted((ROOT / "sidecar").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name == "RecordRejected" and isinstance(node.args[0], ast.Attribute) \
+                    and ast.unparse(node.args[0].value) == "RejectReason":
+                reason, detail = RejectReason[node.args[0].attr].value, node.args[1]
+            elif name == "_reject" and path.name == "validity.py":
+                reason, detail = RejectReason.OUT_OF_RANGE.value, node.args[0]
+            else:
+                continue
+            written += [(reason, text) for text in _rendered(detail) or ()]
+    decoder = [text for node in ast.walk(ast.parse((ROOT / "common" / "wire.py").read_text(encoding="utf-8")))
+               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "InvalidMessage" and node.args
+               for text in _rendered(node.args[0]) or ()]
+    return written, decoder
+
+
+def test_doc_lists_exactly_the_detail_strings_the_enclave_writes() -> None:
+    """Section 11.4: every detail the enclave code writes is listed for its reason, and every
+    listed one is written (the decoders' messages for malformed and a batch's too_large)."""
+    templates = _detail_templates()
+    written, decoder = _written_details()
+    assert len(written) > 30
+    for reason, text in written:
+        assert any(t.fullmatch(text) for t in templates[reason]), (reason, text)
+    for reason, patterns in templates.items():
+        sources = [text for r, text in written if r == reason]
+        if reason in ("malformed", "too_large"):
+            sources += decoder
+        for pattern in patterns:
+            assert any(pattern.fullmatch(text) for text in sources), (reason, pattern.pattern)
+
+
+def _section(number: str) -> str:
+    """Section ``number`` of docs/protocol.md up to the next section or subsection, whitespace
+    collapsed (so a number's phrase may wrap)."""
+    text = _doc().split(f"\n## {number}. " if "." not in number else f"\n### {number} ", 1)[1]
+    return re.sub(r"\s+", " ", re.split(r"\n##+ ", text, maxsplit=1)[0])
+
+
+def test_doc_numbers_are_the_codes_constants() -> None:
+    """Every operational number sections 2, 8, 11.4, 13.1 and 17 state, from the constant the
+    code uses: a change to one of them fails here until the text follows."""
+    from sealedsum.common import topology as t
+    from sealedsum.common.config import BrokerSettings
+    from sealedsum.sidecar.enclave_process import checkpoint as c, runtime as r
+
+    broker = BrokerSettings()
+    mib = 1 << 20
+    expected = {
+        "2": [f"`broker.max_queued_records` ({broker.max_queued_records:,} by default)".replace(",", " "),
+              f"`x-delivery-limit` = {t.DELIVERY_LIMIT}",
+              f"prefetch {r.PREFETCH_MAX} deliveries, fewer when one record can exceed "
+              f"{r.PREFETCH_BYTES // r.PREFETCH_MAX >> 10} KiB: at most {r.PREFETCH_BYTES // mib} MiB in flight, "
+              f"never below {r.PREFETCH_MIN}",
+              f"`x-max-length` = {t.REJECTED_QUEUE_MAX_LENGTH}, `x-max-length-bytes` = {t.REJECTED_QUEUE_MAX_BYTES} "
+              f"({t.REJECTED_QUEUE_MAX_BYTES // mib} MiB)",
+              f"`x-message-ttl` = {t.ATTEST_REQUEST_TTL_MS}; `x-max-length` = {t.ATTEST_QUEUE_MAX_LENGTH}, "
+              f"`x-max-length-bytes` = {t.ATTEST_QUEUE_MAX_BYTES} ({t.ATTEST_QUEUE_MAX_BYTES // mib} MiB)",
+              f"manual acks and prefetch {r.RPC_PREFETCH} (section 8)",
+              f"tries again every {r.LOCK_RETRY_S:g} s"],
+        "8": [f"(default `{int(broker.attest_timeout_seconds * 1000)}`)",
+              f"`broker.attest_timeout_seconds` (default {broker.attest_timeout_seconds:g} s)",
+              f"a body larger than {r.RPC_MAX_REQUEST_BYTES} bytes",
+              f"Requests not consumed within {t.ATTEST_REQUEST_TTL_MS // 1000} s expire",
+              f"the queue's {t.ATTEST_REQUEST_TTL_MS // 1000} s TTL",
+              f"looks at up to {r.RPC_PER_PASS} per pass",
+              f"at most {r.RPC_ACCOUNT_RATE_PER_S:g} a second per `user_id` (bursts of {r.RPC_ACCOUNT_BURST};",
+              f"at most {r.RPC_RATE_PER_S:g} a second in all (bursts of {r.RPC_BURST})",
+              f"the enclave reopens it after {r.RPC_REOPEN_S:g} s"],
+        "11.4": [f"only its first {r.DEAD_LETTER_PREFIX_BYTES} bytes"],
+        "13.1": [f"publishes it again every {r.HELD_RETRY_S:g} s until a queue takes it"],
+        "17": [f"`ACK_BATCH_MAX` = {r.ACK_BATCH_MAX} being half the largest prefetch of {r.PREFETCH_MAX}",
+               f"batches go out at least every {r.FLUSH_EVERY_S:g} s",
+               f"after {c.STORAGE_RETRY_FIRST_S:g} s doubling to {c.STORAGE_RETRY_MAX_S:g} s",
+               f"every {c.BASE_EVERY_S:g} s and when the journal passes {c.JOURNAL_MAX_BYTES // mib} MiB"],
+    }
+    for number, phrases in expected.items():
+        text = _section(number)
+        for phrase in phrases:
+            assert phrase in text, (number, phrase)
+    # The rules those numbers come from, as the text states them.
+    assert r.ACK_BATCH_MAX == r.PREFETCH_MAX // 2
+    for prefetch in (r.PREFETCH_MIN, 100, r.PREFETCH_MAX):
+        assert r.ack_batch_for(prefetch) == min(r.ACK_BATCH_MAX, prefetch // 2)
+    assert r.prefetch_for(1) == r.PREFETCH_MAX and r.prefetch_for(r.PREFETCH_BYTES // r.PREFETCH_MAX) == r.PREFETCH_MAX
+    assert r.prefetch_for(r.PREFETCH_BYTES // r.PREFETCH_MAX + 1) < r.PREFETCH_MAX
+    assert r.prefetch_for(r.PREFETCH_BYTES) == r.PREFETCH_MIN
 
 
 def test_doc_check_table_is_in_check_order() -> None:

@@ -726,11 +726,21 @@ class Shared(NamedTuple):
     def quote(self) -> bytes:
         return self.quote_signed_part + self.quote_signature[1]
 
-    def reply_bytes(self, *, code: bytes | None = None, pol: bytes | None = None, q: bytes | None = None) -> bytes:
-        """The SSD\\x01 attestation reply to NONCE; ``code``, ``pol`` or ``q`` replace the code digest,
-        policy or quote (the altered copies of the verification cases)."""
-        return (b"SSD\x01" + NONCE + (self.code_digest if code is None else code) + framed(self.bundle)
+    def reply_bytes(self, *, code: bytes | None = None, pol: bytes | None = None, q: bytes | None = None,
+                    keys: bytes | None = None) -> bytes:
+        """The SSD\\x01 attestation reply to NONCE; ``code``, ``pol``, ``q`` or ``keys`` replace the code
+        digest, policy, quote or key bundle (the altered copies of the verification cases)."""
+        return (b"SSD\x01" + NONCE + (self.code_digest if code is None else code)
+                + framed(self.bundle if keys is None else keys)
                 + framed(self.policy_bytes if pol is None else pol) + framed(self.quote if q is None else q))
+
+    def requoted_reply(self, keys: bytes) -> bytes:
+        """A reply with another key bundle that the platform quoted as it is: every check up to
+        the key bundle's own passes."""
+        report_data = sha256(b"sealedsum/v1/report-data\x00" + framed(keys) + framed(self.policy_bytes) + NONCE)
+        signed = b"SSQ\x01" + self.meas + report_data + u64(QUOTE_ISSUED_AT_MS)
+        return self.reply_bytes(keys=keys, q=signed + ed25519_sign(PLATFORM_ED25519_SEED, b"sealedsum/v1/quote",
+                                                                   signed)[1])
 
 
 def shared_material() -> Shared:
@@ -980,6 +990,17 @@ def build_quote(m: Shared) -> dict:
     }
 
 
+# How enclave RPC requests are published (section 8), attestation and budget alike.
+RPC_REQUEST_AMQP = {
+    "exchange": f"{PREFIX}.attest",
+    "routing_key": "request",
+    "mandatory": True,
+    "reply_to": "amq.rabbitmq.reply-to",
+    "app_id": "sealedsum",
+    "also_answered": {"exchange": "", "routing_key": f"{PREFIX}.attest"},
+}
+
+
 def build_attest_request() -> dict:
     from sealedsum.common import wire
 
@@ -987,17 +1008,14 @@ def build_attest_request() -> dict:
     assert wire.AttestRequest(NONCE).to_bytes() == request
     return {
         "kind": "attest_request",
-        "description": "SSA\\x01 || 32-byte nonce, published to the default exchange with routing key "
-                       "PREFIX.attest and the AMQP properties below (correlation_id is random per request).",
+        "description": "SSA\\x01 || 32-byte nonce, published to the direct exchange PREFIX.attest with routing "
+                       "key 'request', mandatory, with the AMQP properties below (correlation_id is random per "
+                       "request; section 8). also_answered: the default exchange with routing key PREFIX.attest "
+                       "reaches the same queue, and the enclave answers it alike; with no sidecar ever started "
+                       "it gets a basic.return where the exchange gets a 404 channel close.",
         "nonce": hexs(NONCE),
         "request_hex": hexs(request),
-        "amqp": {
-            "exchange": "",
-            "routing_key": f"{PREFIX}.attest",
-            "reply_to": "amq.rabbitmq.reply-to",
-            "type": "attest-request",
-            "app_id": "sealedsum",
-        },
+        "amqp": RPC_REQUEST_AMQP | {"type": "attest-request"},
     }
 
 
@@ -1015,6 +1033,9 @@ def build_attest_reply(m: Shared) -> dict:
     tampered_policy = m.policy_bytes.replace(b'"epsilon":1.0', b'"epsilon":9.0')
     assert tampered_policy != m.policy_bytes
     other_code = sha256(b"other code")
+    short_n = (m.n >> 8) | 1  # odd, exactly 1016 bits: a bundle that decodes, for a smaller key than attested
+    short_bundle = m.bundle[:72] + u16(127) + short_n.to_bytes(127, "big")
+    assert wire.KeyBundle.from_bytes(short_bundle).paillier_n.bit_length() == 1016
     # Each case: the reply, the nonce the client sent, its trust anchors, its clock, and
     # the error class (sealedsum.common.errors) verify_attestation must raise; null = accepted.
     cases = [
@@ -1040,6 +1061,8 @@ def build_attest_reply(m: Shared) -> dict:
          "expect": "StaleQuote"},
         {"name": "truncated reply", "reply_hex": hexs(reply[:-1]), "expect": "AttestationError"},
         {"name": "trailing byte", "reply_hex": hexs(reply + b"\x00"), "expect": "AttestationError"},
+        {"name": "quoted Paillier modulus of 1016 bits while the policy says paillier_bits = 1024",
+         "reply_hex": hexs(m.requoted_reply(short_bundle)), "expect": "KeySizeMismatch"},
     ]
     trust_anchors = attestation.TrustAnchors(platform_pub, frozenset({meas}), 300.0)
     assert attestation.verify_attestation(reply, NONCE, trust_anchors, now).measurement == meas
@@ -1363,13 +1386,12 @@ def build_budget_request() -> dict:
     return {
         "kind": "budget_request",
         "description": "SSG\\x01 || 32-byte nonce || u8 stream-name length || stream name, published like an "
-                       "attestation request (default exchange, routing key PREFIX.attest, direct reply-to). "
+                       "attestation request (exchange PREFIX.attest, routing key 'request', direct reply-to). "
                        "The enclave answers with budget_report.json.",
         "nonce": hexs(BUDGET_NONCE),
         "stream": "wellbeing",
         "request_hex": hexs(budget_request),
-        "amqp": {"exchange": "", "routing_key": f"{PREFIX}.attest", "reply_to": "amq.rabbitmq.reply-to",
-                 "type": "budget-request", "app_id": "sealedsum"},
+        "amqp": RPC_REQUEST_AMQP | {"type": "budget-request"},
     }
 
 
