@@ -152,7 +152,8 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     t = Topology("a.b+c")
     p = role_permissions(t)
     ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
-    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce"):
+    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
+                 "a.b+c.releases"):
         assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name) and ok(p["sidecar"].write, name)
     for name in ("aXb+c.records", "a.bbc.records", "a.b+c.records2", "xa.b+c.records", "a.b+c.consumer.q", "other"):
         assert not ok(p["sidecar"].configure, name), name
@@ -163,7 +164,7 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     assert ok(p["producer"].configure, "amq.gen-Xq1") and ok(p["producer"].write, "amq.gen-Xq1")
     assert ok(p["producer"].read, "amq.gen-Xq1") and ok(p["producer"].read, "a.b+c.announce")
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
-                 "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce"):
+                 "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce", "a.b+c.releases"):
         assert not ok(p["producer"].configure, name), name
         if name != "a.b+c.announce":
             assert not ok(p["producer"].read, name), name
@@ -172,6 +173,9 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.consumer", "amq.default", "b.consumer.x"):
         assert not ok(p["consumer"].configure, name) and not ok(p["consumer"].read, name), name
     assert ok(p["consumer"].read, "a.b+c.results") and ok(p["consumer"].write, "a.b+c.attest")
+    # The release stream: read (consume) only; declaring, binding or publishing into it is the sidecar's.
+    assert ok(p["consumer"].read, "a.b+c.releases") and not ok(p["consumer"].configure, "a.b+c.releases")
+    assert not ok(p["consumer"].write, "a.b+c.releases") and not ok(p["consumer"].read, "a.bbc.releases")
     assert not ok(p["consumer"].write, "a.b+c.results") and not ok(p["consumer"].write, "a.b+c.records")
 
 
