@@ -149,7 +149,7 @@ def test_kill_9_of_the_enclave_loses_nothing_and_counts_nothing_twice(sidecar_fa
 # 1.3 million fixed-point units), so that a second draw could not give the first's values.
 HELD_STREAM = {"dimension": 1, "lower": 0.0, "upper": 10.0, "window_records": 5, "min_batch": 1,
                "mechanism": "laplace", "epsilon": 1.0, "budget_epsilon": 100.0}
-HOLDING = "no consumer bound for this stream; holding the release"
+HOLDING = "no queue bound for this stream (is the release stream missing?); holding the release"
 
 
 def stored_pending(sc, tmp_path) -> dict[str, bytes]:
