@@ -82,6 +82,13 @@ class NewestAtStart:
         return kept
 
 
+def reaches(tail: int | None, resume: int) -> bool:
+    """Whether a stream whose newest offset is ``tail`` (``None``: empty) is long enough to
+    resume at ``resume``: every offset before it exists. A shorter one was deleted and declared
+    again since (offsets start at 0 again), and the broker would wait for ``resume`` to come."""
+    return tail is not None and tail + 1 >= resume
+
+
 @dataclass(slots=True)
 class ResultVerifier:
     """Verifies results for one attested enclave and counts what it refused."""
@@ -247,14 +254,27 @@ class Consumer:
         self._newest: NewestAtStart | None = None
         if queue is not None:
             self.start: Start | None = None
+            #: where the releases come from, for people
+            self.source = f"queue {queue}"
             self._transport = transport.ResultSubscriber(config.broker, self.streams, queue=queue)
         else:
             self.start = resume_point(self.chains.values()) if start is None else start
+            resuming = start is None and isinstance(self.start, int)
+            tail = transport.stream_tail(config.broker) if resuming or self.start == "last" else None
+            if resuming and not reaches(tail, self.start):
+                # The broker would wait for that offset to come: this stream is not the one memory read.
+                log.warning("the release stream is shorter than this consumer's memory of it: it was deleted "
+                            "and declared again; reading it from its start", extra={"fields": {
+                                "stream": t.releases_stream, "resume_at": self.start, "newest": tail}})
+                for chain in self.chains.values():
+                    chain.offset = None  # offsets of a stream that is gone: nothing to skip by
+                self.start = "first"
+            if self.start == "last":
+                self._newest = NewestAtStart(tail, self.streams)
+            self.source = f"release stream {t.releases_stream} from {self.start}"
             # Subscribed here, not when releases() is first called: "next" means from now on.
             self._transport = transport.ReleaseReader(config.broker, "first" if self.start == "last" else self.start)
         try:
-            if self.start == "last":
-                self._newest = NewestAtStart(self._transport.tail(), self.streams)
             self.enclave = self._transport.attest(trust)
         except BaseException:
             self._transport.close()

@@ -37,7 +37,39 @@ class Delivery(NamedTuple):
     offset: int | None  # its offset in the release stream; None from a queue
 
 
-class ReleaseReader:
+class _Subscription:
+    """What both ways of reading releases share: the connection, attestation and budget RPCs
+    on it, reconnecting and closing."""
+
+    settings: BrokerSettings
+    connection = None
+    channel = None
+
+    def _open(self, *args) -> None:
+        raise NotImplementedError
+
+    def attest(self, trust: TrustAnchors) -> AttestedEnclave:
+        return amqp.attest(self.connection, self.settings, trust)
+
+    def budget(self, enclave: AttestedEnclave, stream: str):
+        return amqp.budget(self.connection, self.settings, enclave, stream)
+
+    def _reopen(self, *args) -> None:
+        try:
+            self._open(*args)
+        except TransportError:
+            raise
+        except pe.AMQPError as err:
+            raise TransportError(f"resubscribing failed: {err!r}") from err
+
+    def close(self) -> None:
+        # From a stream: pika rejects the deliveries it holds when it cancels a consumer, and a
+        # stream answers a reject by closing the connection (NOT_IMPLEMENTED), harmless on the way out.
+        _close_quietly(self.connection)
+        self.connection = self.channel = None
+
+
+class ReleaseReader(_Subscription):
     """The release stream (``PREFIX.releases``, docs/protocol.md section 2), read from
     ``start``: ``"first"``, ``"next"`` or an offset, passed to the broker as the
     ``x-stream-offset`` consume argument. Reading takes nothing away from other consumers.
@@ -70,45 +102,6 @@ class ReleaseReader:
         offset = (props.headers or {}).get("x-stream-offset")
         self._pending.append((method.delivery_tag, Delivery(body, bool(method.redelivered), method.routing_key,
                                                             offset if isinstance(offset, int) else None)))
-
-    def tail(self) -> int | None:
-        """The offset of the newest message in the stream now, or ``None`` when it is empty.
-
-        The broker's own ``last`` is the first message of the last chunk, which may hold many;
-        this reads that chunk (on a connection of its own, acknowledging as it goes, so the
-        prefetch does not cut the chunk short) and takes the highest offset in it."""
-        connection = amqp.connect(self.settings)
-        newest: list[int] = []
-
-        def seen(channel, method, props, _body) -> None:
-            offset = (props.headers or {}).get("x-stream-offset")
-            if isinstance(offset, int):
-                newest.append(offset)
-            channel.basic_ack(method.delivery_tag)
-
-        try:
-            channel = connection.channel()
-            channel.basic_qos(prefetch_count=PREFETCH)
-            try:
-                channel.basic_consume(self.queue, seen, arguments={"x-stream-offset": "last"})
-            except pe.ChannelClosedByBroker as err:
-                raise amqp.channel_refused(err, f"cannot read the release stream {self.queue!r}",
-                                           hint=MISSING_STREAM_HINT) from err
-            deadline = time.monotonic() + TAIL_FIRST_S
-            count = 0
-            while time.monotonic() < deadline:
-                connection.process_data_events(time_limit=0.05)
-                if len(newest) > count:
-                    count, deadline = len(newest), time.monotonic() + TAIL_QUIET_S
-            return max(newest, default=None)
-        finally:
-            _close_quietly(connection)
-
-    def attest(self, trust: TrustAnchors) -> AttestedEnclave:
-        return amqp.attest(self.connection, self.settings, trust)
-
-    def budget(self, enclave: AttestedEnclave, stream: str):
-        return amqp.budget(self.connection, self.settings, enclave, stream)
 
     def bodies(self, *, idle_timeout: float | None = None) -> Iterator[Delivery]:
         """Yield the stream's messages in offset order, each acknowledged (which only moves
@@ -150,19 +143,6 @@ class ReleaseReader:
         """Nothing to do: a stream keeps every message, and the refused one was not admitted,
         so a later run that resumes after what memory admitted reads it (and refuses it) again."""
 
-    def _reopen(self, start: str | int) -> None:
-        try:
-            self._open(start)
-        except TransportError:
-            raise
-        except pe.AMQPError as err:
-            raise TransportError(f"resubscribing failed: {err!r}") from err
-
-    def close(self) -> None:
-        # Pika rejects the deliveries it holds when it cancels a consumer, and a stream
-        # answers a reject by closing the connection (NOT_IMPLEMENTED): harmless on the way out.
-        _close_quietly(self.connection)
-        self.connection = self.channel = None
 
 
 def _close_quietly(connection) -> None:
@@ -173,7 +153,41 @@ def _close_quietly(connection) -> None:
             pass
 
 
-class ResultSubscriber:
+def stream_tail(settings: BrokerSettings) -> int | None:
+    """The offset of the newest message in the release stream now, or ``None`` when it is empty.
+
+    The broker's own ``last`` is the first message of the last chunk, which may hold many;
+    this reads that chunk (on a connection of its own, acknowledging as it goes, so the
+    prefetch does not cut the chunk short) and takes the highest offset in it."""
+    connection = amqp.connect(settings)
+    newest: list[int] = []
+
+    def seen(channel, method, props, _body) -> None:
+        offset = (props.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int):
+            newest.append(offset)
+        channel.basic_ack(method.delivery_tag)
+
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=PREFETCH)
+        try:
+            channel.basic_consume(settings.topology.releases_stream, seen, arguments={"x-stream-offset": "last"})
+        except pe.ChannelClosedByBroker as err:
+            raise amqp.channel_refused(err, f"cannot read the release stream {settings.topology.releases_stream!r}",
+                                       hint=MISSING_STREAM_HINT) from err
+        deadline = time.monotonic() + TAIL_FIRST_S
+        count = 0
+        while time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.05)
+            if len(newest) > count:
+                count, deadline = len(newest), time.monotonic() + TAIL_QUIET_S
+        return max(newest, default=None)
+    finally:
+        _close_quietly(connection)
+
+
+class ResultSubscriber(_Subscription):
     """A durable named queue (keeps releases while the consumer is away), for clients that
     do not read the release stream. While no queue takes a stream's releases (neither the
     release stream nor a consumer's queue) the enclave holds them, so a reconnecting
@@ -203,12 +217,6 @@ class ResultSubscriber:
             raise amqp.channel_refused(err, "cannot subscribe to results",
                                        hint="is the sidecar running? it declares the results exchange") from err
         self.channel.basic_qos(prefetch_count=16)
-
-    def attest(self, trust: TrustAnchors) -> AttestedEnclave:
-        return amqp.attest(self.connection, self.settings, trust)
-
-    def budget(self, enclave: AttestedEnclave, stream: str):
-        return amqp.budget(self.connection, self.settings, enclave, stream)
 
     def bodies(self, *, idle_timeout: float | None = None) -> Iterator[Delivery]:
         """Yield result bodies, each with the broker's ``redelivered`` flag (it gave the message
@@ -253,14 +261,4 @@ class ResultSubscriber:
         the next run, which refuses it again) instead of taking it as read."""
         self._refused = True
 
-    def _reopen(self) -> None:
-        try:
-            self._open()
-        except TransportError:
-            raise
-        except pe.AMQPError as err:
-            raise TransportError(f"resubscribing failed: {err!r}") from err
 
-    def close(self) -> None:
-        _close_quietly(self.connection)
-        self.connection = self.channel = None

@@ -68,13 +68,11 @@ def _consume(args) -> int:
     received = 0
     interrupted = False
     with Consumer(cfg, args.stream, queue=args.queue, chain_state=chain_state, start=start) as consumer:
-        if args.queue:
-            where = f"queue {args.queue}"
-        else:
-            where = f"release stream {cfg.broker.topology.releases_stream} from {consumer.start}"
-            if start is None:
-                where += (" (after the offset the chain state read last)" if isinstance(consumer.start, int)
-                          else " (the chain state has read none of it)")
+        where = consumer.source
+        if start is None and isinstance(consumer.start, int):
+            where += " (after the offset the chain state read last)"
+        elif start is None and consumer.start == "next":
+            where += " (the chain state has read none of it)"
         print(f"attested enclave {consumer.enclave.measurement.hex()[:16]}...; waiting for releases "
               f"of {', '.join(args.stream)} ({where})", file=sys.stderr)
         open_streams = set(args.stream)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 
 import pika
 import pytest
@@ -18,7 +17,7 @@ from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
 from sealedsum.sidecar.platform.emulated import KEY_FILE
 
-from tests.integration.conftest import relaunch
+from tests.integration.conftest import relaunch, stream_bodies
 from tests.integration.test_budget import collect
 from tests.integration.test_chain_state import STREAM, remembered
 from tests.integration.test_cli import run
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.integration
 def produce(sc, stream: str, windows: int) -> None:
     """``windows`` releases of ``stream`` (two records close a window of STREAM), each in the
     release stream before this returns (no budget notice is due: the budget is far away)."""
-    before = len(sc.events("window released"))
+    before = len(stream_bodies(sc.config.broker, timeout=1.0))
     with Producer(sc.config) as producer:
         for _ in range(2 * windows):
             producer.send(stream, [1.0])
@@ -45,28 +44,6 @@ def positions(messages) -> list[tuple[str, int]]:
 def consume(sc, *args: str) -> subprocess.CompletedProcess:
     """``sealedsum consume`` on the testbed's config, run to its end."""
     return run("consume", "--config", str(sc.config_path), *args)
-
-
-def stream_bodies(settings, *, start="first", expect: int | None = None, timeout: float = 3.0) -> list[bytes]:
-    """The release stream's message bodies from ``start``, read raw, as an operator could:
-    what came within ``timeout`` s, or as soon as ``expect`` came."""
-    conn = pika.BlockingConnection(pika.URLParameters(settings.url))
-    got: list[bytes] = []
-    try:
-        ch = conn.channel()
-        ch.basic_qos(prefetch_count=100)
-        ch.basic_consume(settings.topology.releases_stream,
-                         lambda c, m, _p, body: (got.append(body), c.basic_ack(m.delivery_tag)),
-                         arguments={"x-stream-offset": start})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (expect is None or len(got) < expect):
-            conn.process_data_events(time_limit=0.1)
-    finally:
-        try:
-            conn.close()
-        except pika.exceptions.AMQPError:
-            pass
-    return got
 
 
 def test_consumers_started_apart_each_get_every_release_of_their_stream_only(sidecar_factory, tmp_path):
@@ -195,3 +172,24 @@ def test_the_stream_survives_the_sidecar_and_holds_releases_for_any_later_reader
     assert sc.stop() == 0
     bodies = stream_bodies(sc.config.broker)
     assert len(bodies) == 1 and bodies[0].startswith(b"SSS\x01")
+
+
+def test_a_consumer_whose_stream_was_deleted_and_declared_again_reads_the_new_one(sidecar_factory, tmp_path):
+    """Offsets start at 0 again in a stream declared anew; the broker would make a consumer
+    resuming at its remembered offset wait for that offset. It reads the new stream from its
+    start instead, checking everything (its chain memory stays)."""
+    sc = sidecar_factory({"s": STREAM})
+    chains = tmp_path / "chains.json"
+    produce(sc, "s", 3)
+    assert consume(sc, "--stream", "s", "--chain-state", str(chains), "--from", "first", "--count", "3").returncode == 0
+    assert sc.stop() == 0
+    conn = pika.BlockingConnection(pika.URLParameters(sc.config.broker.url))
+    conn.channel().queue_delete(sc.config.broker.topology.releases_stream)
+    conn.close()
+    relaunch(sc)  # declares it again
+    produce(sc, "s", 1)
+    out = consume(sc, "--stream", "s", "--chain-state", str(chains), "--count", "1", "--idle-timeout", "20")
+    assert out.returncode == 0, out.stderr
+    assert "s window 4:" in out.stdout and "from first" in out.stderr
+    assert "it was deleted and declared again" in out.stderr
+    assert remembered(chains)["releases"] == 4 and remembered(chains)["offset"] == 0
