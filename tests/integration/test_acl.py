@@ -217,7 +217,7 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
     as_consumer = acc.config("consumer", sc.config_path)
     try:
         with Consumer(as_consumer, "s") as private, Consumer(as_consumer, "s", queue=named) as durable:
-            assert private._transport.queue.startswith("amq.gen-")
+            assert private._transport.queue == f"{acc.prefix}.releases"  # the release stream, which it may read
             with Producer(acc.config("producer", sc.config_path)) as producer:
                 assert producer.listening  # its queue is bound to PREFIX.announce
                 for i in range(10):
@@ -260,6 +260,10 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
         refused(url, lambda ch: ch.queue_delete(t.records_queue)),
         refused(url, publish(t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish(t.results_exchange, "s")),  # forging results
+        # The release stream: read, nothing else (it keeps every release for every consumer).
+        refused(url, lambda ch: ch.queue_delete(t.releases_stream)),
+        refused(url, lambda ch: ch.queue_purge(t.releases_stream)),
+        refused(url, lambda ch: ch.queue_bind(t.releases_stream, t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
     ]
     assert all(f"refused for user '{user}'" in text for text in texts), texts
@@ -291,6 +295,10 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
     admin.channel().queue_declare(victim, durable=True)
     admin.channel().queue_bind(victim, t.results_exchange, ALL_RESULTS_KEY)
 
+    def read_release_stream(ch):
+        ch.basic_qos(prefetch_count=1)
+        ch.basic_consume(t.releases_stream, lambda *a: None, arguments={"x-stream-offset": "first"})
+
     def own_queue_bound_to(exchange, key):
         return lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue, exchange, key)
 
@@ -312,6 +320,7 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
             refused(url, lambda ch: ch.basic_consume(victim, lambda *a: None)),  # results, through a consumer's queue
             refused(url, lambda ch: ch.basic_get(victim)),
             refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
+            refused(url, read_release_stream),
             refused(url, publish(t.announce_exchange, "")),  # forging key-rotation notices
             refused(url, publish(t.results_exchange, "s")),
             refused(url, publish(t.rejected_exchange, "")),
