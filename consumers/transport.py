@@ -120,9 +120,9 @@ class ReleaseReader(_Subscription):
                             continue
                     unacked, delivery = self._pending.popleft()
                     last = time.monotonic()
-                    yield delivery
                     if delivery.offset is not None:
-                        self.start = delivery.offset + 1  # where a reconnect reads on
+                        self.start = delivery.offset + 1  # where a reconnect reads on: it is handed over
+                    yield delivery
                     self.channel.basic_ack(unacked)
                     unacked = None
                 except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as err:

@@ -166,9 +166,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "on) or an OFFSET (a whole number). Default: after the offset the chain state read last, "
                         "or 'next' when it has none (or with --no-chain-state)")
     c.add_argument("--queue", metavar="NAME",
-                   help="read a durable queue PREFIX.consumer.NAME... of this name bound to the results exchange "
-                        "instead of the release stream (for clients that cannot read streams; it holds what was "
-                        "routed to it since it was first bound, and what one reader takes, others do not get)")
+                   help="read the durable queue NAME (a consumer account may use names starting "
+                        "PREFIX.consumer.), bound to the results exchange for each --stream, instead of the release "
+                        "stream: for clients that cannot read streams. It holds what was routed to it since it was "
+                        "first bound, and what one reader of it takes, other readers of it do not get")
     c.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     c.add_argument("--post-process", action="store_true",
                    help="print feasible figures: counts and histogram buckets rounded to integers >= 0, sums "
