@@ -49,3 +49,15 @@ def test_last_on_an_empty_stream_or_a_tail_never_reached_loses_nothing():
     assert [cut.feed(d) for d in deliveries("a", "a")] == [[], []]
     assert [d.offset for d in cut.flush()] == [1]  # e.g. the reader went idle first
     assert cut.feed(deliveries("a", at=3)[0]) == deliveries("a", at=3)
+
+
+def test_a_start_is_refused_with_a_queue_and_must_be_one_of_the_values():
+    from types import SimpleNamespace
+
+    from sealedsum.consumers.client import Consumer
+
+    with pytest.raises(ConfigError, match="does not apply to a queue"):
+        Consumer(SimpleNamespace(), "s", queue="p.consumer.q", start="first")
+    for bad in ("newest", -1, True, 1.0):
+        with pytest.raises(ConfigError, match="is not first, last, next or an offset"):
+            Consumer(SimpleNamespace(), "s", start=bad)
