@@ -63,8 +63,6 @@ class _Subscription:
             raise TransportError(f"resubscribing failed: {err!r}") from err
 
     def close(self) -> None:
-        # From a stream: pika rejects the deliveries it holds when it cancels a consumer, and a
-        # stream answers a reject by closing the connection (NOT_IMPLEMENTED), harmless on the way out.
         _close_quietly(self.connection)
         self.connection = self.channel = None
 
@@ -146,11 +144,20 @@ class ReleaseReader(_Subscription):
 
 
 def _close_quietly(connection) -> None:
-    if connection is not None and connection.is_open:
-        try:
-            connection.close()
-        except pe.AMQPError:
-            pass
+    if connection is None or not connection.is_open:
+        return
+    # Closing cancels the consumer, and pika rejects what it still holds; a stream answers a
+    # reject by closing the connection (540 NOT_IMPLEMENTED), which pika logs as an error.
+    # It is the way out either way: keep pika's log of it off the user's terminal.
+    pika_log = logging.getLogger("pika")
+    level = pika_log.level
+    pika_log.setLevel(logging.CRITICAL)
+    try:
+        connection.close()
+    except pe.AMQPError:
+        pass
+    finally:
+        pika_log.setLevel(level)
 
 
 def stream_tail(settings: BrokerSettings) -> int | None:
