@@ -260,9 +260,9 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
         refused(url, lambda ch: ch.queue_delete(t.records_queue)),
         refused(url, publish(t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish(t.results_exchange, "s")),  # forging results
-        # The release stream: read, nothing else (it keeps every release for every consumer).
+        # The release stream: read, nothing else (it keeps every release for every consumer; a
+        # stream cannot be purged by anyone).
         refused(url, lambda ch: ch.queue_delete(t.releases_stream)),
-        refused(url, lambda ch: ch.queue_purge(t.releases_stream)),
         refused(url, lambda ch: ch.queue_bind(t.releases_stream, t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
     ]
