@@ -53,6 +53,9 @@ class Topology:
     announce_exchange = _named("announce", "Signed notices to producers (key rotations): a fanout exchange each "
                                            "producer binds a server-named exclusive queue of its own to.")
     results_exchange = _named("results")
+    releases_stream = _named("releases", "A RabbitMQ stream bound to the results exchange for every stream: each "
+                                         "consumer reads it from an offset of its own, so nobody drains releases "
+                                         "for anyone else, and a release stays for consumers that come later.")
     release_lock = _named("lock", "An exclusive queue the releasing enclave declares on its connection before it "
                                   "consumes anything: the broker lets one connection hold it, so one enclave per "
                                   "prefix counts and releases, and a second one stands by.")
@@ -66,7 +69,7 @@ class Topology:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return (self.records_queue, self.rejected_queue, self.attest_queue, self.release_lock)
+        return (self.records_queue, self.rejected_queue, self.attest_queue, self.release_lock, self.releases_stream)
 
 
 
@@ -144,6 +147,11 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int) -
         QueueDecl(t.records_queue, durable=True, arguments=records_args),
         Binding(t.records_queue, t.records_exchange, RECORD_ROUTING_KEY),
         ExchangeDecl(t.results_exchange, "topic"),
+        # Every release and budget-exhausted notice, kept for every consumer. No retention bound
+        # in the declaration: the broker refuses to redeclare a queue with other arguments, so
+        # an operator bounds it with a broker policy instead (docs/protocol.md section 2).
+        QueueDecl(t.releases_stream, durable=True, arguments={"x-queue-type": "stream"}),
+        Binding(t.releases_stream, t.results_exchange, ALL_RESULTS_KEY),
         ExchangeDecl(t.attest_exchange, "direct"),
         QueueDecl(t.attest_queue, durable=False, arguments={
             "x-message-ttl": ATTEST_REQUEST_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
@@ -227,9 +235,11 @@ def role_permissions(topology: Topology) -> dict[str, Permissions]:
                                 _anchored(_names(p, (topology.records_exchange, topology.attest_exchange)),
                                           SERVER_NAMED_QUEUES),
                                 _anchored(SERVER_NAMED_QUEUES, escape(topology.announce_exchange))),
-        # Its own queues: declare (configure), bind (write on the queue, read on
-        # PREFIX.results), consume (read). RPC requests: write on PREFIX.attest.
+        # Reads the release stream (read; consuming a stream declares nothing). Its own queues:
+        # declare (configure), bind (write on the queue, read on PREFIX.results), consume
+        # (read). RPC requests: write on PREFIX.attest.
         "consumer": Permissions(_anchored(SERVER_NAMED_QUEUES, mine),
                                 _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.attest_exchange)),
-                                _anchored(SERVER_NAMED_QUEUES, mine, escape(topology.results_exchange))),
+                                _anchored(SERVER_NAMED_QUEUES, mine,
+                                          _names(p, (topology.results_exchange, topology.releases_stream)))),
     }

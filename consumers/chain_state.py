@@ -24,7 +24,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from sealedsum.common import ledger_chain as chain
@@ -36,7 +36,7 @@ from sealedsum.common.errors import (
 )
 from sealedsum.common.results import BudgetExhausted, Release
 
-__all__ = ["RETAINED", "Admission", "ChainKey", "Seen", "StreamChain", "payload_digest", "vhost_of"]
+__all__ = ["RETAINED", "Admission", "ChainKey", "Gap", "Seen", "StreamChain", "payload_digest", "vhost_of"]
 
 # How many releases of a stream are remembered. The number decides only whether a release at an
 # old position can be recognised as a harmless redelivery, never whether a contradiction is
@@ -58,6 +58,7 @@ class Admission(enum.Enum):
     LATE = "late"              # a position passed without being received (one of a gap), filled late
     CLOSES = "closes"          # the budget_exhausted notice, at the remembered head
     REDELIVERY = "redelivery"  # byte for byte a release (or the notice) already admitted
+    ALREADY_READ = "already read"  # reread from the release stream at or below the offset admitted, long passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,30 @@ class ChainKey:
     vhost: str
     prefix: str
     stream: str
+
+
+class Gap(NamedTuple):
+    """Releases ``first`` to ``last`` of a stream never received. Windows are numbered apart
+    from positions and withheld windows leave holes in them, so what can be said of the
+    missing windows is only that they lie between the neighbours received."""
+
+    first: int
+    last: int
+    after_window: int | None  # the window of release first - 1, when it is remembered
+    before_window: int | None  # the window of release last + 1; None when the notice came next
+
+    def describe(self, stream: str) -> str:
+        """E.g. ``releases 4-6 of stream 'x' not received: windows between 7 and 12``."""
+        which = f"release {self.first}" if self.first == self.last else f"releases {self.first}-{self.last}"
+        if self.after_window is not None and self.before_window is not None:
+            windows = f"windows between {self.after_window} and {self.before_window}"
+        elif self.before_window is not None:
+            windows = f"windows before {self.before_window}"
+        elif self.after_window is not None:
+            windows = f"windows after {self.after_window}, before the budget ran out"
+        else:
+            windows = "windows before the budget ran out"
+        return f"{which} of stream {stream!r} not received: {windows}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,24 +131,30 @@ class StreamChain:
     :param passed: every position at or below it was verified, or passed by and forgotten:
         a release there is refused unless it is a remembered one, byte for byte.
     :param seen: the remembered releases (at most :data:`RETAINED`, the latest positions).
+    :param offset: the highest offset in the release stream of a message of this stream
+        admitted, or ``None`` (none read from the stream).
     """
 
     def __init__(self, stream: str, *, releases: int = 0, head: bytes | None = None, exhausted: bool = False,
-                 passed: int = 0, seen: Iterable[Seen] = ()) -> None:
+                 passed: int = 0, seen: Iterable[Seen] = (), offset: int | None = None) -> None:
         self.stream = stream
         self.releases = releases
         self.head = chain.genesis(stream) if head is None else head
         self.exhausted = exhausted
         self.passed = passed
         self.seen: dict[int, Seen] = {s.n: s for s in seen}
-        #: ranges of releases never received (first, last), noticed in this run; not kept
-        self.gaps: list[tuple[int, int]] = []
+        self.offset = offset
+        #: releases never received, noticed in this run; not kept
+        self.gaps: list[Gap] = []
 
     # -- checking ------------------------------------------------------------------------
-    def admit(self, message: Release | BudgetExhausted, digest: bytes) -> Admission:
+    def admit(self, message: Release | BudgetExhausted, digest: bytes, offset: int | None = None) -> Admission:
         """Check a verified message of this stream against the memory, and remember it.
 
         :param digest: :func:`payload_digest` of the message's signed payload.
+        :param offset: its offset in the release stream, if it was read from there. At or below
+            :attr:`offset` and at a position at or below :attr:`passed`, it was read before and
+            has left memory: :attr:`Admission.ALREADY_READ`, nothing checked or changed.
         :raises ChainRestarted: another release 1 after releases were verified.
         :raises WindowRepeated: a remembered window with another body.
         :raises ChainForked: any other contradiction (another head at a verified position, a
@@ -132,8 +163,16 @@ class StreamChain:
         """
         if message.stream != self.stream:
             raise ValueError(f"a message of stream {message.stream!r} is not about {self.stream!r}")
-        if isinstance(message, BudgetExhausted):
-            return self._admit_notice(message)
+        if (offset is not None and self.offset is not None and offset <= self.offset
+                and message.budget["releases"] <= self.passed):
+            return Admission.ALREADY_READ
+        admission = (self._admit_notice(message) if isinstance(message, BudgetExhausted)
+                     else self._admit_release(message, digest))
+        if offset is not None:  # a redelivery too, though only the next admission writes it
+            self.offset = offset if self.offset is None else max(self.offset, offset)
+        return admission
+
+    def _admit_release(self, message: Release, digest: bytes) -> Admission:
         n, head, w = message.budget["releases"], bytes.fromhex(message.budget["ledger_head"]), message.window
         mine = Seen(n, w, head, digest)
         known = self.seen.get(n)
@@ -173,7 +212,7 @@ class StreamChain:
                 admission = Admission.EXTENDS
             else:
                 if self.releases:  # joining a stream for the first time is not missing anything
-                    self.gaps.append((self.releases + 1, n - 1))
+                    self.gaps.append(Gap(self.releases + 1, n - 1, self._window_at(self.releases), w))
                 admission = Admission.GAP
             self.releases, self.head = n, head
         else:
@@ -199,11 +238,15 @@ class StreamChain:
             admission = Admission.CLOSES
         else:
             if self.releases:
-                self.gaps.append((self.releases + 1, n))
+                self.gaps.append(Gap(self.releases + 1, n, self._window_at(self.releases), None))
             self.releases, self.head = n, head
             admission = Admission.GAP
         self.exhausted = True
         return admission
+
+    def _window_at(self, n: int) -> int | None:
+        known = self.seen.get(n)
+        return known.window if known is not None else None
 
     def _remember(self, seen: Seen) -> None:
         self.seen[seen.n] = seen
@@ -224,17 +267,23 @@ class StreamChain:
             "passed": self.passed,
             "seen": [{"n": s.n, "window": s.window, "head": s.head.hex(), "digest": s.digest.hex()}
                      for s in sorted(self.seen.values(), key=lambda s: s.n)],
+            "offset": self.offset,
         }
 
     @classmethod
-    def from_json(cls, stream: str, doc: Mapping[str, Any]) -> StreamChain:
-        """:raises ChainStateError: not a remembered chain (a field missing, of the wrong type,
+    def from_json(cls, stream: str, doc: Mapping[str, Any], *, version: int = 2) -> StreamChain:
+        """:param version: the file's: version 1 entries have no ``offset`` field.
+        :raises ChainStateError: not a remembered chain (a field missing, of the wrong type,
         or inconsistent with the others)."""
         def bad(what: str) -> ChainStateError:
             return ChainStateError(f"the entry of stream {stream!r} {what}")
 
-        if not isinstance(doc, Mapping) or set(doc) != {"releases", "head", "exhausted", "passed", "seen"}:
-            raise bad("does not have exactly the fields releases, head, exhausted, passed and seen")
+        fields = {"releases", "head", "exhausted", "passed", "seen"} | ({"offset"} if version >= 2 else set())
+        if not isinstance(doc, Mapping) or set(doc) != fields:
+            raise bad(f"does not have exactly the fields {', '.join(sorted(fields))}")
+        offset = doc.get("offset")
+        if offset is not None and not _count(offset):
+            raise bad("has an offset that is neither null nor a count")
         releases, passed, exhausted = doc["releases"], doc["passed"], doc["exhausted"]
         if not _count(releases) or not _count(passed) or passed > releases:
             raise bad("has releases or passed that are not counts, or passed above releases")
@@ -259,7 +308,8 @@ class StreamChain:
             raise bad("remembers two releases at one position, or of one window")
         if releases in {s.n for s in seen} and next(s for s in seen if s.n == releases).head != head:
             raise bad("has a head that is not the one of its last release")
-        restored = cls(stream, releases=releases, head=head, exhausted=exhausted, passed=passed, seen=seen)
+        restored = cls(stream, releases=releases, head=head, exhausted=exhausted, passed=passed, seen=seen,
+                       offset=offset)
         restored._forget_oldest()  # a file written by a version that remembered more
         return restored
 

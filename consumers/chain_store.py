@@ -27,7 +27,7 @@ from sealedsum.consumers.chain_state import ChainKey, StreamChain
 __all__ = ["FORMAT", "VERSION", "ChainStore"]
 
 FORMAT = "sealedsum/consumer-chains"
-VERSION = 1
+VERSION = 2  # 2 added each entry's offset in the release stream; version 1 files are read too
 RESET_HINT = "if it is damaged, restore it from a backup, or delete it to start over (forgetting every chain it vouched for)"
 
 
@@ -70,9 +70,10 @@ class ChainStore:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ChainStateError(f"{self.path} is not a chain-state file (no \"format\": \"{FORMAT}\")",
                                   hint=RESET_HINT)
-        if doc.get("version") != VERSION:
+        version = doc.get("version")
+        if version not in (1, VERSION) or isinstance(version, bool):
             raise ChainStateError(f"the chain-state file {self.path} has version {doc.get('version')!r}; this "
-                                  f"consumer reads version {VERSION}", hint="use the sealedsum version that wrote it")
+                                  f"consumer reads versions 1 and {VERSION}", hint="use the sealedsum version that wrote it")
         if set(doc) != {"format", "version", "chains"} or not isinstance(doc["chains"], list):
             raise ChainStateError(f"the chain-state file {self.path} does not have exactly the fields format, "
                                   "version and chains (a list)", hint=RESET_HINT)
@@ -91,7 +92,7 @@ class ChainStore:
                 raise ChainStateError(f"the chain-state file {self.path} has two entries for stream "
                                       f"{key.stream!r} of one deployment", hint=RESET_HINT)
             try:
-                entries[key] = StreamChain.from_json(key.stream, state)
+                entries[key] = StreamChain.from_json(key.stream, state, version=version)
             except ChainStateError as err:
                 raise ChainStateError(f"the chain-state file {self.path}: {err}", hint=RESET_HINT) from err
         return entries

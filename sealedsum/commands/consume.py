@@ -13,7 +13,7 @@ from sealedsum.common.errors import ChainContradiction, ExitCode, PolicyMismatch
 from sealedsum.common.policy import StreamKind
 from sealedsum.common.privacy import Mechanism
 from sealedsum.common.results import BudgetExhausted
-from sealedsum.consumers.client import Consumer
+from sealedsum.consumers.client import Consumer, parse_start
 from sealedsum.consumers.postprocess import post_process
 
 
@@ -64,16 +64,26 @@ def describe(view: dict) -> str:
 def _consume(args) -> int:
     cfg = load_config(args)
     chain_state = None if args.no_chain_state else (args.chain_state or cfg.chain_state)
+    start = None if args.start is None else parse_start(args.start)
     received = 0
     interrupted = False
-    with Consumer(cfg, args.stream, queue=args.queue, chain_state=chain_state) as consumer:
+    with Consumer(cfg, args.stream, queue=args.queue, chain_state=chain_state, start=start) as consumer:
+        where = consumer.source
+        if start is None and isinstance(consumer.start, int):
+            where += " (after the offset the chain state read last)"
+        elif start is None and consumer.start == "next":
+            where += " (the chain state has read none of it)"
         print(f"attested enclave {consumer.enclave.measurement.hex()[:16]}...; waiting for releases "
-              f"of {', '.join(args.stream)}", file=sys.stderr)
+              f"of {', '.join(args.stream)} ({where})", file=sys.stderr)
         open_streams = set(args.stream)
+        gaps = 0
         # Without --count or --idle-timeout this runs until interrupted: Ctrl-C must still say
         # whether forged results were seen, and exit 1 if so.
         try:
             for message in consumer.releases(idle_timeout=args.idle_timeout):
+                for stream, gap in consumer.gaps[gaps:]:
+                    print(f"warning: {gap.describe(stream)}", file=sys.stderr, flush=True)
+                gaps = len(consumer.gaps)
                 view = message.to_json()
                 if isinstance(message, BudgetExhausted):
                     print(to_display_json(view) if args.json else
@@ -136,19 +146,30 @@ def _budget(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "consume", help="attest the enclave and print its verified releases for a stream",
-        description="Attest the enclave, bind a private queue to the results exchange for STREAM, "
-                    "verify every result's signature against the attested key and print it. Forged or "
-                    "altered results are reported on stderr and skipped; the exit code is then 1. Each "
-                    "stream's ledger chain is remembered between runs (--chain-state); a release that "
-                    "contradicts it (the sidecar's ledger forked, started over, or released a window "
-                    "again with other noise) stops the command with exit code 1.",
+        description="Attest the enclave, read STREAM's releases from the release stream PREFIX.releases "
+                    "(which takes nothing away from other consumers), verify every result's signature "
+                    "against the attested key and print it. Forged or altered results are reported on "
+                    "stderr and skipped; the exit code is then 1. Each stream's ledger chain is remembered "
+                    "between runs (--chain-state), with the stream offset read last: by default a run reads "
+                    "on from there, and releases that never arrived are named on stderr with the windows "
+                    "around them. A release that contradicts the chain (the sidecar's ledger forked, started "
+                    "over, or released a window again with other noise) stops the command with exit code 1.",
     )
     add_config_argument(c)
     c.add_argument("--stream", required=True, action="append", help="stream name (repeat for several)")
     c.add_argument("--count", type=int, default=0, help="stop after N releases (default: run until interrupted)")
     c.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="stop after S seconds without a release")
-    c.add_argument("--queue", help="a durable queue name to use instead of a private temporary one")
+    c.add_argument("--from", dest="start", metavar="WHERE",
+                   help="where to start in the release stream: 'first' (everything it holds), 'last' (each "
+                        "stream's newest release, then what follows), 'next' (only releases published from now "
+                        "on) or an OFFSET (a whole number). Default: after the offset the chain state read last, "
+                        "or 'next' when it has none (or with --no-chain-state)")
+    c.add_argument("--queue", metavar="NAME",
+                   help="read the durable queue NAME (a consumer account may use names starting "
+                        "PREFIX.consumer.), bound to the results exchange for each --stream, instead of the release "
+                        "stream: for clients that cannot read streams. It holds what was routed to it since it was "
+                        "first bound, and what one reader of it takes, other readers of it do not get")
     c.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     c.add_argument("--post-process", action="store_true",
                    help="print feasible figures: counts and histogram buckets rounded to integers >= 0, sums "

@@ -668,8 +668,8 @@ class EnclaveRuntime:
             log.info("key rotation announced", extra={"fields": {
                 "key_epoch": release.message.key_epoch, "previous_epoch": release.message.previous_epoch}})
             return
-        # mandatory: with no consumer queue bound the broker would drop the release and
-        # still confirm it; its noise was drawn once, so it must wait here instead.
+        # mandatory: with no queue bound (the release stream deleted, say) the broker would drop
+        # the release and still confirm it; its noise was drawn once, so it must wait here instead.
         try:
             amqp.publish_confirmed(self._publish, self.settings.topology.results_exchange,
                                    topology.result_routing_key(release.stream),
@@ -677,7 +677,7 @@ class EnclaveRuntime:
         except Unroutable:
             if release.key not in self._held:
                 self._held.add(release.key)
-                log.warning("no consumer bound for this stream; holding the release", extra={"fields": {
+                log.warning("no queue bound for this stream (is the release stream missing?); holding the release", extra={"fields": {
                     "stream": release.stream, "publication": release.key, "retry_every_s": HELD_RETRY_S}})
             return
         self._held.discard(release.key)

@@ -9,6 +9,7 @@ silently skipped its integration tests would prove nothing.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pika
@@ -78,6 +79,28 @@ def streams_toml(streams: dict[str, dict]) -> str:
                 out.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
         out.append("")
     return "\n".join(out)
+
+
+def stream_bodies(settings, *, start="first", expect: int | None = None, timeout: float = 3.0) -> list[bytes]:
+    """The release stream's message bodies from ``start``, read raw, as an operator could:
+    what came within ``timeout`` s, or as soon as ``expect`` came."""
+    conn = pika.BlockingConnection(pika.URLParameters(settings.url))
+    got: list[bytes] = []
+    try:
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=100)
+        ch.basic_consume(settings.topology.releases_stream,
+                         lambda c, m, _p, body: (got.append(body), c.basic_ack(m.delivery_tag)),
+                         arguments={"x-stream-offset": start})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (expect is None or len(got) < expect):
+            conn.process_data_events(time_limit=0.1)
+    finally:
+        try:
+            conn.close()
+        except pika.exceptions.AMQPError:
+            pass
+    return got
 
 
 # What the tests call a running sidecar is the project's one local testbed.

@@ -152,7 +152,8 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     t = Topology("a.b+c")
     p = role_permissions(t)
     ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
-    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce"):
+    for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
+                 "a.b+c.releases"):
         assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name) and ok(p["sidecar"].write, name)
     for name in ("aXb+c.records", "a.bbc.records", "a.b+c.records2", "xa.b+c.records", "a.b+c.consumer.q", "other"):
         assert not ok(p["sidecar"].configure, name), name
@@ -163,7 +164,7 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     assert ok(p["producer"].configure, "amq.gen-Xq1") and ok(p["producer"].write, "amq.gen-Xq1")
     assert ok(p["producer"].read, "amq.gen-Xq1") and ok(p["producer"].read, "a.b+c.announce")
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
-                 "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce"):
+                 "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce", "a.b+c.releases"):
         assert not ok(p["producer"].configure, name), name
         if name != "a.b+c.announce":
             assert not ok(p["producer"].read, name), name
@@ -172,6 +173,9 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.consumer", "amq.default", "b.consumer.x"):
         assert not ok(p["consumer"].configure, name) and not ok(p["consumer"].read, name), name
     assert ok(p["consumer"].read, "a.b+c.results") and ok(p["consumer"].write, "a.b+c.attest")
+    # The release stream: read (consume) only; declaring, binding or publishing into it is the sidecar's.
+    assert ok(p["consumer"].read, "a.b+c.releases") and not ok(p["consumer"].configure, "a.b+c.releases")
+    assert not ok(p["consumer"].write, "a.b+c.releases") and not ok(p["consumer"].read, "a.bbc.releases")
     assert not ok(p["consumer"].write, "a.b+c.results") and not ok(p["consumer"].write, "a.b+c.records")
 
 
@@ -213,7 +217,7 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
     as_consumer = acc.config("consumer", sc.config_path)
     try:
         with Consumer(as_consumer, "s") as private, Consumer(as_consumer, "s", queue=named) as durable:
-            assert private._transport.queue.startswith("amq.gen-")
+            assert private._transport.queue == f"{acc.prefix}.releases"  # the release stream, which it may read
             with Producer(acc.config("producer", sc.config_path)) as producer:
                 assert producer.listening  # its queue is bound to PREFIX.announce
                 for i in range(10):
@@ -256,6 +260,10 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
         refused(url, lambda ch: ch.queue_delete(t.records_queue)),
         refused(url, publish(t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish(t.results_exchange, "s")),  # forging results
+        # The release stream: read, nothing else (it keeps every release for every consumer; a
+        # stream cannot be purged by anyone).
+        refused(url, lambda ch: ch.queue_delete(t.releases_stream)),
+        refused(url, lambda ch: ch.queue_bind(t.releases_stream, t.records_exchange, RECORD_ROUTING_KEY)),
         refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
     ]
     assert all(f"refused for user '{user}'" in text for text in texts), texts
@@ -287,6 +295,10 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
     admin.channel().queue_declare(victim, durable=True)
     admin.channel().queue_bind(victim, t.results_exchange, ALL_RESULTS_KEY)
 
+    def read_release_stream(ch):
+        ch.basic_qos(prefetch_count=1)
+        ch.basic_consume(t.releases_stream, lambda *a: None, arguments={"x-stream-offset": "first"})
+
     def own_queue_bound_to(exchange, key):
         return lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue, exchange, key)
 
@@ -308,6 +320,7 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
             refused(url, lambda ch: ch.basic_consume(victim, lambda *a: None)),  # results, through a consumer's queue
             refused(url, lambda ch: ch.basic_get(victim)),
             refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
+            refused(url, read_release_stream),
             refused(url, publish(t.announce_exchange, "")),  # forging key-rotation notices
             refused(url, publish(t.results_exchange, "s")),
             refused(url, publish(t.rejected_exchange, "")),

@@ -31,6 +31,7 @@ from sealedsum.consumers import chain_state
 from sealedsum.consumers.chain_state import (
     Admission,
     ChainKey,
+    Gap,
     StreamChain,
     payload_digest,
     vhost_of,
@@ -142,7 +143,7 @@ def test_gaps_and_late_releases_are_allowed_and_checked(chains):
     first, _ = chains
     c = StreamChain("s")
     assert c.admit(*first[0]) is Admission.EXTENDS
-    assert c.admit(*first[3]) is Admission.GAP and c.gaps == [(2, 3)]
+    assert c.admit(*first[3]) is Admission.GAP and c.gaps == [(2, 3, 1, 4)]  # releases 2-3, windows 1 < . < 4
     # Held back by the enclave (it retries held releases every 5 s) or by a broker restart:
     assert c.admit(*first[1]) is Admission.LATE  # links to release 1
     assert c.admit(*first[2]) is Admission.LATE
@@ -200,7 +201,7 @@ def test_the_notice_closes_the_chain(chains):
         early.admit(dataclasses.replace(notice, budget={**notice.budget, "releases": 2}), digest)
     # A notice after releases never received is a gap; the last release may still come, at its head.
     gap = followed(first, 3)
-    assert gap.admit(notice, digest) is Admission.GAP and gap.gaps == [(4, 6)]
+    assert gap.admit(notice, digest) is Admission.GAP and gap.gaps == [(4, 6, 3, None)]
     assert gap.admit(*first[5]) is Admission.LATE
     g = followed(first, 3)
     g.admit(notice, digest)
@@ -234,12 +235,68 @@ def test_the_memory_survives_its_json_form(chains):
     (lambda d: d["seen"].append(dict(d["seen"][0])), "two releases at one position"),
     (lambda d: d["seen"][0].update(n=9), "between positions 1 and 3"),
     (lambda d: d["seen"][0].pop("digest"), "exactly the fields n, window, head and digest"),
+    (lambda d: d.pop("offset"), "exactly the fields"),
+    (lambda d: d.update(offset=-1), "offset that is neither null nor a count"),
+    (lambda d: d.update(offset="7"), "offset that is neither null nor a count"),
 ])
 def test_a_damaged_entry_is_refused(chains, change, match):
     doc = followed(chains[0], 3).to_json()
     change(doc)
     with pytest.raises(ChainStateError, match=match):
         StreamChain.from_json("s", doc)
+
+
+def test_a_gap_names_the_windows_between_the_releases_around_it():
+    """Withheld windows leave holes in the window numbers: a gap can only name the range
+    between the neighbours received, not the missing windows one by one."""
+    assert Gap(4, 6, 7, 12).describe("x") == "releases 4-6 of stream 'x' not received: windows between 7 and 12"
+    assert Gap(2, 2, None, 5).describe("x") == "release 2 of stream 'x' not received: windows before 5"
+    assert Gap(4, 6, 3, None).describe("x") == \
+        "releases 4-6 of stream 'x' not received: windows after 3, before the budget ran out"
+
+
+def test_a_reread_of_the_release_stream_skips_what_memory_passed_and_checks_the_rest(chains, monkeypatch):
+    """Rereading the release stream from its start: a message at or below the offset memory
+    admitted, at a position that left memory, was read before (skipped, not refused as rule 2
+    would); one still remembered is a redelivery; anything else is checked as always, so a
+    restarted or rolled-back sidecar's releases, appended at new offsets, are still refused."""
+    first, restarted = chains
+    monkeypatch.setattr(chain_state, "RETAINED", 2)
+    c = StreamChain("s")
+    for offset, (m, d) in enumerate(first[:5]):
+        c.admit(m, d, offset=10 + offset)
+    assert (c.offset, c.passed, sorted(c.seen)) == (14, 3, [4, 5])
+    assert [c.admit(m, d, offset=10 + o) for o, (m, d) in enumerate(first[:5])] == \
+        [Admission.ALREADY_READ] * 3 + [Admission.REDELIVERY] * 2
+    with pytest.raises(ChainForked, match="passed long ago"):  # the same, at a new offset: a second copy
+        c.admit(*first[1], offset=15)
+    with pytest.raises(ChainRestarted):
+        c.admit(*restarted[0], offset=15)
+    with pytest.raises(WindowRepeated):  # a remembered position, even at an old offset
+        c.admit(*restarted[3], offset=13)
+    assert c.admit(*first[5], offset=15) is Admission.EXTENDS and c.offset == 15
+    # A memory that never read the stream (offset None) has nothing to skip by.
+    queue_only = followed(first, 5)
+    with pytest.raises(ChainForked, match="passed long ago"):
+        queue_only.admit(*first[1], offset=0)
+    assert queue_only.admit(*first[5], offset=40) is Admission.EXTENDS and queue_only.offset == 40
+
+
+def test_a_version_1_file_is_read_and_written_back_as_version_2(tmp_path, chains):
+    path = tmp_path / "chains.json"
+    entry = {"platform_key": KEY.platform_key, "vhost": KEY.vhost, "prefix": KEY.prefix, "stream": KEY.stream,
+             **followed(chains[0], 2).to_json()}
+    del entry["offset"]
+    path.write_text(json.dumps({"format": FORMAT, "version": 1, "chains": [entry]}))
+    (loaded,) = ChainStore(path).load([KEY]).values()
+    assert loaded.releases == 2 and loaded.offset is None
+    ChainStore(path).save({KEY: loaded})
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2 and doc["chains"][0]["offset"] is None
+    entry["offset"] = 3  # a version 1 entry has no offset
+    path.write_text(json.dumps({"format": FORMAT, "version": 1, "chains": [entry]}))
+    with pytest.raises(ChainStateError, match="exactly the fields"):
+        ChainStore(path).load([KEY])
 
 
 # -- the file -------------------------------------------------------------------------------
@@ -254,7 +311,7 @@ def test_the_store_round_trips_and_keeps_other_entries(tmp_path, chains):
     loaded = ChainStore(path).load([KEY, other, dataclasses.replace(KEY, stream="t")])
     assert {k: v.releases for k, v in loaded.items()} == {KEY: 2, other: 4}
     doc = json.loads(path.read_text())
-    assert doc["format"] == FORMAT and doc["version"] == VERSION == 1
+    assert doc["format"] == FORMAT and doc["version"] == VERSION == 2
     assert {e["prefix"] for e in doc["chains"]} == {"sealedsum", "other"}
     assert sorted(os.listdir(path.parent)) == ["chains.json", "chains.json.lock"]  # no temporary file left
     assert loaded[KEY].admit(*first[1]) is Admission.REDELIVERY
@@ -266,7 +323,8 @@ def test_the_store_round_trips_and_keeps_other_entries(tmp_path, chains):
     ('{"format": "x", "format": "y", "version": 1, "chains": []}', "is not JSON"),  # strict JSON (section 1)
     ('{"format": "sealedsum/consumer-chains", "version": NaN, "chains": []}', "is not JSON"),
     ('{"version": 1, "chains": []}', "is not a chain-state file"),
-    (json.dumps({"format": FORMAT, "version": 2, "chains": []}), "has version 2"),
+    (json.dumps({"format": FORMAT, "version": 3, "chains": []}), "has version 3"),
+    (json.dumps({"format": FORMAT, "version": True, "chains": []}), "has version True"),
     (json.dumps({"format": FORMAT, "version": 1, "chains": {}}), "exactly the fields"),
     (json.dumps({"format": FORMAT, "version": 1, "chains": [{"stream": "s"}]}), "without platform_key"),
     (json.dumps({"format": FORMAT, "version": 1, "chains": [
@@ -278,7 +336,7 @@ def test_a_damaged_file_is_a_clear_error(tmp_path, text, match):
     with pytest.raises(ChainStateError, match=match) as err:
         ChainStore(path).load([KEY])
     assert str(path) in str(err.value)
-    if match != "has version 2":
+    if "has version" not in match:
         assert "delete it to start over" in err.value.hint
     with pytest.raises(ChainStateError):  # and nothing is written over it
         ChainStore(path).save({KEY: StreamChain("s")})

@@ -95,6 +95,7 @@ def test_consume_post_process_changes_only_what_is_printed(signed, monkeypatch, 
             self.enclave = SimpleNamespace(policy=policy, measurement=b"\0" * 32)
             self.verifier = SimpleNamespace(rejected=0)
             self.repeats = 0
+            self.start, self.source, self.gaps = "next", "release stream p.releases from next", []
 
         def __enter__(self):
             return self

@@ -70,7 +70,7 @@ def test_a_republished_release_is_handed_over_once(worlds, tmp_path, caplog, wit
     assert f.repeats == 6
     drops = [r for r in caplog.records if r.getMessage() == "release received again; dropped"]
     assert len(drops) == 6 and {r.levelno for r in drops} == {logging.INFO}
-    assert drops[0].fields == {"stream": "s", "release": 1, "window": 1, "redelivered": False}
+    assert drops[0].fields == {"stream": "s", "release": 1, "window": 1, "redelivered": False, "offset": None}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

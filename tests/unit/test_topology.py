@@ -90,6 +90,8 @@ def test_declare_topology_makes_the_same_pika_calls_as_before_the_layout_was_dat
         ("queue_declare", ("p.records",), {"durable": True, "arguments": records_args}),
         ("queue_bind", ("p.records", "p.records"), {"routing_key": "record"}),
         ("exchange_declare", ("p.results",), {"exchange_type": "topic", "durable": True}),
+        ("queue_declare", ("p.releases",), {"durable": True, "arguments": {"x-queue-type": "stream"}}),
+        ("queue_bind", ("p.releases", "p.results"), {"routing_key": "#"}),
         ("exchange_declare", ("p.attest",), {"exchange_type": "direct", "durable": True}),
         ("queue_declare", ("p.attest",), {"durable": False, "arguments": {
             "x-message-ttl": 30_000, "x-max-length": 1_000, "x-max-length-bytes": 4 << 20, "x-overflow": "drop-head"}}),
