@@ -1365,8 +1365,10 @@ def test_doc_mentions_every_label_and_header() -> None:
     runtime_source = (ROOT / "sidecar" / "enclave_process" / "runtime.py").read_text()
     headers = set(re.findall(r'"(x-sealedsum-[a-z-]+)"', runtime_source))
     assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at", "x-sealedsum-batch-index",
-                       "x-sealedsum-original-bytes"}
-    for header in headers:
+                       "x-sealedsum-original-bytes", "x-sealedsum-stream"}
+    from sealedsum.common.topology import NOTIFY_HEADER
+
+    for header in headers | {NOTIFY_HEADER}:
         assert header in doc, header
     for dist in measure.RUNTIME_DISTRIBUTIONS:
         assert dist.lower() in doc, dist
