@@ -9,6 +9,7 @@ import pytest
 
 from sealedsum.commands import produce
 from sealedsum.common.errors import PolicyMismatch
+from sealedsum.producers.outcomes import Outcomes
 
 
 def test_ctrl_c_is_held_outside_allowed_steps_and_raised_at_the_next_one():
@@ -98,6 +99,16 @@ class FakeProducer:
 
     def flush(self, timeout=None) -> None:
         pass
+
+    def check_stream(self, stream) -> None:
+        pass
+
+    def outcomes(self) -> Outcomes:
+        """The enclave counts every confirmed record."""
+        return Outcomes(counted=sum(p.confirmed for p in self.sent), rejected=0, unknown=0)
+
+    def wait_outcomes(self, timeout, progress=None) -> Outcomes:
+        return self.outcomes()
 
     @property
     def outstanding(self) -> int:
