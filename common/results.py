@@ -278,6 +278,7 @@ class RecordRefused(_Payload):
         return bool(_hex(self.token, 32)
                     and (self.stream is None or (isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)))
                     and (self.record_id is None or _hex(self.record_id, 32))
+                    and (self.stream is None) == (self.record_id is None)
                     and (self.batch_index is None or (_int(self.batch_index) and self.batch_index >= 0))
                     and isinstance(self.reason, str) and self.reason in {r.value for r in RejectReason}
                     and isinstance(self.detail, str)

@@ -142,17 +142,23 @@ def refusal_notice(keys: EnclaveKeys, measurement: bytes, now_ms: int, token: st
     return Notice(token, sign(keys, notice.to_payload()), notice)
 
 
+# Record ids per receipt: about 35 bytes each in the payload (a 4096-id receipt is ~145 KB). A
+# checkpoint rarely covers more records of one producer; past it the receipt is split.
+RECEIPT_MAX_RECORDS = 4096
+
+
 def receipts(keys: EnclaveKeys, measurement: bytes, now_ms: int,
              counted: dict[str, list[tuple[str, bytes]]]) -> list[Notice]:
-    """One signed receipt per token for the records carrying it that a checkpoint holds:
-    ``counted`` maps a token to (stream, record id) in counting order."""
+    """One signed receipt per token (per RECEIPT_MAX_RECORDS records) for the records carrying
+    it that a checkpoint holds: ``counted`` maps a token to (stream, record id) in counting
+    order. The ids cost about 1 µs a record to write and sign, next to the signature's 50 µs."""
     out = []
     for token, records in counted.items():
-        if not records:
-            continue
-        by_stream: dict[str, list[str]] = {}
-        for stream, record_id in records:
-            by_stream.setdefault(stream, []).append(record_id.hex())
-        notice = RecordsCounted(token, len(records), by_stream, keys.epoch, measurement.hex(), now_ms)
-        out.append(Notice(token, sign(keys, notice.to_payload()), notice))
+        for start in range(0, len(records), RECEIPT_MAX_RECORDS):
+            part = records[start:start + RECEIPT_MAX_RECORDS]
+            by_stream: dict[str, list[str]] = {}
+            for stream, record_id in part:
+                by_stream.setdefault(stream, []).append(record_id.hex())
+            notice = RecordsCounted(token, len(part), by_stream, keys.epoch, measurement.hex(), now_ms)
+            out.append(Notice(token, sign(keys, notice.to_payload()), notice))
     return out
