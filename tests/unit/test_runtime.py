@@ -38,8 +38,8 @@ class RecordingChannel:
         self.log.append(f"ack {tag}" + (" multiple" if multiple else ""))
 
 
-def deliver(runtime, channel, body, tag, redelivered=False):
-    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), None, body)
+def deliver(runtime, channel, body, tag, redelivered=False, props=None):
+    runtime._on_record(channel, SimpleNamespace(delivery_tag=tag, redelivered=redelivered), props, body)
     runtime.ingest()
     runtime.release_closed(wait=True)
     runtime.flush()  # as the runtime's loop does after every ingest
