@@ -3,7 +3,8 @@ notices to its notice token (docs/protocol.md section 11.6). Pure: no broker, no
 
 Each record is *counted* (a receipt names it, or the enclave refused it as a ``duplicate``:
 an earlier copy of it was counted), *rejected* (a refusal names it, with the dead letter's
-reason and detail) or, until one of those arrives, *unknown*. Notices are best effort: a
+reason and detail) or, until one of those arrives, *unknown*; the first notice about a record
+decides. Notices are best effort: a
 record whose notice was lost (an enclave crash, a lost broker connection) stays unknown.
 """
 
@@ -59,68 +60,63 @@ class Outcomes:
 
 
 class OutcomeBook:
-    """The records of one session (by record id) and what the notices said of them.
+    """The records of one session still waiting for a word from the enclave (by record id),
+    and what the notices said of the others.
 
     ``track`` a record when it is handed to the broker, with anything that says whether the
     broker refused it (``failed``: a ticket's ``failed`` attribute); ``heard`` each verified
-    notice. A notice about a record this session did not publish is counted in ``foreign``
-    and otherwise ignored: another producer may have put this session's token on its own
+    notice. The first notice about a record decides its outcome, and the record is then
+    forgotten (memory follows the records waiting, not the session's length); later notices
+    about it, and notices about records this session did not publish, are counted in
+    ``ignored`` and change nothing: another producer may put this session's token on its own
     records, but it cannot make this one believe anything about its records.
     """
 
     def __init__(self, keep_rejections: int = 10_000) -> None:
-        self._open: dict[str, object] = {}  # record id hex -> its ticket (None: confirmed already)
-        self._streams: dict[str, str] = {}
-        self.counted: set[str] = set()
-        self.already: set[str] = set()
-        self.rejected: dict[str, Rejection] = {}
-        self.unattributed: list[Rejection] = []  # refusals of this session's messages that name no record
-        self.foreign = 0
+        self._open: dict[str, tuple[str, object]] = {}  # record id hex -> (stream, ticket or None)
+        self.counted = 0
+        self.already = 0
+        self.by_reason: Counter = Counter()
+        self.rejections: list[Rejection] = []  # the first keep_rejections of them
+        self.unattributed = 0  # refusals of this session's messages that name no record
+        self.ignored = 0
         self._keep = keep_rejections
 
     def track(self, record_id: bytes, stream: str, ticket=None) -> None:
-        rid = record_id.hex()
-        self._open[rid] = ticket
-        self._streams[rid] = stream
+        self._open[record_id.hex()] = (stream, ticket)
+
+    def _take(self, stream: str | None, rid: str | None) -> bool:
+        """Whether ``rid`` of ``stream`` is a record of this session still waiting (it is not any more)."""
+        waiting = self._open.get(rid) if rid is not None else None
+        if waiting is None or waiting[0] != stream:
+            self.ignored += 1
+            return False
+        del self._open[rid]
+        return True
 
     def heard(self, notice: RecordRefused | RecordsCounted) -> None:
         if isinstance(notice, RecordsCounted):
-            for stream, rid in notice.record_ids():
-                if self._streams.get(rid) != stream:
-                    self.foreign += 1
-                    continue
-                self._open.pop(rid, None)
-                self.rejected.pop(rid, None)  # counted wins: a refused copy was a second one
-                self.counted.add(rid)
+            self.counted += sum(self._take(stream, rid) for stream, rid in notice.record_ids())
             return
-        rejection = Rejection(notice.record_id, notice.stream, notice.reason, notice.detail, notice.batch_index,
-                              notice.at_ms)
-        rid = notice.record_id
-        if rid is None:
-            if len(self.unattributed) < self._keep:
-                self.unattributed.append(rejection)
+        if notice.record_id is None:
+            self.unattributed += 1
+        elif not self._take(notice.stream, notice.record_id):
             return
-        if self._streams.get(rid) != notice.stream:
-            self.foreign += 1
-            return
-        if rid in self.counted:
-            return
-        self._open.pop(rid, None)
-        if notice.reason == RejectReason.DUPLICATE.value:
+        elif notice.reason == RejectReason.DUPLICATE.value:
             # Its id was counted before: an earlier copy of this record (republished after a lost
             # confirm, or sent by an earlier run resumed with the same record ids).
-            self.counted.add(rid)
-            self.already.add(rid)
+            self.counted += 1
+            self.already += 1
             return
-        self.rejected[rid] = rejection
+        self.by_reason[notice.reason] += 1
+        if len(self.rejections) < self._keep:
+            self.rejections.append(Rejection(notice.record_id, notice.stream, notice.reason, notice.detail,
+                                             notice.batch_index, notice.at_ms))
 
     def outcomes(self, hearing: bool = True) -> Outcomes:
-        waiting = sum(1 for ticket in self._open.values() if not getattr(ticket, "failed", False))
-        unattributed = Counter(r.reason for r in self.unattributed)
-        by_reason = Counter(r.reason for r in self.rejected.values()) + unattributed
-        rejections = tuple(self.rejected.values())[:self._keep] + tuple(self.unattributed)
+        waiting = sum(1 for _, ticket in self._open.values() if not getattr(ticket, "failed", False))
         return Outcomes(
-            counted=len(self.counted), rejected=len(self.rejected) + len(self.unattributed),
+            counted=self.counted, rejected=sum(self.by_reason.values()),
             # A refusal that names no record is one of the records still waiting, but which one is unknown.
-            unknown=max(0, waiting - len(self.unattributed)), already_counted=len(self.already),
-            by_reason=dict(by_reason), rejections=rejections[:self._keep], hearing=hearing)
+            unknown=max(0, waiting - self.unattributed), already_counted=self.already,
+            by_reason=dict(self.by_reason), rejections=tuple(self.rejections), hearing=hearing)

@@ -76,7 +76,7 @@ def test_a_made_up_token_hears_only_about_the_records_that_carried_it(sidecar_fa
     assert (out.counted, out.rejected, out.unknown) == (1, 1, 0)
     assert out.by_reason == {"future_window": 1}
     assert [r.record_id for r in out.rejections] == [theirs[1].record_id.hex()]
-    assert honest._book.foreign == 1
+    assert honest._book.ignored == 1
 
 
 def test_a_notice_whose_signature_does_not_verify_is_ignored(sidecar_factory, caplog):
@@ -130,7 +130,7 @@ def test_rejections_reach_their_producer_and_a_second_producer_learns_nothing(si
     assert {by_id[r.record_id.hex()].reason for r in late} == {"budget_exhausted"}
     assert spent.record_id.hex() not in by_id and good.record_id.hex() not in by_id
     # The second producer heard of its own two records and of nothing else.
-    assert (out_b.counted, out_b.rejected, out_b.unknown) == (2, 0, 0) and b._book.foreign == 0
+    assert (out_b.counted, out_b.rejected, out_b.unknown) == (2, 0, 0) and b._book.ignored == 0
     assert all(isinstance(n, RecordsCounted) for n in watched)
     assert sorted(rid for n in watched for _, rid in n.record_ids()) == sorted(r.record_id.hex() for r in b_records)
 

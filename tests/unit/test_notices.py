@@ -80,7 +80,7 @@ def test_notices_about_records_this_session_did_not_publish_change_nothing(world
     for n in strangers:
         book.heard(n)
     out = book.outcomes()
-    assert (out.counted, out.rejected, out.unknown, book.foreign) == (0, 0, 1, 3)
+    assert (out.counted, out.rejected, out.unknown, book.ignored) == (0, 0, 1, 3)
 
 
 def test_a_rejection_notice_round_trips_with_the_fields_of_the_dead_letter(world):
@@ -156,7 +156,7 @@ def test_a_header_that_is_not_a_token_gets_no_notices(value):
     assert topology.notice_token(None) is None and topology.notice_token({topology.NOTIFY_HEADER: TOKEN}) == TOKEN
 
 
-def test_the_book_counts_duplicates_as_counted_lets_receipts_win_and_leaves_the_rest_unknown(world):
+def test_the_book_counts_duplicates_as_counted_and_the_first_notice_about_a_record_decides(world):
     book = OutcomeBook()
     ids = [os.urandom(16) for _ in range(5)]
     failed = SimpleNamespace(failed=True)
@@ -167,5 +167,7 @@ def test_the_book_counts_duplicates_as_counted_lets_receipts_win_and_leaves_the_
     book.heard(release.receipts(world.enclave.keys, world.measurement, 0, {TOKEN: [("s", ids[1])]})[0].message)
     book.heard(refusal(world, reason=RejectReason.UNDECRYPTABLE, record=None).message)  # names no record
     out = book.outcomes()
-    assert (out.counted, out.already_counted, out.rejected, out.unknown) == (2, 1, 1, 1)
-    assert out.by_reason == {"undecryptable": 1} and out.reasons_text() == "undecryptable (1)"
+    assert (out.counted, out.already_counted, out.rejected, out.unknown, book.ignored) == (1, 1, 2, 1, 1)
+    assert out.by_reason == {"budget_exhausted": 1, "undecryptable": 1}
+    assert out.reasons_text() == "budget_exhausted (1), undecryptable (1)"
+    assert [r.record_id for r in out.rejections] == [ids[1].hex(), None]  # the second names no record
