@@ -313,21 +313,15 @@ class Producer:
         return self.sealer.seal(stream, values, window=window, record_id=record_id)
 
     def check_stream(self, stream: str) -> None:
-        """Ask the enclave for ``stream``'s signed budget report (attesting on a connection of
-        its own first); done once per stream and attestation by :meth:`seal_current`.
+        """Ask the enclave for ``stream``'s signed budget report (verified with the key attested
+        last); done once per stream and attestation by :meth:`seal_current`.
 
         :raises StreamExhausted: the stream has spent its privacy budget: the enclave would
             dead-letter every record (``budget_exhausted``).
         :raises PolicyMismatch: no such stream in the attested policy.
         """
         self.sealer.stream(stream)
-        enclave, report = self._transport.budget(self.config.require_trust(), stream)
-        if enclave.measurement != self.enclave.measurement:
-            # Another enclave answered (an upgrade meanwhile): attest it, since its keys are
-            # the ones records must be sealed to now, and take its word.
-            log.info("the budget check reached another measurement; attesting again", extra={"fields": {
-                "measurement": enclave.measurement.hex()}})
-            self.reattest()
+        report = self._transport.budget(self.enclave, stream)
         if report.exhausted:
             raise StreamExhausted(
                 f"stream {stream!r} has spent its privacy budget ({report.budget['releases']} releases, epsilon "

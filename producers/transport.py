@@ -475,11 +475,16 @@ class RecordPublisher:
         with self._cond:
             return self.listener.hearing_records
 
-    def budget(self, trust: TrustAnchors, stream: str):
-        """Attest on a connection of its own, then ask that enclave for ``stream``'s signed
-        budget report (protocol section 8.3); return (the enclave, the verified report)."""
-        with amqp.attested(self.settings, trust) as (connection, enclave):
-            return enclave, amqp.budget(connection, self.settings, enclave, stream)
+    def budget(self, enclave: AttestedEnclave, stream: str):
+        """Ask the enclave for ``stream``'s signed budget report (protocol section 8.3), on a
+        short-lived connection of its own; verified against ``enclave``, the one attested last
+        (its key and measurement bind the reply to it, whatever connection it came on)."""
+        connection = amqp.connect(self.settings)
+        try:
+            return amqp.budget(connection, self.settings, enclave, stream)
+        finally:
+            if connection.is_open:
+                connection.close()
 
     @property
     def sessions(self) -> int:
