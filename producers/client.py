@@ -317,11 +317,23 @@ class Producer:
         last); done once per stream and attestation by :meth:`seal_current`.
 
         :raises StreamExhausted: the stream has spent its privacy budget: the enclave would
-            dead-letter every record (``budget_exhausted``).
+            dead-letter every record (``budget_exhausted``). An enclave that does not answer
+            (a retryable ``TransportError``) is logged and taken as no answer: records go out.
         :raises PolicyMismatch: no such stream in the attested policy.
         """
         self.sealer.stream(stream)
-        report = self._transport.budget(self.enclave, stream)
+        try:
+            report = self._transport.budget(self.enclave, stream)
+        except TransportError as err:
+            if not err.retryable:
+                raise
+            # The sidecar is down or busy: records wait for it in the broker as before, and a
+            # spent stream's are still refused (and reported) by the enclave. Not asked again
+            # before the next attestation, so a stopped sidecar costs one timeout, not one per record.
+            log.warning("could not ask the enclave for the stream's budget; sending anyway", extra={"fields": {
+                "stream": stream, "error": str(err)}})
+            self._streams_checked.add(stream)
+            return
         if report.exhausted:
             raise StreamExhausted(
                 f"stream {stream!r} has spent its privacy budget ({report.budget['releases']} releases, epsilon "

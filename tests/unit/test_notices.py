@@ -171,3 +171,20 @@ def test_the_book_counts_duplicates_as_counted_and_the_first_notice_about_a_reco
     assert out.by_reason == {"budget_exhausted": 1, "undecryptable": 1}
     assert out.reasons_text() == "budget_exhausted (1), undecryptable (1)"
     assert [r.record_id for r in out.rejections] == [ids[1].hex(), None]  # the second names no record
+
+
+def test_a_budget_check_nobody_answers_sends_anyway_once_per_attestation(producer, monkeypatch, caplog):  # noqa: F811
+    from sealedsum.common.errors import TransportError
+
+    p, fake, world = producer
+    asked = []
+
+    def silent(enclave, stream):
+        asked.append(stream)
+        raise TransportError("no reply to budget-request within 10 s")
+
+    monkeypatch.setattr(fake, "budget", silent)
+    with caplog.at_level(logging.WARNING, "sealedsum.producer"):
+        for _ in range(3):
+            p.seal_current("s", [1.0])
+    assert asked == ["s"] and "sending anyway" in caplog.text
