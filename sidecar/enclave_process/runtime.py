@@ -225,6 +225,7 @@ class EnclaveRuntime:
         # on a channel without confirms (a receipt lost with the connection is only a receipt).
         self._counted: dict[str, list[tuple[str, bytes]]] = {}
         self._notify = None
+        self.notices: collections.Counter = collections.Counter()  # published to producers, by kind
         self._standing_by = False
         # The request connection: its own, so that a broker error on a reply never touches
         # the connection that consumes records.
@@ -427,6 +428,7 @@ class EnclaveRuntime:
         try:
             for notice in self.enclave.receipts(counted, now_ms()):
                 self._notify.basic_publish(exchange, notice.token, notice.body, amqp.properties("notice"))
+                self.notices["counted"] += 1
         except pe.AMQPError as err:
             log.warning("receipts not sent", extra={"fields": {"error": type(err).__name__, "detail": str(err),
                                                                "tokens": len(counted)}})
@@ -530,6 +532,7 @@ class EnclaveRuntime:
         except pe.AMQPError as err:  # their records stay unacknowledged, so they are redelivered
             raise TransportError(f"dead letters not taken by the broker: {type(err).__name__}: {err}") from err
         self._dead_letters.clear()
+        self.notices["rejected"] += len(self._refusals)
         self._refusals.clear()
 
     # -- releases ---------------------------------------------------------------------
@@ -732,4 +735,5 @@ class EnclaveRuntime:
     def log_stats(self) -> None:
         self._last_stats = time.monotonic()
         log.info("stats", extra={"fields": self.enclave.stats_json() | {
-            "ignored_requests": dict(self.ignored_requests), "request_reopens": self.rpc_reopens}})
+            "ignored_requests": dict(self.ignored_requests), "request_reopens": self.rpc_reopens,
+            "producer_notices": dict(self.notices)}})

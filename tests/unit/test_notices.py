@@ -148,6 +148,7 @@ def test_the_runtime_sends_refusals_with_the_dead_letters_and_receipts_after_the
     assert verify_notice(receipt[2], world.attested, TOKEN).record_ids() == [("s", good.record_id.hex())]
     assert verify_notice(refused[2], world.attested, TOKEN).record_id == future.record_id.hex()
     assert dead[3]["x-sealedsum-stream"] == "s" and "x-sealedsum-stream" not in junk[3]
+    assert runtime.notices == {"counted": 1, "rejected": 1}  # in the stats line
 
 
 @pytest.mark.parametrize("value", [TOKEN.upper(), TOKEN[:-1], TOKEN + "0", 12, None, "g" * 32])
