@@ -563,6 +563,7 @@ def measure_batched(b: Bench, values: list[float], base: dict) -> dict:
     n, per_message = b.n, b.args.per_message
     producer = Producer(b.sc.config, max_unconfirmed=b.args.publish_window)
     try:
+        producer.check_stream(STREAM)  # its budget report, while the sidecar still answers
         b.stop_sidecar()
         out = {"producer_batched_s": time_send_many(producer, STREAM, [[v] for v in values], b.size,
                                                     per_message=per_message)}

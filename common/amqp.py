@@ -13,6 +13,7 @@ import os
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Iterator
 
 import pika
@@ -27,6 +28,7 @@ from sealedsum.common import topology, wire
 log = logging.getLogger("sealedsum.amqp")
 
 APP_ID = "sealedsum"
+MAX_PREFETCH = 65535
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 START_BROKER_HINT = (
     "is RabbitMQ running? start it with `rabbitmq-server -detached`, or `docker compose up -d rabbitmq`, "
@@ -350,3 +352,67 @@ def channel_refused(err: pe.ChannelClosedByBroker, what: str, *, hint: str | Non
     code = getattr(err, "reply_code", None)
     text = getattr(err, "reply_text", "") or str(err)
     return TransportError(f"{what}: {text}", retryable=False, hint=ACCESS_REFUSED_HINT if code == 403 else hint)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message read from a queue: its headers (bytes values decoded), type, size and the
+    broker's redelivered flag."""
+
+    headers: dict
+    type: str | None
+    size: int
+    redelivered: bool
+
+
+def read_queue(settings: BrokerSettings, queue: str, limit: int, *, acknowledge: bool,
+               idle_s: float = 2.0) -> tuple[int, list[QueuedMessage]]:
+    """Read up to ``limit`` messages of ``queue`` (oldest first) without taking them, unless
+    ``acknowledge``: unacknowledged, they go back to the queue when the channel closes, as the
+    broker does with any consumer's unacknowledged deliveries (``redelivered`` is then set on
+    them, and a quorum queue counts one more delivery in ``x-delivery-count``).
+
+    :returns: the queue's message count when reading started, and the messages read.
+    :raises TransportError: the broker cannot be reached, or refuses (a 403: the account may
+        not read the queue; a 404: no such queue).
+    """
+    connection = connect(settings)
+    out: list[QueuedMessage] = []
+    try:
+        channel = connection.channel()
+        try:
+            total = channel.queue_declare(queue, passive=True).method.message_count
+            want = min(total, limit)
+            if want:
+                # Unacknowledged deliveries are bounded by the prefetch, which AMQP carries in 16 bits.
+                channel.basic_qos(prefetch_count=min(want, MAX_PREFETCH))
+                last = [0]
+
+                def on_message(_ch, method, props, body) -> None:
+                    if len(out) < want:
+                        headers = {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                                   for k, v in (props.headers or {}).items()}
+                        out.append(QueuedMessage(headers, props.type, len(body), bool(method.redelivered)))
+                        last[0] = method.delivery_tag
+
+                tag = channel.basic_consume(queue, on_message, auto_ack=False)
+                idle_until = time.monotonic() + idle_s
+                while len(out) < want and time.monotonic() < idle_until:
+                    seen = len(out)
+                    connection.process_data_events(time_limit=0.1)
+                    if len(out) > seen:
+                        idle_until = time.monotonic() + idle_s
+                channel.basic_cancel(tag)
+                if acknowledge and last[0]:
+                    channel.basic_ack(last[0], multiple=True)
+            channel.close()  # what is not acknowledged goes back to the queue
+        except pe.ChannelClosedByBroker as err:
+            raise channel_refused(err, f"cannot read {queue}",
+                                  hint="is the sidecar running with this broker.prefix? it declares the queue") from err
+    except pe.AMQPConnectionError as err:
+        raise TransportError(f"lost the broker connection while reading {queue}") from err
+    finally:
+        if connection.is_open:
+            with contextlib.suppress(pe.AMQPError):
+                connection.close()
+    return total, out

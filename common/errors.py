@@ -32,7 +32,8 @@ _MEANINGS = {
     ExitCode.VERIFICATION: "attestation or verification failure (nothing was sent; or forged results were seen)",
     ExitCode.USAGE: "usage or configuration error",
     ExitCode.TRANSPORT: "broker unreachable or refusing",
-    ExitCode.PARTIAL: "finished, but some input lines were rejected (`produce`)",
+    ExitCode.PARTIAL: "finished, but some input lines or records were rejected, or the stream's budget is spent "
+                      "(`produce`)",
     ExitCode.STORAGE: "the state directory could not be written (disk full or failing)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
@@ -190,6 +191,13 @@ class TransportError(SealedsumError):
         self.retryable = retryable
 
 
+class StreamExhausted(SealedsumError):
+    """The stream's signed budget report says it has spent its privacy budget: the enclave would
+    dead-letter every record (``budget_exhausted``), so nothing is sent."""
+
+    exit_code = ExitCode.PARTIAL
+
+
 class Unroutable(TransportError):
     """The broker took the message but no queue is bound to receive it."""
 
@@ -298,3 +306,5 @@ class RecordRejected(SealedsumError):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
+        # (stream, record id) once the envelope was read: what the producer's notice names.
+        self.record: tuple[str, bytes] | None = None

@@ -1,5 +1,5 @@
-"""What the enclave signs and publishes: releases, budget notices, budget reports and
-key-rotation notices.
+"""What the enclave signs and publishes: releases, budget notices, budget reports,
+key-rotation notices, and the notices that tell a producer what became of its records.
 
 On the wire each is a :class:`sealedsum.common.wire.SignedMessage` whose payload is ASCII JSON
 (sorted keys, compact) with a ``kind`` field, signed under the label
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from sealedsum.common import signing, wire
 from sealedsum.common.attestation import AttestedEnclave
-from sealedsum.common.errors import InvalidMessage, InvalidResultSignature
+from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, RejectReason
 from sealedsum.common.policy import StreamKind
 from sealedsum.common.privacy import Mechanism
 
@@ -23,6 +23,10 @@ RESULT_KIND = "result"
 EXHAUSTED_KIND = "budget_exhausted"
 BUDGET_KIND = "budget"
 ROTATED_KIND = "key_rotated"
+REJECTED_KIND = "rejected"
+COUNTED_KIND = "counted"
+# What a producer hears on its notice queue (docs/protocol.md sections 13.7 and 13.8).
+PRODUCER_KINDS = (ROTATED_KIND, REJECTED_KIND, COUNTED_KIND)
 
 BUDGET_FIELDS = {"releases", "spent_epsilon", "spent_rho", "budget_epsilon", "budget_delta",
                  "remaining_releases", "ledger_head"}
@@ -247,8 +251,73 @@ class KeyRotated(_Payload):
                 "previous_retires_at_ms": self.previous_retires_at_ms, "at_ms": self.at_ms}
 
 
+def _hex(v: Any, digits: int) -> bool:
+    return isinstance(v, str) and len(v) == digits and all(c in "0123456789abcdef" for c in v)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRefused(_Payload):
+    """Sent to one producer's notice token when the enclave dead-letters a record that carried
+    it: what the dead letter says, and which record it was when the envelope opened
+    (``stream`` and ``record_id`` are ``None`` before that; ``batch_index`` is ``None`` for a
+    record that came alone)."""
+
+    token: str
+    stream: str | None
+    record_id: str | None
+    batch_index: int | None
+    reason: str
+    detail: str
+    key_epoch: int
+    measurement: str
+    at_ms: int
+    kind: str = REJECTED_KIND
+    KIND: ClassVar[str] = REJECTED_KIND
+
+    def _valid(self) -> bool:
+        return bool(_hex(self.token, 32)
+                    and (self.stream is None or (isinstance(self.stream, str) and wire.STREAM_NAME.fullmatch(self.stream)))
+                    and (self.record_id is None or _hex(self.record_id, 32))
+                    and (self.stream is None) == (self.record_id is None)
+                    and (self.batch_index is None or (_int(self.batch_index) and self.batch_index >= 0))
+                    and isinstance(self.reason, str) and self.reason in {r.value for r in RejectReason}
+                    and isinstance(self.detail, str)
+                    and _int(self.key_epoch) and _int(self.at_ms) and isinstance(self.measurement, str))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "record_id": self.record_id, "batch_index": self.batch_index,
+                "reason": self.reason, "detail": self.detail, "at_ms": self.at_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsCounted(_Payload):
+    """Sent to one producer's notice token after a checkpoint that holds records carrying it:
+    their ids, by stream, in the order they were counted; ``count`` is their number."""
+
+    token: str
+    count: int
+    records: dict
+    key_epoch: int
+    measurement: str
+    at_ms: int
+    kind: str = COUNTED_KIND
+    KIND: ClassVar[str] = COUNTED_KIND
+
+    def _valid(self) -> bool:
+        r = self.records
+        return bool(_hex(self.token, 32) and _int(self.count) and self.count >= 1 and isinstance(r, dict) and r
+                    and all(isinstance(s, str) and wire.STREAM_NAME.fullmatch(s) and isinstance(ids, list) and ids
+                            and all(_hex(i, 32) for i in ids) for s, ids in r.items())
+                    and sum(len(ids) for ids in r.values()) == self.count
+                    and _int(self.key_epoch) and _int(self.at_ms) and isinstance(self.measurement, str))
+
+    def record_ids(self) -> list[tuple[str, str]]:
+        """(stream, record id hex) of every record counted."""
+        return [(s, i) for s, ids in self.records.items() for i in ids]
+
+
 PAYLOADS = {RESULT_KIND: Release, EXHAUSTED_KIND: BudgetExhausted, BUDGET_KIND: BudgetReport,
-            ROTATED_KIND: KeyRotated}
+            ROTATED_KIND: KeyRotated, REJECTED_KIND: RecordRefused, COUNTED_KIND: RecordsCounted}
 
 
 def verify_signed(body: bytes, enclave: AttestedEnclave, kinds: tuple[str, ...] = (RESULT_KIND, EXHAUSTED_KIND)):
@@ -287,3 +356,16 @@ def verify_result(body: bytes, enclave: AttestedEnclave) -> Release:
 def verify_key_rotated(body: bytes, enclave: AttestedEnclave) -> KeyRotated:
     """Like :func:`verify_signed`, for a key-rotation notice only (what producers hear)."""
     return verify_signed(body, enclave, (ROTATED_KIND,))
+
+
+def verify_notice(body: bytes, enclave: AttestedEnclave, token: str) -> KeyRotated | RecordRefused | RecordsCounted:
+    """Like :func:`verify_signed`, for what a producer hears on its notice queue; a notice
+    about records must name this producer's ``token``.
+
+    :raises InvalidResultSignature: forged, altered, signed by another enclave, or for another token.
+    :raises InvalidMessage: signed but not a well-formed notice.
+    """
+    notice = verify_signed(body, enclave, PRODUCER_KINDS)
+    if not isinstance(notice, KeyRotated) and notice.token != token:
+        raise InvalidResultSignature("the notice is for another producer's token")
+    return notice

@@ -6,7 +6,8 @@ Pure (no pika, no I/O), so every role, the enclave included, reads the same layo
 setup`` grants :func:`role_permissions`, which are derived from the same names.
 
 The rejected and announce exchanges are fanout, so their routing keys are ignored
-(publishers use ``""``).
+(publishers use ``""``). The notices exchange is direct: a producer binds its queue with its
+notice token, which its records carry in the ``NOTIFY_HEADER`` header.
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ def result_routing_key(stream: str) -> str:
     """Releases are published to the results exchange under their stream's name, so a
     consumer binds once per stream it wants."""
     return stream
+
+
+# The AMQP header a producer puts on its record messages to hear what became of them, and
+# the shape of its value: 16 random bytes in lowercase hex (docs/protocol.md section 11.6).
+NOTIFY_HEADER = "x-sealedsum-notify"
+NOTICE_TOKEN_CHARS = 32
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_notice_token(value: object) -> bool:
+    return isinstance(value, str) and len(value) == NOTICE_TOKEN_CHARS and set(value) <= _HEX
+
+
+def notice_token(headers: Mapping | None) -> str | None:
+    """The notice token a record message carries, or ``None`` (no header, or not a token:
+    such a record gets no notices)."""
+    value = (headers or {}).get(NOTIFY_HEADER)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value if is_notice_token(value) else None
 
 
 # Where a consumer's named queues must live: PREFIX.consumer.NAME.
@@ -56,6 +77,8 @@ class Topology:
     releases_stream = _named("releases", "A RabbitMQ stream bound to the results exchange for every stream: each "
                                          "consumer reads it from an offset of its own, so nobody drains releases "
                                          "for anyone else, and a release stays for consumers that come later.")
+    notices_exchange = _named("notices", "What became of a producer's records (counted, or rejected and why): a "
+                                         "direct exchange, routing key = the producer's notice token.")
     release_lock = _named("lock", "An exclusive queue the releasing enclave declares on its connection before it "
                                   "consumes anything: the broker lets one connection hold it, so one enclave per "
                                   "prefix counts and releases, and a second one stands by.")
@@ -65,7 +88,7 @@ class Topology:
     @property
     def exchanges(self) -> tuple[str, ...]:
         return (self.records_exchange, self.rejected_exchange, self.attest_exchange, self.results_exchange,
-                self.announce_exchange)
+                self.announce_exchange, self.notices_exchange)
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -159,6 +182,8 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int) -
         Binding(t.attest_queue, t.attest_exchange, ATTEST_ROUTING_KEY),
         # Key-rotation notices; each producer binds a server-named exclusive queue of its own.
         ExchangeDecl(t.announce_exchange, "fanout"),
+        # Notices about records, routed by the token the records carried.
+        ExchangeDecl(t.notices_exchange, "direct"),
     )
 
 
@@ -229,12 +254,14 @@ def role_permissions(topology: Topology) -> dict[str, Permissions]:
         "sidecar": Permissions(_anchored(own), _anchored(own, escape(DEFAULT_EXCHANGE)), _anchored(own)),
         # Publishes records and RPC requests; the reply comes through direct reply-to,
         # which needs no permission. Its one queue is server-named (configure; write on it
-        # to bind, read to consume) and bound to PREFIX.announce (read on that exchange),
-        # for key-rotation notices; it may read no other exchange, so it binds to nothing else.
+        # to bind, read to consume) and bound to PREFIX.announce for key-rotation notices and
+        # to PREFIX.notices for its records' (read on those exchanges); it may read no other
+        # exchange, so it binds to nothing else.
         "producer": Permissions(_anchored(SERVER_NAMED_QUEUES),
                                 _anchored(_names(p, (topology.records_exchange, topology.attest_exchange)),
                                           SERVER_NAMED_QUEUES),
-                                _anchored(SERVER_NAMED_QUEUES, escape(topology.announce_exchange))),
+                                _anchored(SERVER_NAMED_QUEUES,
+                                          _names(p, (topology.announce_exchange, topology.notices_exchange)))),
         # Reads the release stream (read; consuming a stream declares nothing). Its own queues:
         # declare (configure), bind (write on the queue, read on PREFIX.results), consume
         # (read). RPC requests: write on PREFIX.attest.

@@ -29,12 +29,14 @@ from sealedsum.common import signing, wire
 from sealedsum.common.attestation import AttestedEnclave
 from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import Config
-from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, TransportError
+from sealedsum.common.errors import InvalidMessage, InvalidResultSignature, PolicyMismatch, StreamExhausted, \
+    TransportError
 from sealedsum.common.policy import StreamPolicy
 from sealedsum.common.requirements import Requirements
-from sealedsum.common.results import verify_key_rotated
+from sealedsum.common.results import KeyRotated, verify_key_rotated, verify_notice
 from sealedsum.producers.confirms import Ticket
 from sealedsum.producers.encryption import encryptor_from_env
+from sealedsum.producers.outcomes import OutcomeBook, Outcomes
 
 log = logging.getLogger("sealedsum.producer")
 
@@ -44,6 +46,7 @@ class SealedRecord:
     body: bytes
     record_id: bytes
     clipped: int
+    stream: str = ""
 
 
 # One record's values: a sequence, or a plain number for a 1-value stream (a sum, a histogram).
@@ -135,7 +138,7 @@ class RecordSealer:
         if self._identity is not None:
             plaintext = wire.SignedEnvelope(self._identity_public, signing.sign(self._identity, signing.ENVELOPE, plaintext),
                                             plaintext).to_bytes()
-        return SealedRecord(self._box.encrypt(plaintext), rid, n_clipped)
+        return SealedRecord(self._box.encrypt(plaintext), rid, n_clipped, stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,17 +219,31 @@ class Producer:
     after its broker connection was lost (notices sent meanwhile are lost with the queue),
     and in any case every ``producer.reattest_seconds``. If that attestation fails for broker
     trouble, it seals with the keys it attested last and tries again after a backoff.
+
+    **What became of each record.** The producer draws a random notice token per session,
+    binds the same queue to ``PREFIX.notices`` with it, and sends it with every record
+    message. The enclave tells that token, signed, which records it rejected and why, and
+    which it counted once they are checkpointed: :meth:`outcomes` (now) and
+    :meth:`wait_outcomes` (until none is unknown, or a timeout) sum them up. Notices are best
+    effort, so a record can stay unknown. ``notices=False`` sends no token and hears nothing.
+
+    **Spent streams.** Before the first record of a stream after each attestation, the producer
+    asks the enclave for the stream's signed budget report; a stream that has spent its
+    budget raises :class:`StreamExhausted` and nothing is sent (:meth:`check_stream`).
     """
 
     def __init__(self, config: Config, *, producer_id: bytes | None = None,
-                 max_unconfirmed: int | None = None) -> None:
+                 max_unconfirmed: int | None = None, notices: bool = True) -> None:
         # Imported here, not at the top: it loads pika, which importing the library must not.
         from sealedsum.producers import transport
 
         self.config = config
+        self.token = os.urandom(16).hex() if notices else None
         self._transport = transport.RecordPublisher(
-            config.broker, max_unconfirmed=max_unconfirmed or transport.DEFAULT_MAX_UNCONFIRMED)
+            config.broker, max_unconfirmed=max_unconfirmed or transport.DEFAULT_MAX_UNCONFIRMED, token=self.token)
         self.notices_refused = 0  # notices that did not verify
+        self._book = OutcomeBook()
+        self._streams_checked: set[str] = set()  # whose budget report this attestation has seen
         # A re-attestation is owed (told, reconnected or due) and, after broker trouble, not
         # before _retry_at, later after each failure: records are sealed with the attested keys
         # meanwhile, so there is no budget to run out.
@@ -263,6 +280,7 @@ class Producer:
                                        self.sealer._identity)
             old.encryptor.close()
         self.enclave, self._attested_at = enclave, time.monotonic()
+        self._streams_checked.clear()
         self._reattest_wanted = False
         self._retry_at, self._retry_delays = 0.0, self._reattest_backoff.delays()
         return enclave
@@ -290,9 +308,42 @@ class Producer:
                 log.warning("could not attest again yet; sealing with the keys attested last", extra={"fields": {
                     "key_epoch": self.enclave.keys.epoch, "error": str(err), "retry_in_s": delay}})
                 self._retry_at = time.monotonic() + delay
+        if stream not in self._streams_checked:
+            self.check_stream(stream)
         return self.sealer.seal(stream, values, window=window, record_id=record_id)
 
+    def check_stream(self, stream: str) -> None:
+        """Ask the enclave for ``stream``'s signed budget report (verified with the key attested
+        last); done once per stream and attestation by :meth:`seal_current`.
+
+        :raises StreamExhausted: the stream has spent its privacy budget: the enclave would
+            dead-letter every record (``budget_exhausted``). An enclave that does not answer
+            (a retryable ``TransportError``) is logged and taken as no answer: records go out.
+        :raises PolicyMismatch: no such stream in the attested policy.
+        """
+        self.sealer.stream(stream)
+        try:
+            report = self._transport.budget(self.enclave, stream)
+        except TransportError as err:
+            if not err.retryable:
+                raise
+            # The sidecar is down or busy: records wait for it in the broker as before, and a
+            # spent stream's are still refused (and reported) by the enclave. Not asked again
+            # before the next attestation, so a stopped sidecar costs one timeout, not one per record.
+            log.warning("could not ask the enclave for the stream's budget; sending anyway", extra={"fields": {
+                "stream": stream, "error": str(err)}})
+            self._streams_checked.add(stream)
+            return
+        if report.exhausted:
+            raise StreamExhausted(
+                f"stream {stream!r} has spent its privacy budget ({report.budget['releases']} releases, epsilon "
+                f"{report.budget['spent_epsilon']:g} of {report.budget['budget_epsilon']:g}): the enclave would "
+                "reject every record (budget_exhausted), so nothing was sent",
+                hint="a spent budget is final for this stream; define a new stream (a new measurement) for new data")
+        self._streams_checked.add(stream)
+
     def _reattest_due(self) -> bool:
+        self._hear_records()
         for body in self._transport.take_notices():
             if self._heard(body):
                 self._reattest_wanted = True
@@ -320,6 +371,54 @@ class Producer:
             "previous_retires_at_ms": notice.previous_retires_at_ms}})
         return True
 
+    # -- what became of the records -------------------------------------------------------------
+    def _hear_records(self) -> None:
+        """Verify the notices about records that arrived and book them."""
+        for body in self._transport.take_record_notices():
+            try:
+                notice = verify_notice(body, self.enclave, self.token)
+                if isinstance(notice, KeyRotated):
+                    raise InvalidMessage("a key-rotation notice on the notices exchange")
+            except (InvalidResultSignature, InvalidMessage) as err:
+                self.notices_refused += 1
+                log.warning("ignored a notice that does not verify against the attested enclave", extra={"fields": {
+                    "exchange": self.config.broker.topology.notices_exchange, "error": str(err)}})
+                continue
+            self._book.heard(notice)
+
+    @property
+    def hearing(self) -> bool:
+        """Whether notices about this session's records can arrive now (the token is bound)."""
+        return self.token is not None and self._transport.hearing_records
+
+    def outcomes(self) -> Outcomes:
+        """What the notices received so far say about the records published in this session."""
+        self._hear_records()
+        return self._book.outcomes(self.hearing)
+
+    def wait_outcomes(self, timeout: float, *, progress: Callable[[Outcomes], None] | None = None) -> Outcomes:
+        """Wait until no record published in this session is unknown (each counted or rejected),
+        or ``timeout`` s; return the outcomes then. Returns at once when no notice can come
+        (no token, or the notices queue is not bound). ``progress`` is called with the
+        outcomes each time notices arrived."""
+        deadline = time.monotonic() + timeout
+        out = self.outcomes()
+        while out.unknown and out.hearing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._transport.wait_record_notices(min(remaining, 1.0)):
+                out = self.outcomes()
+                if progress is not None:
+                    progress(out)
+            else:
+                out = self.outcomes()
+        return out
+
+    def _track(self, record: SealedRecord, ticket) -> None:
+        if self.token is not None:
+            self._book.track(record.record_id, record.stream, ticket)
+
     def send(self, stream: str, values: Values, *, window: int = 0) -> SealedRecord:
         """Seal and publish one record (``values``: a sequence, or a number for a 1-value stream);
         return once the broker confirmed it."""
@@ -330,6 +429,7 @@ class Producer:
     def publish(self, record: SealedRecord) -> None:
         """Publish an already sealed record; return once the broker confirmed it."""
         self._transport.publish(record.body)
+        self._track(record, None)
 
     def submit(self, record: SealedRecord) -> PendingRecord:
         """Publish an already sealed record without waiting for its confirm (blocks only while
@@ -337,7 +437,9 @@ class Producer:
 
         :raises TransportError: an earlier record failed (each failure is raised once).
         """
-        return PendingRecord(record, self._transport.submit(record.body))
+        ticket = self._transport.submit(record.body)
+        self._track(record, ticket)
+        return PendingRecord(record, ticket)
 
     def submit_batch(self, records: list[SealedRecord]) -> list[PendingRecord]:
         """Publish several sealed records in one broker message (a record batch, protocol
@@ -351,6 +453,8 @@ class Producer:
             return [self.submit(records[0])]
         body = wire.RecordBatch(tuple(r.body for r in records)).to_bytes()
         ticket = self._transport.submit(body, kind=wire.RECORD_BATCH_TYPE)
+        for r in records:
+            self._track(r, ticket)
         return [PendingRecord(r, ticket) for r in records]
 
     def send_many(self, stream: str, records: Iterable[Values], *, window: int = 0,

@@ -14,7 +14,10 @@ This is the only producer module that imports pika. Three pieces, composed by
 - :class:`AnnounceListener`: after :meth:`RecordPublisher.listen`, every connection of the I/O
   thread also opens a second channel with a server-named, exclusive, auto-delete queue bound
   to ``PREFIX.announce`` and keeps what arrives there (the enclave's signed key-rotation
-  notices; unverified here, see :meth:`~RecordPublisher.take_notices`).
+  notices; unverified here, see :meth:`~RecordPublisher.take_notices`). With a notice token,
+  the same queue is also bound to ``PREFIX.notices`` with the token as routing key, and every
+  record message carries the token in the ``x-sealedsum-notify`` header: the enclave's signed
+  notices about those records arrive there too (:meth:`~RecordPublisher.take_record_notices`).
   :attr:`~RecordPublisher.sessions` counts the connections on which that is in place (or
   failed, e.g. an account without the permission): when it moves, the broker connection was
   lost and notices sent meanwhile may be lost with it, so the producer attests again.
@@ -45,6 +48,9 @@ log = logging.getLogger("sealedsum.producer")
 
 DEFAULT_MAX_UNCONFIRMED = 256  # records awaiting a confirm at once
 TICK_S = 0.1  # how often the I/O thread looks at deadlines and retries
+# Notices about records kept until the producer reads them: one per rejected record and one
+# receipt per flush of the enclave, so a long run that is not read meanwhile can pile up.
+MAX_RECORD_NOTICES = 1_000_000
 
 
 class AnnounceListener:
@@ -55,14 +61,24 @@ class AnnounceListener:
     publisher's ``cond``); the rest runs on the I/O thread.
     """
 
-    def __init__(self, exchange: str, cond: threading.Condition, closed: Callable[[], bool]) -> None:
+    def __init__(self, exchange: str, cond: threading.Condition, closed: Callable[[], bool],
+                 notices_exchange: str | None = None, token: str | None = None) -> None:
         self.exchange = exchange
+        self.notices_exchange = notices_exchange
+        self.token = token
         self._cond = cond
         self._closed = closed
         self.wanted = False
         self._notices: deque[bytes] = deque(maxlen=64)
+        self._record_notices: deque[bytes] = deque(maxlen=MAX_RECORD_NOTICES)
         self.sessions = 0
+        # Whether the current connection's queue is bound to the notices exchange (any thread, under cond).
+        self.hearing_records = False
         self._channel = None  # I/O thread
+        self._connection = None  # I/O thread
+        self._binding_notices = False  # I/O thread: a refusal now is the notices binding's
+        self._hearing_next = False  # I/O thread: the channel being set up binds the notices exchange
+        self._notices_refused = False  # this account or sidecar does not offer them: stop asking
         self._refused_logged = False
 
     def want(self) -> int:
@@ -81,6 +97,23 @@ class AnnounceListener:
             self._notices.clear()
             return out
 
+    def take_record_notices(self) -> list[bytes]:
+        with self._cond:
+            out = list(self._record_notices)
+            self._record_notices.clear()
+            return out
+
+    def wait_record_notices(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a notice about records; whether one is there."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._record_notices:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
     # -- the I/O thread --------------------------------------------------------------------------
     def on_connection(self, connection) -> None:
         """A new connection is open: listen on it, or (not listening) just count it."""
@@ -90,32 +123,65 @@ class AnnounceListener:
             self._new_session()
 
     def on_connection_closed(self) -> None:
-        self._channel = None
+        self._channel = self._connection = None
+        self._set_hearing(False)
 
     def open(self, connection) -> None:
         if self.wanted and self._channel is None and connection is not None and connection.is_open:
+            self._connection = connection
             connection.channel(on_open_callback=self._on_channel)
 
     def _on_channel(self, channel) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        hear_records = self.token is not None and self.notices_exchange is not None and not self._notices_refused
 
-        def declared(frame) -> None:
-            queue = frame.method.queue
+        def consume(_frame=None) -> None:
+            self._binding_notices = False
             channel.queue_bind(queue, self.exchange, callback=lambda _f: channel.basic_consume(
                 queue, self._on_notice, auto_ack=True, callback=self._on_consuming))
 
+        def declared(frame) -> None:
+            nonlocal queue
+            queue = frame.method.queue
+            if hear_records:
+                # First: refused (an account or a sidecar from before notices), it closes the
+                # channel, and the next one listens for key rotations without it.
+                self._binding_notices = True
+                channel.queue_bind(queue, self.notices_exchange, routing_key=self.token, callback=consume)
+            else:
+                consume()
+
+        queue = ""
+        self._hearing_next = hear_records
         # Server-named (amq.gen-*: all a producer account may declare), gone with the connection.
         channel.queue_declare("", exclusive=True, auto_delete=True, callback=declared)
 
     def _on_consuming(self, _frame) -> None:
-        log.debug("listening for enclave notices", extra={"fields": {"exchange": self.exchange}})
+        log.debug("listening for enclave notices", extra={"fields": {
+            "exchange": self.exchange, "notices_exchange": self.notices_exchange if self._hearing_next else None}})
+        self._set_hearing(self._hearing_next)
         self._new_session()
+
+    def _set_hearing(self, value: bool) -> None:
+        with self._cond:
+            self.hearing_records = value
+            self._cond.notify_all()
 
     def _on_channel_closed(self, channel, err) -> None:
         if channel is not self._channel:
             return
         self._channel = None
+        self._set_hearing(False)
+        if self._binding_notices and isinstance(err, pe.ChannelClosedByBroker) and not self._closed():
+            self._binding_notices = False
+            self._notices_refused = True
+            log.warning("cannot listen for notices about this producer's records; it will not learn which the "
+                        "enclave rejects", extra={"fields": {
+                            "exchange": self.notices_exchange, "error": str(err),
+                            "hint": "run `sealedsum broker setup` again, and a sidecar that declares it"}})
+            self.open(self._connection)  # key-rotation notices still
+            return
         if isinstance(err, pe.ChannelClosedByBroker) and not self._closed():
             # No permission (an account from before PREFIX.announce existed) or no exchange (an
             # older sidecar): publish anyway, and attest only every producer.reattest_seconds.
@@ -127,9 +193,13 @@ class AnnounceListener:
                                 "hint": "run `sealedsum broker setup` again, and a sidecar that declares it"}})
             self._new_session()  # this connection's view is as good as it gets
 
-    def _on_notice(self, _channel, _method, _props, body: bytes) -> None:
+    def _on_notice(self, _channel, method, _props, body: bytes) -> None:
         with self._cond:
-            self._notices.append(body)
+            if self.notices_exchange is not None and method.exchange == self.notices_exchange:
+                self._record_notices.append(body)
+            else:
+                self._notices.append(body)
+            self._cond.notify_all()
 
     def _new_session(self) -> None:
         with self._cond:
@@ -147,8 +217,9 @@ class ConnectionDriver:
     """
 
     def __init__(self, settings: BrokerSettings, backoff: Backoff, pipeline: ConfirmPipeline,
-                 listener: AnnounceListener) -> None:
+                 listener: AnnounceListener, headers: dict | None = None) -> None:
         self.settings = settings
+        self._headers = headers
         self._backoff = backoff
         self._pipeline = pipeline
         self._listener = listener
@@ -314,10 +385,12 @@ class ConnectionDriver:
                 self._ioloop.call_later(0, self._connect)
             return
         channel, exchange = self._channel, self.settings.topology.records_exchange
-        props = {kind: amqp.properties(kind) for kind in (wire.RECORD_TYPE, wire.RECORD_BATCH_TYPE)}
+        props = {kind: amqp.properties(kind, headers=self._headers)
+                 for kind in (wire.RECORD_TYPE, wire.RECORD_BATCH_TYPE)}
         for i, ticket in enumerate(batch):
             try:
-                # No message id or stream in the properties: the broker sees only the sealed box.
+                # No message id or stream in the properties: the broker sees only the sealed box
+                # (and the session's notice token, which names no record).
                 channel.basic_publish(exchange, topology.RECORD_ROUTING_KEY, ticket.body, props[ticket.kind],
                                       mandatory=True)
             except Exception as err:  # noqa: BLE001 - channel or connection closing under us
@@ -341,17 +414,21 @@ class RecordPublisher:
 
     :param max_unconfirmed: records awaiting a confirm at once (the pipeline's depth); :meth:`submit`
         blocks while that many are.
+    :param token: this session's notice token (32 lowercase hex digits): sent with every record
+        message, and the routing key the notices queue is bound with to ``PREFIX.notices``.
     """
 
-    def __init__(self, settings: BrokerSettings, *, max_unconfirmed: int = DEFAULT_MAX_UNCONFIRMED) -> None:
+    def __init__(self, settings: BrokerSettings, *, max_unconfirmed: int = DEFAULT_MAX_UNCONFIRMED,
+                 token: str | None = None) -> None:
         self.settings = settings
         backoff = Backoff(settings.reconnect_seconds)
         # One lock for the three: a caller waiting on any of them wakes on any progress.
         self._cond = threading.Condition()
         self.pipeline = ConfirmPipeline(max_unconfirmed, backoff, settings.topology.records_exchange, self._cond)
         self.listener = AnnounceListener(settings.topology.announce_exchange, self._cond,
-                                         lambda: self.pipeline.closed)
-        self.driver = ConnectionDriver(settings, backoff, self.pipeline, self.listener)
+                                         lambda: self.pipeline.closed, settings.topology.notices_exchange, token)
+        self.driver = ConnectionDriver(settings, backoff, self.pipeline, self.listener,
+                                       {topology.NOTIFY_HEADER: token} if token is not None else None)
 
     @property
     def max_unconfirmed(self) -> int:
@@ -384,6 +461,30 @@ class RecordPublisher:
         """The notice bodies received since the last call, oldest first, as they came: they
         are not verified yet (anyone able to publish to the exchange could have sent them)."""
         return self.listener.take_notices()
+
+    def take_record_notices(self) -> list[bytes]:
+        """The notices about records received since the last call (unverified, like :meth:`take_notices`)."""
+        return self.listener.take_record_notices()
+
+    def wait_record_notices(self, timeout: float) -> bool:
+        return self.listener.wait_record_notices(timeout)
+
+    @property
+    def hearing_records(self) -> bool:
+        """Whether the notices queue is bound to ``PREFIX.notices`` with the token now."""
+        with self._cond:
+            return self.listener.hearing_records
+
+    def budget(self, enclave: AttestedEnclave, stream: str):
+        """Ask the enclave for ``stream``'s signed budget report (protocol section 8.3), on a
+        short-lived connection of its own; verified against ``enclave``, the one attested last
+        (its key and measurement bind the reply to it, whatever connection it came on)."""
+        connection = amqp.connect(self.settings)
+        try:
+            return amqp.budget(connection, self.settings, enclave, stream)
+        finally:
+            if connection.is_open:
+                connection.close()
 
     @property
     def sessions(self) -> int:

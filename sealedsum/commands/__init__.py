@@ -9,7 +9,7 @@ import os
 import sys
 
 from sealedsum import __version__
-from sealedsum.commands import attest, broker, consume, demo, plan, produce, sidecar
+from sealedsum.commands import attest, broker, consume, demo, plan, produce, rejected, sidecar
 from sealedsum.commands.options import add_logging_options, add_logging_options_everywhere
 from sealedsum.common import logs
 from sealedsum.common.errors import ExitCode, SealedsumError
@@ -23,6 +23,7 @@ typical session:
   sealedsum attest  --config sealedsum.toml
   seq 1 100 | sealedsum produce --config sealedsum.toml --stream purchases
   sealedsum consume --config sealedsum.toml --stream purchases --json
+  sealedsum rejected --config sealedsum.toml       # the dead letters, by reason and stream
   sealedsum demo                                   # all of the above, on the local broker
 
 exit codes:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_logging_options(parser, os.environ.get("SEALEDSUM_LOG_LEVEL"), False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (sidecar, attest, produce, consume, plan, demo, broker):
+    for module in (sidecar, attest, produce, consume, plan, demo, broker, rejected):
         module.register(sub)
     add_logging_options_everywhere(sub)
     return parser

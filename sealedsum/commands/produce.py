@@ -25,6 +25,10 @@ from sealedsum.producers.resume import ResumeState, TrackedInput
 
 RESUME_EVERY = 1000  # lines: how often --resume writes its file (and at exit)
 INTERRUPT_WAIT_S = 5.0  # after Ctrl-C, how long outstanding records may take to be confirmed
+# After the last confirm, how long to wait for the enclave to count or reject every record: it
+# acknowledges within a fraction of a second once a record's batch is checkpointed, unless
+# it is catching up with a backlog.
+OUTCOME_WAIT_S = 20.0
 
 
 class Progress:
@@ -233,6 +237,7 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
     previous = signal.signal(signal.SIGINT, interrupt)
     producer = None
     interrupted = False
+    outcomes = None
     unconfirmed = 0
     finished = False  # every input line was read
     try:
@@ -241,6 +246,7 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
             with interrupt.allowed():
                 producer = Producer(cfg)
                 producer.sealer.stream(args.stream)  # fail before reading input if the stream is unknown
+                producer.check_stream(args.stream)  # and if its budget is spent (StreamExhausted, exit 4)
             progress = Progress(args.progress or sys.stderr.isatty(), total_bytes=total_bytes)
             header_told = False
             for line in _interruptible(reader.read(tracked), interrupt):
@@ -278,12 +284,14 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
                     producer.flush()
             except TransportError:
                 code = ExitCode.TRANSPORT
+            outcomes = _await_outcomes(producer, args.outcome_wait, interrupt)
         except KeyboardInterrupt:
             interrupted, finished = True, False
             if producer is not None:
                 if interrupt.count < 2:
                     _wait_briefly(producer, interrupt)
                 settle()
+                outcomes = producer.outcomes()  # what was heard so far: no waiting after Ctrl-C
             # Left for a rerun: the lines from the first one still unconfirmed on (the confirmed
             # among them are sent again, and the enclave drops them as duplicates), and the
             # records sealed for the next message.
@@ -315,12 +323,20 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
     if interrupted:
         summary["interrupted"] = True
         summary["unconfirmed"] = unconfirmed
+    if outcomes is not None:
+        summary.update(outcomes.to_json())
+        summary["rejected_by_enclave"] = summary.pop("rejected")
+        summary["hearing_enclave"] = outcomes.hearing
     if args.json:
         print(json.dumps(summary), flush=True)
     skipped = f", skipped {summary['skipped']} resumed past" if summary.get("skipped") else ""
+    heard = "" if outcomes is None else (
+        f"; counted {outcomes.counted}, rejected by the enclave {outcomes.rejected}, unknown {outcomes.unknown}")
     print(f"{summary['stream']}: sent {summary['sent']}, confirmed {summary['confirmed']}, "
           f"rejected by validation {summary['rejected_by_validation']}, clipped values {summary['clipped']}"
-          f"{skipped} ({summary['seconds']:.1f} s)", file=sys.stderr)
+          f"{skipped}{heard} ({summary['seconds']:.1f} s)", file=sys.stderr)
+    if outcomes is not None:
+        _tell_outcomes(outcomes, interrupted)
     if interrupted:
         print(f"interrupted: {summary['confirmed']} of {summary['sent']} records sent were confirmed"
               + (f", {unconfirmed} not within {INTERRUPT_WAIT_S:g} s (they may count or not)" if unconfirmed else "")
@@ -328,9 +344,49 @@ def _produce_from(args, cfg, reader: RecordReader, tracked: TrackedInput, resume
                  else "; without --resume FILE a rerun sends every line again"),
               file=sys.stderr)
         return ExitCode.INTERRUPTED
-    if code == ExitCode.OK and summary["rejected_by_validation"]:
+    if code == ExitCode.OK and (summary["rejected_by_validation"] or (outcomes is not None and outcomes.rejected)):
         code = ExitCode.PARTIAL
     return code
+
+
+def _await_outcomes(producer: Producer, seconds: float, interrupt: _Interrupt):
+    """After the last confirm: wait up to ``seconds`` for the enclave to count or reject every
+    record sent (a Ctrl-C stops waiting, as an interrupt)."""
+    out = producer.outcomes()
+    if out.unknown and out.hearing and seconds > 0:
+        print(f"waiting up to {seconds:g} s for the enclave to count or reject {out.unknown} record(s)...",
+              file=sys.stderr, flush=True)
+        with interrupt.allowed():
+            out = producer.wait_outcomes(seconds)
+    return out
+
+
+def _tell_outcomes(outcomes, interrupted: bool) -> None:
+    """One line per fact a producer can act on: what the enclave rejected and why, and what it
+    did not say."""
+    if outcomes.rejected:
+        print(f"error: the enclave rejected {outcomes.rejected} record(s): {outcomes.reasons_text()}"
+              f"{_REASON_HINT.get(max(outcomes.by_reason, key=outcomes.by_reason.get), '')}", file=sys.stderr)
+        for r in outcomes.rejections[:5]:
+            print(f"  {r.reason}: {r.detail}" + (f" (record {r.record_id})" if r.record_id else ""), file=sys.stderr)
+    if outcomes.unknown and not interrupted:
+        why = ("no word from the enclave in time (it may be catching up; the records may still count)"
+               if outcomes.hearing else "the enclave's notices could not be heard (an older sidecar or broker "
+                                        "account; `sealedsum broker setup` grants them)")
+        print(f"{outcomes.unknown} record(s) confirmed by the broker but neither counted nor rejected yet: {why}",
+              file=sys.stderr)
+
+
+# What to do about the most frequent reason, where there is something to do.
+_REASON_HINT = {
+    "budget_exhausted": "; the stream has spent its privacy budget: nothing more will count",
+    "future_window": "; --window names a window that is not open yet (leave it at 0, the open window)",
+    "late_window": "; --window names a window that is closed already (leave it at 0, the open window)",
+    "wrong_epoch": "; the enclave rotated its keys: run again to attest the new ones",
+    "expired": "; the records were older than the enclave accepts: check this host's clock",
+    "from_future": "; the records were dated ahead of the enclave's clock: check this host's clock",
+    "out_of_range": "; the values are not ones an honest producer of this stream could send",
+}
 
 
 def _wait_briefly(producer: Producer, interrupt: _Interrupt) -> None:
@@ -378,8 +434,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(`-1.5`, `2e3`): `1_000`, `nan` and `inf` are refused. A line that cannot be read, or "
                     "does not fit the stream (its dimension), is reported on stderr as `line N: rejected: "
                     "why` and skipped; the rest is sent.\n\n"
+                    "Before sending, asks the enclave for the stream's signed budget report and sends "
+                    "nothing to a stream that has spent its budget (exit 4). After the last confirm, waits "
+                    "(--outcome-wait) for the enclave's signed word on each record: counted, or rejected "
+                    "with a reason (budget spent, window not open, value out of range...); records with "
+                    "neither are reported unknown.\n\n"
                     "Prints a summary at the end (on stdout as JSON with --json): exit 4 if some lines "
-                    "were rejected, 3 if some were not confirmed.\n\n"
+                    "were rejected or the enclave rejected some records (the reasons on stderr), 3 if some "
+                    "were not confirmed.\n\n"
                     "Ctrl-C: stops reading, waits up to 5 s for the records sent to be confirmed, prints "
                     "the summary and exits 130 (a second Ctrl-C stops at once). With --resume FILE a "
                     "rerun goes on where the interrupted run stopped: every line is sent once over both."),
@@ -421,6 +483,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action="store_true",
                    help="print progress (rate, and for a file how far through it and the time left) even "
                         "when stderr is not a terminal")
+    p.add_argument("--outcome-wait", type=float, default=OUTCOME_WAIT_S, metavar="SECONDS",
+                   help="after the last confirm, wait up to this long for the enclave to say which records it "
+                        f"counted and which it rejected (default {OUTCOME_WAIT_S:g}; 0: do not wait)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=_produce, role="producer", default_log_level="WARNING")
 

@@ -67,26 +67,29 @@ def open_record(
         envelope = wire.Envelope.from_bytes(signed.envelope if signed else plaintext)
     except InvalidMessage as err:
         raise RecordRejected(RejectReason.MALFORMED, str(err)) from None
-    check_identity(signed, envelope, policy.identities)
-
-    stream = policy.streams.get(envelope.stream)
-    if stream is None:
-        raise RecordRejected(RejectReason.UNKNOWN_STREAM, envelope.stream)
-    if envelope.key_epoch != keys.epoch:
-        raise RecordRejected(RejectReason.WRONG_EPOCH,
-                             f"names epoch {envelope.key_epoch} but is sealed to epoch {keys.epoch}")
-    if keyring.status(keys.epoch) == "retired":
-        raise RecordRejected(RejectReason.WRONG_EPOCH, f"key epoch {keys.epoch} is retired (current "
-                             f"{keyring.current_epoch}): the producer must attest again")
-    if len(envelope.ciphertexts) != stream.ciphertexts_per_record:
-        raise RecordRejected(RejectReason.WRONG_DIMENSION, (
-            f"{len(envelope.ciphertexts)} ciphertexts, packed stream takes {stream.ciphertexts_per_record}"
-            if stream.packing is not None else f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}"))
-    if envelope.width != keys.ciphertext_width:
-        raise RecordRejected(RejectReason.BAD_CIPHERTEXT, f"width {envelope.width}, expected {keys.ciphertext_width}")
-    for c in envelope.ciphertexts:
-        if not keys.is_ciphertext(c):
-            raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
+    try:
+        check_identity(signed, envelope, policy.identities)
+        stream = policy.streams.get(envelope.stream)
+        if stream is None:
+            raise RecordRejected(RejectReason.UNKNOWN_STREAM, envelope.stream)
+        if envelope.key_epoch != keys.epoch:
+            raise RecordRejected(RejectReason.WRONG_EPOCH,
+                                 f"names epoch {envelope.key_epoch} but is sealed to epoch {keys.epoch}")
+        if keyring.status(keys.epoch) == "retired":
+            raise RecordRejected(RejectReason.WRONG_EPOCH, f"key epoch {keys.epoch} is retired (current "
+                                 f"{keyring.current_epoch}): the producer must attest again")
+        if len(envelope.ciphertexts) != stream.ciphertexts_per_record:
+            raise RecordRejected(RejectReason.WRONG_DIMENSION, (
+                f"{len(envelope.ciphertexts)} ciphertexts, packed stream takes {stream.ciphertexts_per_record}"
+                if stream.packing is not None else f"{len(envelope.ciphertexts)} values, stream takes {stream.dimension}"))
+        if envelope.width != keys.ciphertext_width:
+            raise RecordRejected(RejectReason.BAD_CIPHERTEXT, f"width {envelope.width}, expected {keys.ciphertext_width}")
+        for c in envelope.ciphertexts:
+            if not keys.is_ciphertext(c):
+                raise RecordRejected(RejectReason.BAD_CIPHERTEXT, "ciphertext out of range")
+    except RecordRejected as rejection:
+        rejection.record = (envelope.stream, envelope.record_id)  # what a notice to its producer names
+        raise
     return envelope, stream, keys
 
 

@@ -1,4 +1,5 @@
-"""Turning a closed window into a signed, noised release, and signing notices.
+"""Turning a closed window into a signed, noised release, and signing notices (to consumers,
+and to one producer about its own records).
 
 The noise of a window is drawn once, here; what comes out is stored (in memory and
 in the sealed state) before it is published, so a retry sends these same bytes.
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from sealedsum.common import signing, wire
 from sealedsum.common.fixedpoint import decode
 from sealedsum.common.policy import StreamKind, StreamPolicy
-from sealedsum.common.results import BudgetExhausted, BudgetReport, KeyRotated, Release
+from sealedsum.common.errors import RecordRejected
+from sealedsum.common.results import BudgetExhausted, BudgetReport, KeyRotated, RecordRefused, RecordsCounted, Release
 from sealedsum.sidecar.enclave import noise
 from sealedsum.sidecar.enclave.aggregate import Window
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
@@ -38,6 +40,16 @@ class Publication:
     def announce(self) -> bool:
         """Whether it goes to producers on ``PREFIX.announce`` rather than to consumers."""
         return isinstance(self.message, KeyRotated)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A signed notice for one producer: published to the notices exchange with routing key
+    ``token``, best effort (never stored, never republished)."""
+
+    token: str
+    body: bytes
+    message: RecordRefused | RecordsCounted
 
 
 def sign(keys: EnclaveKeys, payload: bytes) -> bytes:
@@ -118,3 +130,35 @@ def budget_report(policy: StreamPolicy, keys: EnclaveKeys, measurement: bytes, n
                   nonce: bytes, exhausted: bool, budget: dict) -> bytes:
     report = BudgetReport(policy.name, nonce.hex(), exhausted, budget, keys.epoch, measurement.hex(), now_ms)
     return sign(keys, report.to_payload())
+
+
+def refusal_notice(keys: EnclaveKeys, measurement: bytes, now_ms: int, token: str, rejection: RecordRejected,
+                   record: tuple[str, bytes] | None, batch_index: int | None) -> Notice:
+    """What the producer whose token a dead-lettered record carried hears about it: the dead
+    letter's reason and detail, and the record's stream and id when its envelope opened."""
+    stream, record_id = record if record is not None else (None, None)
+    notice = RecordRefused(token, stream, record_id.hex() if record_id is not None else None, batch_index,
+                           rejection.reason.value, rejection.detail, keys.epoch, measurement.hex(), now_ms)
+    return Notice(token, sign(keys, notice.to_payload()), notice)
+
+
+# Record ids per receipt: about 35 bytes each in the payload (a 4096-id receipt is ~145 KB). A
+# checkpoint rarely covers more records of one producer; past it the receipt is split.
+RECEIPT_MAX_RECORDS = 4096
+
+
+def receipts(keys: EnclaveKeys, measurement: bytes, now_ms: int,
+             counted: dict[str, list[tuple[str, bytes]]]) -> list[Notice]:
+    """One signed receipt per token (per RECEIPT_MAX_RECORDS records) for the records carrying
+    it that a checkpoint holds: ``counted`` maps a token to (stream, record id) in counting
+    order. The ids cost about 1 µs a record to write and sign, next to the signature's 50 µs."""
+    out = []
+    for token, records in counted.items():
+        for start in range(0, len(records), RECEIPT_MAX_RECORDS):
+            part = records[start:start + RECEIPT_MAX_RECORDS]
+            by_stream: dict[str, list[str]] = {}
+            for stream, record_id in part:
+                by_stream.setdefault(stream, []).append(record_id.hex())
+            notice = RecordsCounted(token, len(part), by_stream, keys.epoch, measurement.hex(), now_ms)
+            out.append(Notice(token, sign(keys, notice.to_payload()), notice))
+    return out

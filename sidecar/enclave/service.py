@@ -25,7 +25,8 @@ from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sealedsum.sidecar.enclave.lineage import Lineage
 from sealedsum.sidecar.enclave.state import Checkpoint, Closing, EnclaveState
 from sealedsum.sidecar.enclave.records import check_age, max_record_bytes, open_record
-from sealedsum.sidecar.enclave.release import Publication, budget_report, exhausted_notice, noised_release, rotation_notice
+from sealedsum.sidecar.enclave.release import Notice, Publication, budget_report, exhausted_notice, noised_release, \
+    receipts, refusal_notice, rotation_notice
 
 log = logging.getLogger("sealedsum.enclave")
 
@@ -45,6 +46,10 @@ class Effects:
     and hand every closing window in ``draw`` to :meth:`Enclave.draw` (on any thread),
     then its result to :meth:`Enclave.complete`. Effects of several calls combine with
     ``|`` (rejections are carried out per record and do not combine).
+
+    ``record`` names the record one of :meth:`Enclave.accept_batch`'s effects is about, as
+    (stream, record id), once its envelope opened: what a notice to its producer names
+    (:meth:`Enclave.refusal_notice`, :meth:`Enclave.receipts`). The left operand's is kept.
     """
 
     seal_keys: bool = False
@@ -52,10 +57,11 @@ class Effects:
     rejection: RecordRejected | None = None
     publish: tuple[Publication, ...] = ()
     draw: tuple["Closing", ...] = ()
+    record: tuple[str, bytes] | None = None
 
     def __or__(self, other: "Effects") -> "Effects":
         return Effects(self.seal_keys or other.seal_keys, self.checkpoint or other.checkpoint, None,
-                       self.publish + other.publish, self.draw + other.draw)
+                       self.publish + other.publish, self.draw + other.draw, self.record)
 
     def __bool__(self) -> bool:
         return bool(self.seal_keys or self.checkpoint or self.rejection or self.publish or self.draw)
@@ -281,7 +287,11 @@ class Enclave:
         """
         try:
             envelope, stream, keys = open_record(body, self.keyring, self.policy, self._size_limit)
-            self._checks[stream.name].values(envelope.plaintexts, keys.paillier_public.n)
+            try:
+                self._checks[stream.name].values(envelope.plaintexts, keys.paillier_public.n)
+            except RecordRejected as rejection:
+                rejection.record = (envelope.stream, envelope.record_id)
+                raise
             return OpenedRecord(envelope, stream, keys)
         except RecordRejected as rejection:
             return rejection
@@ -327,7 +337,21 @@ class Enclave:
         self._settle(unchecked, results)
         if rolled and results:  # owed whatever becomes of the first record
             results[0] = dataclasses.replace(results[0] | rolled, rejection=results[0].rejection)
-        return results
+        return [dataclasses.replace(r, record=(o.stream.name, o.envelope.record_id) if isinstance(o, OpenedRecord)
+                                    else o.record) for r, o in zip(results, opened)]
+
+    def refusal_notice(self, token: str, effects: Effects, batch_index: int | None, now_ms: int) -> Notice:
+        """The signed notice for the producer whose token a record carried that ``effects``
+        (one record's, from :meth:`accept_batch`, or a refusal from :meth:`oversized` or
+        :meth:`records_in` wrapped in Effects) dead-letter it; the runtime publishes it with
+        the dead letter."""
+        return refusal_notice(self.keys, self.measurement, now_ms, token, effects.rejection, effects.record,
+                              batch_index)
+
+    def receipts(self, counted: dict[str, list[tuple[str, bytes]]], now_ms: int) -> list[Notice]:
+        """One signed receipt per token for the counted records (``Effects.record`` of each)
+        a checkpoint now holds; the runtime publishes them after that checkpoint."""
+        return receipts(self.keys, self.measurement, now_ms, counted)
 
     def _count(self, opened: OpenedRecord | RecordRejected, now_ms: int) -> Effects | int:
         """Count a record into its window unchecked: its replay horizon (``forget_at``), or

@@ -4,7 +4,10 @@ with, through :func:`sealedsum.sidecar.enclave_process.checkpoint.commit`.
 
 Order per record: a rejected record is published to the dead-letter exchange with
 its reason, in one broker transaction per batch committed *before* the batch is
-acknowledged, so a record is never lost between the two. Releases are checkpointed in the
+acknowledged, so a record is never lost between the two. A record that carried a notice
+token (``topology.NOTIFY_HEADER``) also gets a signed notice to that token: its refusal in
+the same transaction, or its receipt once a checkpoint holds it (best effort: a notice is
+never stored or republished). Releases are checkpointed in the
 enclave's sealed state before they are published and republished unchanged after a
 reconnect until the broker confirms them.
 
@@ -29,7 +32,7 @@ from sealedsum.common.backoff import Backoff
 from sealedsum.common.config import BrokerSettings
 from sealedsum.common.errors import AnotherReleaser, ExitCode, InvalidMessage, RecordRejected, StorageError, TransportError, \
     Unroutable
-from sealedsum.sidecar.enclave.release import Publication
+from sealedsum.sidecar.enclave.release import Notice, Publication
 from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave
 from sealedsum.sidecar.enclave.state import Closing
 from sealedsum.sidecar.enclave_process.checkpoint import StateWriter, StorageStall, commit
@@ -199,8 +202,9 @@ class EnclaveRuntime:
         # reconnect, and every HELD_RETRY_S while no queue is bound for their stream.
         self._outbox: dict[str, Publication] = {}
         self._held: set[str] = set()
-        # Deliveries received but not yet opened: (delivery method, AMQP type, body), in order.
-        self._inbox: list[tuple[object, str | None, bytes, int]] = []  # ... and the body's full size
+        # Deliveries received but not yet opened, in order: (delivery method, AMQP type, body,
+        # the body's full size, the notice token it carried or None).
+        self._inbox: list[tuple[object, str | None, bytes, int, str | None]] = []
         self._inbox_since = 0.0  # when the oldest delivery in the inbox arrived
         # A second thread opens half of each batch where there is a second core.
         two_cores = (os.cpu_count() or 1) > 1
@@ -212,9 +216,16 @@ class EnclaveRuntime:
         self.stopping = False
         self._connection = None
         self._publish = None
-        # Dead letters of this batch, published in one transaction before its ack.
+        # Dead letters of this batch, published in one transaction before its ack, with the
+        # notices of their refusals to the producers' tokens.
         self._dead_letters: list[tuple[bytes, dict]] = []
+        self._refusals: list[Notice] = []
         self._dead = None
+        # Counted records that carried a token, by token: receipted after the next checkpoint,
+        # on a channel without confirms (a receipt lost with the connection is only a receipt).
+        self._counted: dict[str, list[tuple[str, bytes]]] = {}
+        self._notify = None
+        self.notices: collections.Counter = collections.Counter()  # published to producers, by kind
         self._standing_by = False
         # The request connection: its own, so that a broker error on a reply never touches
         # the connection that consumes records.
@@ -326,6 +337,7 @@ class EnclaveRuntime:
         self._unacked.clear()  # the broker redelivers them on the new channel
         self._inbox.clear()
         self._dead_letters.clear()  # their records are redelivered, and refused again
+        self._refusals.clear()
         t = self.settings.topology
         self._connection = amqp.connect(self.settings, name=f"sealedsum-enclave {t.prefix}")
         # Before anything is consumed or published: every release goes out on a connection
@@ -345,6 +357,7 @@ class EnclaveRuntime:
         self._publish.confirm_delivery()
         self._dead = self._connection.channel()
         self._dead.tx_select()
+        self._notify = self._connection.channel()
         self._channel = channel
         self.republish_unconfirmed()
         channel.basic_qos(prefetch_count=self.prefetch)
@@ -390,6 +403,7 @@ class EnclaveRuntime:
         self._send_dead_letters()
         owed, self._owed = self._owed, NOTHING
         deliveries, self._unacked = self._unacked, []
+        counted, self._counted = self._counted, {}
         for publication in owed.publish:  # unconfirmed until the broker takes it, even if this fails
             self._outbox.setdefault(publication.key, publication)
         try:
@@ -397,10 +411,27 @@ class EnclaveRuntime:
                    ack=self._ack, publish=self._publish_release)
         except StorageError as err:  # raised before the ack: nothing went out
             self._owed, self._unacked = owed | self._owed, deliveries + self._unacked
+            for token, records in self._counted.items():
+                counted.setdefault(token, []).extend(records)
+            self._counted = counted
             self._storage.failed(err, len(self._unacked))
             return
         self._storage.succeeded()
+        if counted:
+            self._send_receipts(counted)
 
+    def _send_receipts(self, counted: dict[str, list[tuple[str, bytes]]]) -> None:
+        """One signed receipt per token for what the checkpoint just taken holds. Not
+        mandatory, not confirmed: a producer that stopped listening gets nothing, and ingest
+        never waits for a receipt."""
+        exchange = self.settings.topology.notices_exchange
+        try:
+            for notice in self.enclave.receipts(counted, now_ms()):
+                self._notify.basic_publish(exchange, notice.token, notice.body, amqp.properties("notice"))
+                self.notices["counted"] += 1
+        except pe.AMQPError as err:
+            log.warning("receipts not sent", extra={"fields": {"error": type(err).__name__, "detail": str(err),
+                                                               "tokens": len(counted)}})
     def _ack(self, last_delivery_tag: int) -> None:
         self._channel.basic_ack(last_delivery_tag, multiple=True)
 
@@ -417,7 +448,8 @@ class EnclaveRuntime:
             # handled at once, so an oversized message is held no longer than its delivery.
             body = body[:DEAD_LETTER_PREFIX_BYTES]
             self._inbox_since = 0.0
-        self._inbox.append((method, getattr(props, "type", None), body, size))
+        self._inbox.append((method, getattr(props, "type", None), body, size,
+                            topology.notice_token(getattr(props, "headers", None))))
 
     def ingest(self) -> None:
         """Open the records received so far, on two threads where that helps, then count or
@@ -428,7 +460,7 @@ class EnclaveRuntime:
             return
         now = now_ms()
         deliveries = [(method, kind, body, self.enclave.oversized(size) if size > self.max_delivery
-                       else self.enclave.records_in(body, kind)) for method, kind, body, size in batch]
+                       else self.enclave.records_in(body, kind)) for method, kind, body, size, _ in batch]
         bodies = [part for *_, parts in deliveries if not isinstance(parts, RecordRejected) for part in parts]
         if self._opener is None or len(bodies) < PARALLEL_OPEN_MIN:
             opened = [self.enclave.open(part) for part in bodies]
@@ -438,42 +470,50 @@ class EnclaveRuntime:
             opened = [self.enclave.open(part) for part in bodies[:half]]
             opened += later.result()
         results = iter(self.enclave.accept_batch(opened, now))
-        for (method, kind, body, parts), (*_, size) in zip(deliveries, batch):
+        for (method, kind, body, parts), (*_, size, token) in zip(deliveries, batch):
             if isinstance(parts, RecordRejected):  # oversized, or a batch that does not parse: refused whole
-                self._dead_letter(body, parts, original_bytes=size if size > len(body) else None)
+                self._dead_letter(body, Effects(rejection=parts), token=token,
+                                  original_bytes=size if size > len(body) else None)
             else:
                 batched = kind == wire.RECORD_BATCH_TYPE
                 for i, part in enumerate(parts):
-                    self._account(method, part, next(results), i if batched else None)
+                    self._account(method, part, next(results), i if batched else None, token)
             self._unacked.append(method.delivery_tag)
             if len(self._unacked) >= self.ack_batch:
                 self.flush()
 
-    def _account(self, method, body: bytes, effects: Effects, index: int | None) -> None:
+    def _account(self, method, body: bytes, effects: Effects, index: int | None, token: str | None) -> None:
         """Carry out one record's refusal at once; owe the rest to the next flush."""
         self._owe(effects)  # a refused record's effects may still hold a window another one closed
         r = effects.rejection
-        if r is None:
+        if r is None or (r.reason.value == "duplicate" and method.redelivered):
+            if r is not None:  # our own ack was lost: this record is already counted
+                log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
+            if token is not None and effects.record is not None:
+                self._counted.setdefault(token, []).append(effects.record)
             return
-        if r.reason.value == "duplicate" and method.redelivered:
-            # Our own ack was lost: this record is already counted.
-            log.info("redelivered record already counted", extra={"fields": {"detail": r.detail}})
-            return
-        self._dead_letter(body, r, index)
+        self._dead_letter(body, effects, index, token)
 
-    def _dead_letter(self, body: bytes, r: RecordRejected, index: int | None = None,
+    def _dead_letter(self, body: bytes, effects: Effects, index: int | None = None, token: str | None = None,
                      original_bytes: int | None = None) -> None:
-        """Owe a rejected record's dead letter, with its reason: published (:meth:`_send_dead_letters`)
-        before the flush that acknowledges its delivery.
+        """Owe a rejected record's dead letter, with its reason, and the notice to its
+        producer's token: published (:meth:`_send_dead_letters`) before the flush that
+        acknowledges its delivery.
 
         :param original_bytes: the delivery's size, when ``body`` is only its prefix."""
+        r = effects.rejection
+        at = now_ms()
         headers = {"x-sealedsum-reason": r.reason.value, "x-sealedsum-detail": r.detail,
-                   "x-sealedsum-rejected-at": now_ms()}
+                   "x-sealedsum-rejected-at": at}
+        if effects.record is not None:
+            headers["x-sealedsum-stream"] = effects.record[0]
         if index is not None:
             headers["x-sealedsum-batch-index"] = index  # which record of a batch this was
         if original_bytes is not None:
             headers["x-sealedsum-original-bytes"] = original_bytes
         self._dead_letters.append((body, headers))
+        if token is not None:
+            self._refusals.append(self.enclave.refusal_notice(token, effects, index, at))
         log.info("record dead-lettered", extra={"fields": {"reason": r.reason.value, "detail": r.detail}})
 
     def _send_dead_letters(self) -> None:
@@ -481,14 +521,19 @@ class EnclaveRuntime:
         commit returns (a confirm per dead letter let a stream of junk stall honest ingest)."""
         if not self._dead_letters:
             return
-        exchange = self.settings.topology.rejected_exchange
+        t = self.settings.topology
         try:
             for body, headers in self._dead_letters:
-                self._dead.basic_publish(exchange, "", body, amqp.properties("rejected-record", headers=headers))
+                self._dead.basic_publish(t.rejected_exchange, "", body, amqp.properties("rejected-record", headers=headers))
+            # Not mandatory: a token nobody listens to costs the broker nothing.
+            for notice in self._refusals:
+                self._dead.basic_publish(t.notices_exchange, notice.token, notice.body, amqp.properties("notice"))
             self._dead.tx_commit()
         except pe.AMQPError as err:  # their records stay unacknowledged, so they are redelivered
             raise TransportError(f"dead letters not taken by the broker: {type(err).__name__}: {err}") from err
         self._dead_letters.clear()
+        self.notices["rejected"] += len(self._refusals)
+        self._refusals.clear()
 
     # -- releases ---------------------------------------------------------------------
     def _start_draw(self, closing: Closing) -> None:
@@ -690,4 +735,5 @@ class EnclaveRuntime:
     def log_stats(self) -> None:
         self._last_stats = time.monotonic()
         log.info("stats", extra={"fields": self.enclave.stats_json() | {
-            "ignored_requests": dict(self.ignored_requests), "request_reopens": self.rpc_reopens}})
+            "ignored_requests": dict(self.ignored_requests), "request_reopens": self.rpc_reopens,
+            "producer_notices": dict(self.notices)}})

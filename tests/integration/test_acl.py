@@ -153,20 +153,22 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     p = role_permissions(t)
     ok = lambda pattern, name: re.search(pattern, name) is not None  # noqa: E731 - unanchored, as RabbitMQ
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
-                 "a.b+c.releases"):
+                 "a.b+c.releases", "a.b+c.notices"):
         assert ok(p["sidecar"].configure, name) and ok(p["sidecar"].read, name) and ok(p["sidecar"].write, name)
     for name in ("aXb+c.records", "a.bbc.records", "a.b+c.records2", "xa.b+c.records", "a.b+c.consumer.q", "other"):
         assert not ok(p["sidecar"].configure, name), name
     assert ok(p["sidecar"].write, "amq.default") and not ok(p["producer"].write, "amq.default")
     assert [ok(p["producer"].write, n) for n in ("a.b+c.records", "a.b+c.attest", "a.b+c.results",
-                                                 "a.b+c.announce")] == [True, True, False, False]
+                                                 "a.b+c.announce", "a.b+c.notices")] == [True, True, False, False, False]
     # Its own server-named queue, bound to the announce exchange: nothing else to declare or read.
     assert ok(p["producer"].configure, "amq.gen-Xq1") and ok(p["producer"].write, "amq.gen-Xq1")
     assert ok(p["producer"].read, "amq.gen-Xq1") and ok(p["producer"].read, "a.b+c.announce")
+    assert ok(p["producer"].read, "a.b+c.notices")  # and to the notices exchange, for its records' fate
     for name in ("a.b+c.records", "a.b+c.rejected", "a.b+c.attest", "a.b+c.results", "a.b+c.announce",
-                 "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce", "a.b+c.releases"):
+                 "a.b+c.notices", "a.b+c.consumer.q", "amq.default", "xamq.gen-1", "a.bbc.announce", "a.bbc.notices",
+                 "a.b+c.releases"):
         assert not ok(p["producer"].configure, name), name
-        if name != "a.b+c.announce":
+        if name not in ("a.b+c.announce", "a.b+c.notices"):
             assert not ok(p["producer"].read, name), name
     for name in ("amq.gen-Xq1", "a.b+c.consumer.mine"):
         assert ok(p["consumer"].configure, name) and ok(p["consumer"].write, name) and ok(p["consumer"].read, name)
@@ -176,6 +178,7 @@ def test_patterns_are_anchored_and_escape_the_prefix():
     # The release stream: read (consume) only; declaring, binding or publishing into it is the sidecar's.
     assert ok(p["consumer"].read, "a.b+c.releases") and not ok(p["consumer"].configure, "a.b+c.releases")
     assert not ok(p["consumer"].write, "a.b+c.releases") and not ok(p["consumer"].read, "a.bbc.releases")
+    assert not ok(p["consumer"].read, "a.b+c.notices") and not ok(p["consumer"].write, "a.b+c.notices")
     assert not ok(p["consumer"].write, "a.b+c.results") and not ok(p["consumer"].write, "a.b+c.records")
 
 
@@ -209,17 +212,17 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
     sc, acc = deployment
     connections = json.loads(ctl.run("list_connections", "user", "--formatter", "json").stdout or "[]")
     assert acc.user("sidecar") in {c["user"] for c in connections}, "the sidecar does not run as its account"
-    # The producer may read only its own server-named queue and the announce exchange, yet
-    # attests: consuming amq.rabbitmq.reply-to needs no permission.
+    # The producer may read only its own server-named queue and the announce and notices
+    # exchanges, yet attests: consuming amq.rabbitmq.reply-to needs no permission.
     assert role_permissions(Topology(acc.prefix))["producer"].read == \
-        rf"^(amq\.gen-.*|{escape(acc.prefix)}\.announce)$"
+        rf"^(amq\.gen-.*|{escape(acc.prefix)}\.(announce|notices))$"
     named = f"{acc.prefix}.consumer.acl"
     as_consumer = acc.config("consumer", sc.config_path)
     try:
         with Consumer(as_consumer, "s") as private, Consumer(as_consumer, "s", queue=named) as durable:
             assert private._transport.queue == f"{acc.prefix}.releases"  # the release stream, which it may read
             with Producer(acc.config("producer", sc.config_path)) as producer:
-                assert producer.listening  # its queue is bound to PREFIX.announce
+                assert producer.listening and producer.hearing  # bound to PREFIX.announce and PREFIX.notices
                 for i in range(10):
                     producer.send("s", [float(10 + i)])
                 # The sidecar account announces a rotation; the producer account hears it.
@@ -233,11 +236,17 @@ def test_the_system_runs_with_each_role_on_its_own_account(deployment, ctl):
                 for i in range(10, 20):
                     producer.send("s", [float(10 + i)])
                 assert producer.enclave.keys.epoch == 2 and producer.notices_refused == 0
+                outcomes = producer.wait_outcomes(20)  # the sidecar account tells the producer account
+                assert (outcomes.counted, outcomes.rejected, outcomes.unknown) == (20, 0, 0)
             for consumer in (private, durable):
                 (release,) = take(consumer, 1)
                 assert release.stream == "s" and release.window == 1
                 assert consumer.verifier.rejected == 0
             assert private.budget("s").budget["releases"] == 1
+        # The sidecar's account is the operator's view of the dead letters.
+        shown = sealedsum("rejected", "--config", str(sc.config_path), "--json",
+                          env={"AMQP_URL": acc.urls["sidecar"]})
+        assert shown.returncode == 0 and json.loads(shown.stdout)["total"] == 0, shown.stderr
     finally:
         conn = pika.BlockingConnection(pika.URLParameters(sc.config.broker.url))
         conn.channel().queue_delete(named)
@@ -264,6 +273,9 @@ def test_a_consumer_account_cannot_read_or_inject_records(deployment):
         # stream cannot be purged by anyone).
         refused(url, lambda ch: ch.queue_delete(t.releases_stream)),
         refused(url, lambda ch: ch.queue_bind(t.releases_stream, t.records_exchange, RECORD_ROUTING_KEY)),
+        refused(url, publish(t.notices_exchange, "0" * 32)),  # forging notices to a producer
+        refused(url, lambda ch: ch.queue_bind(ch.queue_declare("", exclusive=True).method.queue,
+                                              t.notices_exchange, "0" * 32)),  # hearing a producer's notices
         refused(url, publish("", t.records_queue)),  # the default exchange, straight into the queue
     ]
     assert all(f"refused for user '{user}'" in text for text in texts), texts
@@ -286,6 +298,7 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
         mine = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
         assert mine.startswith("amq.gen-")
         ch.queue_bind(mine, t.announce_exchange)
+        ch.queue_bind(mine, t.notices_exchange, "0" * 32)  # with a notice token
         ch.basic_consume(mine, lambda *a: None, auto_ack=True)
     finally:
         conn.close()
@@ -314,7 +327,8 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
             # It may write to the queues named like its exchanges, but read no exchange to bind from.
             refused(url, lambda ch: ch.queue_bind(t.records_queue, t.results_exchange, ALL_RESULTS_KEY)),
             refused(url, lambda ch: ch.queue_bind(t.attest_queue, t.results_exchange, ALL_RESULTS_KEY)),
-            # (Binding those two queues to PREFIX.announce is not refused: docs/broker-accounts.md.)
+            # (Binding those two queues to PREFIX.announce or PREFIX.notices is not refused:
+            # docs/broker-accounts.md.)
             refused(url, lambda ch: ch.basic_consume(t.records_queue, lambda *a: None)),
             refused(url, lambda ch: ch.basic_consume(t.attest_queue, lambda *a: None)),
             refused(url, lambda ch: ch.basic_consume(victim, lambda *a: None)),  # results, through a consumer's queue
@@ -322,6 +336,7 @@ def test_a_producer_account_cannot_read_results_or_anything_else(deployment):
             refused(url, lambda ch: ch.basic_get(t.rejected_queue)),
             refused(url, read_release_stream),
             refused(url, publish(t.announce_exchange, "")),  # forging key-rotation notices
+            refused(url, publish(t.notices_exchange, "0" * 32)),  # forging notices about records
             refused(url, publish(t.results_exchange, "s")),
             refused(url, publish(t.rejected_exchange, "")),
             refused(url, publish("", t.records_queue)),

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from sealedsum.common.errors import StreamExhausted
 from sealedsum.common.results import BudgetExhausted, Release
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer
@@ -122,7 +123,9 @@ def test_a_budget_group_spends_once_for_both_streams(sidecar_factory):
                 producer.send("a", [1.0])  # a's second window: the group's third release
         rest = collect(consumer, 3)
         with Producer(sc.config) as producer:
-            producer.send("b", [1.0])  # b has no room left although it released only once
+            with pytest.raises(StreamExhausted):  # b has no room left although it released only once
+                producer.send("b", [1.0])
+            producer.publish(producer.sealer.seal("b", [1.0]))  # sent anyway, the enclave refuses it
         report = consumer.budget("b")
     releases = [m for m in first + rest if isinstance(m, Release)]
     assert [(m.stream, m.budget["releases"], m.budget["spent_epsilon"]) for m in releases] == [

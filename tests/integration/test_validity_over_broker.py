@@ -25,12 +25,13 @@ HIST = dict(EXACT, kind="histogram", edges=[0, 1, 2, 3, 4, 5, 6])
 PACKED = dict(EXACT, kind="vector", dimension=8, l2_bound=1.0, packing=True)
 
 
-def forged(producer: Producer, stream: str, stated: list[int], encrypted: list[int] | None = None) -> bytes:
+def forged(producer: Producer, stream: str, stated: list[int], encrypted: list[int] | None = None,
+           record_id: bytes | None = None) -> bytes:
     """A record stating Paillier plaintexts ``stated`` whose ciphertexts encrypt ``encrypted``."""
     keys = producer.enclave.keys
     pub = PaillierPublicKey(keys.paillier_n)
     encrypted = stated if encrypted is None else encrypted
-    env = wire.Envelope(stream, os.urandom(16), keys.epoch, int(time.time() * 1000), 0, keys.ciphertext_width,
+    env = wire.Envelope(stream, record_id or os.urandom(16), keys.epoch, int(time.time() * 1000), 0, keys.ciphertext_width,
                         tuple(pub.raw_encrypt(m % pub.n) for m in encrypted), producer.sealer.producer_id,
                         tuple(m % pub.n for m in stated))
     return SealedBox(PublicKey(keys.x25519)).encrypt(env.to_bytes())

@@ -100,6 +100,7 @@ class FakeTransport:
         self.world = world
         self.attestations = 0
         self.notices: list[bytes] = []
+        self.record_notices: list[bytes] = []
         self.sessions = 1
 
     def listen(self, timeout: float) -> bool:
@@ -115,6 +116,20 @@ class FakeTransport:
         out, self.notices = self.notices, []
         return out
 
+    def take_record_notices(self) -> list[bytes]:
+        out, self.record_notices = self.record_notices, []
+        return out
+
+    def wait_record_notices(self, timeout: float) -> bool:
+        return bool(self.record_notices)
+
+    hearing_records = True
+
+    def budget(self, enclave, stream):
+        nonce = os.urandom(wire.NONCE_SIZE)
+        reply = self.world.enclave.budget(wire.BudgetRequest(nonce, stream).to_bytes(), now_ms())
+        return verify_signed(reply, enclave, ("budget",))
+
     def close(self) -> None:
         pass
 
@@ -123,7 +138,7 @@ class FakeTransport:
 def producer(monkeypatch):
     world = rotating_world()
     fake = FakeTransport(world)
-    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, max_unconfirmed: fake)
+    monkeypatch.setattr(transport, "RecordPublisher", lambda settings, max_unconfirmed, token=None: fake)
     p = Producer(Config(BrokerSettings(), world.trust, None, reattest_seconds=1e9))
     assert fake.attestations == 1
     yield p, fake, world

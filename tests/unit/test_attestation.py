@@ -380,6 +380,8 @@ def _producer_with_reply(monkeypatch, world: World, tamper, trust: TrustAnchors)
         return tamper(reply)
 
     monkeypatch.setattr(amqp, "request_attestation", fake_rpc)
+    monkeypatch.setattr(amqp, "call_enclave", lambda connection, settings, request, kind:
+                        world.enclave.answer(request, now_ms()))
     cfg = config_mod.Config(config_mod.BrokerSettings(), trust, None)
     return Producer, cfg, conn
 

@@ -9,6 +9,7 @@ import pytest
 
 from sealedsum.commands import produce
 from sealedsum.common.errors import PolicyMismatch
+from sealedsum.producers.outcomes import Outcomes
 
 
 def test_ctrl_c_is_held_outside_allowed_steps_and_raised_at_the_next_one():
@@ -98,6 +99,16 @@ class FakeProducer:
 
     def flush(self, timeout=None) -> None:
         pass
+
+    def check_stream(self, stream) -> None:
+        pass
+
+    def outcomes(self) -> Outcomes:
+        """The enclave counts every confirmed record."""
+        return Outcomes(counted=sum(p.confirmed for p in self.sent), rejected=0, unknown=0)
+
+    def wait_outcomes(self, timeout, progress=None) -> Outcomes:
+        return self.outcomes()
 
     @property
     def outstanding(self) -> int:
@@ -228,3 +239,52 @@ def test_an_unwritable_resume_file_is_refused_before_connecting(fake, tmp_path):
     with pytest.raises(ResumeError, match="cannot write"):
         run_produce("--input", str(path), "--resume", str(tmp_path / "no" / "such" / "dir.json"))
     assert FakeProducer.runs == []
+
+
+def test_records_the_enclave_rejected_make_exit_4_with_one_line_naming_the_reasons(fake, tmp_path, monkeypatch, capsys):
+    rejected = Outcomes(counted=1, rejected=3, unknown=0, by_reason={"future_window": 2, "budget_exhausted": 1})
+    monkeypatch.setattr(FakeProducer, "wait_outcomes", lambda self, timeout, progress=None: rejected)
+    monkeypatch.setattr(FakeProducer, "outcomes", lambda self: Outcomes(counted=0, rejected=0, unknown=4))
+    path = tmp_path / "in.txt"
+    path.write_text("1\n2\n3\n4\n")
+    code, summary = run_produce("--input", str(path))
+    assert code == produce.ExitCode.PARTIAL
+    assert (summary["counted"], summary["rejected_by_enclave"], summary["unknown"]) == (1, 3, 0)
+    assert summary["rejected_by_reason"] == {"budget_exhausted": 1, "future_window": 2}
+    err = capsys.readouterr().err
+    assert "waiting up to 20 s for the enclave to count or reject 4 record(s)" in err
+    assert "error: the enclave rejected 3 record(s): future_window (2), budget_exhausted (1); --window" in err
+    assert "counted 1, rejected by the enclave 3, unknown 0" in err
+
+
+def test_no_wait_when_told_not_to_and_unknown_records_are_said_to_be(fake, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(FakeProducer, "outcomes", lambda self: Outcomes(counted=0, rejected=0, unknown=2))
+    monkeypatch.setattr(FakeProducer, "wait_outcomes", lambda self, timeout, progress=None: pytest.fail("waited"))
+    path = tmp_path / "in.txt"
+    path.write_text("1\n2\n")
+    code, summary = run_produce("--input", str(path), "--outcome-wait", "0")
+    assert code == produce.ExitCode.OK and summary["unknown"] == 2
+    assert "2 record(s) confirmed by the broker but neither counted nor rejected yet" in capsys.readouterr().err
+
+
+def test_ctrl_c_summary_says_what_the_enclave_said_so_far(fake, tmp_path):
+    path, good = write_input(tmp_path, 20)
+    fake.interrupt_at = 12
+    code, summary = run_produce("--input", str(path), "--column", "amount")
+    assert code == produce.ExitCode.INTERRUPTED and summary["interrupted"] is True
+    assert summary["counted"] == summary["confirmed"] and summary["rejected_by_enclave"] == 0
+
+
+def test_a_spent_stream_is_refused_before_any_input_is_read(fake, tmp_path, monkeypatch):
+    from sealedsum.common.errors import StreamExhausted
+
+    def spent(self, stream):
+        raise StreamExhausted(f"stream {stream!r} has spent its privacy budget")
+
+    monkeypatch.setattr(FakeProducer, "check_stream", spent)
+    path = tmp_path / "in.txt"
+    path.write_text("1\n2\n")
+    with pytest.raises(StreamExhausted) as info:
+        run_produce("--input", str(path))
+    assert info.value.exit_code == produce.ExitCode.PARTIAL == 4
+    assert FakeProducer.runs[0].sent == []

@@ -97,6 +97,8 @@ def test_declare_topology_makes_the_same_pika_calls_as_before_the_layout_was_dat
             "x-message-ttl": 30_000, "x-max-length": 1_000, "x-max-length-bytes": 4 << 20, "x-overflow": "drop-head"}}),
         ("queue_bind", ("p.attest", "p.attest"), {"routing_key": "request"}),
         ("exchange_declare", ("p.announce",), {"exchange_type": "fanout", "durable": True}),
+        # New, and a new exchange cannot clash with an existing deployment's declarations.
+        ("exchange_declare", ("p.notices",), {"exchange_type": "direct", "durable": True}),
     ]
 
 

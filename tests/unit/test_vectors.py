@@ -59,7 +59,7 @@ REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
     "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch", "key_rotated",
-    "budget_group", "release_interval",
+    "budget_group", "release_interval", "notices",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -888,6 +888,63 @@ def check_key_rotated(v: dict, tmp_path, monkeypatch) -> None:
         (spec["delivery_mode"], spec["content_type"], spec["app_id"])
 
 
+def check_notices(v: dict, tmp_path, monkeypatch) -> None:
+    """A rejection notice and a receipt (protocol section 11.6): the bytes, what a producer
+    accepts of them and what it refuses, and the enclave core producing exactly them."""
+    from sealedsum.common import amqp, topology
+    from sealedsum.common.config import Topology
+    from sealedsum.common.results import PRODUCER_KINDS, RecordRefused, RecordsCounted, verify_notice
+
+    token = v["token"]
+    assert topology.is_notice_token(token) and v["record_header"] == {topology.NOTIFY_HEADER: token}
+    assert topology.notice_token(v["record_header"]) == token
+    assert topology.notice_token({topology.NOTIFY_HEADER: token.upper()}) is None  # lowercase only
+    assert topology.notice_token({topology.NOTIFY_HEADER: token.encode()}) == token  # as pika may hand it over
+    enclave = attested_enclave()
+    for name, cls, n_keys in (("rejected", RecordRefused, 10), ("counted", RecordsCounted, 7)):
+        part = dict(v[name], enclave_ed25519_public=v["enclave_ed25519_public"])
+        raw, payload = _check_signed(part, "notice")
+        notice = cls.from_payload(payload)
+        assert notice == cls(**v[name]["notice"]) and notice.to_payload() == payload and len(v[name]["notice"]) == n_keys
+        assert verify_notice(raw, enclave, token) == notice
+        _check_refusals(raw, v[name]["notice"], PRODUCER_KINDS)
+        with pytest.raises(InvalidResultSignature):
+            verify_notice(raw, enclave, "0" * 32)  # another producer's token: not for this one
+        with pytest.raises(InvalidMessage):
+            verify_signed(raw, enclave)  # consumers of PREFIX.results take no such thing
+    refused = RecordRefused(**v["rejected"]["notice"])
+    assert (refused.reason, refused.stream, refused.batch_index) == ("budget_exhausted", "wellbeing", 1)
+    counted = RecordsCounted(**v["counted"]["notice"])
+    assert counted.record_ids() == [("purchases", load("envelope_dim1.json")["record_id"])]
+    for bad in (dict(count=2), dict(records={}), dict(records={"purchases": ["XY" * 16]}), dict(token="abc")):
+        with pytest.raises(InvalidMessage):
+            verify_notice(_resign(dict(v["counted"]["notice"], **bad)), enclave, bad.get("token", token))
+    for bad in (dict(reason="sleepy"), dict(batch_index=-1), dict(record_id="00"), dict(stream="a b")):
+        with pytest.raises(InvalidMessage):
+            verify_notice(_resign(dict(v["rejected"]["notice"], **bad)), enclave, token)
+    # Before the envelope opened, a refusal names no stream and no record.
+    verify_notice(_resign(dict(v["rejected"]["notice"], stream=None, record_id=None, batch_index=None)),
+                  enclave, token)
+    # The enclave core, fed record_batch.json with wellbeing spent, gives exactly these.
+    from sealedsum.sidecar.enclave.service import Enclave
+
+    policy, policy_bytes = vector_policy()
+    core = Enclave(enclave_keys(), policy, policy_bytes, bytes(32), enclave.measurement, lambda rd: b"")
+    core.exhausted.add("wellbeing")
+    at = refused.at_ms
+    parts = core.records_in(h(load("record_batch.json")["batch_hex"]), wire.RECORD_BATCH_TYPE)
+    first, second = core.accept_batch([core.open(p) for p in parts], at)
+    assert core.refusal_notice(token, second, 1, at).body == h(v["rejected"]["message_hex"])
+    (receipt,) = core.receipts({token: [first.record]}, at)
+    assert receipt.body == h(v["counted"]["message_hex"]) and receipt.token == token
+    spec = v["amqp"]
+    assert spec["exchange"] == Topology("sealedsum").notices_exchange and spec["routing_key"] == token
+    assert spec["mandatory"] is False
+    props = amqp.properties(spec["type"])
+    assert (props.delivery_mode, props.content_type, props.app_id) == \
+        (spec["delivery_mode"], spec["content_type"], spec["app_id"])
+
+
 def check_budget_request(v: dict, tmp_path, monkeypatch) -> None:
     raw = h(v["request_hex"])
     req = wire.BudgetRequest.from_bytes(raw)
@@ -1286,6 +1343,7 @@ CHECKERS = {
     "budget_report": check_budget_report,
     "budget_exhausted": check_budget_exhausted,
     "key_rotated": check_key_rotated,
+    "notices": check_notices,
     "ledger": check_ledger,
     "sealed_state": check_sealed_state,
     "packed_envelope": check_packed_envelope,
@@ -1412,8 +1470,10 @@ def test_doc_mentions_every_label_and_header() -> None:
     runtime_source = (ROOT / "sidecar" / "enclave_process" / "runtime.py").read_text()
     headers = set(re.findall(r'"(x-sealedsum-[a-z-]+)"', runtime_source))
     assert headers == {"x-sealedsum-reason", "x-sealedsum-detail", "x-sealedsum-rejected-at", "x-sealedsum-batch-index",
-                       "x-sealedsum-original-bytes"}
-    for header in headers:
+                       "x-sealedsum-original-bytes", "x-sealedsum-stream"}
+    from sealedsum.common.topology import NOTIFY_HEADER
+
+    for header in headers | {NOTIFY_HEADER}:
         assert header in doc, header
     for dist in measure.RUNTIME_DISTRIBUTIONS:
         assert dist.lower() in doc, dist
@@ -1624,6 +1684,8 @@ def test_doc_worked_examples_match_the_vectors() -> None:
     grouped = load("budget_group.json")["charges"][-1]["budget"]  # section 15.6's example
     assert json.dumps(grouped, sort_keys=True, separators=(",", ":")) in doc
     assert load("key_rotated.json")["payload"] in doc
+    for part in ("rejected", "counted"):
+        assert re.sub(r"\s+", "", load("notices.json")[part]["payload"]) in doc, part
     assert load("result_histogram.json")["payload"] in doc
     packed = load("envelope_packed.json")
     for text in (packed["policy_canonical"], packed["policy_sha256"], packed["measurement"],

@@ -87,6 +87,8 @@ SENT_AT_MS = 1767225600000  # 2026-01-01T00:00:00Z
 CLOSED_AT_MS = 1767225630000
 BUDGET_AT_MS = 1767225700000
 ROTATED_AT_MS = 1767225660000  # 2026-01-01T00:01:00Z
+NOTICE_AT_MS = 1767225601000  # the record batch is counted and refused a second after it was sent
+NOTICE_TOKEN = bytes(range(0x40, 0x50)).hex()
 DEFAULT_KEY_GRACE_MS = 900_000  # enclave.key_grace_seconds when the policy does not set it
 RECORD_ID_1 = bytes.fromhex("00112233445566778899aabbccddeeff")
 RECORD_ID_3 = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
@@ -787,6 +789,7 @@ def build() -> dict[str, dict]:
     out["result_histogram"] = build_result(m, plans, chains, "visits", 3, [7, -1, 12])
     out["budget_exhausted"] = build_budget_exhausted(m, chains)
     out["key_rotated"] = build_key_rotated(m)
+    out["notices"] = build_notices(m, bytes.fromhex(out["record_batch"]["batch_hex"]))
     out["budget_request"] = build_budget_request()
     out["budget_report"] = build_budget_report(m, chains, bytes.fromhex(out["budget_request"]["request_hex"]))
     out["budget_group"] = build_budget_group(m.code_digest)
@@ -1375,6 +1378,56 @@ def build_key_rotated(m: Shared) -> dict:
         "message_hex": hexs(message),
         "amqp": {"exchange": f"{PREFIX}.announce", "routing_key": "", "delivery_mode": 2, "mandatory": False,
                  "content_type": "application/octet-stream", "type": "announce", "app_id": "sealedsum"},
+    }
+
+
+NOTICE_AMQP = {"exchange": f"{PREFIX}.notices", "routing_key": NOTICE_TOKEN, "delivery_mode": 2, "mandatory": False,
+               "content_type": "application/octet-stream", "type": "notice", "app_id": "sealedsum"}
+
+
+def build_notices(m: Shared, batch: bytes) -> dict:
+    """What the producer of record_batch.json hears, with NOTICE_TOKEN in its notice header, when
+    the enclave takes the batch at NOTICE_AT_MS: the first record (purchases) is counted, the
+    second (wellbeing, whose budget is spent) refused budget_exhausted."""
+    from sealedsum.common import results, wire
+
+    refused = {"at_ms": NOTICE_AT_MS, "batch_index": 1, "detail": "stream 'wellbeing' has spent its privacy budget",
+               "key_epoch": KEY_EPOCH, "kind": "rejected", "measurement": hexs(m.meas), "reason": "budget_exhausted",
+               "record_id": hexs(RECORD_ID_3), "stream": "wellbeing", "token": NOTICE_TOKEN}
+    counted = {"at_ms": NOTICE_AT_MS, "count": 1, "key_epoch": KEY_EPOCH, "kind": "counted",
+               "measurement": hexs(m.meas), "records": {"purchases": [hexs(RECORD_ID_1)]}, "token": NOTICE_TOKEN}
+    out = {}
+    for name, fields, cls in (("rejected", refused, results.RecordRefused), ("counted", counted, results.RecordsCounted)):
+        payload = canonical_json(fields)
+        assert cls(**fields).to_payload() == payload
+        sig_input, sig, message = signed_message(payload)
+        out[name] = {"notice": fields, "payload": payload.decode("ascii"), "signing_input_hex": hexs(sig_input),
+                     "signature": hexs(sig), "message_hex": hexs(message)}
+    # The enclave core, fed the batch, gives exactly these: the runtime publishes the refusal with
+    # the batch's dead letters and the receipt after the checkpoint that counts the first record.
+    core = enclave_core(m.policy, m.policy_bytes, m.code_digest, m.meas)
+    core.exhausted.add("wellbeing")  # as after its last release: all the refusal depends on
+    parts = core.records_in(batch, wire.RECORD_BATCH_TYPE)
+    first, second = core.accept_batch([core.open(p) for p in parts], NOTICE_AT_MS)
+    assert first.rejection is None and first.record == ("purchases", RECORD_ID_1)
+    assert second.rejection.reason.value == "budget_exhausted" and second.record == ("wellbeing", RECORD_ID_3)
+    assert core.refusal_notice(NOTICE_TOKEN, second, 1, NOTICE_AT_MS).body.hex() == out["rejected"]["message_hex"]
+    (receipt,) = core.receipts({NOTICE_TOKEN: [first.record]}, NOTICE_AT_MS)
+    assert receipt.body.hex() == out["counted"]["message_hex"] and receipt.token == NOTICE_TOKEN
+    return {
+        "kind": "notices",
+        "description": "The signed notices of docs/protocol.md section 11.6 for a producer whose record messages "
+                       "carry the header x-sealedsum-notify = token: record_batch.json's batch, taken by the "
+                       "enclave at at_ms, has its first record (purchases) counted and its second "
+                       "(wellbeing, a stream that has spent its budget) dead-lettered budget_exhausted. Both notices "
+                       "go to PREFIX.notices (direct) with routing key = token, mandatory false: the refusal "
+                       "in the transaction of the batch's dead letters, the receipt after the checkpoint that "
+                       "holds the counted record. Signed like every signed message (section 13.1).",
+        "enclave_ed25519_public": hexs(m.ed_pub),
+        "token": NOTICE_TOKEN,
+        "record_header": {"x-sealedsum-notify": NOTICE_TOKEN},
+        **out,
+        "amqp": NOTICE_AMQP,
     }
 
 
