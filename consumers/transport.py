@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from datetime import datetime, timedelta, timezone
 from typing import Iterator, NamedTuple
 
 import pika.exceptions as pe
@@ -26,6 +27,11 @@ PREFETCH = 16
 # (none by then: the stream is empty), and for each next one before taking the chunk as read.
 TAIL_FIRST_S = 1.0
 TAIL_QUIET_S = 0.3
+# A reader that started at "next" and lost the broker before its first delivery subscribes again
+# from the time it first subscribed, this much earlier: "next" again would skip what was
+# published meanwhile. A timestamp selects whole chunks (written at or after it), and a chunk
+# written just before a release came may hold it.
+NEXT_MARGIN = timedelta(seconds=1)
 MISSING_STREAM_HINT = ("is the sidecar running? it declares the release stream on every connect (a sidecar of a "
                        "version before the stream does not: read a durable queue with --queue instead)")
 
@@ -71,7 +77,8 @@ class ReleaseReader(_Subscription):
     """The release stream (``PREFIX.releases``, docs/protocol.md section 2), read from
     ``start``: ``"first"``, ``"next"`` or an offset, passed to the broker as the
     ``x-stream-offset`` consume argument. Reading takes nothing away from other consumers.
-    After broker loss it reads on from the offset after the last one handed over."""
+    After broker loss it reads on from the offset after the last one handed over (from the time
+    it first subscribed, when that was ``"next"`` and nothing came yet)."""
 
     def __init__(self, settings: BrokerSettings, start: str | int) -> None:
         self.settings = settings
@@ -81,7 +88,11 @@ class ReleaseReader(_Subscription):
         self.connection = None
         self.channel = None
         self._pending: deque[tuple[int, Delivery]] = deque()
+        self._since = datetime.now(timezone.utc) - NEXT_MARGIN
         self._open(start)
+
+    def _resume_point(self) -> str | int | datetime:
+        return self._since if self.start == "next" else self.start
 
     def _open(self, start: str | int) -> None:
         self.close()
@@ -127,7 +138,7 @@ class ReleaseReader(_Subscription):
                     unacked = None
                     log.warning("lost the broker while reading releases; reconnecting",
                                 extra={"fields": {"error": repr(err), "offset": self.start}})
-                    self.backoff.retry(lambda: self._reopen(self.start), lambda: None, "resubscribe")
+                    self.backoff.retry(lambda: self._reopen(self._resume_point()), lambda: None, "resubscribe")
                     last = time.monotonic()
         finally:
             # A caller that reads one release at a time must not stall at the prefetch limit.

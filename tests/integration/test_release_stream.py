@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pika
 import pytest
@@ -22,6 +23,7 @@ from tests.integration.test_budget import collect
 from tests.integration.test_chain_state import STREAM, remembered
 from tests.integration.test_cli import run
 from tests.integration.test_crash import HOLDING, wait_for
+from tests.integration.test_publisher import _close_connections_from
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +195,16 @@ def test_a_consumer_whose_stream_was_deleted_and_declared_again_reads_the_new_on
     assert "s window 4:" in out.stdout and "from first" in out.stderr
     assert "it was deleted and declared again" in out.stderr
     assert remembered(chains)["releases"] == 4 and remembered(chains)["offset"] == 0
+
+
+def test_a_reader_from_next_that_loses_the_broker_before_any_release_misses_nothing(sidecar_factory):
+    """Subscribing again at "next" would skip what was published while it was away."""
+    sc = sidecar_factory({"s": STREAM})
+    produce(sc, "s", 1)  # before it starts: not for a reader from next
+    time.sleep(1.5)  # past the margin it subscribes again with (clocks may differ a little)
+    with Consumer(sc.config, "s", chain_state=None) as consumer:
+        assert consumer.start == "next"
+        port = consumer._transport.connection._impl._transport._sock.getsockname()[1]
+        assert _close_connections_from({port}) == 1  # the broker is lost before anything came
+        produce(sc, "s", 2)  # while it is away
+        assert positions(collect(consumer, 2, timeout=30)) == [("s", 2), ("s", 3)]
