@@ -5,6 +5,8 @@ re-established after broker loss."""
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from collections import deque
 from datetime import datetime, timedelta, timezone
@@ -27,6 +29,8 @@ PREFETCH = 16
 # (none by then: the stream is empty), and for each next one before taking the chunk as read.
 TAIL_FIRST_S = 1.0
 TAIL_QUIET_S = 0.3
+# How long closing a connection may take before its socket is shut under it.
+CLOSE_WITHIN_S = 5.0
 # A reader that started at "next" and lost the broker before its first delivery subscribes again
 # from the time it first subscribed, this much earlier: "next" again would skip what was
 # published meanwhile. A timestamp selects whole chunks (written at or after it), and a chunk
@@ -154,7 +158,7 @@ class ReleaseReader(_Subscription):
 
 
 
-def _close_quietly(connection) -> None:
+def _close_quietly(connection, within: float = CLOSE_WITHIN_S) -> None:
     if connection is None or not connection.is_open:
         return
     # Closing cancels the consumer, and pika rejects what it still holds; a stream answers a
@@ -163,12 +167,26 @@ def _close_quietly(connection) -> None:
     pika_log = logging.getLogger("pika")
     level = pika_log.level
     pika_log.setLevel(logging.CRITICAL)
+    # A Ctrl-C that landed inside pika can leave it waiting for a frame that never comes:
+    # past ``within`` the socket is shut, which ends any wait (the process is leaving anyway).
+    sock = getattr(getattr(getattr(connection, "_impl", None), "_transport", None), "_sock", None)
+    watchdog = threading.Timer(within, _shut, args=(sock,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         connection.close()
-    except pe.AMQPError:
+    except (pe.AMQPError, OSError, ValueError):
         pass
     finally:
+        watchdog.cancel()
         pika_log.setLevel(level)
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
 
 
 def stream_tail(settings: BrokerSettings) -> int | None:

@@ -61,3 +61,33 @@ def test_a_start_is_refused_with_a_queue_and_must_be_one_of_the_values():
     for bad in ("newest", -1, True, 1.0):
         with pytest.raises(ConfigError, match="is not first, last, next or an offset"):
             Consumer(SimpleNamespace(), "s", start=bad)
+
+
+def test_closing_a_connection_pika_left_waiting_ends_within_its_bound():
+    """A Ctrl-C inside pika can leave close() waiting for a frame that never comes: the
+    socket is shut under it, so the consumer still exits."""
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    import pika.exceptions as pe
+
+    from sealedsum.consumers.transport import _close_quietly
+
+    ours, theirs = socket.socketpair()
+
+    class Stuck:
+        is_open = True
+        _impl = SimpleNamespace(_transport=SimpleNamespace(_sock=ours))
+
+        def close(self):
+            if ours.recv(1) == b"":  # blocks until the socket is shut
+                raise pe.StreamLostError("shut")
+
+    started = time.monotonic()
+    try:
+        _close_quietly(Stuck(), within=0.3)
+        assert time.monotonic() - started < 3
+    finally:
+        ours.close()
+        theirs.close()
