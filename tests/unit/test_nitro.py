@@ -1,0 +1,265 @@
+"""Nitro attestation documents (common/nitro.py, docs/protocol.md 7.2): real documents from
+AWS's chain (tests/data/nitro/) verify as of their own time, and every departure is its own
+typed error; documents of a test-only chain exercise the sealedsum binding and the producer."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import cbor2
+import pytest
+
+from sealedsum.common import config as config_mod
+from sealedsum.common import nitro, wire
+from sealedsum.common.attestation import TrustAnchors, verify_attestation
+from sealedsum.common.errors import (
+    AttestationError,
+    CertificateChainError,
+    CertificateExpired,
+    ConfigError,
+    DebugEnclave,
+    MalformedQuote,
+    NonceMismatch,
+    QuoteSignatureError,
+    ReportDataMismatch,
+    StaleQuote,
+    UnknownMeasurement,
+    UntrustedPlatform,
+)
+from tests.conftest import now_ms
+from tests.nitro_chain import (
+    AWS_ROOT,
+    BAD_SIGNATURE,
+    PCRS,
+    REAL_NONCE,
+    VALID_DOCUMENTS,
+    TestChain,
+    chain,  # noqa: F401  (a fixture)
+    aws_root,
+    random_nonce,
+    real_document,
+)
+from tests.unit.test_attestation import _producer_with_reply, ask
+
+AGE = 300.0
+
+
+def timestamp(data: bytes) -> int:
+    return nitro.decode(data).document.timestamp_ms
+
+
+def debug_allowed() -> nitro.NitroTrust:
+    return nitro.NitroTrust(aws_root(), frozenset({PCRS}), allow_debug=True)
+
+
+# -- real documents (AWS Nitro root G1) -------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALID_DOCUMENTS)
+def test_real_document_verifies_as_of_its_own_timestamp(name, caplog):
+    data = real_document(name)
+    with caplog.at_level(logging.WARNING, logger="sealedsum.attestation"):
+        doc = nitro.verify_document(data, debug_allowed(), REAL_NONCE, timestamp(data), AGE)
+    assert doc.nonce == REAL_NONCE and doc.digest == "SHA384" and len(doc.pcrs) == 16
+    assert doc.debug and doc.public_key == b"dummy" and len(doc.user_data) == 68
+    assert doc.module_id.startswith("i-0bbf1bfe232b8c2ce-enc")
+    assert "DEBUG-MODE" in caplog.text  # visibly, at every attestation
+
+
+@pytest.mark.parametrize("name", VALID_DOCUMENTS)
+def test_real_document_refusals(name, chain):
+    data = real_document(name)
+    at = timestamp(data)
+    strict = dataclasses.replace(debug_allowed(), allow_debug=False)
+    with pytest.raises(DebugEnclave):
+        nitro.verify_document(data, strict, REAL_NONCE, at, AGE)
+    with pytest.raises(CertificateExpired):
+        nitro.verify_document(data, debug_allowed(), REAL_NONCE, int(time.time() * 1000), AGE)
+    with pytest.raises(CertificateChainError):  # another root, pinned instead of AWS's
+        nitro.verify_document(data, chain.trust(allow_debug=True), REAL_NONCE, at, AGE)
+    with pytest.raises(NonceMismatch):
+        nitro.verify_document(data, debug_allowed(), bytes(20), at, AGE)
+    with pytest.raises(StaleQuote):  # certificates still valid, the document too old
+        nitro.verify_document(data, debug_allowed(), REAL_NONCE, at + 301_000, AGE)
+
+
+def test_bad_signature_document_is_refused_for_its_signature():
+    data = real_document(BAD_SIGNATURE)
+    with pytest.raises(QuoteSignatureError):
+        nitro.verify_document(data, debug_allowed(), bytes(20), timestamp(data), AGE)
+
+
+def _regions(data: bytes) -> dict[str, range]:
+    """Where the payload, the signature and each certificate lie in the COSE bytes."""
+    signed = nitro.decode(data)
+    start = data.index(signed.payload)
+    regions = {"protected": range(0, start - 3), "payload": range(start, start + len(signed.payload)),
+               "signature": range(len(data) - 96, len(data))}
+    for i, der in enumerate((signed.document.certificate, *signed.document.cabundle)):
+        at = data.index(der)
+        regions[f"certificate-{i}"] = range(at, at + len(der))
+    return regions
+
+
+@pytest.mark.parametrize("name", VALID_DOCUMENTS)
+def test_every_changed_byte_is_a_typed_refusal(name):
+    data = real_document(name)
+    at, trust = timestamp(data), debug_allowed()
+    seen = {}
+    for region, positions in _regions(data).items():
+        step = 1 if region in ("protected", "signature") else 5
+        for i in positions[::step]:
+            for mask in (0x01, 0x80):
+                tampered = bytearray(data)
+                tampered[i] ^= mask
+                with pytest.raises(AttestationError) as info:
+                    nitro.verify_document(bytes(tampered), trust, REAL_NONCE, at, AGE)
+                assert type(info.value) is not AttestationError, (region, i, info.value)
+                seen.setdefault(region, set()).add(type(info.value))
+    assert QuoteSignatureError in seen["signature"] and seen["protected"] == {MalformedQuote}
+    assert CertificateChainError in seen["certificate-0"] | seen["certificate-2"]
+
+
+# -- documents of the test-only chain --------------------------------------------------------
+
+def test_a_production_document_of_pinned_pcrs_verifies(chain):
+    nonce, at = random_nonce(), now_ms()
+    data = chain.sign(chain.document(at, nonce=nonce))
+    doc = nitro.verify_document(data, chain.trust(), nonce, at, AGE)
+    assert not doc.debug and doc.measured_pcrs == PCRS
+    assert nitro.verify_document(nitro.COSE_SIGN1_TAG + data, chain.trust(), nonce, at, AGE) == doc  # tag 18
+
+
+def test_each_rule_of_the_document_is_its_own_refusal(chain):
+    at, nonce = now_ms(), random_nonce()
+
+    def refused(error, doc=None, trust=None, *, protected=nitro.PROTECTED_ES384):
+        data = chain.sign(doc if doc is not None else chain.document(at, nonce=nonce), protected=protected)
+        with pytest.raises(error):
+            nitro.verify_document(data, trust or chain.trust(), nonce, at, AGE)
+
+    other_pcrs = (bytes(47) + b"\x01", PCRS[1], PCRS[2])
+    refused(UnknownMeasurement, trust=chain.trust(pcrs=frozenset({other_pcrs})))
+    refused(DebugEnclave, chain.document(at, nonce=nonce, pcrs={i: bytes(48) for i in range(16)}))
+    refused(MalformedQuote, protected=cbor2.dumps({1: -35, 4: b"kid"}))
+    refused(MalformedQuote, protected=cbor2.dumps({1: -7}))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, digest="SHA256"))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, user_data=bytes(513)))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, nonce_=b""))  # unknown field
+    refused(MalformedQuote, chain.document(at, nonce=bytes(513)))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, public_key=b""))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, pcrs={0: PCRS[0], 1: PCRS[1]}))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, pcrs={**{i: PCRS[0] for i in range(3)}, 32: bytes(48)}))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, timestamp=0))
+    refused(MalformedQuote, chain.document(at, nonce=nonce, cabundle=[]))
+    refused(NonceMismatch, chain.document(at))
+    refused(CertificateChainError, chain.document(at, nonce=nonce, cabundle=[chain.intermediate.public_bytes(
+        nitro.Encoding.DER)]))  # the bundle's first certificate is not the pinned root
+    leafless = chain.document(at, nonce=nonce, certificate=chain.intermediate.public_bytes(nitro.Encoding.DER))
+    refused(CertificateChainError, leafless)  # a CA as the signing certificate
+
+
+def test_verification_time_is_injectable(chain):
+    nonce = random_nonce()
+    late = now_ms() + 4 * 3600 * 1000  # past the three-hour leaf
+    data = chain.sign(chain.document(late, nonce=nonce))
+    with pytest.raises(CertificateExpired):
+        nitro.verify_document(data, chain.trust(), nonce, late, AGE)
+
+
+# -- the sealedsum flow: user_data binds keys, policy and nonce (acceptance 3) ---------------
+
+def _nitro_world(world, chain, **fields):
+    world.enclave._quote = chain.quoter(world.measurement, now_ms, **fields)
+    return TrustAnchors(None, world.trust.measurements, nitro=chain.trust())
+
+
+def test_a_nitro_reply_verifies_through_the_one_attestation_path(world, chain):
+    trust = _nitro_world(world, chain)
+    reply, nonce = ask(world)
+    enclave = verify_attestation(reply, nonce, trust, now_ms())
+    assert enclave.platform == "nitro" and enclave.pcrs == PCRS and enclave.measurement == world.measurement
+    assert enclave.to_json()["pcrs"]["pcr0"] == PCRS[0].hex()
+    with pytest.raises(UntrustedPlatform):  # a client pinning only the emulated platform
+        verify_attestation(reply, nonce, world.trust, now_ms())
+    emulated = world.platform.quote(world.measurement, wire.report_data(
+        wire.AttestReply.from_bytes(reply).keys, world.enclave.policy_bytes, nonce))
+    with pytest.raises(UntrustedPlatform):  # and one pinning only Nitro
+        verify_attestation(_with_quote(reply, emulated), nonce, trust, now_ms())
+
+
+def _with_quote(reply: bytes, quote: bytes) -> bytes:
+    return dataclasses.replace(wire.AttestReply.from_bytes(reply), quote=quote).to_bytes()
+
+
+def test_user_data_of_other_keys_is_refused(world, chain, other_keys):
+    trust = _nitro_world(world, chain)
+    reply, nonce = ask(world)
+    parsed = wire.AttestReply.from_bytes(reply)
+    wrong = wire.report_data(other_keys.bundle_bytes, parsed.policy, nonce)
+    forged = chain.quoter(world.measurement, now_ms)(wrong)
+    with pytest.raises(ReportDataMismatch):
+        verify_attestation(_with_quote(reply, forged), nonce, trust, now_ms())
+    no_binding = chain.sign(chain.document(now_ms(), user_data=b"\x12\x20" + bytes(32)))
+    with pytest.raises(MalformedQuote):
+        verify_attestation(_with_quote(reply, no_binding), nonce, trust, now_ms())
+
+
+def test_producer_sends_nothing_on_a_nitro_document_of_other_keys(monkeypatch, world, chain, other_keys):
+    trust = _nitro_world(world, chain)
+    quoter = chain.quoter(world.measurement, now_ms)
+
+    def rebind(reply: bytes) -> bytes:
+        parsed = wire.AttestReply.from_bytes(reply)
+        return _with_quote(reply, quoter(wire.report_data(other_keys.bundle_bytes, parsed.policy, parsed.nonce)))
+
+    Producer, cfg, conn = _producer_with_reply(monkeypatch, world, rebind, trust)
+    with pytest.raises(ReportDataMismatch):
+        Producer(cfg)
+    assert conn.published == [] and not conn.is_open
+
+
+def test_producer_publishes_after_a_genuine_nitro_attestation(monkeypatch, world, chain):
+    from sealedsum.producers import transport
+
+    trust = _nitro_world(world, chain)
+    Producer, cfg, conn = _producer_with_reply(monkeypatch, world, lambda r: r, trust)
+    monkeypatch.setattr(transport.RecordPublisher, "publish", lambda self, body: conn.published.append({"body": body}))
+    with Producer(cfg) as p:
+        assert p.enclave.platform == "nitro"
+        rec = p.send("s", [5.0])
+    assert [m["body"] for m in conn.published] == [rec.body]
+    assert world.enclave.on_record(rec.body, now_ms()).rejection is None
+
+
+# -- [trust.nitro] ---------------------------------------------------------------------------
+
+def _trust_table(**nitro_table) -> dict:
+    return {"trust": {"measurements": ["ab" * 32], "nitro": nitro_table}}
+
+
+def test_trust_nitro_from_config(tmp_path):
+    (tmp_path / "root.pem").write_bytes(AWS_ROOT.read_bytes())
+    pcrs = [{"pcr0": PCRS[0].hex(), "pcr1": PCRS[1].hex(), "pcr2": PCRS[2].hex()}]
+    cfg = config_mod.from_mapping(_trust_table(root_certificate="root.pem", pcrs=pcrs), {}, tmp_path / "c.toml")
+    assert cfg.trust.platform_key is None and cfg.trust.nitro.pcrs == {PCRS} and not cfg.trust.nitro.allow_debug
+    assert cfg.trust.nitro.root == aws_root() and cfg.trust.root_id().startswith("nitro:641a0321")
+    inline = config_mod.from_mapping(_trust_table(root_certificate_pem=AWS_ROOT.read_text(), allow_debug=True), {})
+    assert inline.trust.nitro.allow_debug and inline.trust.nitro.pcrs == frozenset()
+
+
+@pytest.mark.parametrize("table", [
+    {},  # no root
+    {"root_certificate_pem": "not PEM", "pcrs": []},
+    {"root_certificate_pem": AWS_ROOT.read_text()},  # no PCRs and no debug: nothing could be trusted
+    {"root_certificate_pem": AWS_ROOT.read_text(), "pcrs": [{"pcr0": "00" * 48, "pcr1": "00" * 48}]},
+    {"root_certificate_pem": AWS_ROOT.read_text(), "pcrs": [{"pcr0": "00" * 32, "pcr1": "00" * 48, "pcr2": "00" * 48}]},
+    {"root_certificate_pem": AWS_ROOT.read_text(), "allow_debug": "yes"},
+    {"root_certificate": "/nonexistent/root.pem", "pcrs": []},
+])
+def test_bad_trust_nitro_tables(table):
+    with pytest.raises(ConfigError):
+        config_mod.from_mapping(_trust_table(**table), {})
+
+
