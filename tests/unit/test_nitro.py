@@ -12,22 +12,8 @@ import cbor2
 import pytest
 
 from sealedsum.common import config as config_mod
-from sealedsum.common import nitro, wire
+from sealedsum.common import errors, nitro, wire
 from sealedsum.common.attestation import TrustAnchors, verify_attestation
-from sealedsum.common.errors import (
-    AttestationError,
-    CertificateChainError,
-    CertificateExpired,
-    ConfigError,
-    DebugEnclave,
-    MalformedQuote,
-    NonceMismatch,
-    QuoteSignatureError,
-    ReportDataMismatch,
-    StaleQuote,
-    UnknownMeasurement,
-    UntrustedPlatform,
-)
 from tests.conftest import now_ms
 from tests.nitro_chain import (
     AWS_ROOT,
@@ -72,21 +58,21 @@ def test_real_document_refusals(name, chain):
     data = real_document(name)
     at = timestamp(data)
     strict = dataclasses.replace(debug_allowed(), allow_debug=False)
-    with pytest.raises(DebugEnclave):
+    with pytest.raises(errors.DebugEnclave):
         nitro.verify_document(data, strict, REAL_NONCE, at, AGE)
-    with pytest.raises(CertificateExpired):
+    with pytest.raises(errors.CertificateExpired):
         nitro.verify_document(data, debug_allowed(), REAL_NONCE, int(time.time() * 1000), AGE)
-    with pytest.raises(CertificateChainError):  # another root, pinned instead of AWS's
+    with pytest.raises(errors.CertificateChainError):  # another root, pinned instead of AWS's
         nitro.verify_document(data, chain.trust(allow_debug=True), REAL_NONCE, at, AGE)
-    with pytest.raises(NonceMismatch):
+    with pytest.raises(errors.NonceMismatch):
         nitro.verify_document(data, debug_allowed(), bytes(20), at, AGE)
-    with pytest.raises(StaleQuote):  # certificates still valid, the document too old
+    with pytest.raises(errors.StaleQuote):  # certificates still valid, the document too old
         nitro.verify_document(data, debug_allowed(), REAL_NONCE, at + 301_000, AGE)
 
 
 def test_bad_signature_document_is_refused_for_its_signature():
     data = real_document(BAD_SIGNATURE)
-    with pytest.raises(QuoteSignatureError):
+    with pytest.raises(errors.QuoteSignatureError):
         nitro.verify_document(data, debug_allowed(), bytes(20), timestamp(data), AGE)
 
 
@@ -113,12 +99,12 @@ def test_every_changed_byte_is_a_typed_refusal(name):
             for mask in (0x01, 0x80):
                 tampered = bytearray(data)
                 tampered[i] ^= mask
-                with pytest.raises(AttestationError) as info:
+                with pytest.raises(errors.AttestationError) as info:
                     nitro.verify_document(bytes(tampered), trust, REAL_NONCE, at, AGE)
-                assert type(info.value) is not AttestationError, (region, i, info.value)
+                assert type(info.value) is not errors.AttestationError, (region, i, info.value)
                 seen.setdefault(region, set()).add(type(info.value))
-    assert QuoteSignatureError in seen["signature"] and seen["protected"] == {MalformedQuote}
-    assert CertificateChainError in seen["certificate-0"] | seen["certificate-2"]
+    assert errors.QuoteSignatureError in seen["signature"] and seen["protected"] == {errors.MalformedQuote}
+    assert errors.CertificateChainError in seen["certificate-0"] | seen["certificate-2"]
 
 
 # -- documents of the test-only chain --------------------------------------------------------
@@ -140,31 +126,31 @@ def test_each_rule_of_the_document_is_its_own_refusal(chain):
             nitro.verify_document(data, trust or chain.trust(), nonce, at, AGE)
 
     other_pcrs = (bytes(47) + b"\x01", PCRS[1], PCRS[2])
-    refused(UnknownMeasurement, trust=chain.trust(pcrs=frozenset({other_pcrs})))
-    refused(DebugEnclave, chain.document(at, nonce=nonce, pcrs={i: bytes(48) for i in range(16)}))
-    refused(MalformedQuote, protected=cbor2.dumps({1: -35, 4: b"kid"}))
-    refused(MalformedQuote, protected=cbor2.dumps({1: -7}))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, digest="SHA256"))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, user_data=bytes(513)))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, nonce_=b""))  # unknown field
-    refused(MalformedQuote, chain.document(at, nonce=bytes(513)))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, public_key=b""))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, pcrs={0: PCRS[0], 1: PCRS[1]}))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, pcrs={**{i: PCRS[0] for i in range(3)}, 32: bytes(48)}))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, timestamp=0))
-    refused(MalformedQuote, chain.document(at, nonce=nonce, cabundle=[]))
-    refused(NonceMismatch, chain.document(at))
-    refused(CertificateChainError, chain.document(at, nonce=nonce, cabundle=[chain.intermediate.public_bytes(
+    refused(errors.UnknownMeasurement, trust=chain.trust(pcrs=frozenset({other_pcrs})))
+    refused(errors.DebugEnclave, chain.document(at, nonce=nonce, pcrs={i: bytes(48) for i in range(16)}))
+    refused(errors.MalformedQuote, protected=cbor2.dumps({1: -35, 4: b"kid"}))
+    refused(errors.MalformedQuote, protected=cbor2.dumps({1: -7}))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, digest="SHA256"))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, user_data=bytes(513)))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, nonce_=b""))  # unknown field
+    refused(errors.MalformedQuote, chain.document(at, nonce=bytes(513)))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, public_key=b""))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, pcrs={0: PCRS[0], 1: PCRS[1]}))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, pcrs={**{i: PCRS[0] for i in range(3)}, 32: bytes(48)}))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, timestamp=0))
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, cabundle=[]))
+    refused(errors.NonceMismatch, chain.document(at))
+    refused(errors.CertificateChainError, chain.document(at, nonce=nonce, cabundle=[chain.intermediate.public_bytes(
         nitro.Encoding.DER)]))  # the bundle's first certificate is not the pinned root
     leafless = chain.document(at, nonce=nonce, certificate=chain.intermediate.public_bytes(nitro.Encoding.DER))
-    refused(CertificateChainError, leafless)  # a CA as the signing certificate
+    refused(errors.CertificateChainError, leafless)  # a CA as the signing certificate
 
 
 def test_verification_time_is_injectable(chain):
     nonce = random_nonce()
     late = now_ms() + 4 * 3600 * 1000  # past the three-hour leaf
     data = chain.sign(chain.document(late, nonce=nonce))
-    with pytest.raises(CertificateExpired):
+    with pytest.raises(errors.CertificateExpired):
         nitro.verify_document(data, chain.trust(), nonce, late, AGE)
 
 
@@ -181,11 +167,11 @@ def test_a_nitro_reply_verifies_through_the_one_attestation_path(world, chain):
     enclave = verify_attestation(reply, nonce, trust, now_ms())
     assert enclave.platform == "nitro" and enclave.pcrs == PCRS and enclave.measurement == world.measurement
     assert enclave.to_json()["pcrs"]["pcr0"] == PCRS[0].hex()
-    with pytest.raises(UntrustedPlatform):  # a client pinning only the emulated platform
+    with pytest.raises(errors.UntrustedPlatform):  # a client pinning only the emulated platform
         verify_attestation(reply, nonce, world.trust, now_ms())
     emulated = world.platform.quote(world.measurement, wire.report_data(
         wire.AttestReply.from_bytes(reply).keys, world.enclave.policy_bytes, nonce))
-    with pytest.raises(UntrustedPlatform):  # and one pinning only Nitro
+    with pytest.raises(errors.UntrustedPlatform):  # and one pinning only Nitro
         verify_attestation(_with_quote(reply, emulated), nonce, trust, now_ms())
 
 
@@ -199,10 +185,10 @@ def test_user_data_of_other_keys_is_refused(world, chain, other_keys):
     parsed = wire.AttestReply.from_bytes(reply)
     wrong = wire.report_data(other_keys.bundle_bytes, parsed.policy, nonce)
     forged = chain.quoter(world.measurement, now_ms)(wrong)
-    with pytest.raises(ReportDataMismatch):
+    with pytest.raises(errors.ReportDataMismatch):
         verify_attestation(_with_quote(reply, forged), nonce, trust, now_ms())
     no_binding = chain.sign(chain.document(now_ms(), user_data=b"\x12\x20" + bytes(32)))
-    with pytest.raises(MalformedQuote):
+    with pytest.raises(errors.MalformedQuote):
         verify_attestation(_with_quote(reply, no_binding), nonce, trust, now_ms())
 
 
@@ -215,7 +201,7 @@ def test_producer_sends_nothing_on_a_nitro_document_of_other_keys(monkeypatch, w
         return _with_quote(reply, quoter(wire.report_data(other_keys.bundle_bytes, parsed.policy, parsed.nonce)))
 
     Producer, cfg, conn = _producer_with_reply(monkeypatch, world, rebind, trust)
-    with pytest.raises(ReportDataMismatch):
+    with pytest.raises(errors.ReportDataMismatch):
         Producer(cfg)
     assert conn.published == [] and not conn.is_open
 
@@ -259,7 +245,7 @@ def test_trust_nitro_from_config(tmp_path):
     {"root_certificate": "/nonexistent/root.pem", "pcrs": []},
 ])
 def test_bad_trust_nitro_tables(table):
-    with pytest.raises(ConfigError):
+    with pytest.raises(errors.ConfigError):
         config_mod.from_mapping(_trust_table(**table), {})
 
 
