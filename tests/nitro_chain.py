@@ -51,10 +51,11 @@ def _name(cn: str) -> x509.Name:
 
 
 def _certificate(subject: str, key, issuer: x509.Certificate | None, issuer_key, start: datetime.datetime,
-                 days: float, *, ca: bool, path_length: int | None = None) -> x509.Certificate:
+                 days: float, *, ca: bool, path_length: int | None = None, serial: int | None = None,
+                 deterministic: bool = False) -> x509.Certificate:
     builder = (x509.CertificateBuilder().subject_name(_name(subject))
                .issuer_name(issuer.subject if issuer else _name(subject))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .public_key(key.public_key()).serial_number(serial or x509.random_serial_number())
                .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=not ca, content_commitment=False, key_encipherment=False,
@@ -64,7 +65,7 @@ def _certificate(subject: str, key, issuer: x509.Certificate | None, issuer_key,
     if issuer is not None:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-    return builder.sign(issuer_key, hashes.SHA384())
+    return builder.sign(issuer_key, hashes.SHA384(), ecdsa_deterministic=deterministic)
 
 
 @dataclass
@@ -79,15 +80,25 @@ class TestChain:
     intermediate: x509.Certificate
     leaf_key: ec.EllipticCurvePrivateKey
     leaf: x509.Certificate
+    # Fixed keys and RFC 6979 signatures: the same bytes on every run (the test vectors).
+    deterministic: bool = False
 
     @classmethod
-    def generate(cls, start_ms: int) -> "TestChain":
+    def generate(cls, start_ms: int, scalars: tuple[int, int, int] | None = None) -> "TestChain":
+        """Fresh keys, or with ``scalars`` (private keys of root, intermediate, leaf) a chain
+        that is the same on every run: fixed serial numbers, deterministic signatures."""
         start = datetime.datetime.fromtimestamp(start_ms / 1000, datetime.timezone.utc) - datetime.timedelta(hours=1)
-        keys = [ec.generate_private_key(ec.SECP384R1()) for _ in range(3)]
-        root = _certificate("TEST ONLY root", keys[0], None, keys[0], start, 2, ca=True)
-        inter = _certificate("TEST ONLY intermediate", keys[1], root, keys[0], start, 1, ca=True, path_length=0)
-        leaf = _certificate("TEST ONLY enclave", keys[2], inter, keys[1], start, 0.125, ca=False)
-        return cls(keys[0], root, keys[1], inter, keys[2], leaf)
+        fixed = scalars is not None
+        keys = ([ec.derive_private_key(d, ec.SECP384R1()) for d in scalars] if fixed
+                else [ec.generate_private_key(ec.SECP384R1()) for _ in range(3)])
+        serials = (1, 2, 3) if fixed else (None, None, None)
+        root = _certificate("TEST ONLY root", keys[0], None, keys[0], start, 2, ca=True, serial=serials[0],
+                            deterministic=fixed)
+        inter = _certificate("TEST ONLY intermediate", keys[1], root, keys[0], start, 1, ca=True, path_length=0,
+                             serial=serials[1], deterministic=fixed)
+        leaf = _certificate("TEST ONLY enclave", keys[2], inter, keys[1], start, 0.125, ca=False, serial=serials[2],
+                            deterministic=fixed)
+        return cls(keys[0], root, keys[1], inter, keys[2], leaf, fixed)
 
     def trust(self, *, allow_debug: bool = False, pcrs=frozenset({PCRS})) -> nitro.NitroTrust:
         return nitro.NitroTrust(self.root, pcrs, allow_debug)
@@ -115,7 +126,8 @@ class TestChain:
     def sign_payload(self, payload: bytes, *, protected: bytes = nitro.PROTECTED_ES384) -> bytes:
         """The same over ``payload`` exactly as given (bytes no CBOR encoder would write, too)."""
         to_sign = cbor2.dumps(["Signature1", protected, b"", payload])
-        r, s = decode_dss_signature(self.leaf_key.sign(to_sign, ec.ECDSA(hashes.SHA384())))
+        r, s = decode_dss_signature(self.leaf_key.sign(to_sign, ec.ECDSA(hashes.SHA384(),
+                                                                         deterministic_signing=self.deterministic)))
         return cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
 
     def quoter(self, measurement: bytes, clock_ms, **fields):
