@@ -249,3 +249,31 @@ def test_bad_trust_nitro_tables(table):
         config_mod.from_mapping(_trust_table(**table), {})
 
 
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_cli_attest_verifies_a_nitro_enclave(monkeypatch, tmp_path, capsys, world, chain, other_keys, tampered):
+    """`sealedsum attest` goes through the same path: it prints the Nitro enclave it verified,
+    or exits 1 naming the failed check."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from sealedsum.commands import main
+
+    _nitro_world(world, chain)
+    quoter = chain.quoter(world.measurement, now_ms)
+
+    def rebind(reply: bytes) -> bytes:
+        parsed = wire.AttestReply.from_bytes(reply)
+        return _with_quote(reply, quoter(wire.report_data(other_keys.bundle_bytes, parsed.policy, parsed.nonce)))
+
+    _producer_with_reply(monkeypatch, world, rebind if tampered else (lambda r: r), None)
+    (tmp_path / "root.pem").write_bytes(chain.root.public_bytes(Encoding.PEM))
+    pcrs = "".join(f'pcr{i} = "{p.hex()}"\n' for i, p in enumerate(PCRS))
+    (tmp_path / "client.toml").write_text(f'[trust]\nmeasurements = ["{world.measurement.hex()}"]\n'
+                                          f'[trust.nitro]\nroot_certificate = "root.pem"\n[[trust.nitro.pcrs]]\n{pcrs}')
+    code = main(["attest", "--config", str(tmp_path / "client.toml")])
+    out = capsys.readouterr()
+    if tampered:
+        assert code == 1 and "keys, policy or nonce differ" in out.err and out.out == ""
+    else:
+        assert code == 0 and '"platform": "nitro"' in out.out and PCRS[0].hex() in out.out
