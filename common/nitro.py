@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any, Iterator
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -289,6 +289,18 @@ def verify_chain(signed: SignedDocument, root: x509.Certificate, at_ms: int) -> 
         if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
             raise CertificateExpired(f"{name} is valid from {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
                                      f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at {at:%Y-%m-%dT%H:%M:%SZ}")
+    # The bundle's order is AWS's (root first): each certificate is checked against the one
+    # before it first, in one pass, so that path building below only ever sees a chain already
+    # anchored at the pinned root (an unsigned document could otherwise hand it many
+    # cross-signed certificates to search through).
+    path = [root, *intermediates, leaf]
+    for i in range(1, len(path)):
+        try:
+            path[i].verify_directly_issued_by(path[i - 1])
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            what = "the signing certificate" if i == len(path) - 1 else f"cabundle[{i}]"
+            raise CertificateChainError(f"{what} is not issued by the certificate before it in the chain from "
+                                        "the pinned root") from None
     verifier = (verification.PolicyBuilder().store(verification.Store([root])).time(at)
                 .max_chain_depth(len(intermediates) + 1)
                 .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY).build_client_verifier())

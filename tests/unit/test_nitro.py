@@ -154,6 +154,22 @@ def test_verification_time_is_injectable(chain):
         nitro.verify_document(data, chain.trust(), nonce, late, AGE)
 
 
+def test_a_bundle_that_does_not_chain_in_order_is_refused_at_once(chain):
+    """An unsigned document can carry any certificates: sixteen of another chain behind the
+    pinned root are refused by the in-order pass, before any path is searched."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    other = TestChain.generate(now_ms())
+    clones = [TestChain.generate(now_ms(), (7, 7, 7)).intermediate.public_bytes(Encoding.DER) for _ in range(2)]
+    at, nonce = now_ms(), random_nonce()
+    bundle = [chain.root.public_bytes(Encoding.DER), *(clones * 8)]
+    data = other.sign(other.document(at, nonce=nonce, cabundle=bundle))
+    started = time.monotonic()
+    with pytest.raises(errors.CertificateChainError):
+        nitro.verify_document(data, chain.trust(), nonce, at, AGE)
+    assert time.monotonic() - started < 2.0
+
+
 # -- the sealedsum flow: user_data binds keys, policy and nonce (acceptance 3) ---------------
 
 def _nitro_world(world, chain, **fields):
