@@ -67,7 +67,8 @@ MAX_PUBLIC_KEY = 1024
 MAX_PAYLOAD = 16384
 # The whole COSE_Sign1: the largest payload AWS allows plus room for the array around it.
 MAX_DOCUMENT = MAX_PAYLOAD + 256
-# An attestation document nests three deep (array, map, pcrs map); anything deeper is not one.
+# Containers nest two deep in a document (its map, then pcrs or cabundle); the decoder stops
+# well before anything deep enough to cost time or stack.
 MAX_DEPTH = 4
 MANDATORY = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle")
 OPTIONAL = ("public_key", "user_data", "nonce")
