@@ -251,11 +251,16 @@ def _leaf_basic_constraints(_policy: Any, _cert: x509.Certificate, value: x509.B
 def _leaf_key_usage(_policy: Any, _cert: x509.Certificate, value: x509.KeyUsage) -> None:
     if not value.digital_signature:
         raise ValueError("the signing certificate's key usage lacks digitalSignature")
+    # RFC 5280 4.2.1.3, AWS 3.2.3.3: keyCertSign only in a CA. Basic constraints are optional
+    # in a leaf, so without this a leaf asserting keyCertSign but no cA would pass as no CA.
+    if value.key_cert_sign:
+        raise ValueError("the signing certificate's key usage has keyCertSign: it is a CA's key")
 
 
 # AWS 3.2.3.2-3.2.3.3: CAs (root included) are CAs with keyCertSign, within their path length;
-# the signing certificate is no CA and has digitalSignature. The Web PKI defaults cover the
-# CAs; the leaf gets AWS's rules only (a Nitro leaf has no SAN, AKI or extended key usage).
+# the signing certificate is no CA (neither cA nor keyCertSign) and has digitalSignature. The Web
+# PKI defaults cover the CAs; the leaf gets AWS's rules only (a Nitro leaf has no SAN, AKI or
+# extended key usage).
 _EE_POLICY = (verification.ExtensionPolicy.permit_all()
               .may_be_present(x509.BasicConstraints, verification.Criticality.AGNOSTIC, _leaf_basic_constraints)
               .require_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _leaf_key_usage))

@@ -146,6 +146,45 @@ def test_each_rule_of_the_document_is_its_own_refusal(chain):
     refused(errors.CertificateChainError, leafless)  # a CA as the signing certificate
 
 
+def _leaf_under(chain: TestChain, *extensions) -> tuple[bytes, object]:
+    """A signing certificate of the test chain's intermediate with only ``extensions``
+    (each ``(extension, critical)``), and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    builder = (x509.CertificateBuilder().subject_name(chain.leaf.subject).issuer_name(chain.intermediate.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(start + datetime.timedelta(hours=3)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(chain.intermediate_key, hashes.SHA384()).public_bytes(Encoding.DER), key
+
+
+def test_a_signing_certificate_that_may_sign_certificates_is_refused(chain):
+    """RFC 5280 4.2.1.3 and AWS 3.2.3.3: keyCertSign is for CAs only. A signing certificate
+    asserting it is refused even without basic constraints (which would say it is a CA)."""
+    from cryptography import x509
+
+    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False,
+                 crl_sign=False, encipher_only=False, decipher_only=False)
+    at, nonce = now_ms(), random_nonce()
+    for key_cert_sign, expected in ((False, None), (True, errors.CertificateChainError)):
+        der, key = _leaf_under(chain, (x509.KeyUsage(digital_signature=True, key_cert_sign=key_cert_sign, **usage), True))
+        signer = dataclasses.replace(chain, leaf=x509.load_der_x509_certificate(der), leaf_key=key)
+        data = signer.sign(signer.document(at, nonce=nonce, certificate=der))
+        if expected is None:  # the same certificate without keyCertSign verifies: only that bit is refused
+            nitro.verify_document(data, chain.trust(), nonce, at, AGE)
+        else:
+            with pytest.raises(expected, match="keyCertSign"):
+                nitro.verify_document(data, chain.trust(), nonce, at, AGE)
+
+
 def test_verification_time_is_injectable(chain):
     nonce = random_nonce()
     late = now_ms() + 4 * 3600 * 1000  # past the three-hour leaf
