@@ -274,6 +274,72 @@ def test_producer_publishes_after_a_genuine_nitro_attestation(monkeypatch, world
     assert world.enclave.on_record(rec.body, now_ms()).rejection is None
 
 
+class _ConsumerChannel:
+    """Enough of a pika channel for ``ResultSubscriber`` to declare and bind its queue; it
+    records whether anything was consumed."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def queue_declare(self, queue, **_kw):
+        return type("Ok", (), {"method": type("M", (), {"queue": queue or "amq.gen-test"})()})()
+
+    def queue_bind(self, *args, **kw):
+        pass
+
+    def basic_qos(self, **kw):
+        pass
+
+    def __getattr__(self, name):  # basic_consume, consume, basic_get ...: reading results
+        def record(*args, **kw):
+            self.log.append(name)
+        return record
+
+
+@pytest.mark.parametrize("case", ["signature", "binding", "debug"])
+def test_consumer_refuses_a_bad_nitro_document_through_the_shared_attest(monkeypatch, world, chain, other_keys, case):
+    """The consumer attests through ``amqp.attest``, the producers' and the CLI's path (pinned
+    here: a consumer verifying on its own would be a second path to keep right): a Nitro
+    document with a changed signature, a user_data binding other keys, or a debug-mode enclave
+    is refused with its own error, the connection closed, and no result read."""
+    from sealedsum.common import amqp, config as config_mod
+    from sealedsum.consumers.client import Consumer
+
+    trust = _nitro_world(world, chain)
+    quoter = chain.quoter(world.measurement, now_ms)
+
+    def tamper(reply: bytes) -> bytes:
+        parsed = wire.AttestReply.from_bytes(reply)
+        if case == "signature":
+            return _with_quote(reply, parsed.quote[:-1] + bytes([parsed.quote[-1] ^ 1]))
+        if case == "binding":
+            return _with_quote(reply, quoter(wire.report_data(other_keys.bundle_bytes, parsed.policy, parsed.nonce)))
+        debug = chain.quoter(world.measurement, now_ms, pcrs={i: bytes(48) for i in range(16)})
+        return _with_quote(reply, debug(wire.report_data(parsed.keys, parsed.policy, parsed.nonce)))
+
+    consumed: list = []
+    conn = type("Conn", (), {"is_open": True, "channel": lambda self: _ConsumerChannel(consumed),
+                             "close": lambda self: setattr(self, "is_open", False)})()
+    monkeypatch.setattr(amqp, "connect", lambda settings, **kw: conn)
+    monkeypatch.setattr(amqp, "request_attestation",
+                        lambda connection, settings, nonce: tamper(world.enclave.attest(wire.AttestRequest(nonce).to_bytes())))
+    shared = amqp.attest
+    calls = []
+    monkeypatch.setattr(amqp, "attest", lambda *a, **kw: calls.append(a) or shared(*a, **kw))
+    expected = {"signature": errors.QuoteSignatureError, "binding": errors.ReportDataMismatch,
+                "debug": errors.DebugEnclave}[case]
+    with pytest.raises(expected):
+        Consumer(config_mod.Config(config_mod.BrokerSettings(), trust, None), "s", chain_state=None)
+    assert len(calls) == 1 and calls[0][2] is trust  # the shared path, with this client's anchors
+    assert consumed == [] and not conn.is_open
+    # The same edge with the reply untouched: the consumer attests, so the refusals are the checks'.
+    monkeypatch.setattr(amqp, "request_attestation",
+                        lambda connection, settings, nonce: world.enclave.attest(wire.AttestRequest(nonce).to_bytes()))
+    conn.is_open = True
+    consumer = Consumer(config_mod.Config(config_mod.BrokerSettings(), trust, None), "s", chain_state=None)
+    assert consumer.enclave.platform == "nitro" and consumer.enclave.pcrs == PCRS
+
+
 # -- [trust.nitro] ---------------------------------------------------------------------------
 
 def _trust_table(**nitro_table) -> dict:
