@@ -247,6 +247,25 @@ def test_user_data_of_other_keys_is_refused(world, chain, other_keys):
         verify_attestation(_with_quote(reply, no_binding), nonce, trust, now_ms())
 
 
+def test_the_document_nonce_field_is_absent_or_the_clients(world, chain):
+    """The client's nonce is bound through user_data's report data (docs/nitro.md, "The nonce");
+    a document that also carries a nonce field must carry the client's own there."""
+    trust = _nitro_world(world, chain)
+    reply, nonce = ask(world)
+    parsed = wire.AttestReply.from_bytes(reply)
+    rd = wire.report_data(parsed.keys, parsed.policy, nonce)
+    with_own = chain.quoter(world.measurement, now_ms, nonce=nonce)(rd)
+    assert verify_attestation(_with_quote(reply, with_own), nonce, trust, now_ms()).platform == "nitro"
+    for other in (random_nonce(), b"", nonce[:-1]):
+        quote = chain.quoter(world.measurement, now_ms, nonce=other)(rd)
+        with pytest.raises(errors.NonceMismatch):
+            verify_attestation(_with_quote(reply, quote), nonce, trust, now_ms())
+    # A replayed document: its report data was made for another nonce, whatever its nonce field.
+    old_reply, _ = ask(world)
+    with pytest.raises(errors.ReportDataMismatch):
+        verify_attestation(_with_quote(reply, wire.AttestReply.from_bytes(old_reply).quote), nonce, trust, now_ms())
+
+
 def test_producer_sends_nothing_on_a_nitro_document_of_other_keys(monkeypatch, world, chain, other_keys):
     trust = _nitro_world(world, chain)
     quoter = chain.quoter(world.measurement, now_ms)
