@@ -234,12 +234,13 @@ def decode(data: bytes) -> SignedDocument:
 
 def _certificate(der: bytes, name: str) -> x509.Certificate:
     # cryptography still parses a few RFC 5280 violations (a serial number that is not
-    # positive), with a deprecation warning: refused here rather than warned about.
+    # positive), with a deprecation warning: refused here rather than warned about. A version
+    # other than v1-v3 raises InvalidVersion, which is no ValueError.
     with warnings.catch_warnings():
         warnings.simplefilter("error", CryptographyDeprecationWarning)
         try:
             return x509.load_der_x509_certificate(der)
-        except (ValueError, CryptographyDeprecationWarning):
+        except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning):
             raise MalformedQuote(f"attestation document: {name} is not a valid DER certificate") from None
 
 
@@ -410,7 +411,7 @@ def load_root(pem: bytes) -> x509.Certificate:
     """The root certificate from PEM text (``trust.nitro.root_certificate``)."""
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise ConfigError("trust.nitro root certificate is not a PEM certificate") from None
     if len(certs) != 1:
         raise ConfigError("trust.nitro root certificate: give exactly one certificate")

@@ -93,16 +93,18 @@ def test_every_changed_byte_is_a_typed_refusal(name):
     data = real_document(name)
     at, trust = timestamp(data), debug_allowed()
     seen = {}
-    for region, positions in _regions(data).items():
-        step = 1 if region in ("protected", "signature") else 5
-        for i in positions[::step]:
-            for mask in (0x01, 0x80):
-                tampered = bytearray(data)
-                tampered[i] ^= mask
-                with pytest.raises(errors.AttestationError) as info:
-                    nitro.verify_document(bytes(tampered), trust, REAL_NONCE, at, AGE)
-                assert type(info.value) is not errors.AttestationError, (region, i, info.value)
-                seen.setdefault(region, set()).add(type(info.value))
+    regions = _regions(data)
+    # Every byte of the document, each changed once (the low bit, the high bit or all bits, by
+    # position), named by the innermost region holding it ("heads": the CBOR heads between them).
+    for i in range(len(data)):
+        region = next((name for name, where in sorted(regions.items(), key=lambda r: len(r[1])) if i in where),
+                      "heads")
+        tampered = bytearray(data)
+        tampered[i] ^= (0x01, 0x80, 0xff)[i % 3]
+        with pytest.raises(errors.AttestationError) as info:
+            nitro.verify_document(bytes(tampered), trust, REAL_NONCE, at, AGE)
+        assert type(info.value) is not errors.AttestationError, (region, i, info.value)
+        seen.setdefault(region, set()).add(type(info.value))
     assert errors.QuoteSignatureError in seen["signature"] and seen["protected"] == {errors.MalformedQuote}
     assert errors.CertificateChainError in seen["certificate-0"] | seen["certificate-2"]
 
@@ -144,6 +146,12 @@ def test_each_rule_of_the_document_is_its_own_refusal(chain):
         nitro.Encoding.DER)]))  # the bundle's first certificate is not the pinned root
     leafless = chain.document(at, nonce=nonce, certificate=chain.intermediate.public_bytes(nitro.Encoding.DER))
     refused(errors.CertificateChainError, leafless)  # a CA as the signing certificate
+    # X.509 version 5 (the DER INTEGER after [0]): cryptography raises InvalidVersion, no ValueError.
+    leaf = chain.leaf.public_bytes(nitro.Encoding.DER)
+    version = leaf.index(b"\xa0\x03\x02\x01\x02") + 4
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, certificate=leaf[:version] + b"\x04" + leaf[version + 1:]))
+    bundle = [chain.root.public_bytes(nitro.Encoding.DER), leaf[:version] + b"\x04" + leaf[version + 1:]]
+    refused(errors.MalformedQuote, chain.document(at, nonce=nonce, cabundle=bundle))
 
 
 def _leaf_under(chain: TestChain, *extensions) -> tuple[bytes, object]:
@@ -361,6 +369,16 @@ def test_consumer_refuses_a_bad_nitro_document_through_the_shared_attest(monkeyp
 
 # -- [trust.nitro] ---------------------------------------------------------------------------
 
+def _root_of_version_5() -> str:
+    """The AWS root's PEM with its X.509 version changed to 5 (no version cryptography knows)."""
+    import base64
+
+    der = nitro.load_root(AWS_ROOT.read_bytes()).public_bytes(nitro.Encoding.DER)
+    at = der.index(b"\x02\x01\x02") + 2
+    body = base64.encodebytes(der[:at] + b"\x04" + der[at + 1:]).decode()
+    return f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n"
+
+
 def _trust_table(**nitro_table) -> dict:
     return {"trust": {"measurements": ["ab" * 32], "nitro": nitro_table}}
 
@@ -383,6 +401,7 @@ def test_trust_nitro_from_config(tmp_path):
     {"root_certificate_pem": AWS_ROOT.read_text(), "pcrs": [{"pcr0": "00" * 32, "pcr1": "00" * 48, "pcr2": "00" * 48}]},
     {"root_certificate_pem": AWS_ROOT.read_text(), "allow_debug": "yes"},
     {"root_certificate": "/nonexistent/root.pem", "pcrs": []},
+    {"root_certificate_pem": _root_of_version_5(), "allow_debug": True},
 ])
 def test_bad_trust_nitro_tables(table):
     with pytest.raises(errors.ConfigError):
