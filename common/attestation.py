@@ -110,6 +110,8 @@ class AttestedEnclave:
     platform: str = wire.EMULATED
     # PCR0-2 of a Nitro enclave (empty for the emulated platform).
     pcrs: tuple[bytes, ...] = ()
+    # A Nitro enclave in debug mode, accepted because trust.nitro.allow_debug said so.
+    debug_mode: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -117,7 +119,8 @@ class AttestedEnclave:
             "code_digest": self.code_digest.hex(),
             "quote_issued_at_ms": self.issued_at_ms,
             "platform": self.platform,
-            **({"pcrs": {f"pcr{i}": p.hex() for i, p in enumerate(self.pcrs)}} if self.pcrs else {}),
+            **({"pcrs": {f"pcr{i}": p.hex() for i, p in enumerate(self.pcrs)}, "debug_mode": self.debug_mode}
+               if self.pcrs else {}),
             "keys": {
                 "epoch": self.keys.epoch,
                 "x25519": base64.b64encode(self.keys.x25519).decode(),
@@ -136,6 +139,7 @@ class _Vouched:
     report_data: bytes
     issued_at_ms: int
     pcrs: tuple[bytes, ...] = ()
+    debug_mode: bool = False
 
 
 def _emulated(quote_bytes: bytes, trust: TrustAnchors) -> _Vouched:
@@ -166,7 +170,7 @@ def _nitro(document: bytes, nonce: bytes, trust: TrustAnchors, now_ms: int) -> _
     # one, must be the client's too.
     if doc.nonce is not None and not hmac.compare_digest(doc.nonce, nonce):
         raise NonceMismatch("the Nitro document answers another nonce: a replayed or misrouted attestation")
-    return _Vouched(binding.measurement, binding.report_data, doc.timestamp_ms, doc.measured_pcrs)
+    return _Vouched(binding.measurement, binding.report_data, doc.timestamp_ms, doc.measured_pcrs, doc.debug)
 
 
 def verify_attestation(
@@ -216,4 +220,4 @@ def verify_attestation(
         raise AttestationError(f"the Paillier key has {keys.paillier_n.bit_length()} bits; "
                                f"the attested policy says {policy.paillier_bits}")
     return AttestedEnclave(keys, policy, parsed.policy, quote.measurement, parsed.code_digest,
-                           quote.issued_at_ms, fmt, quote.pcrs)
+                           quote.issued_at_ms, fmt, quote.pcrs, quote.debug_mode)

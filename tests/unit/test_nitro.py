@@ -238,6 +238,22 @@ def test_a_nitro_reply_verifies_through_the_one_attestation_path(world, chain):
         verify_attestation(_with_quote(reply, emulated), nonce, trust, now_ms())
 
 
+def test_an_allowed_debug_enclave_is_named_in_what_the_client_verified(world, chain, caplog):
+    """allow_debug is visible where the verified enclave is shown (``sealedsum attest`` prints
+    ``to_json``), not only in the log: an operator reading the output cannot miss it."""
+    world.enclave._quote = chain.quoter(world.measurement, now_ms, pcrs={i: bytes(48) for i in range(16)})
+    trust = TrustAnchors(None, world.trust.measurements, nitro=chain.trust(allow_debug=True))
+    reply, nonce = ask(world)
+    with caplog.at_level(logging.WARNING, logger="sealedsum.attestation"):
+        shown = verify_attestation(reply, nonce, trust, now_ms()).to_json()
+    assert shown["debug_mode"] is True and "DEBUG-MODE" in caplog.text
+    _nitro_world(world, chain)
+    reply, nonce = ask(world)
+    assert verify_attestation(reply, nonce, trust, now_ms()).to_json()["debug_mode"] is False
+    world.enclave._quote = lambda rd: world.platform.quote(world.measurement, rd)
+    assert "debug_mode" not in verify_attestation(*ask(world), world.trust, now_ms()).to_json()  # emulated: as before
+
+
 def _with_quote(reply: bytes, quote: bytes) -> bytes:
     return dataclasses.replace(wire.AttestReply.from_bytes(reply), quote=quote).to_bytes()
 
