@@ -140,6 +140,8 @@ def test_each_rule_of_the_document_is_its_own_refusal(chain):
     refused(errors.MalformedQuote, chain.document(at, nonce=nonce, pcrs={0: PCRS[0], 1: PCRS[1]}))
     refused(errors.MalformedQuote, chain.document(at, nonce=nonce, pcrs={**{i: PCRS[0] for i in range(3)}, 32: bytes(48)}))
     refused(errors.MalformedQuote, chain.document(at, nonce=nonce, timestamp=0))
+    refused(errors.StaleQuote, chain.document(at, nonce=nonce, timestamp=at + 31_000))  # dated ahead of the skew
+    refused(errors.StaleQuote, chain.document(at, nonce=nonce, timestamp=(1 << 64) - 1))
     refused(errors.MalformedQuote, chain.document(at, nonce=nonce, cabundle=[]))
     refused(errors.NonceMismatch, chain.document(at))
     refused(errors.CertificateChainError, chain.document(at, nonce=nonce, cabundle=[chain.intermediate.public_bytes(
