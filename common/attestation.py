@@ -1,16 +1,20 @@
 """Attestation verification: the only place a client decides to trust an enclave.
 
-:func:`verify_attestation` runs the design page's checks in order and returns an
-:class:`AttestedEnclave` only when every one passed:
+:func:`verify_attestation` runs the checks of docs/protocol.md section 9 in order and returns
+an :class:`AttestedEnclave` only when every one passed. Only step 1 depends on the quote's
+format (told by the quote field's first bytes, section 8.2):
 
-1. the quote's signature verifies under the pinned platform key;
-2. the quote's measurement is in the allow-list;
-3. the quote's report data equals hash(keys ‖ policy ‖ nonce) recomputed from what
-   was received, and the measurement binds the received code digest and policy;
+1. the platform vouches for the quote: for an emulated quote, its signature under the pinned
+   platform key; for a Nitro attestation document, AWS's checks (:mod:`sealedsum.common.nitro`:
+   the chain from the pinned root, the COSE signature, PCR0-2 allow-listed, no debug mode
+   unless allowed) and its ``user_data`` carrying the measurement and report data;
+2. the quoted measurement is in the allow-list;
+3. the quoted report data equals hash(keys ‖ policy ‖ nonce) recomputed from what was
+   received, and the measurement binds the received code digest and policy;
 4. the nonce is the one this client sent;
 5. the quote is fresh.
 
-Producers and consumers call this; neither copies it.
+Producers, consumers and the CLI call this; none copies it.
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ import hmac
 import json
 from dataclasses import dataclass
 
-from sealedsum.common import signing, wire
+from sealedsum.common import nitro, signing, wire
 from sealedsum.common.errors import (
     AttestationError,
     ConfigError,
     InvalidMessage,
     KeySizeMismatch,
+    MalformedQuote,
     NonceMismatch,
     ReportDataMismatch,
-    StaleQuote,
     UnknownMeasurement,
     UntrustedPlatform,
 )
@@ -37,8 +41,7 @@ from sealedsum.common.policy import EnclavePolicy
 from sealedsum.common.policy_parse import policy_from_bytes
 
 DEFAULT_MAX_QUOTE_AGE_SECONDS = 300.0
-# A quote dated this far ahead of the client's clock is still accepted (clock skew).
-FUTURE_SKEW_SECONDS = 30.0
+FUTURE_SKEW_SECONDS = nitro.FUTURE_SKEW_SECONDS
 
 
 def encode_platform_key(raw: bytes) -> str:
@@ -67,20 +70,32 @@ def decode_measurement(text: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class TrustAnchors:
-    """What a client pins: the platform key and the measurements it accepts."""
+    """What a client pins: the measurements it accepts, and for each quote format it
+    accepts, its root: the emulated platform's key, the Nitro root certificate and PCRs.
+    A format without its root is refused."""
 
-    platform_key: bytes
+    platform_key: bytes | None
     measurements: frozenset[bytes]
     max_quote_age_seconds: float = DEFAULT_MAX_QUOTE_AGE_SECONDS
+    nitro: nitro.NitroTrust | None = None
 
     def __post_init__(self) -> None:
-        if len(self.platform_key) != signing.PUBLIC_KEY_SIZE:
+        if self.platform_key is None and self.nitro is None:
+            raise ConfigError("[trust] accepts no quote format: set platform_key (emulated), [trust.nitro], or both")
+        if self.platform_key is not None and len(self.platform_key) != signing.PUBLIC_KEY_SIZE:
             raise ConfigError("the platform key must be 32 bytes")
         if not self.measurements:
             raise ConfigError("trust.measurements is empty: no enclave could ever be trusted",
                               hint="add the output of `sealedsum measure --config FILE`")
         if self.max_quote_age_seconds <= 0:
             raise ConfigError("trust.max_quote_age_seconds must be > 0")
+
+    def root_id(self) -> str:
+        """Names the pinned root (a consumer's chain state is kept per root): the platform
+        key's hex, or for a Nitro-only client ``nitro:`` and the SHA-256 of the root certificate."""
+        if self.platform_key is not None:
+            return self.platform_key.hex()
+        return "nitro:" + self.nitro.root_fingerprint().hex()  # type: ignore[union-attr]  # one is set
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +108,20 @@ class AttestedEnclave:
     measurement: bytes
     code_digest: bytes
     issued_at_ms: int
+    platform: str = wire.EMULATED
+    # PCR0-2 of a Nitro enclave (empty for the emulated platform).
+    pcrs: tuple[bytes, ...] = ()
+    # A Nitro enclave in debug mode, accepted because trust.nitro.allow_debug said so.
+    debug_mode: bool = False
 
     def to_json(self) -> dict:
         return {
             "measurement": self.measurement.hex(),
             "code_digest": self.code_digest.hex(),
             "quote_issued_at_ms": self.issued_at_ms,
-            "platform": "emulated",
+            "platform": self.platform,
+            **({"pcrs": {f"pcr{i}": p.hex() for i, p in enumerate(self.pcrs)}, "debug_mode": self.debug_mode}
+               if self.pcrs else {}),
             "keys": {
                 "epoch": self.keys.epoch,
                 "x25519": base64.b64encode(self.keys.x25519).decode(),
@@ -108,6 +130,48 @@ class AttestedEnclave:
             },
             "policy": json.loads(self.policy_bytes),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _Vouched:
+    """What the platform vouched for, whatever the quote's format."""
+
+    measurement: bytes
+    report_data: bytes
+    issued_at_ms: int
+    pcrs: tuple[bytes, ...] = ()
+    debug_mode: bool = False
+
+
+def _emulated(quote_bytes: bytes, trust: TrustAnchors) -> _Vouched:
+    if trust.platform_key is None:
+        raise UntrustedPlatform("an emulated quote, and [trust] pins no platform_key: this client accepts Nitro only",
+                                hint="add trust.platform_key if this client is meant to trust the emulated platform")
+    try:
+        quote = wire.Quote.from_bytes(quote_bytes)
+    except InvalidMessage as err:
+        raise AttestationError(f"malformed attestation reply: {err}") from err
+    signing.verify(trust.platform_key, signing.QUOTE, quote.signed_part(), quote.signature,
+                   error=UntrustedPlatform, what="quote")
+    return _Vouched(quote.measurement, quote.report_data, quote.issued_at_ms)
+
+
+def _nitro(document: bytes, nonce: bytes, trust: TrustAnchors, now_ms: int) -> _Vouched:
+    if trust.nitro is None:
+        raise UntrustedPlatform("a Nitro attestation document, and [trust] has no [trust.nitro] table",
+                                hint="add [trust.nitro] with the AWS root certificate and the enclave's PCRs (docs/nitro.md)")
+    doc = nitro.verify_platform(document, trust.nitro, now_ms)
+    if doc.user_data is None:
+        raise MalformedQuote("the Nitro document carries no user_data: it binds no keys")
+    try:
+        binding = wire.NitroBinding.from_bytes(doc.user_data)
+    except InvalidMessage as err:
+        raise MalformedQuote(f"the Nitro document's user_data is not a sealedsum binding: {err}") from err
+    # The client's nonce is bound through the report data; a nonce field, if the enclave set
+    # one, must be the client's too.
+    if doc.nonce is not None and not hmac.compare_digest(doc.nonce, nonce):
+        raise NonceMismatch("the Nitro document answers another nonce: a replayed or misrouted attestation")
+    return _Vouched(binding.measurement, binding.report_data, doc.timestamp_ms, doc.measured_pcrs, doc.debug)
 
 
 def verify_attestation(
@@ -122,13 +186,12 @@ def verify_attestation(
     """
     try:
         parsed = wire.AttestReply.from_bytes(reply)
-        quote = wire.Quote.from_bytes(parsed.quote)
+        fmt = wire.quote_format(parsed.quote)
     except InvalidMessage as err:
         raise AttestationError(f"malformed attestation reply: {err}") from err
 
     # (1) The platform vouches for the quote.
-    signing.verify(trust.platform_key, signing.QUOTE, quote.signed_part(), quote.signature,
-                   error=UntrustedPlatform, what="quote")
+    quote = _emulated(parsed.quote, trust) if fmt == wire.EMULATED else _nitro(parsed.quote, nonce, trust, now_ms)
     # (2) The code and policy it measured are ones we accept.
     if quote.measurement not in trust.measurements:
         raise UnknownMeasurement(
@@ -147,14 +210,7 @@ def verify_attestation(
     # (5) It is recent.
     # Quote times are whole milliseconds, so the age is printed exactly, in seconds with three
     # decimals, and the limit as configured: "0 s old (limit 0 s)" would say nothing.
-    age_ms = now_ms - quote.issued_at_ms
-    age = age_ms / 1000.0
-    if age > trust.max_quote_age_seconds:
-        raise StaleQuote(f"quote is {age_ms / 1000:.3f} s old (limit {trust.max_quote_age_seconds:.15g} s)",
-                         hint="a replayed or delayed reply, or the platform clock is behind; attest again")
-    if age < -FUTURE_SKEW_SECONDS:
-        raise StaleQuote(f"quote is dated {-age_ms / 1000:.3f} s in the future (limit {FUTURE_SKEW_SECONDS:g} s)",
-                         hint="check the clocks")
+    nitro.check_fresh(quote.issued_at_ms, now_ms, trust.max_quote_age_seconds)
 
     try:
         keys = wire.KeyBundle.from_bytes(parsed.keys)
@@ -167,4 +223,4 @@ def verify_attestation(
         raise KeySizeMismatch(f"the Paillier key has {keys.paillier_n.bit_length()} bits; "
                               f"the attested policy says {policy.paillier_bits}")
     return AttestedEnclave(keys, policy, parsed.policy, quote.measurement, parsed.code_digest,
-                           quote.issued_at_ms)
+                           quote.issued_at_ms, fmt, quote.pcrs, quote.debug_mode)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from sealedsum.common import nitro
 from sealedsum.common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
 from sealedsum.common.errors import ConfigError
 from sealedsum.common.policy import EnclavePolicy
@@ -24,7 +25,10 @@ from sealedsum.common.topology import Topology  # config.Topology stays importab
 from sealedsum.common.policy_parse import enclave_policy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-TOP_KEYS = {"broker", "trust", "require", "producer", "consumer", "enclave", "streams", "identities", "budget_groups"}
+TOP_KEYS = {"broker", "trust", "require", "producer", "consumer", "enclave", "streams", "identities", "budget_groups",
+            "platform"}
+# What `sealedsum sidecar` runs on ([platform] kind).
+PLATFORMS = ("emulated", "nitro")
 CHAIN_STATE_FILE = "consumer-chains.json"
 
 
@@ -78,6 +82,8 @@ class Config:
     # Where a consumer remembers each stream's verified ledger chain between runs (``None``: it
     # does not, and a restarted consumer accepts a ledger that started over; docs/protocol.md 15.5).
     chain_state: Path | None = None
+    # The platform the sidecar runs on ([platform] kind): which Platform the supervisor builds.
+    platform: str = "emulated"
 
     def with_broker_url(self, url: str) -> "Config":
         """This config, connecting to ``url`` instead: one process that produces and consumes
@@ -135,19 +141,69 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     return BrokerSettings(url, Topology(prefix), queue_type, timeout, reconnect, max_queued)
 
 
-def _trust(raw: Mapping[str, Any]) -> TrustAnchors:
-    d = take(raw, {"platform_key", "measurements", "max_quote_age_seconds"}, "trust")
-    if "platform_key" not in d:
-        raise ConfigError("trust.platform_key is missing", hint="paste the key printed by `sealedsum platform init`")
+def _trust(raw: Mapping[str, Any], path: Path | None) -> TrustAnchors:
+    d = take(raw, {"platform_key", "measurements", "max_quote_age_seconds", "nitro"}, "trust")
+    # Each format a client accepts has its root here; one of them at least.
+    if "platform_key" not in d and "nitro" not in d:
+        raise ConfigError("trust.platform_key is missing", hint="paste the key printed by `sealedsum platform init` "
+                          "(or add [trust.nitro] for a Nitro enclave, docs/nitro.md)")
     measurements = d.get("measurements", [])
     if not isinstance(measurements, list) or not all(isinstance(m, str) for m in measurements):
         raise ConfigError("trust.measurements must be a list of hex strings")
     age = number(d.get("max_quote_age_seconds", DEFAULT_MAX_QUOTE_AGE_SECONDS), "trust.max_quote_age_seconds")
     return TrustAnchors(
-        decode_platform_key(d["platform_key"]),
+        decode_platform_key(d["platform_key"]) if "platform_key" in d else None,
         frozenset(decode_measurement(m) for m in measurements),
         age,
+        _nitro_trust(d["nitro"], path) if "nitro" in d else None,
     )
+
+
+def _nitro_trust(raw: Mapping[str, Any], path: Path | None) -> nitro.NitroTrust:
+    """``[trust.nitro]``: the AWS root (``root_certificate``, a PEM file relative to the config
+    file, or ``root_certificate_pem``, the PEM text), ``[[trust.nitro.pcrs]]`` tables of
+    ``pcr0``, ``pcr1``, ``pcr2`` (hex), and ``allow_debug``."""
+    d = take(raw, {"root_certificate", "root_certificate_pem", "pcrs", "allow_debug"}, "trust.nitro")
+    if ("root_certificate" in d) == ("root_certificate_pem" in d):
+        raise ConfigError("trust.nitro needs exactly one of root_certificate (a PEM file) and root_certificate_pem",
+                          hint="the AWS Nitro Enclaves root G1 certificate (docs/nitro.md)")
+    if "root_certificate" in d:
+        value = d["root_certificate"]
+        if not isinstance(value, str) or not value:
+            raise ConfigError("trust.nitro.root_certificate must be a path")
+        file = Path(value).expanduser()
+        if not file.is_absolute() and path is not None:
+            file = path.parent / file  # relative to the config file
+        try:
+            pem = file.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"cannot read trust.nitro.root_certificate {file}: {err.strerror or err}") from None
+    else:
+        if not isinstance(d["root_certificate_pem"], str):
+            raise ConfigError("trust.nitro.root_certificate_pem must be the PEM text")
+        pem = d["root_certificate_pem"].encode("ascii", "replace")
+    allow_debug = d.get("allow_debug", False)
+    if not isinstance(allow_debug, bool):
+        raise ConfigError("trust.nitro.allow_debug must be true or false")
+    tables = d.get("pcrs", [])
+    if not isinstance(tables, list):
+        raise ConfigError("trust.nitro.pcrs must be an array of tables ([[trust.nitro.pcrs]])")
+    pcrs = set()
+    for i, table in enumerate(tables):
+        where = f"trust.nitro.pcrs[{i}]"
+        t = take(table, {"pcr0", "pcr1", "pcr2"}, where)
+        if set(t) != {"pcr0", "pcr1", "pcr2"}:
+            raise ConfigError(f"{where} needs pcr0, pcr1 and pcr2")
+        pcrs.add(tuple(nitro.decode_pcr(t[f"pcr{n}"], f"{where}.pcr{n}") for n in range(3)))
+    return nitro.NitroTrust(nitro.load_root(pem), frozenset(pcrs), allow_debug)
+
+
+def _platform(raw: Mapping[str, Any]) -> str:
+    d = take(raw, {"kind"}, "platform")
+    kind = d.get("kind", "emulated")
+    if kind not in PLATFORMS:
+        raise ConfigError(f"platform.kind must be one of {', '.join(PLATFORMS)}")
+    return kind
 
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, path: Path | None = None, *,
@@ -157,7 +213,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
     env = os.environ if env is None else env
     d = take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
-    trust = _trust(d["trust"]) if "trust" in d and read_trust else None
+    trust = _trust(d["trust"], path) if "trust" in d and read_trust else None
     policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"), d.get("budget_groups"))
               if "streams" in d else None)
     if policy is None and ("enclave" in d or "identities" in d or "budget_groups" in d):
@@ -181,7 +237,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
         if not identity_path.is_absolute() and path is not None:
             identity_path = path.parent / identity_path  # relative to the config file
     return Config(broker, trust, policy, path, require, require_streams, identity_path, reattest,
-                  _chain_state(d.get("consumer", {}), env, path))
+                  _chain_state(d.get("consumer", {}), env, path), _platform(d.get("platform", {})))
 
 
 def _chain_state(raw: Mapping[str, Any], env: Mapping[str, str], path: Path | None) -> Path | None:

@@ -80,6 +80,36 @@ class UntrustedPlatform(AttestationError):
             "prints on the sidecar's machine (or this is not the enclave you meant to reach)")
 
 
+class MalformedQuote(AttestationError):
+    """The quote field is no quote of a format this client knows, or a Nitro attestation
+    document breaks AWS's syntactic rules (a field missing, of the wrong type or size)."""
+
+
+class CertificateChainError(AttestationError):
+    """A Nitro document's certificates do not chain from the pinned root to its signing
+    certificate (another root, a bad certificate signature, constraints or key usage)."""
+
+    hint = ("the document is not signed under trust.nitro's root: pin the AWS Nitro Enclaves root "
+            "(or this is not the enclave you meant to reach)")
+
+
+class CertificateExpired(CertificateChainError):
+    """A certificate of a Nitro document's chain is not valid at the verification time."""
+
+    hint = "a replayed or old document, or this client's clock is wrong; attest again"
+
+
+class QuoteSignatureError(AttestationError):
+    """The Nitro document's COSE signature does not verify under its signing certificate."""
+
+
+class DebugEnclave(AttestationError):
+    """A Nitro document from an enclave in debug mode (PCR0, PCR1 and PCR2 all zero): the
+    parent instance can read its memory. Refused unless ``trust.nitro.allow_debug``."""
+
+    hint = "run the enclave without --debug-mode, or set trust.nitro.allow_debug = true for a test deployment"
+
+
 class UnknownMeasurement(AttestationError):
     """The quote vouches for code or policy that is not in the allow-list."""
 

@@ -29,6 +29,8 @@ BUDGET_REQUEST_MAGIC = b"SSG\x01"
 SIGNED_ENVELOPE_MAGIC = b"SSI\x01"
 SIGNED_MAGIC = b"SSS\x01"
 RECORD_BATCH_MAGIC = b"SSB\x01"
+# The binding of a Nitro attestation document's user_data (protocol section 7.2).
+NITRO_BINDING_MAGIC = b"SSN\x01"
 
 NONCE_SIZE = 32
 RECORD_ID_SIZE = 16
@@ -42,6 +44,9 @@ MAX_VALUES = 65535
 MAX_PAILLIER_MODULUS_BYTES = 1024  # 8192-bit n
 MAX_POLICY_BYTES = 1 << 20
 MAX_SIGNED_PAYLOAD = 1 << 24
+# The quote field of an attestation reply: AWS's largest attestation document payload
+# (16 384 bytes) and the COSE_Sign1 around it. An emulated quote is 140 bytes.
+MAX_QUOTE_BYTES = 16384 + 256
 
 # A record batch (several sealed records in one broker message) holds at most this many
 # records and is at most this long; a record too large for a batch travels alone.
@@ -359,6 +364,45 @@ class Quote:
         return q
 
 
+EMULATED = "emulated"
+NITRO = "nitro"
+
+
+def quote_format(quote: bytes) -> str:
+    """Which platform's quote the reply's quote field holds, told by its first bytes:
+    the ``SSQ\x01`` magic (emulated), or a COSE_Sign1, the CBOR array of four (``84``),
+    untagged or under tag 18 (``d2 84``) (a Nitro attestation document)."""
+    if quote[:4] == QUOTE_MAGIC:
+        return EMULATED
+    if quote[:1] == b"\x84" or quote[:2] == b"\xd2\x84":
+        return NITRO
+    raise InvalidMessage("quote: neither an emulated quote (SSQ\\x01) nor a Nitro COSE_Sign1")
+
+
+@dataclass(frozen=True, slots=True)
+class NitroBinding:
+    """What a sealedsum enclave puts in its Nitro document's ``user_data``: the measurement
+    and report data an emulated quote carries (sections 6 and 7.2)."""
+
+    measurement: bytes
+    report_data: bytes
+
+    SIZE = 4 + DIGEST_SIZE + DIGEST_SIZE
+
+    def to_bytes(self) -> bytes:
+        if len(self.measurement) != DIGEST_SIZE or len(self.report_data) != DIGEST_SIZE:
+            raise ValueError("measurement and report data are 32 bytes each")
+        return NITRO_BINDING_MAGIC + self.measurement + self.report_data
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "NitroBinding":
+        r = _Reader(data, "Nitro user_data")
+        r.magic(NITRO_BINDING_MAGIC)
+        b = cls(r.take(DIGEST_SIZE), r.take(DIGEST_SIZE))
+        r.end()
+        return b
+
+
 @dataclass(frozen=True, slots=True)
 class AttestRequest:
     nonce: bytes
@@ -427,7 +471,7 @@ class AttestReply:
         r.magic(ATTEST_REPLY_MAGIC)
         nonce, code = r.take(NONCE_SIZE), r.take(DIGEST_SIZE)
         parts = []
-        for limit in (4 + 4 + 64 + 2 + MAX_PAILLIER_MODULUS_BYTES, MAX_POLICY_BYTES, Quote.SIZE):
+        for limit in (4 + 4 + 64 + 2 + MAX_PAILLIER_MODULUS_BYTES, MAX_POLICY_BYTES, MAX_QUOTE_BYTES):
             n = r.u32()
             if n > limit:
                 raise InvalidMessage("attestation reply: field too long")

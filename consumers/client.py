@@ -246,7 +246,7 @@ class Consumer:
         # Keyed by the pinned platform key, not the measurement: the chain must continue across
         # a policy change. Read before connecting, so a damaged file fails before anything else.
         t = config.broker.topology
-        self._keys = {s: ChainKey(trust.platform_key.hex(), vhost_of(config.broker.url), t.prefix, s)
+        self._keys = {s: ChainKey(trust.root_id(), vhost_of(config.broker.url), t.prefix, s)
                       for s in self.streams}
         remembered = self.chain_store.load(self._keys.values()) if self.chain_store else {}
         self.chains: dict[str, StreamChain] = {

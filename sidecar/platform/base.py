@@ -4,13 +4,15 @@ from typing import Protocol
 
 
 class Platform(Protocol):
-    """What the enclave needs from the hardware it runs on."""
+    """What the enclave needs from the hardware it runs on. Implementations: the emulated
+    platform (``emulated.py``) and AWS Nitro Enclaves (``nitro.py``)."""
 
-    def public_key(self) -> bytes:
-        """The 32-byte Ed25519 key clients pin (``trust.platform_key``)."""
+    # The quote format it answers with: "emulated" (docs/protocol.md section 7) or "nitro" (7.2).
+    kind: str
 
     def quote(self, measurement: bytes, report_data: bytes) -> bytes:
-        """A signed :class:`sealedsum.common.wire.Quote` over the measurement and report data."""
+        """A quote over the measurement and report data, in this platform's format: what the
+        attestation reply carries (docs/protocol.md section 8.2)."""
 
     def sealing_key(self, measurement: bytes) -> bytes:
         """A 32-byte key only an enclave with this measurement receives (like SGX EGETKEY)."""

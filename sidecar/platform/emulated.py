@@ -42,6 +42,8 @@ def _now_ms() -> int:
 
 
 class EmulatedPlatform:
+    kind = "emulated"  # the quote format it answers with (docs/protocol.md section 7)
+
     def __init__(self, signing_key: Ed25519PrivateKey, root_secret: bytes,
                  clock_ms: Callable[[], int] = _now_ms, state_dir: Path | None = None) -> None:
         if len(root_secret) != 32:
@@ -152,14 +154,22 @@ class EmulatedPlatform:
         return self._counters.get(key, 0)
 
     def sealing_key(self, measurement: bytes) -> bytes:
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                    info=SEALING_INFO + measurement).derive(self._root_secret)
+        return sealing_key(self._root_secret, measurement)
 
     def ledger_key(self, code_digest: bytes) -> bytes:
-        """Derived from the code digest alone, so every policy of the same code gets it and
-        no other code does. Its own label: it can never equal a sealing key, even if a code
-        digest happened to equal some measurement."""
-        if len(code_digest) != wire.DIGEST_SIZE:
-            raise ValueError("a code digest is 32 bytes")
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                    info=LEDGER_KEY_INFO + code_digest).derive(self._root_secret)
+        return ledger_key(self._root_secret, code_digest)
+
+
+def sealing_key(root_secret: bytes, measurement: bytes) -> bytes:
+    """The sealing key of ``measurement`` under a platform's root secret (every platform
+    derives its keys so, whatever gives it the root secret)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SEALING_INFO + measurement).derive(root_secret)
+
+
+def ledger_key(root_secret: bytes, code_digest: bytes) -> bytes:
+    """Derived from the code digest alone, so every policy of the same code gets it and
+    no other code does. Its own label: it can never equal a sealing key, even if a code
+    digest happened to equal some measurement."""
+    if len(code_digest) != wire.DIGEST_SIZE:
+        raise ValueError("a code digest is 32 bytes")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=LEDGER_KEY_INFO + code_digest).derive(root_secret)

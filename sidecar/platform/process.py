@@ -20,6 +20,7 @@ from sealedsum.sidecar.channel import (BrokerLink, CounterAdvance, CounterRead, 
                                        Ready)
 from sealedsum.sidecar import measurement as measure
 from sealedsum.sidecar.platform.base import Platform
+from sealedsum.sidecar.platform import nitro
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from sealedsum.sidecar.platform.statelock import StateLock
 
@@ -34,15 +35,23 @@ MAX_BACKOFF_S = 30.0
 EXIT_CONFIG = ExitCode.USAGE
 
 
+def platform_for(config: Config, state_dir: Path) -> Platform:
+    """The platform ``[platform] kind`` names: the emulated one of ``state_dir`` (the default)
+    or AWS Nitro Enclaves."""
+    if config.platform == "nitro":
+        return nitro.from_config(state_dir)
+    return EmulatedPlatform.load(state_dir)
+
+
 class PlatformProcess:
-    """:param platform: the root of trust (default: the emulated platform of ``state_dir``)."""
+    """:param platform: the root of trust (default: :func:`platform_for` the config)."""
 
     def __init__(self, config: Config, state_dir: Path, log_level: str = "INFO",
                  platform: Platform | None = None) -> None:
         self.config = config
         self.state_dir = state_dir
         self.log_level = log_level
-        self.platform: Platform = platform if platform is not None else EmulatedPlatform.load(state_dir)
+        self.platform: Platform = platform if platform is not None else platform_for(config, state_dir)
         self.policy_bytes = config.require_policy().to_bytes()
         self.code_digest, self.measurement = measure.measure(self.policy_bytes)
         self.stopping = False
@@ -54,8 +63,10 @@ class PlatformProcess:
         warnings = []
         trust = self.config.trust
         if trust is not None:
-            if trust.platform_key != self.platform.public_key():
+            if isinstance(self.platform, EmulatedPlatform) and trust.platform_key != self.platform.public_key():
                 warnings.append("trust.platform_key is not this platform's key: clients using this config will refuse")
+            if self.platform.kind == "nitro" and trust.nitro is None:
+                warnings.append("the config has no [trust.nitro]: clients using it will refuse this Nitro enclave")
             if self.measurement not in trust.measurements:
                 warnings.append(f"measurement {self.measurement.hex()} is not in trust.measurements: "
                                 "clients using this config will refuse (run `sealedsum measure`)")

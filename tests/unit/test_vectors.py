@@ -59,7 +59,7 @@ REQUIRED_KINDS = {
     "key_bundle", "policy", "code_digest", "measurement", "quote", "attest_request", "attest_reply",
     "envelope", "sealed_record", "signed_envelope", "result", "rejections", "budget_request", "budget_report",
     "budget_exhausted", "ledger", "sealed_state", "packed_envelope", "record_batch", "key_rotated",
-    "budget_group", "release_interval", "notices",
+    "budget_group", "release_interval", "notices", "nitro_reply",
 }
 # The order of the enclave's record checks (docs/protocol.md section 11.1).
 CHECK_ORDER = [
@@ -351,6 +351,46 @@ def check_attest_request(v: dict, tmp_path, monkeypatch) -> None:
                       lambda rd: platform.quote(measurement, rd))
     assert enclave.attest(raw) == h(reply["reply_hex"])
     assert enclave.answer(raw, 0) == h(reply["reply_hex"])  # the RPC dispatches on the magic
+
+
+def check_nitro_reply(v: dict, tmp_path, monkeypatch) -> None:
+    """A Nitro reply: each verification case raises exactly its error (section 9), and the
+    document's bytes are what section 7.2 says."""
+    from sealedsum.common import config, nitro
+
+    raw = h(v["reply_hex"])
+    quote = wire.AttestReply.from_bytes(raw).quote
+    assert quote == h(v["quote_hex"]) and wire.quote_format(quote) == wire.NITRO
+    signed = nitro.decode(quote)
+    assert signed.payload == h(v["payload_hex"]) and signed.sig_structure() == h(v["sig_structure_hex"])
+    assert signed.document.user_data == h(v["user_data_hex"])
+    assert signed.document.cabundle[1] == h(v["intermediate_der_hex"]) and signed.document.certificate == h(v["leaf_der_hex"])
+    binding = wire.NitroBinding.from_bytes(signed.document.user_data)
+    assert binding.measurement.hex() == v["expected"]["measurement"]
+
+    def anchors(case: dict):
+        spec = {k: val for k, val in dict(v["trust"], **case.get("trust", {})).items() if val is not None}
+        if "platform_key_base64" in spec:
+            spec["platform_key"] = spec.pop("platform_key_base64")
+        return config.from_mapping({"trust": spec}, {}).trust
+
+    seen = set()
+    for case in v["verification_cases"]:
+        args = (h(case["reply_hex"]), h(case.get("client_nonce", v["nonce"])), anchors(case),
+                case.get("now_ms", v["now_ms"]))
+        if case["expect"] is None:
+            enclave = attestation.verify_attestation(*args)
+            assert enclave.platform == "nitro" and enclave.issued_at_ms == v["expected"]["issued_at_ms"], case["name"]
+            continue
+        error = getattr(errors, case["expect"])
+        with pytest.raises(AttestationError) as info:
+            attestation.verify_attestation(*args)
+        assert type(info.value) is error, (case["name"], type(info.value).__name__)
+        seen.add(case["expect"])
+    assert {"QuoteSignatureError", "CertificateChainError", "CertificateExpired", "MalformedQuote", "DebugEnclave",
+            "UnknownMeasurement", "ReportDataMismatch", "NonceMismatch", "StaleQuote", "UntrustedPlatform"} <= seen
+    valid = attestation.verify_attestation(raw, h(v["nonce"]), anchors({}), v["now_ms"])
+    assert [p.hex() for p in valid.pcrs] == v["expected"]["pcrs"]
 
 
 def check_attest_reply(v: dict, tmp_path, monkeypatch) -> None:
@@ -1334,6 +1374,7 @@ CHECKERS = {
     "quote": check_quote,
     "attest_request": check_attest_request,
     "attest_reply": check_attest_reply,
+    "nitro_reply": check_nitro_reply,
     "envelope": check_envelope,
     "sealed_record": check_sealed_record,
     "signed_envelope": check_signed_envelope,

@@ -767,6 +767,7 @@ def build() -> dict[str, dict]:
         "quote": build_quote(m),
         "attest_request": build_attest_request(),
         "attest_reply": build_attest_reply(m),
+        "nitro_reply": build_nitro_reply(m),
         "envelope_dim1": build_envelope(m, "purchases", [42.3], RECORD_ID_1, 0, ["r/purchases/0"]),
         "envelope_dim3": build_envelope(m, "wellbeing", [3.5, -2.25, 12.0], RECORD_ID_3, 1,
                                         ["r/wellbeing/0", "r/wellbeing/1", "r/wellbeing/2"], PRODUCER_A),
@@ -1087,6 +1088,129 @@ def build_attest_reply(m: Shared) -> dict:
             "measurement": hexs(meas), "code_digest": hexs(m.code_digest), "issued_at_ms": QUOTE_ISSUED_AT_MS,
             "key_epoch": KEY_EPOCH, "paillier_n_bits": 1024, "streams": sorted(CONFIG_STREAMS),
         },
+        "verification_cases": cases,
+    }
+
+
+def cbor(obj) -> bytes:
+    """RFC 8949 encoding of the few types an attestation document uses, by hand: unsigned and
+    negative integers, byte and text strings, arrays, maps (in the order given)."""
+    def head(major: int, n: int) -> bytes:
+        if n < 24:
+            return bytes([major << 5 | n])
+        for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+            if n < 1 << (8 * size):
+                return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
+        raise ValueError("too large")
+
+    if isinstance(obj, int):
+        return head(0, obj) if obj >= 0 else head(1, -1 - obj)
+    if isinstance(obj, bytes):
+        return head(2, len(obj)) + obj
+    if isinstance(obj, str):
+        return head(3, len(obj.encode())) + obj.encode()
+    if isinstance(obj, list):
+        return head(4, len(obj)) + b"".join(cbor(x) for x in obj)
+    return head(5, len(obj)) + b"".join(cbor(k) + cbor(v) for k, v in obj.items())
+
+
+# Private scalars of the test-only Nitro chain (root, intermediate, leaf), and its PCRs.
+NITRO_SCALARS = tuple(int.from_bytes(hashlib.sha384(f"sealedsum/test-vector/nitro/{n}".encode()).digest(), "big")
+                      for n in ("root", "intermediate", "leaf"))
+NITRO_PCRS = (bytes([0xa1]) * 48, bytes([0xb2]) * 48, bytes([0xc3]) * 48)
+NITRO_PROTECTED = bytes.fromhex("a1013822")
+
+
+def build_nitro_reply(m: Shared) -> dict:
+    """An SSD\\x01 reply carrying a Nitro attestation document (section 7.2) from a test-only
+    P-384 chain, encoded by hand, and the client's checks on altered copies of it."""
+    from cryptography.hazmat.primitives import hashes as h
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from sealedsum.common import attestation, config, wire
+    from tests.nitro_chain import TestChain
+
+    chain = TestChain.generate(QUOTE_ISSUED_AT_MS, NITRO_SCALARS)
+    der = [c.public_bytes(Encoding.DER) for c in (chain.root, chain.intermediate, chain.leaf)]
+
+    def document(report_data: bytes, pcrs=NITRO_PCRS) -> dict:
+        return {"module_id": "i-0123456789abcdef0-enc0123456789abcdef", "digest": "SHA384",
+                "timestamp": QUOTE_ISSUED_AT_MS, "pcrs": {i: (pcrs[i] if i < 3 else bytes(48)) for i in range(16)},
+                "certificate": der[2], "cabundle": der[:2],
+                "user_data": b"SSN\x01" + m.meas + report_data}
+
+    def cose(doc: dict, protected: bytes = NITRO_PROTECTED) -> tuple[bytes, bytes, bytes]:
+        payload = cbor(doc)
+        to_sign = cbor(["Signature1", protected, b"", payload])
+        r, s_ = decode_dss_signature(chain.leaf_key.sign(to_sign, ec.ECDSA(h.SHA384(), deterministic_signing=True)))
+        signature = r.to_bytes(48, "big") + s_.to_bytes(48, "big")
+        out = cbor([protected, {}, payload, signature])
+        assert out == chain.sign(doc, protected=protected)  # the test chain's cbor2 encoding agrees
+        return out, payload, to_sign
+
+    quote, payload, to_sign = cose(document(m.report_data))
+    assert to_sign[:18] == bytes.fromhex("846a5369676e61747572653144a101382240")  # as protocol 7.2 writes it
+    reply = m.reply_bytes(q=quote)
+    pem = chain.root.public_bytes(Encoding.PEM).decode()
+    pcrs = [{"pcr0": hexs(NITRO_PCRS[0]), "pcr1": hexs(NITRO_PCRS[1]), "pcr2": hexs(NITRO_PCRS[2])}]
+    trust = {"measurements": [hexs(m.meas)], "max_quote_age_seconds": 300.0,
+             "nitro": {"root_certificate_pem": pem, "pcrs": pcrs, "allow_debug": False}}
+    leaf_end_ms = int(chain.leaf.not_valid_after_utc.timestamp() * 1000)
+    other_keys = wire.report_data(m.bundle[:8] + bytes(32) + m.bundle[40:], m.policy_bytes, NONCE)
+    debug = cose(document(m.report_data, (bytes(48),) * 3))[0]
+    cases = [
+        {"name": "valid", "reply_hex": hexs(reply), "expect": None},
+        {"name": "a client pinning only the emulated platform",
+         "trust": {"platform_key_base64": b64(m.platform_pub), "nitro": None}, "reply_hex": hexs(reply),
+         "expect": "UntrustedPlatform"},
+        {"name": "signature altered", "reply_hex": hexs(m.reply_bytes(q=quote[:-1] + bytes([quote[-1] ^ 1]))),
+         "expect": "QuoteSignatureError"},
+        {"name": "another root pinned (the intermediate)",
+         "trust": {"nitro": {"root_certificate_pem": chain.intermediate.public_bytes(Encoding.PEM).decode(),
+                             "pcrs": pcrs}},
+         "reply_hex": hexs(reply), "expect": "CertificateChainError"},
+        {"name": "client clock past the signing certificate", "reply_hex": hexs(reply), "now_ms": leaf_end_ms + 1000,
+         "trust": {"max_quote_age_seconds": 86400.0}, "expect": "CertificateExpired"},
+        {"name": "protected header not exactly {1: -35}",
+         "reply_hex": hexs(m.reply_bytes(q=cose(document(m.report_data), bytes.fromhex("a10126"))[0])),
+         "expect": "MalformedQuote"},
+        {"name": "debug-mode enclave (PCR0-2 zero)", "reply_hex": hexs(m.reply_bytes(q=debug)),
+         "expect": "DebugEnclave"},
+        {"name": "debug-mode enclave, allow_debug = true", "reply_hex": hexs(m.reply_bytes(q=debug)),
+         "trust": {"nitro": {"root_certificate_pem": pem, "pcrs": [], "allow_debug": True}}, "expect": None},
+        {"name": "PCRs not allow-listed", "reply_hex": hexs(reply),
+         "trust": {"nitro": {"root_certificate_pem": pem, "pcrs": [dict(pcrs[0], pcr2=hexs(bytes(48)))]}},
+         "expect": "UnknownMeasurement"},
+        {"name": "user_data binds other keys", "reply_hex": hexs(m.reply_bytes(q=cose(document(other_keys))[0])),
+         "expect": "ReportDataMismatch"},
+        {"name": "reply answers another nonce", "reply_hex": hexs(reply), "client_nonce": hexs(bytes(32)),
+         "expect": "NonceMismatch"},
+        {"name": "document 301 s old", "reply_hex": hexs(reply), "now_ms": QUOTE_ISSUED_AT_MS + 301_000,
+         "expect": "StaleQuote"},
+    ]
+    anchors = config.from_mapping({"trust": trust}, {}).trust
+    assert attestation.verify_attestation(reply, NONCE, anchors, SENT_AT_MS).measurement == m.meas
+    return {
+        "kind": "nitro_reply",
+        "description": "SSD\\x01 reply whose quote field is a Nitro attestation document (protocol section 7.2), "
+                       "signed by a TEST-ONLY P-384 chain (root, intermediate, leaf; RFC 6979 signatures); trust "
+                       "tables are [trust] as in a config file, a case's trust replacing the keys it names "
+                       "(null: removed); then the client's checks on altered copies.",
+        "root_certificate_pem": pem,
+        "intermediate_der_hex": hexs(der[1]),
+        "leaf_der_hex": hexs(der[2]),
+        "user_data_hex": hexs(b"SSN\x01" + m.meas + m.report_data),
+        "payload_hex": hexs(payload),
+        "sig_structure_hex": hexs(to_sign),
+        "quote_hex": hexs(quote),
+        "reply_hex": hexs(reply),
+        "nonce": hexs(NONCE),
+        "trust": trust,
+        "now_ms": SENT_AT_MS,
+        "expected": {"measurement": hexs(m.meas), "issued_at_ms": QUOTE_ISSUED_AT_MS, "platform": "nitro",
+                     "pcrs": [hexs(p) for p in NITRO_PCRS]},
         "verification_cases": cases,
     }
 
