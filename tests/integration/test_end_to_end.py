@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pika
 import pytest
 from nacl.public import SealedBox
 
-from sealedsum.common import amqp, wire
+from sealedsum.common import amqp, topology, wire
 from sealedsum.common.fixedpoint import encode
 from sealedsum.common.topology import ALL_RESULTS_KEY, RECORD_ROUTING_KEY
 from sealedsum.consumers.client import Consumer
@@ -195,7 +196,13 @@ def test_records_queue_carries_only_sealed_boxes(sidecar_factory):
     fixed = encode([value], 16)[0]
     needles = [b"73.25", str(fixed).encode(), struct.pack(">q", fixed), struct.pack(">i", fixed), b"\"s\"", b"SSE\x01"]
     for props, body in captured:
-        assert props.delivery_mode == 2 and props.message_id is None and not props.headers
+        # The one header is the producer's notice token (protocol section 11.6): random, and
+        # the same on each of this producer's records, so it tells nothing of their values.
+        assert props.delivery_mode == 2 and props.message_id is None
+        assert set(props.headers) == {topology.NOTIFY_HEADER}
+        assert re.fullmatch("[0-9a-f]{32}", props.headers[topology.NOTIFY_HEADER])
+    assert len({props.headers[topology.NOTIFY_HEADER] for props, _ in captured}) == 1
+    for props, body in captured:
         for needle in needles:
             assert needle not in body
         envelope = wire.Envelope.from_bytes(SealedBox(keys._x25519).decrypt(body))
