@@ -5,10 +5,12 @@ re-established after broker loss."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Iterator, NamedTuple
 
@@ -33,8 +35,9 @@ TAIL_QUIET_S = 0.3
 CLOSE_WITHIN_S = 5.0
 # A reader that started at "next" and lost the broker before its first delivery subscribes again
 # from the time it first subscribed, this much earlier: "next" again would skip what was
-# published meanwhile. A timestamp selects whole chunks (written at or after it), and a chunk
-# written just before a release came may hold it.
+# published meanwhile. A timestamp selects whole chunks, and a chunk written just before a
+# release came may hold it; the broker may start at the chunk before, so earlier releases can
+# come again (verified as always: never fewer).
 NEXT_MARGIN = timedelta(seconds=1)
 MISSING_STREAM_HINT = ("is the sidecar running? it declares the release stream on every connect (a sidecar of a "
                        "version before the stream does not: read a durable queue with --queue instead)")
@@ -45,6 +48,26 @@ class Delivery(NamedTuple):
     redelivered: bool  # the broker's flag: given to this queue before and not acknowledged
     routing_key: str  # the stream name the enclave published it under
     offset: int | None  # its offset in the release stream; None from a queue
+
+
+@contextmanager
+def _ctrl_c_after():
+    """Hold a Ctrl-C that comes during a pika call until the call returns, then raise it.
+    Raised inside pika (mid-frame), KeyboardInterrupt can leave the connection waiting for a
+    frame that never comes, and the consumer did not exit. Only the main thread with Python's
+    default handler is changed: an application's own handler stays as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        raise KeyboardInterrupt
 
 
 class _Subscription:
@@ -126,7 +149,8 @@ class ReleaseReader(_Subscription):
             while True:
                 try:
                     if not self._pending:
-                        self.connection.process_data_events(time_limit=0.5)
+                        with _ctrl_c_after():
+                            self.connection.process_data_events(time_limit=0.5)
                         if not self._pending:
                             if idle_timeout is not None and time.monotonic() - last > idle_timeout:
                                 return
@@ -136,7 +160,8 @@ class ReleaseReader(_Subscription):
                     if delivery.offset is not None:
                         self.start = delivery.offset + 1  # where a reconnect reads on: it is handed over
                     yield delivery
-                    self.channel.basic_ack(unacked)
+                    with _ctrl_c_after():
+                        self.channel.basic_ack(unacked)
                     unacked = None
                 except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as err:
                     unacked = None
@@ -265,7 +290,13 @@ class ResultSubscriber(_Subscription):
         try:
             while True:
                 try:
-                    for method, _props, body in self.channel.consume(self.queue, inactivity_timeout=0.5):
+                    deliveries = self.channel.consume(self.queue, inactivity_timeout=0.5)
+                    while True:
+                        with _ctrl_c_after():
+                            item = next(deliveries, None)
+                        if item is None:  # the broker cancelled the consumer
+                            return
+                        method, _props, body = item
                         if method is None:
                             if idle_timeout is not None and time.monotonic() - last > idle_timeout:
                                 return
@@ -273,9 +304,9 @@ class ResultSubscriber(_Subscription):
                         last = time.monotonic()
                         unacked = method.delivery_tag
                         yield Delivery(body, bool(method.redelivered), method.routing_key, None)
-                        self.channel.basic_ack(unacked)
+                        with _ctrl_c_after():
+                            self.channel.basic_ack(unacked)
                         unacked = None
-                    return
                 except (pe.AMQPConnectionError, pe.ChannelWrongStateError) as err:
                     unacked = None  # the broker redelivers it on the new channel
                     log.warning("lost the broker while consuming; reconnecting", extra={"fields": {"error": repr(err)}})

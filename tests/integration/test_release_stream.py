@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 
 import pika
 import pytest
@@ -201,10 +200,11 @@ def test_a_reader_from_next_that_loses_the_broker_before_any_release_misses_noth
     """Subscribing again at "next" would skip what was published while it was away."""
     sc = sidecar_factory({"s": STREAM})
     produce(sc, "s", 1)  # before it starts: not for a reader from next
-    time.sleep(1.5)  # past the margin it subscribes again with (clocks may differ a little)
     with Consumer(sc.config, "s", chain_state=None) as consumer:
         assert consumer.start == "next"
         port = consumer._transport.connection._impl._transport._sock.getsockname()[1]
         assert _close_connections_from({port}) == 1  # the broker is lost before anything came
         produce(sc, "s", 2)  # while it is away
-        assert positions(collect(consumer, 2, timeout=30)) == [("s", 2), ("s", 3)]
+        got = positions(collect(consumer, 3, timeout=10))
+        # Subscribing again by time may bring the chunk before too (section 2.1): never less.
+        assert got[-2:] == [("s", 2), ("s", 3)] and got[:-2] in ([], [("s", 1)]), got

@@ -91,3 +91,23 @@ def test_closing_a_connection_pika_left_waiting_ends_within_its_bound():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_ctrl_c_during_a_pika_call_is_raised_once_the_call_returns():
+    import os
+    import signal
+    import time
+
+    from sealedsum.consumers.transport import _ctrl_c_after
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_after():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is handled by now: held, not raised here
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    with _ctrl_c_after():  # no Ctrl-C: nothing raised
+        pass
