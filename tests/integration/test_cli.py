@@ -248,7 +248,10 @@ def test_consume_reports_forged_and_altered_results_loudly_and_exits_1(sidecar_f
     conn, q = capture_queue(sc, t.results_exchange, "s")
     proc = subprocess.Popen([sys.executable, "-m", "sealedsum", "consume", "--config", str(sc.config_path),
                              "--stream", "s", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            # As from a terminal: a test run in the background (`cmd &`) ignores
+                            # SIGINT, and the child would inherit that and never see the Ctrl-C.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err_lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [err_lines.put(line) for line in proc.stderr], daemon=True)
     reader.start()
