@@ -174,6 +174,27 @@ def _nitro(document: bytes, nonce: bytes, trust: TrustAnchors, now_ms: int) -> _
     return _Vouched(binding.measurement, binding.report_data, doc.timestamp_ms, doc.measured_pcrs, doc.debug)
 
 
+def verify_quote(quote: bytes, nonce: bytes, trust: TrustAnchors, now_ms: int) -> tuple[bytes, bytes, int]:
+    """Check a bare quote (either format) against ``trust``: its platform vouches for it, its
+    measurement is one ``trust`` accepts, and it is fresh. What it binds (its report data) is
+    for the caller to check: enclave replicas quote their own handshakes
+    (``sealedsum.sidecar.cluster.join``).
+
+    :returns: ``(measurement, report_data, issued_at_ms)``.
+    :raises AttestationError: (a subclass naming the failed check) on any failure.
+    """
+    try:
+        fmt = wire.quote_format(quote)
+    except InvalidMessage as err:
+        raise MalformedQuote(f"not a quote: {err}") from err
+    vouched = _emulated(quote, trust) if fmt == wire.EMULATED else _nitro(quote, nonce, trust, now_ms)
+    if vouched.measurement not in trust.measurements:
+        raise UnknownMeasurement(f"measurement {vouched.measurement.hex()} is not one this deployment accepts",
+                                 hint="list it under cluster.peer_measurements if it may join")
+    nitro.check_fresh(vouched.issued_at_ms, now_ms, trust.max_quote_age_seconds)
+    return vouched.measurement, vouched.report_data, vouched.issued_at_ms
+
+
 def verify_attestation(
     reply: bytes,
     nonce: bytes,

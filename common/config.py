@@ -26,6 +26,7 @@ from sealedsum.common.policy_parse import enclave_policy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TOP_KEYS = {"broker", "trust", "require", "producer", "consumer", "enclave", "streams", "identities", "budget_groups",
+            "cluster",
             "platform"}
 # What `sealedsum sidecar` runs on ([platform] kind).
 PLATFORMS = ("emulated", "nitro")
@@ -214,9 +215,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None, p
     d = take(raw, TOP_KEYS, "config")
     broker = _broker(d.get("broker", {}), env)
     trust = _trust(d["trust"], path) if "trust" in d and read_trust else None
-    policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"), d.get("budget_groups"))
+    policy = (enclave_policy(d.get("enclave", {}), d["streams"], d.get("identities"), d.get("budget_groups"),
+                             d.get("cluster"))
               if "streams" in d else None)
-    if policy is None and ("enclave" in d or "identities" in d or "budget_groups" in d):
+    if policy is None and ("enclave" in d or "identities" in d or "budget_groups" in d or "cluster" in d):
         raise ConfigError("[enclave], [identities] or [budget_groups] is set but no [streams.NAME] table is defined")
     raw_require = dict(d.get("require", {}))
     per_stream = raw_require.pop("streams", {})

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from sealedsum.common import fixedpoint, privacy
+from sealedsum.common.cluster import Cluster
 from sealedsum.common.errors import ConfigError, PolicyMismatch
 from sealedsum.common.identities import Identities
 from sealedsum.common.packing import PackingLayout
@@ -285,6 +286,8 @@ class EnclavePolicy:
     key_grace_seconds: float = 900.0
     rotate_keys_every_seconds: float | None = None
     budget_groups: dict[str, BudgetGroup] = field(default_factory=dict)
+    # Enclave replicas sharing the work (None: one enclave per prefix).
+    cluster: Cluster | None = None
 
     KEYS = {"paillier_bits", "max_record_age_seconds", "max_clock_skew_seconds", "insecure_test_keys",
             "key_grace_seconds", "rotate_keys_every_seconds"}
@@ -308,6 +311,8 @@ class EnclavePolicy:
             # Only present when a group is defined, so policies without groups keep their bytes.
             **({"budget_groups": {name: g.to_mapping() for name, g in sorted(self.budget_groups.items())}}
                if self.budget_groups else {}),
+            # Only present for replicas, so single-enclave policies keep their bytes.
+            **({"cluster": self.cluster.to_mapping()} if self.cluster is not None else {}),
         }
 
     def burnable_streams(self) -> list[str]:

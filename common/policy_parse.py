@@ -20,6 +20,7 @@ from sealedsum.common.policy import (
     HARD_MAX_WINDOW_RECORDS, MAX_DIMENSION, SECURE_PAILLIER_BITS, BudgetGroup, EnclavePolicy, StreamKind,
     StreamPolicy,
 )
+from sealedsum.common.cluster import Cluster
 from sealedsum.common.privacy import Mechanism
 from sealedsum.common.tables import integer, number, one_of, take
 from sealedsum.common.wire import STREAM_NAME, strict_json
@@ -31,11 +32,12 @@ def policy_from_bytes(data: bytes) -> EnclavePolicy:
     try:
         raw = strict_json(data.decode("ascii"))
         if (not isinstance(raw, dict) or raw.get("version") != 1
-                or set(raw) - {"identities", "budget_groups"} != {"version", "enclave", "streams"}):
+                or set(raw) - {"identities", "budget_groups", "cluster"} != {"version", "enclave", "streams"}):
             raise InvalidMessage("policy: not a version 1 policy document")
         if raw.get("budget_groups", True) == {}:  # the canonical form omits an empty table
             raise InvalidMessage("policy: an empty budget_groups table is not canonical")
-        return enclave_policy(raw["enclave"], raw["streams"], raw.get("identities"), raw.get("budget_groups"))
+        return enclave_policy(raw["enclave"], raw["streams"], raw.get("identities"), raw.get("budget_groups"),
+                              raw.get("cluster"))
     except (ValueError, RecursionError, ConfigError) as err:
         # ValueError: not ASCII, not JSON, or an integer of more than 4300 digits;
         # RecursionError: nesting deeper than the interpreter's recursion limit.
@@ -44,9 +46,10 @@ def policy_from_bytes(data: bytes) -> EnclavePolicy:
 
 def enclave_policy(enclave: Mapping[str, Any], streams: Mapping[str, Any],
                    identities: Mapping[str, Any] | None = None,
-                   budget_groups: Mapping[str, Any] | None = None) -> EnclavePolicy:
-    """The policy of an ``[enclave]`` table, its ``[streams.NAME]`` tables, ``[identities]``
-    and its ``[budget_groups.NAME]`` tables."""
+                   budget_groups: Mapping[str, Any] | None = None,
+                   cluster: Mapping[str, Any] | None = None) -> EnclavePolicy:
+    """The policy of an ``[enclave]`` table, its ``[streams.NAME]`` tables, ``[identities]``,
+    its ``[budget_groups.NAME]`` tables and ``[cluster]``."""
     d = take(enclave, EnclavePolicy.KEYS, "enclave")
     bits, insecure = _key_size(d)
     age = number(d.get("max_record_age_seconds", 900.0), "enclave.max_record_age_seconds")
@@ -59,8 +62,12 @@ def enclave_policy(enclave: Mapping[str, Any], streams: Mapping[str, Any],
     parsed = {name: stream_policy(name, raw, bits, budgets) for name, raw in streams.items()}
     groups = _budget_groups(budgets, parsed)
     grace, every = _key_rotation(d)
+    replicas = None if cluster is None else Cluster.from_mapping(cluster)
+    if replicas is not None and every is not None:
+        raise ConfigError("enclave.rotate_keys_every_seconds cannot be set with [cluster]",
+                          hint="replicas share one key epoch; rotate by deploying a new measurement")
     return EnclavePolicy(parsed, bits, age, skew, insecure, Identities.from_mapping(identities or {}), grace, every,
-                         groups)
+                         groups, replicas)
 
 
 def _group_budgets(raw: Mapping[str, Any] | None) -> dict[str, tuple[float, float | None]]:

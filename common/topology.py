@@ -84,6 +84,20 @@ class Topology:
                                   "prefix counts and releases, and a second one stands by.")
     consumer_queue_prefix = property(lambda self: f"{self.prefix}.{CONSUMER_QUEUE_INFIX}.",
                                      doc="Named consumer queues (``sealedsum consume --queue``) start with this.")
+    # Replicas ([cluster]): shard queues, and what replicas tell one another.
+    cluster_partials = _named("cluster.partials", "Increments (ciphertext partial totals and the record ids they "
+                                                  "hold) from every replica to the release holder, and heartbeats.")
+    cluster_join = _named("cluster.join", "Key requests of replicas that have no keys yet, answered by any "
+                                          "replica that has them once each side has checked the other's quote.")
+    cluster_reply_prefix = property(lambda self: f"{self.prefix}.cluster.reply.",
+                                    doc="Each replica's own exclusive reply queue starts with this.")
+
+    def shard_queue(self, shard: int) -> str:
+        """The records queue of one shard: ``PREFIX.records.K``."""
+        return f"{self.prefix}.records.{shard}"
+
+    def shard_queues(self, shards: int) -> tuple[str, ...]:
+        return tuple(self.shard_queue(k) for k in range(shards))
 
     @property
     def exchanges(self) -> tuple[str, ...]:
@@ -117,8 +131,9 @@ REJECTED_QUEUE_MAX_BYTES = 256 << 20
 @dataclass(frozen=True, slots=True)
 class ExchangeDecl:
     name: str
-    type: str  # "direct", "fanout" or "topic"
+    type: str  # "direct", "fanout", "topic" or "x-consistent-hash"
     durable: bool = True
+    arguments: Mapping[str, object] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +160,25 @@ def release_lock(topology: Topology) -> QueueDecl:
     return QueueDecl(topology.release_lock, durable=False, exclusive=True)
 
 
-def declarations(topology: Topology, queue_type: str, max_queued_records: int) -> tuple[Declaration, ...]:
+# Sharded records: the records exchange hashes each message's message_id (which producers
+# set to a digest of the body, docs/protocol.md section 10.6) onto the shard queues, each
+# bound with this weight.
+SHARD_HASH_PROPERTY = "message_id"
+SHARD_WEIGHT = "1"
+CLUSTER_JOIN_TTL_MS = 30_000
+
+
+def declarations(topology: Topology, queue_type: str, max_queued_records: int,
+                 shards: int | None = None) -> tuple[Declaration, ...]:
     """Every exchange, queue and binding the sidecar declares, in declaration order: the
     dead-letter exchange before the queue that names it, each exchange before its bindings.
 
     :param queue_type: ``"quorum"`` or ``"classic"`` (``broker.queue_type``).
     :param max_queued_records: past this the records queue refuses new records
         (reject-publish), which producers see as a nack.
+    :param shards: with replicas (``[cluster]``), the records exchange is a consistent-hash
+        exchange over this many shard queues (``PREFIX.records.K``, each bounded as the one
+        records queue is), and the replicas' own queues are declared too.
     """
     t = topology
     durable_args = {"x-queue-type": queue_type}
@@ -160,15 +187,33 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int) -
                                          "x-overflow": "reject-publish"})
     if queue_type == "quorum":
         records_args["x-delivery-limit"] = DELIVERY_LIMIT
+    if shards is None:
+        records: tuple[Declaration, ...] = (
+            ExchangeDecl(t.records_exchange, "direct"),
+            QueueDecl(t.records_queue, durable=True, arguments=records_args),
+            Binding(t.records_queue, t.records_exchange, RECORD_ROUTING_KEY),
+        )
+        replicas: tuple[Declaration, ...] = ()
+    else:
+        records = (ExchangeDecl(t.records_exchange, "x-consistent-hash",
+                                arguments={"hash-property": SHARD_HASH_PROPERTY}),)
+        for name in t.shard_queues(shards):
+            records += (QueueDecl(name, durable=True, arguments=records_args),
+                        Binding(name, t.records_exchange, SHARD_WEIGHT))
+        replicas = (
+            # Increments wait here for the release holder, whoever it is by then.
+            QueueDecl(t.cluster_partials, durable=True, arguments={"x-queue-type": queue_type}),
+            QueueDecl(t.cluster_join, durable=False, arguments={
+                "x-message-ttl": CLUSTER_JOIN_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
+                "x-overflow": "drop-head"}),
+        )
     return (
         ExchangeDecl(t.rejected_exchange, "fanout"),
         QueueDecl(t.rejected_queue, durable=True, arguments=dict(durable_args, **{
             "x-max-length": REJECTED_QUEUE_MAX_LENGTH, "x-max-length-bytes": REJECTED_QUEUE_MAX_BYTES,
             "x-overflow": "drop-head"})),
         Binding(t.rejected_queue, t.rejected_exchange),
-        ExchangeDecl(t.records_exchange, "direct"),
-        QueueDecl(t.records_queue, durable=True, arguments=records_args),
-        Binding(t.records_queue, t.records_exchange, RECORD_ROUTING_KEY),
+        *records,
         ExchangeDecl(t.results_exchange, "topic"),
         # Every release and budget-exhausted notice, kept for every consumer. No retention bound
         # in the declaration: the broker refuses to redeclare a queue with other arguments, so
@@ -184,6 +229,7 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int) -
         ExchangeDecl(t.announce_exchange, "fanout"),
         # Notices about records, routed by the token the records carried.
         ExchangeDecl(t.notices_exchange, "direct"),
+        *replicas,
     )
 
 

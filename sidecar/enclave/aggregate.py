@@ -78,6 +78,16 @@ class Window:
         if self.opened_at_ms is None:
             self.opened_at_ms = now_ms
 
+    def fold_total(self, epoch: int, public_key: PaillierPublicKey, delta: tuple[int, ...], records: int,
+                   now_ms: int) -> None:
+        """Fold the Paillier sum of ``records`` records (another replica's partial total)."""
+        nsquare = public_key.nsquare
+        current = self.totals.get(epoch) or [gmpy2.mpz(1)] * len(delta)
+        self.totals[epoch] = [gmpy2.f_mod(t * gmpy2.mpz(c), nsquare) for t, c in zip(current, delta)]
+        self.count += records
+        if self.opened_at_ms is None:
+            self.opened_at_ms = now_ms
+
     def unfold(self, epoch: int, public_key: PaillierPublicKey, ciphertexts: tuple[int, ...]) -> None:
         """Take a folded record out again (its ciphertexts turned out not to encrypt what
         it stated): multiply by their inverses, which exist since each is a unit mod n²."""
@@ -124,33 +134,54 @@ class StreamState:
 
         :raises RecordRejected: a window other than the open one, or a producer over its bound.
         """
+        self.admission(envelope.window, envelope.producer_id)
+        if self.policy.max_records_per_producer is not None:
+            self.current.contributors[envelope.producer_id] = self.current.contributors.get(envelope.producer_id, 0) + 1
+        self.remember(envelope.record_id, forget_at_ms)
+        self.current.fold(envelope.key_epoch, public_key, envelope.ciphertexts, now_ms)
+
+    def admission(self, window: int, producer_id: bytes, pending: int = 0, pending_from_producer: int = 0) -> None:
+        """Whether the open window takes one more record asking for ``window`` from ``producer_id``
+        (checks 16 to 18 of docs/protocol.md section 11.1), with ``pending`` records (of them
+        ``pending_from_producer`` from the same producer) about to be folded in ahead of it.
+
+        :raises RecordRejected: a window other than the open one, a full window, or a producer
+            over its bound.
+        """
         if not self.current.index:
             raise RecordRejected(RejectReason.FUTURE_WINDOW, "no window of this stream is open yet")
-        if envelope.window and envelope.window < self.current.index:
+        if window and window < self.current.index:
             raise RecordRejected(RejectReason.LATE_WINDOW,
-                                 f"window {envelope.window} is closed; open window is {self.current.index}")
-        if envelope.window > self.current.index:
+                                 f"window {window} is closed; open window is {self.current.index}")
+        if window > self.current.index:
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
-                                 f"window {envelope.window} is not open yet; open window is {self.current.index}")
-        if self.current.count >= self.policy.max_window_records:
+                                 f"window {window} is not open yet; open window is {self.current.index}")
+        if self.current.count + pending >= self.policy.max_window_records:
             # Closing early would make the close time a function of the count (time-closed), or
             # spend the budget before the release interval allows (count-closed).
             raise RecordRejected(RejectReason.FUTURE_WINDOW,
-                                 f"window {self.current.index} holds {self.current.count} records, the most a "
+                                 f"window {self.current.index} holds {self.current.count + pending} records, the most a "
                                  "window can; the next window opens "
                                  + ("on schedule" if not self.policy.count_closed else "when the release interval ends"))
         limit = self.policy.max_records_per_producer
         if limit is not None:
-            if envelope.producer_id == ANONYMOUS:
+            if producer_id == ANONYMOUS:
                 raise RecordRejected(RejectReason.CONTRIBUTION_LIMIT,
                                      "anonymous records are refused where contributions are bounded per producer")
-            already = self.current.contributors.get(envelope.producer_id, 0)
+            already = self.current.contributors.get(producer_id, 0) + pending_from_producer
             if already >= limit:
                 raise RecordRejected(RejectReason.CONTRIBUTION_LIMIT,
                                      f"the producer already has {already} record(s) in this window (limit {limit})")
-            self.current.contributors[envelope.producer_id] = already + 1
-        self.remember(envelope.record_id, forget_at_ms)
-        self.current.fold(envelope.key_epoch, public_key, envelope.ciphertexts, now_ms)
+
+    def admit(self, epoch: int, public_key: PaillierPublicKey, delta: tuple[int, ...],
+              members: list[tuple[bytes, bytes, int]], now_ms: int) -> None:
+        """Fold a replica's partial total of ``members`` (record id, producer id, forget-at) into
+        the open window, each of them admitted already (:meth:`admission`)."""
+        for record_id, producer_id, forget_at in members:
+            if self.policy.max_records_per_producer is not None:
+                self.current.contributors[producer_id] = self.current.contributors.get(producer_id, 0) + 1
+            self.remember(record_id, forget_at)
+        self.current.fold_total(epoch, public_key, delta, len(members), now_ms)
 
     def withdraw(self, envelope: wire.Envelope, public_key: PaillierPublicKey) -> None:
         """Undo :meth:`accept` of a record of the open window: as if it had never come."""

@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import gmpy2
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.public import PrivateKey, SealedBox
 from phe import paillier
 
@@ -21,6 +23,7 @@ from sealedsum.common import signing, wire
 from sealedsum.sidecar.enclave import sealing
 
 SEALED_AAD = b"sealedsum/v1/sealed-keys\x00"
+CLUSTER_KEY_INFO = b"sealedsum/v1/cluster-key"
 
 _crt_pool: ThreadPoolExecutor | None = None
 
@@ -226,12 +229,24 @@ class Keyring:
     def seal(self, sealing_key: bytes, measurement: bytes) -> bytes:
         """The current epoch at the top level (as :meth:`EnclaveKeys.seal` writes it), the
         others under ``older``."""
+        return sealing.seal(sealing_key, measurement, self.export(), SEALED_AAD)
+
+    def export(self) -> bytes:
+        """The keyring in the clear (what :meth:`seal` seals): only ever sealed, or handed to
+        an attested replica inside a sealed box (``sealedsum.sidecar.cluster.join``)."""
         current = json.loads(self._doc(self.current))
         current["older"] = [json.loads(self._doc(k)) for e, k in sorted(self.epochs.items()) if e != self.current_epoch]
         current["retire_at"] = {str(e): t for e, t in self.retire_at.items()}
         current["retired"] = sorted(self.retired)
         current["rotated_at_ms"] = self.rotated_at_ms
-        return sealing.seal(sealing_key, measurement, json.dumps(current).encode(), SEALED_AAD)
+        return json.dumps(current).encode()
+
+    def cluster_key(self) -> bytes:
+        """The key replicas of one deployment authenticate and encrypt what they send one another
+        with: derived from the result-signing key, which every epoch shares and only holders of
+        the keyring know."""
+        seed = self.current._ed25519.private_bytes_raw()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=CLUSTER_KEY_INFO).derive(seed)
 
     @staticmethod
     def _doc(keys: EnclaveKeys) -> str:
@@ -245,7 +260,12 @@ class Keyring:
 
     @classmethod
     def unseal(cls, sealing_key: bytes, measurement: bytes, blob: bytes) -> "Keyring":
-        doc = json.loads(sealing.unseal(sealing_key, measurement, blob, SEALED_AAD))
+        return cls.imported(sealing.unseal(sealing_key, measurement, blob, SEALED_AAD))
+
+    @classmethod
+    def imported(cls, data: bytes) -> "Keyring":
+        """The keyring :meth:`export` wrote."""
+        doc = json.loads(data)
         epochs = {}
         for raw in [doc, *doc.get("older", [])]:
             keys = EnclaveKeys.from_doc(raw)

@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from sealedsum.common import wire
 from sealedsum.common.errors import InvalidMessage, RecordRejected, RejectReason, RollbackDetected, StateIncompatible
@@ -27,6 +27,9 @@ from sealedsum.sidecar.enclave.state import Checkpoint, Closing, EnclaveState
 from sealedsum.sidecar.enclave.records import check_age, max_record_bytes, open_record
 from sealedsum.sidecar.enclave.release import Notice, Publication, budget_report, exhausted_notice, noised_release, \
     receipts, refusal_notice, rotation_notice
+
+if TYPE_CHECKING:
+    from sealedsum.sidecar.cluster.frames import Increment
 
 log = logging.getLogger("sealedsum.enclave")
 
@@ -410,6 +413,75 @@ class Enclave:
                 break
         self.stats.accepted -= 1
         self.stats.rejected[RejectReason.OUT_OF_RANGE.value] += 1
+
+    # -- replicas: the release holder's part -----------------------------------------------
+    # Replicas ([cluster]) open and check records (checks 1 to 11 and 19 of docs/protocol.md
+    # section 11.1) and send the holder increments: the Paillier sum of a batch, per stream and
+    # key epoch, with each record's id, producer, age and window. The holder makes the checks
+    # that need the state (12 to 18) here, against the one state every replica's records meet.
+    def parks(self, increment: "Increment", close_ms: int) -> bool:
+        """Whether ``increment`` was read in a time-closed window later than the open one (the
+        holder is still waiting for the other replicas to report the open one): it waits
+        until that window opens, so a record counts in the window its replica read it in."""
+        for group in increment.groups:
+            state = self.streams.get(group.stream)
+            span = state.policy.window_ms if state is not None else None
+            if span is not None and increment.read_ms // span > (state.current.index or close_ms // span):
+                return True
+        return False
+
+    def merge(self, increment: "Increment", now_ms: int, close_ms: int | None = None
+              ) -> tuple[Effects, tuple[tuple[int, RecordRejected], ...]]:
+        """Count a replica's increment into the open windows, all of it or nothing.
+
+        :param close_ms: the clock time-closed windows close by (``now_ms`` less what the
+            holder still waits for replicas to report; ``now_ms`` by default).
+        :returns: the effects, and the refused records (by index in ``increment.members``) with
+            their reasons: when there are any, nothing of the increment is counted (its
+            replica takes the refused ones out of its partial total and sends the rest again).
+        """
+        close_ms = now_ms if close_ms is None else close_ms
+        effects = self._close([w for st in self.streams.values() if st.policy.window_ms
+                               for w in [st.due(close_ms)] if w is not None], now_ms)
+        refused: list[tuple[int, RecordRejected]] = []
+        pending: collections.Counter = collections.Counter()
+        from_producer: collections.Counter = collections.Counter()
+        taken: set[tuple[str, bytes]] = set()
+        for i, (group, member) in enumerate(increment.members):
+            try:
+                state = self.streams.get(group.stream)
+                keys = self.keyring.epochs.get(group.epoch)
+                if state is None or keys is None or len(group.delta) != state.policy.ciphertexts_per_record \
+                        or not all(0 < c < keys.nsquare for c in group.delta):
+                    raise RecordRejected(RejectReason.MALFORMED, "an increment that does not fit this policy and keys")
+                if member.record_id in state.seen or (group.stream, member.record_id) in taken:
+                    raise RecordRejected(RejectReason.DUPLICATE, f"record id {member.record_id.hex()} seen already")
+                if group.stream in self.exhausted:
+                    raise RecordRejected(RejectReason.BUDGET_EXHAUSTED,
+                                         f"stream {group.stream!r} has spent its privacy budget")
+                check_age(member, self.policy, now_ms)
+                state.admission(member.window, member.producer_id, pending[group.stream],
+                                from_producer[(group.stream, member.producer_id)])
+            except RecordRejected as rejection:
+                rejection.record = (group.stream, member.record_id)
+                self.stats.rejected[rejection.reason.value] += 1
+                refused.append((i, rejection))
+                continue
+            pending[group.stream] += 1
+            from_producer[(group.stream, member.producer_id)] += 1
+            taken.add((group.stream, member.record_id))
+        if refused:
+            return effects, tuple(refused)
+        horizon = int((self.policy.max_record_age_seconds + 1) * 1000)
+        for group in increment.groups:
+            state = self.streams[group.stream]
+            members = [(m.record_id, m.producer_id, m.sent_at_ms + horizon) for m in group.members]
+            state.admit(group.epoch, self.keyring.epochs[group.epoch].paillier_public, group.delta, members, now_ms)
+            self.state.new_seen.extend((group.stream, rid, forget_at) for rid, _, forget_at in members)
+            self.stats.accepted += len(members)
+            if state.ready(now_ms):
+                effects |= self._close([state.close(now_ms)], now_ms)
+        return effects | Effects(checkpoint=True), ()
 
     def on_tick(self, now_ms: int) -> Effects:
         """Close windows whose time is up; forget record ids past the replay horizon; retire

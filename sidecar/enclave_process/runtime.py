@@ -111,7 +111,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def declare_topology(channel, settings: BrokerSettings, reopen=None):
+def declare_topology(channel, settings: BrokerSettings, reopen=None, shards: int | None = None):
     """Declare every exchange and queue the system uses (the sidecar owns them); return the
     channel to go on with.
 
@@ -121,9 +121,10 @@ def declare_topology(channel, settings: BrokerSettings, reopen=None):
     again. The dead-letter queue holds what the operator has not read yet: it is kept as it is,
     with a warning. ``reopen()`` gives a fresh channel after such a refusal."""
     t = settings.topology
-    for d in topology.declarations(t, settings.queue_type, settings.max_queued_records):
+    for d in topology.declarations(t, settings.queue_type, settings.max_queued_records, shards):
         if isinstance(d, topology.ExchangeDecl):
-            channel.exchange_declare(d.name, exchange_type=d.type, durable=d.durable)
+            extra = {"arguments": dict(d.arguments)} if d.arguments else {}
+            channel.exchange_declare(d.name, exchange_type=d.type, durable=d.durable, **extra)
         elif isinstance(d, topology.QueueDecl):
             try:
                 channel.queue_declare(d.name, durable=d.durable, arguments=dict(d.arguments))

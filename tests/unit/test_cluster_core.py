@@ -1,0 +1,137 @@
+"""Replicas without a broker: frames, the key handshake, a replica's increments and the
+release holder's merge (sidecar/cluster, Enclave.merge)."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+
+from sealedsum.common import wire
+from sealedsum.common.errors import InvalidMessage, RejectReason, ReportDataMismatch, UnknownMeasurement, \
+    UntrustedPlatform
+from sealedsum.common.policy_parse import enclave_policy
+from sealedsum.sidecar import measurement as measure
+from sealedsum.sidecar.cluster import frames, join, worker
+from sealedsum.sidecar.enclave.keyring import Keyring
+from sealedsum.sidecar.enclave.service import Enclave, OpenedRecord
+from sealedsum.sidecar.platform.emulated import EmulatedPlatform
+from tests.conftest import TEST_BITS, make_world, now_ms, stream_table
+
+SPAN_S = 3600.0  # one window for the whole test
+
+
+def cluster_policy(platforms, streams=None, peers=()):
+    return enclave_policy({"paillier_bits": TEST_BITS, "insecure_test_keys": True},
+                          streams or {"s": stream_table(window_records=None, window_seconds=SPAN_S, min_batch=1)},
+                          cluster={"shards": 3, "platform_keys": [base64.b64encode(p.public_key()).decode()
+                                                                  for p in platforms],
+                                   "peer_measurements": [m.hex() for m in peers]})
+
+
+@pytest.fixture
+def replicas(small_keys):
+    """A holder and a worker replica of one deployment (the same keys and policy) and a sealer."""
+    platform = EmulatedPlatform.generate()
+    policy = cluster_policy([platform])
+    holder = make_world(small_keys, policy)
+    return holder, holder.platform
+
+
+def sealed(world, n, value=1.0, **kw):
+    return [world.sealer.seal("s", [value], **kw).body for _ in range(n)]
+
+
+def test_a_frame_opens_only_under_its_cluster_key_and_unchanged(small_keys):
+    key = Keyring.single(small_keys).cluster_key()
+    beat = frames.Heartbeat(os.urandom(16), 123)
+    body = frames.seal(key, beat)
+    assert frames.open_frame(key, body) == beat
+    assert b"123" not in body  # encrypted
+    with pytest.raises(InvalidMessage):
+        frames.open_frame(os.urandom(32), body)
+    tampered = bytearray(body)
+    tampered[-1] ^= 1
+    with pytest.raises(InvalidMessage):
+        frames.open_frame(key, bytes(tampered))
+
+
+def test_increments_merge_into_the_holders_window_and_a_duplicate_on_another_shard_is_refused(replicas):
+    world, _ = replicas
+    enclave = world.enclave
+    bodies = sealed(world, 6)
+    opened = worker.checked([enclave.open(b) for b in bodies])
+    assert all(isinstance(o, OpenedRecord) for o in opened)
+    t = now_ms()
+    a, _ = worker.increment(os.urandom(16), 1, opened[:3], t, t)
+    b, _ = worker.increment(os.urandom(16), 1, opened[3:], t, t)
+    effects, refused = enclave.merge(a, t)
+    assert refused == () and effects.checkpoint
+    effects, refused = enclave.merge(b, t)
+    assert refused == ()
+    state = enclave.streams["s"]
+    assert state.current.count == 6
+    # The same record published again, read by another replica: refused, and nothing counted.
+    again = worker.checked([enclave.open(bodies[0]), enclave.open(world.sealer.seal("s", [1.0]).body)])
+    c, index = worker.increment(os.urandom(16), 1, again, t, t)
+    _, refused = enclave.merge(c, t)
+    assert [(i, r.reason) for i, r in refused] == [(0, RejectReason.DUPLICATE)]
+    assert state.current.count == 6
+    # Sent again without it, the other record counts.
+    d, _ = worker.increment(c.worker, 2, [again[1]], t, t)
+    assert enclave.merge(d, t)[1] == ()
+    assert state.current.count == 7
+    # The merged total decrypts to the sum of the seven records (fixed point).
+    keys = enclave.keys
+    (total,) = state.current.totals[keys.epoch]
+    f = enclave.policy.streams["s"].fraction_bits
+    assert keys.decrypt_total(int(total)) == 7 * round(1.0 * 2 ** f)
+
+
+def test_a_liar_is_refused_by_its_replica_before_anything_reaches_the_holder(replicas):
+    world, _ = replicas
+    enclave = world.enclave
+    honest = enclave.open(world.sealer.seal("s", [2.0]).body)
+    liar = enclave.open(world.sealer.seal("s", [3.0]).body)
+    forged = OpenedRecord(wire.Envelope(**{**{f: getattr(liar.envelope, f) for f in wire.Envelope.__dataclass_fields__},
+                                           "ciphertexts": honest.envelope.ciphertexts}), liar.stream, liar.keys)
+    out = worker.checked([honest, forged])
+    assert isinstance(out[0], OpenedRecord)
+    assert out[1].reason == RejectReason.OUT_OF_RANGE
+
+
+def test_keys_go_only_to_a_replica_that_attests_and_come_only_from_one(small_keys):
+    platform = EmulatedPlatform.generate()
+    policy = cluster_policy([platform])
+    digest, measurement = measure.measure(policy.to_bytes())
+    keyring = Keyring.single(small_keys)
+    holder = Enclave(keyring, policy, policy.to_bytes(), digest, measurement, lambda rd: platform.quote(measurement, rd))
+    req, box = join.request(lambda rd: platform.quote(measurement, rd), digest, policy.to_bytes())
+    assert join.check_request(join.JoinRequest.from_bytes(req.to_bytes()), policy.cluster, measurement, now_ms()) \
+        == measurement
+    reply = join.JoinReply.from_bytes(join.answer(req, keyring, holder.attest).to_bytes())
+    got = join.accept(reply, req, box, policy.cluster, measurement, now_ms())
+    assert got.current.bundle_bytes == keyring.current.bundle_bytes
+    assert got.cluster_key() == keyring.cluster_key()
+
+    # Another policy is another measurement: refused unless listed.
+    other = cluster_policy([platform], {"s": stream_table(window_records=None, window_seconds=SPAN_S, min_batch=2)})
+    odigest, omeasurement = measure.measure(other.to_bytes())
+    bad, _ = join.request(lambda rd: platform.quote(omeasurement, rd), odigest, other.to_bytes())
+    with pytest.raises(UnknownMeasurement):
+        join.check_request(bad, policy.cluster, measurement, now_ms())
+    # A platform the policy does not list.
+    rogue = EmulatedPlatform.generate()
+    forged, _ = join.request(lambda rd: rogue.quote(measurement, rd), digest, policy.to_bytes())
+    with pytest.raises(UntrustedPlatform):
+        join.check_request(forged, policy.cluster, measurement, now_ms())
+    # A quote that binds another box key (a request rebuilt around someone else's quote).
+    swapped = join.JoinRequest(req.nonce, bytes(32), digest, policy.to_bytes(), req.quote)
+    with pytest.raises(ReportDataMismatch):
+        join.check_request(swapped, policy.cluster, measurement, now_ms())
+    # The joiner refuses keys that are not the attested ones.
+    impostor = Keyring.single(type(small_keys).generate(TEST_BITS))
+    mixed = join.JoinReply(reply.attestation, join.answer(req, impostor, holder.attest).keys)
+    with pytest.raises(ReportDataMismatch):
+        join.accept(mixed, req, box, policy.cluster, measurement, now_ms())
