@@ -89,6 +89,10 @@ class Topology:
                                                   "hold) from every replica to the release holder, and heartbeats.")
     cluster_join = _named("cluster.join", "Key requests of replicas that have no keys yet, answered by any "
                                           "replica that has them once each side has checked the other's quote.")
+    cluster_state = _named("cluster.state", "The release holder's sealed state: a RabbitMQ stream, replicated by the "
+                                            "broker cluster, that whichever replica takes the release role reads.")
+    cluster_genesis = _named("cluster.genesis", "The deployment's public keys, put there by the replica that created "
+                                                "them: while it holds a message, no other replica creates keys.")
     cluster_reply_prefix = property(lambda self: f"{self.prefix}.cluster.reply.",
                                     doc="Each replica's own exclusive reply queue starts with this.")
 
@@ -203,6 +207,8 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int,
         replicas = (
             # Increments wait here for the release holder, whoever it is by then.
             QueueDecl(t.cluster_partials, durable=True, arguments={"x-queue-type": queue_type}),
+            QueueDecl(t.cluster_state, durable=True, arguments={"x-queue-type": "stream"}),
+            QueueDecl(t.cluster_genesis, durable=True, arguments={"x-queue-type": queue_type}),
             QueueDecl(t.cluster_join, durable=False, arguments={
                 "x-message-ttl": CLUSTER_JOIN_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
                 "x-overflow": "drop-head"}),

@@ -140,6 +140,14 @@ def check_stream_name(name: str) -> str:
     return name
 
 
+def shard_key(body: bytes) -> str:
+    """The ``message_id`` of a record message: the first 16 bytes of the SHA-256 of its body, in
+    hex. A sharded deployment's records exchange hashes it onto a shard queue; the same message
+    published again (a retry) lands on the same shard. It tells the broker nothing the body does
+    not (docs/protocol.md section 10.6)."""
+    return hashlib.sha256(body).digest()[:16].hex()
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One record, as the producer builds it and the enclave reads it inside the sealed box.

@@ -385,14 +385,13 @@ class ConnectionDriver:
                 self._ioloop.call_later(0, self._connect)
             return
         channel, exchange = self._channel, self.settings.topology.records_exchange
-        props = {kind: amqp.properties(kind, headers=self._headers)
-                 for kind in (wire.RECORD_TYPE, wire.RECORD_BATCH_TYPE)}
         for i, ticket in enumerate(batch):
             try:
-                # No message id or stream in the properties: the broker sees only the sealed box
-                # (and the session's notice token, which names no record).
-                channel.basic_publish(exchange, topology.RECORD_ROUTING_KEY, ticket.body, props[ticket.kind],
-                                      mandatory=True)
+                # Nothing about the record or stream in the properties: the broker sees only the
+                # sealed box, the session's notice token (which names no record) and a digest of
+                # the box it sees anyway, which a sharded deployment's exchange hashes.
+                props = amqp.properties(ticket.kind, headers=self._headers, message_id=wire.shard_key(ticket.body))
+                channel.basic_publish(exchange, topology.RECORD_ROUTING_KEY, ticket.body, props, mandatory=True)
             except Exception as err:  # noqa: BLE001 - channel or connection closing under us
                 self._pipeline.requeue(batch[i:])
                 log.info("publish interrupted", extra={"fields": {"error": repr(err)}})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,7 +121,9 @@ class Testbed:
         self.process_url = process_url
         self.prefix = prefix or f"t-{uuid.uuid4().hex[:10]}"
         self.state = Path(state) if state is not None else self.workdir / "state"
-        self.platform = EmulatedPlatform.init(self.state)
+        # A replica of a cluster shares its platform with the others (a key file copied in).
+        self.platform = (EmulatedPlatform.load(self.state) if (self.state / KEY_FILE).exists()
+                         else EmulatedPlatform.init(self.state))
         insecure = "insecure_test_keys = true\n" if bits not in SECURE_PAILLIER_BITS else ""
         # The consumers of a testbed remember its chains beside it, not in the user's state
         # directory, which would collect the chains of every test and demo run ever made.
@@ -232,3 +235,99 @@ class Testbed:
         for e in reversed(self.events("enclave running")):
             return int(e["pid"])
         raise RuntimeError("the enclave never reported running")
+
+
+CLUSTER_TABLE = """
+[cluster]
+shards = {shards}
+platform_keys = ["{platform_key}"]
+window_grace_seconds = {grace}
+{extra}
+"""
+
+
+class ClusterTestbed:
+    """Enclave replicas of one deployment ([cluster]), each a :class:`Testbed` of its own (its
+    state directory, config and sidecar process), all on one emulated platform (its key file
+    copied into each state directory), on a RabbitMQ cluster's nodes in turn.
+
+    :param urls: the broker nodes; replica ``i`` connects to ``urls[i % len(urls)]``.
+    """
+
+    def __init__(self, workdir: Path, urls: list[str], streams: str, *, replicas: int = 3, shards: int = 3,
+                 bits: int = 1024, grace: float = 1.0, cluster_extra: str = "", prefix: str | None = None,
+                 broker_extra: str = "", enclave_extra: str = "") -> None:
+        self.workdir = Path(workdir)
+        self.urls = list(urls)
+        self.prefix = prefix or f"c-{uuid.uuid4().hex[:10]}"
+        self.streams = streams
+        self._kw = dict(bits=bits, broker_extra=broker_extra, enclave_extra=enclave_extra)
+        first = self.workdir / "r0" / "state"
+        first.mkdir(parents=True, exist_ok=True)
+        self.platform = EmulatedPlatform.init(first)
+        self.cluster = CLUSTER_TABLE.format(shards=shards, platform_key=encode_platform_key(self.platform.public_key()),
+                                            grace=grace, extra=cluster_extra)
+        self.replicas: list[Testbed] = []
+        for _ in range(replicas):
+            self.add_replica()
+
+    def add_replica(self, streams: str | None = None) -> Testbed:
+        """One more replica (not started); ``streams`` gives it another policy (another measurement)."""
+        i = len(self.replicas)
+        state = self.workdir / f"r{i}" / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        if i:
+            shutil.copy(self.workdir / "r0" / "state" / KEY_FILE, state / KEY_FILE)
+        replica = Testbed(self.workdir / f"r{i}", self.urls[i % len(self.urls)], (streams or self.streams) + self.cluster,
+                          state=state, prefix=self.prefix, **self._kw)
+        self.replicas.append(replica)
+        return replica
+
+    @property
+    def config(self):
+        return self.replicas[0].config
+
+    def client_config(self, node: int = 0):
+        """A client's config (the first replica's trust anchors) on broker node ``node``."""
+        return self.replicas[0].config.with_broker_url(self.urls[node % len(self.urls)])
+
+    def start(self, *, log_level: str = "info") -> None:
+        for replica in self.replicas:
+            if not replica.alive():
+                replica.start(log_level=log_level)
+
+    def wait_attestable(self, timeout: float = 90.0) -> AttestedEnclave:
+        return amqp.wait_attestable(self.config.broker, self.config.require_trust(), timeout,
+                                    alive=lambda: any(r.alive() for r in self.replicas))
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stop()
+
+    def holder(self) -> int | None:
+        """Which replica took the release role last (from the logs), if any did."""
+        last, who = "", None
+        for i, replica in enumerate(self.replicas):
+            for e in replica.events("release role taken"):
+                if e.get("ts", "") >= last:
+                    last, who = e.get("ts", ""), i
+        return who
+
+    def delete_topology(self) -> None:
+        t = self.config.broker.topology
+        shards = self.config.require_policy().cluster.shards
+        amqp.delete_topology(self.config.broker, extra_queues=(*t.shard_queues(shards), t.cluster_partials,
+                                                               t.cluster_state, t.cluster_genesis, t.cluster_join))
+
+    def __enter__(self) -> "ClusterTestbed":
+        self.start()
+        try:
+            self.wait_attestable()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.delete_topology()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gmpy2
 
 from sealedsum.common.errors import RecordRejected, RejectReason
-from sealedsum.sidecar.cluster.frames import Group, Increment, Member
+from sealedsum.sidecar.enclave.frames import Group, Increment, Member
 from sealedsum.sidecar.enclave import validity
 from sealedsum.sidecar.enclave.service import OpenedRecord
 

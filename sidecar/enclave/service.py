@@ -29,7 +29,7 @@ from sealedsum.sidecar.enclave.release import Notice, Publication, budget_report
     receipts, refusal_notice, rotation_notice
 
 if TYPE_CHECKING:
-    from sealedsum.sidecar.cluster.frames import Increment
+    from sealedsum.sidecar.enclave.frames import Increment
 
 log = logging.getLogger("sealedsum.enclave")
 

@@ -126,6 +126,9 @@ def main(argv: list[str]) -> int:
     def quote(report_data: bytes) -> bytes:
         return channel.request(QuoteRequest(report_data), QuoteReply).quote
 
+    if policy.cluster is not None:
+        return run_replica(channel, launch, policy, quote, report)
+
     try:
         with storage("opening the state directory"):
             directory = enclave_dir(Path(launch.state_dir), measurement)
@@ -167,6 +170,65 @@ def main(argv: list[str]) -> int:
     runtime.run()
     log.info("enclave stopped")
     return runtime.exit_code
+
+
+def run_replica(channel: PipeChannel, launch: Launch, policy, quote, report: dict) -> int:
+    """An enclave replica ([cluster]): its keys are sealed here, the state it releases from is
+    the release holder's, in the broker (``sealedsum.sidecar.cluster.runtime``)."""
+    from sealedsum.sidecar.cluster.runtime import Holder, StreamStateStore, Worker, obtain_keys, state_key
+
+    b = launch.broker
+    settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
+    measurement, digest, policy_bytes = launch.measurement, launch.code_digest, launch.policy
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    try:
+        with storage("opening the state directory"):
+            directory = enclave_dir(Path(launch.state_dir), measurement)
+            path = directory / "keys.sealed"
+            keyring = Keyring.unseal(launch.sealing_key, measurement, path.read_bytes()) if path.exists() else None
+        if keyring is None:
+            keyring = obtain_keys(settings, policy.cluster, measurement, digest, policy_bytes, policy.paillier_bits,
+                                  quote, lambda: bool(stopping))
+            if keyring is None:
+                return 0
+            with storage("sealing the keys"):
+                write_atomic(path, keyring.seal(launch.sealing_key, measurement))
+    except StorageError as err:
+        log.error("cannot write the state directory; exiting for the platform to restart the enclave",
+                  extra={"fields": {"detail": str(err), "hint": err.hint}})
+        return err.exit_code
+    except SealedsumError as err:
+        log.error(REFUSALS.get(type(err), "cannot unseal keys"), extra={"fields": {
+            "error": type(err).__name__, "detail": str(err), "hint": err.hint}})
+        return err.exit_code
+
+    def build(state):
+        return Enclave(keyring, policy, policy_bytes, digest, measurement, quote, state, int(time.time() * 1000),
+                       draw_inline=not draws_on_a_thread())
+
+    worker = Worker(build(None), settings, policy.cluster, measurement)
+    holder = Holder(build, settings, policy.cluster, StreamStateStore(settings, state_key(keyring), worker.id),
+                    start_timeout_s=b.start_timeout_ms / 1000)
+
+    def stop(*_):
+        holder.stop()
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if stopping:
+        return 0
+    worker.start()
+    channel.send(Ready(os.getpid(), report, keyring.current_epoch))
+    log.info("replica running", extra={"fields": {"worker": worker.id.hex(), "shards": policy.cluster.shards}})
+    holder.run()
+    worker.stop()
+    if worker.thread is not None:
+        worker.thread.join(timeout=10)
+    log.info("enclave stopped", extra={"fields": {"worker_stats": dict(worker.stats)}})
+    return holder.exit_code
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from sealedsum.common.errors import InvalidMessage, RejectReason, ReportDataMism
     UntrustedPlatform
 from sealedsum.common.policy_parse import enclave_policy
 from sealedsum.sidecar import measurement as measure
-from sealedsum.sidecar.cluster import frames, join, worker
+from sealedsum.sidecar.cluster import join, worker
+from sealedsum.sidecar.enclave import frames
 from sealedsum.sidecar.enclave.keyring import Keyring
 from sealedsum.sidecar.enclave.service import Enclave, OpenedRecord
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform

@@ -116,19 +116,23 @@ class Increment:
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """A replica with nothing in flight: every record it received before ``through_ms`` has
-    been sent in an increment."""
+    been sent in an increment. ``reply_node`` names the broker node the replica is connected to,
+    as direct reply-to names encode it (empty if unknown): clients on that node may attest to
+    the holder, which answers only reply-to names of nodes it knows."""
 
     worker: bytes
     through_ms: int
+    reply_node: bytes = b""
 
     KIND = "heartbeat"
 
     def to_json(self) -> dict:
-        return {"kind": self.KIND, "worker": self.worker.hex(), "through_ms": self.through_ms}
+        return {"kind": self.KIND, "worker": self.worker.hex(), "through_ms": self.through_ms,
+                "reply_node": self.reply_node.hex()}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Heartbeat":
-        return cls(_worker(raw), int(raw["through_ms"]))
+        return cls(_worker(raw), int(raw["through_ms"]), bytes.fromhex(raw["reply_node"]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,681 @@
+"""The broker edge of an enclave replica ([cluster]): getting the keys, the replica's work on
+the shard queues, the release holder's state in a RabbitMQ stream, and the holder itself.
+
+Every replica runs a :class:`Worker` on a thread of its own: it consumes every shard queue as
+a competing consumer, opens and checks the records, and sends each batch as one increment to
+``PREFIX.cluster.partials``; it acknowledges the batch's deliveries only once the holder has
+answered that the increment is counted and durable (or dead-letters the records the holder
+refused). A replica that dies leaves its unacknowledged deliveries to the others, and an
+increment it sent to the holder is counted or not as a whole, so nothing is lost or counted
+twice (a record counted already is a ``duplicate`` the second time, and a redelivered one is
+acknowledged as counted).
+
+One replica at a time holds the prefix's release lock (the exclusive queue ``PREFIX.lock``)
+and runs the :class:`Holder`: the single enclave's runtime with increments for records. It
+keeps the sealed state in the stream ``PREFIX.cluster.state`` (replicated by the broker
+cluster) instead of a local directory, so whichever replica takes the lock next reads the same
+ledger, windows, record ids and unpublished releases, and carries on from them.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+
+import nacl.exceptions
+import nacl.secret
+import pika
+import pika.exceptions as pe
+
+from sealedsum.common import amqp, topology, wire
+from sealedsum.common.cluster import Cluster
+from sealedsum.common.config import BrokerSettings
+from sealedsum.common.errors import AnotherReleaser, AttestationError, InvalidMessage, RecordRejected, RejectReason, TransportError
+from sealedsum.common.wire import strict_json
+from sealedsum.sidecar.cluster import join, worker as work
+from sealedsum.sidecar.enclave import frames
+from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
+from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave, OpenedRecord
+from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
+from sealedsum.sidecar.enclave_process.runtime import (
+    DEAD_LETTER_PREFIX_BYTES, LOCK_RETRY_S, EnclaveRuntime, ack_batch_for, declare_topology, enclave_prefetch, now_ms)
+
+log = logging.getLogger("sealedsum.cluster")
+
+# A replica sends a heartbeat this often while it has nothing in flight, and the holder counts
+# a replica as gone (and stops waiting for it to report a window) after WORKER_TIMEOUT_S.
+HEARTBEAT_S = 0.2
+WORKER_TIMEOUT_S = 3.0
+# How long a replica waits for the holder's answer before it sends the increment again
+# (marked as a resend: the holder may have counted it, and lost only the answer).
+REPLY_TIMEOUT_S = 5.0
+# How long deliveries may wait for others to share their increment.
+INGEST_WAIT_S = 0.02
+# A replica without keys asks for them this often.
+JOIN_EVERY_S = 2.0
+STATE_LOAD_TIMEOUT_S = 60.0
+STATE_KEY_INFO = b"sealedsum/v1/cluster-state"
+# Increments carry a delta per coordinate: a wide vector's can exceed a record's size.
+MAX_FRAME_BYTES = 64 << 20
+
+
+def state_key(keyring: Keyring) -> bytes:
+    return hashlib.sha256(STATE_KEY_INFO + keyring.cluster_key()).digest()
+
+
+def reply_queue(t: topology.Topology, worker: bytes) -> str:
+    return t.cluster_reply_prefix + worker.hex()
+
+
+# -- keys ---------------------------------------------------------------------------------
+def obtain_keys(settings: BrokerSettings, cluster: Cluster, measurement: bytes, code_digest: bytes,
+                policy_bytes: bytes, paillier_bits: int, quote, stopping) -> Keyring | None:
+    """The deployment's keys: from a running replica, after each side attested to the other
+    (:mod:`.join`), or, for the first replica of a deployment, new ones. Only the holder of the
+    release lock may create them, and only while ``PREFIX.cluster.genesis`` is empty (it then
+    puts the new public keys there): a deployment has one set of keys, however its replicas
+    start. Returns ``None`` if ``stopping()`` became true first."""
+    t = settings.topology
+    me = uuid.uuid4().bytes
+    waited_since = time.monotonic()
+    warned = 0.0
+    while not stopping():
+        try:
+            conn = amqp.connect(settings, name=f"sealedsum-replica {t.prefix} join")
+        except TransportError as err:
+            log.warning("no broker to ask for keys; retrying", extra={"fields": {"detail": str(err)}})
+            _sleep(JOIN_EVERY_S, stopping)
+            continue
+        try:
+            channel = declare_topology(conn.channel(), settings, reopen=conn.channel, shards=cluster.shards)
+            inbox = reply_queue(t, me)
+            channel.queue_declare(inbox, exclusive=True, auto_delete=True)
+            answers: list[bytes] = []
+            channel.basic_consume(inbox, lambda _c, _m, _p, body: answers.append(body), auto_ack=True)
+            while not stopping():
+                req, box = join.request(quote, code_digest, policy_bytes)
+                channel.basic_publish("", t.cluster_join, req.to_bytes(), pika.BasicProperties(
+                    type=join.REQUEST_TYPE, reply_to=inbox, app_id=amqp.APP_ID))
+                deadline = time.monotonic() + JOIN_EVERY_S
+                while time.monotonic() < deadline and not answers:
+                    conn.process_data_events(time_limit=0.1)
+                for body in answers:
+                    try:
+                        keyring = join.accept(join.JoinReply.from_bytes(body), req, box, cluster, measurement, now_ms())
+                    except (AttestationError, InvalidMessage) as err:
+                        log.error("a replica answered with keys that do not attest; ignored", extra={"fields": {
+                            "error": type(err).__name__, "detail": str(err)}})
+                        continue
+                    log.info("keys received from an attested replica", extra={"fields": {
+                        "key_epoch": keyring.current_epoch}})
+                    return keyring
+                answers.clear()
+                founded = _found(conn, settings, paillier_bits)
+                if founded is not None:
+                    return founded
+                if time.monotonic() - warned > 30.0:
+                    warned = time.monotonic()
+                    log.warning("waiting for keys: no attested replica has answered", extra={"fields": {
+                        "waited_s": round(time.monotonic() - waited_since, 1),
+                        "hint": "a replica gets the keys only from a running replica of an accepted measurement "
+                                "(its own, or one in cluster.peer_measurements) on a platform in cluster.platform_keys"}})
+        except (TransportError, pe.AMQPError) as err:
+            log.warning("broker lost while asking for keys; retrying", extra={"fields": {
+                "error": type(err).__name__, "detail": str(err)}})
+            _sleep(JOIN_EVERY_S, stopping)
+        finally:
+            if conn.is_open:
+                try:
+                    conn.close()
+                except pe.AMQPError:
+                    pass
+    return None
+
+
+def _found(conn, settings: BrokerSettings, paillier_bits: int) -> Keyring | None:
+    """New keys, if this replica can take the release lock and no deployment has keys yet."""
+    t = settings.topology
+    lock = topology.release_lock(t)
+    probe = conn.channel()
+    try:
+        probe.queue_declare(lock.name, durable=lock.durable, exclusive=lock.exclusive)
+    except pe.ChannelClosedByBroker as err:
+        if err.reply_code == 405:  # another replica holds it: it has keys, or is founding
+            return None
+        raise
+    genesis = probe.queue_declare(t.cluster_genesis, durable=True, passive=True)
+    if genesis.method.message_count:
+        probe.queue_delete(lock.name)
+        return None
+    log.info("first replica of this deployment: creating its keys", extra={"fields": {"paillier_bits": paillier_bits}})
+    keyring = Keyring.single(EnclaveKeys.generate(paillier_bits))
+    keyring.rotated_at_ms = now_ms()
+    probe.confirm_delivery()
+    amqp.publish_confirmed(probe, "", t.cluster_genesis, keyring.current.bundle_bytes, amqp.properties("genesis"))
+    probe.queue_delete(lock.name)
+    return keyring
+
+
+def _sleep(seconds: float, stopping) -> None:
+    deadline = time.monotonic() + seconds
+    while not stopping() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# -- the holder's state, in a stream ----------------------------------------------------
+class StreamStateStore:
+    """The holder's sealed state as entries of the stream ``PREFIX.cluster.state``: a base (the
+    whole state) now and then, journal entries in between, each a secret box under the
+    deployment's state key naming the entry it follows. Written on the holder's own connection,
+    the one that holds the lock, and confirmed (a stream entry is confirmed once a majority of
+    the broker nodes has it); read back to the end by whichever replica takes the lock.
+
+    An entry that does not follow the head (written by a holder that lost the lock and did not
+    know it yet) is skipped by every reader, so the history is one line.
+    """
+
+    def __init__(self, settings: BrokerSettings, key: bytes, writer: bytes) -> None:
+        self._settings = settings
+        self._box = nacl.secret.SecretBox(key)
+        self._writer = writer.hex()
+        self._channel = None
+        self.version = 0  # the head's version: what the next entry follows
+        self.head: tuple[str, int] | None = None
+        self.journal_bytes = 0
+
+    def attach(self, connection) -> list[dict] | None:
+        """Read the stream to its end on ``connection`` (which holds the lock); write on it from
+        now on. Returns the state (a base and the journal entries after it), or ``None``."""
+        t = self._settings.topology
+        self._channel = connection.channel()
+        self._channel.confirm_delivery()
+        marker = uuid.uuid4().hex
+        self._publish({"marker": marker})
+        reader = connection.channel()
+        reader.basic_qos(prefetch_count=256)
+        bodies: list[bytes] = []
+        seen_marker = []
+
+        def on_entry(ch, method, _props, body):
+            ch.basic_ack(method.delivery_tag)
+            if not seen_marker:
+                doc = self._open(body)
+                if doc is not None and doc.get("marker") == marker:
+                    seen_marker.append(True)
+                elif doc is not None:
+                    bodies.append(doc)
+
+        tag = reader.basic_consume(t.cluster_state, on_entry, auto_ack=False, arguments={"x-stream-offset": "first"})
+        deadline = time.monotonic() + STATE_LOAD_TIMEOUT_S
+        while not seen_marker:
+            if time.monotonic() > deadline:
+                raise TransportError("the holder's state stream did not play back to its end in time")
+            connection.process_data_events(time_limit=0.05)
+        reader.basic_cancel(tag)
+        reader.close()
+        chain: list[dict] = []
+        self.head = None
+        for doc in bodies:
+            if "marker" in doc:
+                continue
+            prev = tuple(doc["prev"]) if doc["prev"] is not None else None
+            if prev != self.head:
+                continue  # off the line: a deposed holder's late write
+            if doc["base"]:
+                chain = [doc["state"]]
+            elif chain:
+                chain.append(doc["state"])
+            else:
+                continue
+            self.head = (doc["writer"], doc["v"])
+        self.version = self.head[1] if self.head else 0
+        self.journal_bytes = 0
+        return chain or None
+
+    def _open(self, body: bytes) -> dict | None:
+        try:
+            return strict_json(self._box.decrypt(body).decode("ascii"))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            log.warning("an entry of the state stream that is not this deployment's; skipped")
+            return None
+
+    def _publish(self, doc: dict) -> int:
+        body = bytes(self._box.encrypt(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()))
+        try:
+            amqp.publish_confirmed(self._channel, "", self._settings.topology.cluster_state, body,
+                                   amqp.properties("state"), mandatory=True)
+        except pe.AMQPError as err:
+            raise TransportError(f"state entry not written: {type(err).__name__}: {err}") from err
+        return len(body)
+
+    def _entry(self, state: dict, base: bool) -> None:
+        v = self.version + 1
+        size = self._publish({"writer": self._writer, "v": v, "prev": list(self.head) if self.head else None,
+                              "base": base, "state": state})
+        self.head, self.version = (self._writer, v), v
+        self.journal_bytes = 0 if base else self.journal_bytes + size
+
+    def save(self, snapshot: dict) -> None:
+        self._entry(snapshot, True)
+
+    def append(self, entry: dict) -> None:
+        self._entry(entry, False)
+
+
+# -- the release holder -------------------------------------------------------------------
+class Holder(EnclaveRuntime):
+    """The single enclave's runtime, fed increments from the replicas instead of records.
+
+    It stands by while another replica holds the lock. Each time it takes the lock it reads the
+    state stream and, if anyone wrote there since it last held the lock, starts over from what
+    it reads (a new core: the ledger, windows and held releases of the last holder)."""
+
+    def __init__(self, build, settings: BrokerSettings, cluster: Cluster, store: StreamStateStore,
+                 start_timeout_s: float | None = None) -> None:
+        self._build = build  # state entries (or None) -> Enclave
+        self.cluster = cluster
+        self._store = store
+        self._cluster_settings = settings
+        self._timeout = start_timeout_s
+        self._adopt(None)
+        self._adopted: tuple[str, int] | None | bool = False  # the stream head the core was built from
+
+    def _adopt(self, state: list[dict] | None) -> None:
+        """Start over from ``state`` (what the stream holds): a new core and a runtime around it."""
+        for pool in (getattr(self, "_opener", None), getattr(self, "_releaser", None)):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        stopping = getattr(self, "stopping", False)
+        enclave = self._build(state)
+        EnclaveRuntime.__init__(self, enclave, self._cluster_settings, StateWriter(enclave, self._store),
+                                start=enclave.start(), start_timeout_s=self._timeout)
+        self.stopping = stopping
+        self.max_delivery = MAX_FRAME_BYTES
+        self._key = enclave.keyring.cluster_key()
+        self._workers: dict[bytes, tuple[float, int]] = {}  # worker -> (last heard, through_ms)
+        self._parked: list[tuple[object, frames.Increment]] = []
+        self._replies: list[tuple[str, bytes]] = []
+        self._acking: list[int] = []
+        self.merged = 0
+
+    def _connect(self) -> None:
+        self._unacked.clear()
+        self._inbox.clear()
+        self._parked.clear()
+        self._replies.clear()
+        t = self.settings.topology
+        connection = amqp.connect(self.settings, name=f"sealedsum-replica {t.prefix} holder")
+        try:
+            lock = topology.release_lock(t)
+            try:
+                connection.channel().queue_declare(lock.name, durable=lock.durable, exclusive=lock.exclusive)
+            except pe.ChannelClosedByBroker as err:
+                if err.reply_code == 405:
+                    raise AnotherReleaser(err.reply_text) from err
+                raise
+            channel = declare_topology(connection.channel(), self.settings, reopen=connection.channel,
+                                       shards=self.cluster.shards)
+            previous = self._adopted
+            state = self._store.attach(connection)
+            if previous is False or self._store.head != previous:
+                self._adopt(state)
+                log.info("release role taken", extra={"fields": {
+                    "state_version": self._store.version, "journal_entries": len(state) - 1 if state else 0}})
+            self._adopted = self._store.head
+        except BaseException:
+            if connection.is_open:
+                connection.close()
+            raise
+        self._connection = connection
+        if self._standing_by:
+            self._standing_by = False
+        self._publish = connection.channel()
+        self._publish.confirm_delivery()
+        self._dead = connection.channel()
+        self._dead.tx_select()
+        self._notify = connection.channel()
+        self._channel = channel
+        self.republish_unconfirmed()
+        channel.basic_qos(prefetch_count=64)
+        channel.basic_consume(t.cluster_partials, self._on_record, auto_ack=False)
+        self._open_requests()
+
+    def _ingest_due(self) -> bool:
+        return bool(self._inbox)
+
+    def ingest(self) -> None:
+        batch, self._inbox = self._inbox, []
+        for method, _kind, body, _size, _token in batch:
+            try:
+                frame = frames.open_frame(self._key, body)
+            except InvalidMessage as err:
+                log.warning("a frame that is not this deployment's; dropped", extra={"fields": {"detail": str(err)}})
+                self._unacked.append(method.delivery_tag)
+                continue
+            if isinstance(frame, frames.Heartbeat):
+                self._heard(frame.worker, frame.through_ms)
+                if frame.reply_node and frame.reply_node not in self.reply_nodes:
+                    self.reply_nodes.add(frame.reply_node)
+                    log.info("broker node for replies learned from a replica", extra={"fields": {
+                        "node": frame.reply_node.decode("utf-8", "replace")}})
+                self._unacked.append(method.delivery_tag)
+            elif isinstance(frame, frames.Increment):
+                self._heard(frame.worker, frame.through_ms)
+                self._parked.append((method, frame))
+            else:
+                self._unacked.append(method.delivery_tag)
+        self._merge_parked()
+
+    def _heard(self, worker: bytes, through_ms: int) -> None:
+        _, before = self._workers.get(worker, (0.0, 0))
+        self._workers[worker] = (time.monotonic(), max(before, through_ms))
+
+    def close_ms(self, now: int) -> int:
+        """The clock time-closed windows close by: a window closes once every replica heard from
+        lately has reported past its end, or ``window_grace_seconds`` after its end regardless."""
+        alive = [through for heard, through in self._workers.values()
+                 if time.monotonic() - heard < WORKER_TIMEOUT_S]
+        reported = min([now, *alive])
+        return max(now - self.cluster.window_grace_ms, reported)
+
+    def _merge_parked(self) -> None:
+        now = now_ms()
+        close = self.close_ms(now)
+        waiting = []
+        behind: set[bytes] = set()
+        for method, increment in self._parked:
+            if increment.worker in behind or self.enclave.parks(increment, close):
+                waiting.append((method, increment))  # a replica's frames stay in its order
+                behind.add(increment.worker)
+                continue
+            effects, refused = self.enclave.merge(increment, now, close)
+            self._owe(effects)
+            if not refused:
+                self.merged += len(increment.members)
+            self._replies.append((reply_queue(self.settings.topology, increment.worker),
+                                  frames.seal(self._key, frames.Reply(increment.worker, increment.seq, refused))))
+            self._unacked.append(method.delivery_tag)
+        self._parked = waiting
+
+    def flush(self) -> None:
+        self._acking = list(self._unacked)
+        super().flush()
+        if not self._unacked and self._replies:
+            # The checkpoint that counts them is durable: now the replicas may acknowledge.
+            replies, self._replies = self._replies, []
+            for queue, body in replies:
+                self._notify.basic_publish("", queue, body, amqp.properties(frames.FRAME_TYPE))
+
+    def _ack(self, last_delivery_tag: int) -> None:
+        # One by one: a parked increment before them stays unacknowledged.
+        for tag in self._acking:
+            self._channel.basic_ack(tag)
+        self._acking = []
+
+    def _tick(self) -> None:
+        if self._parked:
+            self._merge_parked()
+        self._owe(self.enclave.on_tick(self.close_ms(now_ms())))
+        self.flush()
+        if self._held and time.monotonic() - self._last_held_retry >= 5.0:
+            self._last_held_retry = time.monotonic()
+            self._owe(Effects(publish=tuple(self._outbox[k] for k in sorted(self._held) if k in self._outbox)))
+            self.flush()
+        if time.monotonic() - self._last_stats >= 10.0:
+            self.log_stats()
+
+    def request_rotation(self) -> None:
+        log.warning("key rotation is not available to replicas; ignored")
+
+
+# -- a replica's work -----------------------------------------------------------------------
+class Worker:
+    """Consumes the shard queues, opens and checks records, sends increments to the holder and
+    answers key requests of joining replicas (on a thread of its own)."""
+
+    def __init__(self, enclave: Enclave, settings: BrokerSettings, cluster: Cluster, measurement: bytes) -> None:
+        self.enclave = enclave  # keys and policy only: its state is not used
+        self.settings = settings
+        self.cluster = cluster
+        self.measurement = measurement
+        self.id = uuid.uuid4().bytes
+        self._key = enclave.keyring.cluster_key()
+        self.stopping = False
+        self.prefetch = enclave_prefetch(enclave)
+        self.batch = ack_batch_for(self.prefetch)
+        self._seq = 0
+        self._conn = None
+        self._inbox: list[tuple[object, str | None, bytes, int, float]] = []
+        # The increment the holder has not answered yet: (increment, its records' places,
+        # deliveries, local refusals, when sent).
+        self._flight = None
+        self._replies: list[bytes] = []
+        self._joins: list[tuple[object, bytes]] = []
+        self._last_beat = 0.0
+        self.stats = collections.Counter()
+        self.spans = sorted({s.window_ms for s in enclave.policy.streams.values() if s.window_ms})
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="replica-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        while not self.stopping:
+            try:
+                self._connect()
+                while not self.stopping:
+                    self._conn.process_data_events(time_limit=0.01)
+                    self._serve_joins()
+                    self._step()
+            except (TransportError, pe.AMQPError) as err:
+                if self.stopping:
+                    break
+                log.warning("replica lost the broker; reconnecting", extra={"fields": {
+                    "error": type(err).__name__, "detail": str(err)}})
+                self._close()
+                _sleep(1.0, lambda: self.stopping)
+        self._close()
+
+    def _connect(self) -> None:
+        self._inbox.clear()
+        self._flight = None  # its deliveries come back to some replica
+        self._replies.clear()
+        t = self.settings.topology
+        self._conn = amqp.connect(self.settings, name=f"sealedsum-replica {t.prefix} worker {self.id.hex()[:8]}")
+        channel = declare_topology(self._conn.channel(), self.settings, reopen=self._conn.channel,
+                                   shards=self.cluster.shards)
+        self._records = self._conn.channel()
+        self._records.basic_qos(prefetch_count=self.prefetch)
+        for name in t.shard_queues(self.cluster.shards):
+            self._records.basic_consume(name, self._on_record, auto_ack=False)
+        channel.queue_declare(reply_queue(t, self.id), exclusive=True, auto_delete=True)
+        channel.basic_consume(reply_queue(t, self.id), self._on_reply, auto_ack=True)
+        # What this node is called in direct reply-to names: a probe to ourselves says.
+        self.reply_node = b""
+        probe = self._conn.channel()
+        probe.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
+        probe.basic_publish("", reply_queue(t, self.id), b"", pika.BasicProperties(
+            reply_to=amqp.DIRECT_REPLY_TO, type="reply-to-probe", app_id=amqp.APP_ID))
+        self._joiners = self._conn.channel()
+        self._joiners.basic_qos(prefetch_count=8)
+        self._joiners.basic_consume(t.cluster_join, lambda _c, m, p, body: self._joins.append((p, body)),
+                                    auto_ack=True)
+        self._frames = self._conn.channel()
+        self._frames.confirm_delivery()
+        self._dead = self._conn.channel()
+        self._dead.tx_select()
+        log.info("replica consuming", extra={"fields": {"worker": self.id.hex(), "shards": self.cluster.shards,
+                                                        "prefetch": self.prefetch}})
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except pe.AMQPError:
+                pass
+
+    def _on_reply(self, _channel, _method, props, body: bytes) -> None:
+        if getattr(props, "type", None) == "reply-to-probe":
+            self.reply_node = amqp.reply_to_node(props.reply_to) or b""
+        else:
+            self._replies.append(body)
+
+    def _on_record(self, _channel, method, props, body: bytes) -> None:
+        size = len(body)
+        if size > self.enclave.max_delivery_bytes():
+            body = body[:DEAD_LETTER_PREFIX_BYTES]
+        self._inbox.append((method, getattr(props, "type", None), body, size, time.time()))
+
+    # -- joining replicas --------------------------------------------------------------
+    def _serve_joins(self) -> None:
+        while self._joins:
+            props, body = self._joins.pop(0)
+            reply_to = getattr(props, "reply_to", None) or ""
+            if not reply_to.startswith(self.settings.topology.cluster_reply_prefix):
+                continue  # replies go only to a replica's own queue, never where a request says
+            try:
+                req = join.JoinRequest.from_bytes(body)
+                joiner = join.check_request(req, self.cluster, self.measurement, now_ms())
+            except (AttestationError, InvalidMessage) as err:
+                self.stats["joins_refused"] += 1
+                log.warning("a replica that does not attest asked for the keys; refused", extra={"fields": {
+                    "error": type(err).__name__, "detail": str(err)}})
+                continue
+            reply = join.answer(req, self.enclave.keyring, self.enclave.attest)
+            self._joiners.basic_publish("", reply_to, reply.to_bytes(), pika.BasicProperties(
+                type=join.REPLY_TYPE, app_id=amqp.APP_ID))
+            self.stats["joins_answered"] += 1
+            log.info("keys handed to an attested replica", extra={"fields": {"measurement": joiner.hex()}})
+
+    # -- records -------------------------------------------------------------------------
+    def _window_key(self, at_s: float) -> tuple[int, ...]:
+        ms = int(at_s * 1000)
+        return tuple(ms // span for span in self.spans)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self._flight is not None:
+            self._answer()
+            if self._flight is not None and now - self._flight[4] > REPLY_TIMEOUT_S:
+                increment = self._flight[0]
+                resent = frames.Increment(increment.worker, increment.seq, True, increment.read_ms,
+                                          increment.through_ms, increment.groups)
+                self._flight = (resent, *self._flight[1:4], now)
+                self._send(resent)
+                self.stats["resent"] += 1
+            return
+        if self._inbox and (len(self._inbox) >= self.batch or time.time() - self._inbox[0][4] >= INGEST_WAIT_S):
+            self._build()
+        elif now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            through = int((self._inbox[0][4] if self._inbox else time.time()) * 1000)
+            self._send(frames.Heartbeat(self.id, through, self.reply_node))
+
+    def _send(self, frame: frames.Frame) -> None:
+        amqp.publish_confirmed(self._frames, "", self.settings.topology.cluster_partials,
+                               frames.seal(self._key, frame), amqp.properties(frames.FRAME_TYPE), mandatory=True)
+
+    def _build(self) -> None:
+        """The next increment: deliveries received within one window (for every time-closed
+        stream), opened and checked."""
+        first = self._window_key(self._inbox[0][4])
+        take = 0
+        while take < min(len(self._inbox), self.batch) and self._window_key(self._inbox[take][4]) == first:
+            take += 1
+        batch, self._inbox = self._inbox[:take], self._inbox[take:]
+        through = int((self._inbox[0][4] if self._inbox else time.time()) * 1000)
+        places: list[tuple[int, int | None]] = []  # (delivery, index within a record batch)
+        opened: list[OpenedRecord | RecordRejected] = []
+        local: list[tuple[int, int | None, RecordRejected]] = []
+        for d, (method, kind, body, size, _) in enumerate(batch):
+            parts = (self.enclave.oversized(size) if size > self.enclave.max_delivery_bytes()
+                     else self.enclave.records_in(body, kind))
+            if isinstance(parts, RecordRejected):
+                local.append((d, None, parts))
+                continue
+            batched = kind == wire.RECORD_BATCH_TYPE
+            for i, part in enumerate(parts):
+                places.append((d, i if batched else None))
+                opened.append(self.enclave.open(part))
+        checked = work.checked(opened)
+        records, where = [], []
+        for place, item, body_index in zip(places, checked, range(len(places))):
+            if isinstance(item, RecordRejected):
+                local.append((place[0], place[1], item))
+            else:
+                records.append(item)
+                where.append(place)
+        self._submit(batch, records, where, local, int(batch[0][4] * 1000), through)
+
+    def _submit(self, batch, records, where, local, read_ms: int, through: int) -> None:
+        if not records:
+            self._finish(batch, local)
+            return
+        self._seq += 1
+        increment, index = work.increment(self.id, self._seq, records, read_ms, through)
+        members = [(records[i], where[i]) for i in index]
+        self._flight = (increment, members, batch, local, time.monotonic())
+        self._send(increment)
+
+    def _answer(self) -> None:
+        while self._replies:
+            body = self._replies.pop(0)
+            try:
+                reply = frames.open_frame(self._key, body)
+            except InvalidMessage:
+                continue
+            if not isinstance(reply, frames.Reply) or self._flight is None or reply.seq != self._flight[0].seq:
+                continue  # an answer to an increment this replica no longer waits for
+            increment, members, batch, local, _ = self._flight
+            self._flight = None
+            if reply.committed:
+                self.stats["counted"] += len(members)
+                self._finish(batch, local)
+                return
+            refused = dict(reply.refused)
+            keep_records, keep_where = [], []
+            for i, (record, place) in enumerate(members):
+                rejection = refused.get(i)
+                if rejection is None:
+                    keep_records.append(record)
+                    keep_where.append(place)
+                    continue
+                method = batch[place[0]][0]
+                if rejection.reason == RejectReason.DUPLICATE and (increment.resend or method.redelivered):
+                    self.stats["counted_before"] += 1  # counted the first time; only the answer was lost
+                    continue
+                rejection.record = (record.stream.name, record.envelope.record_id)
+                local.append((place[0], place[1], rejection))
+            self._submit(batch, keep_records, keep_where, local, increment.read_ms, increment.through_ms)
+            return
+
+    def _finish(self, batch, local) -> None:
+        """Dead-letter what was refused (in one transaction), then acknowledge the batch."""
+        t = self.settings.topology
+        if local:
+            for d, index, rejection in local:
+                _method, _kind, body, size, _ = batch[d]
+                headers = {"x-sealedsum-reason": rejection.reason.value, "x-sealedsum-detail": rejection.detail,
+                           "x-sealedsum-rejected-at": now_ms()}
+                if rejection.record is not None:
+                    headers["x-sealedsum-stream"] = rejection.record[0]
+                if index is not None:
+                    headers["x-sealedsum-batch-index"] = index
+                if size > len(body):
+                    headers["x-sealedsum-original-bytes"] = size
+                self._dead.basic_publish(t.rejected_exchange, "", body, amqp.properties("rejected-record",
+                                                                                        headers=headers))
+                self.stats[f"rejected:{rejection.reason.value}"] += 1
+            self._dead.tx_commit()
+        for method, *_ in batch:
+            self._records.basic_ack(method.delivery_tag)

@@ -1,0 +1,141 @@
+"""Enclave replicas on a real three-node RabbitMQ cluster (docs/scaling.md): three replicas
+share one stream's records, one releases; every record is folded exactly once, a duplicate
+published to two shards is caught, and a replica that cannot attest gets no key and folds
+nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pika
+import pytest
+
+from sealedsum.common import topology, wire
+from sealedsum.consumers.client import Consumer
+from sealedsum.producers.client import Producer, RecordSealer
+from sealedsum.testbed import ClusterTestbed
+
+from tests.integration.conftest import streams_toml
+
+pytestmark = pytest.mark.integration
+
+# Near-zero noise (epsilon 10^6 per release) so that released totals can be compared with the
+# true ones; two-second windows closed by time, released from one record on.
+STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_seconds": 2.0, "min_batch": 1,
+          "mechanism": "laplace", "epsilon": 1e6, "budget_epsilon": 1e12}
+
+
+@pytest.fixture(scope="module")
+def cluster_urls() -> list[str]:
+    raw = os.environ.get("SEALEDSUM_CLUSTER_URLS")
+    if not raw:
+        if os.environ.get("SEALEDSUM_REQUIRE_BROKER") == "1":
+            pytest.fail("SEALEDSUM_CLUSTER_URLS is unset: the cluster tests need deploy/cluster.sh start")
+        pytest.skip("no cluster: run deploy/cluster.sh start and set SEALEDSUM_CLUSTER_URLS")
+    return raw.split(",")
+
+
+@pytest.fixture
+def cluster_factory(tmp_path, cluster_urls):
+    made: list[ClusterTestbed] = []
+
+    def factory(streams=None, **kw) -> ClusterTestbed:
+        cl = ClusterTestbed(tmp_path / f"cl{len(made)}", cluster_urls, streams_toml(streams or {"s": STREAM}),
+                            enclave_extra="max_record_age_seconds = 600\n", **kw)
+        made.append(cl)
+        cl.start(log_level="debug")
+        cl.wait_attestable()
+        return cl
+
+    yield factory
+    for cl in made:
+        cl.stop()
+        cl.delete_topology()
+
+
+def released(consumer, want: int, timeout: float = 60.0) -> list:
+    """Releases until their counts add up to ``want`` (or ``timeout`` passes)."""
+    out, deadline = [], time.monotonic() + timeout
+    for release in consumer.releases(idle_timeout=5.0):
+        out.append(release)
+        if sum(r.count for r in out) >= want or time.monotonic() > deadline:
+            break
+    return out
+
+
+def dead_letters(settings, timeout: float = 2.0) -> list[tuple[dict, bytes]]:
+    conn = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        ch = conn.channel()
+        out = []
+        while True:
+            method, props, body = ch.basic_get(settings.topology.rejected_queue, auto_ack=True)
+            if method is None:
+                break
+            out.append((props.headers or {}, body))
+        return out
+    finally:
+        conn.close()
+
+
+def worker_stats(replica) -> dict:
+    (stopped,) = replica.events("enclave stopped")[-1:]
+    return stopped["worker_stats"]
+
+
+def test_three_replicas_fold_each_record_once_and_release_the_true_totals(cluster_factory):
+    cl = cluster_factory()
+    attested = cl.wait_attestable()
+    values = [float(i % 50) for i in range(600)]
+    # The consumer and producer on other broker nodes than each other.
+    with Consumer(cl.client_config(2), "s", chain_state=None, start="first") as consumer:
+        with Producer(cl.client_config(1)) as producer:
+            for v in values:
+                producer.send("s", [v])
+        # A dishonest duplicate: one sealed record published to two shard queues directly.
+        body = RecordSealer(attested).seal("s", [7.0]).body
+        conn = pika.BlockingConnection(pika.URLParameters(cl.urls[0]))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        t = cl.config.broker.topology
+        for shard in (0, 1):
+            ch.basic_publish("", t.shard_queue(shard), body, pika.BasicProperties(
+                delivery_mode=2, type=wire.RECORD_TYPE, message_id=wire.shard_key(body)), mandatory=True)
+        conn.close()
+        got = released(consumer, len(values) + 1)
+    assert sum(r.count for r in got) == len(values) + 1
+    assert sum(r.sum[0] for r in got) == pytest.approx(sum(values) + 7.0, abs=0.05)
+    assert len({r.window for r in got}) == len(got)  # no window twice
+    letters = dead_letters(cl.config.broker)
+    assert [h.get("x-sealedsum-reason") for h, _ in letters] == ["duplicate"]
+    assert letters[0][1] == body
+    cl.stop()
+    # The work was shared: every replica counted records (competing consumers on every shard).
+    counted = [worker_stats(r).get("counted", 0) for r in cl.replicas]
+    assert sum(counted) == len(values) + 1 and all(c > 0 for c in counted), counted
+
+
+def test_a_replica_that_cannot_attest_gets_no_key_and_folds_nothing(cluster_factory):
+    cl = cluster_factory(replicas=2)
+    other = dict(STREAM, min_batch=2)  # another policy: another measurement, not allow-listed
+    stranger = cl.add_replica(streams_toml({"s": other}))
+    assert stranger.measurement != cl.replicas[0].measurement
+    stranger.start(log_level="debug")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            r.events("a replica that does not attest asked for the keys; refused") for r in cl.replicas[:2]):
+        time.sleep(0.5)
+    with Consumer(cl.client_config(0), "s", chain_state=None, start="first") as consumer:
+        with Producer(cl.client_config(0)) as producer:
+            for i in range(200):
+                producer.send("s", [1.0])
+        got = released(consumer, 200)
+    assert sum(r.count for r in got) == 200
+    refusals = [e for r in cl.replicas[:2] for e in r.events("a replica that does not attest asked for the keys; refused")]
+    assert refusals and all(e["error"] == "UnknownMeasurement" for e in refusals)
+    assert stranger.alive()
+    assert not stranger.events("keys received from an attested replica")
+    assert not stranger.events("replica consuming")
+    assert not list(stranger.state.glob("enclave/*/keys.sealed"))
+    stranger.stop()
