@@ -209,8 +209,8 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int,
             QueueDecl(t.cluster_partials, durable=True, arguments={"x-queue-type": queue_type}),
             QueueDecl(t.cluster_state, durable=True, arguments={"x-queue-type": "stream"}),
             QueueDecl(t.cluster_genesis, durable=True, arguments={"x-queue-type": queue_type}),
-            QueueDecl(t.cluster_join, durable=False, arguments={
-                "x-message-ttl": CLUSTER_JOIN_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
+            QueueDecl(t.cluster_join, durable=True, arguments={
+                "x-queue-type": "quorum", "x-message-ttl": CLUSTER_JOIN_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
                 "x-overflow": "drop-head"}),
         )
     return (
@@ -227,7 +227,10 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int,
         QueueDecl(t.releases_stream, durable=True, arguments={"x-queue-type": "stream"}),
         Binding(t.releases_stream, t.results_exchange, ALL_RESULTS_KEY),
         ExchangeDecl(t.attest_exchange, "direct"),
-        QueueDecl(t.attest_queue, durable=False, arguments={
+        # With replicas the requests queue is a quorum queue: a classic one lives on one broker
+        # node, and goes when that node does (the replicas' other queues are quorum queues too).
+        QueueDecl(t.attest_queue, durable=shards is not None, arguments={
+            **({"x-queue-type": "quorum"} if shards is not None else {}),
             "x-message-ttl": ATTEST_REQUEST_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
             "x-max-length-bytes": ATTEST_QUEUE_MAX_BYTES, "x-overflow": "drop-head"}),
         Binding(t.attest_queue, t.attest_exchange, ATTEST_ROUTING_KEY),

@@ -398,7 +398,8 @@ class Holder(EnclaveRuntime):
             if not refused:
                 self.merged += len(increment.members)
             self._replies.append((reply_queue(self.settings.topology, increment.worker),
-                                  frames.seal(self._key, frames.Reply(increment.worker, increment.seq, refused))))
+                                  frames.seal(self._key, frames.Reply(increment.worker, increment.seq, refused,
+                                                                      increment.resend or method.redelivered))))
             self._unacked.append(method.delivery_tag)
         self._parked = waiting
 
@@ -651,7 +652,7 @@ class Worker:
                     keep_where.append(place)
                     continue
                 method = batch[place[0]][0]
-                if rejection.reason == RejectReason.DUPLICATE and (increment.resend or method.redelivered):
+                if rejection.reason == RejectReason.DUPLICATE and (reply.again or increment.resend or method.redelivered):
                     self.stats["counted_before"] += 1  # counted the first time; only the answer was lost
                     continue
                 rejection.record = (record.stream.name, record.envelope.record_id)

@@ -144,6 +144,9 @@ class Reply:
     worker: bytes
     seq: int
     refused: tuple[tuple[int, RecordRejected], ...] = ()
+    # The holder got this increment again (the broker redelivered it, or the replica resent
+    # it): a holder before it may have counted it, so a ``duplicate`` of it means counted.
+    again: bool = False
 
     KIND = "reply"
 
@@ -152,13 +155,14 @@ class Reply:
         return not self.refused
 
     def to_json(self) -> dict:
-        return {"kind": self.KIND, "worker": self.worker.hex(), "seq": self.seq,
+        return {"kind": self.KIND, "worker": self.worker.hex(), "seq": self.seq, "again": self.again,
                 "refused": [[i, r.reason.value, r.detail] for i, r in self.refused]}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Reply":
         return cls(_worker(raw), int(raw["seq"]),
-                   tuple((int(i), RecordRejected(RejectReason(reason), str(detail))) for i, reason, detail in raw["refused"]))
+                   tuple((int(i), RecordRejected(RejectReason(reason), str(detail))) for i, reason, detail in raw["refused"]),
+                   bool(raw["again"]))
 
 
 Frame = Increment | Heartbeat | Reply

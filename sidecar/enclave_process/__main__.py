@@ -179,6 +179,10 @@ def run_replica(channel: PipeChannel, launch: Launch, policy, quote, report: dic
 
     b = launch.broker
     settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
+    if settings.queue_type != "quorum":
+        log.error("replicas need quorum queues: a classic queue lives on one broker node and goes with it",
+                  extra={"fields": {"queue_type": settings.queue_type, "hint": "set broker.queue_type = \"quorum\""}})
+        return ExitCode.USAGE
     measurement, digest, policy_bytes = launch.measurement, launch.code_digest, launch.policy
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
