@@ -7,6 +7,8 @@
 #   deploy/cluster.sh stop [--wipe]  # stop the three nodes; --wipe also deletes their data
 #   deploy/cluster.sh stop-node N    # stop node N (1..3), the others keep running
 #   deploy/cluster.sh start-node N   # start node N again: it rejoins the cluster it was in
+#   deploy/cluster.sh running N      # exit 0 if node N's rabbit application runs
+#   deploy/cluster.sh name N         # node N's Erlang node name
 #   deploy/cluster.sh ctl N ARGS...  # rabbitmqctl ARGS against node N, with the cluster's cookie
 #
 # The nodes are separate from the machine's default RabbitMQ node (rabbit@localhost on
@@ -356,6 +358,8 @@ case "$cmd" in
       await_clustered 60 || die "node $n runs but is not back in the three-node cluster"
     }
     locked start_node ;;
+  running) check_n "${1:-}"; node_running "$1" ;;
+  name) check_n "${1:-}"; node_name "$1" ;;
   ctl) check_n "${1:-}"; n="$1"; shift; ctl "$n" "$@" ;;
-  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
 esac
