@@ -17,6 +17,8 @@ import pika.exceptions as pe
 import pytest
 
 from sealedsum import cluster_nodes
+from sealedsum.common import amqp
+from sealedsum.common.config import BrokerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -148,6 +150,14 @@ def test_a_quorum_queue_survives_a_stopped_node_and_the_node_rejoins(cluster_url
         assert not cluster_nodes.node_running(stopped)
         name = cluster_nodes.node_name(stopped)
         wait_for(lambda: name not in cluster_nodes.running_nodes(3), 30, f"node 3 still sees {name} running")
+        # A client given every node (broker.urls) connects, whichever node it tries first.
+        urls = tuple(cluster_urls)
+        for _ in urls:
+            c = amqp.connect(BrokerSettings(url=urls[0], urls=urls))
+            try:
+                assert c._impl.params.port != pika.URLParameters(cluster_urls[stopped - 1]).port
+            finally:
+                c.close()
         conn = connect(survivor)
         try:
             ch = confirmed_channel(conn)
@@ -224,3 +234,51 @@ def test_a_consistent_hash_exchange_on_message_id_spreads_over_three_quorum_queu
         assert sorted(grew) == [0, 0, 20], grew
     finally:
         conn.close()
+
+
+def test_direct_reply_to_works_across_nodes_and_names_each_node_apart(cluster_urls, names):
+    """A client on node 1 asks through a queue that a server on node 3 consumes; the server's
+    reply to ``amq.rabbitmq.reply-to.*`` reaches the client. The node a reply-to name encodes
+    (an obfuscated ``reply@N``, not the node's name) differs per node the client is on: an
+    enclave that only answers names of nodes it has seen must learn every node's."""
+    queue = names("queue", "rpc")
+    server = connect(cluster_urls[2])
+    client = connect(cluster_urls[0])
+    try:
+        sch = server.channel()
+        sch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        cch = client.channel()
+        replies = []
+        cch.basic_consume(amqp.DIRECT_REPLY_TO, lambda _c, _m, p, b: replies.append((p.correlation_id, b)),
+                          auto_ack=True)
+        cch.basic_publish("", queue, b"ping", pika.BasicProperties(reply_to=amqp.DIRECT_REPLY_TO,
+                                                                   correlation_id="c1"))
+
+        def request():
+            method, props, _ = sch.basic_get(queue, auto_ack=True)
+            if method is None:
+                server.process_data_events(time_limit=0.1)
+            return props if method is not None else None
+
+        props = wait_for(request, 10, "the request did not reach node 3")
+        assert amqp.is_direct_reply_to(props.reply_to), props.reply_to
+        sch.basic_publish("", props.reply_to, b"pong", pika.BasicProperties(correlation_id="c1"))
+        wait_for(lambda: replies or client.process_data_events(time_limit=0.1), 10,
+                 "the reply from node 3 did not reach the client on node 1")
+        assert replies == [("c1", b"pong")]
+
+        seen = {}
+        for n, url in enumerate(cluster_urls, 1):
+            other = connect(url)
+            try:
+                och = other.channel()
+                och.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
+                och.basic_publish("", queue, b"", pika.BasicProperties(reply_to=amqp.DIRECT_REPLY_TO))
+                seen[n] = amqp.reply_to_node(wait_for(request, 10, "no probe").reply_to)
+            finally:
+                other.close()
+        assert len(set(seen.values())) == 3, seen
+        assert all(node.startswith(b"reply@") for node in seen.values()), seen
+    finally:
+        client.close()
+        server.close()
