@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pika.exceptions as pe
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from sealedsum.common.attestation import AttestedEnclave, TrustAnchors, verify_attestation
-from sealedsum.common.config import BrokerSettings, redact_url
+from sealedsum.common.config import BrokerSettings, redact_url, redact_urls
 from sealedsum.common.errors import TransportError, Unroutable
 from sealedsum.common import topology, wire
 
@@ -36,12 +37,26 @@ START_BROKER_HINT = (
 )
 
 
-def parameters(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> pika.URLParameters:
-    """Connection parameters for ``settings.url``, with our heartbeat and blocked-connection timeout.
+# Where each list of cluster nodes starts next: every new connection starts one node further,
+# so a reconnect after losing a node tries another first, and clients spread over the nodes.
+_next_node: dict[tuple[str, ...], int] = {}
+_next_node_lock = threading.Lock()
 
-    :param name: shown by the broker as the connection's ``connection_name`` (operators tell
-        the enclave's connections apart by it)."""
-    params = pika.URLParameters(settings.url)
+
+def node_order(settings: BrokerSettings) -> list[str]:
+    """``settings.urls`` in the order the next connection tries them: starting at ``settings.url``
+    the first time, one node further each time after (a single URL: always that one)."""
+    urls = list(settings.urls)
+    if len(urls) < 2:
+        return urls
+    with _next_node_lock:
+        start = _next_node.get(settings.urls, 0) % len(urls)
+        _next_node[settings.urls] = start + 1
+    return urls[start:] + urls[:start]
+
+
+def _parameters(url: str, heartbeat: int, name: str | None) -> pika.URLParameters:
+    params = pika.URLParameters(url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 60
     if name is not None:
@@ -49,8 +64,34 @@ def parameters(settings: BrokerSettings, *, heartbeat: int = 30, name: str | Non
     return params
 
 
+def parameters(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None,
+               url: str | None = None) -> pika.URLParameters:
+    """Connection parameters for one node, with our heartbeat and blocked-connection timeout:
+    ``url``, or else the next of ``settings.urls`` (:func:`node_order`; ``settings.url`` when
+    there is one), for a connection that reconnects by itself (``pika.SelectConnection`` takes
+    one node: each reconnect asks again and so moves on to the next node).
+
+    :param name: shown by the broker as the connection's ``connection_name`` (operators tell
+        the enclave's connections apart by it)."""
+    return _parameters(url if url is not None else node_order(settings)[0], heartbeat, name)
+
+
+def all_parameters(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> list[pika.URLParameters]:
+    """:func:`parameters` for every node of ``settings.urls``, in :func:`node_order`: a
+    ``pika.BlockingConnection`` given the list tries them in turn until one answers."""
+    return [parameters(settings, heartbeat=heartbeat, name=name, url=u) for u in node_order(settings)]
+
+
+def where(settings: BrokerSettings) -> str:
+    """The broker, for messages: its URL, or its nodes' URLs, passwords redacted."""
+    if len(settings.urls) > 1:
+        return f"any node of {redact_urls(settings.urls)}"
+    return redact_url(settings.url)
+
+
 def connection_error(err: BaseException, settings: BrokerSettings) -> TransportError:
-    """The ``TransportError`` for a failure to connect (blocking or asynchronous)."""
+    """The ``TransportError`` for a failure to connect (blocking or asynchronous); with several
+    nodes, the last one tried tells why."""
     # pika's asynchronous connection workflow wraps the cause (one level per phase).
     for _ in range(4):
         inner = getattr(err, "exceptions", None)
@@ -59,12 +100,12 @@ def connection_error(err: BaseException, settings: BrokerSettings) -> TransportE
             break
         err = inner
     if isinstance(err, pe.ProbableAuthenticationError):
-        return TransportError(f"the broker at {redact_url(settings.url)} refused the login",
+        return TransportError(f"the broker at {where(settings)} refused the login",
                               retryable=False, hint="check the user and password in AMQP_URL")
     if isinstance(err, pe.ProbableAccessDeniedError):
-        return TransportError(f"no access to the vhost at {redact_url(settings.url)}",
+        return TransportError(f"no access to the vhost at {where(settings)}",
                               retryable=False, hint="check the vhost and the user's permissions")
-    return TransportError(f"cannot reach the broker at {redact_url(settings.url)}", hint=START_BROKER_HINT)
+    return TransportError(f"cannot reach the broker at {where(settings)}", hint=START_BROKER_HINT)
 
 
 # A listener that never speaks AMQP ends in a stack timeout, which is no AMQPConnectionError.
@@ -72,8 +113,12 @@ CONNECT_ERRORS = (pe.AMQPConnectionError, AMQPConnectorException)
 
 
 def connect(settings: BrokerSettings, *, heartbeat: int = 30, name: str | None = None) -> pika.BlockingConnection:
+    """A blocking connection to the first node of :func:`node_order` that answers.
+
+    :raises TransportError: none did (:func:`connection_error`)."""
+    params = all_parameters(settings, heartbeat=heartbeat, name=name)
     try:
-        return pika.BlockingConnection(parameters(settings, heartbeat=heartbeat, name=name))
+        return pika.BlockingConnection(params if len(params) > 1 else params[0])
     except CONNECT_ERRORS as err:
         raise connection_error(err, settings) from err
 
@@ -309,15 +354,16 @@ def delete_topology(settings: BrokerSettings, extra_queues: tuple[str, ...] = ()
 
 @contextlib.contextmanager
 def marker_queue(settings: BrokerSettings, name: str) -> Iterator[str]:
-    """Hold an exclusive queue called ``name`` on the broker of ``settings.url`` while the
-    block runs (the broker deletes it when the connection closes); yield the broker's
-    ``cluster_name`` from its connection.start, for messages only.
+    """Hold an exclusive queue called ``name`` on the broker of ``settings.url`` (the first
+    node, whatever the others) while the block runs (the broker deletes it when the
+    connection closes); yield the broker's ``cluster_name`` from its connection.start, for
+    messages only.
 
     ``sealedsum broker setup`` looks for it with rabbitmqctl: the cluster name alone cannot
     tell two nodes apart (it is configurable, and need not be the node's name).
 
     :raises TransportError: the broker cannot be reached, refuses the login, or refuses the queue."""
-    params = parameters(settings)
+    params = parameters(settings, url=settings.url)
     params.connection_attempts = 1
     params.socket_timeout = 5
     params.stack_timeout = 10

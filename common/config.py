@@ -2,7 +2,9 @@
 
 ``[broker]`` and ``[trust]`` are operational and client-side settings; ``[enclave]``
 and ``[streams.*]`` are the measured policy (see :mod:`sealedsum.common.policy`). ``AMQP_URL``
-in the environment overrides ``broker.url``. Unknown keys are errors.
+in the environment overrides ``broker.url`` (and ``broker.urls``): several nodes of one
+RabbitMQ cluster are given as ``broker.urls = [...]`` or a comma-separated ``AMQP_URL``.
+Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sealedsum.common import nitro
 from sealedsum.common.attestation import DEFAULT_MAX_QUOTE_AGE_SECONDS, TrustAnchors, decode_measurement, decode_platform_key
@@ -52,8 +55,32 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def redact_urls(urls) -> str:
+    """Each URL with its password replaced, comma-separated (for logs and errors)."""
+    return ", ".join(redact_url(u) for u in urls)
+
+
+# A comma followed by a scheme (amqp://, or a wrong one, which is then refused) starts the
+# next URL; any other comma (one in a password, say) belongs to the URL it is in.
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(value: str) -> tuple[str, ...]:
+    """The URLs of a comma-separated list such as ``AMQP_URL="amqp://...:5681/%2F,amqp://...:5682/%2F"``."""
+    return tuple(u for u in _URL_SEPARATOR.split(value.strip()) if u)
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
+    """Where and how to reach the broker.
+
+    ``urls`` are the nodes of one RabbitMQ cluster, tried in turn (:mod:`sealedsum.common.amqp`
+    starts each new connection at the next one, so a reconnect moves on from a node that went
+    away); ``url`` is the first of them, for everything that needs one URL (the vhost, the
+    account, messages). Given only ``url``, ``urls`` is ``(url,)``; a ``url`` that ``urls``
+    does not hold replaces them (``dataclasses.replace(settings, url=...)`` means one broker).
+    """
+
     url: str = DEFAULT_AMQP_URL
     topology: Topology = Topology()
     queue_type: str = "quorum"
@@ -63,8 +90,21 @@ class BrokerSettings:
     # Back-pressure: the records queue holds at most this many; past it the broker nacks
     # new records (reject-publish) and producers wait and retry within reconnect_seconds.
     max_queued_records: int = 1_000_000
+    urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        urls = tuple(self.urls)
+        if self.url not in urls:
+            urls = (self.url,)
+        else:  # the same nodes, starting at url
+            i = urls.index(self.url)
+            urls = urls[i:] + urls[:i]
+        object.__setattr__(self, "urls", urls)
 
     def __repr__(self) -> str:
+        if len(self.urls) > 1:
+            return (f"BrokerSettings(urls={[redact_url(u) for u in self.urls]!r}, "
+                    f"prefix={self.topology.prefix!r})")
         return f"BrokerSettings(url={redact_url(self.url)!r}, prefix={self.topology.prefix!r})"
 
 
@@ -89,11 +129,14 @@ class Config:
     def with_broker_url(self, url: str) -> "Config":
         """This config, connecting to ``url`` instead: one process that produces and consumes
         with two broker accounts loads the file once and derives one config per account
-        (``AMQP_URL`` would set the URL of every config the process loads).
+        (``AMQP_URL`` would set the URL of every config the process loads). ``url`` may list
+        several nodes, comma-separated, as ``AMQP_URL`` may.
 
-        :raises ConfigError: ``url`` is not an amqp:// or amqps:// URL.
+        :raises ConfigError: ``url`` is not an amqp:// or amqps:// URL, or not a valid list of them.
         """
-        return dataclasses.replace(self, broker=dataclasses.replace(self.broker, url=_checked_url(url)))
+        urls = split_urls(url) if isinstance(url, str) else ()
+        urls = _checked_urls(urls, "the URL") if urls else (_checked_url(url),)
+        return dataclasses.replace(self, broker=dataclasses.replace(self.broker, url=urls[0], urls=urls))
 
     def requirements(self, stream: str) -> Requirements:
         """What this client demands of ``stream``: ``[require]`` with ``[require.streams.NAME]`` on top."""
@@ -120,10 +163,48 @@ def _checked_url(url: object) -> str:
     return url
 
 
+def _vhost(url: str) -> str:
+    """The virtual host an AMQP URL names, as pika reads it (as ``sealedsum.accounts.vhost_of``)."""
+    path = urlsplit(url).path
+    return unquote(path.split("/")[1]) if path and path != "/" else "/"
+
+
+def _checked_urls(urls: object, where: str) -> tuple[str, ...]:
+    """Several nodes of one cluster: at least one URL, each amqp:// or amqps://, none twice,
+    and all with the same account and virtual host (the topology and the consumers' chain
+    state are per vhost; an account is the same on every node of a cluster)."""
+    if isinstance(urls, str) or not isinstance(urls, (list, tuple)) or not urls:
+        raise ConfigError(f"{where} must be a non-empty list of amqp:// or amqps:// URLs")
+    if len(urls) == 1:
+        return (_checked_url(urls[0]),)  # one broker: the message of old
+    for u in urls:
+        if not isinstance(u, str) or urlsplit(u).scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"{where} must hold only amqp:// or amqps:// URLs")
+    urls = tuple(urls)
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{where} lists a URL twice: {redact_urls(urls)}")
+    first = urls[0]
+    for u in urls[1:]:
+        if _vhost(u) != _vhost(first) or urlsplit(u).username != urlsplit(first).username:
+            raise ConfigError(f"{where} must name the same account and virtual host on every node: "
+                              f"{redact_url(first)} and {redact_url(u)} do not",
+                              hint="list the nodes of one RabbitMQ cluster, with one account")
+    return urls
+
+
 def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
-    d = take(raw, {"url", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds",
+    d = take(raw, {"url", "urls", "prefix", "queue_type", "attest_timeout_seconds", "reconnect_seconds",
                     "max_queued_records"}, "broker")
-    url = _checked_url(env.get("AMQP_URL") or d.get("url") or DEFAULT_AMQP_URL)
+    if "url" in d and "urls" in d:
+        raise ConfigError("set broker.url or broker.urls, not both",
+                          hint="broker.urls = [...] lists the nodes of one cluster; its first is the url")
+    if env.get("AMQP_URL"):
+        urls = _checked_urls(split_urls(env["AMQP_URL"]), "AMQP_URL")
+    elif "urls" in d:
+        urls = _checked_urls(d["urls"], "broker.urls")
+    else:
+        urls = (_checked_url(d.get("url") or DEFAULT_AMQP_URL),)
+    url = urls[0]
     prefix = d.get("prefix", "sealedsum")
     if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " #*"):
         raise ConfigError("broker.prefix must be a non-empty name without spaces, # or *")
@@ -139,7 +220,7 @@ def _broker(raw: Mapping[str, Any], env: Mapping[str, str]) -> BrokerSettings:
     max_queued = d.get("max_queued_records", 1_000_000)
     if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
         raise ConfigError("broker.max_queued_records must be a positive integer")
-    return BrokerSettings(url, Topology(prefix), queue_type, timeout, reconnect, max_queued)
+    return BrokerSettings(url, Topology(prefix), queue_type, timeout, reconnect, max_queued, urls)
 
 
 def _trust(raw: Mapping[str, Any], path: Path | None) -> TrustAnchors:

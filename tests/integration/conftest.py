@@ -15,6 +15,7 @@ from pathlib import Path
 import pika
 import pytest
 
+from sealedsum import cluster_nodes
 from sealedsum.common.errors import TransportError
 from sealedsum.testbed import Testbed
 
@@ -66,6 +67,24 @@ def amqp_url() -> str:
     with container:
         p = container.get_connection_params()
         yield f"amqp://{p.credentials.username}:{p.credentials.password}@{p.host}:{p.port}/%2F"
+
+
+@pytest.fixture(scope="session")
+def cluster_urls() -> list[str]:
+    """The AMQP URLs of the three-node cluster (``deploy/cluster.sh``), node 1 first, from
+    ``$SEALEDSUM_CLUSTER_URLS``; each must answer. Unset: skipped locally, failed in CI."""
+    urls = cluster_nodes.urls_from_env()
+    if not urls:
+        _no_broker(f"{cluster_nodes.URLS_ENV} unset (start the cluster with `deploy/cluster.sh start` "
+                   "and export the variable it prints)")
+    if len(urls) != 3:
+        pytest.fail(f"{cluster_nodes.URLS_ENV} must hold three comma-separated URLs, not {len(urls)}")
+    for n, url in enumerate(urls, 1):
+        try:
+            pika.BlockingConnection(pika.URLParameters(url)).close()
+        except Exception as err:  # noqa: BLE001
+            pytest.fail(f"{cluster_nodes.URLS_ENV} is set but cluster node {n} does not answer: {err!r}")
+    return urls
 
 
 def streams_toml(streams: dict[str, dict]) -> str:

@@ -345,6 +345,87 @@ def test_volumes_used_by_services_are_declared(compose):
             assert is_bind(source) or source in declared, f"{name} uses undeclared volume {source!r}"
 
 
+# --- the clustered profile ----------------------------------------------------------------
+
+CLUSTER_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+CLUSTER_CONF = REPO / "deploy" / "rabbitmq-cluster.conf"
+CLUSTER_PLUGINS = REPO / "deploy" / "cluster-enabled-plugins"
+CLUSTER_SCRIPT = REPO / "deploy" / "cluster.sh"
+
+
+def test_the_default_services_have_no_profile_and_the_cluster_nodes_only_the_clustered_one(compose):
+    for name in ("rabbitmq", *APP_SERVICES):
+        assert not service(compose, name).get("profiles"), f"{name} must start without --profile"
+    for name in CLUSTER_NODES:
+        assert service(compose, name).get("profiles") == ["clustered"], name
+    clustered = {n for n, svc in compose["services"].items() if "clustered" in (svc.get("profiles") or [])}
+    assert clustered == set(CLUSTER_NODES)
+
+
+def test_cluster_nodes_run_the_broker_image_with_one_cookie_distinct_names_ports_and_volumes(compose):
+    image = service(compose, "rabbitmq")["image"]
+    cookies, hostnames, ports, data = set(), [], [], []
+    for name in CLUSTER_NODES:
+        svc = service(compose, name)
+        assert svc.get("image") == image and "build" not in svc, name
+        cookie = environment(svc).get("RABBITMQ_ERLANG_COOKIE")
+        assert cookie, f"{name} has no RABBITMQ_ERLANG_COOKIE: the nodes could not talk to each other"
+        cookies.add(cookie)
+        hostnames.append(svc.get("hostname"))
+        (port,) = svc.get("ports")
+        host_ip, host_port, container_port = str(port).split(":")
+        assert host_ip == "127.0.0.1" and container_port == "5672", port
+        ports.append(int(host_port))
+        data.append(mount_at(svc, "/var/lib/rabbitmq")[0])
+        test = as_argv(svc.get("healthcheck", {}).get("test"))
+        assert "rabbitmq-diagnostics" in test and "ping" in test, test
+    assert len(cookies) == 1, "the three nodes must share one Erlang cookie"
+    assert hostnames == list(CLUSTER_NODES), "a node's name (rabbit@HOSTNAME) must stay fixed"
+    # The ports deploy/cluster.sh uses, so SEALEDSUM_CLUSTER_URLS is the same for either.
+    assert ports == [5681, 5682, 5683]
+    assert re.search(r'AMQP_PORTS:-5681 5682 5683', CLUSTER_SCRIPT.read_text())
+    assert len(set(data)) == 3 and not any(is_bind(d) for d in data)
+    assert set(data) <= set(compose.get("volumes") or {})
+    assert service(compose, "rabbitmq").get("ports")[0].split(":")[1] == "5672"
+
+
+@pytest.mark.parametrize("name", CLUSTER_NODES)
+def test_cluster_node_mounts_existing_files_read_only(compose, name):
+    svc = service(compose, name)
+    wanted = {"/etc/rabbitmq/conf.d/91-sealedsum-cluster.conf": CLUSTER_CONF,
+              "/etc/rabbitmq/enabled_plugins": CLUSTER_PLUGINS,
+              "/etc/rabbitmq/conf.d/90-sealedsum.conf": RABBITMQ_CONF,
+              "/etc/rabbitmq/definitions.json": DEFINITIONS}
+    for target, path in wanted.items():
+        source, read_only = mount_at(svc, target)
+        assert is_bind(source) and read_only, (name, target)
+        assert (COMPOSE_FILE.parent / source).resolve() == path and path.is_file(), (name, source)
+    for source, target, _ in mounts(svc):
+        if is_bind(source):
+            assert (COMPOSE_FILE.parent / source).exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_cluster_config_lists_exactly_the_three_nodes_for_classic_peer_discovery(compose):
+    settings = rabbitmq_settings(CLUSTER_CONF)
+    assert settings["cluster_formation.peer_discovery_backend"] in ("classic_config", "rabbit_peer_discovery_classic_config")
+    listed = {v for k, v in settings.items() if k.startswith("cluster_formation.classic_config.nodes.")}
+    assert listed == {f"rabbit@{service(compose, n)['hostname']}" for n in CLUSTER_NODES}
+
+
+def test_cluster_nodes_enable_the_consistent_hash_exchange():
+    text = CLUSTER_PLUGINS.read_text().strip()
+    m = re.fullmatch(r"\[([a-z_,\s]*)\]\.", text)
+    assert m, f"{CLUSTER_PLUGINS} is not an Erlang list term: {text!r}"
+    plugins = {p.strip() for p in m.group(1).split(",") if p.strip()}
+    assert "rabbitmq_consistent_hash_exchange" in plugins
+    assert "rabbitmq_management" in plugins, "the -management image's own plugin must stay enabled"
+
+
+def test_cluster_script_is_executable_and_parses():
+    assert CLUSTER_SCRIPT.stat().st_mode & stat.S_IXUSR
+    subprocess.run(["bash", "-n", str(CLUSTER_SCRIPT)], check=True)
+
+
 # --- Dockerfile and .dockerignore -----------------------------------------------------------
 
 def test_dockerfile_installs_the_project_and_runs_sealedsum_as_a_non_root_user():
