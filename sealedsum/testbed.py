@@ -278,8 +278,11 @@ class ClusterTestbed:
         state.mkdir(parents=True, exist_ok=True)
         if i:
             shutil.copy(self.workdir / "r0" / "state" / KEY_FILE, state / KEY_FILE)
-        replica = Testbed(self.workdir / f"r{i}", self.urls[i % len(self.urls)], (streams or self.streams) + self.cluster,
-                          state=state, prefix=self.prefix, **self._kw)
+        # Every node, starting at this replica's own (it moves on to the next if that one goes).
+        k = i % len(self.urls)
+        nodes = ",".join(self.urls[k:] + self.urls[:k])
+        replica = Testbed(self.workdir / f"r{i}", self.urls[k], (streams or self.streams) + self.cluster,
+                          state=state, prefix=self.prefix, process_url=nodes, **self._kw)
         self.replicas.append(replica)
         return replica
 

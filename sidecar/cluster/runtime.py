@@ -40,10 +40,10 @@ from sealedsum.common.wire import strict_json
 from sealedsum.sidecar.cluster import join, worker as work
 from sealedsum.sidecar.enclave import frames
 from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
-from sealedsum.sidecar.enclave.service import NOTHING, Effects, Enclave, OpenedRecord
+from sealedsum.sidecar.enclave.service import Effects, Enclave, OpenedRecord
 from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
 from sealedsum.sidecar.enclave_process.runtime import (
-    DEAD_LETTER_PREFIX_BYTES, LOCK_RETRY_S, EnclaveRuntime, ack_batch_for, declare_topology, enclave_prefetch, now_ms)
+    DEAD_LETTER_PREFIX_BYTES, EnclaveRuntime, ack_batch_for, declare_topology, enclave_prefetch, now_ms)
 
 log = logging.getLogger("sealedsum.cluster")
 

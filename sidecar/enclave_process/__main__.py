@@ -15,7 +15,7 @@ from pathlib import Path
 import phe.util
 
 from sealedsum.common import logs
-from sealedsum.common.config import BrokerSettings
+from sealedsum.common.config import BrokerSettings, split_urls
 from sealedsum.common.errors import ExitCode, InheritedSpendMismatch, RollbackDetected, SealedsumError, \
     StateIncompatible, StorageError
 from sealedsum.common.topology import Topology
@@ -72,6 +72,13 @@ class PlatformLedgerCounter(PlatformCounter):
 
     def advance(self, value: int) -> int:
         return self._channel.request(LedgerCounterAdvance(value), CounterValue).value
+
+
+def broker_settings(b) -> BrokerSettings:
+    """The broker the platform named: one URL, or every node of a cluster, comma-separated."""
+    urls = split_urls(b.url)
+    return BrokerSettings(urls[0], Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records,
+                          urls=urls)
 
 
 def warn_of_other_code(path: Path) -> None:
@@ -159,7 +166,7 @@ def main(argv: list[str]) -> int:
             "error": type(err).__name__, "detail": str(err), "hint": err.hint}})
         return err.exit_code
     b = launch.broker
-    settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
+    settings = broker_settings(b)
     writer = StateWriter(enclave, store, directory / "keys.sealed", sealing_key, ledger_store)
     runtime = EnclaveRuntime(enclave, settings, writer, start=enclave.start(),
                              start_timeout_s=b.start_timeout_ms / 1000)
@@ -178,7 +185,7 @@ def run_replica(channel: PipeChannel, launch: Launch, policy, quote, report: dic
     from sealedsum.sidecar.cluster.runtime import Holder, StreamStateStore, Worker, obtain_keys, state_key
 
     b = launch.broker
-    settings = BrokerSettings(b.url, Topology(b.prefix), b.queue_type, max_queued_records=b.max_queued_records)
+    settings = broker_settings(b)
     if settings.queue_type != "quorum":
         log.error("replicas need quorum queues: a classic queue lives on one broker node and goes with it",
                   extra={"fields": {"queue_type": settings.queue_type, "hint": "set broker.queue_type = \"quorum\""}})

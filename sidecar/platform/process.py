@@ -154,7 +154,8 @@ class PlatformProcess:
         try:
             channel.send(Launch(self.platform.sealing_key(self.measurement), self.measurement, self.code_digest,
                                 self.policy_bytes, str(self.state_dir.resolve()),
-                                BrokerLink(b.url, b.topology.prefix, b.queue_type, b.max_queued_records,
+                                # Every node of a cluster, comma-separated (split_urls reads them back).
+                                BrokerLink(",".join(b.urls), b.topology.prefix, b.queue_type, b.max_queued_records,
                                            int(b.reconnect_seconds * 1000)),
                                 self.log_level, self.platform.ledger_key(self.code_digest)))
             while True:

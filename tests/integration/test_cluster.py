@@ -5,16 +5,14 @@ nothing."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pika
 import pytest
 
-from sealedsum.common import topology, wire
+from sealedsum import cluster_nodes
+from sealedsum.common import wire
 from sealedsum.consumers.client import Consumer
 from sealedsum.producers.client import Producer, RecordSealer
 from sealedsum.testbed import ClusterTestbed
@@ -27,16 +25,6 @@ pytestmark = pytest.mark.integration
 # true ones; two-second windows closed by time, released from one record on.
 STREAM = {"dimension": 1, "lower": 0.0, "upper": 100.0, "window_seconds": 2.0, "min_batch": 1,
           "mechanism": "laplace", "epsilon": 1e6, "budget_epsilon": 1e12}
-
-
-@pytest.fixture(scope="module")
-def cluster_urls() -> list[str]:
-    raw = os.environ.get("SEALEDSUM_CLUSTER_URLS")
-    if not raw:
-        if os.environ.get("SEALEDSUM_REQUIRE_BROKER") == "1":
-            pytest.fail("SEALEDSUM_CLUSTER_URLS is unset: the cluster tests need deploy/cluster.sh start")
-        pytest.skip("no cluster: run deploy/cluster.sh start and set SEALEDSUM_CLUSTER_URLS")
-    return raw.split(",")
 
 
 @pytest.fixture
@@ -144,16 +132,6 @@ def test_a_replica_that_cannot_attest_gets_no_key_and_folds_nothing(cluster_fact
     stranger.stop()
 
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def broker_node(action: str, n: int) -> None:
-    """Stop or start node ``n`` (1-based) of the test cluster (deploy/cluster.sh)."""
-    done = subprocess.run(["bash", str(REPO / "deploy" / "cluster.sh"), f"{action}-node", str(n)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 class SteadyProducer(threading.Thread):
     """Sends one record every few milliseconds until stopped; counts what the broker confirmed."""
 
@@ -208,12 +186,12 @@ def test_replica_holder_and_broker_node_failures_under_load_count_every_record_o
         wait_until("releases after the holder's death", lambda: releases_after(at + 2000))
         cl.replicas[holder].start(log_level="debug")
         # 3. A broker node stops (not the one the producer and consumer use) and comes back.
-        broker_node("stop", 3)
+        cluster_nodes.stop_node(3)
         at = int(time.time() * 1000)
         try:
             wait_until("releases with a broker node down", lambda: releases_after(at + 2000), timeout=90)
         finally:
-            broker_node("start", 3)
+            cluster_nodes.start_node(3)
         time.sleep(2.0)
         load.halt.set()
         load.join(timeout=60)
