@@ -17,6 +17,7 @@ from sealedsum.sidecar.cluster import join, worker
 from sealedsum.sidecar.enclave import frames
 from sealedsum.sidecar.enclave.keyring import Keyring
 from sealedsum.sidecar.enclave.service import Enclave, OpenedRecord
+from sealedsum.producers.client import RecordSealer
 from sealedsum.sidecar.platform.emulated import EmulatedPlatform
 from tests.conftest import TEST_BITS, make_world, now_ms, stream_table
 
@@ -136,3 +137,62 @@ def test_keys_go_only_to_a_replica_that_attests_and_come_only_from_one(small_key
     mixed = join.JoinReply(reply.attestation, join.answer(req, impostor, holder.attest).keys)
     with pytest.raises(ReportDataMismatch):
         join.accept(mixed, req, box, policy.cluster, measurement, now_ms())
+
+
+def test_the_per_producer_bound_holds_across_replicas(small_keys):
+    """Two replicas each see part of one producer's records: the holder counts them together."""
+    platform = EmulatedPlatform.generate()
+    policy = cluster_policy([platform], {"s": stream_table(window_records=None, window_seconds=SPAN_S, min_batch=1,
+                                                           max_records_per_producer=2)})
+    world = make_world(small_keys, policy)
+    enclave = world.enclave
+    sealer = RecordSealer(world.attested, producer_id=b"\x01" * 16)
+    t = now_ms()
+    first = worker.checked([enclave.open(sealer.seal("s", [1.0]).body) for _ in range(2)])
+    second = worker.checked([enclave.open(sealer.seal("s", [1.0]).body)])
+    assert enclave.merge(worker.increment(os.urandom(16), 1, first, t, t)[0], t)[1] == ()
+    _, refused = enclave.merge(worker.increment(os.urandom(16), 1, second, t, t)[0], t)
+    assert [r.reason for _, r in refused] == [RejectReason.CONTRIBUTION_LIMIT]
+    assert enclave.streams["s"].current.count == 2
+    # Within one increment too: the third of three is refused, and nothing of it counts.
+    other = RecordSealer(world.attested, producer_id=b"\x02" * 16)
+    three = worker.checked([enclave.open(other.seal("s", [1.0]).body) for _ in range(3)])
+    _, refused = enclave.merge(worker.increment(os.urandom(16), 2, three, t, t)[0], t)
+    assert [(i, r.reason) for i, r in refused] == [(2, RejectReason.CONTRIBUTION_LIMIT)]
+    assert enclave.streams["s"].current.count == 2
+
+
+def test_a_late_increment_never_changes_a_closed_window(small_keys):
+    """An increment read in a window the holder has closed counts in the open one (window 0)
+    or is refused late_window (its records asked for the closed one); one read ahead of the
+    holder's open window waits (parks)."""
+    platform = EmulatedPlatform.generate()
+    span = 1000
+    policy = cluster_policy([platform], {"s": stream_table(window_records=None, window_seconds=span / 1000,
+                                                           min_batch=1, epsilon=1e6)})
+    world = make_world(small_keys, policy)
+    enclave = world.enclave
+    w = now_ms() // span
+    start = w * span + 100
+    enclave.on_tick(start)
+    assert enclave.streams["s"].current.index == w
+    early = worker.checked([enclave.open(world.sealer.seal("s", [5.0], now_ms=start).body)])
+    ahead, _ = worker.increment(os.urandom(16), 1, early, start + span, start + span)
+    assert enclave.parks(ahead, start)  # read in w + 1 while the holder still has w open
+    assert enclave.merge(worker.increment(os.urandom(16), 1, early, start, start)[0], start)[1] == ()
+    # The holder moves on to w + 1: window w closes with one record, and is drawn.
+    enclave.on_tick(start + span)
+    assert enclave.streams["s"].current.index == w + 1
+    # A replica that was slow: read in w, arriving now. Its window-0 record counts in w + 1,
+    # its record that asked for window w is refused; window w's total is what it was.
+    late_records = worker.checked([enclave.open(world.sealer.seal("s", [1.0], now_ms=start).body),
+                                   enclave.open(world.sealer.seal("s", [1.0], now_ms=start, window=w).body)])
+    late, _ = worker.increment(os.urandom(16), 2, late_records, start, start)
+    assert not enclave.parks(late, start + span)
+    _, refused = enclave.merge(late, start + span)
+    assert [(i, r.reason) for i, r in refused] == [(1, RejectReason.LATE_WINDOW)]
+    again, _ = worker.increment(late.worker, 3, late_records[:1], start, start)
+    assert enclave.merge(again, start + span)[1] == ()
+    assert enclave.streams["s"].current.count == 1
+    (release,) = [p.message for p in enclave.pending.values() if p.message.kind == "result"]
+    assert (release.window, release.count) == (w, 1) and release.sum[0] == pytest.approx(5.0, abs=0.01)
