@@ -299,6 +299,9 @@ def role_permissions(topology: Topology) -> dict[str, Permissions]:
     """The configure/write/read patterns of each role, for one prefix."""
     p = topology.prefix
     own = _names(p, set(topology.exchanges) | set(topology.queues))
+    # Replicas ([cluster]): the shard queues and the replicas' own queues and stream.
+    replicas = (escape(f"{p}.records.") + "[0-9]+",
+                escape(f"{p}.cluster.") + r"(genesis|join|partials|state|reply\.[0-9a-f]{32})")
     mine = escape(topology.consumer_queue_prefix) + ".*"
     return {
         # Declares and binds its objects (configure; write on the queues, read on the
@@ -306,7 +309,8 @@ def role_permissions(topology: Topology) -> dict[str, Permissions]:
         # results (write), answers RPCs on the default exchange (write amq.default). Declaring
         # PREFIX.records with a dead-letter exchange also needs read on it and write on
         # PREFIX.rejected, which "own" covers.
-        "sidecar": Permissions(_anchored(own), _anchored(own, escape(DEFAULT_EXCHANGE)), _anchored(own)),
+        "sidecar": Permissions(_anchored(own, *replicas), _anchored(own, *replicas, escape(DEFAULT_EXCHANGE)),
+                               _anchored(own, *replicas)),
         # Publishes records and RPC requests; the reply comes through direct reply-to,
         # which needs no permission. Its one queue is server-named (configure; write on it
         # to bind, read to consume) and bound to PREFIX.announce for key-rotation notices and

@@ -32,10 +32,12 @@ import nacl.secret
 import pika
 import pika.exceptions as pe
 
-from sealedsum.common import amqp, topology, wire
+from sealedsum.common import amqp, signing, topology, wire
+from sealedsum.common.results import EXHAUSTED_KIND, PAYLOADS, RESULT_KIND
 from sealedsum.common.cluster import Cluster
 from sealedsum.common.config import BrokerSettings
-from sealedsum.common.errors import AnotherReleaser, AttestationError, InvalidMessage, RecordRejected, RejectReason, TransportError
+from sealedsum.common.errors import AnotherReleaser, AttestationError, InvalidMessage, InvalidResultSignature, \
+    RecordRejected, RejectReason, RollbackDetected, TransportError
 from sealedsum.common.wire import strict_json
 from sealedsum.sidecar.cluster import join, worker as work
 from sealedsum.sidecar.enclave import frames
@@ -57,7 +59,7 @@ REPLY_TIMEOUT_S = 5.0
 # How long deliveries may wait for others to share their increment.
 INGEST_WAIT_S = 0.02
 # A replica without keys asks for them this often.
-JOIN_EVERY_S = 2.0
+JOIN_EVERY_S = 5.0
 STATE_LOAD_TIMEOUT_S = 60.0
 STATE_KEY_INFO = b"sealedsum/v1/cluster-state"
 # Increments carry a delta per coordinate: a wide vector's can exceed a record's size.
@@ -97,8 +99,12 @@ def obtain_keys(settings: BrokerSettings, cluster: Cluster, measurement: bytes, 
             channel.queue_declare(inbox, exclusive=True, auto_delete=True)
             answers: list[bytes] = []
             channel.basic_consume(inbox, lambda _c, _m, _p, body: answers.append(body), auto_ack=True)
+            # Every request of this connection stays answerable: a busy replica may answer one
+            # after this replica sent the next.
+            pending: dict[bytes, tuple[join.JoinRequest, object]] = {}
             while not stopping():
                 req, box = join.request(quote, code_digest, policy_bytes)
+                pending[req.nonce] = (req, box)
                 channel.basic_publish("", t.cluster_join, req.to_bytes(), pika.BasicProperties(
                     type=join.REQUEST_TYPE, reply_to=inbox, app_id=amqp.APP_ID))
                 deadline = time.monotonic() + JOIN_EVERY_S
@@ -106,7 +112,11 @@ def obtain_keys(settings: BrokerSettings, cluster: Cluster, measurement: bytes, 
                     conn.process_data_events(time_limit=0.1)
                 for body in answers:
                     try:
-                        keyring = join.accept(join.JoinReply.from_bytes(body), req, box, cluster, measurement, now_ms())
+                        reply = join.JoinReply.from_bytes(body)
+                        asked = pending.get(wire.AttestReply.from_bytes(reply.attestation).nonce)
+                        if asked is None:
+                            raise InvalidMessage("an answer to no request of this replica")
+                        keyring = join.accept(reply, asked[0], asked[1], cluster, measurement, now_ms())
                     except (AttestationError, InvalidMessage) as err:
                         log.error("a replica answered with keys that do not attest; ignored", extra={"fields": {
                             "error": type(err).__name__, "detail": str(err)}})
@@ -267,6 +277,58 @@ class StreamStateStore:
         self._entry(entry, False)
 
 
+def published_releases(connection, settings: BrokerSettings, signing_key: bytes, measurement: bytes,
+                       idle_s: float = 1.0) -> dict[str, int]:
+    """Per stream, how many releases the ledger had charged at the latest signed release or
+    budget notice in the release stream (``budget.releases``): what a state that is not rolled
+    back holds at least. Only messages signed by this deployment's key count; the stream is
+    read from its first offset until it has been quiet for ``idle_s``."""
+    out: dict[str, int] = {}
+    reader = connection.channel()
+    reader.basic_qos(prefetch_count=256)
+    last = [time.monotonic()]
+
+    def on_message(ch, method, _props, body):
+        ch.basic_ack(method.delivery_tag)
+        last[0] = time.monotonic()
+        try:
+            message = wire.SignedMessage.from_bytes(body)
+            signing.verify(signing_key, signing.RESULT, message.payload, message.signature,
+                           error=InvalidResultSignature, what="result")
+            kind = strict_json(message.payload).get("kind")
+            if kind not in (RESULT_KIND, EXHAUSTED_KIND):
+                return
+            parsed = PAYLOADS[kind].from_payload(message.payload)
+        except (InvalidMessage, InvalidResultSignature, ValueError, AttributeError):
+            return  # not ours: it proves nothing about our ledger
+        if parsed.measurement != measurement.hex():
+            return
+        releases = parsed.budget.get("releases")
+        if isinstance(releases, int):
+            out[parsed.stream] = max(out.get(parsed.stream, 0), releases)
+
+    tag = reader.basic_consume(settings.topology.releases_stream, on_message, auto_ack=False,
+                               arguments={"x-stream-offset": "first"})
+    while time.monotonic() - last[0] < idle_s:
+        connection.process_data_events(time_limit=0.1)
+    reader.basic_cancel(tag)
+    reader.close()
+    return out
+
+
+def check_not_rolled_back(enclave: Enclave, published: dict[str, int]) -> None:
+    """:raises RollbackDetected: the state read from the stream has charged fewer releases of
+    some stream than a release already published says: it is an earlier copy, put back (its
+    budget would be spent a second time)."""
+    for stream, releases in sorted(published.items()):
+        ledger = enclave.ledgers.get(stream)
+        if ledger is not None and ledger.releases < releases:
+            raise RollbackDetected(
+                f"the holder's state stream holds {ledger.releases} release(s) of stream {stream!r}, but release "
+                f"{releases} of it is published already: the state stream was rolled back",
+                hint="restore PREFIX.cluster.state to its latest entries; no replica releases until then")
+
+
 # -- the release holder -------------------------------------------------------------------
 class Holder(EnclaveRuntime):
     """The single enclave's runtime, fed increments from the replicas instead of records.
@@ -285,13 +347,14 @@ class Holder(EnclaveRuntime):
         self._adopt(None)
         self._adopted: tuple[str, int] | None | bool = False  # the stream head the core was built from
 
-    def _adopt(self, state: list[dict] | None) -> None:
-        """Start over from ``state`` (what the stream holds): a new core and a runtime around it."""
+    def _adopt(self, state: list[dict] | None, enclave: Enclave | None = None) -> None:
+        """Start over from ``state`` (what the stream holds; ``enclave``, if given, is its core
+        already built): a new core and a runtime around it."""
         for pool in (getattr(self, "_opener", None), getattr(self, "_releaser", None)):
             if pool is not None:
                 pool.shutdown(wait=True)
         stopping = getattr(self, "stopping", False)
-        enclave = self._build(state)
+        enclave = enclave or self._build(state)
         EnclaveRuntime.__init__(self, enclave, self._cluster_settings, StateWriter(enclave, self._store),
                                 start=enclave.start(), start_timeout_s=self._timeout)
         self.stopping = stopping
@@ -323,7 +386,15 @@ class Holder(EnclaveRuntime):
             previous = self._adopted
             state = self._store.attach(connection)
             if previous is False or self._store.head != previous:
-                self._adopt(state)
+                candidate = self._build(state)
+                try:
+                    check_not_rolled_back(candidate, published_releases(
+                        connection, self.settings, candidate.keys.bundle.ed25519, candidate.measurement))
+                except RollbackDetected as err:
+                    log.error("the holder's state was rolled back; refusing the release role", extra={"fields": {
+                        "error": type(err).__name__, "detail": str(err), "hint": err.hint}})
+                    raise AnotherReleaser(str(err)) from err
+                self._adopt(state, candidate)
                 log.info("release role taken", extra={"fields": {
                     "state_version": self._store.version, "journal_entries": len(state) - 1 if state else 0}})
             self._adopted = self._store.head
@@ -344,6 +415,43 @@ class Holder(EnclaveRuntime):
         channel.basic_qos(prefetch_count=64)
         channel.basic_consume(t.cluster_partials, self._on_record, auto_ack=False)
         self._open_requests()
+
+    def _learn_reply_node(self) -> None:
+        """Every node's direct reply-to name, not only the request connection's: clients attest
+        through whichever node they are connected to. A probe from a short connection to each
+        node (as :meth:`EnclaveRuntime._learn_reply_node` does from the request connection)."""
+        super()._learn_reply_node()
+        if self._connection is None or len(self.settings.urls) < 2:
+            return
+        for url in self.settings.urls:
+            try:
+                conn = pika.BlockingConnection(amqp.parameters(self.settings, url=url))
+            except amqp.CONNECT_ERRORS:
+                continue  # a node that is down: learned when a replica on it reports it
+            try:
+                probe = conn.channel()
+                probe.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
+                probe.basic_publish("", self.settings.topology.release_lock, b"", pika.BasicProperties(
+                    reply_to=amqp.DIRECT_REPLY_TO, type="reply-to-probe", app_id=amqp.APP_ID))
+                lock = self._connection.channel()
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    method, props, _ = lock.basic_get(self.settings.topology.release_lock, auto_ack=True)
+                    if method is not None:
+                        node = amqp.reply_to_node(props.reply_to)
+                        if node is not None:
+                            self.reply_nodes.add(node)
+                        break
+                    conn.process_data_events(time_limit=0.01)
+                lock.close()
+            except pe.AMQPError as err:
+                log.warning("could not learn a broker node's reply name", extra={"fields": {
+                    "error": type(err).__name__, "detail": str(err)}})
+            finally:
+                if conn.is_open:
+                    conn.close()
+        log.info("broker nodes for replies", extra={"fields": {
+            "nodes": sorted(n.decode("utf-8", "replace") for n in self.reply_nodes)}})
 
     def _ingest_due(self) -> bool:
         return bool(self._inbox)

@@ -203,3 +203,76 @@ def test_replica_holder_and_broker_node_failures_under_load_count_every_record_o
     assert len(windows) == len(set(windows)), "a window was released twice"
     assert sum(r.count for r in got) == load.sent
     assert sum(r.sum[0] for r in got) == pytest.approx(load.sent, abs=0.05)
+
+
+def stream_entries(url: str, name: str, idle_s: float = 1.5) -> list[bytes]:
+    """Every message of a stream, raw, as an operator can read it."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    got: list[bytes] = []
+    try:
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=500)
+        last = [time.monotonic()]
+
+        def take(c, m, _p, body):
+            got.append(body)
+            last[0] = time.monotonic()
+            c.basic_ack(m.delivery_tag)
+
+        ch.basic_consume(name, take, arguments={"x-stream-offset": "first"})
+        while time.monotonic() - last[0] < idle_s:
+            conn.process_data_events(time_limit=0.1)
+    finally:
+        conn.close()
+    return got
+
+
+def rewrite_stream(url: str, name: str, bodies: list[bytes]) -> None:
+    """Delete a stream and declare it again holding ``bodies``: the operator's rollback."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        ch.queue_delete(name)
+        ch.queue_declare(name, durable=True, arguments={"x-queue-type": "stream"})
+        ch.confirm_delivery()
+        for body in bodies:
+            ch.basic_publish("", name, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+    finally:
+        conn.close()
+
+
+def test_an_operator_who_rolls_the_state_stream_back_gets_no_release(cluster_factory):
+    """The holder's state lives in the broker, where the operator can put an earlier copy back:
+    with it, the budget spent since would be spent again. Whoever takes the release role checks
+    the state against the signed releases already published and refuses an earlier one."""
+    cl = cluster_factory(replicas=2)
+    with Consumer(cl.client_config(0), "s", chain_state=None, start="first") as consumer:
+        with Producer(cl.client_config(0)) as producer:
+            for _ in range(50):
+                producer.send("s", [1.0])
+        before = released(consumer, 50)
+    assert sum(r.count for r in before) == 50
+    cl.stop()
+    t = cl.config.broker.topology
+    entries = stream_entries(cl.urls[0], t.cluster_state)
+    published = stream_entries(cl.urls[0], t.releases_stream)
+    assert len(entries) > 2 and len(published) == len(before)
+    rewrite_stream(cl.urls[0], t.cluster_state, entries[:2])  # the copy taken at the start: no charge in it
+    cl.start(log_level="debug")
+    wait_until("a replica refusing the rolled-back state", lambda: any(
+        r.events("the holder's state was rolled back; refusing the release role") for r in cl.replicas))
+    time.sleep(5.0)  # windows would have closed (and been charged again) by now
+    assert len(stream_entries(cl.urls[0], t.releases_stream)) == len(published)  # nothing released, nothing charged
+    assert sum(len(r.events("release role taken")) for r in cl.replicas) == 1  # only the first start's
+    # The latest entries put back, releases resume from where they were.
+    cl.stop()
+    rewrite_stream(cl.urls[0], t.cluster_state, entries)
+    cl.start(log_level="debug")
+    cl.wait_attestable()
+    with Consumer(cl.client_config(0), "s", chain_state=None, start="next") as consumer:
+        with Producer(cl.client_config(0)) as producer:
+            for _ in range(10):
+                producer.send("s", [1.0])
+        after = released(consumer, 10)
+    assert sum(r.count for r in after) == 10
+    assert min(r.budget["releases"] for r in after) > max(r.budget["releases"] for r in before)
