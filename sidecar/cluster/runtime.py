@@ -786,5 +786,6 @@ class Worker:
                                                                                         headers=headers))
                 self.stats[f"rejected:{rejection.reason.value}"] += 1
             self._dead.tx_commit()
-        for method, *_ in batch:
-            self._records.basic_ack(method.delivery_tag)
+        # The batch is the oldest of what this channel holds (one increment in flight at a time,
+        # taken in delivery order): one ack covers it.
+        self._records.basic_ack(batch[-1][0].delivery_tag, multiple=True)
