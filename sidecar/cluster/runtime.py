@@ -178,6 +178,34 @@ def _sleep(seconds: float, stopping) -> None:
 
 
 # -- the holder's state, in a stream ----------------------------------------------------
+def state_line(entries: list[dict]) -> tuple[list[dict] | None, tuple[str, int] | None]:
+    """The state the stream's entries (opened, in stream order) hold: the last base and the
+    journal entries after it, along one line of entries. A journal entry joins the line only if
+    it follows its head (``prev``); a base joins it if it follows any entry on it, and then
+    cuts off what came after that entry: a new holder's first base follows the head it read,
+    and anything that landed between (a deposed holder's late write) was never confirmed to its
+    writer, since a confirm needs the connection that held the lock. Markers are skipped.
+    Returns the state (``None`` if there is none) and the head, as ``(writer, version)``."""
+    line: list[tuple[tuple[str, int], bool, dict]] = []
+    for doc in entries:
+        if "marker" in doc:
+            continue
+        key = (doc["writer"], doc["v"])
+        prev = tuple(doc["prev"]) if doc["prev"] is not None else None
+        keys = [k for k, _, _ in line]
+        if doc["base"]:
+            if prev is None and not line:
+                line = [(key, True, doc["state"])]
+            elif prev is not None and prev in keys:
+                line = line[:keys.index(prev) + 1] + [(key, True, doc["state"])]
+        elif line and prev == keys[-1]:
+            line.append((key, False, doc["state"]))
+    if not line:
+        return None, None
+    last_base = max(i for i, (_, base, _) in enumerate(line) if base)
+    return [state for _, _, state in line[last_base:]], line[-1][0]
+
+
 class StreamStateStore:
     """The holder's sealed state as entries of the stream ``PREFIX.cluster.state``: a base (the
     whole state) now and then, journal entries in between, each a secret box under the
@@ -228,24 +256,10 @@ class StreamStateStore:
             connection.process_data_events(time_limit=0.05)
         reader.basic_cancel(tag)
         reader.close()
-        chain: list[dict] = []
-        self.head = None
-        for doc in bodies:
-            if "marker" in doc:
-                continue
-            prev = tuple(doc["prev"]) if doc["prev"] is not None else None
-            if prev != self.head:
-                continue  # off the line: a deposed holder's late write
-            if doc["base"]:
-                chain = [doc["state"]]
-            elif chain:
-                chain.append(doc["state"])
-            else:
-                continue
-            self.head = (doc["writer"], doc["v"])
+        chain, self.head = state_line(bodies)
         self.version = self.head[1] if self.head else 0
         self.journal_bytes = 0
-        return chain or None
+        return chain
 
     def _open(self, body: bytes) -> dict | None:
         try:
@@ -345,7 +359,7 @@ class Holder(EnclaveRuntime):
         self._cluster_settings = settings
         self._timeout = start_timeout_s
         self._adopt(None)
-        self._adopted: tuple[str, int] | None | bool = False  # the stream head the core was built from
+        self._adopted = False  # whether the core was built from the stream (at a lock taken)
 
     def _adopt(self, state: list[dict] | None, enclave: Enclave | None = None) -> None:
         """Start over from ``state`` (what the stream holds; ``enclave``, if given, is its core
@@ -383,7 +397,8 @@ class Holder(EnclaveRuntime):
                 raise
             channel = declare_topology(connection.channel(), self.settings, reopen=connection.channel,
                                        shards=self.cluster.shards)
-            previous = self._adopted
+            # The head this core stands on: the last entry it wrote, or the one it was built from.
+            previous = self._store.head if self._adopted else False
             state = self._store.attach(connection)
             if previous is False or self._store.head != previous:
                 candidate = self._build(state)
@@ -397,7 +412,7 @@ class Holder(EnclaveRuntime):
                 self._adopt(state, candidate)
                 log.info("release role taken", extra={"fields": {
                     "state_version": self._store.version, "journal_entries": len(state) - 1 if state else 0}})
-            self._adopted = self._store.head
+            self._adopted = True
         except BaseException:
             if connection.is_open:
                 connection.close()
@@ -429,21 +444,7 @@ class Holder(EnclaveRuntime):
             except amqp.CONNECT_ERRORS:
                 continue  # a node that is down: learned when a replica on it reports it
             try:
-                probe = conn.channel()
-                probe.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
-                probe.basic_publish("", self.settings.topology.release_lock, b"", pika.BasicProperties(
-                    reply_to=amqp.DIRECT_REPLY_TO, type="reply-to-probe", app_id=amqp.APP_ID))
-                lock = self._connection.channel()
-                deadline = time.monotonic() + 2.0
-                while time.monotonic() < deadline:
-                    method, props, _ = lock.basic_get(self.settings.topology.release_lock, auto_ack=True)
-                    if method is not None:
-                        node = amqp.reply_to_node(props.reply_to)
-                        if node is not None:
-                            self.reply_nodes.add(node)
-                        break
-                    conn.process_data_events(time_limit=0.01)
-                lock.close()
+                self._probe_reply_node(conn)
             except pe.AMQPError as err:
                 log.warning("could not learn a broker node's reply name", extra={"fields": {
                     "error": type(err).__name__, "detail": str(err)}})

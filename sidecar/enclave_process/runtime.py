@@ -578,11 +578,16 @@ class EnclaveRuntime:
 
     def _learn_reply_node(self) -> None:
         """Learn how the broker names the node of the request connection in direct reply-to
-        names: a probe from that connection, with direct reply-to, into the release lock (which
-        only this enclave can read), read back on the records connection."""
+        names (:meth:`_probe_reply_node` from that connection)."""
         if self._connection is None:
             return
-        probe = self._rpc.channel()
+        self._probe_reply_node(self._rpc)
+
+    def _probe_reply_node(self, connection) -> None:
+        """A probe from ``connection``, with direct reply-to, into the release lock (which only
+        this enclave can read), read back on the records connection: the node's name as the
+        broker writes it in reply-to names goes into :attr:`reply_nodes`."""
+        probe = connection.channel()
         try:
             probe.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
             probe.basic_publish("", self.settings.topology.release_lock, b"", pika.BasicProperties(
@@ -598,7 +603,7 @@ class EnclaveRuntime:
                         log.info("broker node for replies learned", extra={"fields": {"node": node.decode(
                             "utf-8", "replace")}})
                     break
-                self._rpc.process_data_events(time_limit=0.01)
+                connection.process_data_events(time_limit=0.01)
             lock.close()
         finally:
             if probe.is_open:

@@ -55,6 +55,15 @@ def released(consumer, want: int, timeout: float = 60.0) -> list:
     return out
 
 
+def send_and_release(cl: ClusterTestbed, n: int, start: str = "first") -> list:
+    """``n`` records of 1.0 through node 1, and the releases that count them."""
+    with Consumer(cl.client_config(0), "s", chain_state=None, start=start) as consumer:
+        with Producer(cl.client_config(0)) as producer:
+            for _ in range(n):
+                producer.send("s", [1.0])
+        return released(consumer, n)
+
+
 def dead_letters(settings, timeout: float = 2.0) -> list[tuple[dict, bytes]]:
     conn = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
@@ -117,11 +126,7 @@ def test_a_replica_that_cannot_attest_gets_no_key_and_folds_nothing(cluster_fact
     while time.monotonic() < deadline and not any(
             r.events("a replica that does not attest asked for the keys; refused") for r in cl.replicas[:2]):
         time.sleep(0.5)
-    with Consumer(cl.client_config(0), "s", chain_state=None, start="first") as consumer:
-        with Producer(cl.client_config(0)) as producer:
-            for i in range(200):
-                producer.send("s", [1.0])
-        got = released(consumer, 200)
+    got = send_and_release(cl, 200)
     assert sum(r.count for r in got) == 200
     refusals = [e for r in cl.replicas[:2] for e in r.events("a replica that does not attest asked for the keys; refused")]
     assert refusals and all(e["error"] == "UnknownMeasurement" for e in refusals)
@@ -246,11 +251,7 @@ def test_an_operator_who_rolls_the_state_stream_back_gets_no_release(cluster_fac
     with it, the budget spent since would be spent again. Whoever takes the release role checks
     the state against the signed releases already published and refuses an earlier one."""
     cl = cluster_factory(replicas=2)
-    with Consumer(cl.client_config(0), "s", chain_state=None, start="first") as consumer:
-        with Producer(cl.client_config(0)) as producer:
-            for _ in range(50):
-                producer.send("s", [1.0])
-        before = released(consumer, 50)
+    before = send_and_release(cl, 50)
     assert sum(r.count for r in before) == 50
     cl.stop()
     t = cl.config.broker.topology
@@ -270,10 +271,6 @@ def test_an_operator_who_rolls_the_state_stream_back_gets_no_release(cluster_fac
     rewrite_stream(cl.urls[0], t.cluster_state, entries)
     cl.start(log_level="debug")
     cl.wait_attestable()
-    with Consumer(cl.client_config(0), "s", chain_state=None, start="next") as consumer:
-        with Producer(cl.client_config(0)) as producer:
-            for _ in range(10):
-                producer.send("s", [1.0])
-        after = released(consumer, 10)
+    after = send_and_release(cl, 10, start="next")
     assert sum(r.count for r in after) == 10
     assert min(r.budget["releases"] for r in after) > max(r.budget["releases"] for r in before)

@@ -196,3 +196,30 @@ def test_a_late_increment_never_changes_a_closed_window(small_keys):
     assert enclave.streams["s"].current.count == 1
     (release,) = [p.message for p in enclave.pending.values() if p.message.kind == "result"]
     assert (release.window, release.count) == (w, 1) and release.sum[0] == pytest.approx(5.0, abs=0.01)
+
+
+def test_the_state_stream_is_read_along_one_line_of_entries():
+    from sealedsum.sidecar.cluster.runtime import state_line
+
+    def entry(writer, v, prev, base, state):
+        return {"writer": writer, "v": v, "prev": list(prev) if prev else None, "base": base, "state": state}
+
+    a1 = entry("a", 1, None, True, {"n": 1})
+    a2 = entry("a", 2, ("a", 1), False, {"n": 2})
+    # b took over after a2: a base that follows a's head.
+    b3 = entry("b", 3, ("a", 2), True, {"n": 3})
+    # a, deposed and not knowing it yet, writes one more entry after its own a2: off the line.
+    a3 = entry("a", 3, ("a", 2), False, {"n": "late"})
+    b4 = entry("b", 4, ("b", 3), False, {"n": 4})
+    state, head = state_line([a1, {"marker": "x"}, a2, b3, a3, b4])
+    assert state == [{"n": 3}, {"n": 4}] and head == ("b", 4)
+    # a's late write landing before b's first base: b's base follows a2, which is on the line,
+    # and cuts a3 off (a3 landed after b took the lock, so it was never confirmed to a).
+    state, head = state_line([a1, a2, a3, b3, b4])
+    assert state == [{"n": 3}, {"n": 4}] and head == ("b", 4)
+    # A late journal entry that follows nothing on the line is skipped wherever it lands.
+    assert state_line([a1, a2, b3, a3, b4]) == ([{"n": 3}, {"n": 4}], ("b", 4))
+    # Without a new holder, a's own entries are the line.
+    assert state_line([a1, a2, a3]) == ([{"n": 1}, {"n": 2}, {"n": "late"}], ("a", 3))
+    assert state_line([]) == (None, None)
+    assert state_line([a2]) == (None, None)  # a journal entry with nothing before it
