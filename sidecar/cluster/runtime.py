@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from dataclasses import dataclass
 import json
 import logging
 import threading
@@ -544,6 +545,20 @@ class Holder(EnclaveRuntime):
 
 
 # -- a replica's work -----------------------------------------------------------------------
+@dataclass(slots=True)
+class Flight:
+    """The increment a replica waits for the holder to answer: its records (with their place:
+    delivery, index within a record batch), the batch's deliveries, the records refused so far
+    (with their rejections), the records known counted (a resend's duplicates), when sent."""
+
+    increment: frames.Increment
+    members: list
+    batch: list
+    local: list
+    counted: list
+    sent: float
+
+
 class Worker:
     """Consumes the shard queues, opens and checks records, sends increments to the holder and
     answers key requests of joining replicas (on a thread of its own)."""
@@ -623,6 +638,7 @@ class Worker:
         self._frames.confirm_delivery()
         self._dead = self._conn.channel()
         self._dead.tx_select()
+        self._notify = self._conn.channel()
         log.info("replica consuming", extra={"fields": {"worker": self.id.hex(), "shards": self.cluster.shards,
                                                         "prefetch": self.prefetch}})
 
@@ -644,7 +660,8 @@ class Worker:
         size = len(body)
         if size > self.enclave.max_delivery_bytes():
             body = body[:DEAD_LETTER_PREFIX_BYTES]
-        self._inbox.append((method, getattr(props, "type", None), body, size, time.time()))
+        self._inbox.append((method, getattr(props, "type", None), body, size, time.time(),
+                            topology.notice_token(getattr(props, "headers", None))))
 
     # -- joining replicas --------------------------------------------------------------
     def _serve_joins(self) -> None:
@@ -676,11 +693,11 @@ class Worker:
         now = time.monotonic()
         if self._flight is not None:
             self._answer()
-            if self._flight is not None and now - self._flight[4] > REPLY_TIMEOUT_S:
-                increment = self._flight[0]
+            if self._flight is not None and now - self._flight.sent > REPLY_TIMEOUT_S:
+                increment = self._flight.increment
                 resent = frames.Increment(increment.worker, increment.seq, True, increment.read_ms,
                                           increment.through_ms, increment.groups)
-                self._flight = (resent, *self._flight[1:4], now)
+                self._flight.increment, self._flight.sent = resent, now
                 self._send(resent)
                 self.stats["resent"] += 1
             return
@@ -707,7 +724,7 @@ class Worker:
         places: list[tuple[int, int | None]] = []  # (delivery, index within a record batch)
         opened: list[OpenedRecord | RecordRejected] = []
         local: list[tuple[int, int | None, RecordRejected]] = []
-        for d, (method, kind, body, size, _) in enumerate(batch):
+        for d, (method, kind, body, size, *_) in enumerate(batch):
             parts = (self.enclave.oversized(size) if size > self.enclave.max_delivery_bytes()
                      else self.enclave.records_in(body, kind))
             if isinstance(parts, RecordRejected):
@@ -719,22 +736,22 @@ class Worker:
                 opened.append(self.enclave.open(part))
         checked = work.checked(opened)
         records, where = [], []
-        for place, item, body_index in zip(places, checked, range(len(places))):
+        for place, item in zip(places, checked):
             if isinstance(item, RecordRejected):
                 local.append((place[0], place[1], item))
             else:
                 records.append(item)
                 where.append(place)
-        self._submit(batch, records, where, local, int(batch[0][4] * 1000), through)
+        self._submit(batch, records, where, local, [], int(batch[0][4] * 1000), through)
 
-    def _submit(self, batch, records, where, local, read_ms: int, through: int) -> None:
+    def _submit(self, batch, records, where, local, counted, read_ms: int, through: int) -> None:
         if not records:
-            self._finish(batch, local)
+            self._finish(batch, local, counted)
             return
         self._seq += 1
         increment, index = work.increment(self.id, self._seq, records, read_ms, through)
         members = [(records[i], where[i]) for i in index]
-        self._flight = (increment, members, batch, local, time.monotonic())
+        self._flight = Flight(increment, members, batch, local, counted, time.monotonic())
         self._send(increment)
 
     def _answer(self) -> None:
@@ -744,13 +761,13 @@ class Worker:
                 reply = frames.open_frame(self._key, body)
             except InvalidMessage:
                 continue
-            if not isinstance(reply, frames.Reply) or self._flight is None or reply.seq != self._flight[0].seq:
+            if not isinstance(reply, frames.Reply) or self._flight is None or reply.seq != self._flight.increment.seq:
                 continue  # an answer to an increment this replica no longer waits for
-            increment, members, batch, local, _ = self._flight
-            self._flight = None
+            flight, self._flight = self._flight, None
+            increment, members, batch, local = flight.increment, flight.members, flight.batch, flight.local
             if reply.committed:
                 self.stats["counted"] += len(members)
-                self._finish(batch, local)
+                self._finish(batch, local, flight.counted + members)
                 return
             refused = dict(reply.refused)
             keep_records, keep_where = [], []
@@ -763,18 +780,22 @@ class Worker:
                 method = batch[place[0]][0]
                 if rejection.reason == RejectReason.DUPLICATE and (reply.again or increment.resend or method.redelivered):
                     self.stats["counted_before"] += 1  # counted the first time; only the answer was lost
+                    flight.counted.append((record, place))
                     continue
                 rejection.record = (record.stream.name, record.envelope.record_id)
                 local.append((place[0], place[1], rejection))
-            self._submit(batch, keep_records, keep_where, local, increment.read_ms, increment.through_ms)
+            self._submit(batch, keep_records, keep_where, local, flight.counted, increment.read_ms,
+                         increment.through_ms)
             return
 
-    def _finish(self, batch, local) -> None:
-        """Dead-letter what was refused (in one transaction), then acknowledge the batch."""
+    def _finish(self, batch, local, counted) -> None:
+        """Dead-letter what was refused, with the notices of their refusals to the producers'
+        tokens (in one transaction), then acknowledge the batch, then send the receipts of what
+        was counted (best effort, as a single enclave does: protocol section 11.6)."""
         t = self.settings.topology
         if local:
             for d, index, rejection in local:
-                _method, _kind, body, size, _ = batch[d]
+                _method, _kind, body, size, _, token = batch[d]
                 headers = {"x-sealedsum-reason": rejection.reason.value, "x-sealedsum-detail": rejection.detail,
                            "x-sealedsum-rejected-at": now_ms()}
                 if rejection.record is not None:
@@ -785,8 +806,25 @@ class Worker:
                     headers["x-sealedsum-original-bytes"] = size
                 self._dead.basic_publish(t.rejected_exchange, "", body, amqp.properties("rejected-record",
                                                                                         headers=headers))
+                if token is not None:
+                    notice = self.enclave.refusal_notice(token, Effects(rejection=rejection, record=rejection.record),
+                                                         index, headers["x-sealedsum-rejected-at"])
+                    self._dead.basic_publish(t.notices_exchange, notice.token, notice.body, amqp.properties("notice"))
+                    self.stats["notices:rejected"] += 1
                 self.stats[f"rejected:{rejection.reason.value}"] += 1
             self._dead.tx_commit()
         # The batch is the oldest of what this channel holds (one increment in flight at a time,
         # taken in delivery order): one ack covers it.
         self._records.basic_ack(batch[-1][0].delivery_tag, multiple=True)
+        receipts: dict[str, list[tuple[str, bytes]]] = {}
+        for record, (d, _) in counted:
+            token = batch[d][5]
+            if token is not None:
+                receipts.setdefault(token, []).append((record.stream.name, record.envelope.record_id))
+        if receipts:
+            try:
+                for notice in self.enclave.receipts(receipts, now_ms()):
+                    self._notify.basic_publish(t.notices_exchange, notice.token, notice.body, amqp.properties("notice"))
+                    self.stats["notices:counted"] += 1
+            except pe.AMQPError as err:
+                log.warning("receipts not sent", extra={"fields": {"error": type(err).__name__, "detail": str(err)}})

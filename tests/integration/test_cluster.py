@@ -274,3 +274,17 @@ def test_an_operator_who_rolls_the_state_stream_back_gets_no_release(cluster_fac
     after = send_and_release(cl, 10, start="next")
     assert sum(r.count for r in after) == 10
     assert min(r.budget["releases"] for r in after) > max(r.budget["releases"] for r in before)
+
+
+def test_producers_hear_what_became_of_their_records_from_replicas(cluster_factory):
+    """Receipts and refusals (protocol section 11.6) come from the replica that handled the
+    record, as they would from one enclave: counted once the holder's state holds it, refused
+    with the holder's reason."""
+    cl = cluster_factory(replicas=2)
+    with Producer(cl.client_config(1)) as producer:
+        for _ in range(30):
+            producer.send("s", [2.0])
+        producer.send("s", [2.0], window=1)  # a window long closed: refused late_window
+        outcomes = producer.wait_outcomes(30)
+    assert (outcomes.counted, outcomes.rejected, outcomes.unknown) == (30, 1, 0)
+    assert outcomes.by_reason == {"late_window": 1}
