@@ -608,6 +608,11 @@ class Worker:
                     "error": type(err).__name__, "detail": str(err)}})
                 self._close()
                 _sleep(1.0, lambda: self.stopping)
+            except Exception:  # noqa: BLE001 - a fault of ours: the deliveries go back, and we start over
+                log.exception("replica worker failed; starting over on a new connection")
+                self.stats["restarts"] += 1
+                self._close()
+                _sleep(1.0, lambda: self.stopping)
         self._close()
 
     def _connect(self) -> None:
