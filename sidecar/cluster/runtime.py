@@ -46,7 +46,7 @@ from sealedsum.sidecar.enclave.keyring import EnclaveKeys, Keyring
 from sealedsum.sidecar.enclave.service import Effects, Enclave, OpenedRecord
 from sealedsum.sidecar.enclave_process.checkpoint import StateWriter
 from sealedsum.sidecar.enclave_process.runtime import (
-    DEAD_LETTER_PREFIX_BYTES, EnclaveRuntime, ack_batch_for, declare_topology, enclave_prefetch, now_ms)
+    DEAD_LETTER_PREFIX_BYTES, PREFETCH_MIN, EnclaveRuntime, ack_batch_for, declare_topology, enclave_prefetch, now_ms)
 
 log = logging.getLogger("sealedsum.cluster")
 
@@ -571,8 +571,11 @@ class Worker:
         self.id = uuid.uuid4().bytes
         self._key = enclave.keyring.cluster_key()
         self.stopping = False
-        self.prefetch = enclave_prefetch(enclave)
-        self.batch = ack_batch_for(self.prefetch)
+        # What one enclave holds of its one records queue, shared out over the shard queues
+        # (a prefetch is per consumer): a replica that dies leaves no more to redeliver, and the
+        # first to start on a backlog does not take it all.
+        self.prefetch = max(PREFETCH_MIN, enclave_prefetch(enclave) // cluster.shards)
+        self.batch = ack_batch_for(enclave_prefetch(enclave))
         self._seq = 0
         self._conn = None
         self._inbox: list[tuple[object, str | None, bytes, int, float]] = []
