@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replicas", type=_int_list, metavar="LIST",
                    help="replica counts to measure (default 1,2,3)")
     p.add_argument("--records", type=int, metavar="R",
-                   help="1-value records per figure per repeat (default 3000, 300 with --quick)")
+                   help="1-value records per figure per repeat (default 10000, 300 with --quick)")
     p.add_argument("--repeats", type=int, metavar="K", help="repeats; figures are medians (default 3, 1 with --quick)")
     p.add_argument("--bits", type=int, metavar="B",
                    help="Paillier modulus bits (default 2048, 1024 with --quick; below 2048 the policy sets "
@@ -114,9 +114,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a short run (300 records, 1 repeat, 1024-bit insecure test keys): well under a minute")
     p.add_argument("--json", metavar="FILE", help="also write every measurement as JSON to FILE")
+    p.add_argument("--keep", action="store_true", help="keep the replicas' logs and state (the path is printed)")
     args = p.parse_args(argv)
     args.replicas = args.replicas or [1, 2, 3]
-    args.records = args.records or (300 if args.quick else 3000)
+    args.records = args.records or (300 if args.quick else 10000)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.bits = args.bits or (1024 if args.quick else 2048)
     if min(args.records, args.repeats, args.shards, *args.replicas) < 1 or args.window_seconds <= 0:
@@ -142,6 +143,63 @@ def check_cluster(urls: list[str]) -> str | None:
     if dead:
         return f"{len(dead)} of {len(urls)} cluster node(s) do not answer: {', '.join(dead)}"
     return None
+
+
+# -- CPU ---------------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def broker_pids(urls: list[str]) -> dict[int, int]:
+    """port -> pid of the local process listening on each URL's port (``ss -ltnp``), where known."""
+    import re
+    import subprocess
+
+    ports = {pika.URLParameters(u).port for u in urls}
+    try:
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in out.splitlines():
+        m = re.search(r":(\d+)\s.*pid=(\d+)", line)
+        if m and int(m.group(1)) in ports:
+            found[int(m.group(1))] = int(m.group(2))
+    return found
+
+
+class BrokerCpu:
+    """CPU seconds the cluster's broker processes spent between :meth:`start` and :meth:`stop`
+    (None if a node's process changed meanwhile: someone restarted it). The brokers are shared:
+    whatever else uses them is in it too."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+
+    def start(self) -> None:
+        self.pids = broker_pids(self.urls)
+        self.t0 = {p: cpu_seconds(p) for p in self.pids.values()}
+
+    def stop(self) -> float | None:
+        if not self.pids or broker_pids(self.urls) != self.pids:
+            return None
+        total = 0.0
+        for pid, before in self.t0.items():
+            after = cpu_seconds(pid)
+            if before is None or after is None:
+                return None
+            total += after - before
+        return total
 
 
 # -- the broker, plain -----------------------------------------------------------------------
@@ -260,15 +318,17 @@ def _plain_consumer(url: str, queues: list[str], prefetch: int, total: int, coun
 
         ready.wait(timeout=60)
         go.wait(timeout=60)
+        cpu0 = sum(os.times()[:2])
         for q in queues:
             ch.basic_consume(q, on_message, auto_ack=False)
         deadline = time.monotonic() + 600
         while counter.value < total and time.monotonic() < deadline:
             conn.process_data_events(time_limit=0.02)
+        cpu = sum(os.times()[:2]) - cpu0
         conn.close()
-        out.put((state["mine"], state["last"], None))
+        out.put((state["mine"], state["last"], None, cpu))
     except Exception as err:  # noqa: BLE001 - reported to the parent
-        out.put((0, None, f"{type(err).__name__}: {err}"))
+        out.put((0, None, f"{type(err).__name__}: {err}", 0.0))
 
 
 def plain_consume(urls: list[str], queues: list[str], n_consumers: int, prefetch: int, total: int) -> dict:
@@ -280,8 +340,10 @@ def plain_consume(urls: list[str], queues: list[str], n_consumers: int, prefetch
                                                        ready, go, out), daemon=True) for j in range(n_consumers)]
     for proc in procs:
         proc.start()
+    brokers = BrokerCpu(urls)
     try:
         ready.wait(timeout=60)  # every process connected
+        brokers.start()
         t0 = time.time()
         go.set()
         results = [out.get(timeout=660) for _ in procs]
@@ -290,13 +352,16 @@ def plain_consume(urls: list[str], queues: list[str], n_consumers: int, prefetch
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
-    errors = [e for _, _, e in results if e]
+    broker_cpu = brokers.stop()
+    errors = [e for _, _, e, _ in results if e]
     if errors:
         raise BenchError(f"a plain consumer failed: {errors[0]}")
     if counter.value < total:
         raise BenchError(f"the plain consumers acknowledged {counter.value} of {total} messages")
-    return {"plain_s": max(last for _, last, _ in results if last) - t0,
-            "plain_per_consumer": [m for m, _, _ in results]}
+    return {"plain_s": max(last for _, last, _, _ in results if last) - t0,
+            "plain_per_consumer": [m for m, _, _, _ in results],
+            "plain_consumer_cpu_ms": sum(c for *_, c in results) / total * 1000,
+            "plain_broker_cpu_ms": broker_cpu / total * 1000 if broker_cpu is not None else None}
 
 
 # -- the replicas ----------------------------------------------------------------------------
@@ -518,12 +583,21 @@ class Bench:
         target = self.released_target + n
         timeout = max(120.0, n * 0.2)
         state = StateReader(self.urls[0], self.topology.cluster_state, self.state_key, self.state_offset, self.watch)
+        brokers = BrokerCpu(self.urls)
+        cpu_at_start: dict[int, float] = {}  # replica -> its enclave process's CPU once it consumed
+        cpu_at_end: dict[int, float] = {}
         try:
+            brokers.start()
             self._start(which)
             deadline = time.monotonic() + timeout
             try:
                 while self.releases.count < target:
                     self.releases.pump(idle=0.03)
+                    for j in which:
+                        if j not in cpu_at_start and self.cl.replicas[j].events("replica consuming"):
+                            c = self._enclave_cpu(j)
+                            if c is not None:
+                                cpu_at_start[j] = c
                     self._check_alive(which)
                     if time.monotonic() > deadline:
                         raise BenchError(f"released {self.releases.count - self.released_target} of {n} records "
@@ -533,13 +607,21 @@ class Bench:
             finally:
                 starts = [first_event(self.cl.replicas[j], "replica consuming") for j in which]
                 roles = [e for j in which for e in self.cl.replicas[j].events("release role taken")]
+                broker_cpu = brokers.stop()
+                for j in cpu_at_start:
+                    c = self._enclave_cpu(j)
+                    if c is not None:
+                        cpu_at_end[j] = c
                 self._stop(which)
             state.drain()
         finally:
             state.close()
         self.state_offset = state.next_offset
-        if any(s is None for s in starts):
-            raise BenchError("a replica never logged 'replica consuming'")
+        missing = [j for j, s in zip(which, starts) if s is None]
+        if missing:
+            raise BenchError(f"replica(s) {missing} never logged 'replica consuming' (a broker node down? the test "
+                             "cluster is shared: someone's fault test may have stopped one):\n"
+                             + "\n".join(self.cl.replicas[j].log_tail(8) for j in missing))
         if self.releases.count != target:
             raise BenchError(f"released counts add up to {self.releases.count - self.released_target}, not {n}")
         self.released_target = target
@@ -557,9 +639,17 @@ class Bench:
                "records_per_merge_entry": n / len(merging) if merging else None,
                "merge_entry_gap_ms": statistics.median(gaps) * 1000 if gaps else None,
                "first_count_s": merging[0]["at"] - ts[0] if merging else None,
-               "holder_ready_s": min(parse_log_ts(e["ts"]) for e in roles) - ts[0] if roles else None}
+               "holder_ready_s": min(parse_log_ts(e["ts"]) for e in roles) - ts[0] if roles else None,
+               "broker_cpu_ms": broker_cpu / n * 1000 if broker_cpu is not None else None,
+               "replica_cpu_ms": {j: (cpu_at_end[j] - cpu_at_start[j]) / n * 1000 for j in cpu_at_end}}
         out.update(self.replica_stats(which, n))
         return out
+
+    def _enclave_cpu(self, j: int) -> float | None:
+        try:
+            return cpu_seconds(self.cl.replicas[j].enclave_pid())
+        except RuntimeError:  # it has not logged its pid yet
+            return None
 
     def _cumulative(self):
         total = 0
@@ -738,7 +828,10 @@ def summarize(result: dict) -> None:
         row["counted_ratio"] = statistics.median(r["counted_rps"] / r["plain_rps"] for r in runs)
         gaps = [r["merge_entry_gap_ms"] for r in runs if r.get("merge_entry_gap_ms")]
         row["merge_entry_gap_ms"] = statistics.median(gaps) if gaps else None
-        for key in ("first_count_s", "holder_ready_s"):
+        for r in runs:
+            r["replicas_cpu_ms"] = sum(r["replica_cpu_ms"].values()) if len(r["replica_cpu_ms"]) == n else None
+        for key in ("first_count_s", "holder_ready_s", "broker_cpu_ms", "replicas_cpu_ms", "plain_broker_cpu_ms",
+                    "plain_consumer_cpu_ms"):
             vals = [r[key] for r in runs if r.get(key) is not None]
             row[key] = statistics.median(vals) if vals else None
         row["ingest_rps_min"], row["ingest_rps_max"] = min(r["ingest_rps"] for r in runs), max(r["ingest_rps"] for r in runs)
@@ -758,6 +851,10 @@ def fmt(v) -> str:
     if v is None:
         return "-"
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fmt3(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def report(result: dict, info: dict) -> str:
@@ -791,6 +888,16 @@ def report(result: dict, info: dict) -> str:
     lines.append("    last window's wait for its end and the replicas' reports included); counted: to the state-stream")
     lines.append("    entry that made the last record durably counted; scaling: ingest(N)/ingest(1); recs/flush: records")
     lines.append("    per holder checkpoint that counted records; flush ms: median time between two such checkpoints")
+    lines.append("")
+    lines.append("  CPU per record (median ms; /proc of this machine's processes)")
+    head = f"    {'replicas':>8}{'replicas (all)':>16}{'brokers':>10}{'plain consumers':>17}{'brokers (plain)':>17}"
+    lines += [head, "    " + "-" * (len(head) - 4)]
+    for n, row in sorted(result["summary"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"    {n:>8}{fmt3(row['replicas_cpu_ms']):>16}{fmt3(row['broker_cpu_ms']):>10}"
+                     f"{fmt3(row['plain_consumer_cpu_ms']):>17}{fmt3(row['plain_broker_cpu_ms']):>17}")
+    lines.append("    (replicas: their enclave processes from 'replica consuming' to the end, the holder's work")
+    lines.append("    included; brokers: the cluster's nodes over the figure, whatever else used them meanwhile;")
+    lines.append("    '-' where a node's process changed during the figure)")
     lines.append("")
     c = result.get("costs")
     if c:
@@ -835,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"benchmarks.replicas: {type(err).__name__}: {err}" + (f" ({err.hint})" if getattr(err, "hint", None) else ""))
         return err.exit_code
     finally:
-        if ok:
+        if ok and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             log(f"benchmarks.replicas: logs and state kept in {workdir}")
