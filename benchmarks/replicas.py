@@ -150,10 +150,11 @@ def check_cluster(urls: list[str]) -> str | None:
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc), or None."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (of its thread ``tid``) so far (Linux
+    /proc), or None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (OSError, IndexError, ValueError):
@@ -584,10 +585,10 @@ class Bench:
         timeout = max(120.0, n * 0.2)
         state = StateReader(self.urls[0], self.topology.cluster_state, self.state_key, self.state_offset, self.watch)
         brokers = BrokerCpu(self.urls)
-        cpu_at_start: dict[int, float] = {}  # replica -> its enclave process's CPU once it consumed
-        cpu_at_end: dict[int, float] = {}
+        cpu_at_start: dict[int, tuple[float, float]] = {}  # replica -> its enclave's CPU once it consumed
+        cpu_at_end: dict[int, tuple[float, float]] = {}
+        cpu_from = None
         try:
-            brokers.start()
             self._start(which)
             deadline = time.monotonic() + timeout
             try:
@@ -595,6 +596,9 @@ class Bench:
                     self.releases.pump(idle=0.03)
                     for j in which:
                         if j not in cpu_at_start and self.cl.replicas[j].events("replica consuming"):
+                            if cpu_from is None:  # the brokers from the first replica consuming on
+                                brokers.start()
+                                cpu_from = time.time()
                             c = self._enclave_cpu(j)
                             if c is not None:
                                 cpu_at_start[j] = c
@@ -607,7 +611,8 @@ class Bench:
             finally:
                 starts = [first_event(self.cl.replicas[j], "replica consuming") for j in which]
                 roles = [e for j in which for e in self.cl.replicas[j].events("release role taken")]
-                broker_cpu = brokers.stop()
+                broker_cpu = brokers.stop() if cpu_from is not None else None
+                cpu_over = time.time() - cpu_from if cpu_from is not None else None
                 for j in cpu_at_start:
                     c = self._enclave_cpu(j)
                     if c is not None:
@@ -641,15 +646,28 @@ class Bench:
                "first_count_s": merging[0]["at"] - ts[0] if merging else None,
                "holder_ready_s": min(parse_log_ts(e["ts"]) for e in roles) - ts[0] if roles else None,
                "broker_cpu_ms": broker_cpu / n * 1000 if broker_cpu is not None else None,
-               "replica_cpu_ms": {j: (cpu_at_end[j] - cpu_at_start[j]) / n * 1000 for j in cpu_at_end}}
+               "ingest_window_s": cpu_over,
+               "replica_cpu_ms": {j: (cpu_at_end[j][0] - cpu_at_start[j][0]) / n * 1000 for j in cpu_at_end},
+               "main_thread_cpu_ms": {j: (cpu_at_end[j][1] - cpu_at_start[j][1]) / n * 1000 for j in cpu_at_end}}
+        who = [j for j in which if self.cl.replicas[j].events("release role taken")]
+        if len(who) == 1 and who[0] in cpu_at_end and merging:
+            # The holder's loop, per increment it merged (one flush each, as measured).
+            out["holder_cpu_ms_per_flush"] = out["main_thread_cpu_ms"][who[0]] * n / len(merging)
+        steady = [e for e in merging[1:]]
+        if steady:
+            out["steady_rps"] = sum(e["new"] for e in steady) / (steady[-1]["at"] - merging[0]["at"])
         out.update(self.replica_stats(which, n))
         return out
 
-    def _enclave_cpu(self, j: int) -> float | None:
+    def _enclave_cpu(self, j: int) -> tuple[float, float] | None:
+        """CPU seconds of replica ``j``'s enclave process: all of it, and its main thread (the
+        one that runs the release holder's loop; the worker has a thread of its own)."""
         try:
-            return cpu_seconds(self.cl.replicas[j].enclave_pid())
+            pid = self.cl.replicas[j].enclave_pid()
         except RuntimeError:  # it has not logged its pid yet
             return None
+        total, main = cpu_seconds(pid), cpu_seconds(pid, pid)
+        return None if total is None or main is None else (total, main)
 
     def _cumulative(self):
         total = 0
@@ -770,6 +788,12 @@ def measure(b: Bench, i: int, n_replicas: int) -> dict:
     b.queue_records(n)
     b.queue_plain(n)
     out: dict = {"replicas": n_replicas, "shard_depths": b.last_depths}
+    # What the brokers spend with nothing of ours running (they are shared): subtracted below.
+    idle = BrokerCpu(b.urls)
+    idle.start()
+    time.sleep(2.0)
+    spent = idle.stop()
+    out["broker_idle_cores"] = spent / 2.0 if spent is not None else None
 
     def ours():
         out.update(b.ingest(n_replicas, n))
@@ -781,6 +805,11 @@ def measure(b: Bench, i: int, n_replicas: int) -> dict:
     b.releases.pump()
     out["ingest_rps"] = n / out["ingest_s"]
     out["counted_rps"] = n / out["counted_s"]
+    if out["broker_idle_cores"] is not None:
+        if out.get("broker_cpu_ms") is not None:
+            out["broker_net_cpu_ms"] = out["broker_cpu_ms"] - out["broker_idle_cores"] * out["ingest_window_s"] / n * 1000
+        if out.get("plain_broker_cpu_ms") is not None:
+            out["plain_broker_net_cpu_ms"] = out["plain_broker_cpu_ms"] - out["broker_idle_cores"] * out["plain_s"] / n * 1000
     out["plain_rps"] = n / out["plain_s"]
     out["ratio"] = out["ingest_rps"] / out["plain_rps"]
     log(f"  repeat {i + 1}, {n_replicas} replica(s): ingest {out['ingest_rps']:.0f} rec/s "
@@ -826,12 +855,15 @@ def summarize(result: dict) -> None:
             "ingest_rps", "counted_rps", "plain_rps", "ratio", "ingest_s", "counted_s", "plain_s", "start_spread_s",
             "state_entries", "merge_entries")}
         row["counted_ratio"] = statistics.median(r["counted_rps"] / r["plain_rps"] for r in runs)
+        steady = [r["steady_rps"] / r["plain_rps"] for r in runs if r.get("steady_rps")]
+        row["steady_ratio"] = statistics.median(steady) if steady else None
         gaps = [r["merge_entry_gap_ms"] for r in runs if r.get("merge_entry_gap_ms")]
         row["merge_entry_gap_ms"] = statistics.median(gaps) if gaps else None
         for r in runs:
             r["replicas_cpu_ms"] = sum(r["replica_cpu_ms"].values()) if len(r["replica_cpu_ms"]) == n else None
         for key in ("first_count_s", "holder_ready_s", "broker_cpu_ms", "replicas_cpu_ms", "plain_broker_cpu_ms",
-                    "plain_consumer_cpu_ms"):
+                    "plain_consumer_cpu_ms", "holder_cpu_ms_per_flush", "steady_rps", "broker_net_cpu_ms",
+                    "plain_broker_net_cpu_ms", "broker_idle_cores"):
             vals = [r[key] for r in runs if r.get(key) is not None]
             row[key] = statistics.median(vals) if vals else None
         row["ingest_rps_min"], row["ingest_rps_max"] = min(r["ingest_rps"] for r in runs), max(r["ingest_rps"] for r in runs)
@@ -843,6 +875,8 @@ def summarize(result: dict) -> None:
         for n, row in rows.items():
             row["scaling"] = row["ingest_rps"] / base["ingest_rps"]
             row["counted_scaling"] = row["counted_rps"] / base["counted_rps"]
+            if row.get("steady_rps") and base.get("steady_rps"):
+                row["steady_scaling"] = row["steady_rps"] / base["steady_rps"]
             row["plain_scaling"] = row["plain_rps"] / base["plain_rps"]
     result["summary"] = {str(n): row for n, row in rows.items()}
 
@@ -889,15 +923,33 @@ def report(result: dict, info: dict) -> str:
     lines.append("    entry that made the last record durably counted; scaling: ingest(N)/ingest(1); recs/flush: records")
     lines.append("    per holder checkpoint that counted records; flush ms: median time between two such checkpoints")
     lines.append("")
+    lines.append("  steady state and the release holder (medians)")
+    head = (f"    {'replicas':>8}{'steady rec/s':>14}{'steady/plain':>14}{'scaling':>9}{'holder ready s':>16}"
+            f"{'first count s':>15}{'flush ms':>10}{'holder CPU ms/flush':>21}")
+    lines += [head, "    " + "-" * (len(head) - 4)]
+    for n, row in sorted(result["summary"].items(), key=lambda kv: int(kv[0])):
+        sc = f"{row['steady_scaling']:.2f}" if row.get("steady_scaling") else "-"
+        lines.append(f"    {n:>8}{fmt(row.get('steady_rps')):>14}{fmt3(row.get('steady_ratio')):>14}{sc:>9}"
+                     f"{fmt3(row.get('holder_ready_s')):>16}{fmt3(row.get('first_count_s')):>15}"
+                     f"{fmt(row.get('merge_entry_gap_ms')):>10}{fmt(row.get('holder_cpu_ms_per_flush')):>21}")
+    lines.append("    (steady: records counted after the holder's first flush, over the time from it to the last;")
+    lines.append("    holder ready / first count: from the first 'replica consuming' to 'release role taken' (the")
+    lines.append("    holder reads the state stream back first) and to the first flush that counted records;")
+    lines.append("    holder CPU: the holder's main thread over the figure, per flush that counted records)")
+    lines.append("")
     lines.append("  CPU per record (median ms; /proc of this machine's processes)")
-    head = f"    {'replicas':>8}{'replicas (all)':>16}{'brokers':>10}{'plain consumers':>17}{'brokers (plain)':>17}"
+    head = (f"    {'replicas':>8}{'replicas (all)':>16}{'brokers':>10}{'net':>8}{'plain consumers':>17}"
+            f"{'brokers (plain)':>17}{'net':>8}{'idle cores':>12}")
     lines += [head, "    " + "-" * (len(head) - 4)]
     for n, row in sorted(result["summary"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"    {n:>8}{fmt3(row['replicas_cpu_ms']):>16}{fmt3(row['broker_cpu_ms']):>10}"
-                     f"{fmt3(row['plain_consumer_cpu_ms']):>17}{fmt3(row['plain_broker_cpu_ms']):>17}")
+                     f"{fmt3(row.get('broker_net_cpu_ms')):>8}{fmt3(row['plain_consumer_cpu_ms']):>17}"
+                     f"{fmt3(row['plain_broker_cpu_ms']):>17}{fmt3(row.get('plain_broker_net_cpu_ms')):>8}"
+                     f"{fmt3(row.get('broker_idle_cores')):>12}")
     lines.append("    (replicas: their enclave processes from 'replica consuming' to the end, the holder's work")
-    lines.append("    included; brokers: the cluster's nodes over the figure, whatever else used them meanwhile;")
-    lines.append("    '-' where a node's process changed during the figure)")
+    lines.append("    included; brokers: the cluster's nodes over the figure; net: less what they spent with")
+    lines.append("    nothing of ours running, measured for 2 s before the figure (idle cores: the brokers are")
+    lines.append("    shared); '-' where a node's process changed during the figure)")
     lines.append("")
     c = result.get("costs")
     if c:
