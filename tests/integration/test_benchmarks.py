@@ -99,10 +99,10 @@ def test_quick_replica_benchmark_prints_the_three_ratios(cluster_urls, tmp_path)
     # The run deleted what it declared.
     import pika
 
-    prefix = result["prefix"]
     conn = pika.BlockingConnection(pika.URLParameters(cluster_urls[0]))
     try:
-        for queue in (f"{prefix}.records.0", f"{prefix}.cluster.state", f"{prefix}.releases", f"{prefix}.plain.0"):
+        for queue in [f"{prefix}.{name}" for prefix in result["prefixes"]
+                      for name in ("records.0", "cluster.state", "releases", "plain.0", "stream-probe")]:
             ch = conn.channel()
             try:
                 ch.queue_declare(queue, passive=True)
