@@ -1,4 +1,5 @@
-"""``python -m benchmarks --quick`` runs end to end on the test broker and prints its ratios.
+"""``python -m benchmarks --quick`` runs end to end on the test broker and prints its ratios;
+``python -m benchmarks.replicas --quick`` does on the test cluster (SEALEDSUM_CLUSTER_URLS).
 
 Checks that the benchmark works and reports numbers, never how fast anything is.
 """
@@ -11,6 +12,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+# The cluster's URLs; unset, a failure under SEALEDSUM_REQUIRE_BROKER=1 (a skip otherwise).
+from tests.integration.test_cluster import cluster_urls  # noqa: F401 - a fixture
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,3 +76,47 @@ def test_quick_benchmark_prints_ratios(amqp_url, tmp_path):
                 raise AssertionError(f"queue {queue} was left behind")
     finally:
         conn.close()
+
+
+def test_quick_replica_benchmark_prints_the_three_ratios(cluster_urls, tmp_path):
+    out_json = tmp_path / "replicas.json"
+    env = dict(os.environ, SEALEDSUM_CLUSTER_URLS=",".join(cluster_urls))
+    env.pop("SEALEDSUM_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.replicas", "--quick", "--json", str(out_json)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    out = proc.stdout
+    for n in (1, 2, 3):
+        assert _number(rf"^ratio replicas={n}/plain-consume: ([0-9.]+)", out) > 0
+    assert re.search(r"^\s+machine\s+\S", out, re.MULTILINE) and "rabbitmq" in out
+
+    result = json.loads(out_json.read_text())
+    assert sorted(r["replicas"] for r in result["runs"]) == [1, 2, 3]
+    for run in result["runs"]:
+        assert run["ingest_rps"] > 0 and run["plain_rps"] > 0 and run["counted_rps"] > 0
+        assert sum(run["counted"]) == result["records"]  # every record counted once, by the replicas run
+    assert result["costs"]["replica_ms_per_record"] > 0 and result["costs"]["merge_ms_per_increment"] > 0
+    # The run deleted what it declared.
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(cluster_urls[0]))
+    try:
+        for queue in [f"{prefix}.{name}" for prefix in result["prefixes"]
+                      for name in ("records.0", "cluster.state", "releases", "plain.0", "stream-probe")]:
+            ch = conn.channel()
+            try:
+                ch.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as err:
+                assert err.reply_code == 404
+            else:
+                raise AssertionError(f"queue {queue} was left behind")
+    finally:
+        conn.close()
+
+
+def test_replica_benchmark_without_a_cluster_exits_3(tmp_path):
+    env = dict(os.environ, SEALEDSUM_CLUSTER_URLS="amqp://guest:guest@127.0.0.1:1/%2F")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.replicas", "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "deploy/cluster.sh start" in proc.stderr
