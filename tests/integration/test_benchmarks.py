@@ -13,9 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The cluster's URLs; unset, a failure under SEALEDSUM_REQUIRE_BROKER=1 (a skip otherwise).
-from tests.integration.test_cluster import cluster_urls  # noqa: F401 - a fixture
-
 REPO = Path(__file__).resolve().parents[2]
 
 
