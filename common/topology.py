@@ -91,6 +91,9 @@ class Topology:
                                           "replica that has them once each side has checked the other's quote.")
     cluster_state = _named("cluster.state", "The release holder's sealed state: a RabbitMQ stream, replicated by the "
                                             "broker cluster, that whichever replica takes the release role reads.")
+    cluster_role = _named("cluster.role", "The release role: a quorum queue holding one token message; the replica "
+                                          "whose consumer holds it unacknowledged is the release holder, and when "
+                                          "its connection goes the broker hands the token to another.")
     cluster_genesis = _named("cluster.genesis", "The deployment's public keys, put there by the replica that created "
                                                 "them: while it holds a message, no other replica creates keys.")
     cluster_reply_prefix = property(lambda self: f"{self.prefix}.cluster.reply.",
@@ -209,6 +212,7 @@ def declarations(topology: Topology, queue_type: str, max_queued_records: int,
             QueueDecl(t.cluster_partials, durable=True, arguments={"x-queue-type": queue_type}),
             QueueDecl(t.cluster_state, durable=True, arguments={"x-queue-type": "stream"}),
             QueueDecl(t.cluster_genesis, durable=True, arguments={"x-queue-type": queue_type}),
+            QueueDecl(t.cluster_role, durable=True, arguments={"x-queue-type": queue_type}),
             QueueDecl(t.cluster_join, durable=True, arguments={
                 "x-queue-type": "quorum", "x-message-ttl": CLUSTER_JOIN_TTL_MS, "x-max-length": ATTEST_QUEUE_MAX_LENGTH,
                 "x-overflow": "drop-head"}),
@@ -301,7 +305,7 @@ def role_permissions(topology: Topology) -> dict[str, Permissions]:
     own = _names(p, set(topology.exchanges) | set(topology.queues))
     # Replicas ([cluster]): the shard queues and the replicas' own queues and stream.
     replicas = (escape(f"{p}.records.") + "[0-9]+",
-                escape(f"{p}.cluster.") + r"(genesis|join|partials|state|reply\.[0-9a-f]{32})")
+                escape(f"{p}.cluster.") + r"(genesis|join|partials|role|state|reply\.[0-9a-f]{32})")
     mine = escape(topology.consumer_queue_prefix) + ".*"
     return {
         # Declares and binds its objects (configure; write on the queues, read on the

@@ -320,7 +320,8 @@ class ClusterTestbed:
         t = self.config.broker.topology
         shards = self.config.require_policy().cluster.shards
         amqp.delete_topology(self.config.broker, extra_queues=(*t.shard_queues(shards), t.cluster_partials,
-                                                               t.cluster_state, t.cluster_genesis, t.cluster_join))
+                                                               t.cluster_state, t.cluster_genesis, t.cluster_join,
+                                                               t.cluster_role))
 
     def __enter__(self) -> "ClusterTestbed":
         self.start()

@@ -63,6 +63,9 @@ INGEST_WAIT_S = 0.02
 JOIN_EVERY_S = 5.0
 STATE_LOAD_TIMEOUT_S = 60.0
 STATE_KEY_INFO = b"sealedsum/v1/cluster-state"
+ROLE_TOKEN = b"sealedsum release role"
+# How long a replica waits for the release-role token before it stands by (and tries again).
+ROLE_WAIT_S = 1.0
 # Increments carry a delta per coordinate: a wide vector's can exceed a record's size.
 MAX_FRAME_BYTES = 64 << 20
 
@@ -168,6 +171,8 @@ def _found(conn, settings: BrokerSettings, paillier_bits: int) -> Keyring | None
     keyring.rotated_at_ms = now_ms()
     probe.confirm_delivery()
     amqp.publish_confirmed(probe, "", t.cluster_genesis, keyring.current.bundle_bytes, amqp.properties("genesis"))
+    # The one release-role token of the deployment, put there once, with the keys.
+    amqp.publish_confirmed(probe, "", t.cluster_role, ROLE_TOKEN, amqp.properties("role"))
     probe.queue_delete(lock.name)
     return keyring
 
@@ -388,16 +393,27 @@ class Holder(EnclaveRuntime):
         self._replies.clear()
         t = self.settings.topology
         connection = amqp.connect(self.settings, name=f"sealedsum-replica {t.prefix} holder")
+        # Reached: a broker lost later is waited for, however long the stand-by lasted.
+        self._connected_once = True
         try:
-            lock = topology.release_lock(t)
-            try:
-                connection.channel().queue_declare(lock.name, durable=lock.durable, exclusive=lock.exclusive)
-            except pe.ChannelClosedByBroker as err:
-                if err.reply_code == 405:
-                    raise AnotherReleaser(err.reply_text) from err
-                raise
             channel = declare_topology(connection.channel(), self.settings, reopen=connection.channel,
                                        shards=self.cluster.shards)
+            # The release role is the token in PREFIX.cluster.role, held unacknowledged for as long
+            # as this connection lives (a quorum queue: it outlives the loss of any one broker node,
+            # where an exclusive queue would stay locked until its node came back).
+            role = connection.channel()
+            role.basic_qos(prefetch_count=1)
+            token: list = []
+            role.basic_consume(t.cluster_role, lambda _c, m, _p, body: token.append(m), auto_ack=False)
+            deadline = time.monotonic() + ROLE_WAIT_S
+            while not token and time.monotonic() < deadline:
+                connection.process_data_events(time_limit=0.05)
+            if not token:
+                raise AnotherReleaser("another replica holds the release role (the token is not in "
+                                      f"{t.cluster_role})")
+            # Reply-to probes go to a queue of this connection's own.
+            probe = reply_queue(t, uuid.uuid4().bytes)
+            channel.queue_declare(probe, exclusive=True, auto_delete=True)
             # The head this core stands on: the last entry it wrote, or the one it was built from.
             previous = self._store.head if self._adopted else False
             state = self._store.attach(connection)
@@ -414,6 +430,8 @@ class Holder(EnclaveRuntime):
                 log.info("release role taken", extra={"fields": {
                     "state_version": self._store.version, "journal_entries": len(state) - 1 if state else 0}})
             self._adopted = True
+            self.probe_queue = probe  # after _adopt, which starts the runtime's fields afresh
+            self._connected_once = True
         except BaseException:
             if connection.is_open:
                 connection.close()

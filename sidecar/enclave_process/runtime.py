@@ -238,6 +238,8 @@ class EnclaveRuntime:
         # a well-formed name naming any other node makes the broker close the publishing
         # connection (541), so a reply goes only to a node in here.
         self.reply_nodes: set[bytes] = set()
+        # Where reply-to probes go: a queue only this enclave's records connection can read.
+        self.probe_queue = settings.topology.release_lock
         self._bucket = RequestBucket(RPC_RATE_PER_S, RPC_BURST)
         self._accounts: dict[str, RequestBucket] = {}
         self.ignored_requests: collections.Counter = collections.Counter()
@@ -590,12 +592,12 @@ class EnclaveRuntime:
         probe = connection.channel()
         try:
             probe.basic_consume(amqp.DIRECT_REPLY_TO, lambda *_: None, auto_ack=True)
-            probe.basic_publish("", self.settings.topology.release_lock, b"", pika.BasicProperties(
+            probe.basic_publish("", self.probe_queue, b"", pika.BasicProperties(
                 reply_to=amqp.DIRECT_REPLY_TO, type="reply-to-probe", app_id=amqp.APP_ID))
             lock = self._connection.channel()
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
-                method, props, _ = lock.basic_get(self.settings.topology.release_lock, auto_ack=True)
+                method, props, _ = lock.basic_get(self.probe_queue, auto_ack=True)
                 if method is not None:
                     node = amqp.reply_to_node(props.reply_to)
                     if node is not None and node not in self.reply_nodes:
