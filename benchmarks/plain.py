@@ -56,18 +56,23 @@ def publish(url: str, exchange: str, bodies: list[bytes]) -> float:
         conn.close()
 
 
-def publish_pipelined(url: str, exchange: str, bodies: list[bytes], window: int, timeout: float = 300.0) -> float:
+def publish_pipelined(url: str, exchange: str, bodies: list[bytes], window: int, timeout: float = 300.0, *,
+                      routing_key: str = RECORD_ROUTING_KEY, properties=None) -> float:
     """Publish each body persistent, ``mandatory``, with up to ``window`` awaiting their confirms;
-    return the seconds from the first publish to the last confirm."""
-    props = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
+    return the seconds from the first publish to the last confirm.
+
+    :param properties: ``body -> BasicProperties`` (default: a record's, the same for every body)."""
+    fixed = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
                                  content_type="application/octet-stream", type="record", app_id="sealedsum")
+    props = properties or (lambda _body: fixed)
     unconfirmed: deque[int] = deque()
     state = {"sent": 0, "confirmed": 0, "t0": None, "t1": None, "error": None, "channel": None}
 
     def pump():
         ch = state["channel"]
         while state["sent"] < len(bodies) and state["sent"] - state["confirmed"] < window:
-            ch.basic_publish(exchange, RECORD_ROUTING_KEY, bodies[state["sent"]], props, mandatory=True)
+            body = bodies[state["sent"]]
+            ch.basic_publish(exchange, routing_key, body, props(body), mandatory=True)
             state["sent"] += 1
             unconfirmed.append(state["sent"])  # delivery tags count 1, 2, ... on this channel
 

@@ -53,13 +53,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 
 import pika
-from pika.adapters.select_connection import SelectConnection
 
-from benchmarks import machine
+from benchmarks import machine, plain
 from benchmarks.harness import BenchError, parse_log_ts
 from benchmarks.plain import connect
 from sealedsum.common import wire
@@ -250,58 +248,15 @@ def publish_keyed(url: str, exchange: str, bodies: list[bytes], kind: str, windo
     """Publish each body persistent and ``mandatory`` with ``message_id`` = its shard key (what
     ``Producer`` sets for a sharded deployment), up to ``window`` awaiting confirms; seconds
     from the first publish to the last confirm."""
-    unconfirmed: deque[int] = deque()
-    state: dict = {"sent": 0, "confirmed": 0, "t0": None, "t1": None, "error": None, "channel": None}
-
     def props(body: bytes) -> pika.BasicProperties:
         return pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent,
                                     content_type="application/octet-stream", type=kind, app_id="sealedsum",
                                     message_id=wire.shard_key(body))
 
-    def pump():
-        ch = state["channel"]
-        while state["sent"] < len(bodies) and state["sent"] - state["confirmed"] < window:
-            body = bodies[state["sent"]]
-            ch.basic_publish(exchange, "", body, props(body), mandatory=True)
-            state["sent"] += 1
-            unconfirmed.append(state["sent"])
-
-    def on_confirm(frame):
-        m = frame.method
-        if isinstance(m, pika.spec.Basic.Nack):
-            state["error"] = "nack"
-        if m.multiple:
-            while unconfirmed and unconfirmed[0] <= m.delivery_tag:
-                unconfirmed.popleft()
-                state["confirmed"] += 1
-        elif m.delivery_tag in unconfirmed:
-            unconfirmed.remove(m.delivery_tag)
-            state["confirmed"] += 1
-        if state["confirmed"] >= len(bodies):
-            state["t1"] = time.perf_counter()
-            conn.close()
-        else:
-            pump()
-
-    def on_confirm_mode(_frame):
-        state["t0"] = time.perf_counter()
-        pump()
-
-    def on_channel(ch):
-        state["channel"] = ch
-        ch.add_on_return_callback(lambda *_: state.update(error="returned (unroutable)"))
-        ch.confirm_delivery(on_confirm, callback=on_confirm_mode)
-
-    params = pika.URLParameters(url)
-    params.heartbeat = 30
-    conn = SelectConnection(params, on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-                            on_open_error_callback=lambda _c, err: (state.update(error=repr(err)), conn.ioloop.stop()),
-                            on_close_callback=lambda *_: conn.ioloop.stop())
-    conn.ioloop.call_later(timeout, lambda: (state.update(error="timeout"), conn.close()))
-    conn.ioloop.start()
-    if state["error"] or state["t1"] is None:
-        raise BenchError(f"publishing to {exchange} failed: {state['error']}")
-    return state["t1"] - state["t0"]
+    try:
+        return plain.publish_pipelined(url, exchange, bodies, window, timeout, routing_key="", properties=props)
+    except RuntimeError as err:
+        raise BenchError(f"publishing to {exchange} failed: {err}") from err
 
 
 def _plain_consumer(url: str, queues: list[str], prefetch: int, total: int, counter, ready, go, out) -> None:
