@@ -98,7 +98,25 @@ def write_client_config(base: Path, state: Path, out: Path) -> tuple[bytes, byte
     return platform.public_key(), measurement
 
 
-class Testbed:
+class Running:
+    """As a context manager: start the sidecar process(es), wait until the deployment attests
+    and, on exit, stop and delete the prefix's broker objects."""
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_attestable()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.delete_topology()
+
+
+class Testbed(Running):
     """One platform, its enclave's config and the sidecar process, in ``workdir``.
 
     :param streams: the ``[streams.*]`` tables (TOML text) of the policy.
@@ -196,19 +214,6 @@ class Testbed:
     def delete_topology(self, extra_queues: tuple[str, ...] = (), extra_exchanges: tuple[str, ...] = ()) -> None:
         amqp.delete_topology(self.config.broker, extra_queues, extra_exchanges)
 
-    def __enter__(self) -> "Testbed":
-        self.start()
-        try:
-            self.wait_attestable()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self.delete_topology()
-
     # -- the log ----------------------------------------------------------------------
     def log_lines(self) -> list[dict]:
         if not self.log_path.exists():
@@ -246,7 +251,7 @@ window_grace_seconds = {grace}
 """
 
 
-class ClusterTestbed:
+class ClusterTestbed(Running):
     """Enclave replicas of one deployment ([cluster]), each a :class:`Testbed` of its own (its
     state directory, config and sidecar process), all on one emulated platform (its key file
     copied into each state directory), on a RabbitMQ cluster's nodes in turn.
@@ -323,15 +328,3 @@ class ClusterTestbed:
                                                                t.cluster_state, t.cluster_genesis, t.cluster_join,
                                                                t.cluster_role))
 
-    def __enter__(self) -> "ClusterTestbed":
-        self.start()
-        try:
-            self.wait_attestable()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self.delete_topology()
